@@ -1,0 +1,14 @@
+// Subcommands of the moemesh binary. Each registers its flags on the CLI11 app and returns the
+// function that runs it (exit status as the result).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace moemesh::apps {
+
+using Runner = std::function<int()>;
+
+Runner add_generate(CLI::App& app);
+
+}  // namespace moemesh::apps

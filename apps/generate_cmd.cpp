@@ -1,0 +1,132 @@
+#include <fmt/format.h>
+
+#include <charconv>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "apps/commands.h"
+#include "core/core.h"
+
+namespace moemesh::apps {
+namespace {
+
+struct GenerateFlags {
+  std::string model;
+  std::string prompt;
+  std::string prompt_ids;
+  int64_t max_tokens = 16;
+  float temperature = 0.0f;
+  uint64_t seed = 0;
+  std::string logits_out;
+  bool json = false;
+  bool ignore_eos = false;
+  int threads = 0;
+};
+
+Expected<std::vector<int32_t>> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::size_t pos = 0;
+  while (pos <= text.size()) {
+    std::size_t comma = text.find(',', pos);
+    if (comma == std::string::npos) comma = text.size();
+    std::string item = text.substr(pos, comma - pos);
+    const auto a = item.find_first_not_of(" \t");
+    const auto b = item.find_last_not_of(" \t");
+    item = a == std::string::npos ? "" : item.substr(a, b - a + 1);
+    int64_t v = 0;
+    const auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec != std::errc() || end != item.data() + item.size() || v < 0 ||
+        v > INT32_MAX)
+      return Error(
+          fmt::format("--prompt-ids: \"{}\" is not a token id; expected non-negative "
+                      "integers separated by commas, e.g. \"1,2,3\"",
+                      item));
+    ids.push_back(static_cast<int32_t>(v));
+    pos = comma + 1;
+  }
+  return ids;
+}
+
+int run_generate(const GenerateFlags& f) {
+  auto fail = [](const std::string& message) {
+    std::cerr << "moemesh generate: error: " << message << "\n";
+    return 1;
+  };
+  if (!f.prompt.empty())
+    return fail(
+        "--prompt needs a tokenizer, which this build does not include yet; pass token ids "
+        "with --prompt-ids");
+  Expected<std::vector<int32_t>> prompt = parse_ids(f.prompt_ids);
+  if (!prompt) return fail(prompt.error().message());
+
+  ModelOptions options;
+  options.threads = f.threads;
+  Expected<std::unique_ptr<Model>> model = Model::load(f.model, options);
+  if (!model) return fail(model.error().message());
+
+  SamplingParams params;
+  params.max_tokens = f.max_tokens;
+  params.temperature = f.temperature;
+  params.seed = f.seed;
+  params.ignore_eos = f.ignore_eos;
+  Expected<GenerateResult> result = generate(**model, *prompt, params, !f.logits_out.empty());
+  if (!result) return fail(result.error().message());
+
+  if (!f.logits_out.empty()) {
+    const std::vector<int64_t> shape = {static_cast<int64_t>(prompt->size()),
+                                        (*model)->config().vocab_size};
+    if (Status s = write_npy_f32(f.logits_out, shape, result->prompt_logits.data()); !s)
+      return fail(s.error().message());
+  }
+  if (f.json) {
+    nlohmann::json out;
+    out["prompt_ids"] = *prompt;
+    out["output_ids"] = result->output_ids;
+    out["text"] = "";  // detokenisation arrives with the tokenizer
+    out["finish_reason"] = result->finish_reason;
+    std::cout << out.dump() << std::endl;
+  } else {
+    std::cout << "output_ids:";
+    for (int32_t id : result->output_ids) std::cout << ' ' << id;
+    std::cout << "\nfinish_reason: " << result->finish_reason << std::endl;
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner add_generate(CLI::App& app) {
+  auto f = std::make_shared<GenerateFlags>();
+  // Required flags are checked in the callback, so that an unknown flag is reported first.
+  auto* model = app.add_option("--model", f->model, "Hugging Face checkpoint directory (required)");
+  auto* prompt = app.add_option("--prompt", f->prompt, "Prompt text (needs the model's tokenizer)");
+  auto* ids = app.add_option("--prompt-ids", f->prompt_ids, "Prompt as token ids, e.g. \"1,2,3\"");
+  prompt->excludes(ids);
+  ids->excludes(prompt);
+  app.add_option("--max-tokens", f->max_tokens, "Tokens to generate")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--temperature", f->temperature, "Sampling temperature; 0 is greedy")
+      ->check(CLI::Range(0.0f, 100.0f))
+      ->capture_default_str();
+  app.add_option("--seed", f->seed, "Seed of the sampler")->capture_default_str();
+  app.add_option(
+      "--logits-out", f->logits_out,
+      "Write the logits at every prompt position as float32 .npy [prompt_tokens, vocab]");
+  app.add_flag("--json", f->json, "Print one JSON object: prompt_ids, output_ids, text");
+  app.add_flag("--ignore-eos", f->ignore_eos, "Do not stop at end-of-sequence tokens");
+  app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
+      ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
+  app.callback([model, prompt, ids] {
+    if (model->count() == 0) throw CLI::RequiredError("--model");
+    if (prompt->count() == 0 && ids->count() == 0)
+      throw CLI::RequiredError("--prompt or --prompt-ids");
+  });
+  return [f] { return run_generate(*f); };
+}
+
+}  // namespace moemesh::apps

@@ -1,0 +1,38 @@
+// The moemesh binary: one executable, one subcommand per role or tool.
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <iostream>
+#include <map>
+
+#include "apps/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moemesh: a serving cluster for Mixture-of-Experts language models"};
+  app.require_subcommand(0, 1);  // a missing one is reported below, after unknown arguments
+  std::string log_level = "warn";
+  app.add_option("--log-level", log_level, "Log level: trace, debug, info, warn, error, off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}))
+      ->capture_default_str();
+
+  std::map<CLI::App*, moemesh::apps::Runner> runners;
+  auto* gen = app.add_subcommand("generate", "Run a model offline on one prompt (one process)");
+  runners[gen] = moemesh::apps::add_generate(*gen);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+
+  auto logger = spdlog::stderr_color_mt("moemesh");
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+
+  for (auto& [sub, run] : runners)
+    if (sub->parsed()) return run();
+  std::cerr << app.help() << "\nmoemesh: error: a subcommand is required\n";
+  return 2;
+}

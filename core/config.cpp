@@ -1,0 +1,397 @@
+#include "core/config.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+namespace moemesh {
+namespace {
+
+using nlohmann::json;
+
+// Reads typed fields of one JSON object, remembering the first problem it meets, so that a
+// parser can read every field and report one clear error at the end.
+class FieldReader {
+ public:
+  FieldReader(const json& obj, std::string source) : obj_(obj), source_(std::move(source)) {}
+
+  bool has(const char* key) const { return obj_.contains(key) && !obj_.at(key).is_null(); }
+
+  int64_t integer(const char* key, int64_t fallback) {
+    if (!has(key)) return fallback;
+    const json& v = obj_.at(key);
+    if (!v.is_number_integer()) {
+      fail(key, "an integer", v);
+      return fallback;
+    }
+    return v.get<int64_t>();
+  }
+
+  double number(const char* key, double fallback) {
+    if (!has(key)) return fallback;
+    const json& v = obj_.at(key);
+    if (!v.is_number()) {
+      fail(key, "a number", v);
+      return fallback;
+    }
+    return v.get<double>();
+  }
+
+  bool boolean(const char* key, bool fallback) {
+    if (!has(key)) return fallback;
+    const json& v = obj_.at(key);
+    if (!v.is_boolean()) {
+      fail(key, "true or false", v);
+      return fallback;
+    }
+    return v.get<bool>();
+  }
+
+  std::string string(const char* key, const std::string& fallback) {
+    if (!has(key)) return fallback;
+    const json& v = obj_.at(key);
+    if (!v.is_string()) {
+      fail(key, "a string", v);
+      return fallback;
+    }
+    return v.get<std::string>();
+  }
+
+  // An integer or a list of integers (eos_token_id); absent gives an empty list.
+  std::vector<int64_t> integers(const char* key) {
+    std::vector<int64_t> out;
+    if (!has(key)) return out;
+    const json& v = obj_.at(key);
+    if (v.is_number_integer()) return {v.get<int64_t>()};
+    if (!v.is_array()) {
+      fail(key, "an integer or a list of integers", v);
+      return out;
+    }
+    for (const json& e : v) {
+      if (!e.is_number_integer()) {
+        fail(key, "a list of integers", v);
+        return {};
+      }
+      out.push_back(e.get<int64_t>());
+    }
+    return out;
+  }
+
+  void positive(const char* key, int64_t value) {
+    if (value <= 0)
+      error(fmt::format("field \"{}\" must be a positive integer, found {}", key, value));
+  }
+
+  void error(const std::string& what) {
+    if (!error_) error_ = fmt::format("{}: {}", source_, what);
+  }
+
+  const std::optional<std::string>& first_error() const { return error_; }
+
+ private:
+  void fail(const char* key, const char* expected, const json& found) {
+    error(fmt::format("field \"{}\" must be {}, found {}", key, expected, found.dump()));
+  }
+
+  const json& obj_;
+  std::string source_;
+  std::optional<std::string> error_;
+};
+
+struct ArchDefaults {
+  Arch arch;
+  int64_t vocab, hidden, intermediate, layers, heads, kv_heads, max_pos;
+  double eps, theta;
+  int64_t experts, top_k, moe_inter, shared_inter;
+  bool norm_topk;
+  int64_t eos;  // default eos_token_id, -1 for none
+};
+
+// The defaults of transformers' MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig and OlmoeConfig.
+const ArchDefaults* defaults_for(const std::string& model_type) {
+  static const ArchDefaults kMixtral{.arch = Arch::Mixtral, .vocab = 32000, .hidden = 4096,
+                                     .intermediate = 14336, .layers = 32, .heads = 32,
+                                     .kv_heads = 8, .max_pos = 4096 * 32, .eps = 1e-5,
+                                     .theta = 1e6, .experts = 8, .top_k = 2, .moe_inter = 14336,
+                                     .shared_inter = 0, .norm_topk = true, .eos = 2};
+  static const ArchDefaults kQwen2Moe{.arch = Arch::Qwen2Moe, .vocab = 151936, .hidden = 2048,
+                                      .intermediate = 5632, .layers = 24, .heads = 16,
+                                      .kv_heads = 16, .max_pos = 32768, .eps = 1e-6,
+                                      .theta = 10000.0, .experts = 60, .top_k = 4,
+                                      .moe_inter = 1408, .shared_inter = 5632, .norm_topk = false,
+                                      .eos = -1};
+  static const ArchDefaults kQwen3Moe{.arch = Arch::Qwen3Moe, .vocab = 151936, .hidden = 2048,
+                                      .intermediate = 6144, .layers = 24, .heads = 32,
+                                      .kv_heads = 4, .max_pos = 32768, .eps = 1e-6,
+                                      .theta = 10000.0, .experts = 128, .top_k = 8,
+                                      .moe_inter = 768, .shared_inter = 0, .norm_topk = false,
+                                      .eos = -1};
+  static const ArchDefaults kOlmoe{.arch = Arch::Olmoe, .vocab = 50304, .hidden = 2048,
+                                   .intermediate = 2048, .layers = 16, .heads = 16,
+                                   .kv_heads = 16, .max_pos = 4096, .eps = 1e-5, .theta = 10000.0,
+                                   .experts = 64, .top_k = 8, .moe_inter = 2048, .shared_inter = 0,
+                                   .norm_topk = false, .eos = 50279};
+  if (model_type == "mixtral") return &kMixtral;
+  if (model_type == "qwen2_moe") return &kQwen2Moe;
+  if (model_type == "qwen3_moe") return &kQwen3Moe;
+  if (model_type == "olmoe") return &kOlmoe;
+  return nullptr;
+}
+
+// RoPE parameters live in "rope_theta" + "rope_scaling" (transformers 4) or in
+// "rope_parameters" (transformers 5). Only the default (unscaled) rope type is supported.
+void read_rope(const json& root, FieldReader& r, ModelConfig& c, double default_theta) {
+  c.rope_theta = r.number("rope_theta", default_theta);
+  for (const char* key : {"rope_parameters", "rope_scaling"}) {
+    if (!root.contains(key) || root.at(key).is_null()) continue;
+    const json& rp = root.at(key);
+    if (!rp.is_object()) {
+      r.error(fmt::format("field \"{}\" must be an object, found {}", key, rp.dump()));
+      return;
+    }
+    FieldReader sub(rp, "");
+    std::string type = sub.string("rope_type", sub.string("type", "default"));
+    if (type != "default") {
+      r.error(
+          fmt::format("field \"{}\" asks for rope_type \"{}\"; moemesh supports only the "
+                      "default rotary embedding for {} (remove the scaling or use a model "
+                      "without it)",
+                      key, type, c.model_type));
+    }
+    if (sub.has("rope_theta")) c.rope_theta = sub.number("rope_theta", c.rope_theta);
+    if (sub.has("partial_rotary_factor") && sub.number("partial_rotary_factor", 1.0) != 1.0)
+      r.error(fmt::format("field \"{}.partial_rotary_factor\" is not supported", key));
+    if (sub.first_error()) r.error(fmt::format("field \"{}\"{}", key, *sub.first_error()));
+  }
+}
+
+}  // namespace
+
+int64_t ModelConfig::num_moe_layers() const {
+  int64_t n = 0;
+  for (bool m : layer_is_moe) n += m ? 1 : 0;
+  return n;
+}
+
+std::string_view arch_name(Arch a) {
+  switch (a) {
+    case Arch::Mixtral:
+      return "mixtral";
+    case Arch::Qwen2Moe:
+      return "qwen2_moe";
+    case Arch::Qwen3Moe:
+      return "qwen3_moe";
+    case Arch::Olmoe:
+      return "olmoe";
+  }
+  return "?";
+}
+
+Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::string& source) {
+  json root = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded())
+    return Error(fmt::format("{}: not valid JSON; a model's config.json is a JSON object", source));
+  if (!root.is_object())
+    return Error(fmt::format("{}: expected a JSON object, found {}", source, root.type_name()));
+
+  FieldReader r(root, source);
+  ModelConfig c;
+  c.model_type = r.string("model_type", "");
+  if (c.model_type.empty())
+    return Error(
+        fmt::format("{}: no \"model_type\"; expected one of mixtral, qwen2_moe, "
+                    "qwen3_moe, olmoe",
+                    source));
+  const ArchDefaults* d = defaults_for(c.model_type);
+  if (d == nullptr)
+    return Error(
+        fmt::format("{}: unknown architecture model_type \"{}\"; moemesh supports "
+                    "mixtral, qwen2_moe, qwen3_moe and olmoe",
+                    source, c.model_type));
+  c.arch = d->arch;
+
+  c.vocab_size = r.integer("vocab_size", d->vocab);
+  c.hidden_size = r.integer("hidden_size", d->hidden);
+  c.intermediate_size = r.integer("intermediate_size", d->intermediate);
+  c.num_layers = r.integer("num_hidden_layers", d->layers);
+  c.num_heads = r.integer("num_attention_heads", d->heads);
+  c.num_kv_heads =
+      r.integer("num_key_value_heads", c.arch == Arch::Olmoe ? c.num_heads : d->kv_heads);
+  c.max_position_embeddings = r.integer("max_position_embeddings", d->max_pos);
+  c.rms_norm_eps = static_cast<float>(r.number("rms_norm_eps", d->eps));
+  c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  read_rope(root, r, c, d->theta);
+
+  const std::string act = r.string("hidden_act", "silu");
+  if (act != "silu")
+    r.error(fmt::format("field \"hidden_act\" is \"{}\"; these architectures use \"silu\"", act));
+
+  r.positive("vocab_size", c.vocab_size);
+  r.positive("hidden_size", c.hidden_size);
+  r.positive("num_hidden_layers", c.num_layers);
+  r.positive("num_attention_heads", c.num_heads);
+  r.positive("num_key_value_heads", c.num_kv_heads);
+  r.positive("max_position_embeddings", c.max_position_embeddings);
+  if (r.first_error()) return Error(*r.first_error());
+
+  // head_dim may be given explicitly (qwen3_moe, mixtral); otherwise hidden / heads.
+  c.head_dim = r.integer("head_dim", 0);
+  if (c.head_dim == 0) {
+    if (c.hidden_size % c.num_heads != 0)
+      r.error(
+          fmt::format("hidden_size {} is not divisible by num_attention_heads {} and no "
+                      "head_dim is given",
+                      c.hidden_size, c.num_heads));
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  r.positive("head_dim", c.head_dim);
+  if (c.head_dim % 2 != 0)
+    r.error(fmt::format("head_dim {} must be even for rotary embeddings", c.head_dim));
+  if (c.num_heads % c.num_kv_heads != 0)
+    r.error(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                        c.num_heads, c.num_kv_heads));
+
+  // Experts and routing. transformers accepts "num_experts" and "num_local_experts" for all four.
+  c.num_experts = r.has("num_experts") ? r.integer("num_experts", d->experts)
+                                        : r.integer("num_local_experts", d->experts);
+  switch (c.arch) {
+    case Arch::Mixtral:
+      c.moe_intermediate_size = c.intermediate_size;
+      c.norm_topk_prob = true;  // Mixtral always renormalises its top-k weights
+      break;
+    case Arch::Olmoe:
+      c.moe_intermediate_size = c.intermediate_size;
+      c.norm_topk_prob = r.boolean("norm_topk_prob", d->norm_topk);
+      break;
+    case Arch::Qwen2Moe:
+    case Arch::Qwen3Moe:
+      c.moe_intermediate_size = r.integer("moe_intermediate_size", d->moe_inter);
+      c.norm_topk_prob = r.boolean("norm_topk_prob", d->norm_topk);
+      break;
+  }
+  c.top_k = r.integer("num_experts_per_tok", d->top_k);
+  r.positive("num_experts", c.num_experts);
+  r.positive("num_experts_per_tok", c.top_k);
+  r.positive("moe_intermediate_size", c.moe_intermediate_size);
+  if (c.top_k > c.num_experts)
+    r.error(fmt::format("num_experts_per_tok {} exceeds the number of experts {}", c.top_k,
+                        c.num_experts));
+
+  // Which layers are sparse.
+  c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  if (c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) {
+    const int64_t step = r.integer("decoder_sparse_step", 1);
+    std::vector<int64_t> dense_layers = r.integers("mlp_only_layers");
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      bool sparse = step > 0 && (l + 1) % step == 0;
+      for (int64_t dl : dense_layers) sparse = sparse && dl != l;
+      c.layer_is_moe[l] = sparse;
+    }
+    if (c.num_layers > c.num_moe_layers()) r.positive("intermediate_size", c.intermediate_size);
+  }
+
+  // Shared expert (qwen2_moe).
+  if (c.arch == Arch::Qwen2Moe) {
+    c.shared_expert_intermediate_size =
+        r.integer("shared_expert_intermediate_size", d->shared_inter);
+    c.shared_expert_gate = c.shared_expert_intermediate_size > 0;
+  }
+
+  // Attention variants.
+  switch (c.arch) {
+    case Arch::Mixtral:
+      break;
+    case Arch::Qwen2Moe:
+      c.qkv_bias = r.boolean("qkv_bias", true);
+      break;
+    case Arch::Qwen3Moe:
+      c.qkv_bias = c.o_bias = r.boolean("attention_bias", false);
+      c.qk_norm = QkNorm::PerHead;
+      break;
+    case Arch::Olmoe:
+      c.qkv_bias = c.o_bias = r.boolean("attention_bias", false);
+      c.qk_norm = QkNorm::Full;
+      if (r.has("clip_qkv")) c.clip_qkv = static_cast<float>(r.number("clip_qkv", 0));
+      break;
+  }
+
+  // Sliding windows: "layer_types" when present (transformers 5), otherwise the family's rule.
+  c.layer_window.assign(static_cast<std::size_t>(c.num_layers), 0);
+  const int64_t window = r.integer("sliding_window", 0);
+  if (root.contains("layer_types") && root["layer_types"].is_array()) {
+    const json& lt = root["layer_types"];
+    if (static_cast<int64_t>(lt.size()) != c.num_layers)
+      r.error(fmt::format("field \"layer_types\" has {} entries for {} layers", lt.size(),
+                          c.num_layers));
+    for (std::size_t l = 0; l < lt.size() && static_cast<int64_t>(l) < c.num_layers; ++l) {
+      const std::string t = lt[l].is_string() ? lt[l].get<std::string>() : "";
+      if (t == "sliding_attention") {
+        c.layer_window[l] = window;
+      } else if (t != "full_attention") {
+        r.error(
+            fmt::format("field \"layer_types\"[{}] is {}; expected \"full_attention\" or "
+                        "\"sliding_attention\"",
+                        l, lt[l].dump()));
+      }
+    }
+  } else if (c.arch == Arch::Mixtral) {
+    for (auto& w : c.layer_window) w = window;
+  } else if ((c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) &&
+             r.boolean("use_sliding_window", false)) {
+    const int64_t from = r.integer("max_window_layers", 28);
+    for (int64_t l = from; l < c.num_layers; ++l) c.layer_window[l] = window;
+  }
+  for (int64_t w : c.layer_window) {
+    if (w < 0) r.error(fmt::format("field \"sliding_window\" must not be negative, found {}", w));
+  }
+
+  if (r.has("bos_token_id")) c.bos_token_id = r.integer("bos_token_id", 0);
+  if (root.contains("eos_token_id")) {
+    c.eos_token_ids = r.integers("eos_token_id");
+  } else if (d->eos >= 0) {
+    c.eos_token_ids = {d->eos};
+  }
+
+  if (r.first_error()) return Error(*r.first_error());
+  return c;
+}
+
+Expected<ModelConfig> load_model_config(const std::filesystem::path& dir) {
+  const std::filesystem::path path = dir / "config.json";
+  std::ifstream in(path);
+  if (!in) {
+    if (!std::filesystem::exists(dir))
+      return Error(fmt::format("model directory {} does not exist", dir.string()));
+    return Error(
+        fmt::format("{} is missing or unreadable; a model directory needs the config.json "
+                    "of a Hugging Face checkpoint",
+                    path.string()));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  Expected<ModelConfig> config = parse_model_config(text.str(), path.string());
+  if (!config) return config;
+
+  // generation_config.json may name more end-of-sequence tokens than config.json does.
+  const std::filesystem::path gen_path = dir / "generation_config.json";
+  std::ifstream gen_in(gen_path);
+  if (gen_in) {
+    std::stringstream gen_text;
+    gen_text << gen_in.rdbuf();
+    json gen = json::parse(gen_text.str(), nullptr, false);
+    if (gen.is_object()) {
+      FieldReader g(gen, gen_path.string());
+      for (int64_t id : g.integers("eos_token_id")) {
+        bool known = false;
+        for (int64_t e : config->eos_token_ids) known = known || e == id;
+        if (!known) config->eos_token_ids.push_back(id);
+      }
+      if (g.first_error()) return Error(*g.first_error());
+    }
+  }
+  return config;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,20 @@
+// moemesh core: what every role builds on.
+//
+//   config.h      config.json -> ModelConfig (mixtral, qwen2_moe, qwen3_moe, olmoe)
+//   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
+//   model.h       Model: weights checked against the config, the forward pass with a KV cache,
+//                 and the ExpertBackend seam through which routed experts are computed
+//   generate.h    offline prefill + decode for one sequence, greedy or sampled
+//   npy.h         float32 .npy files (logit dumps, test fixtures)
+//
+// Every fallible call returns Expected<T> or Status (error.h); messages name the file, tensor,
+// field or flag that is wrong and say what was expected. Nothing in core throws across its API
+// or aborts on bad input.
+#pragma once
+
+#include "core/checkpoint.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "core/generate.h"
+#include "core/model.h"
+#include "core/npy.h"

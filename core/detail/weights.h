@@ -1,0 +1,47 @@
+// Internal: the weights of a model, bound to a checkpoint and checked against its config.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/config.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace moemesh::detail {
+
+struct AttentionWeights {
+  kernels::WeightView q, k, v, o;
+  std::vector<float> q_bias, k_bias, v_bias, o_bias;  // empty when the config has none
+  std::vector<float> q_norm, k_norm;                  // empty unless config.qk_norm != None
+};
+
+struct LayerWeights {
+  std::vector<float> input_norm;
+  std::vector<float> post_attention_norm;
+  AttentionWeights attn;
+  bool moe = false;
+  // Sparse layers.
+  kernels::WeightView router;                // [num_experts, hidden]
+  std::vector<kernels::FfnWeights> experts;  // routed experts
+  bool has_shared_expert = false;
+  kernels::FfnWeights shared_expert;
+  kernels::WeightView shared_expert_gate;  // [1, hidden]
+  // Dense layers.
+  kernels::FfnWeights mlp;
+};
+
+struct ModelWeights {
+  std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
+  kernels::WeightView embed;                     // [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  std::vector<float> final_norm;
+  kernels::WeightView lm_head;  // [vocab, hidden]; the embedding when tied
+};
+
+// Finds and checks every tensor `config` requires. Errors name the tensor, its file, the shape
+// found and the shape the config implies.
+Expected<ModelWeights> bind_weights(const ModelConfig& config,
+                                    std::shared_ptr<const Checkpoint> checkpoint);
+
+}  // namespace moemesh::detail

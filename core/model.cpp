@@ -1,0 +1,228 @@
+#include "core/model.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/checkpoint.h"
+#include "core/detail/local_experts.h"
+#include "core/detail/weights.h"
+
+namespace moemesh {
+
+struct Model::Impl {
+  ModelConfig config;
+  detail::ModelWeights weights;
+  std::unique_ptr<kernels::ThreadPool> pool;
+  std::unique_ptr<detail::LocalExperts> local;
+  ExpertBackend* experts = nullptr;
+  std::vector<float> inv_freq;
+
+  Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                 std::vector<float>& logits);
+  void attention_block(int64_t l, KVCache& cache, int64_t n, const float* x_norm, float* out);
+  Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
+};
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+
+const ModelConfig& Model::config() const {
+  return impl_->config;
+}
+
+Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
+                                             const ModelOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  Expected<ModelConfig> config = load_model_config(dir);
+  if (!config) return config.error();
+  Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
+  if (!ckpt) return ckpt.error();
+  Expected<detail::ModelWeights> weights = detail::bind_weights(*config, *ckpt);
+  if (!weights) return weights.error();
+
+  auto impl = std::make_unique<Impl>();
+  impl->config = std::move(*config);
+  impl->weights = std::move(*weights);
+  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
+  impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
+                                                       impl->pool.get());
+  impl->experts = impl->local.get();
+  impl->inv_freq.resize(static_cast<std::size_t>(impl->config.head_dim / 2));
+  kernels::rope_inv_freq(impl->config.rope_theta, impl->config.head_dim, impl->inv_freq.data());
+
+  const ModelConfig& c = impl->config;
+  const auto ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  spdlog::info(
+      "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
+      "tensors={} threads={} ms={:.1f}",
+      dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
+      impl->weights.checkpoint->names().size(), impl->pool->size(), ms);
+  return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+KVCache Model::new_cache(int64_t capacity) const {
+  const ModelConfig& c = impl_->config;
+  KVCache cache;
+  cache.capacity_ = capacity;
+  cache.row_ = c.num_kv_heads * c.head_dim;
+  const auto size = static_cast<std::size_t>(c.num_layers * capacity * cache.row_);
+  cache.k_.assign(size, 0.0f);
+  cache.v_.assign(size, 0.0f);
+  return cache;
+}
+
+void Model::set_expert_backend(ExpertBackend* backend) {
+  impl_->experts = backend ? backend : impl_->local.get();
+}
+
+ExpertBackend& Model::local_experts() {
+  return *impl_->local;
+}
+
+Status Model::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                      std::vector<float>& logits) {
+  return impl_->forward(cache, tokens, mode, logits);
+}
+
+void Model::Impl::attention_block(int64_t l, KVCache& cache, int64_t n, const float* x_norm,
+                                  float* out) {
+  const ModelConfig& c = config;
+  const detail::AttentionWeights& w = weights.layers[l].attn;
+  const int64_t q_dim = c.num_heads * c.head_dim;
+  const int64_t kv_dim = c.num_kv_heads * c.head_dim;
+  const int64_t past = cache.length_;
+  kernels::ThreadPool* p = pool.get();
+
+  std::vector<float> q(static_cast<std::size_t>(n * q_dim));
+  std::vector<float> k(static_cast<std::size_t>(n * kv_dim));
+  std::vector<float> v(static_cast<std::size_t>(n * kv_dim));
+  auto bias = [](const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); };
+  kernels::linear(x_norm, n, w.q, bias(w.q_bias), q.data(), p);
+  kernels::linear(x_norm, n, w.k, bias(w.k_bias), k.data(), p);
+  kernels::linear(x_norm, n, w.v, bias(w.v_bias), v.data(), p);
+
+  if (c.qk_norm == QkNorm::Full) {
+    kernels::rmsnorm(q.data(), w.q_norm.data(), n, q_dim, c.rms_norm_eps, q.data());
+    kernels::rmsnorm(k.data(), w.k_norm.data(), n, kv_dim, c.rms_norm_eps, k.data());
+  } else if (c.qk_norm == QkNorm::PerHead) {
+    kernels::rmsnorm(q.data(), w.q_norm.data(), n * c.num_heads, c.head_dim, c.rms_norm_eps,
+                     q.data());
+    kernels::rmsnorm(k.data(), w.k_norm.data(), n * c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                     k.data());
+  }
+  if (c.clip_qkv) {
+    const float lim = *c.clip_qkv;
+    for (auto* t : {&q, &k, &v})
+      for (float& e : *t) e = std::clamp(e, -lim, lim);
+  }
+
+  std::vector<int32_t> positions(static_cast<std::size_t>(n));
+  for (int64_t t = 0; t < n; ++t) positions[t] = static_cast<int32_t>(past + t);
+  kernels::rope(q.data(), n, q_dim, c.num_heads, c.head_dim, c.head_dim, positions.data(),
+                inv_freq.data());
+  kernels::rope(k.data(), n, kv_dim, c.num_kv_heads, c.head_dim, c.head_dim, positions.data(),
+                inv_freq.data());
+
+  float* k_cache = cache.k_.data() + l * cache.capacity_ * cache.row_;
+  float* v_cache = cache.v_.data() + l * cache.capacity_ * cache.row_;
+  std::copy(k.begin(), k.end(), k_cache + past * kv_dim);
+  std::copy(v.begin(), v.end(), v_cache + past * kv_dim);
+
+  std::vector<float> attn(static_cast<std::size_t>(n * q_dim));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  kernels::attention(q.data(), n, k_cache, v_cache, past, c.num_heads, c.num_kv_heads, c.head_dim,
+                     scale, c.layer_window[l], attn.data(), p);
+  kernels::linear(attn.data(), n, w.o, bias(w.o_bias), out, p);
+}
+
+Status Model::Impl::ffn_block(int64_t l, int64_t n, const float* x_norm, float* out) {
+  const ModelConfig& c = config;
+  const detail::LayerWeights& L = weights.layers[l];
+  const int64_t H = c.hidden_size;
+  kernels::ThreadPool* p = pool.get();
+  std::fill(out, out + n * H, 0.0f);
+  if (!L.moe) {
+    std::vector<float> scratch(static_cast<std::size_t>(2 * n * L.mlp.gate.rows));
+    kernels::swiglu_ffn(x_norm, n, L.mlp, scratch.data(), out, p);
+    return {};
+  }
+  std::vector<float> router(static_cast<std::size_t>(n * c.num_experts));
+  kernels::linear(x_norm, n, L.router, nullptr, router.data(), p);
+  std::vector<int32_t> ids(static_cast<std::size_t>(n * c.top_k));
+  std::vector<float> gate_w(static_cast<std::size_t>(n * c.top_k));
+  kernels::softmax_topk(router.data(), n, c.num_experts, c.top_k, c.norm_topk_prob, ids.data(),
+                        gate_w.data());
+  if (Status s = experts->compute(l, x_norm, n, ids.data(), gate_w.data(), c.top_k, out); !s)
+    return s;
+
+  if (L.has_shared_expert) {
+    std::vector<float> shared(static_cast<std::size_t>(n * H));
+    std::vector<float> scratch(static_cast<std::size_t>(2 * n * L.shared_expert.gate.rows));
+    kernels::swiglu_ffn(x_norm, n, L.shared_expert, scratch.data(), shared.data(), p);
+    std::vector<float> gate(static_cast<std::size_t>(n), 1.0f);
+    if (!L.shared_expert_gate.empty()) {
+      kernels::linear(x_norm, n, L.shared_expert_gate, nullptr, gate.data(), p);
+      for (float& g : gate) g = 1.0f / (1.0f + std::exp(-g));
+    }
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < H; ++d) out[t * H + d] += gate[t] * shared[t * H + d];
+  }
+  return {};
+}
+
+Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                            std::vector<float>& logits) {
+  const ModelConfig& c = config;
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return Error("forward() needs at least one token");
+  for (int32_t id : tokens)
+    if (id < 0 || id >= c.vocab_size)
+      return Error(
+          fmt::format("token id {} is out of range: the vocabulary has {} tokens (ids 0 "
+                      "to {})",
+                      id, c.vocab_size, c.vocab_size - 1));
+  if (cache.length_ + n > cache.capacity_)
+    return Error(
+        fmt::format("the sequence would hold {} tokens, more than its cache's capacity "
+                    "of {}",
+                    cache.length_ + n, cache.capacity_));
+  if (cache.row_ != c.num_kv_heads * c.head_dim)
+    return Error("the KV cache was not made by this model's new_cache()");
+
+  const int64_t H = c.hidden_size;
+  kernels::ThreadPool* p = pool.get();
+  std::vector<float> x(static_cast<std::size_t>(n * H));
+  std::vector<float> normed(x.size());
+  std::vector<float> delta(x.size());
+  kernels::embedding(weights.embed, tokens.data(), n, x.data());
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const detail::LayerWeights& L = weights.layers[l];
+    kernels::rmsnorm(x.data(), L.input_norm.data(), n, H, c.rms_norm_eps, normed.data());
+    attention_block(l, cache, n, normed.data(), delta.data());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
+    kernels::rmsnorm(x.data(), L.post_attention_norm.data(), n, H, c.rms_norm_eps, normed.data());
+    if (Status s = ffn_block(l, n, normed.data(), delta.data()); !s) return s;
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
+  }
+  cache.length_ += n;
+
+  if (mode == Logits::None) {
+    logits.clear();
+    return {};
+  }
+  const int64_t first = mode == Logits::All ? 0 : n - 1;
+  const int64_t rows = n - first;
+  kernels::rmsnorm(x.data() + first * H, weights.final_norm.data(), rows, H, c.rms_norm_eps,
+                   normed.data());
+  logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
+  kernels::linear(normed.data(), rows, weights.lm_head, nullptr, logits.data(), p);
+  return {};
+}
+
+}  // namespace moemesh

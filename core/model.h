@@ -1,0 +1,95 @@
+// A loaded MoE model and its forward pass on the CPU.
+//
+// Model::load reads config.json and the safetensors weights of a Hugging Face checkpoint
+// directory, checks every tensor the architecture needs against the config (name, shape, dtype),
+// and keeps the weights memory-mapped in their checkpoint dtype. forward() runs a chunk of tokens
+// of one sequence (a whole prompt, or one generated token) through the model, appending their keys
+// and values to that sequence's KVCache, so each new token costs work linear in the sequence
+// length. All arithmetic accumulates in float32.
+//
+// The routed experts of every MoE layer are computed through an ExpertBackend: by default the
+// model's own local experts; a worker that sends token batches to remote expert shards plugs in
+// its own implementation, and the model code stays the same.
+//
+// Threads: a Model is used by one thread at a time (forward() keeps scratch state); its kernels
+// parallelise internally on the model's thread pool.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/config.h"
+#include "core/error.h"
+
+namespace moemesh {
+
+// Computes the routed experts of one MoE layer for a batch of tokens.
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  // For each token t < n: out[t] += sum_j weights[t * top_k + j] * E_{ids[t * top_k + j]}(x[t]),
+  // where E_e is routed expert e of layer `layer` (an index over all layers). x and out are
+  // [n, hidden_size] float32.
+  virtual Status compute(int64_t layer, const float* x, int64_t n, const int32_t* ids,
+                         const float* weights, int64_t top_k, float* out) = 0;
+};
+
+// The keys and values of one sequence, for every layer.
+class KVCache {
+ public:
+  int64_t length() const { return length_; }
+  int64_t capacity() const { return capacity_; }
+  void clear() { length_ = 0; }
+
+ private:
+  friend class Model;
+  int64_t length_ = 0;
+  int64_t capacity_ = 0;
+  int64_t row_ = 0;       // floats per token per layer (num_kv_heads * head_dim)
+  std::vector<float> k_;  // [layers, capacity, row_]
+  std::vector<float> v_;
+};
+
+struct ModelOptions {
+  int threads = 0;  // compute threads; 0 = one per hardware thread
+};
+
+enum class Logits {
+  None,  // compute no logits (e.g. a prompt chunk whose outputs nobody reads)
+  Last,  // logits of the last token only: [1, vocab]
+  All,   // logits at every position of the chunk: [n, vocab]
+};
+
+class Model {
+ public:
+  static Expected<std::unique_ptr<Model>> load(const std::filesystem::path& dir,
+                                               const ModelOptions& options = {});
+  ~Model();
+
+  const ModelConfig& config() const;
+
+  // A cache for one sequence of up to `capacity` tokens.
+  KVCache new_cache(int64_t capacity) const;
+
+  // Runs `tokens` (ids < vocab_size) at positions cache.length() ... and appends them to the
+  // cache. `logits` receives float32 logits as `mode` says. Fails, changing nothing, when an id is
+  // out of range or the cache is too small.
+  Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                 std::vector<float>& logits);
+
+  // Routes expert computation through `backend` (not owned); nullptr restores the local experts.
+  void set_expert_backend(ExpertBackend* backend);
+  // The built-in backend over this model's own expert weights.
+  ExpertBackend& local_experts();
+
+  struct Impl;
+
+ private:
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moemesh

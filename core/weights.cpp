@@ -1,0 +1,181 @@
+#include <fmt/format.h>
+
+#include "core/detail/weights.h"
+
+namespace moemesh::detail {
+namespace {
+
+using kernels::WeightView;
+
+// Looks tensors up with shape checks, remembering the first error.
+class Binder {
+ public:
+  explicit Binder(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+
+  WeightView matrix(const std::string& name, int64_t rows, int64_t cols, const std::string& why) {
+    Expected<TensorView> t = ckpt_.tensor(name, {rows, cols}, why);
+    if (!t) return fail(t.error()), WeightView{};
+    return t->matrix();
+  }
+
+  std::vector<float> vector(const std::string& name, int64_t n, const std::string& why) {
+    Expected<TensorView> t = ckpt_.tensor(name, {n}, why);
+    if (!t) return fail(t.error()), std::vector<float>{};
+    return t->to_f32();
+  }
+
+  // A 3-D tensor [experts, rows, cols] (fused expert weights), as one view per expert.
+  std::vector<WeightView> stacked(const std::string& name, int64_t experts, int64_t rows,
+                                  int64_t cols, const std::string& why) {
+    Expected<TensorView> t = ckpt_.tensor(name, {experts, rows, cols}, why);
+    if (!t) return fail(t.error()), std::vector<WeightView>{};
+    std::vector<WeightView> out;
+    const auto* base = static_cast<const char*>(t->data);
+    const int64_t bytes = rows * cols * static_cast<int64_t>(kernels::dtype_size(t->dtype));
+    for (int64_t e = 0; e < experts; ++e) out.push_back({base + e * bytes, t->dtype, rows, cols});
+    return out;
+  }
+
+  bool has(const std::string& name) const { return ckpt_.contains(name); }
+  void fail(const Error& e) {
+    if (!error_) error_ = e;
+  }
+  const std::optional<Error>& error() const { return error_; }
+
+ private:
+  const Checkpoint& ckpt_;
+  std::optional<Error> error_;
+};
+
+// Names of a SwiGLU block's projections in each family's checkpoints.
+struct FfnNames {
+  const char* gate;
+  const char* up;
+  const char* down;
+};
+constexpr FfnNames kMixtralExpert{"w1", "w3", "w2"};
+constexpr FfnNames kProjNames{"gate_proj", "up_proj", "down_proj"};
+
+kernels::FfnWeights bind_ffn(Binder& b, const std::string& prefix, const FfnNames& n,
+                             int64_t hidden, int64_t inter, const std::string& why) {
+  kernels::FfnWeights w;
+  w.gate = b.matrix(prefix + n.gate + ".weight", inter, hidden, why);
+  w.up = b.matrix(prefix + n.up + ".weight", inter, hidden, why);
+  w.down = b.matrix(prefix + n.down + ".weight", hidden, inter, why);
+  return w;
+}
+
+// The routed experts of one layer: one tensor per expert and projection (as Hugging Face
+// checkpoints ship them), or fused gate_up_proj [E, 2 * inter, hidden] and down_proj
+// [E, hidden, inter] tensors (gate in the first half).
+std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c,
+                                              const std::string& moe_prefix, const FfnNames& n) {
+  const int64_t E = c.num_experts;
+  const int64_t H = c.hidden_size;
+  const int64_t I = c.moe_intermediate_size;
+  const std::string why = fmt::format(
+      "hidden_size={}, moe_intermediate_size={}, num_experts={} "
+      "in config.json",
+      H, I, E);
+  std::vector<kernels::FfnWeights> experts;
+  const std::string fused = moe_prefix + "experts.gate_up_proj";
+  if (!b.has(moe_prefix + "experts.0." + n.gate + ".weight") && b.has(fused)) {
+    std::vector<WeightView> gate_up = b.stacked(fused, E, 2 * I, H, why);
+    std::vector<WeightView> down = b.stacked(moe_prefix + "experts.down_proj", E, H, I, why);
+    if (b.error()) return experts;
+    for (int64_t e = 0; e < E; ++e) {
+      WeightView gate = gate_up[e];
+      gate.rows = I;
+      WeightView up = gate;
+      up.data = gate.row(I);
+      experts.push_back({gate, up, down[e]});
+    }
+    return experts;
+  }
+  for (int64_t e = 0; e < E; ++e)
+    experts.push_back(bind_ffn(b, fmt::format("{}experts.{}.", moe_prefix, e), n, H, I, why));
+  return experts;
+}
+
+}  // namespace
+
+Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const Checkpoint> ckpt) {
+  Binder b(*ckpt);
+  ModelWeights w;
+  w.checkpoint = ckpt;
+  const int64_t H = c.hidden_size;
+  const int64_t V = c.vocab_size;
+  const int64_t q_dim = c.num_heads * c.head_dim;
+  const int64_t kv_dim = c.num_kv_heads * c.head_dim;
+  const std::string model_why = fmt::format("vocab_size={}, hidden_size={} in config.json", V, H);
+  const std::string attn_why = fmt::format(
+      "hidden_size={}, num_attention_heads={}, num_key_value_heads={}, head_dim={} in "
+      "config.json",
+      H, c.num_heads, c.num_kv_heads, c.head_dim);
+
+  w.embed = b.matrix("model.embed_tokens.weight", V, H, model_why);
+  w.final_norm = b.vector("model.norm.weight", H, model_why);
+  if (c.tie_word_embeddings) {
+    w.lm_head = w.embed;
+  } else {
+    w.lm_head = b.matrix("lm_head.weight", V, H, model_why + " (tie_word_embeddings is false)");
+  }
+
+  for (int64_t l = 0; l < c.num_layers && !b.error(); ++l) {
+    const std::string p = fmt::format("model.layers.{}.", l);
+    LayerWeights L;
+    L.input_norm = b.vector(p + "input_layernorm.weight", H, model_why);
+    L.post_attention_norm = b.vector(p + "post_attention_layernorm.weight", H, model_why);
+
+    const std::string a = p + "self_attn.";
+    L.attn.q = b.matrix(a + "q_proj.weight", q_dim, H, attn_why);
+    L.attn.k = b.matrix(a + "k_proj.weight", kv_dim, H, attn_why);
+    L.attn.v = b.matrix(a + "v_proj.weight", kv_dim, H, attn_why);
+    L.attn.o = b.matrix(a + "o_proj.weight", H, q_dim, attn_why);
+    if (c.qkv_bias) {
+      L.attn.q_bias = b.vector(a + "q_proj.bias", q_dim, attn_why);
+      L.attn.k_bias = b.vector(a + "k_proj.bias", kv_dim, attn_why);
+      L.attn.v_bias = b.vector(a + "v_proj.bias", kv_dim, attn_why);
+    }
+    if (c.o_bias) L.attn.o_bias = b.vector(a + "o_proj.bias", H, attn_why);
+    if (c.qk_norm == QkNorm::PerHead) {
+      L.attn.q_norm = b.vector(a + "q_norm.weight", c.head_dim, attn_why);
+      L.attn.k_norm = b.vector(a + "k_norm.weight", c.head_dim, attn_why);
+    } else if (c.qk_norm == QkNorm::Full) {
+      L.attn.q_norm = b.vector(a + "q_norm.weight", q_dim, attn_why);
+      L.attn.k_norm = b.vector(a + "k_norm.weight", kv_dim, attn_why);
+    }
+
+    L.moe = c.layer_is_moe[l];
+    if (L.moe) {
+      const bool mixtral = c.arch == Arch::Mixtral;
+      const std::string m = p + (mixtral ? "block_sparse_moe." : "mlp.");
+      const std::string why =
+          fmt::format("hidden_size={}, num_experts={} in config.json", H, c.num_experts);
+      L.router = b.matrix(m + "gate.weight", c.num_experts, H, why);
+      L.experts = bind_experts(b, c, m, mixtral ? kMixtralExpert : kProjNames);
+      if (c.shared_expert_intermediate_size > 0) {
+        L.has_shared_expert = true;
+        const std::string swhy = fmt::format(
+            "hidden_size={}, shared_expert_intermediate_size={} in "
+            "config.json",
+            H, c.shared_expert_intermediate_size);
+        L.shared_expert = bind_ffn(b, m + "shared_expert.", kProjNames, H,
+                                   c.shared_expert_intermediate_size, swhy);
+        if (c.shared_expert_gate)
+          L.shared_expert_gate = b.matrix(m + "shared_expert_gate.weight", 1, H, swhy);
+      }
+    } else {
+      const std::string why = fmt::format(
+          "hidden_size={}, intermediate_size={} in config.json (layer "
+          "{} is dense)",
+          H, c.intermediate_size, l);
+      L.mlp = bind_ffn(b, p + "mlp.", kProjNames, H, c.intermediate_size, why);
+    }
+    w.layers.push_back(std::move(L));
+  }
+  if (b.error()) return *b.error();
+  return w;
+}
+
+}  // namespace moemesh::detail

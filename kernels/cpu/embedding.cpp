@@ -1,0 +1,9 @@
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace moemesh::kernels {
+
+void embedding(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) {
+  for (int64_t t = 0; t < n_tokens; ++t) to_f32(w.row(ids[t]), w.dtype, w.cols, out + t * w.cols);
+}
+
+}  // namespace moemesh::kernels

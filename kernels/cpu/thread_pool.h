@@ -1,0 +1,63 @@
+// A fixed pool of worker threads for data-parallel loops.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moemesh::kernels {
+
+// parallel_for splits [0, n) into chunks and runs them on the pool's workers and the calling
+// thread; it returns when every chunk is done. One parallel_for runs at a time (a second caller
+// waits); calling it from inside a chunk runs that inner loop serially. Chunks must not throw.
+//
+// Thread ownership: workers only touch the job published under mu_; the job's function and its
+// data belong to the caller for the duration of the call.
+class ThreadPool {
+ public:
+  // threads <= 0 means one per hardware thread. The calling thread counts as one of them.
+  explicit ThreadPool(int threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // fn(begin, end) for consecutive ranges covering [0, n); no range is shorter than min_chunk
+  // except the last. With a null pool, or n <= min_chunk, runs fn(0, n) inline.
+  void parallel_for(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
+
+ private:
+  void worker_loop();
+  void run_chunks(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int64_t chunk);
+
+  std::vector<std::thread> workers_;
+  std::mutex call_mu_;  // serialises parallel_for callers
+
+  std::mutex mu_;  // guards the fields below
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  int pending_ = 0;  // workers that have not finished the current generation
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  int64_t chunk_ = 0;
+  std::atomic<int64_t> next_{0};
+};
+
+// Runs fn over [0, n) on pool, or inline when pool is null.
+inline void parallel_for(ThreadPool* pool, int64_t n, int64_t min_chunk,
+                         const std::function<void(int64_t, int64_t)>& fn) {
+  if (pool == nullptr || n <= min_chunk) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  pool->parallel_for(n, min_chunk, fn);
+}
+
+}  // namespace moemesh::kernels

@@ -1,0 +1,146 @@
+"""`moemesh generate` as users call it: the DESIGN.md contract, parity through the CLI, and
+clear errors for broken input."""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+
+MODELS = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.json").exists())
+
+
+def run(binary, *args, timeout=120):
+    return subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def reference(name):
+    ref = json.loads((FIXTURES / name / "reference.json").read_text())
+    return ref, np.load(FIXTURES / name / "reference_logits.npy")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generate_matches_transformers(binary, tmp_path, name):
+    ref, logits = reference(name)
+    prompt = ref["prompt_ids"]
+    out = tmp_path / "logits.npy"
+    p = run(binary, "generate", "--model", FIXTURES / name, "--prompt-ids", ",".join(map(str, prompt)),
+            "--max-tokens", 16, "--ignore-eos", "--json", "--logits-out", out)
+    assert p.returncode == 0, p.stderr
+    js = json.loads(p.stdout.strip().splitlines()[-1])
+    assert js["prompt_ids"] == prompt
+    assert js["output_ids"] == ref["output_ids"]
+    assert isinstance(js["text"], str)
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (len(prompt), logits.shape[1])
+    assert np.abs(got - logits[: len(prompt)]).max() <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["mixtral-odd-sharded", "qwen2moe-bf16"])
+def test_logits_out_over_the_continuation(binary, tmp_path, name):
+    # The whole sequence as a prompt: every row of transformers' logits is compared.
+    ref, logits = reference(name)
+    seq = ref["prompt_ids"] + ref["output_ids"][:15]
+    out = tmp_path / "logits.npy"
+    p = run(binary, "generate", "--model", FIXTURES / name, "--prompt-ids", ",".join(map(str, seq)),
+            "--max-tokens", 0, "--logits-out", out)
+    assert p.returncode == 0, p.stderr
+    assert np.abs(np.load(out) - logits).max() <= 1e-3
+
+
+def test_greedy_is_deterministic_and_sampling_follows_seed(binary):
+    model = FIXTURES / "olmoe-tiny"
+    args = ["generate", "--model", model, "--prompt-ids", "1,2,3", "--max-tokens", 8, "--ignore-eos", "--json"]
+    ids = lambda p: json.loads(p.stdout.splitlines()[-1])["output_ids"]
+    a, b = run(binary, *args), run(binary, *args)
+    assert ids(a) == ids(b)
+    s1 = run(binary, *args, "--temperature", 1.5, "--seed", 7)
+    s2 = run(binary, *args, "--temperature", 1.5, "--seed", 7)
+    s3 = run(binary, *args, "--temperature", 1.5, "--seed", 8)
+    assert ids(s1) == ids(s2)
+    assert len(ids(s3)) == 8
+
+
+def test_eos_from_config_stops_generation(binary, tmp_path):
+    ref, _ = reference("mixtral-tiny")
+    model = tmp_path / "m"
+    shutil.copytree(FIXTURES / "mixtral-tiny", model)
+    third = ref["output_ids"][2]
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["eos_token_id"] = third
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "generation_config.json").unlink()
+    prompt = ",".join(map(str, ref["prompt_ids"]))
+    js = json.loads(run(binary, "generate", "--model", model, "--prompt-ids", prompt, "--json").stdout.splitlines()[-1])
+    first_eos = ref["output_ids"].index(third)
+    assert js["output_ids"] == ref["output_ids"][: first_eos + 1]
+    assert js["finish_reason"] == "stop"
+    js = json.loads(run(binary, "generate", "--model", model, "--prompt-ids", prompt, "--json",
+                        "--ignore-eos").stdout.splitlines()[-1])
+    assert js["output_ids"] == ref["output_ids"] and js["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--no-such-flag"], "no-such-flag"),
+    (["generate", "--model", "/nonexistent-model-dir", "--prompt-ids", "1"], "/nonexistent-model-dir"),
+    (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1,x,3"], "--prompt-ids"),
+    (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1,99999"], "99999"),
+    (["generate", "--model", FIXTURES / "olmoe-tiny"], "--prompt"),
+    (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1", "--max-tokens", "-3"], "max-tokens"),
+    (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1", "--max-tokens", "100000"],
+     "maximum context length"),
+    (["nonsense"], "nonsense"),
+])
+def test_bad_input_is_a_clear_error(binary, args, needle):
+    p = run(binary, *args)
+    assert p.returncode > 0, p
+    assert needle in p.stderr + p.stdout
+
+
+def corrupt_copy(tmp_path, name="olmoe-tiny"):
+    model = tmp_path / "broken"
+    shutil.copytree(FIXTURES / name, model)
+    return model
+
+
+def test_truncated_checkpoint_names_the_file(binary, tmp_path):
+    model = corrupt_copy(tmp_path)
+    f = model / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
+    assert p.returncode == 1 and "truncated" in p.stderr and str(f) in p.stderr
+
+
+def test_missing_shard_names_it(binary, tmp_path):
+    model = corrupt_copy(tmp_path, "mixtral-odd-sharded")
+    shard = sorted(model.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
+    assert p.returncode == 1 and shard.name in p.stderr and "missing" in p.stderr
+
+
+def test_unknown_architecture_is_named(binary, tmp_path):
+    model = corrupt_copy(tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "llama4_moe_xl"
+    (model / "config.json").write_text(json.dumps(cfg))
+    p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
+    assert p.returncode == 1 and "llama4_moe_xl" in p.stderr and "config.json" in p.stderr
+
+
+def test_shape_disagreeing_with_config_is_named(binary, tmp_path):
+    model = corrupt_copy(tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_experts"] = cfg["num_experts"] + 1
+    (model / "config.json").write_text(json.dumps(cfg))
+    p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
+    assert p.returncode == 1 and "mlp.gate.weight" in p.stderr and "num_experts" in p.stderr
+
+
+def test_missing_config_is_named(binary, tmp_path):
+    model = corrupt_copy(tmp_path)
+    (model / "config.json").unlink()
+    p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
+    assert p.returncode == 1 and "config.json" in p.stderr
