@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <iostream>
 #include <map>
 
@@ -19,6 +20,25 @@ int main(int argc, char** argv) {
   std::map<CLI::App*, moemesh::apps::Runner> runners;
   auto* gen = app.add_subcommand("generate", "Run a model offline on one prompt (one process)");
   runners[gen] = moemesh::apps::add_generate(*gen);
+
+  // An unknown subcommand is an error even with --help (which CLI11 would otherwise honour first).
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--log-level") {
+      ++i;
+      continue;
+    }
+    if (arg.rfind("-", 0) == 0) continue;
+    const auto subs = app.get_subcommands({});
+    if (std::none_of(subs.begin(), subs.end(),
+                     [&](const CLI::App* s) { return s->get_name() == arg; })) {
+      std::cerr << "moemesh: error: unknown subcommand \"" << arg << "\"; available:";
+      for (const CLI::App* sub : subs) std::cerr << ' ' << sub->get_name();
+      std::cerr << "\nRun with --help for more information.\n";
+      return 2;
+    }
+    break;
+  }
 
   try {
     app.parse(argc, argv);

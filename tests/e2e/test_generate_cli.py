@@ -92,6 +92,7 @@ def test_eos_from_config_stops_generation(binary, tmp_path):
     (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1", "--max-tokens", "100000"],
      "maximum context length"),
     (["nonsense"], "nonsense"),
+    (["nonsense", "--help"], "nonsense"),
 ])
 def test_bad_input_is_a_clear_error(binary, args, needle):
     p = run(binary, *args)
