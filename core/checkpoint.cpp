@@ -146,7 +146,8 @@ Status Checkpoint::add_file(const fs::path& file) {
     int64_t numel = 1;
     for (const json& d : e["shape"]) {
       if (!d.is_number_unsigned()) return bad("shape holds a non-integer or negative dimension");
-      const int64_t dim = d.get<int64_t>();
+      if (d.get<uint64_t>() > (uint64_t{1} << 50)) return bad("shape is implausibly large");
+      const auto dim = static_cast<int64_t>(d.get<uint64_t>());
       if (dim > 0 && numel > (int64_t{1} << 50) / dim) return bad("shape is implausibly large");
       numel *= dim;
       entry.shape.push_back(dim);

@@ -22,7 +22,8 @@ class FieldReader {
   int64_t integer(const char* key, int64_t fallback) {
     if (!has(key)) return fallback;
     const json& v = obj_.at(key);
-    if (!v.is_number_integer()) {
+    if (!v.is_number_integer() ||
+        (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
       fail(key, "an integer", v);
       return fallback;
     }
@@ -84,6 +85,12 @@ class FieldReader {
       error(fmt::format("field \"{}\" must be a positive integer, found {}", key, value));
   }
 
+  void at_most(const char* key, int64_t value, int64_t limit) {
+    if (value > limit)
+      error(fmt::format("field \"{}\" is {}, beyond the largest value moemesh accepts ({})", key,
+                        value, limit));
+  }
+
   void error(const std::string& what) {
     if (!error_) error_ = fmt::format("{}: {}", source_, what);
   }
@@ -111,28 +118,70 @@ struct ArchDefaults {
 
 // The defaults of transformers' MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig and OlmoeConfig.
 const ArchDefaults* defaults_for(const std::string& model_type) {
-  static const ArchDefaults kMixtral{.arch = Arch::Mixtral, .vocab = 32000, .hidden = 4096,
-                                     .intermediate = 14336, .layers = 32, .heads = 32,
-                                     .kv_heads = 8, .max_pos = 4096 * 32, .eps = 1e-5,
-                                     .theta = 1e6, .experts = 8, .top_k = 2, .moe_inter = 14336,
-                                     .shared_inter = 0, .norm_topk = true, .eos = 2};
-  static const ArchDefaults kQwen2Moe{.arch = Arch::Qwen2Moe, .vocab = 151936, .hidden = 2048,
-                                      .intermediate = 5632, .layers = 24, .heads = 16,
-                                      .kv_heads = 16, .max_pos = 32768, .eps = 1e-6,
-                                      .theta = 10000.0, .experts = 60, .top_k = 4,
-                                      .moe_inter = 1408, .shared_inter = 5632, .norm_topk = false,
+  static const ArchDefaults kMixtral{.arch = Arch::Mixtral,
+                                     .vocab = 32000,
+                                     .hidden = 4096,
+                                     .intermediate = 14336,
+                                     .layers = 32,
+                                     .heads = 32,
+                                     .kv_heads = 8,
+                                     .max_pos = 4096 * 32,
+                                     .eps = 1e-5,
+                                     .theta = 1e6,
+                                     .experts = 8,
+                                     .top_k = 2,
+                                     .moe_inter = 14336,
+                                     .shared_inter = 0,
+                                     .norm_topk = true,
+                                     .eos = 2};
+  static const ArchDefaults kQwen2Moe{.arch = Arch::Qwen2Moe,
+                                      .vocab = 151936,
+                                      .hidden = 2048,
+                                      .intermediate = 5632,
+                                      .layers = 24,
+                                      .heads = 16,
+                                      .kv_heads = 16,
+                                      .max_pos = 32768,
+                                      .eps = 1e-6,
+                                      .theta = 10000.0,
+                                      .experts = 60,
+                                      .top_k = 4,
+                                      .moe_inter = 1408,
+                                      .shared_inter = 5632,
+                                      .norm_topk = false,
                                       .eos = -1};
-  static const ArchDefaults kQwen3Moe{.arch = Arch::Qwen3Moe, .vocab = 151936, .hidden = 2048,
-                                      .intermediate = 6144, .layers = 24, .heads = 32,
-                                      .kv_heads = 4, .max_pos = 32768, .eps = 1e-6,
-                                      .theta = 10000.0, .experts = 128, .top_k = 8,
-                                      .moe_inter = 768, .shared_inter = 0, .norm_topk = false,
+  static const ArchDefaults kQwen3Moe{.arch = Arch::Qwen3Moe,
+                                      .vocab = 151936,
+                                      .hidden = 2048,
+                                      .intermediate = 6144,
+                                      .layers = 24,
+                                      .heads = 32,
+                                      .kv_heads = 4,
+                                      .max_pos = 32768,
+                                      .eps = 1e-6,
+                                      .theta = 10000.0,
+                                      .experts = 128,
+                                      .top_k = 8,
+                                      .moe_inter = 768,
+                                      .shared_inter = 0,
+                                      .norm_topk = false,
                                       .eos = -1};
-  static const ArchDefaults kOlmoe{.arch = Arch::Olmoe, .vocab = 50304, .hidden = 2048,
-                                   .intermediate = 2048, .layers = 16, .heads = 16,
-                                   .kv_heads = 16, .max_pos = 4096, .eps = 1e-5, .theta = 10000.0,
-                                   .experts = 64, .top_k = 8, .moe_inter = 2048, .shared_inter = 0,
-                                   .norm_topk = false, .eos = 50279};
+  static const ArchDefaults kOlmoe{.arch = Arch::Olmoe,
+                                   .vocab = 50304,
+                                   .hidden = 2048,
+                                   .intermediate = 2048,
+                                   .layers = 16,
+                                   .heads = 16,
+                                   .kv_heads = 16,
+                                   .max_pos = 4096,
+                                   .eps = 1e-5,
+                                   .theta = 10000.0,
+                                   .experts = 64,
+                                   .top_k = 8,
+                                   .moe_inter = 2048,
+                                   .shared_inter = 0,
+                                   .norm_topk = false,
+                                   .eos = 50279};
   if (model_type == "mixtral") return &kMixtral;
   if (model_type == "qwen2_moe") return &kQwen2Moe;
   if (model_type == "qwen3_moe") return &kQwen3Moe;
@@ -165,6 +214,51 @@ void read_rope(const json& root, FieldReader& r, ModelConfig& c, double default_
       r.error(fmt::format("field \"{}.partial_rotary_factor\" is not supported", key));
     if (sub.first_error()) r.error(fmt::format("field \"{}\"{}", key, *sub.first_error()));
   }
+}
+
+// Sliding-window attention, as transformers 5 applies it per family:
+//   mixtral    every layer, when "sliding_window" is set;
+//   qwen3_moe  every layer, when "use_sliding_window" (window "sliding_window", default 4096);
+//   qwen2_moe  the layers "layer_types" marks "sliding_attention"; without "layer_types", the
+//              even layers below "max_window_layers", when "use_sliding_window";
+//   olmoe      never.
+void read_sliding_windows(const json& root, FieldReader& r, ModelConfig& c) {
+  c.layer_window.assign(static_cast<std::size_t>(c.num_layers), 0);
+  int64_t window = 0;
+  if (c.arch == Arch::Mixtral) {
+    window = r.integer("sliding_window", 0);
+    for (auto& w : c.layer_window) w = window;
+  } else if (c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) {
+    const bool use = r.boolean("use_sliding_window", false);
+    window = use ? r.integer("sliding_window", 4096) : 0;
+    if (c.arch == Arch::Qwen3Moe) {
+      for (auto& w : c.layer_window) w = window;
+    } else if (root.contains("layer_types") && !root.at("layer_types").is_null()) {
+      const json& lt = root.at("layer_types");
+      if (!lt.is_array() || static_cast<int64_t>(lt.size()) != c.num_layers) {
+        r.error(fmt::format("field \"layer_types\" must be a list of {} entries, one per layer",
+                            c.num_layers));
+        return;
+      }
+      for (std::size_t l = 0; l < lt.size(); ++l) {
+        const std::string t = lt[l].is_string() ? lt[l].get<std::string>() : "";
+        if (t == "sliding_attention") {
+          c.layer_window[l] = window;
+        } else if (t != "full_attention") {
+          r.error(
+              fmt::format("field \"layer_types\"[{}] is {}; expected \"full_attention\" or "
+                          "\"sliding_attention\"",
+                          l, lt[l].dump()));
+        }
+      }
+    } else if (use) {
+      const int64_t below = r.integer("max_window_layers", 28);
+      for (int64_t l = 0; l < c.num_layers; l += 2)
+        if (l < below) c.layer_window[l] = window;
+    }
+  }
+  if (window < 0)
+    r.error(fmt::format("field \"sliding_window\" must not be negative, found {}", window));
 }
 
 }  // namespace
@@ -234,6 +328,14 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   r.positive("num_attention_heads", c.num_heads);
   r.positive("num_key_value_heads", c.num_kv_heads);
   r.positive("max_position_embeddings", c.max_position_embeddings);
+  // Upper bounds far above any real model keep a corrupt config from asking for absurd memory.
+  r.at_most("vocab_size", c.vocab_size, INT32_MAX);  // token ids are 32-bit
+  r.at_most("hidden_size", c.hidden_size, 1 << 20);
+  r.at_most("intermediate_size", c.intermediate_size, 1 << 22);
+  r.at_most("num_hidden_layers", c.num_layers, 1 << 12);
+  r.at_most("num_attention_heads", c.num_heads, 1 << 14);
+  r.at_most("num_key_value_heads", c.num_kv_heads, 1 << 14);
+  r.at_most("max_position_embeddings", c.max_position_embeddings, int64_t{1} << 32);
   if (r.first_error()) return Error(*r.first_error());
 
   // head_dim may be given explicitly (qwen3_moe, mixtral); otherwise hidden / heads.
@@ -247,6 +349,7 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
     c.head_dim = c.hidden_size / c.num_heads;
   }
   r.positive("head_dim", c.head_dim);
+  r.at_most("head_dim", c.head_dim, 1 << 14);
   if (c.head_dim % 2 != 0)
     r.error(fmt::format("head_dim {} must be even for rotary embeddings", c.head_dim));
   if (c.num_heads % c.num_kv_heads != 0)
@@ -255,7 +358,7 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
 
   // Experts and routing. transformers accepts "num_experts" and "num_local_experts" for all four.
   c.num_experts = r.has("num_experts") ? r.integer("num_experts", d->experts)
-                                        : r.integer("num_local_experts", d->experts);
+                                       : r.integer("num_local_experts", d->experts);
   switch (c.arch) {
     case Arch::Mixtral:
       c.moe_intermediate_size = c.intermediate_size;
@@ -275,6 +378,9 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   r.positive("num_experts", c.num_experts);
   r.positive("num_experts_per_tok", c.top_k);
   r.positive("moe_intermediate_size", c.moe_intermediate_size);
+  r.at_most("num_experts", c.num_experts, 1 << 16);
+  r.at_most("moe_intermediate_size", c.moe_intermediate_size, 1 << 22);
+  if (r.first_error()) return Error(*r.first_error());
   if (c.top_k > c.num_experts)
     r.error(fmt::format("num_experts_per_tok {} exceeds the number of experts {}", c.top_k,
                         c.num_experts));
@@ -297,6 +403,9 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
     c.shared_expert_intermediate_size =
         r.integer("shared_expert_intermediate_size", d->shared_inter);
     c.shared_expert_gate = c.shared_expert_intermediate_size > 0;
+    r.at_most("shared_expert_intermediate_size", c.shared_expert_intermediate_size, 1 << 22);
+    if (c.shared_expert_intermediate_size < 0)
+      r.error("field \"shared_expert_intermediate_size\" must not be negative");
   }
 
   // Attention variants.
@@ -317,35 +426,7 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
       break;
   }
 
-  // Sliding windows: "layer_types" when present (transformers 5), otherwise the family's rule.
-  c.layer_window.assign(static_cast<std::size_t>(c.num_layers), 0);
-  const int64_t window = r.integer("sliding_window", 0);
-  if (root.contains("layer_types") && root["layer_types"].is_array()) {
-    const json& lt = root["layer_types"];
-    if (static_cast<int64_t>(lt.size()) != c.num_layers)
-      r.error(fmt::format("field \"layer_types\" has {} entries for {} layers", lt.size(),
-                          c.num_layers));
-    for (std::size_t l = 0; l < lt.size() && static_cast<int64_t>(l) < c.num_layers; ++l) {
-      const std::string t = lt[l].is_string() ? lt[l].get<std::string>() : "";
-      if (t == "sliding_attention") {
-        c.layer_window[l] = window;
-      } else if (t != "full_attention") {
-        r.error(
-            fmt::format("field \"layer_types\"[{}] is {}; expected \"full_attention\" or "
-                        "\"sliding_attention\"",
-                        l, lt[l].dump()));
-      }
-    }
-  } else if (c.arch == Arch::Mixtral) {
-    for (auto& w : c.layer_window) w = window;
-  } else if ((c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) &&
-             r.boolean("use_sliding_window", false)) {
-    const int64_t from = r.integer("max_window_layers", 28);
-    for (int64_t l = from; l < c.num_layers; ++l) c.layer_window[l] = window;
-  }
-  for (int64_t w : c.layer_window) {
-    if (w < 0) r.error(fmt::format("field \"sliding_window\" must not be negative, found {}", w));
-  }
+  read_sliding_windows(root, r, c);
 
   if (r.has("bos_token_id")) c.bos_token_id = r.integer("bos_token_id", 0);
   if (root.contains("eos_token_id")) {

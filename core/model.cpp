@@ -191,7 +191,8 @@ Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Log
         fmt::format("the sequence would hold {} tokens, more than its cache's capacity "
                     "of {}",
                     cache.length_ + n, cache.capacity_));
-  if (cache.row_ != c.num_kv_heads * c.head_dim)
+  if (cache.row_ != c.num_kv_heads * c.head_dim ||
+      cache.k_.size() != static_cast<std::size_t>(c.num_layers * cache.capacity_ * cache.row_))
     return Error("the KV cache was not made by this model's new_cache()");
 
   const int64_t H = c.hidden_size;

@@ -2,7 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <regex>
@@ -43,22 +45,29 @@ Status write_npy_f32(const std::filesystem::path& path, const std::vector<int64_
 }
 
 Expected<NpyArray> read_npy_f32(const std::filesystem::path& path) {
+  std::error_code ec;
+  const uint64_t file_size = std::filesystem::file_size(path, ec);
   std::ifstream in(path, std::ios::binary);
-  if (!in) return Error(fmt::format("cannot read {}: {}", path.string(), std::strerror(errno)));
+  if (ec || !in)
+    return Error(fmt::format("cannot read {}: {}", path.string(), std::strerror(errno)));
   char magic[8];
   in.read(magic, 8);
   if (!in || std::memcmp(magic, "\x93NUMPY", 6) != 0)
     return Error(fmt::format("{} is not a .npy file", path.string()));
   uint32_t header_len = 0;
+  uint64_t offset = 10;
   if (magic[6] == 1) {
-    unsigned char b[2];
+    unsigned char b[2] = {0, 0};
     in.read(reinterpret_cast<char*>(b), 2);
     header_len = b[0] | (b[1] << 8);
   } else {
-    unsigned char b[4];
+    unsigned char b[4] = {0, 0, 0, 0};
     in.read(reinterpret_cast<char*>(b), 4);
     header_len = b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
+    offset = 12;
   }
+  if (!in || header_len > file_size - std::min(file_size, offset))
+    return Error(fmt::format("{}: truncated .npy header", path.string()));
   std::string header(header_len, '\0');
   in.read(header.data(), header_len);
   if (!in) return Error(fmt::format("{}: truncated .npy header", path.string()));
@@ -69,15 +78,26 @@ Expected<NpyArray> read_npy_f32(const std::filesystem::path& path) {
   std::smatch m;
   if (!std::regex_search(header, m, std::regex(R"('shape': \(([0-9, ]*)\))")))
     return Error(fmt::format("{}: no shape in header {}", path.string(), header));
+
+  // The shape must fit the bytes the file actually holds.
+  const uint64_t max_count = (file_size - offset - header_len) / sizeof(float);
   NpyArray a;
-  int64_t count = 1;
+  uint64_t count = 1;
   const std::string dims = m[1];
   const std::regex number("[0-9]+");
   for (auto it = std::sregex_iterator(dims.begin(), dims.end(), number);
        it != std::sregex_iterator(); ++it) {
-    a.shape.push_back(std::stoll(it->str()));
-    count *= a.shape.back();
+    const std::string text = it->str();
+    uint64_t dim = 0;
+    const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), dim);
+    if (err != std::errc() || (dim > 0 && count > UINT64_MAX / dim))
+      return Error(fmt::format("{}: shape ({}) is larger than any file", path.string(), dims));
+    a.shape.push_back(static_cast<int64_t>(dim));
+    count *= dim;
   }
+  if (count > max_count)
+    return Error(fmt::format("{}: holds fewer than the {} floats its header announces",
+                             path.string(), count));
   a.data.resize(static_cast<std::size_t>(count));
   in.read(reinterpret_cast<char*>(a.data.data()),
           static_cast<std::streamsize>(count * sizeof(float)));

@@ -94,6 +94,7 @@ uint16_t f32_to_f16(float v) {
 }
 
 void to_f32(const void* src, DType t, int64_t n, float* dst) {
+  if (n <= 0) return;
   switch (t) {
     case DType::F32:
       std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(float));

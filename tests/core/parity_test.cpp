@@ -18,7 +18,9 @@ namespace {
 namespace fs = std::filesystem;
 constexpr float kTolerance = 1e-3f;
 
-fs::path fixtures_dir() { return fs::path(MOEMESH_SOURCE_DIR) / "tests/fixtures/models"; }
+fs::path fixtures_dir() {
+  return fs::path(MOEMESH_SOURCE_DIR) / "tests/fixtures/models";
+}
 
 std::vector<std::string> fixture_names() {
   std::vector<std::string> names;
@@ -63,7 +65,8 @@ class Parity : public ::testing::TestWithParam<std::string> {
     model_ = std::move(*m);
     vocab_ = model_->config().vocab_size;
     ASSERT_EQ(ref_.output.size(), 16u);
-    ASSERT_EQ(ref_.logits.shape, (std::vector<int64_t>{static_cast<int64_t>(ref_.prompt.size() + 15), vocab_}));
+    ASSERT_EQ(ref_.logits.shape,
+              (std::vector<int64_t>{static_cast<int64_t>(ref_.prompt.size() + 15), vocab_}));
   }
   const float* ref_row(std::size_t i) const { return ref_.logits.data.data() + i * vocab_; }
 
@@ -81,7 +84,8 @@ TEST_P(Parity, PrefillLogitsMatchTransformers) {
   ASSERT_TRUE(model_->forward(cache, seq, Logits::All, logits).ok());
   ASSERT_EQ(logits.size(), seq.size() * vocab_);
   float worst = 0;
-  for (std::size_t i = 0; i < seq.size(); ++i) worst = std::max(worst, max_diff(&logits[i * vocab_], ref_row(i), vocab_));
+  for (std::size_t i = 0; i < seq.size(); ++i)
+    worst = std::max(worst, max_diff(&logits[i * vocab_], ref_row(i), vocab_));
   EXPECT_LE(worst, kTolerance) << "max abs logit difference over " << seq.size() << " positions";
   RecordProperty("max_abs_diff_prefill", std::to_string(worst));
 }
@@ -93,7 +97,9 @@ TEST_P(Parity, DecodeLogitsMatchTransformers) {
   ASSERT_TRUE(model_->forward(cache, ref_.prompt, Logits::Last, logits).ok());
   float worst = max_diff(logits.data(), ref_row(ref_.prompt.size() - 1), vocab_);
   for (std::size_t i = 0; i < 15; ++i) {
-    ASSERT_TRUE(model_->forward(cache, std::span<const int32_t>(&ref_.output[i], 1), Logits::Last, logits).ok());
+    ASSERT_TRUE(
+        model_->forward(cache, std::span<const int32_t>(&ref_.output[i], 1), Logits::Last, logits)
+            .ok());
     worst = std::max(worst, max_diff(logits.data(), ref_row(ref_.prompt.size() + i), vocab_));
   }
   EXPECT_EQ(cache.length(), static_cast<int64_t>(ref_.prompt.size() + 15));
@@ -110,12 +116,13 @@ TEST_P(Parity, GreedyTokensMatchTransformers) {
   EXPECT_EQ(r->finish_reason, "length");
   ASSERT_EQ(r->prompt_logits.size(), ref_.prompt.size() * vocab_);
   for (std::size_t i = 0; i < ref_.prompt.size(); ++i)
-    EXPECT_LE(max_diff(&r->prompt_logits[i * vocab_], ref_row(i), vocab_), kTolerance) << "position " << i;
+    EXPECT_LE(max_diff(&r->prompt_logits[i * vocab_], ref_row(i), vocab_), kTolerance)
+        << "position " << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, ::testing::ValuesIn(fixture_names()),
-                         [](const auto& info) {
-                           std::string n = info.param;
+                         [](const auto& param_info) {
+                           std::string n = param_info.param;
                            std::replace(n.begin(), n.end(), '-', '_');
                            return n;
                          });
