@@ -18,15 +18,26 @@ struct GenerateFlags {
   std::string prompt;
   std::string prompt_ids;
   int64_t max_tokens = 16;
-  float temperature = 0.0f;
+  float temperature = 0.0f;  // greedy by default on the command line (the API's default is 1)
+  float top_p = 1.0f;
+  int32_t top_k = 0;
+  float min_p = 0.0f;
   uint64_t seed = 0;
+  bool has_seed = false;  // without --seed, a random one
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  int64_t min_tokens = 0;
+  std::string stop_token_ids;
+  int32_t logprobs = -1;
   std::string logits_out;
   bool json = false;
   bool ignore_eos = false;
   int threads = 0;
 };
 
-Expected<std::vector<int32_t>> parse_ids(const std::string& text) {
+// Token ids separated by commas; `flag` names the flag in the error message.
+Expected<std::vector<int32_t>> parse_ids(const std::string& text, const char* flag) {
   std::vector<int32_t> ids;
   std::size_t pos = 0;
   while (pos <= text.size()) {
@@ -41,9 +52,9 @@ Expected<std::vector<int32_t>> parse_ids(const std::string& text) {
     if (item.empty() || ec != std::errc() || end != item.data() + item.size() || v < 0 ||
         v > INT32_MAX)
       return Error(
-          fmt::format("--prompt-ids: \"{}\" is not a token id; expected non-negative "
+          fmt::format("{}: \"{}\" is not a token id; expected non-negative "
                       "integers separated by commas, e.g. \"1,2,3\"",
-                      item));
+                      flag, item));
     ids.push_back(static_cast<int32_t>(v));
     pos = comma + 1;
   }
@@ -59,19 +70,34 @@ int run_generate(const GenerateFlags& f) {
     return fail(
         "--prompt needs a tokenizer, which this build does not include yet; pass token ids "
         "with --prompt-ids");
-  Expected<std::vector<int32_t>> prompt = parse_ids(f.prompt_ids);
+  Expected<std::vector<int32_t>> prompt = parse_ids(f.prompt_ids, "--prompt-ids");
   if (!prompt) return fail(prompt.error().message());
+  SamplingParams params;
+  params.max_tokens = f.max_tokens;
+  params.temperature = f.temperature;
+  params.top_p = f.top_p;
+  params.top_k = f.top_k;
+  params.min_p = f.min_p;
+  if (f.has_seed) params.seed = f.seed;
+  params.presence_penalty = f.presence_penalty;
+  params.frequency_penalty = f.frequency_penalty;
+  params.repetition_penalty = f.repetition_penalty;
+  params.min_tokens = f.min_tokens;
+  params.ignore_eos = f.ignore_eos;
+  params.logprobs = f.logprobs;
+  if (!f.stop_token_ids.empty()) {
+    Expected<std::vector<int32_t>> stop = parse_ids(f.stop_token_ids, "--stop-token-ids");
+    if (!stop) return fail(stop.error().message());
+    params.stop_token_ids = std::move(*stop);
+  }
+  // The ranges that do not depend on the model, before it is loaded.
+  if (Status s = params.validate(INT64_MAX); !s) return fail(s.error().message());
 
   ModelOptions options;
   options.threads = f.threads;
   Expected<std::unique_ptr<Model>> model = Model::load(f.model, options);
   if (!model) return fail(model.error().message());
 
-  SamplingParams params;
-  params.max_tokens = f.max_tokens;
-  params.temperature = f.temperature;
-  params.seed = f.seed;
-  params.ignore_eos = f.ignore_eos;
   Expected<GenerateResult> result = generate(**model, *prompt, params, !f.logits_out.empty());
   if (!result) return fail(result.error().message());
 
@@ -87,11 +113,26 @@ int run_generate(const GenerateFlags& f) {
     out["output_ids"] = result->output_ids;
     out["text"] = "";  // detokenisation arrives with the tokenizer
     out["finish_reason"] = result->finish_reason;
+    if (params.logprobs >= 0) {
+      nlohmann::json lps = nlohmann::json::array();
+      for (const SampledToken& t : result->logprobs) {
+        nlohmann::json top = nlohmann::json::array();
+        for (const TokenLogprob& e : t.top) top.push_back({e.id, e.logprob});
+        lps.push_back({{"id", t.id}, {"logprob", t.logprob}, {"top", std::move(top)}});
+      }
+      out["logprobs"] = std::move(lps);
+    }
     std::cout << out.dump() << std::endl;
   } else {
     std::cout << "output_ids:";
     for (int32_t id : result->output_ids) std::cout << ' ' << id;
-    std::cout << "\nfinish_reason: " << result->finish_reason << std::endl;
+    std::cout << "\nfinish_reason: " << result->finish_reason << "\n";
+    for (const SampledToken& t : result->logprobs) {
+      std::cout << fmt::format("logprob: {} {:.6f} top:", t.id, t.logprob);
+      for (const TokenLogprob& e : t.top) std::cout << fmt::format(" {}:{:.6f}", e.id, e.logprob);
+      std::cout << "\n";
+    }
+    std::cout << std::flush;
   }
   return 0;
 }
@@ -109,19 +150,48 @@ Runner add_generate(CLI::App& app) {
   app.add_option("--max-tokens", f->max_tokens, "Tokens to generate")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
       ->capture_default_str();
+  // Sampling flags are range-checked by SamplingParams::validate, whose message names the
+  // parameter as the OpenAI API spells it.
   app.add_option("--temperature", f->temperature, "Sampling temperature; 0 is greedy")
-      ->check(CLI::Range(0.0f, 100.0f))
       ->capture_default_str();
-  app.add_option("--seed", f->seed, "Seed of the sampler")->capture_default_str();
+  app.add_option("--top-p", f->top_p, "Keep the most likely tokens reaching this mass, (0, 1]")
+      ->capture_default_str();
+  app.add_option("--top-k", f->top_k, "Keep the k most likely tokens (0 or -1: off)")
+      ->capture_default_str();
+  app.add_option("--min-p", f->min_p,
+                 "Drop tokens less likely than min-p times the most likely one, [0, 1]")
+      ->capture_default_str();
+  auto* seed = app.add_option("--seed", f->seed, "Seed of the sampler (default: a random one)");
+  app.add_option("--presence-penalty", f->presence_penalty,
+                 "Subtracted from the logits of tokens already generated, [-2, 2]")
+      ->capture_default_str();
+  app.add_option("--frequency-penalty", f->frequency_penalty,
+                 "Subtracted per occurrence in the generated tokens, [-2, 2]")
+      ->capture_default_str();
+  app.add_option(
+         "--repetition-penalty", f->repetition_penalty,
+         "Divides positive / multiplies negative logits of prompt and generated tokens, > 0")
+      ->capture_default_str();
+  app.add_option("--min-tokens", f->min_tokens,
+                 "Suppress end-of-sequence and stop tokens before this many tokens")
+      ->capture_default_str();
+  app.add_option("--stop-token-ids", f->stop_token_ids,
+                 "Token ids that end the sequence (kept in the output), e.g. \"1,2\"");
+  app.add_option("--logprobs", f->logprobs,
+                 "Report the sampled token's logprob and the top N (-1: none); from the model's "
+                 "raw distribution")
+      ->capture_default_str();
   app.add_option(
       "--logits-out", f->logits_out,
       "Write the logits at every prompt position as float32 .npy [prompt_tokens, vocab]");
-  app.add_flag("--json", f->json, "Print one JSON object: prompt_ids, output_ids, text");
+  app.add_flag("--json", f->json,
+               "Print one JSON object: prompt_ids, output_ids, text, finish_reason (logprobs)");
   app.add_flag("--ignore-eos", f->ignore_eos, "Do not stop at end-of-sequence tokens");
   app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
-  app.callback([model, prompt, ids] {
+  app.callback([f, model, prompt, ids, seed] {
+    f->has_seed = seed->count() > 0;
     if (model->count() == 0) throw CLI::RequiredError("--model");
     if (prompt->count() == 0 && ids->count() == 0)
       throw CLI::RequiredError("--prompt or --prompt-ids");

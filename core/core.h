@@ -4,7 +4,8 @@
 //   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
 //   model.h       Model: weights checked against the config, the forward pass with a KV cache,
 //                 and the ExpertBackend seam through which routed experts are computed
-//   generate.h    offline prefill + decode for one sequence, greedy or sampled
+//   sampling.h    SamplingParams and Sampler: the OpenAI/vLLM sampling parameters
+//   generate.h    offline prefill + decode for one sequence
 //   npy.h         float32 .npy files (logit dumps, test fixtures)
 //
 // Every fallible call returns Expected<T> or Status (error.h); messages name the file, tensor,
@@ -18,3 +19,4 @@
 #include "core/generate.h"
 #include "core/model.h"
 #include "core/npy.h"
+#include "core/sampling.h"

@@ -2,50 +2,13 @@
 
 #include <fmt/format.h>
 
-#include <algorithm>
-#include <cmath>
-
 namespace moemesh {
-namespace {
-
-// splitmix64: a small, seedable generator whose sequence is the same on every platform.
-uint64_t next_random(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-}  // namespace
-
-int32_t sample_token(std::span<const float> logits, float temperature, uint64_t& rng_state) {
-  const auto best = std::max_element(logits.begin(), logits.end());
-  if (temperature <= 0.0f) return static_cast<int32_t>(best - logits.begin());
-  const float mx = *best;
-  std::vector<double> p(logits.size());
-  double sum = 0;
-  for (std::size_t i = 0; i < logits.size(); ++i) {
-    p[i] = std::exp(static_cast<double>((logits[i] - mx) / temperature));
-    sum += p[i];
-  }
-  // A uniform double in [0, sum) from the top 53 bits.
-  double u = static_cast<double>(next_random(rng_state) >> 11) * 0x1.0p-53 * sum;
-  for (std::size_t i = 0; i < p.size(); ++i) {
-    if (u < p[i]) return static_cast<int32_t>(i);
-    u -= p[i];
-  }
-  return static_cast<int32_t>(best - logits.begin());
-}
 
 Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
                                   const SamplingParams& params, bool want_prompt_logits) {
   const ModelConfig& c = model.config();
   if (prompt.empty()) return Error("the prompt is empty; give at least one token");
-  if (params.max_tokens < 0)
-    return Error(fmt::format("max_tokens must be >= 0, got {}", params.max_tokens));
-  if (params.temperature < 0 || !std::isfinite(params.temperature))
-    return Error(
-        fmt::format("temperature must be a finite number >= 0, got {}", params.temperature));
+  if (Status s = params.validate(c.vocab_size); !s) return s.error();
   const auto total = static_cast<int64_t>(prompt.size()) + params.max_tokens;
   if (total > c.max_position_embeddings)
     return Error(
@@ -62,16 +25,19 @@ Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
     return s.error();
   const auto V = static_cast<std::size_t>(c.vocab_size);
   if (want_prompt_logits) result.prompt_logits = logits;
-  std::span<const float> last(logits.data() + logits.size() - V, V);
+  std::span<float> last(logits.data() + logits.size() - V, V);
 
-  uint64_t rng = params.seed;
+  Sampler sampler(params, c.eos_token_ids);
+  result.seed = sampler.seed();
   result.finish_reason = "length";
+  result.output_ids.reserve(static_cast<std::size_t>(params.max_tokens));
   for (int64_t i = 0; i < params.max_tokens; ++i) {
-    const int32_t next = sample_token(last, params.temperature, rng);
+    SampledToken token = sampler.sample(last, prompt, result.output_ids);
+    const int32_t next = token.id;
     result.output_ids.push_back(next);
-    const bool eos =
-        std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), next) != c.eos_token_ids.end();
-    if (eos && !params.ignore_eos) {
+    const bool stop = token.stop;
+    if (params.logprobs >= 0) result.logprobs.push_back(std::move(token));
+    if (stop) {
       result.finish_reason = "stop";
       break;
     }
@@ -79,7 +45,7 @@ Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
     if (Status s = model.forward(cache, std::span<const int32_t>(&next, 1), Logits::Last, logits);
         !s)
       return s.error();
-    last = std::span<const float>(logits.data(), V);
+    last = std::span<float>(logits.data(), V);
   }
   return result;
 }

@@ -1,4 +1,5 @@
-// Offline generation for one sequence: prefill the prompt, then sample token by token.
+// Offline generation for one sequence: prefill the prompt, then sample token by token with a
+// Sampler (core/sampling.h, which holds SamplingParams and the order in which they apply).
 #pragma once
 
 #include <cstdint>
@@ -8,28 +9,25 @@
 
 #include "core/error.h"
 #include "core/model.h"
+#include "core/sampling.h"
 
 namespace moemesh {
 
-struct SamplingParams {
-  int64_t max_tokens = 16;
-  float temperature = 0.0f;  // 0: greedy (argmax; ties go to the lower token id)
-  uint64_t seed = 0;
-  bool ignore_eos = false;  // keep going after an end-of-sequence token
-};
-
 struct GenerateResult {
-  std::vector<int32_t> output_ids;   // includes the end-of-sequence token when one stopped it
-  std::string finish_reason;         // "stop" (end of sequence) or "length" (max_tokens)
-  std::vector<float> prompt_logits;  // [prompt, vocab] when asked for, else empty
+  // Includes the end-of-sequence or stop token when one ended the sequence.
+  std::vector<int32_t> output_ids;
+  // "stop" (an end-of-sequence token, unless ignore_eos, or one of stop_token_ids ended it) or
+  // "length" (max_tokens were generated).
+  std::string finish_reason;
+  std::vector<float> prompt_logits;    // [prompt, vocab] when asked for, else empty
+  std::vector<SampledToken> logprobs;  // one per output token when params.logprobs >= 0, else empty
+  uint64_t seed = 0;                   // the sampler's seed (params.seed or the random one drawn)
 };
-
-// Picks the next token from one row of logits.
-int32_t sample_token(std::span<const float> logits, float temperature, uint64_t& rng_state);
 
 // Generates up to params.max_tokens tokens after `prompt`. With want_prompt_logits the logits at
 // every prompt position are returned too. Fails with a clear message when the prompt is empty,
-// holds an id outside the vocabulary, or prompt plus max_tokens exceeds the model's context.
+// holds an id outside the vocabulary, params fail SamplingParams::validate, or prompt plus
+// max_tokens exceeds the model's context.
 Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
                                   const SamplingParams& params, bool want_prompt_logits);
 

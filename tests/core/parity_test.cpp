@@ -110,6 +110,7 @@ TEST_P(Parity, GreedyTokensMatchTransformers) {
   SamplingParams params;
   params.max_tokens = 16;
   params.ignore_eos = true;
+  params.temperature = 0.0f;
   Expected<GenerateResult> r = generate(*model_, ref_.prompt, params, /*want_prompt_logits=*/true);
   ASSERT_TRUE(r.ok()) << r.error().message();
   EXPECT_EQ(r->output_ids, ref_.output);
