@@ -4,6 +4,7 @@
 //   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
 //   model.h       Model: weights checked against the config, the forward pass with a KV cache,
 //                 and the ExpertBackend seam through which routed experts are computed
+//   tokenizer.h   Hugging Face tokenizer.json: encode/decode as `tokenizers` does, DecodeStream
 //   sampling.h    SamplingParams and Sampler: the OpenAI/vLLM sampling parameters
 //   generate.h    offline prefill + decode for one sequence
 //   npy.h         float32 .npy files (logit dumps, test fixtures)
@@ -20,3 +21,4 @@
 #include "core/model.h"
 #include "core/npy.h"
 #include "core/sampling.h"
+#include "core/tokenizer.h"
