@@ -5,6 +5,7 @@
 //   model.h       Model: weights checked against the config, the forward pass with a KV cache,
 //                 and the ExpertBackend seam through which routed experts are computed
 //   tokenizer.h   Hugging Face tokenizer.json: encode/decode as `tokenizers` does, DecodeStream
+//   chat_template.h  Jinja chat templates rendered as transformers' apply_chat_template does
 //   sampling.h    SamplingParams and Sampler: the OpenAI/vLLM sampling parameters
 //   generate.h    offline prefill + decode for one sequence
 //   npy.h         float32 .npy files (logit dumps, test fixtures)
@@ -14,6 +15,7 @@
 // or aborts on bad input.
 #pragma once
 
+#include "core/chat_template.h"
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/error.h"
