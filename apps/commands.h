@@ -10,5 +10,6 @@ namespace moemesh::apps {
 using Runner = std::function<int()>;
 
 Runner add_generate(CLI::App& app);
+Runner add_serve(CLI::App& app);
 
 }  // namespace moemesh::apps

@@ -1,6 +1,7 @@
 #include <fmt/format.h>
 
 #include <charconv>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -66,11 +67,23 @@ int run_generate(const GenerateFlags& f) {
     std::cerr << "moemesh generate: error: " << message << "\n";
     return 1;
   };
-  if (!f.prompt.empty())
-    return fail(
-        "--prompt needs a tokenizer, which this build does not include yet; pass token ids "
-        "with --prompt-ids");
-  Expected<std::vector<int32_t>> prompt = parse_ids(f.prompt_ids, "--prompt-ids");
+  // The checkpoint's tokenizer, when it has one: --prompt needs it, and it decodes the output.
+  const std::filesystem::path tokenizer_path = std::filesystem::path(f.model) / "tokenizer.json";
+  std::shared_ptr<const Tokenizer> tokenizer;
+  if (std::filesystem::exists(tokenizer_path)) {
+    Expected<std::shared_ptr<const Tokenizer>> t = Tokenizer::load(tokenizer_path);
+    if (!t) return fail(t.error().message());
+    tokenizer = *t;
+  }
+  Expected<std::vector<int32_t>> prompt = std::vector<int32_t>{};
+  if (!f.prompt.empty()) {
+    if (!tokenizer)
+      return fail(fmt::format("--prompt needs {}; give token ids with --prompt-ids instead",
+                              tokenizer_path.string()));
+    prompt = tokenizer->encode(f.prompt, /*add_special_tokens=*/true);
+  } else {
+    prompt = parse_ids(f.prompt_ids, "--prompt-ids");
+  }
   if (!prompt) return fail(prompt.error().message());
   SamplingParams params;
   params.max_tokens = f.max_tokens;
@@ -111,7 +124,7 @@ int run_generate(const GenerateFlags& f) {
     nlohmann::json out;
     out["prompt_ids"] = *prompt;
     out["output_ids"] = result->output_ids;
-    out["text"] = "";  // detokenisation arrives with the tokenizer
+    out["text"] = tokenizer ? tokenizer->decode(result->output_ids) : std::string();
     out["finish_reason"] = result->finish_reason;
     if (params.logprobs >= 0) {
       nlohmann::json lps = nlohmann::json::array();
@@ -122,8 +135,9 @@ int run_generate(const GenerateFlags& f) {
       }
       out["logprobs"] = std::move(lps);
     }
-    std::cout << out.dump() << std::endl;
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   } else {
+    if (tokenizer) std::cout << tokenizer->decode(result->output_ids) << "\n";
     std::cout << "output_ids:";
     for (int32_t id : result->output_ids) std::cout << ' ' << id;
     std::cout << "\nfinish_reason: " << result->finish_reason << "\n";

@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   std::map<CLI::App*, moemesh::apps::Runner> runners;
   auto* gen = app.add_subcommand("generate", "Run a model offline on one prompt (one process)");
   runners[gen] = moemesh::apps::add_generate(*gen);
+  auto* serve = app.add_subcommand("serve", "Serve the OpenAI-compatible API on this machine");
+  runners[serve] = moemesh::apps::add_serve(*serve);
 
   // An unknown subcommand is an error even with --help (which CLI11 would otherwise honour first).
   for (int i = 1; i < argc; ++i) {

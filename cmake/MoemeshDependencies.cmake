@@ -9,6 +9,7 @@ find_package(Boost 1.74 REQUIRED)  # Beast and Asio, header-only
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 pkg_check_modules(UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
 find_package(CAF REQUIRED)
+find_package(Protobuf REQUIRED)
 if(MOEMESH_BUILD_TESTS)
   find_package(GTest REQUIRED)
 endif()

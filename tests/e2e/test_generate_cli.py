@@ -145,3 +145,20 @@ def test_missing_config_is_named(binary, tmp_path):
     (model / "config.json").unlink()
     p = run(binary, "generate", "--model", model, "--prompt-ids", "1")
     assert p.returncode == 1 and "config.json" in p.stderr
+
+
+def test_prompt_text_uses_the_checkpoint_tokenizer(binary):
+    demo = FIXTURES.parents[2] / "models" / "demo"
+    p = run(binary, "generate", "--model", demo, "--prompt", "The garden was", "--max-tokens", 8,
+            "--ignore-eos", "--json")
+    assert p.returncode == 0, p.stderr
+    js = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(js["output_ids"]) == 8 and js["text"].strip()
+    ids = run(binary, "generate", "--model", demo, "--prompt-ids", ",".join(map(str, js["prompt_ids"])),
+              "--max-tokens", 8, "--ignore-eos", "--json")
+    assert json.loads(ids.stdout.strip().splitlines()[-1])["output_ids"] == js["output_ids"]
+
+
+def test_prompt_text_without_tokenizer_is_a_clear_error(binary):
+    p = run(binary, "generate", "--model", FIXTURES / "olmoe-tiny", "--prompt", "hello")
+    assert p.returncode == 1 and "tokenizer.json" in p.stderr and "--prompt-ids" in p.stderr

@@ -1,0 +1,68 @@
+// Internal: the gateway's Prometheus metrics, with vLLM's names (dashboards and autoscalers scrape
+// them) and moemesh's own under the moemesh_ prefix. Thread-safe: every method may be called from
+// any thread.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "proto/engine.pb.h"
+
+namespace moemesh::gateway {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> buckets)
+      : buckets_(std::move(buckets)), counts_(buckets_.size(), 0) {}
+  void observe(double v);
+  // Appends the _bucket, _sum and _count series of `name` with `labels` (e.g. model_name="x").
+  void render(std::string& out, const std::string& name, const std::string& labels) const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<double> buckets_;
+  std::vector<uint64_t> counts_;  // per bucket, not cumulative
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+class Metrics {
+ public:
+  explicit Metrics(std::string model_name);
+
+  // One finished request (all of its choices).
+  struct RequestRecord {
+    std::string finished_reason;  // stop, length, abort, error
+    int64_t prompt_tokens = 0;
+    int64_t generation_tokens = 0;
+    double ttft = -1;  // seconds, < 0 when no token was produced
+    double e2e = 0;
+    double queue = -1;
+    double prefill = -1;
+    double decode = -1;
+  };
+  void record_request(const RequestRecord& r);
+  void observe_inter_token(double seconds);
+  void count_http(int status);
+  void set_engine_stats(const proto::EngineStats& s);
+  void set_open_streams(int64_t n);
+
+  std::string render() const;
+
+ private:
+  std::string labels_;
+  Histogram ttft_, itl_, tpot_, e2e_, queue_, prefill_, decode_, prompt_len_, gen_len_;
+  mutable std::mutex mu_;  // guards the fields below
+  std::map<std::string, uint64_t> finished_;
+  std::map<int, uint64_t> http_;
+  uint64_t prompt_tokens_ = 0;
+  uint64_t generation_tokens_ = 0;
+  int64_t open_streams_ = 0;
+  proto::EngineStats engine_;
+};
+
+}  // namespace moemesh::gateway

@@ -1,0 +1,150 @@
+#include "gateway/detail/metrics.h"
+
+#include <fmt/format.h>
+
+namespace moemesh::gateway {
+namespace {
+
+std::vector<double> latency_buckets() {
+  return {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25,  0.5,   0.75,
+          1.0,   2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0};
+}
+std::vector<double> token_buckets() {
+  return {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000};
+}
+
+void header(std::string& out, const char* name, const char* type, const char* help) {
+  out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
+}
+
+}  // namespace
+
+void Histogram::observe(double v) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (std::size_t i = 0; i < buckets_.size(); ++i) {
+    if (v <= buckets_[i]) {
+      ++counts_[i];
+      break;
+    }
+  }
+  sum_ += v;
+  ++count_;
+}
+
+void Histogram::render(std::string& out, const std::string& name, const std::string& labels) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t cumulative = 0;
+  for (std::size_t i = 0; i < buckets_.size(); ++i) {
+    cumulative += counts_[i];
+    out += fmt::format("{}_bucket{{{},le=\"{}\"}} {}\n", name, labels, buckets_[i], cumulative);
+  }
+  out += fmt::format("{}_bucket{{{},le=\"+Inf\"}} {}\n", name, labels, count_);
+  out += fmt::format("{}_sum{{{}}} {}\n", name, labels, sum_);
+  out += fmt::format("{}_count{{{}}} {}\n", name, labels, count_);
+}
+
+Metrics::Metrics(std::string model_name)
+    : labels_(fmt::format("model_name=\"{}\"", model_name)),
+      ttft_(latency_buckets()),
+      itl_(latency_buckets()),
+      tpot_(latency_buckets()),
+      e2e_(latency_buckets()),
+      queue_(latency_buckets()),
+      prefill_(latency_buckets()),
+      decode_(latency_buckets()),
+      prompt_len_(token_buckets()),
+      gen_len_(token_buckets()) {}
+
+void Metrics::record_request(const RequestRecord& r) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++finished_[r.finished_reason];
+    prompt_tokens_ += static_cast<uint64_t>(r.prompt_tokens);
+    generation_tokens_ += static_cast<uint64_t>(r.generation_tokens);
+  }
+  if (r.ttft >= 0) ttft_.observe(r.ttft);
+  e2e_.observe(r.e2e);
+  if (r.queue >= 0) queue_.observe(r.queue);
+  if (r.prefill >= 0) prefill_.observe(r.prefill);
+  if (r.decode >= 0) decode_.observe(r.decode);
+  if (r.generation_tokens > 1 && r.ttft >= 0)
+    tpot_.observe((r.e2e - r.ttft) / static_cast<double>(r.generation_tokens - 1));
+  prompt_len_.observe(static_cast<double>(r.prompt_tokens));
+  gen_len_.observe(static_cast<double>(r.generation_tokens));
+}
+
+void Metrics::observe_inter_token(double seconds) {
+  itl_.observe(seconds);
+}
+
+void Metrics::count_http(int status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++http_[status];
+}
+
+void Metrics::set_engine_stats(const proto::EngineStats& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  engine_ = s;
+}
+
+void Metrics::set_open_streams(int64_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  open_streams_ = n;
+}
+
+std::string Metrics::render() const {
+  std::string out;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    header(out, "vllm:num_requests_running", "gauge", "Sequences running in the engine.");
+    out += fmt::format("vllm:num_requests_running{{{}}} {}\n", labels_, engine_.running());
+    header(out, "vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.");
+    out += fmt::format("vllm:num_requests_waiting{{{}}} {}\n", labels_, engine_.waiting());
+    header(out, "vllm:kv_cache_usage_perc", "gauge", "Fraction of the KV cache reserved (0-1).");
+    out += fmt::format("vllm:kv_cache_usage_perc{{{}}} {}\n", labels_, engine_.kv_cache_usage());
+    header(out, "vllm:num_preemptions_total", "counter", "Sequences preempted by the scheduler.");
+    out +=
+        fmt::format("vllm:num_preemptions_total{{{}}} {}\n", labels_, engine_.preemptions_total());
+    header(out, "vllm:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
+    out += fmt::format("vllm:prompt_tokens_total{{{}}} {}\n", labels_, prompt_tokens_);
+    header(out, "vllm:generation_tokens_total", "counter",
+           "Generated tokens of finished requests.");
+    out += fmt::format("vllm:generation_tokens_total{{{}}} {}\n", labels_, generation_tokens_);
+    header(out, "vllm:request_success_total", "counter", "Finished requests by finish reason.");
+    for (const char* reason : {"stop", "length", "abort", "error"}) {
+      auto it = finished_.find(reason);
+      out += fmt::format("vllm:request_success_total{{{},finished_reason=\"{}\"}} {}\n", labels_,
+                         reason, it == finished_.end() ? 0 : it->second);
+    }
+    header(out, "moemesh_engine_requests_failed_total", "counter", "Requests the engine failed.");
+    out += fmt::format("moemesh_engine_requests_failed_total{{{}}} {}\n", labels_,
+                       engine_.requests_failed_total());
+    header(out, "moemesh_engine_requests_aborted_total", "counter",
+           "Requests aborted in the engine.");
+    out += fmt::format("moemesh_engine_requests_aborted_total{{{}}} {}\n", labels_,
+                       engine_.requests_aborted_total());
+    header(out, "moemesh_http_responses_total", "counter", "HTTP responses by status code.");
+    for (const auto& [code, n] : http_)
+      out += fmt::format("moemesh_http_responses_total{{{},code=\"{}\"}} {}\n", labels_, code, n);
+    header(out, "moemesh_open_streams", "gauge", "Requests in flight at the gateway.");
+    out += fmt::format("moemesh_open_streams{{{}}} {}\n", labels_, open_streams_);
+  }
+  const std::pair<const Histogram*, const char*> hists[] = {
+      {&ttft_, "vllm:time_to_first_token_seconds"},
+      {&itl_, "vllm:inter_token_latency_seconds"},
+      {&tpot_, "vllm:request_time_per_output_token_seconds"},
+      {&e2e_, "vllm:e2e_request_latency_seconds"},
+      {&queue_, "vllm:request_queue_time_seconds"},
+      {&prefill_, "vllm:request_prefill_time_seconds"},
+      {&decode_, "vllm:request_decode_time_seconds"},
+      {&prompt_len_, "vllm:request_prompt_tokens"},
+      {&gen_len_, "vllm:request_generation_tokens"},
+  };
+  for (const auto& [h, name] : hists) {
+    header(out, name, "histogram", "See vLLM's metric of the same name.");
+    h->render(out, name, labels_);
+  }
+  return out;
+}
+
+}  // namespace moemesh::gateway
