@@ -129,6 +129,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void finish_request();
   void cancel_engine();
   void drain_and_close(std::size_t budget);
+  // A write to the client failed: it is gone, so the engine stops its request.
+  void on_write_failed() {
+    client_gone_ = true;
+    cancel_engine();
+    finish_request();
+  }
   void fail_stream(const std::string& message);
 
   beast::tcp_stream stream_;
@@ -475,12 +481,7 @@ void Session::on_submitted(const std::string& error, int status) {
     http::async_write_header(stream_, *stream_serializer_,
                              [self = shared_from_this()](beast::error_code ec, std::size_t) {
                                self->writing_ = false;
-                               if (ec) {
-                                 self->client_gone_ = true;
-                                 self->cancel_engine();
-                                 self->finish_request();
-                                 return;
-                               }
+                               if (ec) return self->on_write_failed();
                                self->do_stream_write();
                              });
   }
@@ -556,12 +557,7 @@ void Session::do_stream_write() {
   writing_ = true;
   auto on_written = [self = shared_from_this(), last, chunk](beast::error_code ec, std::size_t) {
     self->writing_ = false;
-    if (ec) {
-      self->client_gone_ = true;
-      self->cancel_engine();
-      self->finish_request();
-      return;
-    }
+    if (ec) return self->on_write_failed();
     if (last) {
       if (!self->keep_alive_ || self->gw_->stopping) {
         beast::error_code ignored;
