@@ -496,20 +496,22 @@ def samples_markdown(out_dir: Path, seed: int, max_new: int = 60) -> str:
                                max_new_tokens=max_new, repetition_penalty=None, **kw)
         return tok.decode(o[0, len(ids):], skip_special_tokens=False)
 
+    def block(title, text):
+        lines.extend([f"{title}:", "", "```text", text.strip(), "```", ""])
+
     for p in SAMPLE_PROMPTS:
         ids = tok.encode(p, add_special_tokens=False)
-        lines.append(f"**Prompt:** `{p}`\n")
-        lines.append(f"- greedy: {p}**{gen(ids, False).strip()}**")
-        lines.append(f"- sampled (T=0.8, top-p 0.95, seed {seed}): {p}**{gen(ids, True).strip()}**\n")
+        lines.extend([f"#### Prompt: `{p}`", ""])
+        block("Greedy continuation", gen(ids, False))
+        block(f"Sampled continuation (temperature 0.8, top-p 0.95, top-k 50, seed {seed})", gen(ids, True))
     for p in CHAT_SAMPLE_PROMPTS:
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                        add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)
-        lines.append(f"**Chat, user:** `{p}`\n")
+        lines.extend([f"#### Chat: user says `{p}`", ""])
         for s in (False, True):
-            a = gen(ids, s).replace("<|im_end|>", "").replace("<|endoftext|>", "").strip()
-            lines.append(f"- assistant ({'sampled' if s else 'greedy'}): {a}")
-        lines.append("")
+            a = gen(ids, s).replace("<|im_end|>", "").replace("<|endoftext|>", "")
+            block(f"Assistant ({'greedy' if not s else 'sampled'})", a)
     return "\n".join(lines)
 
 
