@@ -395,8 +395,11 @@ void Session::handle_generate(const http::request<http::string_body>& req,
   }
   std::weak_ptr<Session> weak = shared_from_this();
   auto executor = stream_.get_executor();
+  // State travels as spawn arguments: CAF 0.17 dereferences an empty argument tuple (undefined
+  // behaviour that UBSan reports) when a function actor takes none.
   sink_ = gw_->system.spawn(
-      [weak, executor, engine, requests](caf::event_based_actor* self) -> caf::behavior {
+      [weak, executor, engine](caf::event_based_actor* self,
+                               std::vector<std::string> requests) -> caf::behavior {
         for (std::size_t p = 0; p < requests.size(); ++p) {
           self->request(engine, actors::kEngineRequestTimeout, actors::submit_atom::value,
                         requests[p], caf::actor_cast<caf::actor>(self))
@@ -418,7 +421,8 @@ void Session::handle_generate(const http::request<http::string_body>& req,
             if (auto s = weak.lock()) s->on_delta(bytes);
           });
         }};
-      });
+      },
+      requests);
   monitor_disconnect();
 }
 
@@ -646,8 +650,8 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
   auto metrics = std::make_shared<gateway::Metrics>(model.name);
   std::weak_ptr<Impl> weak = impl_;
   // Polls the engine's statistics: they feed /metrics, and their arrival proves the engine alive.
-  caf::actor poller =
-      impl_->system.spawn([weak, engine, metrics](caf::event_based_actor* self) -> caf::behavior {
+  caf::actor poller = impl_->system.spawn(
+      [weak, metrics](caf::event_based_actor* self, actors::engine_actor engine) -> caf::behavior {
         self->send(self, tick_atom::value);
         return {[=](tick_atom) {
           self->request(engine, std::chrono::seconds(2), actors::stats_atom::value)
@@ -670,7 +674,8 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
                   });
           self->delayed_send(self, std::chrono::milliseconds(500), tick_atom::value);
         }};
-      });
+      },
+      engine);
   std::lock_guard<std::mutex> lock(impl_->mu);
   std::atomic_store(&impl_->metrics, metrics);
   impl_->model = std::make_shared<const gateway::ServedModel>(std::move(model));
