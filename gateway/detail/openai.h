@@ -48,9 +48,9 @@ std::variant<CompletionRequest, ApiError> parse_request(const nlohmann::ordered_
 
 // POST /tokenize and /detokenize bodies -> response JSON.
 std::variant<nlohmann::ordered_json, ApiError> tokenize(const nlohmann::ordered_json& body,
-                                                const ServedModel& model);
+                                                        const ServedModel& model);
 std::variant<nlohmann::ordered_json, ApiError> detokenize(const nlohmann::ordered_json& body,
-                                                  const ServedModel& model);
+                                                          const ServedModel& model);
 
 // GET /v1/models.
 nlohmann::ordered_json models_list(const ServedModel& model);

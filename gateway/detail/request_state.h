@@ -75,7 +75,7 @@ class RequestState {
   void finish_choice(Choice& c, const std::string& reason);
   std::string chunk(const Choice& c, const std::string& text, bool with_logprobs, bool final) const;
   nlohmann::ordered_json logprobs_json(const std::vector<LogprobEntry>& entries,
-                               std::size_t text_offset) const;
+                                       std::size_t text_offset) const;
   LogprobEntry entry(const proto::SampledToken& t) const;
 
   CompletionRequest req_;

@@ -118,8 +118,7 @@ TEST(Engine, ConcurrentRequestsEachMatchTheReference) {
   Collector c;  // declared first: it must outlive the engine, which calls it until it stops
   auto engine = start_engine();
   for (int i = 0; i < 6; ++i)
-    ASSERT_TRUE(
-        engine->submit(request(name("r", i), reference_prompt(), 16), c.sink()).ok());
+    ASSERT_TRUE(engine->submit(request(name("r", i), reference_prompt(), 16), c.sink()).ok());
   ASSERT_TRUE(c.wait_finished(6));
   for (int i = 0; i < 6; ++i) {
     auto s = c.get(name("r", i));
