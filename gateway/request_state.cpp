@@ -1,5 +1,6 @@
 #include "gateway/detail/request_state.h"
 
+#include <atomic>
 #include <cmath>
 
 namespace moemesh::gateway {
@@ -32,6 +33,8 @@ json bytes_of(const std::string& s) {
 RequestState::RequestState(CompletionRequest request, const ServedModel& model, std::string id,
                            int64_t created)
     : req_(std::move(request)), model_(model), id_(std::move(id)), created_(created) {
+  static std::atomic<uint64_t> counter{0};
+  engine_prefix_ = id_ + "#" + std::to_string(counter++) + "-";
   arrival_ = last_event_ = Clock::now();
   for (const std::string& s : req_.stop) max_stop_len_ = std::max(max_stop_len_, s.size());
   for (std::size_t p = 0; p < req_.prompts.size(); ++p) {
@@ -42,6 +45,18 @@ RequestState::RequestState(CompletionRequest request, const ServedModel& model, 
       choices_.push_back(std::move(c));
     }
   }
+}
+
+int RequestState::prompt_of(const std::string& engine_id) const {
+  if (engine_id.size() <= engine_prefix_.size() ||
+      engine_id.compare(0, engine_prefix_.size(), engine_prefix_) != 0)
+    return -1;
+  int p = 0;
+  for (std::size_t i = engine_prefix_.size(); i < engine_id.size(); ++i) {
+    if (engine_id[i] < '0' || engine_id[i] > '9' || p > 1000000) return -1;
+    p = p * 10 + (engine_id[i] - '0');
+  }
+  return p < num_prompts() ? p : -1;
 }
 
 RequestState::LogprobEntry RequestState::entry(const proto::SampledToken& t) const {

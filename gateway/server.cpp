@@ -496,13 +496,11 @@ void Session::on_delta(const std::string& bytes) {
   proto::SequenceDelta d;
   if (!d.ParseFromString(bytes)) return;
   const std::string& rid = d.request_id();
-  const std::size_t dash = rid.rfind('-');
-  if (dash == std::string::npos || rid.compare(0, dash, state_->id()) != 0)
-    return;  // a stale delta
-  const std::size_t p = std::stoul(rid.substr(dash + 1));
+  const int p = state_->prompt_of(rid);
+  if (p < 0) return;  // a delta of an earlier request on this connection
   std::vector<std::string> events;
   std::vector<int> cancel;
-  state_->on_delta(p, d, events, cancel);
+  state_->on_delta(static_cast<std::size_t>(p), d, events, cancel);
   for (int index : cancel) caf::anon_send(engine_, actors::cancel_atom::value, rid, int32_t{index});
   if (auto m = std::atomic_load(&gw_->metrics))
     for (double g : state_->take_inter_token_gaps()) m->observe_inter_token(g);

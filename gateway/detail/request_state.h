@@ -25,8 +25,10 @@ class RequestState {
 
   const CompletionRequest& request() const { return req_; }
   const std::string& id() const { return id_; }
-  // The engine request id of prompt p.
-  std::string engine_id(std::size_t p) const { return id_ + "-" + std::to_string(p); }
+  // The engine request id of prompt p: unique even when clients reuse an x-request-id.
+  std::string engine_id(std::size_t p) const { return engine_prefix_ + std::to_string(p); }
+  // The prompt index of an engine request id of this request, or -1.
+  int prompt_of(const std::string& engine_id) const;
   int num_prompts() const { return static_cast<int>(req_.prompts.size()); }
 
   // Feeds one delta of prompt p. In streaming mode, SSE events to send are appended to `events`.
@@ -81,6 +83,7 @@ class RequestState {
   CompletionRequest req_;
   const ServedModel& model_;
   std::string id_;
+  std::string engine_prefix_;  // id_ + "#" + a per-process counter + "-"
   int64_t created_;
   std::vector<Choice> choices_;
   int finished_choices_ = 0;

@@ -305,3 +305,32 @@ def test_many_concurrent_streams(server, model):
 
     with ThreadPoolExecutor(32) as pool:
         assert list(pool.map(one, range(32))) == [20] * 32
+
+
+def test_reused_request_id_cancels_only_its_own_request(server, model):
+    # Two requests with the same x-request-id: disconnecting one must not stop the other.
+    import threading
+    result = {}
+
+    def survivor():
+        result["r"] = server.request("POST", "/v1/completions",
+                                     {"model": model, "prompt": "Both", "max_tokens": 60, "ignore_eos": True},
+                                     headers={"x-request-id": "same-id"})
+
+    body = json.dumps({"model": model, "prompt": "Both", "max_tokens": 400, "ignore_eos": True,
+                       "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"x-request-id: same-id\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    s.settimeout(60)
+    got = s.recv(4096)
+    while got.count(b"data: ") < 2:
+        got += s.recv(4096)
+    t = threading.Thread(target=survivor)
+    t.start()
+    time.sleep(0.05)
+    s.close()
+    t.join()
+    st, headers, out = result["r"]
+    assert st == 200 and json.loads(out)["usage"]["completion_tokens"] == 60
+    assert headers.get("x-request-id") == "same-id"
