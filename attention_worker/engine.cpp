@@ -39,31 +39,6 @@ struct Sequence {
   std::vector<int32_t> output;
 };
 
-// log_softmax of one row: the logprob of `id` and the top `k` entries.
-proto::SampledToken logprob_entry(const std::vector<float>& row, int32_t id, int k) {
-  const float mx = *std::max_element(row.begin(), row.end());
-  double sum = 0;
-  for (float v : row) sum += std::exp(static_cast<double>(v - mx));
-  const double log_z = static_cast<double>(mx) + std::log(sum);
-  proto::SampledToken t;
-  t.set_id(id);
-  t.set_logprob(static_cast<float>(row[id] - log_z));
-  if (k > 0) {
-    std::vector<int32_t> order(row.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
-    const auto kk = std::min<std::size_t>(static_cast<std::size_t>(k), order.size());
-    std::partial_sort(order.begin(), order.begin() + kk, order.end(), [&](int32_t a, int32_t b) {
-      return row[a] > row[b] || (row[a] == row[b] && a < b);
-    });
-    for (std::size_t i = 0; i < kk; ++i) {
-      proto::TokenLogprob* e = t.add_top();
-      e->set_id(order[i]);
-      e->set_logprob(static_cast<float>(row[order[i]] - log_z));
-    }
-  }
-  return t;
-}
-
 void fill_token(const SampledToken& s, bool with_logprobs, proto::SampledToken* out) {
   out->set_id(s.id);
   if (!with_logprobs) return;
@@ -110,7 +85,8 @@ struct Engine::Impl {
   void prefill(const std::shared_ptr<Request>& r);
   void decode_step();
   void apply_cancels(std::vector<std::pair<std::string, int>> list);
-  void finish(Sequence& s, const std::string& reason, const std::string& error = "");
+  // Sends sequence `index`'s last delta, carrying only its finish reason, and counts it.
+  void send_final(Request& r, int index, const std::string& reason, const std::string& error = "");
   void fail_request(const std::shared_ptr<Request>& r, const std::string& error);
   void publish() {
     n_running = static_cast<int>(running.size());
@@ -218,40 +194,26 @@ proto::EngineStats Engine::stats() const {
   return s;
 }
 
-void Engine::Impl::finish(Sequence& s, const std::string& reason, const std::string& error) {
+void Engine::Impl::send_final(Request& r, int index, const std::string& reason,
+                              const std::string& error) {
   proto::SequenceDelta d;
-  d.set_request_id(s.request->msg.request_id());
-  d.set_index(s.index);
+  d.set_request_id(r.msg.request_id());
+  d.set_index(index);
   d.set_finish_reason(reason);
   if (!error.empty()) d.set_error(error);
-  if (reason == "abort") ++aborted;
-  if (reason == "error") ++failed;
-  s.request->sink(std::move(d));
+  r.sink(std::move(d));
 }
 
 void Engine::Impl::fail_request(const std::shared_ptr<Request>& r, const std::string& error) {
   ++failed;
-  for (int i = 0; i < r->msg.n(); ++i) {
-    proto::SequenceDelta d;
-    d.set_request_id(r->msg.request_id());
-    d.set_index(i);
-    d.set_finish_reason("error");
-    d.set_error(error);
-    r->sink(std::move(d));
-  }
+  for (int i = 0; i < r->msg.n(); ++i) send_final(*r, i, "error", error);
 }
 
 void Engine::Impl::apply_cancels(std::vector<std::pair<std::string, int>> list) {
   for (const auto& [id, index] : list) {
     for (auto it = waiting.begin(); it != waiting.end();) {
       if ((*it)->msg.request_id() == id && index < 0) {
-        for (int i = 0; i < (*it)->msg.n(); ++i) {
-          proto::SequenceDelta d;
-          d.set_request_id(id);
-          d.set_index(i);
-          d.set_finish_reason("abort");
-          (*it)->sink(std::move(d));
-        }
+        for (int i = 0; i < (*it)->msg.n(); ++i) send_final(**it, i, "abort");
         ++aborted;
         it = waiting.erase(it);
       } else {
@@ -260,7 +222,8 @@ void Engine::Impl::apply_cancels(std::vector<std::pair<std::string, int>> list) 
     }
     for (auto it = running.begin(); it != running.end();) {
       if (it->request->msg.request_id() == id && (index < 0 || it->index == index)) {
-        finish(*it, "abort");
+        send_final(*it->request, it->index, "abort");
+        ++aborted;
         reserved -= it->request->reservation;
         it = running.erase(it);
       } else {
@@ -286,8 +249,9 @@ void Engine::Impl::prefill(const std::shared_ptr<Request>& r) {
   if (all) {
     const int k = std::max(0, r->params.logprobs);
     for (std::size_t i = 0; i + 1 < r->prompt.size(); ++i) {
-      std::vector<float> row(logits.begin() + i * V, logits.begin() + (i + 1) * V);
-      prompt_lp.push_back(logprob_entry(row, r->prompt[i + 1], k));
+      const SampledToken t =
+          token_logprobs(std::span<const float>(logits.data() + i * V, V), r->prompt[i + 1], k);
+      fill_token(t, /*with_logprobs=*/true, &prompt_lp.emplace_back());
     }
   }
   const std::vector<float> last(logits.end() - static_cast<std::ptrdiff_t>(V), logits.end());
@@ -333,13 +297,7 @@ void Engine::Impl::admit() {
     waiting.pop_front();
     publish();
     if (next->params.max_tokens == 0) {  // nothing to generate: finish at once
-      for (int i = 0; i < next->msg.n(); ++i) {
-        proto::SequenceDelta d;
-        d.set_request_id(next->msg.request_id());
-        d.set_index(i);
-        d.set_finish_reason("length");
-        next->sink(std::move(d));
-      }
+      for (int i = 0; i < next->msg.n(); ++i) send_final(*next, i, "length");
       continue;
     }
     prefill(next);
@@ -375,7 +333,10 @@ void Engine::Impl::decode_step() {
       s.request->sink(std::move(d));
     }
     if (!reason.empty()) {
-      if (reason == "error") finish(s, reason, error);
+      if (reason == "error") {
+        send_final(*s.request, s.index, reason, error);
+        ++failed;
+      }
       reserved -= s.request->reservation;
       it = running.erase(it);
     } else {

@@ -2,7 +2,7 @@
 
 namespace moemesh {
 
-actors::engine_actor spawn_engine_actor(caf::actor_system& system, Engine* engine) {
+actors::engine_actor spawn_engine_actor(caf::actor_system& system, Engine* served) {
   // The engine travels as a spawn argument: CAF 0.17 dereferences an empty argument tuple
   // (undefined behaviour that UBSan reports) when a function actor takes none.
   return system.spawn(
@@ -25,7 +25,7 @@ actors::engine_actor spawn_engine_actor(caf::actor_system& system, Engine* engin
             },
         };
       },
-      engine);
+      served);
 }
 
 }  // namespace moemesh

@@ -178,7 +178,7 @@ double Sampler::next_uniform() {
   return static_cast<double>(result >> 11) * 0x1.0p-53;
 }
 
-void Sampler::fill_logprobs(std::span<const float> raw, SampledToken& out) {
+SampledToken token_logprobs(std::span<const float> raw, int32_t id, int32_t k) {
   // log_softmax over the raw row, in double.
   const float mx = max_value(raw);
   double sum = 0;
@@ -188,18 +188,20 @@ void Sampler::fill_logprobs(std::span<const float> raw, SampledToken& out) {
     else if (v > -kInf)
       sum += std::exp(static_cast<double>(v) - mx);
   const double lse = static_cast<double>(mx) + std::log(sum);
-  auto logprob = [&](int32_t id) {
-    return static_cast<float>(static_cast<double>(raw[static_cast<std::size_t>(id)]) - lse);
+  auto logprob = [&](int32_t i) {
+    return static_cast<float>(static_cast<double>(raw[static_cast<std::size_t>(i)]) - lse);
   };
-  out.logprob = logprob(out.id);
-
-  const auto k = std::min<std::size_t>(static_cast<std::size_t>(params_.logprobs), raw.size());
-  out.top.clear();
-  if (k == 0) return;
-  const auto every = [](std::size_t) { return true; };
-  top_ids(raw.data(), raw.size(), k, every, candidates_);
-  out.top.reserve(k);
-  for (int32_t id : candidates_) out.top.push_back({id, logprob(id)});
+  SampledToken out;
+  out.id = id;
+  out.logprob = logprob(id);
+  const auto top = std::min<std::size_t>(static_cast<std::size_t>(std::max(k, 0)), raw.size());
+  if (top == 0) return out;
+  std::vector<int32_t> ids;
+  top_ids(
+      raw.data(), raw.size(), top, [](std::size_t) { return true; }, ids);
+  out.top.reserve(top);
+  for (int32_t i : ids) out.top.push_back({i, logprob(i)});
+  return out;
 }
 
 void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> prompt,
@@ -335,7 +337,11 @@ SampledToken Sampler::sample(std::span<float> logits, std::span<const int32_t> p
 
   out.id = params_.temperature < kGreedyEpsilon ? argmax(logits) : sample_random(logits);
   out.stop = !too_short && (is_stop_id(out.id) || (!params_.ignore_eos && is_eos(out.id)));
-  if (want_logprobs) fill_logprobs(raw_, out);
+  if (want_logprobs) {
+    SampledToken lp = token_logprobs(raw_, out.id, params_.logprobs);
+    out.logprob = lp.logprob;
+    out.top = std::move(lp.top);
+  }
   return out;
 }
 

@@ -80,6 +80,11 @@ struct SampledToken {
   bool stop = false;  // EOS (unless ignore_eos) or a stop_token_id, once min_tokens are out
 };
 
+// log_softmax of one row of raw logits: the logprob of `id` and the top `k` entries (most likely
+// first, ties to the lower id). This is what Sampler reports when params.logprobs >= 0; the engine
+// uses it for prompt logprobs too.
+SampledToken token_logprobs(std::span<const float> logits, int32_t id, int32_t k);
+
 // One sequence's sampler.
 // Thread ownership: used by one thread at a time (it keeps its random state and scratch buffers).
 class Sampler {
@@ -102,7 +107,6 @@ class Sampler {
  private:
   bool is_eos(int32_t id) const;
   bool is_stop_id(int32_t id) const;
-  void fill_logprobs(std::span<const float> logits, SampledToken& out);
   void apply_penalties(std::span<float> logits, std::span<const int32_t> prompt,
                        std::span<const int32_t> output);
   int32_t sample_random(std::span<float> logits);

@@ -399,10 +399,10 @@ void Session::handle_generate(const http::request<http::string_body>& req,
   // behaviour that UBSan reports) when a function actor takes none.
   sink_ = gw_->system.spawn(
       [weak, executor, engine](caf::event_based_actor* self,
-                               std::vector<std::string> requests) -> caf::behavior {
-        for (std::size_t p = 0; p < requests.size(); ++p) {
+                               std::vector<std::string> to_submit) -> caf::behavior {
+        for (std::size_t p = 0; p < to_submit.size(); ++p) {
           self->request(engine, actors::kEngineRequestTimeout, actors::submit_atom::value,
-                        requests[p], caf::actor_cast<caf::actor>(self))
+                        to_submit[p], caf::actor_cast<caf::actor>(self))
               .then(
                   [weak, executor](const std::string& error) {
                     net::post(executor, [weak, error] {
@@ -649,10 +649,10 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
   std::weak_ptr<Impl> weak = impl_;
   // Polls the engine's statistics: they feed /metrics, and their arrival proves the engine alive.
   caf::actor poller = impl_->system.spawn(
-      [weak, metrics](caf::event_based_actor* self, actors::engine_actor engine) -> caf::behavior {
+      [weak, metrics](caf::event_based_actor* self, actors::engine_actor target) -> caf::behavior {
         self->send(self, tick_atom::value);
         return {[=](tick_atom) {
-          self->request(engine, std::chrono::seconds(2), actors::stats_atom::value)
+          self->request(target, std::chrono::seconds(2), actors::stats_atom::value)
               .then(
                   [=](const std::string& bytes) {
                     proto::EngineStats s;
