@@ -4,6 +4,7 @@
 //   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
 //   model.h       Model: weights checked against the config, the forward pass with a KV cache,
 //                 and the ExpertBackend seam through which routed experts are computed
+//   expert_shard.h  ExpertShard: a chosen set of routed experts of a checkpoint (an expert worker)
 //   tokenizer.h   Hugging Face tokenizer.json: encode/decode as `tokenizers` does, DecodeStream
 //   chat_template.h  Jinja chat templates rendered as transformers' apply_chat_template does
 //   sampling.h    SamplingParams and Sampler: the OpenAI/vLLM sampling parameters
@@ -19,6 +20,7 @@
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/error.h"
+#include "core/expert_shard.h"
 #include "core/generate.h"
 #include "core/model.h"
 #include "core/npy.h"

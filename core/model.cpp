@@ -17,7 +17,8 @@ struct Model::Impl {
   ModelConfig config;
   detail::ModelWeights weights;
   std::unique_ptr<kernels::ThreadPool> pool;
-  std::unique_ptr<detail::LocalExperts> local;
+  std::unique_ptr<ExpertBackend> local;  // LocalExperts, or NoLocalExperts without routed experts
+  bool routed_experts = true;
   ExpertBackend* experts = nullptr;
   std::vector<float> inv_freq;
 
@@ -26,6 +27,19 @@ struct Model::Impl {
   void attention_block(int64_t l, KVCache& cache, int64_t n, const float* x_norm, float* out);
   Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
 };
+
+Status ExpertBackend::start(int64_t layer, const float* x, int64_t n, const int32_t* ids,
+                            const float* weights, int64_t top_k, float* out) {
+  pending_ = Pending{layer, x, n, ids, weights, top_k, out};
+  return {};
+}
+
+Status ExpertBackend::finish() {
+  if (!pending_) return Error("ExpertBackend::finish() was called with no start() pending");
+  const Pending p = *pending_;
+  pending_.reset();
+  return compute(p.layer, p.x, p.n, p.ids, p.weights, p.top_k, p.out);
+}
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
@@ -41,15 +55,20 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   if (!config) return config.error();
   Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
   if (!ckpt) return ckpt.error();
-  Expected<detail::ModelWeights> weights = detail::bind_weights(*config, *ckpt);
+  Expected<detail::ModelWeights> weights =
+      detail::bind_weights(*config, *ckpt, options.routed_experts);
   if (!weights) return weights.error();
 
   auto impl = std::make_unique<Impl>();
   impl->config = std::move(*config);
   impl->weights = std::move(*weights);
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
-  impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
-                                                       impl->pool.get());
+  impl->routed_experts = options.routed_experts;
+  if (options.routed_experts)
+    impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
+                                                         impl->pool.get());
+  else
+    impl->local = std::make_unique<detail::NoLocalExperts>();
   impl->experts = impl->local.get();
   impl->inv_freq.resize(static_cast<std::size_t>(impl->config.head_dim / 2));
   kernels::rope_inv_freq(impl->config.rope_theta, impl->config.head_dim, impl->inv_freq.data());
@@ -59,10 +78,26 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
-      "tensors={} threads={} ms={:.1f}",
+      "routed_experts={} tensors={} threads={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
-      impl->weights.checkpoint->names().size(), impl->pool->size(), ms);
+      options.routed_experts, impl->weights.checkpoint->names().size(), impl->pool->size(), ms);
   return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+bool Model::is_moe_layer(int64_t layer) const {
+  const ModelConfig& c = impl_->config;
+  return layer >= 0 && layer < c.num_layers && c.layer_is_moe[static_cast<std::size_t>(layer)];
+}
+
+std::vector<int64_t> Model::moe_layers() const {
+  std::vector<int64_t> layers;
+  for (int64_t l = 0; l < impl_->config.num_layers; ++l)
+    if (is_moe_layer(l)) layers.push_back(l);
+  return layers;
+}
+
+bool Model::has_routed_experts() const {
+  return impl_->routed_experts;
 }
 
 KVCache Model::new_cache(int64_t capacity) const {
@@ -157,21 +192,25 @@ Status Model::Impl::ffn_block(int64_t l, int64_t n, const float* x_norm, float* 
   std::vector<float> gate_w(static_cast<std::size_t>(n * c.top_k));
   kernels::softmax_topk(router.data(), n, c.num_experts, c.top_k, c.norm_topk_prob, ids.data(),
                         gate_w.data());
-  if (Status s = experts->compute(l, x_norm, n, ids.data(), gate_w.data(), c.top_k, out); !s)
+  // The routed experts run (possibly remotely) while the shared expert is computed here; `out`
+  // is the backend's until finish() returns. Then out = routed sum, and out += gate * shared.
+  if (Status s = experts->start(l, x_norm, n, ids.data(), gate_w.data(), c.top_k, out); !s)
     return s;
-
+  std::vector<float> shared, gate;
   if (L.has_shared_expert) {
-    std::vector<float> shared(static_cast<std::size_t>(n * H));
+    shared.resize(static_cast<std::size_t>(n * H));
     std::vector<float> scratch(static_cast<std::size_t>(2 * n * L.shared_expert.gate.rows));
     kernels::swiglu_ffn(x_norm, n, L.shared_expert, scratch.data(), shared.data(), p);
-    std::vector<float> gate(static_cast<std::size_t>(n), 1.0f);
+    gate.assign(static_cast<std::size_t>(n), 1.0f);
     if (!L.shared_expert_gate.empty()) {
       kernels::linear(x_norm, n, L.shared_expert_gate, nullptr, gate.data(), p);
       for (float& g : gate) g = 1.0f / (1.0f + std::exp(-g));
     }
+  }
+  if (Status s = experts->finish(); !s) return s;
+  if (L.has_shared_expert)
     for (int64_t t = 0; t < n; ++t)
       for (int64_t d = 0; d < H; ++d) out[t * H + d] += gate[t] * shared[t * H + d];
-  }
   return {};
 }
 

@@ -9,7 +9,9 @@
 //
 // The routed experts of every MoE layer are computed through an ExpertBackend: by default the
 // model's own local experts; a worker that sends token batches to remote expert shards plugs in
-// its own implementation, and the model code stays the same.
+// its own implementation, and the model code stays the same. An attention worker loads the model
+// with ModelOptions::routed_experts = false, so no routed-expert tensor is bound (nor needs to be
+// in the checkpoint), and sets its backend; expert workers hold the experts (core/expert_shard.h).
 //
 // Threads: a Model is used by one thread at a time (forward() keeps scratch state); its kernels
 // parallelise internally on the model's thread pool.
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -27,6 +30,20 @@
 namespace moemesh {
 
 // Computes the routed experts of one MoE layer for a batch of tokens.
+//
+// The model drives a backend in two steps per MoE layer, so that work it does itself (the shared
+// expert) overlaps with routed experts computed elsewhere:
+//   start(layer, ...)   begins the layer's routed experts (e.g. sends the token batches);
+//   ... the model computes the layer's shared expert ...
+//   finish()            completes them, adding the result into `out`.
+// Between start() and the finish() that follows, x, ids and weights stay valid and unchanged, and
+// the model neither reads nor writes `out`. The model calls them in pairs from one thread, one
+// layer at a time, in layer order; when start() fails, finish() is not called for that layer, and
+// when either fails the forward pass fails with that error. The defaults make a synchronous
+// backend: start() remembers its arguments, finish() calls compute() with them. A backend that
+// overrides start() and finish() must still implement compute() (the same result, synchronously).
+//
+// Threads: a backend is driven by the thread that runs Model::forward.
 class ExpertBackend {
  public:
   virtual ~ExpertBackend() = default;
@@ -35,6 +52,25 @@ class ExpertBackend {
   // [n, hidden_size] float32.
   virtual Status compute(int64_t layer, const float* x, int64_t n, const int32_t* ids,
                          const float* weights, int64_t top_k, float* out) = 0;
+
+  // Begins what compute() does; its arguments mean the same.
+  virtual Status start(int64_t layer, const float* x, int64_t n, const int32_t* ids,
+                       const float* weights, int64_t top_k, float* out);
+  // Completes the computation the last start() began, adding into its `out`. Fails when no
+  // start() is pending.
+  virtual Status finish();
+
+ private:
+  struct Pending {
+    int64_t layer;
+    const float* x;
+    int64_t n;
+    const int32_t* ids;
+    const float* weights;
+    int64_t top_k;
+    float* out;
+  };
+  std::optional<Pending> pending_;
 };
 
 // The keys and values of one sequence, for every layer.
@@ -55,6 +91,10 @@ class KVCache {
 
 struct ModelOptions {
   int threads = 0;  // compute threads; 0 = one per hardware thread
+  // false: bind no routed-expert tensors (an attention worker, whose experts live in expert
+  // workers). Everything else (embeddings, attention, norms, routers, shared experts, dense MLPs,
+  // LM head) is still bound and checked. Such a model needs set_expert_backend() before forward().
+  bool routed_experts = true;
 };
 
 enum class Logits {
@@ -74,15 +114,29 @@ class Model {
   // A cache for one sequence of up to `capacity` tokens.
   KVCache new_cache(int64_t capacity) const;
 
+  // Whether layer `layer` has routed experts (config().layer_is_moe; false out of range).
+  bool is_moe_layer(int64_t layer) const;
+  // The MoE layers, ascending.
+  std::vector<int64_t> moe_layers() const;
+  // Whether the routed experts were loaded (ModelOptions::routed_experts).
+  bool has_routed_experts() const;
+
   // Runs `tokens` (ids < vocab_size) at positions cache.length() ... and appends them to the
   // cache. `logits` receives float32 logits as `mode` says. Fails, changing nothing, when an id is
-  // out of range or the cache is too small.
+  // out of range or the cache is too small. When a pass fails midway (an expert backend's error)
+  // the cache's length and `logits` are unchanged: the keys and values already written past the
+  // length are dead and are overwritten by the next call, so retrying the same tokens (or running
+  // others) is valid.
   Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
                  std::vector<float>& logits);
 
-  // Routes expert computation through `backend` (not owned); nullptr restores the local experts.
+  // Routes expert computation through `backend` (not owned, outliving its use); nullptr restores
+  // local_experts().
   void set_expert_backend(ExpertBackend* backend);
-  // The built-in backend over this model's own expert weights.
+  // The built-in backend over this model's own expert weights. On a model loaded without its
+  // routed experts, it is a backend whose every call fails with "this model was loaded without
+  // its routed experts (an attention worker): set an expert backend ..." (so is forward() until a
+  // backend is set).
   ExpertBackend& local_experts();
 
   struct Impl;

@@ -65,11 +65,20 @@ kernels::FfnWeights bind_ffn(Binder& b, const std::string& prefix, const FfnName
   return w;
 }
 
-// The routed experts of one layer: one tensor per expert and projection (as Hugging Face
-// checkpoints ship them), or fused gate_up_proj [E, 2 * inter, hidden] and down_proj
-// [E, hidden, inter] tensors (gate in the first half).
-std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c,
-                                              const std::string& moe_prefix, const FfnNames& n) {
+// Where the tensors of MoE layer `l` live, and how its experts' projections are named.
+std::string moe_prefix(const ModelConfig& c, int64_t l) {
+  return fmt::format("model.layers.{}.{}", l,
+                     c.arch == Arch::Mixtral ? "block_sparse_moe." : "mlp.");
+}
+const FfnNames& expert_names(const ModelConfig& c) {
+  return c.arch == Arch::Mixtral ? kMixtralExpert : kProjNames;
+}
+
+// Routed experts `ids` of MoE layer `l`, per-expert or fused (see bind_experts in weights.h).
+std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c, int64_t l,
+                                              std::span<const int32_t> ids) {
+  std::vector<kernels::FfnWeights> experts;
+  if (ids.empty()) return experts;
   const int64_t E = c.num_experts;
   const int64_t H = c.hidden_size;
   const int64_t I = c.moe_intermediate_size;
@@ -77,13 +86,14 @@ std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c,
       "hidden_size={}, moe_intermediate_size={}, num_experts={} "
       "in config.json",
       H, I, E);
-  std::vector<kernels::FfnWeights> experts;
-  const std::string fused = moe_prefix + "experts.gate_up_proj";
-  if (!b.has(moe_prefix + "experts.0." + n.gate + ".weight") && b.has(fused)) {
+  const std::string prefix = moe_prefix(c, l);
+  const FfnNames& n = expert_names(c);
+  const std::string fused = prefix + "experts.gate_up_proj";
+  if (!b.has(fmt::format("{}experts.{}.{}.weight", prefix, ids[0], n.gate)) && b.has(fused)) {
     std::vector<WeightView> gate_up = b.stacked(fused, E, 2 * I, H, why);
-    std::vector<WeightView> down = b.stacked(moe_prefix + "experts.down_proj", E, H, I, why);
+    std::vector<WeightView> down = b.stacked(prefix + "experts.down_proj", E, H, I, why);
     if (b.error()) return experts;
-    for (int64_t e = 0; e < E; ++e) {
+    for (int32_t e : ids) {
       WeightView gate = gate_up[e];
       gate.rows = I;
       WeightView up = gate;
@@ -92,14 +102,31 @@ std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c,
     }
     return experts;
   }
-  for (int64_t e = 0; e < E; ++e)
-    experts.push_back(bind_ffn(b, fmt::format("{}experts.{}.", moe_prefix, e), n, H, I, why));
+  for (int32_t e : ids)
+    experts.push_back(bind_ffn(b, fmt::format("{}experts.{}.", prefix, e), n, H, I, why));
   return experts;
 }
 
 }  // namespace
 
-Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const Checkpoint> ckpt) {
+Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& c,
+                                                        const Checkpoint& ckpt, int64_t layer,
+                                                        std::span<const int32_t> ids) {
+  Binder b(ckpt);
+  std::vector<kernels::FfnWeights> experts = bind_experts(b, c, layer, ids);
+  if (b.error()) return *b.error();
+  return experts;
+}
+
+int64_t ffn_bytes(const kernels::FfnWeights& w) {
+  int64_t bytes = 0;
+  for (const WeightView* v : {&w.gate, &w.up, &w.down})
+    bytes += v->rows * v->cols * static_cast<int64_t>(kernels::dtype_size(v->dtype));
+  return bytes;
+}
+
+Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const Checkpoint> ckpt,
+                                    bool routed_experts) {
   Binder b(*ckpt);
   ModelWeights w;
   w.checkpoint = ckpt;
@@ -121,6 +148,8 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
     w.lm_head = b.matrix("lm_head.weight", V, H, model_why + " (tie_word_embeddings is false)");
   }
 
+  std::vector<int32_t> all_experts(static_cast<std::size_t>(c.num_experts));
+  for (int64_t e = 0; e < c.num_experts; ++e) all_experts[e] = static_cast<int32_t>(e);
   for (int64_t l = 0; l < c.num_layers && !b.error(); ++l) {
     const std::string p = fmt::format("model.layers.{}.", l);
     LayerWeights L;
@@ -148,12 +177,11 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
 
     L.moe = c.layer_is_moe[l];
     if (L.moe) {
-      const bool mixtral = c.arch == Arch::Mixtral;
-      const std::string m = p + (mixtral ? "block_sparse_moe." : "mlp.");
+      const std::string m = moe_prefix(c, l);
       const std::string why =
           fmt::format("hidden_size={}, num_experts={} in config.json", H, c.num_experts);
       L.router = b.matrix(m + "gate.weight", c.num_experts, H, why);
-      L.experts = bind_experts(b, c, m, mixtral ? kMixtralExpert : kProjNames);
+      if (routed_experts) L.experts = bind_experts(b, c, l, all_experts);
       if (c.shared_expert_intermediate_size > 0) {
         L.has_shared_expert = true;
         const std::string swhy = fmt::format(

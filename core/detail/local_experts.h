@@ -1,4 +1,5 @@
-// Internal: the ExpertBackend over a model's own expert weights.
+// Internal: the ExpertBackend over a model's own expert weights, and the one that stands in for it
+// when the model was loaded without its routed experts.
 #pragma once
 
 #include <vector>
@@ -25,6 +26,25 @@ class LocalExperts final : public ExpertBackend {
   // Scratch, reused across calls.
   std::vector<int64_t> rows_;
   std::vector<float> gathered_, scratch_, result_;
+};
+
+// The local backend of a model loaded with ModelOptions::routed_experts = false: every call fails
+// with kNoRoutedExperts, so forward() without an expert backend set reports it instead of crashing.
+class NoLocalExperts final : public ExpertBackend {
+ public:
+  static constexpr const char* kNoRoutedExperts =
+      "this model was loaded without its routed experts (an attention worker): set an expert "
+      "backend with Model::set_expert_backend";
+
+  Status compute(int64_t, const float*, int64_t, const int32_t*, const float*, int64_t,
+                 float*) override {
+    return Error(kNoRoutedExperts);
+  }
+  Status start(int64_t, const float*, int64_t, const int32_t*, const float*, int64_t,
+               float*) override {
+    return Error(kNoRoutedExperts);
+  }
+  Status finish() override { return Error(kNoRoutedExperts); }
 };
 
 }  // namespace moemesh::detail

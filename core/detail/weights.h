@@ -1,7 +1,10 @@
 // Internal: the weights of a model, bound to a checkpoint and checked against its config.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "core/checkpoint.h"
@@ -23,7 +26,7 @@ struct LayerWeights {
   bool moe = false;
   // Sparse layers.
   kernels::WeightView router;                // [num_experts, hidden]
-  std::vector<kernels::FfnWeights> experts;  // routed experts
+  std::vector<kernels::FfnWeights> experts;  // routed experts; empty when not bound
   bool has_shared_expert = false;
   kernels::FfnWeights shared_expert;
   kernels::WeightView shared_expert_gate;  // [1, hidden]
@@ -40,8 +43,22 @@ struct ModelWeights {
 };
 
 // Finds and checks every tensor `config` requires. Errors name the tensor, its file, the shape
-// found and the shape the config implies.
+// found and the shape the config implies. With routed_experts false the routed experts are neither
+// looked up nor bound (LayerWeights::experts stays empty); everything else is.
 Expected<ModelWeights> bind_weights(const ModelConfig& config,
-                                    std::shared_ptr<const Checkpoint> checkpoint);
+                                    std::shared_ptr<const Checkpoint> checkpoint,
+                                    bool routed_experts = true);
+
+// Binds routed experts `ids` of MoE layer `layer` (an index over all layers), one FfnWeights per
+// id in the order given. Reads either one tensor per expert and projection (as Hugging Face
+// checkpoints ship them) or fused gate_up_proj [E, 2 * inter, hidden] and down_proj
+// [E, hidden, inter] tensors (gate in the first half). The caller checks that the layer is MoE
+// and the ids are in range; errors name the tensor as bind_weights does.
+Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& config,
+                                                        const Checkpoint& checkpoint, int64_t layer,
+                                                        std::span<const int32_t> ids);
+
+// The bytes of an FFN's three weight matrices in their checkpoint dtype.
+int64_t ffn_bytes(const kernels::FfnWeights& w);
 
 }  // namespace moemesh::detail

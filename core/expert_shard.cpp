@@ -1,0 +1,142 @@
+#include "core/expert_shard.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <map>
+#include <system_error>
+
+#include "core/checkpoint.h"
+#include "core/detail/weights.h"
+
+namespace moemesh {
+
+struct ExpertShard::Impl {
+  std::filesystem::path dir;
+  ModelConfig config;
+  std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
+  std::unique_ptr<kernels::ThreadPool> pool;
+  std::map<ExpertRef, kernels::FfnWeights> held;
+  std::vector<float> scratch;  // run()'s, reused
+
+  Status check(const ExpertRef& r) const;
+  int64_t weight_bytes() const {
+    int64_t bytes = 0;
+    for (const auto& [ref, w] : held) bytes += detail::ffn_bytes(w);
+    return bytes;
+  }
+  // Binds `experts` that are not held yet; all or nothing.
+  Status bind(std::span<const ExpertRef> experts);
+};
+
+Status ExpertShard::Impl::check(const ExpertRef& r) const {
+  const std::string source = (dir / "config.json").string();
+  if (r.layer < 0 || r.layer >= config.num_layers)
+    return Error(
+        fmt::format("layer {} is out of range: {} has num_hidden_layers={} (layers 0 to {})",
+                    r.layer, source, config.num_layers, config.num_layers - 1));
+  if (!config.layer_is_moe[static_cast<std::size_t>(r.layer)]) {
+    std::vector<int64_t> moe;
+    for (int64_t l = 0; l < config.num_layers; ++l)
+      if (config.layer_is_moe[static_cast<std::size_t>(l)]) moe.push_back(l);
+    return Error(fmt::format(
+        "layer {} is a dense layer in {} and has no routed experts (the MoE layers are [{}])",
+        r.layer, source, fmt::join(moe, ", ")));
+  }
+  if (r.expert < 0 || r.expert >= config.num_experts)
+    return Error(fmt::format(
+        "expert {} of layer {} is out of range: {} gives {} experts per MoE layer (ids 0 to {})",
+        r.expert, r.layer, source, config.num_experts, config.num_experts - 1));
+  return {};
+}
+
+Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
+  std::map<int32_t, std::vector<int32_t>> by_layer;  // new experts, deduplicated and sorted
+  for (const ExpertRef& r : experts) {
+    if (Status s = check(r); !s) return s;
+    if (held.contains(r)) continue;
+    std::vector<int32_t>& ids = by_layer[r.layer];
+    if (std::find(ids.begin(), ids.end(), r.expert) == ids.end()) ids.push_back(r.expert);
+  }
+  std::map<ExpertRef, kernels::FfnWeights> bound;
+  for (auto& [layer, ids] : by_layer) {
+    std::sort(ids.begin(), ids.end());
+    Expected<std::vector<kernels::FfnWeights>> w =
+        detail::bind_experts(config, *checkpoint, layer, ids);
+    if (!w) return w.error();
+    for (std::size_t i = 0; i < ids.size(); ++i) bound.emplace(ExpertRef{layer, ids[i]}, (*w)[i]);
+  }
+  held.merge(bound);
+  return {};
+}
+
+ExpertShard::ExpertShard(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ExpertShard::~ExpertShard() = default;
+
+Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::path& dir,
+                                                         std::span<const ExpertRef> experts,
+                                                         const ExpertShardOptions& options) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec))
+    return Error(
+        fmt::format("model directory {} does not exist or is not a directory", dir.string()));
+  Expected<ModelConfig> config = load_model_config(dir);
+  if (!config) return config.error();
+  Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
+  if (!ckpt) return ckpt.error();
+
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->config = std::move(*config);
+  impl->checkpoint = std::move(*ckpt);
+  if (Status s = impl->bind(experts); !s) return s.error();
+  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
+  spdlog::info("loaded expert shard dir={} arch={} experts={} weight_bytes={} threads={}",
+               dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
+               impl->pool->size());
+  return std::unique_ptr<ExpertShard>(new ExpertShard(std::move(impl)));
+}
+
+const ModelConfig& ExpertShard::config() const {
+  return impl_->config;
+}
+
+bool ExpertShard::holds(int32_t layer, int32_t expert) const {
+  return impl_->held.contains(ExpertRef{layer, expert});
+}
+
+std::vector<ExpertRef> ExpertShard::experts() const {
+  std::vector<ExpertRef> out;
+  out.reserve(impl_->held.size());
+  for (const auto& [ref, w] : impl_->held) out.push_back(ref);
+  return out;
+}
+
+Status ExpertShard::add(std::span<const ExpertRef> experts) {
+  return impl_->bind(experts);
+}
+
+void ExpertShard::release(std::span<const ExpertRef> experts) {
+  for (const ExpertRef& r : experts) impl_->held.erase(r);
+}
+
+Status ExpertShard::run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y) {
+  const auto it = impl_->held.find(ExpertRef{layer, expert});
+  if (it == impl_->held.end())
+    return Error(fmt::format("expert {} of layer {} is not held by this expert shard of {}", expert,
+                             layer, impl_->dir.string()));
+  if (m < 0) return Error(fmt::format("ExpertShard::run: token count {} is negative", m));
+  if (m == 0) return {};
+  const kernels::FfnWeights& w = it->second;
+  impl_->scratch.resize(static_cast<std::size_t>(2 * m * w.gate.rows));
+  kernels::swiglu_ffn(x, m, w, impl_->scratch.data(), y, impl_->pool.get());
+  return {};
+}
+
+int64_t ExpertShard::weight_bytes() const {
+  return impl_->weight_bytes();
+}
+
+}  // namespace moemesh

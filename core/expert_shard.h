@@ -1,0 +1,84 @@
+// A shard of a checkpoint's routed experts: what an expert worker holds and computes.
+//
+// ExpertShard::load reads config.json, maps the checkpoint's safetensors files (lazily: pages are
+// read when first touched) and binds only the listed (layer, expert) pairs, checking each of their
+// tensors (name, shape, dtype) as Model::load does, with the same messages. Nothing else of the
+// model is bound, so the checkpoint may lack the attention weights, the embeddings and the experts
+// the shard does not hold. Both layouts of expert weights are read: one tensor per expert and
+// projection, or fused gate_up_proj / down_proj tensors per layer.
+//
+// The set of held experts can change at run time (add / release) for an elastic expert pool; add
+// binds from the checkpoint already mapped. run() computes one held expert's SwiGLU FFN for a
+// batch of tokens (no router weight applied: the caller scales and sums), in float32, with the
+// weights in their checkpoint dtype, on the shard's own thread pool, with the kernel the model's
+// local experts use.
+//
+// Threads: an ExpertShard is used by one thread at a time (run() reuses scratch buffers, and
+// add/release change the held set); run() parallelises internally on the shard's thread pool.
+#pragma once
+
+#include <compare>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/config.h"
+#include "core/error.h"
+
+namespace moemesh {
+
+// One routed expert: `layer` indexes all layers (dense ones included), `expert` the layer's
+// experts (0 .. num_experts - 1).
+struct ExpertRef {
+  int32_t layer = 0;
+  int32_t expert = 0;
+  friend bool operator==(const ExpertRef&, const ExpertRef&) = default;
+  friend auto operator<=>(const ExpertRef&, const ExpertRef&) = default;
+};
+
+struct ExpertShardOptions {
+  int threads = 0;  // compute threads of run(); 0 = one per hardware thread
+};
+
+class ExpertShard {
+ public:
+  // Maps the checkpoint in `dir` and binds `experts` (duplicates are held once). Fails, naming the
+  // problem, when the directory or its config.json or safetensors files are missing or bad, when
+  // a layer is out of range or dense (not MoE), when an expert id is out of range, or when one of
+  // the listed experts' tensors is missing or has the wrong shape or dtype.
+  static Expected<std::unique_ptr<ExpertShard>> load(const std::filesystem::path& dir,
+                                                     std::span<const ExpertRef> experts,
+                                                     const ExpertShardOptions& options = {});
+  ~ExpertShard();
+  ExpertShard(const ExpertShard&) = delete;
+  ExpertShard& operator=(const ExpertShard&) = delete;
+
+  const ModelConfig& config() const;
+  bool holds(int32_t layer, int32_t expert) const;
+  // The held experts, sorted by (layer, expert).
+  std::vector<ExpertRef> experts() const;
+
+  // Binds more experts (already held ones are skipped). All or nothing: on an error (as load()
+  // gives them) none of `experts` is added.
+  Status add(std::span<const ExpertRef> experts);
+  // Drops experts; ones not held are ignored.
+  void release(std::span<const ExpertRef> experts);
+
+  // y[m, hidden_size] = down(silu(gate(x)) * up(x)) for x [m, hidden_size] float32, with held
+  // expert `expert` of layer `layer`. m == 0 does nothing. Fails when the expert is not held or
+  // m < 0. x and y must not overlap.
+  Status run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y);
+
+  // Bytes of the held experts' weights in their checkpoint dtype (for statistics and logs).
+  int64_t weight_bytes() const;
+
+  struct Impl;
+
+ private:
+  explicit ExpertShard(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moemesh
