@@ -11,5 +11,9 @@ using Runner = std::function<int()>;
 
 Runner add_generate(CLI::App& app);
 Runner add_serve(CLI::App& app);
+Runner add_attention(CLI::App& app);
+Runner add_expert(CLI::App& app);
+Runner add_router(CLI::App& app);
+Runner add_gateway(CLI::App& app);
 
 }  // namespace moemesh::apps

@@ -11,7 +11,9 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"moemesh: a serving cluster for Mixture-of-Experts language models"};
-  app.require_subcommand(0, 1);  // a missing one is reported below, after unknown arguments
+  app.require_subcommand(0, 1);
+  app.fallthrough();  // --log-level may follow the subcommand: `moemesh expert --log-level info` //
+                      // a missing one is reported below, after unknown arguments
   std::string log_level = "warn";
   app.add_option("--log-level", log_level, "Log level: trace, debug, info, warn, error, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}))
@@ -22,6 +24,17 @@ int main(int argc, char** argv) {
   runners[gen] = moemesh::apps::add_generate(*gen);
   auto* serve = app.add_subcommand("serve", "Serve the OpenAI-compatible API on this machine");
   runners[serve] = moemesh::apps::add_serve(*serve);
+  auto* gateway =
+      app.add_subcommand("gateway", "The HTTP gateway of a cluster, joining its router");
+  runners[gateway] = moemesh::apps::add_gateway(*gateway);
+  auto* router = app.add_subcommand("router", "The router of a multi-node cluster");
+  runners[router] = moemesh::apps::add_router(*router);
+  auto* attention =
+      app.add_subcommand("attention", "An attention worker joining a cluster (--join HOST:PORT)");
+  runners[attention] = moemesh::apps::add_attention(*attention);
+  auto* expert =
+      app.add_subcommand("expert", "An expert worker joining a cluster (--join HOST:PORT)");
+  runners[expert] = moemesh::apps::add_expert(*expert);
 
   // An unknown subcommand is an error even with --help (which CLI11 would otherwise honour first).
   for (int i = 1; i < argc; ++i) {

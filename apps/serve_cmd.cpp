@@ -1,18 +1,21 @@
-// moemesh serve: the gateway and an engine in this process (the roles split into processes with
-// the cluster work). The HTTP port opens first; /health answers 503 until the model is loaded.
+// moemesh serve: a whole cluster on this machine. This process runs the gateway and the router;
+// the attention and expert workers run as their own processes (`moemesh attention ...`,
+// `moemesh expert ...`) that join it over loopback. --single-process keeps the engine and its
+// experts in this process instead. The HTTP port opens first; /health answers 503 until the
+// cluster can serve.
 #include <fmt/format.h>
-#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
-#include <ctime>
-#include <filesystem>
+#include <caf/io/all.hpp>
 #include <iostream>
+#include <random>
 
+#include "actors/node.h"
+#include "apps/children.h"
 #include "apps/commands.h"
+#include "apps/role_common.h"
 #include "attention_worker/engine_actor.h"
-#include "core/core.h"
-#include "gateway/gateway.h"
 
 namespace moemesh::apps {
 namespace {
@@ -27,35 +30,38 @@ struct ServeFlags {
   double kv_cache_gib = 2.0;
   int threads = 0;
   double shutdown_grace_s = 30;
+  bool single_process = false;
+  int attention_workers = 1;
+  int expert_workers = 2;
+  int expert_threads = 1;
+  int expert_replicas = 1;
+  double capacity_factor = 0;
+  std::string cluster_token;
+  uint16_t control_port = 0;
+  std::string transports;
+  std::string wire_dtype = "f32";
+  double dispatch_timeout_ms = 1000;
 };
 
-// The built-in demo model: models/demo of the source tree the binary was built from
-// (build/bin/moemesh -> models/demo), or $MOEMESH_DEMO_MODEL.
-fs::path demo_model_dir() {
-  if (const char* env = std::getenv("MOEMESH_DEMO_MODEL")) return env;
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (fs::path dir = exe.parent_path(); !dir.empty() && dir != dir.root_path();
-         dir = dir.parent_path())
-      if (fs::exists(dir / "models/demo/config.json")) return dir / "models/demo";
-  }
-  return "models/demo";
+std::string random_token() {
+  std::random_device rd;
+  std::string s;
+  for (int i = 0; i < 32; ++i) s += "0123456789abcdef"[rd() & 15];
+  return s;
 }
 
-int run_serve(ServeFlags f) {
-  auto fail = [](const std::string& message) {
-    std::cerr << "moemesh serve: error: " << message << "\n";
-    return 1;
-  };
-  const fs::path model_dir = f.model.empty() ? demo_model_dir() : fs::path(f.model);
-  // SIGTERM and SIGINT are taken by sigwait() below; block them before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+int fail(const std::string& message) {
+  std::cerr << "moemesh serve: error: " << message << "\n";
+  return 1;
+}
 
+void drain(Gateway& gw, int sig, double grace_s) {
+  std::cerr << fmt::format("moemesh serve: {} received, draining requests (up to {} s)\n",
+                           sig == SIGTERM ? "SIGTERM" : "SIGINT", grace_s);
+  gw.shutdown(std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
+}
+
+int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& signals) {
   caf::actor_system_config cfg;
   cfg.set("scheduler.max-threads", 2);
   caf::actor_system system{cfg};
@@ -69,43 +75,105 @@ int run_serve(ServeFlags f) {
   mo.threads = f.threads;
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
-  Expected<std::shared_ptr<const Tokenizer>> tokenizer =
-      Tokenizer::load(model_dir / "tokenizer.json");
-  if (!tokenizer) return fail(tokenizer.error().message());
-  std::shared_ptr<const ChatTemplateConfig> chat;
-  if (Expected<ChatTemplateConfig> ct = load_chat_template(model_dir); ct) {
-    chat = std::make_shared<const ChatTemplateConfig>(std::move(*ct));
-  } else {
-    spdlog::warn("no usable chat template, /v1/chat/completions is off: {}", ct.error().message());
-  }
-
-  gateway::ServedModel served;
-  std::error_code ec;
-  const fs::path canonical = fs::canonical(model_dir, ec);
-  served.root = ec ? model_dir.string() : canonical.string();
-  served.name =
-      f.served_model_name.empty() ? fs::path(served.root).filename().string() : f.served_model_name;
-  served.vocab_size = (*model)->config().vocab_size;
-  served.tokenizer = *tokenizer;
-  served.chat_template = chat;
-  served.created = static_cast<int64_t>(std::time(nullptr));
+  Expected<gateway::ServedModel> served =
+      load_served_model(model_dir, f.served_model_name, f.engine.max_model_len);
+  if (!served) return fail(served.error().message());
 
   f.engine.kv_cache_bytes = static_cast<int64_t>(f.kv_cache_gib * double(int64_t{1} << 30));
   std::unique_ptr<Engine> engine = Engine::start(std::move(*model), f.engine);
-  served.max_model_len = engine->max_model_len();
+  served->max_model_len = engine->max_model_len();
   actors::engine_actor engine_actor = spawn_engine_actor(system, engine.get());
-  (*gw)->serve_model(std::move(served), engine_actor);
-  std::cerr << fmt::format("moemesh serve: ready, serving {} on http://{}:{}\n", model_dir.string(),
-                           f.gateway.host, (*gw)->port());
+  (*gw)->serve_model(std::move(*served), engine_actor);
+  std::cerr << fmt::format("moemesh serve: ready, serving {} on http://{}:{} (single process)\n",
+                           model_dir.string(), f.gateway.host, (*gw)->port());
 
   int sig = 0;
   sigwait(&signals, &sig);
-  std::cerr << fmt::format("moemesh serve: {} received, draining requests (up to {} s)\n",
-                           sig == SIGTERM ? "SIGTERM" : "SIGINT", f.shutdown_grace_s);
-  (*gw)->shutdown(std::chrono::milliseconds(static_cast<int64_t>(f.shutdown_grace_s * 1000)));
+  drain(**gw, sig, f.shutdown_grace_s);
   caf::anon_send_exit(engine_actor, caf::exit_reason::user_shutdown);
   engine.reset();
   return 0;
+}
+
+int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals) {
+  Expected<ModelConfig> config = load_model_config(model_dir);
+  if (!config) return fail(config.error().message());
+  Expected<gateway::ServedModel> served =
+      load_served_model(model_dir, f.served_model_name, f.engine.max_model_len);
+  if (!served) return fail(served.error().message());
+  const std::string token = [&] {
+    std::string t = actors::cluster_token_from(f.cluster_token);
+    return t.empty() ? random_token() : t;
+  }();
+
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  cfg.set("scheduler.max-threads", 2);
+  actors::configure_control_plane(cfg);
+  caf::actor_system system{cfg};
+
+  Expected<std::unique_ptr<Gateway>> gw = Gateway::start(system, f.gateway);
+  if (!gw) return fail(gw.error().message());
+
+  actors::RouterOptions ro;
+  ro.cluster_token = token;
+  ro.model = served->root;
+  ro.config = *config;
+  ro.expert_replicas = std::min(f.expert_replicas, std::max(1, f.expert_workers));
+  ro.min_expert_workers = std::max(1, f.expert_workers);
+  ro.capacity_factor = f.capacity_factor;
+  Expected<StartedRouter> router = start_router(system, ro, "127.0.0.1", f.control_port, "");
+  if (!router) return fail(router.error().message());
+  (*gw)->set_router(router->router);
+  (*gw)->serve_model(std::move(*served), caf::actor_cast<actors::engine_actor>(router->router));
+  std::cerr << fmt::format(
+      "moemesh serve: listening on http://{}:{}; cluster join address {} (starting {} attention "
+      "and {} expert workers on {})\n",
+      f.gateway.host, (*gw)->port(), router->join, f.attention_workers, f.expert_workers,
+      model_dir.string());
+
+  Children children;
+  const std::map<std::string, std::string> env = {{"MOEMESH_CLUSTER_TOKEN", token}};
+  std::string level(spdlog::level::to_string_view(spdlog::get_level()).data());
+  if (level == "warning") level = "warn";  // the flag's spelling
+  auto common = [&](const std::string& role, int threads) {
+    // The role comes first, so `ps` shows `moemesh expert ...`.
+    std::vector<std::string> a = {role,      "--log-level",     level, "--join", router->join,
+                                  "--model", model_dir.string()};
+    a.insert(a.end(), {"--threads", std::to_string(threads)});
+    if (!f.transports.empty()) a.insert(a.end(), {"--transports", f.transports});
+    return a;
+  };
+  for (int i = 0; i < f.expert_workers; ++i) {
+    auto a = common("expert", f.expert_threads);
+    a.insert(a.end(), {"--name", fmt::format("expert-{}", i)});
+    if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
+  }
+  for (int i = 0; i < f.attention_workers; ++i) {
+    auto a = common("attention", f.threads);
+    a.insert(a.end(), {"--name", fmt::format("attention-{}", i), "--max-num-seqs",
+                       std::to_string(f.engine.max_num_seqs), "--kv-cache-gib",
+                       fmt::format("{}", f.kv_cache_gib), "--wire-dtype", f.wire_dtype,
+                       "--dispatch-timeout-ms", fmt::format("{}", f.dispatch_timeout_ms)});
+    if (f.engine.max_model_len > 0)
+      a.insert(a.end(), {"--max-model-len", std::to_string(f.engine.max_model_len)});
+    if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
+  }
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  drain(**gw, sig, f.shutdown_grace_s);
+  children.stop_all(std::chrono::seconds(5));
+  stop_router(system, *router);
+  return 0;
+}
+
+int run_serve(ServeFlags f) {
+  const fs::path model_dir = model_dir_or_demo(f.model);
+  // SIGTERM and SIGINT are taken by sigwait(); block them before any thread starts.
+  const sigset_t signals = block_stop_signals();
+  return f.single_process ? run_single_process(std::move(f), model_dir, signals)
+                          : run_cluster(std::move(f), model_dir, signals);
 }
 
 }  // namespace
@@ -120,6 +188,42 @@ Runner add_serve(CLI::App& app) {
   app.add_option("--port", f->gateway.port, "HTTP port (0: any free port)")->capture_default_str();
   app.add_option("--api-key", f->gateway.api_key,
                  "Require \"Authorization: Bearer KEY\" on the API");
+  app.add_option("--admin-token", f->gateway.admin_token,
+                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\"");
+  app.add_flag("--single-process", f->single_process,
+               "Run the engine and its experts in this process");
+  app.add_option("--attention-workers", f->attention_workers, "Attention worker processes")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  app.add_option("--expert-workers", f->expert_workers, "Expert worker processes")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--expert-replicas", f->expert_replicas,
+                 "Copies of every expert over the expert workers")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--capacity-factor", f->capacity_factor,
+                 "Per-expert, per-step token capacity as a multiple of the even share (0: no "
+                 "limit, no token dropped)")
+      ->check(CLI::Range(0.0, 1e6))
+      ->capture_default_str();
+  app.add_option("--expert-threads", f->expert_threads, "Compute threads of each expert worker")
+      ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
+  app.add_option("--cluster-token", f->cluster_token,
+                 "Shared secret workers join with (default: $MOEMESH_CLUSTER_TOKEN, else random)");
+  app.add_option("--control-port", f->control_port,
+                 "Port of the router that workers join (0: any free port)");
+  app.add_option("--transports", f->transports,
+                 "UCX transports of the data plane (UCX_TLS), e.g. tcp or sm,self");
+  app.add_option("--wire-dtype", f->wire_dtype,
+                 "Hidden states on the data plane: f32 (exact) or bf16 (half the bytes)")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+  app.add_option("--dispatch-timeout-ms", f->dispatch_timeout_ms,
+                 "Deadline of one MoE layer's round trip to the expert workers")
+      ->check(CLI::Range(1.0, 600000.0))
+      ->capture_default_str();
   app.add_option("--max-num-seqs", f->engine.max_num_seqs, "Sequences decoded together")
       ->check(CLI::Range(1, 4096))
       ->capture_default_str();
@@ -132,7 +236,8 @@ Runner add_serve(CLI::App& app) {
   app.add_option("--max-body-bytes", f->gateway.max_body_bytes, "Largest request body accepted")
       ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
       ->capture_default_str();
-  app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
+  app.add_option("--threads", f->threads,
+                 "Compute threads of the engine (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096));
   app.add_option("--shutdown-grace", f->shutdown_grace_s,
                  "Seconds SIGTERM waits for requests in flight")

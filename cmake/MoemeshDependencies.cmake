@@ -13,3 +13,5 @@ find_package(Protobuf REQUIRED)
 if(MOEMESH_BUILD_TESTS)
   find_package(GTest REQUIRED)
 endif()
+# UCX (libucx-dev) for the data plane of transport/.
+pkg_check_modules(UCX REQUIRED IMPORTED_TARGET ucx)

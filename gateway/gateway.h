@@ -17,7 +17,7 @@
 #include <memory>
 #include <string>
 
-#include "actors/engine_interface.h"
+#include "actors/cluster_interface.h"
 #include "core/chat_template.h"
 #include "core/error.h"
 #include "core/tokenizer.h"
@@ -33,6 +33,7 @@ struct GatewayOptions {
   std::size_t max_body_bytes = 8u << 20;
   std::chrono::seconds idle_timeout{120};
   int max_open_requests = 4096;  // beyond this, new requests get 503
+  std::string admin_token;       // POST /admin/* needs "Authorization: Bearer TOKEN"; empty: off
 };
 
 namespace gateway {
@@ -57,6 +58,8 @@ class Gateway {
   ~Gateway();
 
   void serve_model(gateway::ServedModel model, actors::engine_actor engine);
+  // Serves /admin/cluster, /admin/experts and the admin actions from this router (a cluster).
+  void set_router(actors::router_actor router);
   uint16_t port() const;
 
   // Stops accepting connections, lets requests in flight finish for up to `grace` (then cancels

@@ -299,6 +299,7 @@ std::variant<CompletionRequest, ApiError> parse_request(const json& body, Endpoi
     r.logprobs = lp.has_value();
     r.top_logprobs = static_cast<int>(lp.value_or(0));
   }
+  if (const auto as_ids = f.boolean("return_tokens_as_token_ids")) r.tokens_as_ids = *as_ids;
   s.logprobs = r.logprobs ? r.top_logprobs : -1;
 
   std::optional<int64_t> max_tokens =

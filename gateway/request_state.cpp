@@ -1,5 +1,7 @@
 #include "gateway/detail/request_state.h"
 
+#include <fmt/format.h>
+
 #include <atomic>
 #include <cmath>
 
@@ -62,13 +64,16 @@ int RequestState::prompt_of(const std::string& engine_id) const {
 RequestState::LogprobEntry RequestState::entry(const proto::SampledToken& t) const {
   LogprobEntry e;
   const int32_t id = t.id();
-  e.token = model_.tokenizer->decode(std::span<const int32_t>(&id, 1), false);
+  auto render = [&](int32_t tid) {
+    return req_.tokens_as_ids ? fmt::format("token_id:{}", tid)
+                              : model_.tokenizer->decode(std::span<const int32_t>(&tid, 1), false);
+  };
+  e.token = render(id);
   e.logprob = t.logprob();
   e.has_logprob = !std::isnan(t.logprob());
   for (const proto::TokenLogprob& top : t.top()) {
     const int32_t tid = top.id();
-    e.top.emplace_back(model_.tokenizer->decode(std::span<const int32_t>(&tid, 1), false),
-                       top.logprob());
+    e.top.emplace_back(render(tid), top.logprob());
   }
   return e;
 }
@@ -199,6 +204,7 @@ void RequestState::on_delta(std::size_t p, const proto::SequenceDelta& d,
     if (!c.finished) {
       if (engine_reason == "error") {
         error_ = d.error().empty() ? "the engine failed this request" : d.error();
+        unavailable_ = d.unavailable();
       }
       finish_choice(c, engine_reason);
     }

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "actors/sampling_proto.h"
+#include "gateway/detail/admin.h"
 #include "gateway/detail/metrics.h"
 #include "gateway/detail/openai.h"
 #include "gateway/detail/request_state.h"
@@ -63,12 +64,14 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
   std::vector<std::thread> threads;
   uint16_t bound_port = 0;
 
-  mutable std::mutex mu;  // guards model, engine, metrics, stats_actor
+  mutable std::mutex mu;  // guards model, engine, router, metrics, stats_actor
   std::shared_ptr<const gateway::ServedModel> model;
   actors::engine_actor engine;
+  actors::router_actor router;  // null in a single-process server
   std::shared_ptr<gateway::Metrics> metrics;
   caf::actor stats_actor;
   std::atomic<int64_t> last_stats_ok_ms{0};
+  std::atomic<bool> last_ready{false};  // the engine (or the cluster) said it can serve
 
   std::atomic<int> open_requests{0};
   std::atomic<bool> stopping{false};
@@ -81,7 +84,7 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
     const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
                          std::chrono::steady_clock::now().time_since_epoch())
                          .count();
-    return now - last_stats_ok_ms.load() < 5000;
+    return now - last_stats_ok_ms.load() < 5000 && last_ready.load();
   }
 };
 
@@ -293,6 +296,26 @@ void Session::handle(http::request<http::string_body>& req) {
                 "text/plain; version=0.0.4; charset=utf-8");
   }
 
+  if (gateway::is_admin_path(path)) {
+    gateway::AdminContext ctx;
+    ctx.system = &gw_->system;
+    ctx.admin_token = gw_->options.admin_token;
+    {
+      std::lock_guard<std::mutex> lock(gw_->mu);
+      ctx.router = gw_->router;
+    }
+    if (model) ctx.single_process_model = model->name;
+    // The answer holds the session alive (no read is pending meanwhile); the router's answer is
+    // bounded by a timeout.
+    auto executor = stream_.get_executor();
+    gateway::handle_admin(ctx, post, path, std::string(req[http::field::authorization]), req.body(),
+                          [self = shared_from_this(), executor](gateway::AdminReply r) {
+                            net::post(executor, [self, r = std::move(r)]() mutable {
+                              self->send(static_cast<http::status>(r.status), std::move(r.body));
+                            });
+                          });
+    return;
+  }
   const bool api = path.rfind("/v1/", 0) == 0 || path == "/tokenize" || path == "/detokenize";
   if (!api) {
     // Outside the API (e.g. the admin and console pages that later roles add): plain text.
@@ -406,7 +429,12 @@ void Session::handle_generate(const http::request<http::string_body>& req,
               .then(
                   [weak, executor](const std::string& error) {
                     net::post(executor, [weak, error] {
-                      if (auto s = weak.lock()) s->on_submitted(error);
+                      if (auto s = weak.lock()) {
+                        // A cluster without capacity right now: 503, retryable.
+                        const bool busy = error.rfind(actors::kUnavailable, 0) == 0;
+                        s->on_submitted(busy ? error.substr(actors::kUnavailable.size()) : error,
+                                        busy ? 503 : 400);
+                      }
                     });
                   },
                   [weak, executor](caf::error& err) {
@@ -520,8 +548,8 @@ void Session::on_delta(const std::string& bytes) {
   finish_request();
   if (st->failed()) {
     ApiError e;
-    e.status = 500;
-    e.type = "InternalServerError";
+    e.status = st->unavailable() ? 503 : 500;
+    e.type = st->unavailable() ? "ServiceUnavailableError" : "InternalServerError";
     e.message = st->error();
     return send_error(e);
   }
@@ -530,8 +558,9 @@ void Session::on_delta(const std::string& bytes) {
 
 void Session::fail_stream(const std::string& message) {
   ApiError e;
-  e.status = 500;
-  e.type = "InternalServerError";
+  const bool unavailable = state_ && state_->unavailable();
+  e.status = unavailable ? 503 : 500;
+  e.type = unavailable ? "ServiceUnavailableError" : "InternalServerError";
   e.message = message;
   cancel_engine();
   if (headers_sent_) {
@@ -644,6 +673,11 @@ uint16_t Gateway::port() const {
   return impl_->bound_port;
 }
 
+void Gateway::set_router(actors::router_actor router) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->router = std::move(router);
+}
+
 void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engine) {
   auto metrics = std::make_shared<gateway::Metrics>(model.name);
   std::weak_ptr<Impl> weak = impl_;
@@ -659,6 +693,7 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
                     if (s.ParseFromString(bytes)) {
                       metrics->set_engine_stats(s);
                       if (auto gw = weak.lock()) {
+                        gw->last_ready = s.ready();
                         gw->last_stats_ok_ms =
                             std::chrono::duration_cast<std::chrono::milliseconds>(
                                 std::chrono::steady_clock::now().time_since_epoch())

@@ -39,6 +39,7 @@ struct CompletionRequest {
   bool echo = false;
   bool logprobs = false;  // return logprobs (completions: "logprobs": k; chat: "logprobs": true)
   int top_logprobs = 0;
+  bool tokens_as_ids = false;  // return_tokens_as_token_ids: logprob tokens as "token_id:N"
   bool skip_special_tokens = true;
 };
 

@@ -40,6 +40,8 @@ class RequestState {
   bool done() const { return finished_choices_ == static_cast<int>(choices_.size()); }
   bool failed() const { return !error_.empty(); }
   const std::string& error() const { return error_; }
+  // The failure was the cluster losing capacity (a worker), not the request: answer 503.
+  bool unavailable() const { return unavailable_; }
 
   // Streaming: the usage chunk (when asked for) and "data: [DONE]".
   std::string closing_events() const;
@@ -89,6 +91,7 @@ class RequestState {
   int finished_choices_ = 0;
   std::size_t max_stop_len_ = 0;
   std::string error_;
+  bool unavailable_ = false;
 
   Clock::time_point arrival_;
   std::optional<Clock::time_point> first_token_;

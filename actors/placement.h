@@ -1,0 +1,44 @@
+// Expert placement: which expert workers hold which routed experts.
+//
+// plan_placement() keeps every copy that a live worker already holds and adds copies where an
+// expert has fewer than `replicas` (capped at the number of live workers) — each new copy on the
+// live worker holding the fewest experts of that layer, then the fewest overall, then the lowest
+// id — so that the first placement over N workers spreads each layer's experts evenly, and a
+// worker that joins later takes exactly the copies that are missing (an orphaned expert goes back
+// to the first worker that joins). Copies held by workers that are not live are dropped.
+//
+// Pure functions: no actors, no I/O; the router calls them from its actor.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "proto/cluster.pb.h"
+
+namespace moemesh::actors {
+
+struct PlacementRequest {
+  std::vector<int32_t> moe_layers;  // indices over all layers
+  int32_t num_experts = 0;
+  int32_t replicas = 1;
+  std::vector<int32_t> live_workers;  // ids of expert workers that may hold copies
+  bool fill = true;                   // false: only drop the copies of workers not live
+};
+
+// The layers of the result follow request.moe_layers; workers/version are left to the caller.
+proto::Placement plan_placement(const proto::Placement& current, const PlacementRequest& request);
+
+// The (layer, expert) pairs each worker holds in `placement`.
+std::map<int32_t, std::set<std::pair<int32_t, int32_t>>> experts_by_worker(
+    const proto::Placement& placement);
+
+// Whether every expert of every layer has at least one copy.
+bool placement_complete(const proto::Placement& placement, int32_t num_experts);
+
+// mean / max of per-expert counts (1 when every count is equal, including all zero).
+double balancedness(const std::vector<uint64_t>& counts);
+
+}  // namespace moemesh::actors

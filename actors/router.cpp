@@ -1,0 +1,553 @@
+#include "actors/router.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "actors/placement.h"
+#include "proto/cluster.pb.h"
+#include "proto/engine.pb.h"
+
+namespace moemesh::actors {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Member {
+  int32_t id = 0;
+  proto::NodeInfo info;
+  caf::actor handle;
+  Clock::time_point joined;
+  bool reachable = true;
+  bool loading = false;
+  std::set<std::pair<int32_t, int32_t>> held;  // experts bound (expert workers)
+  proto::ExpertWorkerStats expert_stats;
+  proto::AttentionWorkerStats attention_stats;
+  int64_t in_flight = 0;  // requests placed here and not done (attention workers)
+};
+
+struct Tracked {
+  int32_t worker = 0;
+  caf::actor sink;
+  int32_t n = 1;
+};
+
+// Owned by the router actor; only its handlers touch it.
+struct RouterState {
+  RouterOptions options;
+  std::vector<int32_t> moe_layers;
+  std::map<int32_t, Member> members;
+  int32_t next_id = 1;
+  proto::Placement placement;  // the published one
+  uint64_t version = 0;
+  bool replanning = false;
+  bool replan_again = false;
+  std::map<std::string, Tracked> requests;
+  uint64_t members_lost = 0;
+  uint64_t joins_refused = 0;
+  uint64_t requests_failed_by_loss = 0;
+  static inline const char* name = "router";
+};
+
+using self_ptr = router_actor::stateful_pointer<RouterState>;
+
+std::vector<int32_t> live_workers(const RouterState& st, const std::string& role) {
+  std::vector<int32_t> out;
+  for (const auto& [id, m] : st.members)
+    if (m.info.role() == role) out.push_back(id);
+  return out;
+}
+
+bool ready(const RouterState& st, std::string* why) {
+  if (!placement_complete(st.placement, static_cast<int32_t>(st.options.config.num_experts))) {
+    const auto experts = live_workers(st, "expert").size();
+    if (why)
+      *why = experts < static_cast<std::size_t>(st.options.min_expert_workers)
+                 ? fmt::format("waiting for expert workers: {} of {} joined", experts,
+                               st.options.min_expert_workers)
+                 : "some experts have no live copy (an expert worker was lost; they come back "
+                   "when a worker joins)";
+    return false;
+  }
+  if (live_workers(st, "attention").empty()) {
+    if (why) *why = "no attention worker has joined";
+    return false;
+  }
+  return true;
+}
+
+// Sends the placement (with the workers' data-plane addresses) to every attention worker.
+void publish(self_ptr self, proto::Placement layout) {
+  RouterState& st = self->state;
+  layout.set_version(++st.version);
+  layout.clear_workers();
+  std::set<int32_t> used;
+  for (const auto& [w, _] : experts_by_worker(layout)) used.insert(w);
+  for (int32_t w : used) {
+    const Member& m = st.members.at(w);
+    proto::ExpertWorkerAddress* a = layout.add_workers();
+    a->set_worker_id(w);
+    a->set_name(m.info.name());
+    a->set_data_address(m.info.data_address());
+  }
+  st.placement = std::move(layout);
+  const std::string bytes = st.placement.SerializeAsString();
+  for (int32_t id : live_workers(st, "attention"))
+    self->send(caf::actor_cast<attention_actor>(st.members.at(id).handle), placement_atom::value,
+               bytes);
+  std::string why;
+  const bool ok = ready(st, &why);
+  spdlog::info("placement published version={} expert_workers={} ready={} {}", st.version,
+               used.size(), ok, why);
+}
+
+// Plans copies for the live expert workers, has each bind its experts, then publishes.
+void replan(self_ptr self, bool fill) {
+  RouterState& st = self->state;
+  if (st.replanning) {
+    st.replan_again = true;
+    return;
+  }
+  const std::vector<int32_t> live = live_workers(st, "expert");
+  if (st.version == 0 && live.size() < static_cast<std::size_t>(st.options.min_expert_workers))
+    return;  // the first placement waits for the expected pool
+  PlacementRequest req;
+  req.moe_layers = st.moe_layers;
+  req.num_experts = static_cast<int32_t>(st.options.config.num_experts);
+  req.replicas = st.options.expert_replicas;
+  req.live_workers = live;
+  req.fill = fill;
+  proto::Placement layout = plan_placement(st.placement, req);
+
+  auto wanted = experts_by_worker(layout);
+  std::vector<std::pair<int32_t, std::set<std::pair<int32_t, int32_t>>>> to_assign;
+  for (auto& [w, experts] : wanted) {
+    const Member& m = st.members.at(w);
+    if (!std::includes(m.held.begin(), m.held.end(), experts.begin(), experts.end()))
+      to_assign.emplace_back(w, experts);
+  }
+  if (to_assign.empty()) {
+    proto::Placement published = st.placement;
+    published.clear_version();
+    published.clear_workers();
+    if (layout.SerializeAsString() != published.SerializeAsString())
+      publish(self, std::move(layout));
+    return;
+  }
+
+  st.replanning = true;
+  auto pending = std::make_shared<std::size_t>(to_assign.size());
+  auto shared_layout = std::make_shared<proto::Placement>(std::move(layout));
+  auto finish_one = [self, pending, shared_layout] {
+    if (--*pending > 0) return;
+    RouterState& s = self->state;
+    // Keep only copies on workers that are still members and bound their experts.
+    for (proto::LayerPlacement& l : *shared_layout->mutable_layers())
+      for (int32_t e = 0; e < l.experts_size(); ++e) {
+        proto::ExpertReplicas& r = *l.mutable_experts(e);
+        std::vector<int32_t> keep;
+        for (int32_t w : r.workers()) {
+          auto it = s.members.find(w);
+          if (it != s.members.end() && it->second.held.count({l.layer(), e})) keep.push_back(w);
+        }
+        *r.mutable_workers() = {keep.begin(), keep.end()};
+      }
+    s.replanning = false;
+    publish(self, *shared_layout);
+    if (s.replan_again) {
+      s.replan_again = false;
+      replan(self, true);
+    }
+  };
+  for (auto& [w, experts] : to_assign) {
+    Member& m = st.members.at(w);
+    proto::Assignment a;
+    a.set_version(st.version + 1);
+    for (const auto& [layer, expert] : experts) {
+      a.mutable_experts()->add_layer(layer);
+      a.mutable_experts()->add_expert(expert);
+    }
+    m.loading = true;
+    spdlog::info("assigning experts worker={} experts={}", m.info.name(), experts.size());
+    const int32_t id = w;
+    auto set = experts;
+    self->request(caf::actor_cast<expert_actor>(m.handle), kAssignTimeout, assign_atom::value,
+                  a.SerializeAsString())
+        .then(
+            [self, id, set, finish_one](const std::string& error) {
+              auto it = self->state.members.find(id);
+              if (it != self->state.members.end()) {
+                it->second.loading = false;
+                if (error.empty())
+                  it->second.held.insert(set.begin(), set.end());
+                else
+                  spdlog::error("expert worker {} failed to bind its experts: {}",
+                                it->second.info.name(), error);
+              }
+              finish_one();
+            },
+            [self, id, finish_one](caf::error& err) {
+              auto it = self->state.members.find(id);
+              if (it != self->state.members.end()) {
+                it->second.loading = false;
+                spdlog::error("expert worker {} did not confirm its experts: {}",
+                              it->second.info.name(), caf::to_string(err));
+              }
+              finish_one();
+            });
+  }
+}
+
+void fail_requests_of(self_ptr self, int32_t worker, const std::string& name) {
+  RouterState& st = self->state;
+  for (auto it = st.requests.begin(); it != st.requests.end();) {
+    if (it->second.worker != worker) {
+      ++it;
+      continue;
+    }
+    for (int32_t i = 0; i < it->second.n; ++i) {
+      proto::SequenceDelta d;
+      d.set_request_id(it->first);
+      d.set_index(i);
+      d.set_finish_reason("error");
+      d.set_error(fmt::format(
+          "the attention worker running this request ({}) was lost; retry the request", name));
+      d.set_unavailable(true);
+      caf::anon_send(it->second.sink, delta_atom::value, d.SerializeAsString());
+    }
+    ++st.requests_failed_by_loss;
+    it = st.requests.erase(it);
+  }
+}
+
+void on_member_down(self_ptr self, const caf::actor_addr& source, const caf::error& reason) {
+  RouterState& st = self->state;
+  for (auto it = st.members.begin(); it != st.members.end(); ++it) {
+    if (it->second.handle.address() != source) continue;
+    const Member m = std::move(it->second);
+    st.members.erase(it);
+    ++st.members_lost;
+    spdlog::warn("cluster member lost role={} name={} reason={}", m.info.role(), m.info.name(),
+                 caf::to_string(reason));
+    if (m.info.role() == "attention") {
+      fail_requests_of(self, m.id, m.info.name());
+    } else {
+      // Its copies leave the placement at once (a placement being bound drops them too).
+      PlacementRequest req;
+      req.moe_layers = st.moe_layers;
+      req.num_experts = static_cast<int32_t>(st.options.config.num_experts);
+      req.replicas = st.options.expert_replicas;
+      req.live_workers = live_workers(st, "expert");
+      req.fill = false;
+      if (st.version > 0) publish(self, plan_placement(st.placement, req));
+    }
+    return;
+  }
+}
+
+proto::EngineStats total_engine_stats(const RouterState& st) {
+  proto::EngineStats sum;
+  double kv_used = 0;
+  int64_t kv_total = 0;
+  for (const auto& [id, m] : st.members) {
+    if (m.info.role() != "attention") continue;
+    const proto::EngineStats& e = m.attention_stats.engine();
+    sum.set_running(sum.running() + e.running());
+    sum.set_waiting(sum.waiting() + e.waiting());
+    sum.set_prompt_tokens_total(sum.prompt_tokens_total() + e.prompt_tokens_total());
+    sum.set_generation_tokens_total(sum.generation_tokens_total() + e.generation_tokens_total());
+    sum.set_preemptions_total(sum.preemptions_total() + e.preemptions_total());
+    sum.set_requests_failed_total(sum.requests_failed_total() + e.requests_failed_total());
+    sum.set_requests_aborted_total(sum.requests_aborted_total() + e.requests_aborted_total());
+    kv_used += e.kv_cache_usage() * static_cast<double>(e.kv_cache_tokens());
+    kv_total += e.kv_cache_tokens();
+  }
+  sum.set_kv_cache_tokens(kv_total);
+  sum.set_kv_cache_usage(kv_total > 0 ? kv_used / static_cast<double>(kv_total) : 0.0);
+  sum.set_requests_failed_total(sum.requests_failed_total() + st.requests_failed_by_loss);
+  sum.set_ready(ready(st, nullptr));
+  return sum;
+}
+
+proto::ClusterSnapshot cluster_snapshot(const RouterState& st) {
+  proto::ClusterSnapshot s;
+  s.set_join(st.options.join_address);
+  s.set_model(st.options.model);
+  s.set_placement_version(st.placement.version());
+  std::string why;
+  s.set_ready(ready(st, &why));
+  s.set_not_ready_reason(why);
+  s.set_capacity_factor(st.options.capacity_factor);
+  s.set_expert_replicas(st.options.expert_replicas);
+  s.set_members_lost_total(st.members_lost);
+  s.set_joins_refused_total(st.joins_refused);
+  s.set_requests_failed_by_worker_loss_total(st.requests_failed_by_loss);
+  const auto now = Clock::now();
+  const auto held = experts_by_worker(st.placement);
+  for (const auto& [id, m] : st.members) {
+    proto::MemberSnapshot* x = s.add_members();
+    x->set_worker_id(id);
+    x->set_role(m.info.role());
+    x->set_name(m.info.name());
+    x->set_host(m.info.host());
+    x->set_pid(m.info.pid());
+    x->set_directory(m.info.directory());
+    x->set_state(m.loading ? "loading" : m.reachable ? "up" : "unreachable");
+    x->set_joined_seconds_ago(std::chrono::duration<double>(now - m.joined).count());
+    auto h = held.find(id);
+    x->set_experts_held(h == held.end() ? 0 : static_cast<int32_t>(h->second.size()));
+    const proto::EngineStats& e = m.attention_stats.engine();
+    x->set_running(e.running());
+    x->set_waiting(e.waiting());
+    x->set_kv_cache_usage(e.kv_cache_usage());
+  }
+  return s;
+}
+
+proto::ExpertsSnapshot experts_snapshot(const RouterState& st) {
+  proto::ExpertsSnapshot s;
+  s.set_placement_version(st.placement.version());
+  s.set_capacity_factor(st.options.capacity_factor);
+  std::map<std::pair<int32_t, int32_t>, proto::ExpertSnapshot> stats;
+  for (const auto& [id, m] : st.members) {
+    if (m.info.role() == "expert") {
+      *s.add_workers() = m.expert_stats;
+      s.set_window_seconds(m.expert_stats.window_seconds());
+      for (const proto::ExpertCounters& c : m.expert_stats.experts()) {
+        proto::ExpertSnapshot& x = stats[{c.layer(), c.expert()}];
+        x.set_tokens_total(x.tokens_total() + c.tokens_total());
+        x.set_tokens_window(x.tokens_window() + c.tokens_window());
+        x.set_overflows_total(x.overflows_total() + c.overflows_total());
+        x.set_compute_seconds(x.compute_seconds() + c.compute_seconds());
+        x.set_queue_seconds(x.queue_seconds() + c.queue_seconds());
+      }
+    } else {
+      for (const proto::ExpertCounters& c : m.attention_stats.dispatch().drops()) {
+        proto::ExpertSnapshot& x = stats[{c.layer(), c.expert()}];
+        x.set_drops_total(x.drops_total() + c.drops_total());
+      }
+    }
+  }
+  std::map<int32_t, std::string> names;
+  for (const proto::ExpertWorkerAddress& w : st.placement.workers())
+    names[w.worker_id()] = w.name();
+  for (std::size_t li = 0; li < st.moe_layers.size(); ++li) {
+    const int32_t layer = st.moe_layers[li];
+    proto::LayerSnapshot* l = s.add_layers();
+    l->set_layer(layer);
+    const proto::LayerPlacement* lp = nullptr;
+    for (const proto::LayerPlacement& p : st.placement.layers())
+      if (p.layer() == layer) lp = &p;
+    std::vector<uint64_t> window;
+    for (int32_t e = 0; e < st.options.config.num_experts; ++e) {
+      proto::ExpertSnapshot x = stats[{layer, e}];
+      x.set_layer(layer);
+      x.set_expert(e);
+      if (lp && e < lp->experts_size())
+        for (int32_t w : lp->experts(e).workers()) x.add_workers(names[w]);
+      window.push_back(x.tokens_window());
+      *l->add_experts() = std::move(x);
+    }
+    l->set_balancedness(balancedness(window));
+  }
+  return s;
+}
+
+void poll(self_ptr self) {
+  for (auto& [id, m] : self->state.members) {
+    const int32_t wid = id;
+    auto mark = [self, wid](bool ok) {
+      auto it = self->state.members.find(wid);
+      if (it == self->state.members.end()) return;
+      if (it->second.reachable != ok)
+        spdlog::warn("cluster member {} is {}", it->second.info.name(),
+                     ok ? "reachable again" : "unreachable (status timed out)");
+      it->second.reachable = ok;
+    };
+    if (m.info.role() == "expert") {
+      self->request(caf::actor_cast<expert_actor>(m.handle), kStatusTimeout, status_atom::value)
+          .then(
+              [self, wid, mark](const std::string& bytes) {
+                auto it = self->state.members.find(wid);
+                if (it == self->state.members.end()) return;
+                it->second.expert_stats.ParseFromString(bytes);
+                it->second.expert_stats.set_worker_id(wid);
+                it->second.expert_stats.set_name(it->second.info.name());
+                mark(true);
+              },
+              [mark](caf::error&) { mark(false); });
+    } else {
+      self->request(caf::actor_cast<attention_actor>(m.handle), kStatusTimeout, status_atom::value)
+          .then(
+              [self, wid, mark](const std::string& bytes) {
+                auto it = self->state.members.find(wid);
+                if (it == self->state.members.end()) return;
+                it->second.attention_stats.ParseFromString(bytes);
+                mark(true);
+              },
+              [mark](caf::error&) { mark(false); });
+    }
+  }
+}
+
+}  // namespace
+
+std::string model_fingerprint(const ModelConfig& c) {
+  return fmt::format("{} layers={} moe_layers={} experts={} top_k={} hidden={} vocab={}",
+                     arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
+                     c.hidden_size, c.vocab_size);
+}
+
+router_actor spawn_router(caf::actor_system& system, RouterOptions options) {
+  auto fn = [](self_ptr self, RouterOptions opts) -> router_actor::behavior_type {
+    RouterState& st = self->state;
+    st.options = std::move(opts);
+    for (int64_t l = 0; l < st.options.config.num_layers; ++l)
+      if (st.options.config.layer_is_moe[static_cast<std::size_t>(l)])
+        st.moe_layers.push_back(static_cast<int32_t>(l));
+    self->set_down_handler(
+        [self](caf::down_msg& dm) { on_member_down(self, dm.source, dm.reason); });
+    self->send(self, tick_atom::value);
+    return {
+        [self](submit_atom, const std::string& bytes,
+               const caf::actor& sink) -> caf::result<std::string> {
+          RouterState& s = self->state;
+          proto::GenerateRequest req;
+          if (!req.ParseFromString(bytes)) return std::string("malformed GenerateRequest");
+          std::string why;
+          if (!ready(s, &why))
+            return std::string(kUnavailable) + "the cluster is not ready: " + why;
+          Member* best = nullptr;
+          for (auto& [id, m] : s.members) {
+            if (m.info.role() != "attention" || !m.reachable) continue;
+            if (!best || m.in_flight < best->in_flight ||
+                (m.in_flight == best->in_flight &&
+                 m.attention_stats.engine().kv_cache_usage() <
+                     best->attention_stats.engine().kv_cache_usage()))
+              best = &m;
+          }
+          if (!best) return std::string(kUnavailable) + "no attention worker is reachable";
+          const int32_t wid = best->id;
+          ++best->in_flight;
+          s.requests[req.request_id()] = {wid, sink, std::max(1, req.n())};
+          auto rp = self->make_response_promise<std::string>();
+          const std::string id = req.request_id();
+          auto untrack = [self, id, wid] {
+            auto& r = self->state.requests;
+            auto it = r.find(id);
+            if (it != r.end() && it->second.worker == wid) r.erase(it);
+            auto m = self->state.members.find(wid);
+            if (m != self->state.members.end()) --m->second.in_flight;
+          };
+          self->request(caf::actor_cast<attention_actor>(best->handle), kEngineRequestTimeout,
+                        submit_atom::value, bytes, sink)
+              .then(
+                  [rp, untrack](const std::string& error) mutable {
+                    if (!error.empty()) untrack();
+                    rp.deliver(error);
+                  },
+                  [rp, untrack](caf::error& err) mutable {
+                    untrack();
+                    rp.deliver(std::string(kUnavailable) +
+                               "the attention worker did not answer: " + caf::to_string(err));
+                  });
+          return rp;
+        },
+        [self](cancel_atom, const std::string& id, int32_t index) {
+          // Sent to every attention worker: unknown ids are ignored there.
+          for (auto& [wid, m] : self->state.members)
+            if (m.info.role() == "attention")
+              self->send(caf::actor_cast<attention_actor>(m.handle), cancel_atom::value, id, index);
+        },
+        [self](stats_atom) -> std::string {
+          return total_engine_stats(self->state).SerializeAsString();
+        },
+        [self](join_atom, const std::string& token, const std::string& info_bytes,
+               const caf::actor& handle) -> std::string {
+          RouterState& s = self->state;
+          proto::NodeInfo info;
+          proto::JoinReply reply;
+          auto refuse = [&](const std::string& why) {
+            ++s.joins_refused;
+            spdlog::warn("join refused node={} role={} host={}: {}", info.name(), info.role(),
+                         info.host(), why);
+            reply.set_accepted(false);
+            reply.set_error(why);
+            return reply.SerializeAsString();
+          };
+          if (!info.ParseFromString(info_bytes)) return refuse("malformed NodeInfo");
+          if (token != s.options.cluster_token)
+            return refuse(
+                "wrong cluster token: start the node with the cluster's --cluster-token or "
+                "MOEMESH_CLUSTER_TOKEN");
+          if (info.role() != "attention" && info.role() != "expert")
+            return refuse("unknown role \"" + info.role() + "\"");
+          if (!handle) return refuse("no role actor");
+          const std::string expected = model_fingerprint(s.options.config);
+          if (info.model_fingerprint() != expected)
+            return refuse(fmt::format("the node serves another model ({}); the cluster serves {}",
+                                      info.model_fingerprint(), expected));
+          Member m;
+          m.id = s.next_id++;
+          m.info = info;
+          m.handle = handle;
+          m.joined = Clock::now();
+          self->monitor(handle);
+          const int32_t id = m.id;
+          spdlog::info("node joined role={} name={} host={} worker_id={}", info.role(), info.name(),
+                       info.host(), id);
+          s.members.emplace(id, std::move(m));
+          reply.set_accepted(true);
+          reply.set_worker_id(id);
+          reply.set_capacity_factor(s.options.capacity_factor);
+          if (info.role() == "attention") {
+            *reply.mutable_placement() = s.placement;
+          } else {
+            poll(self);  // its status soon
+            replan(self, true);
+          }
+          return reply.SerializeAsString();
+        },
+        [self](done_atom, const std::string& id) {
+          auto& r = self->state.requests;
+          auto it = r.find(id);
+          if (it == r.end()) return;
+          auto m = self->state.members.find(it->second.worker);
+          if (m != self->state.members.end()) --m->second.in_flight;
+          r.erase(it);
+        },
+        [self](cluster_atom) -> std::string {
+          return cluster_snapshot(self->state).SerializeAsString();
+        },
+        [self](experts_atom) -> std::string {
+          return experts_snapshot(self->state).SerializeAsString();
+        },
+        [self](capacity_atom, double factor) -> std::string {
+          if (!(factor >= 0) || factor > 1e6)
+            return fmt::format(
+                "capacity factor {} is out of range: use 0 (no limit) or a "
+                "positive number such as 1.25",
+                factor);
+          self->state.options.capacity_factor = factor;
+          for (auto& [id, m] : self->state.members)
+            if (m.info.role() == "expert")
+              self->send(caf::actor_cast<expert_actor>(m.handle), capacity_atom::value, factor);
+          spdlog::info("capacity factor set to {}", factor);
+          return {};
+        },
+        [self](join_atom, const std::string& address) {
+          self->state.options.join_address = address;
+        },
+        [self](tick_atom) {
+          poll(self);
+          self->delayed_send(self, self->state.options.poll_interval, tick_atom::value);
+        },
+    };
+  };
+  return system.spawn(fn, std::move(options));
+}
+
+}  // namespace moemesh::actors

@@ -1,0 +1,102 @@
+// moemesh expert: an expert worker joining a cluster. It maps the checkpoint, binds the routed
+// experts the router assigns it, and computes the token batches attention workers send over the
+// UCX data plane.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <caf/io/all.hpp>
+#include <iostream>
+
+#include "actors/node.h"
+#include "apps/commands.h"
+#include "apps/role_common.h"
+#include "apps/worker_flags.h"
+#include "expert_worker/expert_worker.h"
+
+namespace moemesh::apps {
+namespace {
+
+struct ExpertFlags {
+  WorkerFlags worker;
+  double window_s = 60;
+};
+
+actors::expert_actor spawn_expert_actor(caf::actor_system& system, ExpertWorker* worker) {
+  return system.spawn(
+      [](actors::expert_actor::pointer, ExpertWorker* w) -> actors::expert_actor::behavior_type {
+        return {
+            [w](actors::assign_atom, const std::string& bytes) -> std::string {
+              proto::Assignment a;
+              if (!a.ParseFromString(bytes)) return "malformed Assignment";
+              Status s = w->assign(a);
+              return s ? std::string() : s.error().message();
+            },
+            [w](actors::status_atom) -> std::string { return w->stats().SerializeAsString(); },
+            [w](actors::capacity_atom, double factor) { w->set_capacity_factor(factor); },
+        };
+      },
+      worker);
+}
+
+int run_expert(const ExpertFlags& f) {
+  auto fail = [](const std::string& message) {
+    std::cerr << "moemesh expert: error: " << message << "\n";
+    return 1;
+  };
+  const sigset_t signals = block_stop_signals();
+  const auto model_dir = model_dir_or_demo(f.worker.model);
+
+  ExpertWorkerOptions wo;
+  wo.threads = f.worker.threads;
+  wo.data_plane.transports = f.worker.transports;
+  wo.data_plane.net_devices = f.worker.net_devices;
+  wo.window_seconds = f.window_s;
+  Expected<std::unique_ptr<ExpertWorker>> worker = ExpertWorker::start(model_dir, wo);
+  if (!worker) return fail(worker.error().message());
+
+  caf::actor_system_config cfg;
+  cfg.load<caf::io::middleman>();
+  cfg.set("scheduler.max-threads", 2);
+  actors::configure_control_plane(cfg);
+  caf::actor_system system{cfg};
+  actors::expert_actor self = spawn_expert_actor(system, worker->get());
+
+  proto::NodeInfo info;
+  info.set_role("expert");
+  info.set_name(f.worker.name.empty() ? node_name("expert") : f.worker.name);
+  info.set_host(host_name());
+  info.set_pid(getpid());
+  info.set_model(model_dir.string());
+  info.set_model_fingerprint(actors::model_fingerprint((*worker)->config()));
+  info.set_data_address((*worker)->data_address());
+  info.set_threads(f.worker.threads);
+  Expected<actors::Joined> joined = actors::join_cluster(system, f.worker.join_options(), info,
+                                                         caf::actor_cast<caf::actor>(self));
+  if (!joined) {
+    caf::anon_send_exit(self, caf::exit_reason::user_shutdown);
+    return fail(joined.error().message());
+  }
+  (*worker)->set_capacity_factor(joined->reply.capacity_factor());
+  std::cerr << fmt::format("moemesh expert: joined {} as worker {} ({})\n", f.worker.join,
+                           joined->reply.worker_id(), info.name());
+
+  const bool clean =
+      wait_for_stop(system, signals, caf::actor_cast<caf::actor>(joined->router), "router");
+  actors::leave_cluster(system, *joined);
+  caf::anon_send_exit(self, caf::exit_reason::user_shutdown);
+  return clean ? 0 : 1;
+}
+
+}  // namespace
+
+Runner add_expert(CLI::App& app) {
+  auto f = std::make_shared<ExpertFlags>();
+  f->worker.add(app);
+  app.add_option("--stats-window", f->window_s, "Seconds of the sliding token-count window")
+      ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
+  return [f] { return run_expert(*f); };
+}
+
+}  // namespace moemesh::apps

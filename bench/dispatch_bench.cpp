@@ -1,0 +1,388 @@
+// Dispatch + combine round trip of the data plane measured against ucx_perftest in the same run.
+// A DispatchClient sends n tokens of BF16 hidden states to a DispatchServer in another process
+// (this binary re-executed with --serve), which replies with partial sums of the same size; the
+// median round trip is compared with twice the median one-way latency that `ucx_perftest -t
+// ucp_am_lat` reports for a message of the hidden-state bytes over the same UCX_TLS (ucp_am_lat
+// is a ping-pong test and prints half the round trip).
+//
+//   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--perftest PATH]
+//
+// --transports lists UCX_TLS values separated by ';' (a value may itself be a list:
+// "sm;posix,sysv,cma").
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "transport/data_plane.h"
+
+namespace {
+
+using moemesh::transport::DataPlaneOptions;
+using moemesh::transport::Dispatch;
+using moemesh::transport::DispatchClient;
+using moemesh::transport::DispatchServer;
+using moemesh::transport::WireDtype;
+using Clock = std::chrono::steady_clock;
+
+constexpr int32_t kSlots = 8;  // top-k of the routing sent along (8 B per token and slot)
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string item; std::getline(in, item, sep);)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string to_hex(const std::string& bytes) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    out.push_back(digits[c >> 4]);
+    out.push_back(digits[c & 15]);
+  }
+  return out;
+}
+
+// The bytes of a hex string; empty when it is not one.
+std::string from_hex(const std::string& hex) {
+  auto digit = [](char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+  };
+  std::string out;
+  if (hex.size() % 2 != 0) return {};
+  for (size_t i = 0; i < hex.size(); i += 2) {
+    const int hi = digit(hex[i]), lo = digit(hex[i + 1]);
+    if (hi < 0 || lo < 0) return {};
+    out.push_back(static_cast<char>(hi * 16 + lo));
+  }
+  return out;
+}
+
+// --serve: the expert-worker process. Prints its address in hex on stdout, serves until stdin
+// closes. The handler copies x into partial: the reply has the bytes of the request's x.
+int serve(const std::string& transports) {
+  DataPlaneOptions o;
+  o.transports = transports;
+  auto server = DispatchServer::start(o, [](std::span<Dispatch> batch) {
+    for (Dispatch& d : batch)
+      std::memcpy(d.partial, d.x, static_cast<size_t>(d.n_tokens * d.hidden) * sizeof(float));
+  });
+  if (!server.ok()) {
+    std::fprintf(stderr, "dispatch_bench --serve: %s\n", server.error().message().c_str());
+    return 1;
+  }
+  std::printf("%s\n", to_hex((*server)->address()).c_str());
+  std::fflush(stdout);
+  char buf[64];
+  while (read(STDIN_FILENO, buf, sizeof(buf)) > 0) {
+  }
+  return 0;
+}
+
+// A child process with stdin and stdout connected to pipes.
+struct Child {
+  pid_t pid = -1;
+  int in = -1;   // its stdin (we write)
+  int out = -1;  // its stdout (we read)
+};
+
+// Everything the child needs is built before fork(): the parent has threads (UCX's), so the
+// child only calls async-signal-safe functions before exec.
+Child spawn(const std::vector<std::string>& argv, const std::string& ucx_tls) {
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e)
+    if ((ucx_tls.empty() || std::strncmp(*e, "UCX_TLS=", 8) != 0) &&
+        std::strncmp(*e, "UCX_POSIX_ERROR_HANDLING=", 25) != 0 &&
+        std::strncmp(*e, "UCX_SYSV_ERROR_HANDLING=", 24) != 0)  // set by DispatchServer itself
+      env_strings.emplace_back(*e);
+  if (!ucx_tls.empty()) env_strings.push_back("UCX_TLS=" + ucx_tls);
+  std::vector<char*> args, env;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  for (const std::string& e : env_strings) env.push_back(const_cast<char*>(e.c_str()));
+  env.push_back(nullptr);
+  static const char kExecFailed[] = "dispatch_bench: exec failed\n";
+
+  int to_child[2], from_child[2];
+  if (pipe(to_child) != 0 || pipe(from_child) != 0) return {};
+  const pid_t pid = fork();
+  if (pid == 0) {
+    dup2(to_child[0], STDIN_FILENO);
+    dup2(from_child[1], STDOUT_FILENO);
+    close(to_child[1]);
+    close(from_child[0]);
+    execve(args[0], args.data(), env.data());
+    (void)!write(STDERR_FILENO, kExecFailed, sizeof(kExecFailed) - 1);
+    _exit(127);
+  }
+  close(to_child[0]);
+  close(from_child[1]);
+  return {pid, to_child[1], from_child[0]};
+}
+
+std::string read_all(int fd) {
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));
+  return out;
+}
+
+// One line; false at end of file.
+bool read_line(int fd, std::string& line) {
+  line.clear();
+  char c;
+  ssize_t n;
+  while ((n = read(fd, &c, 1)) == 1 && c != '\n') line.push_back(c);
+  return n == 1 || !line.empty();
+}
+
+// The --serve process's address: the first hex line on its stdout (UCX may log there first).
+std::string read_address(int fd) {
+  for (std::string line; read_line(fd, line);) {
+    std::string bytes = from_hex(line);
+    if (bytes.size() > 4 && bytes.compare(0, 4, "MMDP") == 0) return bytes;
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+  return {};
+}
+
+// Waits up to `timeout` for the child, then kills it. Returns its exit status (-1 if killed).
+int reap(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  int status = 0;
+  while (Clock::now() < deadline) {
+    if (waitpid(pid, &status, WNOHANG) == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  return -1;
+}
+
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof(a);
+  int port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+    port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Round trip (us) by ucx_perftest ucp_am_lat: 2 x the median one-way latency it prints; 0 when
+// it failed (the reason is logged).
+double perftest_round_trip(const std::string& perftest, const std::string& tls, size_t bytes,
+                           int iterations) {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const std::string port = std::to_string(free_port());
+    Child server = spawn({perftest, "-p", port}, tls);
+    std::string out;
+    int rc = -1;
+    for (int tries = 0; tries < 40; ++tries) {  // until the server listens
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+      Child client = spawn({perftest, "127.0.0.1", "-p", port, "-t", "ucp_am_lat", "-s",
+                            std::to_string(bytes), "-n", std::to_string(iterations), "-w",
+                            std::to_string(std::max(10, iterations / 10)), "-f", "-v"},
+                           tls);
+      close(client.in);
+      out = read_all(client.out);
+      close(client.out);
+      rc = reap(client.pid, std::chrono::seconds(60));
+      if (rc == 0) break;
+    }
+    close(server.in);
+    close(server.out);
+    reap(server.pid, std::chrono::seconds(2));
+    if (rc != 0) continue;
+    // CSV: after the "iterations,50.0_percentile_lat,..." header, the line of numbers.
+    const auto lines = split(out, '\n');
+    bool header = false;
+    for (const std::string& line : lines) {
+      if (line.rfind("iterations,", 0) == 0) {
+        header = true;
+        continue;
+      }
+      const auto fields = split(line, ',');
+      if (!header || fields.size() < 2) continue;
+      char* end = nullptr;
+      const double one_way = std::strtod(fields[1].c_str(), &end);
+      if (end != fields[1].c_str() && one_way > 0) return 2 * one_way;
+    }
+    spdlog::warn("dispatch_bench: cannot parse ucx_perftest output: {}", out);
+    return 0;
+  }
+  spdlog::warn("dispatch_bench: ucx_perftest failed for UCX_TLS={} size={}", tls, bytes);
+  return 0;
+}
+
+struct Row {
+  std::string transports;
+  int64_t hidden = 0, tokens = 0;
+  size_t bytes = 0;
+  double moemesh_us = 0, perftest_us = 0;
+  uint64_t timeouts = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string transports = "sm;tcp";
+  int iterations = 200;
+  std::string perftest = "/usr/bin/ucx_perftest";
+  std::string serve_tls;
+  bool serving = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (flag == "--transports" && has_value) {
+      transports = argv[++i];
+    } else if (flag == "--iterations" && has_value) {
+      iterations = std::max(1, std::stoi(argv[++i]));
+    } else if (flag == "--perftest" && has_value) {
+      perftest = argv[++i];
+    } else if (flag == "--serve" && has_value) {
+      serving = true;
+      serve_tls = argv[++i];
+    } else {
+      std::fprintf(stderr,
+                   "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
+                   "default \"sm;tcp\") --iterations N (default 200) --perftest PATH\n",
+                   flag.c_str());
+      return 2;
+    }
+  }
+  if (serving) return serve(serve_tls);
+  signal(SIGPIPE, SIG_IGN);
+
+  const std::vector<int64_t> hiddens = {2048, 7168};
+  const std::vector<int64_t> token_counts = {1, 16, 64, 256};
+  const int warmup = std::max(5, iterations / 10);
+  std::vector<Row> rows;
+  char self[4096];
+  const ssize_t self_len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (self_len <= 0) {
+    std::fprintf(stderr, "dispatch_bench: cannot find its own executable\n");
+    return 1;
+  }
+  self[self_len] = 0;
+
+  for (const std::string& tls : split(transports, ';')) {
+    Child server = spawn({self, "--serve", tls}, "");
+    const std::string address = read_address(server.out);
+    if (address.empty()) {
+      std::fprintf(stderr, "dispatch_bench: the --serve process for UCX_TLS=%s did not start\n",
+                   tls.c_str());
+      reap(server.pid, std::chrono::seconds(5));
+      return 1;
+    }
+    DataPlaneOptions o;
+    o.transports = tls;
+    o.dtype = WireDtype::BF16;
+    auto client = DispatchClient::create(o);
+    if (!client.ok()) {
+      std::fprintf(stderr, "dispatch_bench: %s\n", client.error().message().c_str());
+      return 1;
+    }
+    auto peer = (*client)->connect(address);
+    if (!peer.ok()) {
+      std::fprintf(stderr, "dispatch_bench (UCX_TLS=%s): %s\n", tls.c_str(),
+                   peer.error().message().c_str());
+      return 1;
+    }
+    std::mt19937 rng(1);
+    for (int64_t hidden : hiddens)
+      for (int64_t n : token_counts) {
+        std::vector<float> x(static_cast<size_t>(n * hidden));
+        std::normal_distribution<float> dist(0.0f, 1.0f);
+        for (float& v : x) v = dist(rng);
+        std::vector<int32_t> tokens(static_cast<size_t>(n)),
+            experts(static_cast<size_t>(n) * kSlots);
+        std::vector<float> weights(experts.size(), 0.125f);
+        for (int64_t t = 0; t < n; ++t) tokens[static_cast<size_t>(t)] = static_cast<int32_t>(t);
+        for (size_t k = 0; k < experts.size(); ++k) experts[k] = static_cast<int32_t>(k % 64);
+        const uint64_t timeouts_before = (*client)->stats().timeouts;
+        std::vector<double> us;
+        for (int it = 0; it < warmup + iterations; ++it) {
+          const auto t0 = Clock::now();
+          const moemesh::Status st =
+              (*client)->send(*peer, 1, static_cast<uint64_t>(it), 0, 0, n, x.data(), hidden,
+                              tokens, experts.data(), weights.data(), kSlots);
+          if (!st.ok()) {
+            std::fprintf(stderr, "dispatch_bench: %s\n", st.error().message().c_str());
+            return 1;
+          }
+          (*client)->wait(t0 + std::chrono::seconds(2), nullptr);
+          if (it >= warmup)
+            us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        }
+        Row r;
+        r.transports = tls;
+        r.hidden = hidden;
+        r.tokens = n;
+        r.bytes = static_cast<size_t>(n * hidden * 2);
+        r.moemesh_us = median(us);
+        r.timeouts = (*client)->stats().timeouts - timeouts_before;
+        r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations);
+        rows.push_back(r);
+        spdlog::info("dispatch_bench: UCX_TLS={} hidden={} tokens={} done", tls, hidden, n);
+      }
+    client->reset();
+    close(server.in);
+    close(server.out);
+    reap(server.pid, std::chrono::seconds(5));
+  }
+
+  double load[1] = {0};
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (getloadavg(load, 1) == 1 && load[0] > 0.5 * static_cast<double>(cores))
+    std::printf(
+        "WARNING: load average %.1f on %ld cores: both sides busy-poll, so round trips on a busy "
+        "machine are set by the scheduler (multiples of its tick), for moemesh and ucx_perftest "
+        "alike\n",
+        load[0], cores);
+  std::printf(
+      "dispatch+combine round trip, BF16 hidden states, %d iterations (median), top-k %d routing "
+      "sent along\nucx_perftest: -t ucp_am_lat -s BYTES, round trip = 2 x its median one-way "
+      "latency; ratio = moemesh / ucx_perftest\n",
+      iterations, kSlots);
+  int width = 7;
+  for (const Row& r : rows) width = std::max(width, static_cast<int>(r.transports.size()));
+  std::printf("%-*s %7s %7s %10s %14s %15s %7s %9s\n", width, "UCX_TLS", "hidden", "tokens",
+              "bytes", "moemesh_us", "perftest_us", "ratio", "timeouts");
+  for (const Row& r : rows)
+    std::printf("%-*s %7lld %7lld %10zu %14.1f %15.1f %7.2f %9llu\n", width, r.transports.c_str(),
+                static_cast<long long>(r.hidden), static_cast<long long>(r.tokens), r.bytes,
+                r.moemesh_us, r.perftest_us, r.perftest_us > 0 ? r.moemesh_us / r.perftest_us : 0.0,
+                static_cast<unsigned long long>(r.timeouts));
+  return 0;
+}

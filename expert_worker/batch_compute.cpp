@@ -1,0 +1,162 @@
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "expert_worker/detail/batch_compute.h"
+
+namespace moemesh::detail {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+}  // namespace
+
+std::string BatchCompute::validate(const transport::Dispatch& d, const ExpertShard& shard) const {
+  const ModelConfig& c = config_;
+  if (d.layer < 0 || d.layer >= c.num_layers || !c.layer_is_moe[static_cast<std::size_t>(d.layer)])
+    return fmt::format(
+        "layer {} has no routed experts in this model ({}, {} layers): the sender's model does "
+        "not match the expert worker's",
+        d.layer, c.model_type, c.num_layers);
+  if (d.hidden != c.hidden_size)
+    return fmt::format(
+        "the dispatch for layer {} has hidden size {}, the expert worker's model has {}: the "
+        "sender's model does not match",
+        d.layer, d.hidden, c.hidden_size);
+  if (d.slots < 1 || d.n_tokens < 0)
+    return fmt::format("the dispatch for layer {} has {} tokens and {} slots per token", d.layer,
+                       d.n_tokens, d.slots);
+  const int64_t total = d.n_tokens * d.slots;
+  for (int64_t i = 0; i < total; ++i) {
+    const int32_t e = d.experts[i];
+    if (e == -1) continue;
+    if (e < -1 || e >= c.num_experts)
+      return fmt::format("expert id {} is out of range for layer {} ({} experts)", e, d.layer,
+                         c.num_experts);
+    if (!shard.holds(d.layer, e))
+      return fmt::format(
+          "expert {} of layer {} is not held by this expert worker (the sender's placement, "
+          "version {}, is stale or the expert was not assigned here)",
+          e, d.layer, d.epoch);
+  }
+  return {};
+}
+
+void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
+                       double capacity_factor, std::vector<ExpertRun>& runs) {
+  order_.clear();
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    std::string why = validate(batch[i], shard);
+    if (why.empty()) {
+      order_.push_back(static_cast<int32_t>(i));
+    } else if (batch[i].error != nullptr) {
+      *batch[i].error = std::move(why);
+    }
+  }
+  std::stable_sort(order_.begin(), order_.end(),
+                   [&](int32_t a, int32_t b) { return batch[a].layer < batch[b].layer; });
+  for (std::size_t begin = 0; begin < order_.size();) {
+    std::size_t end = begin + 1;
+    while (end < order_.size() && batch[order_[end]].layer == batch[order_[begin]].layer) ++end;
+    run_layer(batch, std::span<const int32_t>(order_).subspan(begin, end - begin), shard,
+              capacity_factor, runs);
+    begin = end;
+  }
+}
+
+void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
+                             std::span<const int32_t> dispatches, ExpertShard& shard,
+                             double capacity_factor, std::vector<ExpertRun>& runs) {
+  const int32_t layer = batch[dispatches.front()].layer;
+  const int64_t n_experts = config_.num_experts;
+  const int64_t H = config_.hidden_size;
+
+  // Bucket every slot of the layer's dispatches by expert; a counting sort keeps arrival order.
+  count_.assign(static_cast<std::size_t>(n_experts + 1), 0);
+  double step_slots = 0;
+  for (int32_t di : dispatches) {
+    const transport::Dispatch& d = batch[di];
+    step_slots += static_cast<double>(d.step_tokens) * d.slots;
+    for (int64_t i = 0; i < d.n_tokens * d.slots; ++i)
+      if (d.experts[i] >= 0) ++count_[d.experts[i] + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) count_[e + 1] += count_[e];
+  fill_.assign(count_.begin(), count_.end() - 1);
+  slots_.resize(static_cast<std::size_t>(count_[n_experts]));
+  for (int32_t di : dispatches) {
+    const transport::Dispatch& d = batch[di];
+    for (int64_t i = 0; i < d.n_tokens * d.slots; ++i)
+      if (d.experts[i] >= 0) slots_[fill_[d.experts[i]]++] = {di, i};
+  }
+
+  int64_t capacity = std::numeric_limits<int64_t>::max();
+  if (capacity_factor > 0)
+    capacity = std::max<int64_t>(
+        1, static_cast<int64_t>(std::ceil(capacity_factor * step_slots / n_experts)));
+
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t begin = count_[e];
+    const int64_t m = count_[e + 1] - begin;
+    if (m == 0) continue;
+    ExpertRun run;
+    run.ref = {layer, static_cast<int32_t>(e)};
+    const int64_t kept = std::min(m, capacity);
+    for (int64_t r = kept; r < m; ++r) {
+      const Slot& s = slots_[begin + r];
+      batch[s.dispatch].rejected[s.slot] = 1;
+    }
+    run.overflows = static_cast<uint64_t>(m - kept);
+    run.tokens = static_cast<uint64_t>(kept);
+    if (kept == 0) {
+      runs.push_back(run);
+      continue;
+    }
+
+    gathered_.resize(static_cast<std::size_t>(kept * H));
+    result_.resize(static_cast<std::size_t>(kept * H));
+    for (int64_t r = 0; r < kept; ++r) {
+      const Slot& s = slots_[begin + r];
+      const transport::Dispatch& d = batch[s.dispatch];
+      const float* row = d.x + (s.slot / d.slots) * H;
+      std::copy(row, row + H, gathered_.begin() + r * H);
+    }
+    const Clock::time_point started = Clock::now();
+    // Slots are grouped by dispatch (arrival order), so each contributing dispatch counts once.
+    for (int64_t r = 0; r < kept; ++r)
+      if (r == 0 || slots_[begin + r].dispatch != slots_[begin + r - 1].dispatch)
+        run.queue_seconds +=
+            std::max(0.0, seconds(started - batch[slots_[begin + r].dispatch].received));
+    Status s = shard.run(layer, static_cast<int32_t>(e), gathered_.data(), kept, result_.data());
+    run.compute_seconds = seconds(Clock::now() - started);
+    if (!s) {
+      // Validation checked that the expert is held, so this is unexpected: fail the dispatches
+      // that needed it rather than answer with a partial sum that lacks it.
+      for (int64_t r = 0; r < m; ++r) {
+        transport::Dispatch& d = batch[slots_[begin + r].dispatch];
+        if (d.error != nullptr && d.error->empty())
+          *d.error = fmt::format("expert {} of layer {} failed: {}", e, layer, s.error().message());
+      }
+      run.tokens = 0;
+      runs.push_back(run);
+      continue;
+    }
+    for (int64_t r = 0; r < kept; ++r) {
+      const Slot& sl = slots_[begin + r];
+      const transport::Dispatch& d = batch[sl.dispatch];
+      const float w = d.weights[sl.slot];
+      const float* y = result_.data() + r * H;
+      float* out = d.partial + (sl.slot / d.slots) * H;
+      for (int64_t k = 0; k < H; ++k) out[k] += w * y[k];
+    }
+    runs.push_back(run);
+  }
+}
+
+}  // namespace moemesh::detail

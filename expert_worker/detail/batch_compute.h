@@ -1,0 +1,48 @@
+// Internal: computes one batch of dispatches on an expert shard (the algorithm of expert_worker.h:
+// validation, capacity, one run per expert over the rows of all senders, weighted scatter).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "core/config.h"
+#include "core/expert_shard.h"
+#include "expert_worker/detail/expert_counters.h"
+#include "transport/data_plane.h"
+
+namespace moemesh::detail {
+
+// Owned by the data-plane server thread (its scratch buffers are reused across batches).
+class BatchCompute {
+ public:
+  explicit BatchCompute(const ModelConfig& config) : config_(config) {}
+
+  // Computes `batch` with `shard` (the caller holds the shard's mutex). Dispatches that fail
+  // validation get their error set and are not computed. Appends to `runs` one ExpertRun per
+  // expert that was named by at least one slot. capacity_factor <= 0: no limit.
+  void run(std::span<transport::Dispatch> batch, ExpertShard& shard, double capacity_factor,
+           std::vector<ExpertRun>& runs);
+
+ private:
+  // Empty when `d` may be computed; otherwise why not.
+  std::string validate(const transport::Dispatch& d, const ExpertShard& shard) const;
+  void run_layer(std::span<transport::Dispatch> batch, std::span<const int32_t> dispatches,
+                 ExpertShard& shard, double capacity_factor, std::vector<ExpertRun>& runs);
+
+  struct Slot {
+    int32_t dispatch;  // index into the batch
+    int64_t slot;      // index into that dispatch's [n_tokens, slots] arrays
+  };
+
+  const ModelConfig& config_;
+  std::vector<int32_t> order_;   // valid dispatches, grouped by layer (arrival order within)
+  std::vector<int64_t> count_;   // per expert + 1: counting-sort offsets
+  std::vector<int64_t> fill_;    // per expert: next free position
+  std::vector<Slot> slots_;      // the layer's slots grouped by expert, arrival order within
+  std::vector<float> gathered_;  // [m, hidden]
+  std::vector<float> result_;    // [m, hidden]
+};
+
+}  // namespace moemesh::detail

@@ -1,0 +1,122 @@
+#include <fmt/format.h>
+#include <google/protobuf/util/json_util.h>
+#include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
+
+#include "gateway/detail/admin.h"
+#include "proto/cluster.pb.h"
+
+namespace moemesh::gateway {
+namespace {
+
+using json = nlohmann::ordered_json;
+
+AdminReply error_reply(unsigned status, const std::string& type, const std::string& message) {
+  json body = {
+      {"error", {{"message", message}, {"type", type}, {"param", nullptr}, {"code", status}}}};
+  return {status, body.dump()};
+}
+
+template <class Message>
+AdminReply to_json(const std::string& bytes) {
+  Message m;
+  if (!m.ParseFromString(bytes))
+    return error_reply(502, "BadGateway", "the router's snapshot is malformed");
+  google::protobuf::util::JsonPrintOptions options;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string out;
+  if (!google::protobuf::util::MessageToJsonString(m, &out, options).ok())
+    return error_reply(500, "InternalServerError", "cannot render the snapshot as JSON");
+  return {200, out};
+}
+
+// Constant-time comparison, so that response timing does not reveal the token.
+bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i] ^ b[i % std::max<std::size_t>(1, b.size())]);
+  return diff == 0;
+}
+
+// Sends one request to the router from a short-lived actor and hands the answer to `done`.
+template <class Atom, class Render, class... Args>
+void ask_router(const AdminContext& ctx, Render render, std::function<void(AdminReply)> done,
+                Args... args) {
+  ctx.system->spawn(
+      [render, done](caf::event_based_actor* self, actors::router_actor router, Args... as) {
+        self->request(router, actors::kStatusTimeout * 2, Atom::value, as...)
+            .then(
+                [self, render, done](const std::string& bytes) {
+                  done(render(bytes));
+                  self->quit();
+                },
+                [self, done](caf::error& err) {
+                  done(error_reply(503, "ServiceUnavailableError",
+                                   "the router did not answer: " + caf::to_string(err)));
+                  self->quit();
+                });
+      },
+      ctx.router, args...);
+}
+
+}  // namespace
+
+bool is_admin_path(std::string_view path) {
+  return path.rfind("/admin/", 0) == 0;
+}
+
+void handle_admin(const AdminContext& ctx, bool post, std::string_view path,
+                  std::string_view authorization, const std::string& body,
+                  std::function<void(AdminReply)> done) {
+  const bool get_route = path == "/admin/cluster" || path == "/admin/experts";
+  const bool post_route = path == "/admin/capacity";
+  if (!get_route && !post_route)
+    return done(error_reply(404, "NotFoundError", fmt::format("no admin route {}", path)));
+  if ((get_route && post) || (post_route && !post))
+    return done(error_reply(405, "MethodNotAllowed",
+                            fmt::format("{} takes {}", path, get_route ? "GET" : "POST")));
+  if (post_route) {
+    if (ctx.admin_token.empty())
+      return done(error_reply(403, "PermissionDenied",
+                              "admin actions are off: start the server with --admin-token"));
+    if (!same_secret(authorization, "Bearer " + ctx.admin_token))
+      return done(error_reply(401, "AuthenticationError",
+                              "missing or wrong admin token: send \"Authorization: Bearer "
+                              "<admin token>\""));
+  }
+  if (!ctx.router) {
+    if (path == "/admin/cluster") {
+      json j = {{"join", ""},
+                {"model", ctx.single_process_model},
+                {"ready", true},
+                {"single_process", true},
+                {"members", json::array()}};
+      return done({200, j.dump()});
+    }
+    return done(error_reply(404, "NotFoundError",
+                            "this server runs as a single process: experts are local"));
+  }
+  if (path == "/admin/cluster")
+    return ask_router<actors::cluster_atom>(ctx, to_json<proto::ClusterSnapshot>, done);
+  if (path == "/admin/experts")
+    return ask_router<actors::experts_atom>(ctx, to_json<proto::ExpertsSnapshot>, done);
+
+  // POST /admin/capacity
+  json j = json::parse(body, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("capacity_factor") ||
+      !j["capacity_factor"].is_number())
+    return done(error_reply(400, "BadRequestError",
+                            "expected a JSON body {\"capacity_factor\": <number, 0 = no limit>}"));
+  const double factor = j["capacity_factor"].get<double>();
+  ask_router<actors::capacity_atom>(
+      ctx,
+      [factor](const std::string& error) {
+        if (!error.empty()) return error_reply(400, "BadRequestError", error);
+        return AdminReply{200, json{{"capacity_factor", factor}}.dump()};
+      },
+      done, factor);
+}
+
+}  // namespace moemesh::gateway

@@ -1,0 +1,41 @@
+// The admin routes of the gateway, answered from the router's snapshots.
+//
+//   GET  /admin/cluster   ClusterSnapshot (proto/cluster.proto) as JSON: nodes, roles, state, the
+//                         "join" address, placement version, readiness
+//   GET  /admin/experts   ExpertsSnapshot as JSON: per layer and expert, the workers holding it and
+//                         its token, overflow and drop counters; balancedness per layer
+//   POST /admin/capacity  {"capacity_factor": 1.25} sets the expert workers' capacity factor
+//                         (0: no limit); needs "Authorization: Bearer <admin token>"
+//
+// JSON comes from protobuf's JSON mapping (field names as in the .proto files). Without a router
+// (a single-process server) the GET routes describe that one process.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "actors/cluster_interface.h"
+
+namespace moemesh::gateway {
+
+struct AdminReply {
+  unsigned status = 200;
+  std::string body;  // JSON
+};
+
+struct AdminContext {
+  caf::actor_system* system = nullptr;
+  actors::router_actor router;  // null: no cluster
+  std::string admin_token;      // empty: admin actions are refused
+  std::string single_process_model;
+};
+
+bool is_admin_path(std::string_view path);
+
+// Answers one admin request; `done` is called exactly once, possibly on another thread.
+void handle_admin(const AdminContext& ctx, bool post, std::string_view path,
+                  std::string_view authorization, const std::string& body,
+                  std::function<void(AdminReply)> done);
+
+}  // namespace moemesh::gateway

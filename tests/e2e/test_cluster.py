@@ -1,0 +1,288 @@
+"""The disaggregated cluster of `moemesh serve`: real role processes joined over loopback.
+
+Greedy outputs through the cluster must equal the reference tokens of the parity fixtures (which
+the single process already matches), over shared memory and over TCP; losing workers must fail
+only what it has to, cleanly and quickly; capacity factors must count and drop what they say.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import FIXTURES, ROOT
+from server import Server
+
+TOKEN = "e2e-cluster-token"
+DEMO = ROOT / "models" / "demo"
+
+
+def fixture_with_tokenizer(tmp_path, name):
+    """A parity fixture plus a tokenizer (the gateway needs one; prompts here are token ids)."""
+    d = tmp_path / name
+    d.mkdir()
+    for f in (FIXTURES / name).iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "tokenizer.json").symlink_to(DEMO / "tokenizer.json")
+    return d
+
+
+def completion_ids(server, prompt_ids, max_tokens, **extra):
+    body = {"model": server.model_id, "prompt": prompt_ids, "max_tokens": max_tokens,
+            "temperature": 0, "logprobs": 0, "return_tokens_as_token_ids": True,
+            "ignore_eos": True, **extra}
+    status, _, raw = server.request("POST", "/v1/completions", body)
+    assert status == 200, raw
+    tokens = json.loads(raw)["choices"][0]["logprobs"]["tokens"]
+    return [int(t.split(":", 1)[1]) for t in tokens]
+
+
+def start(binary, model, *args):
+    s = Server(binary, "--model", model, "--cluster-token", TOKEN, *args)
+    status, _, raw = s.request("GET", "/v1/models")
+    s.model_id = json.loads(raw)["data"][0]["id"]
+    return s
+
+
+def cluster(server):
+    status, _, raw = server.request("GET", "/admin/cluster")
+    assert status == 200, raw
+    return json.loads(raw)
+
+
+def members(server, role):
+    return [m for m in cluster(server)["members"] if m["role"] == role]
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def stream(server, prompt, max_tokens, results, key):
+    """Streams one completion; records tokens, the finish reason or the error, and timings."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"model": server.model_id, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": 0,
+                       "return_tokens_as_token_ids": True})
+    r = {"tokens": [], "finish": None, "error": None, "status": None, "end": None}
+    results[key] = r  # filled while the stream runs
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        r["status"] = resp.status
+        if resp.status != 200:
+            r["error"] = resp.read().decode()
+        else:
+            for line in resp:
+                line = line.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    r["error"] = event["error"]
+                    continue
+                for c in event["choices"]:
+                    lp = c.get("logprobs") or {}
+                    r["tokens"] += [int(t.split(":", 1)[1]) for t in lp.get("tokens", [])]
+                    if c.get("finish_reason"):
+                        r["finish"] = c["finish_reason"]
+    except Exception as e:  # noqa: BLE001 - recorded for the assertion
+        r["error"] = repr(e)
+    r["end"] = time.time()
+
+
+def start_streams(server, prompts, max_tokens, started=4):
+    """Starts one streaming request per prompt; returns once each has `started` tokens."""
+    results = {}
+    threads = [threading.Thread(target=stream, args=(server, p, max_tokens, results, i))
+               for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(results) == len(prompts) and all(
+        len(r["tokens"]) >= started for r in results.values()), 60, "every stream to start")
+    return results, threads
+
+
+PARITY = sorted(p.name for p in FIXTURES.iterdir())
+
+
+@pytest.mark.parametrize("transports", ["sm", "tcp"])
+@pytest.mark.parametrize("name", PARITY)
+def test_cluster_greedy_output_equals_the_reference(binary, tmp_path, name, transports):
+    ref = json.loads((FIXTURES / name / "reference.json").read_text())
+    model = fixture_with_tokenizer(tmp_path, name)
+    s = start(binary, model, "--transports", transports, "--expert-workers", 2)
+    try:
+        got = completion_ids(s, ref["prompt_ids"], len(ref["output_ids"]))
+        assert got == ref["output_ids"]
+        experts = json.loads(s.request("GET", "/admin/experts")[2])
+        held = {w for l in experts["layers"] for e in l["experts"] for w in e["workers"]}
+        assert len(held) == 2, "both expert workers hold experts"
+    finally:
+        assert s.stop() == 0
+
+
+def test_roles_run_as_separate_processes_in_serves_group(binary):
+    s = start(binary, DEMO)
+    try:
+        pids = {m["role"]: [] for m in cluster(s)["members"]}
+        for m in cluster(s)["members"]:
+            pids[m["role"]].append(int(m["pid"]))
+        assert len(pids["expert"]) == 2 and len(pids["attention"]) == 1
+        for role, ps in pids.items():
+            for pid in ps:
+                argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                assert argv[:2] == [b"moemesh", role.encode()], argv
+                assert os.getpgid(pid) == os.getpgid(s.proc.pid)
+                env = pathlib.Path(f"/proc/{pid}/cmdline").read_text()
+                assert TOKEN not in env, "the cluster token is not on the command line"
+        snap = cluster(s)
+        assert snap["ready"] and snap["join"].startswith("127.0.0.1:")
+    finally:
+        assert s.stop() == 0
+    for ps in pids.values():
+        for pid in ps:
+            assert not pathlib.Path(f"/proc/{pid}").exists() or \
+                b"zombie" in pathlib.Path(f"/proc/{pid}/status").read_bytes().lower()
+
+
+def test_a_wrong_cluster_token_is_refused(binary):
+    s = start(binary, DEMO)
+    try:
+        join = cluster(s)["join"]
+        p = subprocess.run([str(binary), "expert", "--join", join, "--model", str(DEMO),
+                            "--cluster-token", "wrong", "--join-timeout", "10"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0
+        assert "refused" in p.stderr and "wrong cluster token" in p.stderr, p.stderr
+        assert cluster(s)["joins_refused_total"] == "1"
+        assert len(members(s, "expert")) == 2
+    finally:
+        s.stop()
+
+
+PROMPTS = [[1 + i, 7, 42, 99 + i] for i in range(6)]
+
+
+def reference_outputs(server, n_tokens):
+    return [completion_ids(server, p, n_tokens) for p in PROMPTS]
+
+
+def test_losing_an_expert_worker_with_replicas_fails_nothing(binary):
+    s = start(binary, DEMO, "--expert-workers", 2, "--expert-replicas", 2)
+    try:
+        expected = reference_outputs(s, 48)
+        results, threads = start_streams(s, PROMPTS, 48)
+        victim = int(members(s, "expert")[0]["pid"])
+        os.kill(victim, signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        for i, r in results.items():
+            assert r["error"] is None, r["error"]
+            assert r["finish"] == "length"
+            assert r["tokens"] == expected[i]
+        assert len(results) == len(PROMPTS)
+        wait_until(lambda: len(members(s, "expert")) == 1, 10, "the lost worker to leave")
+        assert cluster(s)["ready"]
+        assert completion_ids(s, PROMPTS[0], 48) == expected[0]
+    finally:
+        s.stop()
+
+
+def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_a_restart_recovers(binary):
+    s = start(binary, DEMO, "--expert-workers", 2)
+    try:
+        expected = reference_outputs(s, 32)
+        results, threads = start_streams(s, PROMPTS, 400)
+        victim = int(members(s, "expert")[0]["pid"])
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        for t in threads:
+            t.join(30)
+        assert len(results) == len(PROMPTS)
+        for r in results.values():
+            assert r["error"] is not None, "a request that needed the lost experts must fail"
+            assert r["end"] - killed < 2.0, f"ended {r['end'] - killed:.2f} s after the kill"
+        # The gateway goes on: not ready (503), but answering.
+        status, _, raw = s.request("POST", "/v1/completions",
+                                   {"model": s.model_id, "prompt": PROMPTS[0], "max_tokens": 4})
+        assert status == 503, raw
+        assert s.request("GET", "/health")[0] == 503
+        assert s.request("GET", "/v1/models")[0] == 200
+        # A restarted worker rejoins and takes the experts back.
+        join = cluster(s)["join"]
+        proc = subprocess.Popen([str(binary), "expert", "--join", join, "--model", str(DEMO),
+                                 "--threads", "1"], env={**os.environ,
+                                                         "MOEMESH_CLUSTER_TOKEN": TOKEN},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_until(lambda: s.request("GET", "/health")[0] == 200, 30, "the cluster to recover")
+            assert reference_outputs(s, 32) == expected
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        s.stop()
+
+
+def test_losing_an_attention_worker_fails_only_its_requests(binary):
+    s = start(binary, DEMO, "--attention-workers", 2)
+    try:
+        expected = reference_outputs(s, 300)
+        results, threads = start_streams(s, PROMPTS[:4], 300)
+        victim = int(members(s, "attention")[0]["pid"])
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        for t in threads:
+            t.join(60)
+        failed = [r for r in results.values() if r["error"] is not None]
+        ok = [(i, r) for i, r in results.items() if r["error"] is None]
+        assert len(failed) == 2 and len(ok) == 2, results
+        for r in failed:
+            assert r["end"] - killed < 5.0
+        for i, r in ok:
+            assert r["finish"] == "length" and r["tokens"] == expected[i]
+        wait_until(lambda: len(members(s, "attention")) == 1, 10, "the lost worker to leave")
+        assert completion_ids(s, PROMPTS[0], 300) == expected[0]
+    finally:
+        s.stop()
+
+
+def test_capacity_factor_counts_overflows_and_drops(binary):
+    s = start(binary, DEMO, "--capacity-factor", 0.3, "--admin-token", "adm")
+    try:
+        for p in PROMPTS:
+            completion_ids(s, p * 8, 4)  # prompts of 32 tokens: prefill steps overflow
+        wait_until(lambda: sum(int(e["overflows_total"]) for l in json.loads(
+            s.request("GET", "/admin/experts")[2])["layers"] for e in l["experts"]) > 0, 5,
+            "overflow counters")
+        experts = json.loads(s.request("GET", "/admin/experts")[2])
+        overflows = sum(int(e["overflows_total"]) for l in experts["layers"] for e in l["experts"])
+        drops = sum(int(e["drops_total"]) for l in experts["layers"] for e in l["experts"])
+        assert overflows > 0 and drops > 0
+        assert experts["capacity_factor"] == pytest.approx(0.3)
+        # Admin action: no limit again, and then nothing more is dropped.
+        assert s.request("POST", "/admin/capacity", {"capacity_factor": 0})[0] in (401, 403)
+        status, _, raw = s.request("POST", "/admin/capacity", {"capacity_factor": 0},
+                                   headers={"Authorization": "Bearer adm"})
+        assert status == 200, raw
+        time.sleep(0.3)
+        completion_ids(s, PROMPTS[0] * 8, 4)
+        time.sleep(1.2)
+        after = json.loads(s.request("GET", "/admin/experts")[2])
+        assert sum(int(e["overflows_total"]) for l in after["layers"]
+                   for e in l["experts"]) == overflows
+    finally:
+        s.stop()

@@ -1,0 +1,571 @@
+// DispatchClient: the attention-worker side of the data plane (contract in data_plane.h).
+//
+// The whole object is owned by the caller's thread; UCX callbacks run inside the progress calls
+// that send(), wait(), disconnect() and the destructor make, on that same thread.
+//
+// A round is every dispatch sent since the last wait(). Its dispatches have consecutive sequence
+// numbers starting at round_base_, and pending_[seq - round_base_] tracks each one; a reply
+// whose seq falls outside the round, or whose dispatch already has a reply, is late.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <unordered_map>
+#include <utility>
+
+#include "transport/data_plane.h"
+#include "transport/detail/ucx.h"
+#include "transport/detail/wire.h"
+
+namespace moemesh::transport {
+
+using detail::ByteBuffer;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+constexpr auto kCloseTimeout = std::chrono::milliseconds(100);
+}  // namespace
+
+class DispatchClient::Impl {
+ public:
+  explicit Impl(DataPlaneOptions options) : options_(std::move(options)) {}
+  ~Impl();
+
+  Status init();
+  Expected<int> connect(std::string_view address);
+  void disconnect(int peer);
+  Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
+              int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
+              const int32_t* experts, const float* weights, int32_t slots);
+  std::vector<int> wait(Clock::time_point deadline,
+                        const std::function<void(const Reply&)>& on_reply);
+  ClientStats stats() const { return stats_; }
+
+ private:
+  struct Peer {
+    Impl* self = nullptr;
+    int index = 0;
+    ucp_ep_h ep = nullptr;
+    std::string address;
+    bool connected = false;
+    ucs_status_t failure = UCS_OK;  // set by the endpoint's error callback
+  };
+  // One dispatch in flight on the wire; lives until UCX completes the send.
+  struct SendSlot {
+    Impl* self = nullptr;
+    ByteBuffer payload;
+    std::string header;
+    void* request = nullptr;
+    uint64_t seq = 0;
+  };
+  // One reply being received or waiting to be delivered.
+  struct ReplyBuf {
+    Impl* self = nullptr;
+    uint64_t seq = 0;
+    void* am_data = nullptr;  // eager data held from UCX
+    const std::byte* payload = nullptr;
+    ByteBuffer buf;  // rendezvous or unaligned copy
+    size_t length = 0;
+    void* request = nullptr;
+    std::string error;
+    bool orphan = false;  // its round ended while it was being received
+  };
+  enum class State { kWaiting, kReceiving, kReady, kDone, kFailed };
+  struct Pending {
+    int peer = 0;
+    uint64_t epoch = 0, step = 0;
+    int32_t layer = 0, micro_batch = 0, slots = 0;
+    int64_t n_tokens = 0, hidden = 0;
+    WireDtype dtype = WireDtype::F32;
+    State state = State::kWaiting;
+    ReplyBuf* reply = nullptr;
+  };
+
+  static void on_peer_error(void* arg, ucp_ep_h ep, ucs_status_t status);
+  static void on_send_done(void* request, ucs_status_t status, void* user);
+  static ucs_status_t on_reply_am(void* arg, const void* header, size_t header_length, void* data,
+                                  size_t length, const ucp_am_recv_param_t* param);
+  ucs_status_t on_reply(const void* header, size_t header_length, void* data, size_t length,
+                        const ucp_am_recv_param_t* param);
+  static void on_receive_done(void* request, ucs_status_t status, size_t length, void* user);
+
+  Pending* pending_for(uint64_t seq);
+  void fail_pending(int peer);
+  void finish(Pending& p, State state);
+  void drop_late(ReplyBuf* r);
+  void deliver(const std::function<void(const Reply&)>& on_reply);
+  SendSlot* acquire_slot(size_t bytes);
+  void release_slot(SendSlot* s);
+  ReplyBuf* acquire_reply(size_t bytes);
+  void release_reply(ReplyBuf* r);
+
+  const DataPlaneOptions options_;
+  std::unique_ptr<detail::UcxWorker> ucx_;
+  std::vector<std::unique_ptr<Peer>> peers_;
+  std::unordered_map<std::string, int> by_address_;
+  std::vector<std::unique_ptr<SendSlot>> all_slots_;
+  std::vector<SendSlot*> free_slots_;
+  std::vector<std::unique_ptr<ReplyBuf>> all_replies_;
+  std::vector<ReplyBuf*> free_replies_;
+  std::vector<Pending> pending_;
+  std::vector<uint64_t> ready_;  // seqs of the round whose reply can be delivered
+  uint64_t round_base_ = 1, next_seq_ = 1;
+  size_t remaining_ = 0;  // dispatches of the round still waiting or receiving
+  bool in_callback_ = false;
+  std::exception_ptr callback_error_;  // the first exception thrown by on_reply in this wait()
+  ByteBuffer partial_f32_;
+  proto::DispatchHeader out_header_;
+  proto::ReplyHeader in_header_;
+  ClientStats stats_;
+};
+
+Status DispatchClient::Impl::init() {
+  auto created = detail::UcxWorker::create(options_, "client", /*wakeup=*/false);
+  if (!created.ok()) return created.error();
+  ucx_ = std::move(created.value());
+  return ucx_->set_am_handler(detail::kReplyAmId, &on_reply_am, this);
+}
+
+DispatchClient::Impl::~Impl() {
+  if (!ucx_) return;
+  for (auto& p : peers_)
+    if (p->connected) ucx_->close_endpoint(p->ep, kCloseTimeout);
+  for (auto& s : all_slots_)
+    if (s->request != nullptr) ucp_request_cancel(ucx_->worker(), s->request);
+  for (auto& r : all_replies_)
+    if (r->request != nullptr) ucp_request_cancel(ucx_->worker(), r->request);
+  const auto deadline = Clock::now() + kCloseTimeout;
+  auto busy = [&] {
+    for (auto& s : all_slots_)
+      if (s->request != nullptr) return true;
+    for (auto& r : all_replies_)
+      if (r->request != nullptr) return true;
+    return false;
+  };
+  while (busy() && Clock::now() < deadline) ucp_worker_progress(ucx_->worker());
+  for (auto& r : all_replies_)
+    if (r->am_data != nullptr) ucp_am_data_release(ucx_->worker(), r->am_data);
+  ucx_.reset();
+}
+
+Expected<int> DispatchClient::Impl::connect(std::string_view address) {
+  auto raw = detail::unframe_address(address);
+  if (!raw.ok()) return Error("DispatchClient::connect: " + raw.error().message());
+  std::string key(address);
+  if (auto it = by_address_.find(key); it != by_address_.end()) return it->second;
+
+  auto peer = std::make_unique<Peer>();
+  peer->self = this;
+  peer->index = static_cast<int>(peers_.size());
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(raw->data());
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = &on_peer_error;
+  ep.err_handler.arg = peer.get();
+  const ucs_status_t st = ucp_ep_create(ucx_->worker(), &ep, &peer->ep);
+  if (st != UCS_OK)
+    return Error("DispatchClient::connect: UCX cannot reach the expert worker at this address (" +
+                 detail::ucs_text(st) + "); this client has " + ucx_->describe() +
+                 ": both sides need a transport in common");
+  peer->connected = true;
+  peer->address = key;
+  by_address_.emplace(std::move(key), peer->index);
+  spdlog::debug("transport=client event=connected peer={} {}", peer->index, ucx_->describe());
+  peers_.push_back(std::move(peer));
+  return peers_.back()->index;
+}
+
+void DispatchClient::Impl::disconnect(int peer) {
+  if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !peers_[peer]->connected) return;
+  Peer& p = *peers_[peer];
+  p.connected = false;
+  by_address_.erase(p.address);
+  fail_pending(peer);
+  // Forced close: sends in flight to it complete as cancelled (their slots come back).
+  ucx_->close_endpoint(p.ep, kCloseTimeout);
+  p.ep = nullptr;
+  spdlog::debug("transport=client event=disconnected peer={}", peer);
+}
+
+void DispatchClient::Impl::on_peer_error(void* arg, ucp_ep_h, ucs_status_t status) {
+  auto* p = static_cast<Peer*>(arg);
+  if (p->failure != UCS_OK) return;
+  p->failure = status;
+  spdlog::warn("transport=client event=peer_failed peer={} status={}", p->index,
+               detail::ucs_text(status));
+  p->self->fail_pending(p->index);
+}
+
+// Dispatches of the round to `peer` that have no reply yet will not get one.
+void DispatchClient::Impl::fail_pending(int peer) {
+  for (Pending& p : pending_)
+    if (p.peer == peer && (p.state == State::kWaiting || p.state == State::kReceiving)) {
+      if (p.reply != nullptr) p.reply->orphan = true;  // its receive completes or is cancelled
+      p.reply = nullptr;
+      finish(p, State::kFailed);
+    }
+}
+
+void DispatchClient::Impl::finish(Pending& p, State state) {
+  if (p.state == State::kWaiting || p.state == State::kReceiving || p.state == State::kReady)
+    --remaining_;
+  p.state = state;
+}
+
+DispatchClient::Impl::Pending* DispatchClient::Impl::pending_for(uint64_t seq) {
+  if (seq < round_base_ || seq - round_base_ >= pending_.size()) return nullptr;
+  return &pending_[seq - round_base_];
+}
+
+DispatchClient::Impl::SendSlot* DispatchClient::Impl::acquire_slot(size_t bytes) {
+  if (SendSlot* s = detail::take_best_fit(free_slots_, bytes,
+                                          [](const SendSlot& x) { return x.payload.capacity(); }))
+    return s;
+  all_slots_.push_back(std::make_unique<SendSlot>());
+  all_slots_.back()->self = this;
+  ++stats_.buffers;
+  return all_slots_.back().get();
+}
+
+void DispatchClient::Impl::release_slot(SendSlot* s) {
+  s->request = nullptr;
+  free_slots_.push_back(s);
+}
+
+DispatchClient::Impl::ReplyBuf* DispatchClient::Impl::acquire_reply(size_t bytes) {
+  ReplyBuf* r = detail::take_best_fit(free_replies_, bytes,
+                                      [](const ReplyBuf& x) { return x.buf.capacity(); });
+  if (r == nullptr) {
+    all_replies_.push_back(std::make_unique<ReplyBuf>());
+    r = all_replies_.back().get();
+    r->self = this;
+    ++stats_.buffers;
+  }
+  r->am_data = nullptr;
+  r->payload = nullptr;
+  r->length = 0;
+  r->request = nullptr;
+  r->error.clear();
+  r->orphan = false;
+  return r;
+}
+
+void DispatchClient::Impl::release_reply(ReplyBuf* r) {
+  if (r->am_data != nullptr) ucp_am_data_release(ucx_->worker(), r->am_data);
+  r->am_data = nullptr;
+  free_replies_.push_back(r);
+}
+
+void DispatchClient::Impl::drop_late(ReplyBuf* r) {
+  ++stats_.late_replies;
+  release_reply(r);
+}
+
+Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32_t layer,
+                                  int32_t micro_batch, int64_t step_tokens, const float* x,
+                                  int64_t hidden, std::span<const int32_t> tokens,
+                                  const int32_t* experts, const float* weights, int32_t slots) {
+  if (in_callback_)
+    return Error("DispatchClient::send called from inside on_reply; send after wait() returns");
+  if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !peers_[peer]->connected)
+    return Error("DispatchClient::send: peer " + std::to_string(peer) +
+                 " is not connected (connect() the expert worker's address first)");
+  Peer& p = *peers_[peer];
+  if (p.failure != UCS_OK) {
+    ++stats_.send_errors;
+    return Error("DispatchClient::send: expert worker peer " + std::to_string(peer) + " failed (" +
+                 detail::ucs_text(p.failure) + "); disconnect() it and route its tokens elsewhere");
+  }
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const auto layout = detail::dispatch_layout(n, slots, hidden, options_.dtype);
+  if (!layout)
+    return Error("DispatchClient::send: bad shape tokens=" + std::to_string(n) +
+                 " slots=" + std::to_string(slots) + " hidden=" + std::to_string(hidden) +
+                 " (hidden must be > 0, slots >= 0, message below 4 GiB)");
+  if (n > 0 && (x == nullptr || (slots > 0 && (experts == nullptr || weights == nullptr))))
+    return Error("DispatchClient::send: x, experts and weights must be non-null for " +
+                 std::to_string(n) + " tokens");
+  for (int64_t i = 0; i < n; ++i)
+    if (tokens[i] < 0)
+      return Error("DispatchClient::send: tokens[" + std::to_string(i) +
+                   "] = " + std::to_string(tokens[i]) + " is negative");
+
+  SendSlot* s = acquire_slot(layout->total);
+  if (s->payload.reserve(layout->total)) ++stats_.buffers;
+  std::byte* out = s->payload.data();
+  const size_t routing = static_cast<size_t>(n) * static_cast<size_t>(slots) * 4;
+  if (routing > 0) {
+    std::memcpy(out + layout->experts, experts, routing);
+    std::memcpy(out + layout->weights, weights, routing);
+  }
+  const size_t row = static_cast<size_t>(hidden);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* src = x + static_cast<size_t>(tokens[i]) * row;
+    if (options_.dtype == WireDtype::BF16)
+      detail::f32_to_bf16_n(src, out + layout->x + static_cast<size_t>(i) * row * 2, row);
+    else
+      std::memcpy(out + layout->x + static_cast<size_t>(i) * row * 4, src, row * 4);
+  }
+
+  const uint64_t seq = next_seq_;
+  out_header_.Clear();
+  out_header_.set_version(detail::kWireVersion);
+  out_header_.set_epoch(epoch);
+  out_header_.set_step(step);
+  out_header_.set_layer(layer);
+  out_header_.set_micro_batch(micro_batch);
+  out_header_.set_n_tokens(n);
+  out_header_.set_slots(slots);
+  out_header_.set_step_tokens(step_tokens);
+  out_header_.set_hidden(hidden);
+  out_header_.set_dtype(detail::to_proto(options_.dtype));
+  out_header_.set_seq(seq);
+  if (detail::grows(s->header, out_header_.ByteSizeLong())) ++stats_.buffers;
+  detail::serialize_into(out_header_, s->header);
+
+  ucp_request_param_t prm{};
+  prm.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  prm.flags = UCP_AM_SEND_FLAG_REPLY;
+  prm.cb.send = &on_send_done;
+  prm.user_data = s;
+  void* req = ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(), s->header.size(),
+                              layout->total > 0 ? out : nullptr, layout->total, &prm);
+  if (UCS_PTR_IS_ERR(req)) {
+    release_slot(s);
+    ++stats_.send_errors;
+    return Error("DispatchClient::send: UCX refused the dispatch to peer " + std::to_string(peer) +
+                 ": " + detail::ucs_text(UCS_PTR_STATUS(req)));
+  }
+  ++next_seq_;
+  if (pending_.capacity() == pending_.size()) ++stats_.buffers;
+  pending_.push_back(Pending{peer, epoch, step, layer, micro_batch, slots, n, hidden,
+                             options_.dtype, State::kWaiting, nullptr});
+  ++remaining_;
+  ++stats_.dispatches;
+  stats_.bytes_out += layout->total;
+  if (req == nullptr) {
+    release_slot(s);
+  } else {
+    s->request = req;
+    s->seq = seq;
+  }
+  return {};
+}
+
+void DispatchClient::Impl::on_send_done(void* request, ucs_status_t status, void* user) {
+  auto* s = static_cast<SendSlot*>(user);
+  Impl* self = s->self;
+  ucp_request_free(request);
+  if (status != UCS_OK) {
+    ++self->stats_.send_errors;
+    spdlog::debug("transport=client event=send_failed seq={} status={}", s->seq,
+                  detail::ucs_text(status));
+    if (Pending* p = self->pending_for(s->seq); p != nullptr && p->state == State::kWaiting)
+      self->finish(*p, State::kFailed);
+  }
+  self->release_slot(s);
+}
+
+ucs_status_t DispatchClient::Impl::on_reply_am(void* arg, const void* header, size_t header_length,
+                                               void* data, size_t length,
+                                               const ucp_am_recv_param_t* param) {
+  return static_cast<Impl*>(arg)->on_reply(header, header_length, data, length, param);
+}
+
+ucs_status_t DispatchClient::Impl::on_reply(const void* header, size_t header_length, void* data,
+                                            size_t length, const ucp_am_recv_param_t* param) {
+  in_header_.Clear();
+  if (!in_header_.ParseFromArray(header, static_cast<int>(header_length))) {
+    ++stats_.late_replies;
+    spdlog::warn("transport=client event=dropped_reply reason=\"header does not parse\"");
+    return UCS_OK;
+  }
+  Pending* p = pending_for(in_header_.seq());
+  if (p == nullptr || p->state != State::kWaiting || p->epoch != in_header_.epoch() ||
+      p->step != in_header_.step() || p->layer != in_header_.layer() ||
+      p->micro_batch != in_header_.micro_batch()) {
+    ++stats_.late_replies;  // after its round, a duplicate, or not what was asked
+    return UCS_OK;          // a rendezvous payload is dropped by UCX
+  }
+  ReplyBuf* r = acquire_reply(length);
+  r->seq = in_header_.seq();
+  p->reply = r;
+  if (!in_header_.error().empty()) {
+    r->error = in_header_.error();
+  } else {
+    const auto layout = detail::reply_layout(p->n_tokens, p->slots, p->hidden, p->dtype);
+    if (in_header_.n_tokens() != p->n_tokens || in_header_.slots() != p->slots ||
+        in_header_.hidden() != p->hidden || in_header_.dtype() != detail::to_proto(p->dtype) ||
+        !layout || layout->total != length) {
+      r->error = "malformed reply: " + std::to_string(length) +
+                 " bytes for n_tokens=" + std::to_string(in_header_.n_tokens()) +
+                 " hidden=" + std::to_string(in_header_.hidden()) +
+                 ", expected n_tokens=" + std::to_string(p->n_tokens) +
+                 " hidden=" + std::to_string(p->hidden);
+    }
+  }
+  if (!r->error.empty()) {
+    p->state = State::kReady;  // stays counted in remaining_ until delivered
+    ready_.push_back(r->seq);
+    return UCS_OK;
+  }
+  r->length = length;
+  if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+    if (r->buf.reserve(length)) ++stats_.buffers;
+    r->payload = r->buf.data();
+    ucp_request_param_t prm{};
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.recv_am = &on_receive_done;
+    prm.user_data = r;
+    void* req = ucp_am_recv_data_nbx(ucx_->worker(), data, r->buf.data(), length, &prm);
+    if (req == nullptr) {
+      p->state = State::kReady;
+      ready_.push_back(r->seq);
+    } else if (UCS_PTR_IS_ERR(req)) {
+      r->error = "receiving the reply failed: " + detail::ucs_text(UCS_PTR_STATUS(req));
+      p->state = State::kReady;
+      ready_.push_back(r->seq);
+    } else {
+      r->request = req;
+      p->state = State::kReceiving;
+    }
+    return UCS_OK;
+  }
+  const bool persistent = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) != 0;
+  if (length > 0 && persistent && reinterpret_cast<uintptr_t>(data) % 4 == 0) {
+    r->am_data = data;
+    r->payload = static_cast<const std::byte*>(data);
+  } else if (length > 0) {
+    if (r->buf.reserve(length)) ++stats_.buffers;
+    std::memcpy(r->buf.data(), data, length);
+    r->payload = r->buf.data();
+  }
+  p->state = State::kReady;
+  ready_.push_back(r->seq);
+  return r->am_data != nullptr ? UCS_INPROGRESS : UCS_OK;
+}
+
+void DispatchClient::Impl::on_receive_done(void* request, ucs_status_t status, size_t, void* user) {
+  auto* r = static_cast<ReplyBuf*>(user);
+  Impl* self = r->self;
+  ucp_request_free(request);
+  r->request = nullptr;
+  if (r->orphan) {  // its round ended or its peer was dropped
+    self->drop_late(r);
+    return;
+  }
+  Pending* p = self->pending_for(r->seq);
+  if (p == nullptr || p->reply != r) {  // not expected: a receive outlives its round only orphaned
+    self->drop_late(r);
+    return;
+  }
+  if (status != UCS_OK) r->error = "receiving the reply failed: " + detail::ucs_text(status);
+  p->state = State::kReady;
+  self->ready_.push_back(r->seq);
+}
+
+void DispatchClient::Impl::deliver(const std::function<void(const Reply&)>& on_reply) {
+  for (size_t k = 0; k < ready_.size(); ++k) {
+    Pending* p = pending_for(ready_[k]);
+    if (p == nullptr || p->state != State::kReady || p->reply == nullptr) continue;
+    ReplyBuf* r = p->reply;
+    Reply out;
+    out.peer = p->peer;
+    out.layer = p->layer;
+    out.micro_batch = p->micro_batch;
+    out.n_tokens = p->n_tokens;
+    out.slots = p->slots;
+    out.hidden = p->hidden;
+    if (!r->error.empty()) {
+      out.error = r->error;
+    } else {
+      const auto layout = detail::reply_layout(p->n_tokens, p->slots, p->hidden, p->dtype);
+      const size_t elems = static_cast<size_t>(p->n_tokens * p->hidden);
+      if (p->dtype == WireDtype::BF16) {
+        if (partial_f32_.reserve(elems * 4)) ++stats_.buffers;
+        detail::bf16_to_f32_n(r->payload, reinterpret_cast<float*>(partial_f32_.data()), elems);
+        out.partial = reinterpret_cast<const float*>(partial_f32_.data());
+      } else {
+        out.partial = reinterpret_cast<const float*>(r->payload);
+      }
+      out.rejected = reinterpret_cast<const uint8_t*>(r->payload + layout->rejected);
+      stats_.bytes_in += r->length;
+    }
+    ++stats_.replies;
+    finish(*p, State::kDone);
+    p->reply = nullptr;
+    in_callback_ = true;
+    try {
+      if (on_reply) on_reply(out);
+    } catch (...) {
+      // Rethrown by wait() once the round is closed, so the client stays consistent.
+      if (!callback_error_) callback_error_ = std::current_exception();
+    }
+    in_callback_ = false;
+    release_reply(r);
+  }
+  ready_.clear();
+}
+
+std::vector<int> DispatchClient::Impl::wait(Clock::time_point deadline,
+                                            const std::function<void(const Reply&)>& on_reply) {
+  if (in_callback_) return {};
+  // At least one progress call, so that late replies are drained even in an empty round.
+  do {
+    ucp_worker_progress(ucx_->worker());
+    if (!ready_.empty()) deliver(on_reply);
+  } while (remaining_ > 0 && Clock::now() < deadline);
+  if (!ready_.empty()) deliver(on_reply);
+
+  std::vector<int> missing;
+  for (Pending& p : pending_) {
+    if (p.state == State::kDone) continue;
+    ++stats_.timeouts;
+    if (p.reply != nullptr) p.reply->orphan = true;  // a receive still in flight
+    missing.push_back(p.peer);
+  }
+  std::sort(missing.begin(), missing.end());
+  missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
+  pending_.clear();
+  ready_.clear();
+  remaining_ = 0;
+  round_base_ = next_seq_;
+  if (callback_error_) std::rethrow_exception(std::exchange(callback_error_, nullptr));
+  return missing;
+}
+
+DispatchClient::DispatchClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+DispatchClient::~DispatchClient() = default;
+
+Expected<std::unique_ptr<DispatchClient>> DispatchClient::create(const DataPlaneOptions& options) {
+  auto impl = std::make_unique<Impl>(options);
+  if (Status st = impl->init(); !st.ok()) return st.error();
+  return std::unique_ptr<DispatchClient>(new DispatchClient(std::move(impl)));
+}
+
+Expected<int> DispatchClient::connect(std::string_view address) {
+  return impl_->connect(address);
+}
+void DispatchClient::disconnect(int peer) {
+  impl_->disconnect(peer);
+}
+Status DispatchClient::send(int peer, uint64_t epoch, uint64_t step, int32_t layer,
+                            int32_t micro_batch, int64_t step_tokens, const float* x,
+                            int64_t hidden, std::span<const int32_t> tokens, const int32_t* experts,
+                            const float* weights, int32_t slots) {
+  return impl_->send(peer, epoch, step, layer, micro_batch, step_tokens, x, hidden, tokens, experts,
+                     weights, slots);
+}
+std::vector<int> DispatchClient::wait(std::chrono::steady_clock::time_point deadline,
+                                      const std::function<void(const Reply&)>& on_reply) {
+  return impl_->wait(deadline, on_reply);
+}
+ClientStats DispatchClient::stats() const {
+  return impl_->stats();
+}
+
+}  // namespace moemesh::transport

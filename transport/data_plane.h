@@ -1,0 +1,185 @@
+// The data plane of the cluster: token batches of one MoE layer travel from attention workers to
+// expert workers over UCX active messages, and gate-weighted partial sums travel back.
+//
+// Sides. An expert worker runs one DispatchServer; an attention worker runs one DispatchClient
+// and connects it to every expert worker's address (DispatchServer::address(), carried over the
+// control plane). DispatchClient::send() queues one message per (expert worker, layer,
+// micro-batch): a protobuf header (proto/dataplane.proto) plus the gathered rows of the hidden
+// states, their expert ids and gate weights. DispatchClient::wait() progresses until every
+// dispatch sent since the previous wait() has its reply, or a deadline passes, and hands each
+// reply to a callback.
+//
+// Threads. DispatchServer owns one thread that owns its UCX worker: it receives, calls the
+// handler with every dispatch complete at that moment (several senders and layers together, so
+// the handler can batch one expert's tokens across them) and sends the replies. It busy-polls
+// while traffic flows and sleeps on the worker's event fd after ~1 ms of silence; the destructor
+// stops and joins it within ~100 ms (plus whatever the handler is doing). stats() is thread-safe.
+// DispatchClient has no thread: it is used by one thread, the caller's, which does all progress
+// inside send() and wait() (wait() busy-polls: it is on the critical path of a step).
+//
+// Buffers. send() copies the rows it is given (converted to the wire dtype) into a reused
+// buffer, so the caller's arrays may change as soon as send() returns. Every view in Dispatch
+// is valid only during the handler call, every view in Reply only during the on_reply call.
+// Buffers and protobuf messages are pooled and kept at their high-water mark: in steady state no
+// heap allocation happens per message (ServerStats/ClientStats::buffers counts pool growth).
+//
+// Epochs, steps and deadlines. Every message carries the sender's epoch and step id and a
+// sequence number; a reply is delivered only to the wait() that covers its dispatch, with the
+// same epoch and step. Replies that arrive after their wait() ended (its deadline passed), or
+// whose epoch/step do not match, or that duplicate one already delivered, are dropped and counted
+// as late_replies. A dead or unreachable expert worker never crashes or hangs the caller: sends
+// to it fail (send_errors) or stay unanswered, and wait() returns it among the peers that did not
+// answer (counted as timeouts, one per unanswered dispatch) no later than the deadline, earlier
+// when UCX already reported the peer's endpoint as failed. The caller then masks the peer,
+// disconnect()s it and bumps its epoch (the control plane publishes the new placement).
+//
+// Options. `transports` becomes UCX_TLS of this side's UCX context ("" keeps UCX's default or
+// the environment's UCX_TLS), `net_devices` UCX_NET_DEVICES. Both sides must share a transport
+// ("tcp", "sm" / "posix,sysv,cma", "sm,tcp", ...). Endpoints use peer error handling; so that
+// this does not silently move same-node traffic off shared memory, the first side created with
+// transports that may include shared memory sets UCX_POSIX_ERROR_HANDLING=y and
+// UCX_SYSV_ERROR_HANDLING=y in the process environment, unless they are already set.
+// `dtype` is what a client puts on the wire for hidden states; a server replies in the dtype it
+// received, and both sides hand f32 to their callers.
+//
+// Addresses. address() is the UCX worker address wrapped in a short checked frame (magic, length,
+// checksum), so connect() rejects a truncated or foreign address with a message instead of
+// handing garbage to UCX.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moemesh::transport {
+
+// Dtype of hidden states and partial sums on the wire.
+enum class WireDtype { F32, BF16 };
+
+struct DataPlaneOptions {
+  std::string transports;   // value for UCX_TLS ("" = UCX default; e.g. "tcp", "sm", "self,sm")
+  std::string net_devices;  // value for UCX_NET_DEVICES ("" = UCX default)
+  WireDtype dtype = WireDtype::F32;  // client side: what it sends; a server replies in kind
+};
+
+// One dispatch as the expert worker sees it; views valid only during the handler call.
+struct Dispatch {
+  uint64_t epoch = 0;
+  uint64_t step = 0;
+  int32_t layer = 0;
+  int32_t micro_batch = 0;
+  int64_t n_tokens = 0;     // rows in this message
+  int32_t slots = 0;        // expert slots per token (top_k)
+  int64_t step_tokens = 0;  // tokens of the sender's whole step for this layer
+  int64_t hidden = 0;
+  const float* x = nullptr;          // [n_tokens, hidden], f32 even if the wire was bf16
+  const int32_t* experts = nullptr;  // [n_tokens, slots]: expert id in the layer, -1 = not here
+  const float* weights = nullptr;    // [n_tokens, slots]: gate weights
+  // Filled by the handler (zero-initialised by the server before the call):
+  float* partial = nullptr;     // [n_tokens, hidden]: sum over this worker's slots of w * expert(x)
+  uint8_t* rejected = nullptr;  // [n_tokens, slots]: 1 = slot not computed (over capacity)
+  std::string* error = nullptr;                    // set non-empty to answer with an error instead
+  std::chrono::steady_clock::time_point received;  // when the message arrived (for queue time)
+};
+
+struct ServerStats {
+  uint64_t dispatches = 0;  // dispatches handed to the handler
+  uint64_t replies = 0;     // replies sent (completed or in flight)
+  uint64_t bytes_in = 0;    // payload bytes received
+  uint64_t bytes_out = 0;   // payload bytes replied
+  uint64_t errors = 0;      // malformed dispatches, error replies, failed reply sends
+  uint64_t buffers = 0;     // buffer/slot allocations (pool growth; flat in steady state)
+};
+
+class DispatchServer {
+ public:
+  // Called on the server thread with every dispatch that is complete at that moment (possibly
+  // from several senders and layers); afterwards the server sends each reply. An exception
+  // escaping the handler answers every dispatch of the batch with its message as the error.
+  using Handler = std::function<void(std::span<Dispatch> batch)>;
+
+  static Expected<std::unique_ptr<DispatchServer>> start(const DataPlaneOptions& options,
+                                                         Handler handler);
+  ~DispatchServer();  // stops and joins the thread
+  DispatchServer(const DispatchServer&) = delete;
+  DispatchServer& operator=(const DispatchServer&) = delete;
+
+  const std::string& address() const;  // framed ucp worker address; travels over the control plane
+  ServerStats stats() const;           // thread-safe
+
+ private:
+  class Impl;
+  explicit DispatchServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// One reply; views valid during the on_reply call.
+struct Reply {
+  int peer = 0;
+  int32_t layer = 0;
+  int32_t micro_batch = 0;
+  int64_t n_tokens = 0;
+  int32_t slots = 0;
+  int64_t hidden = 0;
+  const float* partial = nullptr;     // [n_tokens, hidden] f32 (null with an error)
+  const uint8_t* rejected = nullptr;  // [n_tokens, slots] (null with an error)
+  std::string_view error;             // non-empty: the server answered with an error
+};
+
+struct ClientStats {
+  uint64_t dispatches = 0;    // sends accepted
+  uint64_t replies = 0;       // replies delivered to on_reply (error replies included)
+  uint64_t timeouts = 0;      // dispatches without a reply when their wait() ended
+  uint64_t late_replies = 0;  // replies dropped: after their wait(), wrong epoch/step, duplicate
+  uint64_t send_errors = 0;   // sends refused or failed by UCX (dead or unreachable peer)
+  uint64_t bytes_out = 0;     // payload bytes sent
+  uint64_t bytes_in = 0;      // payload bytes of delivered replies
+  uint64_t buffers = 0;       // buffer/slot allocations (pool growth; flat in steady state)
+};
+
+// Attention-worker side. Used by ONE thread (the caller's); it has no thread of its own.
+class DispatchClient {
+ public:
+  static Expected<std::unique_ptr<DispatchClient>> create(const DataPlaneOptions& options);
+  ~DispatchClient();
+  DispatchClient(const DispatchClient&) = delete;
+  DispatchClient& operator=(const DispatchClient&) = delete;
+
+  // Peer index for a server address; the same address gives the same index until disconnect().
+  Expected<int> connect(std::string_view address);
+  // Forgets a dead or removed peer: closes its endpoint, cancels what is in flight to it. Its
+  // index is not reused; connecting to the address again gives a new index.
+  void disconnect(int peer);
+
+  // Queues one dispatch (sent immediately, non-blocking): rows tokens[i] of x ([*, hidden] f32)
+  // are gathered (and converted to the wire dtype) into a reused buffer; experts/weights are
+  // [tokens.size(), slots].
+  Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
+              int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
+              const int32_t* experts, const float* weights, int32_t slots);
+
+  // Progresses until every dispatch sent since the last wait() has a reply or `deadline` passes
+  // (at least one progress call, so an empty round drains late replies). Calls on_reply (may be
+  // empty) for each reply as it arrives; returns the peers (ascending, each once) that did not
+  // answer in time. Their late replies are dropped and counted later. Busy-polls. on_reply must
+  // not call send() or wait() (refused); an exception it throws is rethrown once the round is
+  // closed.
+  std::vector<int> wait(std::chrono::steady_clock::time_point deadline,
+                        const std::function<void(const Reply&)>& on_reply);
+
+  ClientStats stats() const;
+
+ private:
+  class Impl;
+  explicit DispatchClient(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moemesh::transport

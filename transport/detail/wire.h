@@ -1,0 +1,123 @@
+// Wire format of the data plane: active-message ids, payload layouts, dtype conversion, and the
+// reusable byte buffers both sides build messages in.
+//
+// Dispatch payload (little endian, sections in this order so each is naturally aligned when the
+// payload starts 4-byte aligned):
+//   experts int32 [n_tokens, slots] | weights f32 [n_tokens, slots] | x [n_tokens, hidden] dtype
+// Reply payload (no payload with an error):
+//   partial [n_tokens, hidden] dtype | rejected uint8 [n_tokens, slots]
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "proto/dataplane.pb.h"
+#include "transport/data_plane.h"
+
+namespace moemesh::transport::detail {
+
+// Active-message ids (below 65536, see notes/ucx-1.13.md).
+inline constexpr unsigned kDispatchAmId = 0x4d31;
+inline constexpr unsigned kReplyAmId = 0x4d32;
+inline constexpr uint32_t kWireVersion = 1;
+
+// Sizes larger than this are refused on both sides (a message is one layer of one step).
+inline constexpr int64_t kMaxPayloadBytes = int64_t{1} << 32;
+
+inline size_t dtype_size(WireDtype d) {
+  return d == WireDtype::BF16 ? 2 : 4;
+}
+inline proto::WireDtype to_proto(WireDtype d) {
+  return d == WireDtype::BF16 ? proto::WIRE_DTYPE_BF16 : proto::WIRE_DTYPE_F32;
+}
+// nullopt for a value this version does not know.
+std::optional<WireDtype> from_proto(int d);
+const char* dtype_name(WireDtype d);
+
+struct DispatchLayout {
+  size_t experts = 0, weights = 0, x = 0;  // byte offsets
+  size_t total = 0;
+};
+// nullopt when the shape is negative or too large.
+std::optional<DispatchLayout> dispatch_layout(int64_t n_tokens, int32_t slots, int64_t hidden,
+                                              WireDtype dtype);
+
+struct ReplyLayout {
+  size_t partial = 0, rejected = 0;  // byte offsets
+  size_t total = 0;
+};
+std::optional<ReplyLayout> reply_layout(int64_t n_tokens, int32_t slots, int64_t hidden,
+                                        WireDtype dtype);
+
+// bf16 <-> f32 (round to nearest even; NaN stays NaN).
+inline uint16_t f32_to_bf16(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+inline float bf16_to_f32(uint16_t b) {
+  const uint32_t bits = uint32_t{b} << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+// bf16 arrays must be 2-byte aligned, f32 arrays 4-byte aligned. Vectorised.
+void bf16_to_f32_n(const void* src, float* dst, size_t n);
+void f32_to_bf16_n(const float* src, void* dst, size_t n);
+// In place: the first n floats of buf become n bf16 values at the start of buf.
+void f32_to_bf16_in_place(void* buf, size_t n);
+
+// A growable byte buffer that never shrinks and never zero-fills (16-byte aligned).
+class ByteBuffer {
+ public:
+  // Makes room for n bytes; returns true when it had to allocate.
+  bool reserve(size_t n);
+  std::byte* data() { return data_.get(); }
+  const std::byte* data() const { return data_.get(); }
+  size_t capacity() const { return capacity_; }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  size_t capacity_ = 0;
+};
+
+// Serializes a protobuf message into a reused string (no allocation once it is large enough).
+template <class Message>
+void serialize_into(const Message& m, std::string& out) {
+  const size_t n = m.ByteSizeLong();
+  if (out.capacity() < n) out.reserve(n);
+  out.resize(n);
+  m.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out.data()));
+}
+
+// Takes the free entry whose buffer fits `bytes` most tightly (else the largest, which then
+// grows the least often); nullptr when `free` is empty. Keeps each pool at its high-water mark
+// of concurrent messages of each size instead of growing every entry to the largest size.
+template <class T, class Capacity>
+T* take_best_fit(std::vector<T*>& free, size_t bytes, Capacity capacity) {
+  if (free.empty()) return nullptr;
+  size_t best = 0;
+  for (size_t i = 1; i < free.size(); ++i) {
+    const size_t c = capacity(*free[i]), b = capacity(*free[best]);
+    const bool fits = c >= bytes, best_fits = b >= bytes;
+    if ((fits && (!best_fits || c < b)) || (!fits && !best_fits && c > b)) best = i;
+  }
+  T* out = free[best];
+  free[best] = free.back();
+  free.pop_back();
+  return out;
+}
+
+// Buffer/string growth detection for pool accounting.
+inline bool grows(const std::string& s, size_t n) {
+  return s.capacity() < n;
+}
+
+}  // namespace moemesh::transport::detail

@@ -1,0 +1,242 @@
+// UCP context/worker wrapper and worker address framing (see detail/ucx.h).
+#include "transport/detail/ucx.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+namespace moemesh::transport::detail {
+
+namespace {
+
+constexpr char kAddressMagic[4] = {'M', 'M', 'D', 'P'};
+constexpr uint8_t kAddressVersion = 1;
+constexpr size_t kAddressHeader = 4 + 1 + 4 + 4;
+
+uint32_t fnv1a(const void* data, size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 16777619u;
+  return h;
+}
+
+void put_u32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xffu));
+}
+
+uint32_t get_u32(const char* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t{static_cast<unsigned char>(p[i])} << (8 * i);
+  return v;
+}
+
+// Whether UCX_TLS may select the posix/sysv shared-memory transports.
+bool may_use_shared_memory(const std::string& tls) {
+  if (tls.empty() || tls[0] == '^') return true;  // UCX default, or "all but ..."
+  for (const char* name : {"sm", "shm", "posix", "sysv", "all"})
+    if (tls.find(name) != std::string::npos) return true;
+  return false;
+}
+
+// Peer error handling keeps shared memory only when the mm transports expose it
+// (notes/ucx-1.13.md, pitfall 2). Set only when shared memory may be used (UCX warns about unused
+// variables at exit otherwise); values the user already set win.
+void set_error_handling_env(const std::string& tls) {
+  if (!may_use_shared_memory(tls)) return;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    setenv("UCX_POSIX_ERROR_HANDLING", "y", 0);
+    setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
+  });
+}
+
+std::string or_default(const std::string& v) {
+  return v.empty() ? "<UCX default>" : v;
+}
+
+}  // namespace
+
+std::string ucs_text(ucs_status_t status) {
+  return ucs_status_string(status);
+}
+
+std::string frame_address(const void* raw, size_t length) {
+  std::string out;
+  out.reserve(kAddressHeader + length);
+  out.append(kAddressMagic, 4);
+  out.push_back(static_cast<char>(kAddressVersion));
+  put_u32(out, static_cast<uint32_t>(length));
+  put_u32(out, fnv1a(raw, length));
+  out.append(static_cast<const char*>(raw), length);
+  return out;
+}
+
+Expected<std::string_view> unframe_address(std::string_view framed) {
+  if (framed.size() < kAddressHeader || std::memcmp(framed.data(), kAddressMagic, 4) != 0)
+    return Error("data-plane address (" + std::to_string(framed.size()) +
+                 " bytes) does not start with the MMDP frame: pass the bytes of "
+                 "DispatchServer::address() unchanged");
+  if (static_cast<uint8_t>(framed[4]) != kAddressVersion)
+    return Error("data-plane address has frame version " +
+                 std::to_string(static_cast<uint8_t>(framed[4])) + ", this build reads version " +
+                 std::to_string(kAddressVersion) + ": run the same moemesh version on both sides");
+  const uint32_t length = get_u32(framed.data() + 5);
+  if (framed.size() - kAddressHeader != length)
+    return Error("data-plane address is truncated or padded: frame says " + std::to_string(length) +
+                 " bytes of UCX address, got " + std::to_string(framed.size() - kAddressHeader) +
+                 " (was it carried as a C string or cut?)");
+  const std::string_view raw = framed.substr(kAddressHeader);
+  if (fnv1a(raw.data(), raw.size()) != get_u32(framed.data() + 9))
+    return Error("data-plane address fails its checksum: the bytes were altered in transit");
+  return raw;
+}
+
+Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& options,
+                                                       const char* role, bool wakeup) {
+  set_error_handling_env(options.transports);
+  std::unique_ptr<UcxWorker> w(new UcxWorker());
+  w->describe_ = "UCX_TLS=" + or_default(options.transports) +
+                 " UCX_NET_DEVICES=" + or_default(options.net_devices);
+  const std::string where = std::string("data-plane ") + role + " (" + w->describe_ + ")";
+
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) return Error("UCX config read failed for the " + where + ": " + ucs_text(st));
+  auto modify = [&](const char* name, const std::string& value) -> Status {
+    if (value.empty()) return {};
+    const ucs_status_t s = ucp_config_modify(config, name, value.c_str());
+    if (s != UCS_OK)
+      return Error(std::string("UCX refused UCX_") + name + "=" + value + " for the " + where +
+                   ": " + ucs_text(s) + "; see `ucx_info -d` for what exists here");
+    return {};
+  };
+  Status m = modify("TLS", options.transports);
+  if (m.ok()) m = modify("NET_DEVICES", options.net_devices);
+  if (!m.ok()) {
+    ucp_config_release(config);
+    return m.error();
+  }
+
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM | (wakeup ? UCP_FEATURE_WAKEUP : 0);
+  st = ucp_init(&params, config, &w->context_);
+  ucp_config_release(config);
+  if (st != UCS_OK) {
+    w->context_ = nullptr;
+    return Error("UCX init failed for the " + where + ": " + ucs_text(st) +
+                 "; check that DataPlaneOptions.transports (UCX_TLS) and net_devices name "
+                 "transports and devices that exist here (`ucx_info -d`)");
+  }
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  st = ucp_worker_create(w->context_, &wp, &w->worker_);
+  if (st != UCS_OK) {
+    w->worker_ = nullptr;
+    return Error("UCX worker creation failed for the " + where + ": " + ucs_text(st) +
+                 "; check UCX_TLS / UCX_NET_DEVICES against `ucx_info -d`");
+  }
+
+  ucp_address_t* addr = nullptr;
+  size_t addr_len = 0;
+  st = ucp_worker_get_address(w->worker_, &addr, &addr_len);
+  if (st != UCS_OK)
+    return Error("UCX could not report the worker address of the " + where + ": " + ucs_text(st));
+  w->address_ = frame_address(addr, addr_len);
+  ucp_worker_release_address(w->worker_, addr);
+
+  if (wakeup) {
+    int efd = -1;
+    st = ucp_worker_get_efd(w->worker_, &efd);
+    if (st != UCS_OK)
+      return Error("UCX gave no event fd to the " + where + ": " + ucs_text(st) +
+                   "; every transport in UCX_TLS must support wakeup");
+    w->epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+    if (w->epoll_fd_ < 0)
+      return Error("epoll_create1 failed for the " + where + ": " + std::strerror(errno));
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    if (epoll_ctl(w->epoll_fd_, EPOLL_CTL_ADD, efd, &ev) != 0)
+      return Error("epoll_ctl failed for the " + where + ": " + std::strerror(errno));
+  }
+  spdlog::debug("transport=ucx event=worker_created role={} {} address_bytes={}", role,
+                w->describe_, w->address_.size());
+  return w;
+}
+
+UcxWorker::~UcxWorker() {
+  if (epoll_fd_ >= 0) close(epoll_fd_);
+  if (worker_ != nullptr) ucp_worker_destroy(worker_);
+  if (context_ != nullptr) ucp_cleanup(context_);
+}
+
+Status UcxWorker::set_am_handler(unsigned id, ucp_am_recv_callback_t cb, void* arg) {
+  ucp_am_handler_param_t p{};
+  p.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                 UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  p.id = id;
+  p.flags = UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA;
+  p.cb = cb;
+  p.arg = arg;
+  const ucs_status_t st = ucp_worker_set_am_recv_handler(worker_, &p);
+  if (st != UCS_OK)
+    return Error("UCX refused the active-message handler " + std::to_string(id) + ": " +
+                 ucs_text(st));
+  return {};
+}
+
+unsigned UcxWorker::progress() {
+  unsigned total = 0;
+  for (int i = 0; i < 64; ++i) {
+    const unsigned n = ucp_worker_progress(worker_);
+    if (n == 0) break;
+    total += n;
+  }
+  return total;
+}
+
+void UcxWorker::wait_for_events(int timeout_ms) {
+  if (epoll_fd_ < 0) return;
+  const ucs_status_t st = ucp_worker_arm(worker_);
+  if (st == UCS_ERR_BUSY) return;  // events pending: the caller progresses again
+  if (st != UCS_OK) {
+    spdlog::debug("transport=ucx event=arm_failed status={}", ucs_text(st));
+    return;
+  }
+  epoll_event ev{};
+  (void)epoll_wait(epoll_fd_, &ev, 1, timeout_ms);
+}
+
+ucs_status_t UcxWorker::wait_request(void* request, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  ucs_status_t st = ucp_request_check_status(request);
+  while (st == UCS_INPROGRESS && std::chrono::steady_clock::now() < deadline) {
+    ucp_worker_progress(worker_);
+    st = ucp_request_check_status(request);
+  }
+  ucp_request_free(request);
+  return st == UCS_INPROGRESS ? UCS_ERR_TIMED_OUT : st;
+}
+
+void UcxWorker::close_endpoint(ucp_ep_h ep, std::chrono::milliseconds timeout) {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  void* req = ucp_ep_close_nbx(ep, &p);
+  if (req == nullptr) return;
+  if (UCS_PTR_IS_ERR(req)) {
+    spdlog::debug("transport=ucx event=ep_close_failed status={}", ucs_text(UCS_PTR_STATUS(req)));
+    return;
+  }
+  const ucs_status_t st = wait_request(req, timeout);
+  if (st != UCS_OK) spdlog::debug("transport=ucx event=ep_close status={}", ucs_text(st));
+}
+
+}  // namespace moemesh::transport::detail
