@@ -305,19 +305,31 @@ void Engine::Impl::admit() {
 }
 
 void Engine::Impl::decode_step() {
+  if (running.empty()) return;
+  // One forward over every running sequence: each MoE layer makes one expert call for the batch.
+  std::vector<KVCache*> caches;
+  std::vector<int32_t> last;
+  caches.reserve(running.size());
+  last.reserve(running.size());
+  for (Sequence& s : running) {
+    caches.push_back(&s.cache);
+    last.push_back(s.output.back());
+  }
   std::vector<float> logits;
-  for (auto it = running.begin(); it != running.end();) {
+  const Status step = model->forward_batch(caches, last, logits);
+  const int64_t vocab = model->config().vocab_size;
+  std::size_t b = 0;
+  for (auto it = running.begin(); it != running.end(); ++b) {
     Sequence& s = *it;
-    const int32_t last = s.output.back();
     std::string reason;
     std::string error;
-    if (Status st =
-            model->forward(s.cache, std::span<const int32_t>(&last, 1), Logits::Last, logits);
-        !st) {
+    if (!step) {
       reason = "error";
-      error = st.error().message();
+      error = step.error().message();
     } else {
-      const SampledToken t = s.sampler.sample(logits, s.request->prompt, s.output);
+      const std::span<float> row(logits.data() + static_cast<int64_t>(b) * vocab,
+                                 static_cast<std::size_t>(vocab));
+      const SampledToken t = s.sampler.sample(row, s.request->prompt, s.output);
       s.output.push_back(t.id);
       ++generation_tokens;
       proto::SequenceDelta d;

@@ -22,9 +22,22 @@ struct Model::Impl {
   ExpertBackend* experts = nullptr;
   std::vector<float> inv_freq;
 
+  // Rows [begin, begin + n) of a chunk belong to `cache`, at positions cache->length() ...
+  struct Segment {
+    KVCache* cache;
+    int64_t begin;
+    int64_t n;
+  };
+
   Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
                  std::vector<float>& logits);
-  void attention_block(int64_t l, KVCache& cache, int64_t n, const float* x_norm, float* out);
+  Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                       std::vector<float>& logits);
+  Status check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const;
+  // Runs every layer over the chunk x [n, hidden] and, on success, advances each cache.
+  Status run_layers(std::span<const Segment> segments, int64_t n, std::vector<float>& x);
+  void attention_block(int64_t l, std::span<const Segment> segments, int64_t n, const float* x_norm,
+                       float* out);
   Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
 };
 
@@ -124,13 +137,17 @@ Status Model::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mo
   return impl_->forward(cache, tokens, mode, logits);
 }
 
-void Model::Impl::attention_block(int64_t l, KVCache& cache, int64_t n, const float* x_norm,
-                                  float* out) {
+Status Model::forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                            std::vector<float>& logits) {
+  return impl_->forward_batch(caches, tokens, logits);
+}
+
+void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, int64_t n,
+                                  const float* x_norm, float* out) {
   const ModelConfig& c = config;
   const detail::AttentionWeights& w = weights.layers[l].attn;
   const int64_t q_dim = c.num_heads * c.head_dim;
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
-  const int64_t past = cache.length_;
   kernels::ThreadPool* p = pool.get();
 
   std::vector<float> q(static_cast<std::size_t>(n * q_dim));
@@ -157,21 +174,29 @@ void Model::Impl::attention_block(int64_t l, KVCache& cache, int64_t n, const fl
   }
 
   std::vector<int32_t> positions(static_cast<std::size_t>(n));
-  for (int64_t t = 0; t < n; ++t) positions[t] = static_cast<int32_t>(past + t);
+  for (const Segment& seg : segments)
+    for (int64_t t = 0; t < seg.n; ++t)
+      positions[seg.begin + t] = static_cast<int32_t>(seg.cache->length_ + t);
   kernels::rope(q.data(), n, q_dim, c.num_heads, c.head_dim, c.head_dim, positions.data(),
                 inv_freq.data());
   kernels::rope(k.data(), n, kv_dim, c.num_kv_heads, c.head_dim, c.head_dim, positions.data(),
                 inv_freq.data());
 
-  float* k_cache = cache.k_.data() + l * cache.capacity_ * cache.row_;
-  float* v_cache = cache.v_.data() + l * cache.capacity_ * cache.row_;
-  std::copy(k.begin(), k.end(), k_cache + past * kv_dim);
-  std::copy(v.begin(), v.end(), v_cache + past * kv_dim);
-
   std::vector<float> attn(static_cast<std::size_t>(n * q_dim));
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  kernels::attention(q.data(), n, k_cache, v_cache, past, c.num_heads, c.num_kv_heads, c.head_dim,
-                     scale, c.layer_window[l], attn.data(), p);
+  for (const Segment& seg : segments) {
+    KVCache& cache = *seg.cache;
+    const int64_t past = cache.length_;
+    float* k_cache = cache.k_.data() + l * cache.capacity_ * cache.row_;
+    float* v_cache = cache.v_.data() + l * cache.capacity_ * cache.row_;
+    std::copy(k.begin() + seg.begin * kv_dim, k.begin() + (seg.begin + seg.n) * kv_dim,
+              k_cache + past * kv_dim);
+    std::copy(v.begin() + seg.begin * kv_dim, v.begin() + (seg.begin + seg.n) * kv_dim,
+              v_cache + past * kv_dim);
+    kernels::attention(q.data() + seg.begin * q_dim, seg.n, k_cache, v_cache, past, c.num_heads,
+                       c.num_kv_heads, c.head_dim, scale, c.layer_window[l],
+                       attn.data() + seg.begin * q_dim, p);
+  }
   kernels::linear(attn.data(), n, w.o, bias(w.o_bias), out, p);
 }
 
@@ -214,8 +239,7 @@ Status Model::Impl::ffn_block(int64_t l, int64_t n, const float* x_norm, float* 
   return {};
 }
 
-Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
-                            std::vector<float>& logits) {
+Status Model::Impl::check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const {
   const ModelConfig& c = config;
   const auto n = static_cast<int64_t>(tokens.size());
   if (n == 0) return Error("forward() needs at least one token");
@@ -233,24 +257,38 @@ Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Log
   if (cache.row_ != c.num_kv_heads * c.head_dim ||
       cache.k_.size() != static_cast<std::size_t>(c.num_layers * cache.capacity_ * cache.row_))
     return Error("the KV cache was not made by this model's new_cache()");
+  return {};
+}
 
+Status Model::Impl::run_layers(std::span<const Segment> segments, int64_t n,
+                               std::vector<float>& x) {
+  const ModelConfig& c = config;
   const int64_t H = c.hidden_size;
-  kernels::ThreadPool* p = pool.get();
-  std::vector<float> x(static_cast<std::size_t>(n * H));
   std::vector<float> normed(x.size());
   std::vector<float> delta(x.size());
-  kernels::embedding(weights.embed, tokens.data(), n, x.data());
-
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const detail::LayerWeights& L = weights.layers[l];
     kernels::rmsnorm(x.data(), L.input_norm.data(), n, H, c.rms_norm_eps, normed.data());
-    attention_block(l, cache, n, normed.data(), delta.data());
+    attention_block(l, segments, n, normed.data(), delta.data());
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
     kernels::rmsnorm(x.data(), L.post_attention_norm.data(), n, H, c.rms_norm_eps, normed.data());
     if (Status s = ffn_block(l, n, normed.data(), delta.data()); !s) return s;
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
   }
-  cache.length_ += n;
+  for (const Segment& seg : segments) seg.cache->length_ += seg.n;
+  return {};
+}
+
+Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                            std::vector<float>& logits) {
+  const ModelConfig& c = config;
+  if (Status s = check_chunk(cache, tokens); !s) return s;
+  const auto n = static_cast<int64_t>(tokens.size());
+  const int64_t H = c.hidden_size;
+  std::vector<float> x(static_cast<std::size_t>(n * H));
+  kernels::embedding(weights.embed, tokens.data(), n, x.data());
+  const Segment segment{&cache, 0, n};
+  if (Status s = run_layers({&segment, 1}, n, x); !s) return s;
 
   if (mode == Logits::None) {
     logits.clear();
@@ -258,10 +296,40 @@ Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Log
   }
   const int64_t first = mode == Logits::All ? 0 : n - 1;
   const int64_t rows = n - first;
+  std::vector<float> normed(static_cast<std::size_t>(rows * H));
   kernels::rmsnorm(x.data() + first * H, weights.final_norm.data(), rows, H, c.rms_norm_eps,
                    normed.data());
   logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
-  kernels::linear(normed.data(), rows, weights.lm_head, nullptr, logits.data(), p);
+  kernels::linear(normed.data(), rows, weights.lm_head, nullptr, logits.data(), pool.get());
+  return {};
+}
+
+Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                                  std::vector<float>& logits) {
+  const ModelConfig& c = config;
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return Error("forward_batch() needs at least one sequence");
+  if (caches.size() != tokens.size())
+    return Error(fmt::format("forward_batch() got {} caches for {} tokens: one token per sequence",
+                             caches.size(), tokens.size()));
+  std::vector<Segment> segments;
+  segments.reserve(caches.size());
+  for (int64_t b = 0; b < n; ++b) {
+    if (caches[b] == nullptr) return Error("forward_batch() got a null cache");
+    for (int64_t o = 0; o < b; ++o)
+      if (caches[o] == caches[b])
+        return Error("forward_batch() got the same cache twice: one token per sequence");
+    if (Status s = check_chunk(*caches[b], tokens.subspan(b, 1)); !s) return s;
+    segments.push_back({caches[b], b, 1});
+  }
+  const int64_t H = c.hidden_size;
+  std::vector<float> x(static_cast<std::size_t>(n * H));
+  kernels::embedding(weights.embed, tokens.data(), n, x.data());
+  if (Status s = run_layers(segments, n, x); !s) return s;
+  std::vector<float> normed(x.size());
+  kernels::rmsnorm(x.data(), weights.final_norm.data(), n, H, c.rms_norm_eps, normed.data());
+  logits.resize(static_cast<std::size_t>(n * c.vocab_size));
+  kernels::linear(normed.data(), n, weights.lm_head, nullptr, logits.data(), pool.get());
   return {};
 }
 

@@ -130,6 +130,14 @@ class Model {
   Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
                  std::vector<float>& logits);
 
+  // One decode step of several sequences: token b is appended to caches[b] (distinct caches), and
+  // `logits` receives [caches.size(), vocab] (the logits of each token). The projections, norms
+  // and experts run once over the whole batch (a MoE layer makes one expert call for all of it);
+  // attention runs per sequence. Each row's result is the one forward() gives that sequence
+  // alone. Fails, changing no cache, as forward() does.
+  Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                       std::vector<float>& logits);
+
   // Routes expert computation through `backend` (not owned, outliving its use); nullptr restores
   // local_experts().
   void set_expert_backend(ExpertBackend* backend);
