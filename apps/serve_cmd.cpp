@@ -39,6 +39,7 @@ struct ServeFlags {
   std::string cluster_token;
   uint16_t control_port = 0;
   std::string transports;
+  std::string net_devices = "lo";  // every role is on this machine
   std::string wire_dtype = "f32";
   double dispatch_timeout_ms = 1000;
 };
@@ -142,6 +143,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
                                   "--model", model_dir.string()};
     a.insert(a.end(), {"--threads", std::to_string(threads)});
     if (!f.transports.empty()) a.insert(a.end(), {"--transports", f.transports});
+    if (!f.net_devices.empty()) a.insert(a.end(), {"--net-devices", f.net_devices});
     return a;
   };
   for (int i = 0; i < f.expert_workers; ++i) {
@@ -216,6 +218,10 @@ Runner add_serve(CLI::App& app) {
                  "Port of the router that workers join (0: any free port)");
   app.add_option("--transports", f->transports,
                  "UCX transports of the data plane (UCX_TLS), e.g. tcp or sm,self");
+  app.add_option("--net-devices", f->net_devices,
+                 "Network devices of the data plane (UCX_NET_DEVICES); the roles of serve all run "
+                 "here, so loopback by default (\"\": UCX's choice)")
+      ->capture_default_str();
   app.add_option("--wire-dtype", f->wire_dtype,
                  "Hidden states on the data plane: f32 (exact) or bf16 (half the bytes)")
       ->check(CLI::IsMember({"f32", "bf16"}))
