@@ -5,6 +5,12 @@
 // ucp_am_lat` reports for a message of the hidden-state bytes over the same UCX_TLS (ucp_am_lat
 // is a ping-pong test and prints half the round trip).
 //
+// Not like for like: moemesh endpoints use peer error handling (a dead expert worker must not
+// crash the attention worker), ucx_perftest does not. In UCX 1.13 peer error handling requires
+// memory invalidation for rendezvous lanes, which cma lacks, so large moemesh messages over shared
+// memory go through the AM bcopy pipeline (two copies) while ucx_perftest reads with cma (one).
+// moemesh also converts f32 <-> bf16 and gathers rows on both sides (six passes over the data).
+//
 //   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--perftest PATH]
 //
 // --transports lists UCX_TLS values separated by ';' (a value may itself be a list:
@@ -108,7 +114,8 @@ struct Child {
 
 // Everything the child needs is built before fork(): the parent has threads (UCX's), so the
 // child only calls async-signal-safe functions before exec.
-Child spawn(const std::vector<std::string>& argv, const std::string& ucx_tls) {
+Child spawn(const std::vector<std::string>& argv, const std::string& ucx_tls,
+            bool error_handling_env = false) {
   std::vector<std::string> env_strings;
   for (char** e = environ; *e != nullptr; ++e)
     if ((ucx_tls.empty() || std::strncmp(*e, "UCX_TLS=", 8) != 0) &&
@@ -116,6 +123,10 @@ Child spawn(const std::vector<std::string>& argv, const std::string& ucx_tls) {
         std::strncmp(*e, "UCX_SYSV_ERROR_HANDLING=", 24) != 0)  // set by DispatchServer itself
       env_strings.emplace_back(*e);
   if (!ucx_tls.empty()) env_strings.push_back("UCX_TLS=" + ucx_tls);
+  if (error_handling_env) {  // as DispatchServer/DispatchClient set them (keeps sm under -e)
+    env_strings.push_back("UCX_POSIX_ERROR_HANDLING=y");
+    env_strings.push_back("UCX_SYSV_ERROR_HANDLING=y");
+  }
   std::vector<char*> args, env;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
@@ -200,20 +211,29 @@ double median(std::vector<double> v) {
 }
 
 // Round trip (us) by ucx_perftest ucp_am_lat: 2 x the median one-way latency it prints; 0 when
-// it failed (the reason is logged).
+// it failed (the reason is logged). With error_handling, endpoints are created as moemesh creates
+// them (`-e`: peer error handling).
 double perftest_round_trip(const std::string& perftest, const std::string& tls, size_t bytes,
-                           int iterations) {
+                           int iterations, bool error_handling) {
   for (int attempt = 0; attempt < 3; ++attempt) {
     const std::string port = std::to_string(free_port());
-    Child server = spawn({perftest, "-p", port}, tls);
+    std::vector<std::string> server_args = {perftest, "-p", port};
+    if (error_handling) server_args.push_back("-e");
+    Child server = spawn(server_args, tls, error_handling);
     std::string out;
     int rc = -1;
     for (int tries = 0; tries < 40; ++tries) {  // until the server listens
       std::this_thread::sleep_for(std::chrono::milliseconds(25));
-      Child client = spawn({perftest, "127.0.0.1", "-p", port, "-t", "ucp_am_lat", "-s",
-                            std::to_string(bytes), "-n", std::to_string(iterations), "-w",
-                            std::to_string(std::max(10, iterations / 10)), "-f", "-v"},
-                           tls);
+      std::vector<std::string> client_args = {
+          perftest, "127.0.0.1",
+          "-p",     port,
+          "-t",     "ucp_am_lat",
+          "-s",     std::to_string(bytes),
+          "-n",     std::to_string(iterations),
+          "-w",     std::to_string(std::max(10, iterations / 10)),
+          "-f",     "-v"};
+      if (error_handling) client_args.push_back("-e");
+      Child client = spawn(client_args, tls, error_handling);
       close(client.in);
       out = read_all(client.out);
       close(client.out);
@@ -249,7 +269,7 @@ struct Row {
   std::string transports;
   int64_t hidden = 0, tokens = 0;
   size_t bytes = 0;
-  double moemesh_us = 0, perftest_us = 0;
+  double moemesh_us = 0, perftest_us = 0, perftest_e_us = 0;
   uint64_t timeouts = 0;
 };
 
@@ -352,7 +372,8 @@ int main(int argc, char** argv) {
         r.bytes = static_cast<size_t>(n * hidden * 2);
         r.moemesh_us = median(us);
         r.timeouts = (*client)->stats().timeouts - timeouts_before;
-        r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations);
+        r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations, false);
+        r.perftest_e_us = perftest_round_trip(perftest, tls, r.bytes, iterations, true);
         rows.push_back(r);
         spdlog::info("dispatch_bench: UCX_TLS={} hidden={} tokens={} done", tls, hidden, n);
       }
@@ -373,16 +394,20 @@ int main(int argc, char** argv) {
   std::printf(
       "dispatch+combine round trip, BF16 hidden states, %d iterations (median), top-k %d routing "
       "sent along\nucx_perftest: -t ucp_am_lat -s BYTES, round trip = 2 x its median one-way "
-      "latency; ratio = moemesh / ucx_perftest\n",
+      "latency; perftest_e_us: the same with -e (peer error handling, as moemesh endpoints);\n"
+      "ratio = moemesh / perftest, ratio_e = moemesh / perftest -e\n",
       iterations, kSlots);
   int width = 7;
   for (const Row& r : rows) width = std::max(width, static_cast<int>(r.transports.size()));
-  std::printf("%-*s %7s %7s %10s %14s %15s %7s %9s\n", width, "UCX_TLS", "hidden", "tokens",
-              "bytes", "moemesh_us", "perftest_us", "ratio", "timeouts");
+  std::printf("%-*s %7s %7s %10s %11s %12s %14s %6s %8s %9s\n", width, "UCX_TLS", "hidden",
+              "tokens", "bytes", "moemesh_us", "perftest_us", "perftest_e_us", "ratio", "ratio_e",
+              "timeouts");
+  auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
   for (const Row& r : rows)
-    std::printf("%-*s %7lld %7lld %10zu %14.1f %15.1f %7.2f %9llu\n", width, r.transports.c_str(),
-                static_cast<long long>(r.hidden), static_cast<long long>(r.tokens), r.bytes,
-                r.moemesh_us, r.perftest_us, r.perftest_us > 0 ? r.moemesh_us / r.perftest_us : 0.0,
-                static_cast<unsigned long long>(r.timeouts));
+    std::printf("%-*s %7lld %7lld %10zu %11.1f %12.1f %14.1f %6.2f %8.2f %9llu\n", width,
+                r.transports.c_str(), static_cast<long long>(r.hidden),
+                static_cast<long long>(r.tokens), r.bytes, r.moemesh_us, r.perftest_us,
+                r.perftest_e_us, ratio(r.moemesh_us, r.perftest_us),
+                ratio(r.moemesh_us, r.perftest_e_us), static_cast<unsigned long long>(r.timeouts));
   return 0;
 }

@@ -6,6 +6,7 @@
 // A round is every dispatch sent since the last wait(). Its dispatches have consecutive sequence
 // numbers starting at round_base_, and pending_[seq - round_base_] tracks each one; a reply
 // whose seq falls outside the round, or whose dispatch already has a reply, is late.
+#include <sched.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -516,8 +517,11 @@ std::vector<int> DispatchClient::Impl::wait(Clock::time_point deadline,
   if (in_callback_) return {};
   // At least one progress call, so that late replies are drained even in an empty round.
   do {
-    ucp_worker_progress(ucx_->worker());
-    if (!ready_.empty()) deliver(on_reply);
+    const unsigned events = ucp_worker_progress(ucx_->worker());
+    if (!ready_.empty())
+      deliver(on_reply);
+    else if (events == 0)
+      sched_yield();  // where cores are shared, let the expert workers run
   } while (remaining_ > 0 && Clock::now() < deadline);
   if (!ready_.empty()) deliver(on_reply);
 

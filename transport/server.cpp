@@ -3,6 +3,7 @@
 // Everything below `Owned by the server thread` is touched only by the thread started in start();
 // the atomics are the stats, read by any thread. A received message becomes an Inbound taken from
 // a pool; the Inbound lives until its reply send completes (or fails), then returns to the pool.
+#include <sched.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
@@ -179,6 +180,8 @@ void DispatchServer::Impl::serve() {
     } else if (now - last_event > kSpin) {
       ucx_->wait_for_events(kSleepMs);
       last_event = Clock::now();
+    } else {
+      sched_yield();  // spinning: give way to other runnable threads where cores are shared
     }
   }
 }

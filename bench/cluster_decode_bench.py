@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Decode throughput of the disaggregated cluster against a single process, in one run.
+
+Starts `moemesh serve --single-process` and `moemesh serve` (gateway+router, one attention worker
+and --expert-workers expert workers over UCX) on the same model, and for each batch size runs
+that many concurrent streaming completions (greedy, ignore_eos, fixed prompt and length).
+Tokens/s is every streamed token over the wall time from sending the requests to the last token
+(prefill of the short prompts included; with --tokens 128 it is a small share). Prints a table and the ratio
+cluster / single process per batch size.
+
+    .venv/bin/python bench/cluster_decode_bench.py [--model DIR] [--batches 1,16] [--tokens 128]
+        [--expert-workers 2] [--transports sm] [--repeats 3]
+"""
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Serve:
+    def __init__(self, binary, model, *args):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--model", model, "--port", str(self.port), *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            self.stop()
+            raise RuntimeError("moemesh serve did not become healthy")
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        c.request("GET", "/v1/models")
+        self.model_id = json.loads(c.getresponse().read())["data"][0]["id"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def one_stream(port, model_id, prompt, tokens, out, i):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = json.dumps({"model": model_id, "prompt": prompt, "max_tokens": tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True})
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    times = []
+    for line in r:
+        line = line.decode().strip()
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if event["choices"] and event["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    out[i] = times
+
+
+def decode_rate(server, batch, tokens):
+    out = {}
+    threads = [threading.Thread(target=one_stream,
+                                args=(server.port, server.model_id,
+                                      f"Chapter {i}. It is a truth universally", tokens, out, i))
+               for i in range(batch)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(out) != batch:
+        raise RuntimeError(f"{batch - len(out)} of {batch} streams failed")
+    tokens = sum(len(ts) for ts in out.values())
+    return tokens / (max(ts[-1] for ts in out.values()) - start)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "demo"))
+    ap.add_argument("--binary", default=str(ROOT / "build" / "bin" / "moemesh"))
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--expert-workers", type=int, default=2)
+    ap.add_argument("--transports", default="")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cluster-args", default="",
+                    help="extra flags for the cluster's serve, e.g. \"--threads 1\"")
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+
+    extra = ["--transports", a.transports] if a.transports else []
+    configs = [("single process", ["--single-process"]),
+               (f"cluster ({a.expert_workers} expert workers{', ' + a.transports if a.transports else ''})",
+                ["--expert-workers", str(a.expert_workers), *extra, *a.cluster_args.split()])]
+    rates = {}
+    for name, args in configs:
+        print(f"starting {name} ...", file=sys.stderr)
+        s = Serve(a.binary, a.model, *args)
+        try:
+            decode_rate(s, 2, 8)  # warm up
+            for b in batches:
+                runs = [decode_rate(s, b, a.tokens) for _ in range(a.repeats)]
+                rates[(name, b)] = statistics.median(runs)
+                print(f"  batch {b}: {rates[(name, b)]:.1f} tok/s (runs: "
+                      + ", ".join(f"{r:.1f}" for r in runs) + ")", file=sys.stderr)
+        finally:
+            s.stop()
+
+    single, clustered = configs[0][0], configs[1][0]
+    print(f"model {a.model}, {a.tokens} tokens per stream, median of {a.repeats} runs, "
+          f"{os.cpu_count()} CPUs")
+    print(f"| batch | single process tok/s | {clustered} tok/s | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    for b in batches:
+        r1, r2 = rates[(single, b)], rates[(clustered, b)]
+        print(f"| {b} | {r1:.1f} | {r2:.1f} | {r2 / r1:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
