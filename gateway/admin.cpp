@@ -32,14 +32,6 @@ AdminReply to_json(const std::string& bytes) {
   return {200, out};
 }
 
-// Constant-time comparison, so that response timing does not reveal the token.
-bool same_secret(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    diff |= static_cast<unsigned char>(a[i] ^ b[i % std::max<std::size_t>(1, b.size())]);
-  return diff == 0;
-}
-
 // Sends one request to the router from a short-lived actor and hands the answer to `done`.
 template <class Atom, class Render, class... Args>
 void ask_router(const AdminContext& ctx, Render render, std::function<void(AdminReply)> done,
@@ -62,6 +54,13 @@ void ask_router(const AdminContext& ctx, Render render, std::function<void(Admin
 }
 
 }  // namespace
+
+bool same_secret(std::string_view a, std::string_view b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    diff |= static_cast<unsigned char>(a[i] ^ b[i % std::max<std::size_t>(1, b.size())]);
+  return diff == 0;
+}
 
 bool is_admin_path(std::string_view path) {
   return path.rfind("/admin/", 0) == 0;

@@ -46,14 +46,6 @@ int64_t unix_now() {
       .count();
 }
 
-// Constant-time comparison, so that response timing does not reveal the key.
-bool same_secret(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    diff |= static_cast<unsigned char>(a[i] ^ b[i % std::max<std::size_t>(1, b.size())]);
-  return diff == 0;
-}
-
 }  // namespace
 
 struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
@@ -325,7 +317,7 @@ void Session::handle(http::request<http::string_body>& req) {
   }
   if (!gw_->options.api_key.empty()) {
     const std::string auth(req[http::field::authorization]);
-    if (!same_secret(auth, "Bearer " + gw_->options.api_key)) {
+    if (!gateway::same_secret(auth, "Bearer " + gw_->options.api_key)) {
       ApiError e;
       e.status = 401;
       e.type = "AuthenticationError";

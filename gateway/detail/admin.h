@@ -33,6 +33,10 @@ struct AdminContext {
 
 bool is_admin_path(std::string_view path);
 
+// Constant-time comparison of a secret (API key, admin token), so that response timing does not
+// reveal it.
+bool same_secret(std::string_view a, std::string_view b);
+
 // Answers one admin request; `done` is called exactly once, possibly on another thread.
 void handle_admin(const AdminContext& ctx, bool post, std::string_view path,
                   std::string_view authorization, const std::string& body,
