@@ -91,6 +91,14 @@ void Children::reap() {
       cmd = it->second;
       running_.erase(it);
     }
+    if (WIFSIGNALED(status) || WEXITSTATUS(status) != 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (first_failure_.empty())
+        first_failure_ = fmt::format(
+            "\"{}\" {}", cmd,
+            WIFSIGNALED(status) ? fmt::format("was killed by signal {}", WTERMSIG(status))
+                                : fmt::format("exited with status {}", WEXITSTATUS(status)));
+    }
     if (WIFSIGNALED(status))
       spdlog::warn("role process pid={} cmd=\"{}\" killed by signal {}", pid, cmd,
                    WTERMSIG(status));
@@ -115,6 +123,11 @@ void Children::stop_all(std::chrono::milliseconds grace) {
     spdlog::warn("role process pid={} did not stop in time: SIGKILL", pid);
     kill(pid, SIGKILL);
   }
+}
+
+std::string Children::first_failure() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return first_failure_;
 }
 
 int Children::running() const {

@@ -30,11 +30,14 @@ class Children {
   // SIGTERM to every child still running, then SIGKILL to those left after `grace`.
   void stop_all(std::chrono::milliseconds grace);
   int running() const;
+  // The first child that exited with a non-zero status or a signal: "pid=... cmd=... status=..".
+  std::string first_failure() const;
 
  private:
   void reap();
-  mutable std::mutex mu_;  // guards running_
+  mutable std::mutex mu_;  // guards running_, first_failure_
   std::map<pid_t, std::string> running_;
+  std::string first_failure_;
   std::thread reaper_;
   bool stopping_ = false;
 };

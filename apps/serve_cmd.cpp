@@ -16,6 +16,7 @@
 #include "apps/commands.h"
 #include "apps/role_common.h"
 #include "attention_worker/engine_actor.h"
+#include "proto/cluster.pb.h"
 
 namespace moemesh::apps {
 namespace {
@@ -162,8 +163,39 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
 
+  // Until the cluster is ready, a role process that fails ends serve with its reason (rather than
+  // a server that never becomes healthy).
   int sig = 0;
-  sigwait(&signals, &sig);
+  bool ready = false;
+  caf::scoped_actor self{system};
+  const timespec tick{0, 200'000'000};
+  while (sig == 0) {
+    siginfo_t info;
+    const int got = sigtimedwait(&signals, &info, ready ? nullptr : &tick);
+    if (got > 0) {
+      sig = got;
+      break;
+    }
+    if (ready) continue;
+    if (const std::string failure = children.first_failure(); !failure.empty()) {
+      std::cerr << "moemesh serve: error: a role process failed before the cluster was ready: "
+                << failure << "; its log lines are above (--log-level info shows more)\n";
+      (*gw)->shutdown(std::chrono::milliseconds(0));
+      children.stop_all(std::chrono::seconds(5));
+      stop_router(system, *router);
+      return 1;
+    }
+    self->request(router->router, actors::kStatusTimeout, actors::cluster_atom::value)
+        .receive(
+            [&](const std::string& bytes) {
+              proto::ClusterSnapshot snap;
+              ready = snap.ParseFromString(bytes) && snap.ready();
+            },
+            [](caf::error&) {});
+    if (ready)
+      std::cerr << fmt::format("moemesh serve: ready, serving {} on http://{}:{}\n",
+                               model_dir.string(), f.gateway.host, (*gw)->port());
+  }
   drain(**gw, sig, f.shutdown_grace_s);
   children.stop_all(std::chrono::seconds(5));
   stop_router(system, *router);

@@ -286,3 +286,11 @@ def test_capacity_factor_counts_overflows_and_drops(binary):
                    for e in l["experts"]) == overflows
     finally:
         s.stop()
+
+
+def test_a_role_that_cannot_start_ends_serve_with_its_reason(binary):
+    p = subprocess.run([str(binary), "serve", "--port", "0", "--transports", "no-such-transport"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "failed before the cluster was ready" in p.stderr, p.stderr
+    assert "UCX_TLS=no-such-transport" in p.stderr, p.stderr
