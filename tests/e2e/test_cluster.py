@@ -289,7 +289,8 @@ def test_capacity_factor_counts_overflows_and_drops(binary):
 
 
 def test_a_role_that_cannot_start_ends_serve_with_its_reason(binary):
-    p = subprocess.run([str(binary), "serve", "--port", "0", "--transports", "no-such-transport"],
+    p = subprocess.run([str(binary), "serve", "--model", str(DEMO), "--port", "0",
+                        "--transports", "no-such-transport"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1
     assert "failed before the cluster was ready" in p.stderr, p.stderr
