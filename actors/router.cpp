@@ -303,6 +303,7 @@ proto::ClusterSnapshot cluster_snapshot(const RouterState& st) {
     x->set_running(e.running());
     x->set_waiting(e.waiting());
     x->set_kv_cache_usage(e.kv_cache_usage());
+    x->set_requests_in_flight(m.in_flight);
   }
   return s;
 }
@@ -432,6 +433,8 @@ router_actor spawn_router(caf::actor_system& system, RouterOptions options) {
           if (!best) return std::string(kUnavailable) + "no attention worker is reachable";
           const int32_t wid = best->id;
           ++best->in_flight;
+          spdlog::debug("request placed request_id={} worker={} in_flight={}", req.request_id(),
+                        best->info.name(), best->in_flight);
           s.requests[req.request_id()] = {wid, sink, std::max(1, req.n())};
           auto rp = self->make_response_promise<std::string>();
           const std::string id = req.request_id();
@@ -514,6 +517,7 @@ router_actor spawn_router(caf::actor_system& system, RouterOptions options) {
         [self](done_atom, const std::string& id) {
           auto& r = self->state.requests;
           auto it = r.find(id);
+          spdlog::debug("request done request_id={} known={}", id, it != r.end());
           if (it == r.end()) return;
           auto m = self->state.members.find(it->second.worker);
           if (m != self->state.members.end()) --m->second.in_flight;

@@ -1,5 +1,6 @@
 // Dispatch + combine round trip of the data plane measured against ucx_perftest in the same run.
-// A DispatchClient sends n tokens of BF16 hidden states to a DispatchServer in another process
+// A DispatchClient sends n tokens of hidden states (BF16 on the wire, or F32 with --dtype f32)
+// to a DispatchServer in another process
 // (this binary re-executed with --serve), which replies with partial sums of the same size; the
 // median round trip is compared with twice the median one-way latency that `ucx_perftest -t
 // ucp_am_lat` reports for a message of the hidden-state bytes over the same UCX_TLS (ucp_am_lat
@@ -8,10 +9,15 @@
 // Not like for like: moemesh endpoints use peer error handling (a dead expert worker must not
 // crash the attention worker), ucx_perftest does not. In UCX 1.13 peer error handling requires
 // memory invalidation for rendezvous lanes, which cma lacks, so large moemesh messages over shared
-// memory go through the AM bcopy pipeline (two copies) while ucx_perftest reads with cma (one).
-// moemesh also converts f32 <-> bf16 and gathers rows on both sides (six passes over the data).
+// memory go through the AM bcopy pipeline (two copies), as with ucx_perftest -e. moemesh also
+// gathers rows into its send buffer, hands f32 to both sides (with BF16, converting on each side;
+// over shared memory the conversions happen inside UCX's copies, see transport/detail/wire.h),
+// zeroes the partial sums and runs the handler; ucx_perftest touches no data. The bench's handler
+// does what any expert handler must at least do: read x and write the partial sums (a copy).
 //
-//   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--perftest PATH]
+//   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--hidden 2048,7168]
+//                            [--tokens 1,16,64,256] [--dtype bf16|f32] [--perftest PATH]
+//                            [--no-perftest]
 //
 // --transports lists UCX_TLS values separated by ';' (a value may itself be a list:
 // "sm;posix,sysv,cma").
@@ -281,6 +287,15 @@ int main(int argc, char** argv) {
   std::string perftest = "/usr/bin/ucx_perftest";
   std::string serve_tls;
   bool serving = false;
+  std::vector<int64_t> hiddens = {2048, 7168};
+  std::vector<int64_t> token_counts = {1, 16, 64, 256};
+  WireDtype dtype = WireDtype::BF16;
+  bool run_perftest = true;
+  auto int_list = [](const std::string& s) {
+    std::vector<int64_t> out;
+    for (const std::string& v : split(s, ',')) out.push_back(std::max<int64_t>(1, std::stoll(v)));
+    return out;
+  };
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     const bool has_value = i + 1 < argc;
@@ -290,13 +305,24 @@ int main(int argc, char** argv) {
       iterations = std::max(1, std::stoi(argv[++i]));
     } else if (flag == "--perftest" && has_value) {
       perftest = argv[++i];
+    } else if (flag == "--hidden" && has_value) {
+      hiddens = int_list(argv[++i]);
+    } else if (flag == "--tokens" && has_value) {
+      token_counts = int_list(argv[++i]);
+    } else if (flag == "--dtype" && has_value &&
+               (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "f32")) {
+      dtype = std::string(argv[++i]) == "f32" ? WireDtype::F32 : WireDtype::BF16;
+    } else if (flag == "--no-perftest") {
+      run_perftest = false;
     } else if (flag == "--serve" && has_value) {
       serving = true;
       serve_tls = argv[++i];
     } else {
       std::fprintf(stderr,
                    "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
-                   "default \"sm;tcp\") --iterations N (default 200) --perftest PATH\n",
+                   "default \"sm;tcp\") --iterations N (default 200) --hidden LIST (default "
+                   "2048,7168) --tokens LIST (default 1,16,64,256) --dtype bf16|f32 (default "
+                   "bf16) --perftest PATH --no-perftest\n",
                    flag.c_str());
       return 2;
     }
@@ -304,8 +330,6 @@ int main(int argc, char** argv) {
   if (serving) return serve(serve_tls);
   signal(SIGPIPE, SIG_IGN);
 
-  const std::vector<int64_t> hiddens = {2048, 7168};
-  const std::vector<int64_t> token_counts = {1, 16, 64, 256};
   const int warmup = std::max(5, iterations / 10);
   std::vector<Row> rows;
   char self[4096];
@@ -327,7 +351,7 @@ int main(int argc, char** argv) {
     }
     DataPlaneOptions o;
     o.transports = tls;
-    o.dtype = WireDtype::BF16;
+    o.dtype = dtype;
     auto client = DispatchClient::create(o);
     if (!client.ok()) {
       std::fprintf(stderr, "dispatch_bench: %s\n", client.error().message().c_str());
@@ -369,11 +393,13 @@ int main(int argc, char** argv) {
         r.transports = tls;
         r.hidden = hidden;
         r.tokens = n;
-        r.bytes = static_cast<size_t>(n * hidden * 2);
+        r.bytes = static_cast<size_t>(n * hidden) * (dtype == WireDtype::BF16 ? 2 : 4);
         r.moemesh_us = median(us);
         r.timeouts = (*client)->stats().timeouts - timeouts_before;
-        r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations, false);
-        r.perftest_e_us = perftest_round_trip(perftest, tls, r.bytes, iterations, true);
+        if (run_perftest) {
+          r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations, false);
+          r.perftest_e_us = perftest_round_trip(perftest, tls, r.bytes, iterations, true);
+        }
         rows.push_back(r);
         spdlog::info("dispatch_bench: UCX_TLS={} hidden={} tokens={} done", tls, hidden, n);
       }
@@ -392,11 +418,11 @@ int main(int argc, char** argv) {
         "alike\n",
         load[0], cores);
   std::printf(
-      "dispatch+combine round trip, BF16 hidden states, %d iterations (median), top-k %d routing "
+      "dispatch+combine round trip, %s hidden states, %d iterations (median), top-k %d routing "
       "sent along\nucx_perftest: -t ucp_am_lat -s BYTES, round trip = 2 x its median one-way "
       "latency; perftest_e_us: the same with -e (peer error handling, as moemesh endpoints);\n"
       "ratio = moemesh / perftest, ratio_e = moemesh / perftest -e\n",
-      iterations, kSlots);
+      dtype == WireDtype::BF16 ? "BF16" : "F32", iterations, kSlots);
   int width = 7;
   for (const Row& r : rows) width = std::max(width, static_cast<int>(r.transports.size()));
   std::printf("%-*s %7s %7s %10s %11s %12s %14s %6s %8s %9s\n", width, "UCX_TLS", "hidden",

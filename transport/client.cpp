@@ -26,6 +26,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 constexpr auto kCloseTimeout = std::chrono::milliseconds(100);
+// wait() polls without yielding this long after the last event (a reply usually follows within
+// microseconds; a yield there costs a system call of latency), then yields between polls.
+constexpr auto kYieldAfter = std::chrono::microseconds(20);
 }  // namespace
 
 class DispatchClient::Impl {
@@ -66,7 +69,9 @@ class DispatchClient::Impl {
     uint64_t seq = 0;
     void* am_data = nullptr;  // eager data held from UCX
     const std::byte* payload = nullptr;
-    ByteBuffer buf;  // rendezvous or unaligned copy
+    ByteBuffer buf;          // rendezvous or unaligned copy
+    bool converted = false;  // buf holds partial as f32 then rejected (fused, see Bf16Message)
+    detail::Bf16Message wire;
     size_t length = 0;
     void* request = nullptr;
     std::string error;
@@ -102,6 +107,7 @@ class DispatchClient::Impl {
   void release_reply(ReplyBuf* r);
 
   const DataPlaneOptions options_;
+  const bool fused_ = detail::bf16_fused_ok(options_.transports);
   std::unique_ptr<detail::UcxWorker> ucx_;
   std::vector<std::unique_ptr<Peer>> peers_;
   std::unordered_map<std::string, int> by_address_;
@@ -248,6 +254,7 @@ DispatchClient::Impl::ReplyBuf* DispatchClient::Impl::acquire_reply(size_t bytes
   r->am_data = nullptr;
   r->payload = nullptr;
   r->length = 0;
+  r->converted = false;
   r->request = nullptr;
   r->error.clear();
   r->orphan = false;
@@ -416,13 +423,31 @@ ucs_status_t DispatchClient::Impl::on_reply(const void* header, size_t header_le
   }
   r->length = length;
   if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-    if (r->buf.reserve(length)) ++stats_.buffers;
-    r->payload = r->buf.data();
     ucp_request_param_t prm{};
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     prm.cb.recv_am = &on_receive_done;
     prm.user_data = r;
-    void* req = ucp_am_recv_data_nbx(ucx_->worker(), data, r->buf.data(), length, &prm);
+    void* buffer = nullptr;
+    size_t count = length;
+    if (fused_ && p->dtype == WireDtype::BF16) {
+      // partial lands in buf as f32 straight from UCX's buffers, then rejected.
+      const size_t elems = static_cast<size_t>(p->n_tokens * p->hidden);
+      const size_t rejected = length - 2 * elems;
+      if (r->buf.reserve(elems * 4 + rejected)) ++stats_.buffers;
+      r->wire = {
+          nullptr, 0, reinterpret_cast<float*>(r->buf.data()), elems, r->buf.data() + elems * 4,
+          rejected};
+      r->converted = true;
+      prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+      prm.datatype = detail::bf16_message_datatype();
+      buffer = &r->wire;
+      count = 1;
+    } else {
+      if (r->buf.reserve(length)) ++stats_.buffers;
+      buffer = r->buf.data();
+    }
+    r->payload = r->buf.data();
+    void* req = ucp_am_recv_data_nbx(ucx_->worker(), data, buffer, count, &prm);
     if (req == nullptr) {
       p->state = State::kReady;
       ready_.push_back(r->seq);
@@ -486,14 +511,18 @@ void DispatchClient::Impl::deliver(const std::function<void(const Reply&)>& on_r
     } else {
       const auto layout = detail::reply_layout(p->n_tokens, p->slots, p->hidden, p->dtype);
       const size_t elems = static_cast<size_t>(p->n_tokens * p->hidden);
-      if (p->dtype == WireDtype::BF16) {
+      if (r->converted) {
+        out.partial = reinterpret_cast<const float*>(r->payload);
+        out.rejected = reinterpret_cast<const uint8_t*>(r->payload + elems * 4);
+      } else if (p->dtype == WireDtype::BF16) {
         if (partial_f32_.reserve(elems * 4)) ++stats_.buffers;
         detail::bf16_to_f32_n(r->payload, reinterpret_cast<float*>(partial_f32_.data()), elems);
         out.partial = reinterpret_cast<const float*>(partial_f32_.data());
       } else {
         out.partial = reinterpret_cast<const float*>(r->payload);
       }
-      out.rejected = reinterpret_cast<const uint8_t*>(r->payload + layout->rejected);
+      if (!r->converted)
+        out.rejected = reinterpret_cast<const uint8_t*>(r->payload + layout->rejected);
       stats_.bytes_in += r->length;
     }
     ++stats_.replies;
@@ -516,13 +545,17 @@ std::vector<int> DispatchClient::Impl::wait(Clock::time_point deadline,
                                             const std::function<void(const Reply&)>& on_reply) {
   if (in_callback_) return {};
   // At least one progress call, so that late replies are drained even in an empty round.
+  auto last_event = Clock::now();
+  Clock::time_point now;
   do {
     const unsigned events = ucp_worker_progress(ucx_->worker());
-    if (!ready_.empty())
-      deliver(on_reply);
-    else if (events == 0)
-      sched_yield();  // where cores are shared, let the expert workers run
-  } while (remaining_ > 0 && Clock::now() < deadline);
+    now = Clock::now();
+    if (!ready_.empty()) deliver(on_reply);
+    if (events != 0)
+      last_event = now;
+    else if (now - last_event >= kYieldAfter)
+      sched_yield();  // spinning for a while: where cores are shared, let the expert workers run
+  } while (remaining_ > 0 && now < deadline);
   if (!ready_.empty()) deliver(on_reply);
 
   std::vector<int> missing;

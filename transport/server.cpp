@@ -26,6 +26,8 @@ namespace {
 
 // Busy-poll this long after the last event before sleeping on the event fd.
 constexpr auto kSpin = std::chrono::microseconds(1000);
+// Within kSpin, poll without yielding this long after the last event, then yield between polls.
+constexpr auto kYieldAfter = std::chrono::microseconds(20);
 // Longest sleep on the event fd; bounds how late the stop flag is seen if a signal is missed.
 constexpr int kSleepMs = 50;
 // How long shutdown waits for replies in flight and endpoint closes.
@@ -62,9 +64,11 @@ class DispatchServer::Impl {
     void* am_data = nullptr;
     const std::byte* payload = nullptr;
     ByteBuffer payload_buf;
-    void* request = nullptr;  // receive or reply send in flight
-    ByteBuffer x_f32;         // x converted from bf16
-    ByteBuffer reply;         // partial f32 [n, hidden] then rejected [n, slots]
+    void* request = nullptr;   // receive or reply send in flight
+    ByteBuffer x_f32;          // x converted from bf16
+    bool x_converted = false;  // the receive already filled x_f32 (fused, see Bf16Message)
+    ByteBuffer reply;          // partial f32 [n, hidden] then rejected [n, slots]
+    detail::Bf16Message wire;  // a fused bf16 receive or reply in flight
     std::string reply_header;
     std::string error;
     bool malformed = false;  // answered with `error` without calling the handler
@@ -92,6 +96,7 @@ class DispatchServer::Impl {
   }
 
   const DataPlaneOptions options_;
+  const bool fused_ = detail::bf16_fused_ok(options_.transports);
   const Handler handler_;
   std::string address_;
   std::thread thread_;
@@ -180,7 +185,7 @@ void DispatchServer::Impl::serve() {
     } else if (now - last_event > kSpin) {
       ucx_->wait_for_events(kSleepMs);
       last_event = Clock::now();
-    } else {
+    } else if (now - last_event >= kYieldAfter) {
       sched_yield();  // spinning: give way to other runnable threads where cores are shared
     }
   }
@@ -217,6 +222,7 @@ DispatchServer::Impl::Inbound* DispatchServer::Impl::acquire(size_t reply_bytes)
   in->payload = nullptr;
   in->request = nullptr;
   in->reply_ep = nullptr;
+  in->x_converted = false;
   in->malformed = false;
   in->error.clear();
   return in;
@@ -295,14 +301,35 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
   bytes_in_.fetch_add(length, std::memory_order_relaxed);
 
   if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
-    count_buffer(in->payload_buf.reserve(length));
-    in->payload = in->payload_buf.data();
-    in->state = State::kReceiving;
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     p.cb.recv_am = &on_receive_done;
     p.user_data = in;
-    void* req = ucp_am_recv_data_nbx(ucx_->worker(), data, in->payload_buf.data(), length, &p);
+    void* buffer = nullptr;
+    size_t count = length;
+    if (fused_ && in->dtype == WireDtype::BF16) {
+      // Routing lands in payload_buf, x straight in x_f32 as f32 (no staging copy, no pass).
+      const size_t x_elems = (length - layout->x) / 2;
+      count_buffer(in->payload_buf.reserve(layout->x));
+      count_buffer(in->x_f32.reserve(x_elems * 4));
+      in->wire = {in->payload_buf.data(),
+                  layout->x,
+                  reinterpret_cast<float*>(in->x_f32.data()),
+                  x_elems,
+                  nullptr,
+                  0};
+      in->x_converted = true;
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+      p.datatype = detail::bf16_message_datatype();
+      buffer = &in->wire;
+      count = 1;
+    } else {
+      count_buffer(in->payload_buf.reserve(length));
+      buffer = in->payload_buf.data();
+    }
+    in->payload = in->payload_buf.data();
+    in->state = State::kReceiving;
+    void* req = ucp_am_recv_data_nbx(ucx_->worker(), data, buffer, count, &p);
     if (req == nullptr) {
       in->state = State::kReady;
       ready_.push_back(in);
@@ -387,7 +414,9 @@ bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
   d.received = in.received;
   d.experts = reinterpret_cast<const int32_t*>(in.payload + in.layout.experts);
   d.weights = reinterpret_cast<const float*>(in.payload + in.layout.weights);
-  if (in.dtype == WireDtype::BF16) {
+  if (in.x_converted) {
+    d.x = reinterpret_cast<const float*>(in.x_f32.data());
+  } else if (in.dtype == WireDtype::BF16) {
     count_buffer(in.x_f32.reserve(x_elems * 4));
     detail::bf16_to_f32_n(in.payload + in.layout.x, reinterpret_cast<float*>(in.x_f32.data()),
                           x_elems);
@@ -448,8 +477,12 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
   out_header_.set_hidden(in.hidden);
   out_header_.set_dtype(detail::to_proto(in.dtype));
   out_header_.set_seq(in.seq);
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.send = &on_send_done;
+  p.user_data = &in;
   const void* payload = nullptr;
-  size_t bytes = 0;
+  size_t count = 0, bytes = 0;
   if (!in.error.empty()) {
     errors_.fetch_add(1, std::memory_order_relaxed);
     if (in.error.size() > kMaxErrorBytes) in.error.resize(kMaxErrorBytes);
@@ -457,23 +490,32 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
   } else {
     const size_t partial_elems = static_cast<size_t>(in.n_tokens * in.hidden);
     const size_t rejected_bytes = static_cast<size_t>(in.n_tokens) * static_cast<size_t>(in.slots);
-    if (in.dtype == WireDtype::BF16) {
+    bytes = partial_elems * detail::dtype_size(in.dtype) + rejected_bytes;
+    payload = in.reply.data();
+    count = bytes;
+    if (in.dtype == WireDtype::BF16 && fused_) {
+      // UCX's copy into its send buffers converts (no pass of our own).
+      in.wire = {nullptr,
+                 0,
+                 reinterpret_cast<float*>(in.reply.data()),
+                 partial_elems,
+                 in.reply.data() + partial_elems * 4,
+                 rejected_bytes};
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+      p.datatype = detail::bf16_message_datatype();
+      payload = &in.wire;
+      count = 1;
+    } else if (in.dtype == WireDtype::BF16) {
       detail::f32_to_bf16_in_place(in.reply.data(), partial_elems);
       std::memmove(in.reply.data() + partial_elems * 2, in.reply.data() + partial_elems * 4,
                    rejected_bytes);
     }
-    payload = in.reply.data();
-    bytes = partial_elems * detail::dtype_size(in.dtype) + rejected_bytes;
   }
   count_buffer(detail::grows(in.reply_header, out_header_.ByteSizeLong()));
   detail::serialize_into(out_header_, in.reply_header);
 
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  p.cb.send = &on_send_done;
-  p.user_data = &in;
   void* req = ucp_am_send_nbx(in.reply_ep, detail::kReplyAmId, in.reply_header.data(),
-                              in.reply_header.size(), payload, bytes, &p);
+                              in.reply_header.size(), payload, count, &p);
   replies_.fetch_add(1, std::memory_order_relaxed);
   bytes_out_.fetch_add(bytes, std::memory_order_relaxed);
   if (req == nullptr) {

@@ -74,9 +74,9 @@ class RouterTest : public ::testing::Test {
         [](expert_actor::pointer, std::shared_ptr<Record> r) -> expert_actor::behavior_type {
           return {
               [r](assign_atom, const std::string& bytes) -> std::string {
-                proto::Assignment a;
-                a.ParseFromString(bytes);
-                r->assignments.push_back(a);
+                proto::Assignment assignment;
+                assignment.ParseFromString(bytes);
+                r->assignments.push_back(assignment);
                 return {};
               },
               [r](status_atom) -> std::string { return r->stats.SerializeAsString(); },

@@ -1,6 +1,7 @@
 // Wire format of the data plane: dtype conversion, payload layouts, address framing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -31,6 +32,54 @@ TEST(transportWire, InPlaceConversionMatchesCopyingConversion) {
   f32_to_bf16_in_place(v.data(), v.size());
   const auto* got = reinterpret_cast<const uint16_t*>(v.data());
   for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << i;
+}
+
+// UCX cuts a message into fragments anywhere, bf16 values included; every byte must land.
+TEST(transportWire, Bf16MessagePacksAndUnpacksInFragmentsOfAnySize) {
+  std::vector<std::byte> head(5), tail(3);
+  for (size_t i = 0; i < head.size(); ++i) head[i] = static_cast<std::byte>(0xa0 + i);
+  for (size_t i = 0; i < tail.size(); ++i) tail[i] = static_cast<std::byte>(0xb0 + i);
+  std::vector<float> body(37);
+  for (size_t i = 0; i < body.size(); ++i) body[i] = std::sin(static_cast<float>(i)) * 1000.0f;
+  body[3] = std::numeric_limits<float>::quiet_NaN();
+  const Bf16Message src{head.data(), head.size(), body.data(),
+                        body.size(), tail.data(), tail.size()};
+  std::vector<std::byte> want(head);
+  for (float v : body) {
+    const uint16_t b = f32_to_bf16(v);
+    want.push_back(static_cast<std::byte>(b & 0xffu));
+    want.push_back(static_cast<std::byte>(b >> 8));
+  }
+  want.insert(want.end(), tail.begin(), tail.end());
+  ASSERT_EQ(src.wire_bytes(), want.size());
+
+  for (size_t frag : {1, 2, 3, 7, 16, 33, 200}) {
+    std::vector<std::byte> wire(want.size() + 4);
+    std::vector<size_t> starts;
+    for (size_t at = 0; at < want.size(); at += frag) {
+      EXPECT_EQ(bf16_message_pack(src, at, wire.data() + at, frag),
+                std::min(frag, want.size() - at));
+      starts.push_back(at);
+    }
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), wire.begin())) << "fragments of " << frag;
+
+    std::vector<std::byte> h(head.size()), t(tail.size());
+    std::vector<float> b(body.size(), 12345.0f);
+    const Bf16Message dst{h.data(), h.size(), b.data(), b.size(), t.data(), t.size()};
+    std::reverse(starts.begin(), starts.end());  // any order
+    for (size_t at : starts)
+      ASSERT_TRUE(bf16_message_unpack(dst, at, wire.data() + at, std::min(frag, want.size() - at)));
+    EXPECT_FALSE(bf16_message_unpack(dst, want.size() - 1, wire.data(), 2));
+    EXPECT_EQ(h, head);
+    EXPECT_EQ(t, tail);
+    for (size_t i = 0; i < body.size(); ++i) {
+      const float expect = bf16_to_f32(f32_to_bf16(body[i]));
+      if (std::isnan(expect))
+        EXPECT_TRUE(std::isnan(b[i]));
+      else
+        EXPECT_EQ(b[i], expect) << "element " << i << ", fragments of " << frag;
+    }
+  }
 }
 
 TEST(transportWire, LayoutsKeepSectionsAlignedAndRefuseBadShapes) {

@@ -74,6 +74,35 @@ void f32_to_bf16_n(const float* src, void* dst, size_t n);
 // In place: the first n floats of buf become n bf16 values at the start of buf.
 void f32_to_bf16_in_place(void* buf, size_t n);
 
+// A message whose wire form is `head` bytes | bf16[body_elems] | `tail` bytes while this side
+// holds the body as f32. As a UCX generic datatype (bf16_message_datatype(), count 1, the
+// Bf16Message as buffer) UCX's own fragment copies convert: pack reads the f32 body and writes
+// bf16 into UCX's send buffers, unpack writes the f32 body straight from UCX's receive buffers.
+// That saves the separate conversion pass and a copy through a staging buffer. Fragments may
+// start and end at any byte. Generic datatypes rule out zero-copy rendezvous, so they are used
+// only where UCX copies anyway (see bf16_fused_ok()). The Bf16Message must live until the
+// operation completes.
+struct Bf16Message {
+  std::byte* head = nullptr;
+  size_t head_bytes = 0;
+  float* body = nullptr;
+  size_t body_elems = 0;
+  std::byte* tail = nullptr;
+  size_t tail_bytes = 0;
+  size_t wire_bytes() const { return head_bytes + 2 * body_elems + tail_bytes; }
+};
+// The datatype's pack and unpack: wire bytes [offset, offset + n) of the message (pack writes
+// min(max_length, what is left) bytes and returns that; unpack refuses bytes past the end).
+size_t bf16_message_pack(const Bf16Message& m, size_t offset, void* dest, size_t max_length);
+bool bf16_message_unpack(const Bf16Message& m, size_t offset, const void* src, size_t length);
+// The generic datatype (created on first use, lives as long as the process).
+uint64_t bf16_message_datatype();
+// Whether UCX_TLS names only shared-memory transports: with peer error handling UCX 1.13 moves
+// their rendezvous data through bounce buffers (no memory invalidation for zero copy), so a
+// generic datatype costs nothing there. False for the default, tcp and RDMA transports, which
+// may send zero-copy.
+bool bf16_fused_ok(const std::string& transports);
+
 // A growable byte buffer that never shrinks and never zero-fills (16-byte aligned).
 class ByteBuffer {
  public:
