@@ -34,7 +34,7 @@ struct ServeFlags {
   bool single_process = false;
   int attention_workers = 1;
   int expert_workers = 2;
-  int expert_threads = 1;
+  int expert_threads = 0;
   int expert_replicas = 1;
   double capacity_factor = 0;
   std::string cluster_token;
@@ -241,7 +241,9 @@ Runner add_serve(CLI::App& app) {
                  "limit, no token dropped)")
       ->check(CLI::Range(0.0, 1e6))
       ->capture_default_str();
-  app.add_option("--expert-threads", f->expert_threads, "Compute threads of each expert worker")
+  app.add_option("--expert-threads", f->expert_threads,
+                 "Compute threads of each expert worker (0: one per hardware thread; the attention "
+                 "and expert phases of a step alternate, so they seldom compete)")
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
   app.add_option("--cluster-token", f->cluster_token,
