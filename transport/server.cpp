@@ -6,6 +6,7 @@
 #include <sched.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <exception>
@@ -37,6 +38,9 @@ constexpr int kSleepMs = 50;
 constexpr auto kDrain = std::chrono::milliseconds(100);
 // Error texts are cut to this length: they travel in the AM header, whose size UCX limits.
 constexpr size_t kMaxErrorBytes = 1024;
+// Idle polls zero released reply buffers in pieces of this size (~5 us each), so that a message
+// arriving meanwhile waits at most that long.
+constexpr size_t kZeroChunk = size_t{128} << 10;
 
 }  // namespace
 
@@ -71,6 +75,10 @@ class DispatchServer::Impl {
     ByteBuffer x_f32;          // x converted from bf16
     bool x_converted = false;  // the receive already filled x_f32 (fused, see Bf16Message)
     ByteBuffer reply;          // partial f32 [n, hidden] then rejected [n, slots]
+    // Bytes [0, zeroed) of `reply` are zero, and so are bytes from dirty_end on (no dirty bytes
+    // when both are 0).
+    size_t zeroed = 0, dirty_end = 0;
+    bool in_dirty = false;     // listed in dirty_ (at most once)
     detail::Bf16Message wire;  // a fused bf16 receive or reply in flight
     std::string reply_header;
     std::string error;
@@ -93,6 +101,7 @@ class DispatchServer::Impl {
   void reject(Inbound* in, std::string message);
   void handle_ready();
   bool prepare(Inbound& in, Dispatch& d);
+  bool zero_some();
   void send_reply(Inbound& in);
   void count_buffer(bool grew) {
     if (grew) buffers_.fetch_add(1, std::memory_order_relaxed);
@@ -114,6 +123,7 @@ class DispatchServer::Impl {
   std::vector<Inbound*> ready_;
   std::vector<Inbound*> batch_;
   std::vector<Inbound*> handled_;
+  std::vector<Inbound*> dirty_;  // released with a reply buffer not yet zeroed
   std::vector<Dispatch> views_;
   size_t busy_ = 0;  // Inbounds receiving or replying
   proto::DispatchHeader in_header_;
@@ -185,6 +195,8 @@ void DispatchServer::Impl::serve() {
     const auto now = Clock::now();
     if (events != 0) {
       last_event = now;
+    } else if (zero_some()) {
+      // Idle: zeroed a piece of a free reply buffer (no sleep or yield while there is more).
     } else if (now - last_event > kSpin) {
       ucx_->wait_for_events(kSleepMs);
       last_event = Clock::now();
@@ -219,6 +231,7 @@ DispatchServer::Impl::Inbound* DispatchServer::Impl::acquire(size_t reply_bytes)
     all_.push_back(std::make_unique<Inbound>());
     in = all_.back().get();
     in->server = this;
+    dirty_.reserve(all_.size());  // release() then never allocates
     count_buffer(true);
   }
   in->am_data = nullptr;
@@ -236,6 +249,30 @@ void DispatchServer::Impl::release(Inbound* in) {
   in->am_data = nullptr;
   in->state = State::kFree;
   free_.push_back(in);
+  if (in->zeroed < in->dirty_end && !in->in_dirty) {
+    in->in_dirty = true;
+    dirty_.push_back(in);
+  }
+}
+
+// Zeroes the next piece of a free reply buffer, off the critical path: the next dispatch that
+// takes the buffer finds its partial sums zero already (prepare() zeroes whatever is left).
+// Returns false when there was nothing to zero.
+bool DispatchServer::Impl::zero_some() {
+  while (!dirty_.empty()) {
+    Inbound* in = dirty_.back();
+    if (in->state != State::kFree || in->zeroed >= in->dirty_end) {
+      in->in_dirty = false;  // taken again meanwhile (listed again at its release) or clean
+      dirty_.pop_back();
+      continue;
+    }
+    const size_t n = std::min(kZeroChunk, in->dirty_end - in->zeroed);
+    std::memset(in->reply.data() + in->zeroed, 0, n);
+    in->zeroed += n;
+    if (in->zeroed == in->dirty_end) in->zeroed = in->dirty_end = 0;  // all of it is zero
+    return true;
+  }
+  return false;
 }
 
 void DispatchServer::Impl::reject(Inbound* in, std::string message) {
@@ -396,7 +433,8 @@ void DispatchServer::Impl::on_send_done(void* request, ucs_status_t status, void
 }
 
 // Points the view at the payload, converting x to f32 when the wire was bf16, and zeroes the
-// outputs. Returns false (with in.error set) when the reply buffer cannot be laid out.
+// outputs (mostly done already by zero_some() while the server was idle). Returns false (with
+// in.error set) when the reply buffer cannot be laid out.
 bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
   const auto rl = detail::reply_layout(in.n_tokens, in.slots, in.hidden, WireDtype::F32);
   if (!rl) {
@@ -427,8 +465,17 @@ bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
   } else {
     d.x = reinterpret_cast<const float*>(in.payload + in.layout.x);
   }
-  count_buffer(in.reply.reserve(rl->total));
-  std::memset(in.reply.data(), 0, rl->total);
+  if (in.reply.reserve(rl->total)) {  // fresh memory: nothing known to be zero
+    count_buffer(true);
+    in.zeroed = 0;
+    in.dirty_end = in.reply.capacity();
+  }
+  // Zero what zero_some() has not: bytes [zeroed, min(total, dirty_end)).
+  const size_t end = std::min(rl->total, in.dirty_end);
+  if (in.zeroed < end) std::memset(in.reply.data() + in.zeroed, 0, end - in.zeroed);
+  // The handler (and an in-place bf16 conversion) may write all of [0, total).
+  in.dirty_end = std::max(in.dirty_end, rl->total);
+  in.zeroed = 0;
   d.partial = reinterpret_cast<float*>(in.reply.data());
   d.rejected = reinterpret_cast<uint8_t*>(in.reply.data() + rl->rejected);
   d.error = &in.error;

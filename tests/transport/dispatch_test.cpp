@@ -117,6 +117,44 @@ TEST_P(Transport, TwoServersAnswerInOneWait) {
   EXPECT_EQ((seen[{pb, 1}]), 1);
 }
 
+// Reply buffers are reused (and zeroed while the server is idle): a handler that writes only
+// some rows must see zeros everywhere else, also after larger messages filled the buffers.
+TEST_P(Transport, ReusedReplyBuffersStartAtZero) {
+  auto server = start_server(options(), [](std::span<Dispatch> batch) {
+    for (Dispatch& d : batch) {
+      for (int64_t i = 0; i < d.n_tokens * d.hidden; ++i)
+        if (d.partial[i] != 0.0f) *d.error = "partial not zero at " + std::to_string(i);
+      for (int64_t i = 0; i < d.n_tokens * d.slots; ++i)
+        if (d.rejected[i] != 0) *d.error = "rejected not zero at " + std::to_string(i);
+      if (!d.error->empty()) continue;
+      // Layer 0: fill everything; layer 1: write row 0 only.
+      const int64_t rows = d.layer == 0 ? d.n_tokens : 1;
+      for (int64_t i = 0; i < rows * d.hidden; ++i) d.partial[i] = 1.0f + static_cast<float>(i);
+      for (int64_t i = 0; i < rows * d.slots; ++i) d.rejected[i] = 1;
+    }
+  });
+  auto client = make_client(options());
+  ASSERT_TRUE(server && client);
+  const int p = client->connect(server->address()).value();
+  const Batch big = make_batch(128, 1024, 2, 11), small = make_batch(9, 256, 2, 12);
+  for (int round = 0; round < 6; ++round) {
+    const Batch& b = round % 2 == 0 ? big : small;
+    ASSERT_TRUE(send_batch(*client, p, b, round % 2 == 0 ? 0 : 1).ok());
+    int replies = 0;
+    const auto missing = client->wait(Clock::now() + 5s, [&](const Reply& r) {
+      ++replies;
+      ASSERT_TRUE(r.error.empty()) << "round " << round << ": " << r.error;
+      if (r.layer != 1) return;
+      for (int64_t i = r.hidden; i < r.n_tokens * r.hidden; ++i)
+        ASSERT_EQ(r.partial[i], 0.0f) << "round " << round << " at " << i;
+      for (int64_t i = r.slots; i < r.n_tokens * r.slots; ++i)
+        ASSERT_EQ(r.rejected[i], 0) << "round " << round << " at " << i;
+    });
+    EXPECT_TRUE(missing.empty());
+    EXPECT_EQ(replies, 1);
+  }
+}
+
 TEST_P(Transport, HandlerErrorReachesTheClient) {
   auto server = start_server(options(), [](std::span<Dispatch> batch) {
     for (Dispatch& d : batch) {
