@@ -18,7 +18,9 @@
 
 namespace moemesh::actors {
 
-// Heartbeats every 500 ms; a peer silent for 3 s is dropped (its actors go down).
+// The actor system of a cluster process: CAF's network layer (middleman), 2 scheduler threads
+// (the control plane is light; compute has its own threads), and heartbeats every 500 ms so a
+// peer silent for 3 s is dropped (its actors go down).
 void configure_control_plane(caf::actor_system_config& cfg);
 
 // "HOST:PORT" (IPv4, a host name, or [IPv6]:PORT) -> (host, port).

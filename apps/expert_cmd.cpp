@@ -10,8 +10,8 @@
 
 #include "actors/node.h"
 #include "apps/commands.h"
+#include "apps/flags.h"
 #include "apps/role_common.h"
-#include "apps/worker_flags.h"
 #include "expert_worker/expert_worker.h"
 
 namespace moemesh::apps {
@@ -56,21 +56,12 @@ int run_expert(const ExpertFlags& f) {
   if (!worker) return fail(worker.error().message());
 
   caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  cfg.set("scheduler.max-threads", 2);
   actors::configure_control_plane(cfg);
   caf::actor_system system{cfg};
   actors::expert_actor self = spawn_expert_actor(system, worker->get());
 
-  proto::NodeInfo info;
-  info.set_role("expert");
-  info.set_name(f.worker.name.empty() ? node_name("expert") : f.worker.name);
-  info.set_host(host_name());
-  info.set_pid(getpid());
-  info.set_model(model_dir.string());
-  info.set_model_fingerprint(actors::model_fingerprint((*worker)->config()));
+  proto::NodeInfo info = f.worker.node_info("expert", model_dir, (*worker)->config());
   info.set_data_address((*worker)->data_address());
-  info.set_threads(f.worker.threads);
   Expected<actors::Joined> joined = actors::join_cluster(system, f.worker.join_options(), info,
                                                          caf::actor_cast<caf::actor>(self));
   if (!joined) {

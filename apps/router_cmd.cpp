@@ -9,6 +9,7 @@
 
 #include "actors/node.h"
 #include "apps/commands.h"
+#include "apps/flags.h"
 #include "apps/role_common.h"
 
 namespace moemesh::apps {
@@ -25,14 +26,6 @@ struct RouterFlags {
   double capacity_factor = 0;
 };
 
-caf::actor_system_config control_config() {
-  caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  cfg.set("scheduler.max-threads", 2);
-  actors::configure_control_plane(cfg);
-  return cfg;
-}
-
 int run_router(const RouterFlags& f) {
   auto fail = [](const std::string& message) {
     std::cerr << "moemesh router: error: " << message << "\n";
@@ -48,7 +41,8 @@ int run_router(const RouterFlags& f) {
   std::string advertise = f.advertise_host;
   if (advertise.empty()) advertise = f.bind_host == "0.0.0.0" ? host_name() : f.bind_host;
 
-  auto cfg = control_config();
+  caf::actor_system_config cfg;
+  actors::configure_control_plane(cfg);
   caf::actor_system system{cfg};
   actors::RouterOptions ro;
   ro.cluster_token = token;
@@ -86,7 +80,8 @@ int run_gateway(GatewayFlags f) {
       load_served_model(model_dir, f.served_model_name, f.max_model_len);
   if (!served) return fail(served.error().message());
 
-  auto cfg = control_config();
+  caf::actor_system_config cfg;
+  actors::configure_control_plane(cfg);
   caf::actor_system system{cfg};
   Expected<std::unique_ptr<Gateway>> gw = Gateway::start(system, f.gateway);
   if (!gw) return fail(gw.error().message());
@@ -138,12 +133,7 @@ Runner add_gateway(CLI::App& app) {
                  "Checkpoint directory (tokenizer and chat template; default: the demo model)");
   app.add_option("--served-model-name", f->served_model_name,
                  "Model id clients use (default: the folder's name)");
-  app.add_option("--host", f->gateway.host, "Address to listen on")->capture_default_str();
-  app.add_option("--port", f->gateway.port, "HTTP port (0: any free port)")->capture_default_str();
-  app.add_option("--api-key", f->gateway.api_key,
-                 "Require \"Authorization: Bearer KEY\" on the API");
-  app.add_option("--admin-token", f->gateway.admin_token,
-                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\"");
+  add_http_flags(app, f->gateway);
   app.add_option("--max-model-len", f->max_model_len,
                  "Cap on prompt + completion tokens (0: the model's)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 32));

@@ -14,6 +14,7 @@
 #include "actors/node.h"
 #include "apps/children.h"
 #include "apps/commands.h"
+#include "apps/flags.h"
 #include "apps/role_common.h"
 #include "attention_worker/engine_actor.h"
 #include "proto/cluster.pb.h"
@@ -27,8 +28,8 @@ struct ServeFlags {
   std::string model;
   std::string served_model_name;
   GatewayOptions gateway;
-  EngineOptions engine;
-  double kv_cache_gib = 2.0;
+  EngineFlags engine;
+  RemoteExpertFlags remote;
   int threads = 0;
   double shutdown_grace_s = 30;
   bool single_process = false;
@@ -41,8 +42,6 @@ struct ServeFlags {
   uint16_t control_port = 0;
   std::string transports;
   std::string net_devices = "lo";  // every role is on this machine
-  std::string wire_dtype = "f32";
-  double dispatch_timeout_ms = 1000;
 };
 
 std::string random_token() {
@@ -78,11 +77,10 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
   Expected<gateway::ServedModel> served =
-      load_served_model(model_dir, f.served_model_name, f.engine.max_model_len);
+      load_served_model(model_dir, f.served_model_name, f.engine.engine.max_model_len);
   if (!served) return fail(served.error().message());
 
-  f.engine.kv_cache_bytes = static_cast<int64_t>(f.kv_cache_gib * double(int64_t{1} << 30));
-  std::unique_ptr<Engine> engine = Engine::start(std::move(*model), f.engine);
+  std::unique_ptr<Engine> engine = Engine::start(std::move(*model), f.engine.options());
   served->max_model_len = engine->max_model_len();
   actors::engine_actor engine_actor = spawn_engine_actor(system, engine.get());
   (*gw)->serve_model(std::move(*served), engine_actor);
@@ -101,7 +99,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   Expected<ModelConfig> config = load_model_config(model_dir);
   if (!config) return fail(config.error().message());
   Expected<gateway::ServedModel> served =
-      load_served_model(model_dir, f.served_model_name, f.engine.max_model_len);
+      load_served_model(model_dir, f.served_model_name, f.engine.engine.max_model_len);
   if (!served) return fail(served.error().message());
   const std::string token = [&] {
     std::string t = actors::cluster_token_from(f.cluster_token);
@@ -109,8 +107,6 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   }();
 
   caf::actor_system_config cfg;
-  cfg.load<caf::io::middleman>();
-  cfg.set("scheduler.max-threads", 2);
   actors::configure_control_plane(cfg);
   caf::actor_system system{cfg};
 
@@ -154,12 +150,13 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   }
   for (int i = 0; i < f.attention_workers; ++i) {
     auto a = common("attention", f.threads);
-    a.insert(a.end(), {"--name", fmt::format("attention-{}", i), "--max-num-seqs",
-                       std::to_string(f.engine.max_num_seqs), "--kv-cache-gib",
-                       fmt::format("{}", f.kv_cache_gib), "--wire-dtype", f.wire_dtype,
-                       "--dispatch-timeout-ms", fmt::format("{}", f.dispatch_timeout_ms)});
-    if (f.engine.max_model_len > 0)
-      a.insert(a.end(), {"--max-model-len", std::to_string(f.engine.max_model_len)});
+    a.insert(a.end(),
+             {"--name", fmt::format("attention-{}", i), "--max-num-seqs",
+              std::to_string(f.engine.engine.max_num_seqs), "--kv-cache-gib",
+              fmt::format("{}", f.engine.kv_cache_gib), "--wire-dtype", f.remote.wire_dtype,
+              "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms)});
+    if (f.engine.engine.max_model_len > 0)
+      a.insert(a.end(), {"--max-model-len", std::to_string(f.engine.engine.max_model_len)});
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
 
@@ -218,12 +215,7 @@ Runner add_serve(CLI::App& app) {
                  "Hugging Face checkpoint directory (default: the built-in demo model)");
   app.add_option("--served-model-name", f->served_model_name,
                  "Model id clients use (default: the folder's name)");
-  app.add_option("--host", f->gateway.host, "Address to listen on")->capture_default_str();
-  app.add_option("--port", f->gateway.port, "HTTP port (0: any free port)")->capture_default_str();
-  app.add_option("--api-key", f->gateway.api_key,
-                 "Require \"Authorization: Bearer KEY\" on the API");
-  app.add_option("--admin-token", f->gateway.admin_token,
-                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\"");
+  add_http_flags(app, f->gateway);
   app.add_flag("--single-process", f->single_process,
                "Run the engine and its experts in this process");
   app.add_option("--attention-workers", f->attention_workers, "Attention worker processes")
@@ -256,26 +248,8 @@ Runner add_serve(CLI::App& app) {
                  "Network devices of the data plane (UCX_NET_DEVICES); the roles of serve all run "
                  "here, so loopback by default (\"\": UCX's choice)")
       ->capture_default_str();
-  app.add_option("--wire-dtype", f->wire_dtype,
-                 "Hidden states on the data plane: f32 (exact) or bf16 (half the bytes)")
-      ->check(CLI::IsMember({"f32", "bf16"}))
-      ->capture_default_str();
-  app.add_option("--dispatch-timeout-ms", f->dispatch_timeout_ms,
-                 "Deadline of one MoE layer's round trip to the expert workers")
-      ->check(CLI::Range(1.0, 600000.0))
-      ->capture_default_str();
-  app.add_option("--max-num-seqs", f->engine.max_num_seqs, "Sequences decoded together")
-      ->check(CLI::Range(1, 4096))
-      ->capture_default_str();
-  app.add_option("--max-model-len", f->engine.max_model_len,
-                 "Cap on prompt + completion tokens (0: the model's)")
-      ->check(CLI::Range(int64_t{0}, int64_t{1} << 32));
-  app.add_option("--kv-cache-gib", f->kv_cache_gib, "Memory for the KV cache, GiB")
-      ->check(CLI::Range(0.001, 4096.0))
-      ->capture_default_str();
-  app.add_option("--max-body-bytes", f->gateway.max_body_bytes, "Largest request body accepted")
-      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
-      ->capture_default_str();
+  f->remote.add(app);
+  f->engine.add(app);
   app.add_option("--threads", f->threads,
                  "Compute threads of the engine (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096));

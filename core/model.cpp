@@ -312,13 +312,14 @@ Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<co
   if (caches.size() != tokens.size())
     return Error(fmt::format("forward_batch() got {} caches for {} tokens: one token per sequence",
                              caches.size(), tokens.size()));
+  std::vector<KVCache*> sorted(caches.begin(), caches.end());
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    return Error("forward_batch() got the same cache twice: one token per sequence");
   std::vector<Segment> segments;
   segments.reserve(caches.size());
   for (int64_t b = 0; b < n; ++b) {
     if (caches[b] == nullptr) return Error("forward_batch() got a null cache");
-    for (int64_t o = 0; o < b; ++o)
-      if (caches[o] == caches[b])
-        return Error("forward_batch() got the same cache twice: one token per sequence");
     if (Status s = check_chunk(*caches[b], tokens.subspan(b, 1)); !s) return s;
     segments.push_back({caches[b], b, 1});
   }

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, fixture_with_tokenizer
 from server import Server
 
 TOKEN = "e2e-cluster-token"
@@ -24,16 +24,6 @@ TOKEN_ID = re.compile(rb'"token_id:(\d+)"')
 FINISH = re.compile(rb'"finish_reason":"(\w+)"')
 INDEX = re.compile(rb'"index":(\d+)')
 DEMO = ROOT / "models" / "demo"
-
-
-def fixture_with_tokenizer(tmp_path, name):
-    """A parity fixture plus a tokenizer (the gateway needs one; prompts here are token ids)."""
-    d = tmp_path / name
-    d.mkdir()
-    for f in (FIXTURES / name).iterdir():
-        (d / f.name).symlink_to(f)
-    (d / "tokenizer.json").symlink_to(DEMO / "tokenizer.json")
-    return d
 
 
 def completion_ids(server, prompt_ids, max_tokens, **extra):

@@ -19,20 +19,10 @@ import urllib.request
 
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, fixture_with_tokenizer
 
 SCRIPT = ROOT / "deploy" / "local" / "netns-cluster"
 FIXTURE = "qwen2moe-tiny"
-
-
-def fixture_with_tokenizer(tmp_path, name):
-    """A parity fixture plus a tokenizer (the gateway needs one; prompts here are token ids)."""
-    d = tmp_path / name
-    d.mkdir()
-    for f in (FIXTURES / name).iterdir():
-        (d / f.name).symlink_to(f)
-    (d / "tokenizer.json").symlink_to(ROOT / "models" / "demo" / "tokenizer.json")
-    return d
 
 
 def running(pid):

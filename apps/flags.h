@@ -1,0 +1,134 @@
+// Flags that several subcommands share: joining a cluster (attention, expert), the HTTP server
+// (serve, gateway), the engine (serve, attention) and the remote experts (serve, attention).
+#pragma once
+
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <string>
+
+#include "actors/node.h"
+#include "actors/router.h"
+#include "apps/role_common.h"
+#include "attention_worker/engine.h"
+#include "gateway/gateway.h"
+#include "proto/cluster.pb.h"
+#include "transport/data_plane.h"
+
+namespace moemesh::apps {
+
+struct WorkerFlags {
+  std::string model;
+  std::string join;
+  std::string cluster_token;
+  std::string bind_host = "127.0.0.1";
+  uint16_t control_port = 0;
+  double join_timeout_s = 60;
+  int threads = 0;
+  std::string transports;
+  std::string net_devices;
+  std::string name;
+
+  void add(CLI::App& app) {
+    app.add_option("--join", join, "HOST:PORT of the router (see /admin/cluster \"join\")")
+        ->required();
+    app.add_option("--model", model,
+                   "Hugging Face checkpoint directory (default: the built-in demo model)");
+    app.add_option("--cluster-token", cluster_token,
+                   "Shared secret of the cluster (default: $MOEMESH_CLUSTER_TOKEN)");
+    app.add_option("--bind-host", bind_host, "Interface of this node's control port")
+        ->capture_default_str();
+    app.add_option("--control-port", control_port, "This node's control port (0: any)");
+    app.add_option("--join-timeout", join_timeout_s, "Seconds to keep trying to reach the router")
+        ->check(CLI::Range(0.0, 3600.0))
+        ->capture_default_str();
+    app.add_option("--threads", threads, "Compute threads (0: one per hardware thread)")
+        ->check(CLI::Range(0, 4096));
+    app.add_option("--transports", transports,
+                   "UCX transports of the data plane (UCX_TLS), e.g. tcp or sm,self (default: "
+                   "UCX's choice)");
+    app.add_option("--net-devices", net_devices,
+                   "Network devices of the data plane (UCX_NET_DEVICES), e.g. eth0");
+    app.add_option("--name", name, "Node name shown in /admin/cluster (default: ROLE-PID@HOST)");
+  }
+
+  actors::JoinOptions join_options() const {
+    actors::JoinOptions o;
+    o.join = join;
+    o.cluster_token = actors::cluster_token_from(cluster_token);
+    o.bind_host = bind_host;
+    o.control_port = control_port;
+    o.timeout = std::chrono::milliseconds(static_cast<int64_t>(join_timeout_s * 1000));
+    return o;
+  }
+
+  // What this node tells the router when it joins.
+  proto::NodeInfo node_info(const std::string& role, const std::filesystem::path& model_dir,
+                            const ModelConfig& config) const {
+    proto::NodeInfo info;
+    info.set_role(role);
+    info.set_name(name.empty() ? node_name(role) : name);
+    info.set_host(host_name());
+    info.set_pid(getpid());
+    info.set_model(model_dir.string());
+    info.set_model_fingerprint(actors::model_fingerprint(config));
+    info.set_threads(threads);
+    return info;
+  }
+};
+
+// --host, --port, --api-key, --admin-token, --max-body-bytes.
+inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
+  app.add_option("--host", o.host, "Address to listen on")->capture_default_str();
+  app.add_option("--port", o.port, "HTTP port (0: any free port)")->capture_default_str();
+  app.add_option("--api-key", o.api_key, "Require \"Authorization: Bearer KEY\" on the API");
+  app.add_option("--admin-token", o.admin_token,
+                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\"");
+  app.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body accepted")
+      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
+      ->capture_default_str();
+}
+
+// --max-num-seqs, --max-model-len, --kv-cache-gib.
+struct EngineFlags {
+  EngineOptions engine;
+  double kv_cache_gib = 2.0;
+
+  void add(CLI::App& app) {
+    app.add_option("--max-num-seqs", engine.max_num_seqs, "Sequences decoded together")
+        ->check(CLI::Range(1, 4096))
+        ->capture_default_str();
+    app.add_option("--max-model-len", engine.max_model_len,
+                   "Cap on prompt + completion tokens (0: the model's)")
+        ->check(CLI::Range(int64_t{0}, int64_t{1} << 32));
+    app.add_option("--kv-cache-gib", kv_cache_gib, "Memory for the KV cache, GiB")
+        ->check(CLI::Range(0.001, 4096.0))
+        ->capture_default_str();
+  }
+
+  EngineOptions options() const {
+    EngineOptions o = engine;
+    o.kv_cache_bytes = static_cast<int64_t>(kv_cache_gib * double(int64_t{1} << 30));
+    return o;
+  }
+};
+
+// --dispatch-timeout-ms, --wire-dtype.
+struct RemoteExpertFlags {
+  double dispatch_timeout_ms = 1000;
+  std::string wire_dtype = "f32";
+
+  void add(CLI::App& app) {
+    app.add_option("--dispatch-timeout-ms", dispatch_timeout_ms,
+                   "Deadline of one MoE layer's round trip to the expert workers")
+        ->check(CLI::Range(1.0, 600000.0))
+        ->capture_default_str();
+    app.add_option("--wire-dtype", wire_dtype,
+                   "Hidden states on the data plane: f32 (exact) or bf16 (half the bytes)")
+        ->check(CLI::IsMember({"f32", "bf16"}))
+        ->capture_default_str();
+  }
+};
+
+}  // namespace moemesh::apps
