@@ -303,3 +303,31 @@ def test_a_role_that_cannot_start_ends_serve_with_its_reason(binary):
     assert p.returncode == 1
     assert "failed before the cluster was ready" in p.stderr, p.stderr
     assert "UCX_TLS=no-such-transport" in p.stderr, p.stderr
+
+
+def test_a_worker_that_cannot_reach_the_router_says_so(binary):
+    from server import free_port
+    p = subprocess.run([str(binary), "expert", "--join", f"127.0.0.1:{free_port()}",
+                        "--model", str(DEMO), "--cluster-token", TOKEN, "--join-timeout", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "cannot reach the router" in p.stderr and "--join" in p.stderr, p.stderr
+    p = subprocess.run([str(binary), "attention", "--join", "nohostport", "--model", str(DEMO)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "expected HOST:PORT" in p.stderr, p.stderr
+
+
+def test_admin_routes_answer_bad_requests_clearly(binary):
+    s = start(binary, DEMO, "--admin-token", "adm")
+    try:
+        auth = {"Authorization": "Bearer adm"}
+        status, _, raw = s.request("POST", "/admin/capacity", {"factor": 1}, headers=auth)
+        assert status == 400 and b"capacity_factor" in raw, raw
+        status, _, raw = s.request("POST", "/admin/capacity", {"capacity_factor": -1},
+                                   headers=auth)
+        assert status == 400 and b"out of range" in raw, raw
+        assert s.request("GET", "/admin/capacity")[0] == 405
+        assert s.request("GET", "/admin/nothing")[0] == 404
+    finally:
+        s.stop()
