@@ -13,6 +13,7 @@ if(NOT MOEMESH_CUDA STREQUAL "OFF")
       set(CMAKE_CUDA_ARCHITECTURES 80 90a)
     endif()
     enable_language(CUDA)
+    find_package(CUDAToolkit REQUIRED)  # CUDA::cudart_static, CUDA::cublas, for every folder
     set(MOEMESH_HAVE_CUDA ON)
   elseif(MOEMESH_CUDA STREQUAL "ON")
     message(FATAL_ERROR "MOEMESH_CUDA=ON but no CUDA compiler was found; install the CUDA toolkit "

@@ -88,6 +88,20 @@ void attention(const float* q, int64_t n_q, const float* k, const float* v, int6
 void softmax_topk(const float* logits, int64_t n_tokens, int64_t n_experts, int64_t top_k,
                   bool renormalize, int32_t* ids, float* weights);
 
+// The general router (DeepSeek-V2 group_limited_greedy, DeepSeek-V3 noaux_tc): scores are the
+// softmax (or, with `sigmoid`, the elementwise sigmoid) of the logits in float32; bias (n_experts
+// floats, may be null: e_score_correction_bias) is added to the scores for choosing only. The
+// experts form n_groups equal groups; a group ranks by the max of its biased scores (or, with
+// group_top2_sum, the sum of its two largest), and only the experts of the topk_groups best groups
+// (ties to the lower group id) compete. ids receives the top_k competing experts by biased score
+// (ties to the lower id) in decreasing order, weights their unbiased scores, divided by the sum of
+// those top_k scores when renormalize, then multiplied by scaling. NaN ranks as -inf. Should the
+// chosen groups hold fewer than top_k experts, the rest are the best of the other groups. With
+// n_groups == 1, softmax, no bias and scaling 1 this is softmax_topk.
+void grouped_topk(const float* logits, const float* bias, int64_t n_tokens, int64_t n_experts,
+                  int64_t top_k, bool sigmoid, bool renormalize, float scaling, int64_t n_groups,
+                  int64_t topk_groups, bool group_top2_sum, int32_t* ids, float* weights);
+
 // out[i] = silu(gate[i]) * up[i] for i < n, silu(x) = x / (1 + exp(-x)). In-place safe.
 void swiglu(const float* gate, const float* up, int64_t n, float* out);
 

@@ -1,0 +1,354 @@
+// paged_kv_write and paged_attention against kernels::attention: the test builds a paged bf16 cache
+// with shuffled block tables (every unused slot NaN, so a read outside a sequence shows), and
+// compares every query with the CPU kernel run on that sequence's bf16-rounded keys and values in
+// contiguous order. Covers decode batches of mixed lengths, chunked prefill mixed with decode,
+// GQA ratios 1 to 16, head_dim 6 to 256, block sizes 1 to 32, sliding windows and long contexts
+// (the split path), and shapes no kernel supports.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tests/kernels/cuda_test_util.h"
+
+namespace moemesh::kernels::cuda {
+namespace {
+
+using testing::bf16_round;
+using testing::download;
+using testing::poisoned;
+using testing::random_floats;
+using testing::rel_error;
+using testing::upload;
+
+constexpr uint16_t kNanBf16 = 0xFFFF;
+
+struct Layout {
+  int64_t n_heads;
+  int64_t n_kv;
+  int64_t head_dim;
+  int64_t block_size;
+};
+
+std::string describe(const Layout& l) {
+  std::string s = "heads=";  // appended, not "literal" + string (a GCC 12 -Wrestrict false alarm)
+  s += std::to_string(l.n_heads) + " kv_heads=" + std::to_string(l.n_kv) +
+       " head_dim=" + std::to_string(l.head_dim) + " block_size=" + std::to_string(l.block_size);
+  return s;
+}
+
+// A paged cache holding sequences of the given lengths in shuffled physical blocks.
+struct PagedCache {
+  int64_t row = 0;  // n_kv * head_dim
+  int64_t max_blocks = 0;
+  std::vector<int32_t> tables;           // [n_seqs, max_blocks]
+  std::vector<std::vector<float>> k, v;  // per sequence [len, row], bf16-rounded
+  std::vector<uint16_t> cache_k, cache_v;
+};
+
+PagedCache make_cache(const Layout& l, const std::vector<int64_t>& lens, uint32_t seed) {
+  PagedCache c;
+  c.row = l.n_kv * l.head_dim;
+  int64_t used_blocks = 0;
+  for (int64_t len : lens) {
+    const int64_t blocks = (len + l.block_size - 1) / l.block_size;
+    used_blocks += blocks;
+    c.max_blocks = std::max(c.max_blocks, blocks + 1);  // one column more than any needs
+  }
+  const int64_t spare = 3;  // never-written blocks: table entries past a sequence point at them
+  const int64_t num_blocks = used_blocks + spare;
+  std::vector<int32_t> physical(static_cast<std::size_t>(num_blocks));
+  std::iota(physical.begin(), physical.end(), 0);
+  std::shuffle(physical.begin(), physical.end(), std::mt19937(seed));
+
+  c.cache_k.assign(static_cast<std::size_t>(num_blocks * l.block_size * c.row), kNanBf16);
+  c.cache_v = c.cache_k;
+  c.tables.assign(lens.size() * static_cast<std::size_t>(c.max_blocks),
+                  physical[static_cast<std::size_t>(used_blocks)]);
+  std::size_t next = 0;
+  for (std::size_t s = 0; s < lens.size(); ++s) {
+    const int64_t len = lens[s];
+    int32_t* table = c.tables.data() + s * static_cast<std::size_t>(c.max_blocks);
+    for (int64_t b = 0; b * l.block_size < len; ++b) table[b] = physical[next++];
+    const auto n = static_cast<std::size_t>(len * c.row);
+    c.k.push_back(bf16_round(random_floats(n, seed + 101 * static_cast<uint32_t>(s) + 1)));
+    c.v.push_back(bf16_round(random_floats(n, seed + 101 * static_cast<uint32_t>(s) + 2)));
+    for (int64_t p = 0; p < len; ++p) {
+      const int64_t slot = int64_t{table[p / l.block_size]} * l.block_size + p % l.block_size;
+      for (int64_t i = 0; i < c.row; ++i) {
+        c.cache_k[static_cast<std::size_t>(slot * c.row + i)] =
+            kernels::f32_to_bf16(c.k[s][static_cast<std::size_t>(p * c.row + i)]);
+        c.cache_v[static_cast<std::size_t>(slot * c.row + i)] =
+            kernels::f32_to_bf16(c.v[s][static_cast<std::size_t>(p * c.row + i)]);
+      }
+    }
+  }
+  return c;
+}
+
+struct Query {
+  int32_t seq;
+  int32_t pos;
+};
+
+// Runs paged_attention for `queries` over sequences of `lens` and compares each query's output
+// with kernels::attention. max_pos_slack loosens the host bound max_pos above the largest pos.
+void expect_matches_cpu(const Layout& l, const std::vector<int64_t>& lens,
+                        const std::vector<Query>& queries, int64_t window, uint32_t seed,
+                        int64_t max_pos_slack = 0) {
+  SCOPED_TRACE(describe(l) + " window=" + std::to_string(window));
+  const PagedCache c = make_cache(l, lens, seed);
+  const auto n_q = static_cast<int64_t>(queries.size());
+  const int64_t q_row = l.n_heads * l.head_dim;
+  const auto q = random_floats(static_cast<std::size_t>(n_q * q_row), seed + 7, -3.0f, 3.0f);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(l.head_dim));
+
+  std::vector<int32_t> seq, pos;
+  int64_t max_pos = 0;
+  for (const Query& x : queries) {
+    seq.push_back(x.seq);
+    pos.push_back(x.pos);
+    max_pos = std::max<int64_t>(max_pos, x.pos);
+  }
+
+  std::vector<float> want(static_cast<std::size_t>(n_q * q_row));
+  for (int64_t t = 0; t < n_q; ++t) {
+    const Query& x = queries[static_cast<std::size_t>(t)];
+    kernels::attention(q.data() + t * q_row, 1, c.k[static_cast<std::size_t>(x.seq)].data(),
+                       c.v[static_cast<std::size_t>(x.seq)].data(), x.pos, l.n_heads, l.n_kv,
+                       l.head_dim, scale, window, want.data() + t * q_row, nullptr);
+  }
+
+  const DeviceBuffer d_q = upload(q);
+  const DeviceBuffer d_k = upload(c.cache_k);
+  const DeviceBuffer d_v = upload(c.cache_v);
+  const DeviceBuffer d_seq = upload(seq);
+  const DeviceBuffer d_pos = upload(pos);
+  const DeviceBuffer d_tables = upload(c.tables);
+  const DeviceBuffer d_out = poisoned<float>(want.size());
+  const PagedKv cache{d_k.as<uint16_t>(), d_v.as<uint16_t>(), l.block_size, l.n_kv, l.head_dim};
+  AttentionBatch batch;
+  batch.seq = d_seq.as<int32_t>();
+  batch.pos = d_pos.as<int32_t>();
+  batch.block_tables = d_tables.as<int32_t>();
+  batch.max_blocks = c.max_blocks;
+  batch.max_pos = max_pos + max_pos_slack;
+  paged_attention(d_q.as<float>(), n_q, cache, batch, l.n_heads, scale, window, d_out.as<float>(),
+                  nullptr);
+  ASSERT_EQ(synchronize(nullptr, "paged_attention"), "");
+  const auto got = download<float>(d_out, want.size());
+
+  EXPECT_LT(rel_error(got, want), 1e-3);
+  for (int64_t t = 0; t < n_q; ++t) {
+    const auto begin = static_cast<std::ptrdiff_t>(t * q_row);
+    const std::vector<float> g(got.begin() + begin, got.begin() + begin + q_row);
+    const std::vector<float> w(want.begin() + begin, want.begin() + begin + q_row);
+    EXPECT_LT(rel_error(g, w), 1e-3) << "query " << t << " (sequence " << queries[t].seq
+                                     << ", position " << queries[t].pos << ")";
+  }
+}
+
+// One decode query per sequence, the last position of each, in an order unlike the sequences'.
+std::vector<Query> decode_queries(const std::vector<int64_t>& lens,
+                                  const std::vector<int32_t>& order) {
+  std::vector<Query> qs;
+  for (int32_t s : order)
+    qs.push_back({s, static_cast<int32_t>(lens[static_cast<std::size_t>(s)] - 1)});
+  return qs;
+}
+
+class CudaPagedAttentionLayouts : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(CudaPagedAttentionLayouts, DecodeBatchOfDifferentLengths) {
+  MOEMESH_REQUIRE_GPU();
+  const std::vector<int64_t> lens = {1, 17, 300, 2049};
+  expect_matches_cpu(GetParam(), lens, decode_queries(lens, {2, 0, 3, 1}), 0, 11);
+}
+
+// Queries at positions past .. past + n - 1 of one sequence (a prefill chunk after earlier
+// chunks, and a first chunk), interleaved with decode queries of other sequences.
+TEST_P(CudaPagedAttentionLayouts, ChunkedPrefillMixedWithDecode) {
+  MOEMESH_REQUIRE_GPU();
+  const std::vector<int64_t> lens = {87, 501, 20, 1};
+  std::vector<Query> qs;
+  for (int32_t p = 37; p < 60; ++p) qs.push_back({0, p});
+  qs.push_back({1, 500});
+  for (int32_t p = 60; p < 87; ++p) qs.push_back({0, p});
+  for (int32_t p = 0; p < 20; ++p) qs.push_back({2, p});
+  qs.push_back({3, 0});
+  expect_matches_cpu(GetParam(), lens, qs, 0, 23);
+}
+
+TEST_P(CudaPagedAttentionLayouts, SlidingWindow) {
+  MOEMESH_REQUIRE_GPU();
+  const std::vector<int64_t> lens = {1, 17, 300, 2049, 140};
+  std::vector<Query> qs = decode_queries(lens, {3, 1, 0, 2});
+  for (int32_t p = 90; p < 140; ++p) qs.push_back({4, p});  // the window's start moves
+  expect_matches_cpu(GetParam(), lens, qs, 100, 37);
+  expect_matches_cpu(GetParam(), lens, qs, 1000, 38);  // longer than most, split over blocks
+  expect_matches_cpu(GetParam(), lens, qs, 1, 39);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaPagedAttentionLayouts,
+    ::testing::Values(Layout{32, 8, 128, 16},  // GQA 4
+                      Layout{8, 8, 128, 16},   // MHA
+                      Layout{32, 4, 128, 32},  // GQA 8
+                      Layout{16, 2, 64, 1},    // GQA 8, one token per block
+                      Layout{8, 8, 64, 32},    // MHA
+                      Layout{16, 1, 64, 16},   // MQA: 16 q heads in two blocks
+                      Layout{12, 4, 96, 16},   // GQA 3: a padded row block; generic head_dim
+                      Layout{24, 2, 80, 7},    // GQA 12: 8 + 4 q heads; odd block size
+                      Layout{8, 2, 256, 16},   // widest head
+                      Layout{6, 3, 6, 3}),     // tiny head
+    [](const ::testing::TestParamInfo<Layout>& param_info) {
+      const Layout& l = param_info.param;
+      std::string name = "h";
+      name += std::to_string(l.n_heads) + "kv" + std::to_string(l.n_kv) + "d" +
+              std::to_string(l.head_dim) + "bs" + std::to_string(l.block_size);
+      return name;
+    });
+
+// One query deep in a long sequence: the keys are split over many blocks (flash-decoding).
+TEST(CudaPagedAttention, LongDecodeSplitsTheKeys) {
+  MOEMESH_REQUIRE_GPU();
+  expect_matches_cpu({32, 8, 128, 16}, {8192}, {{0, 8191}}, 0, 41);
+  expect_matches_cpu({16, 2, 128, 16}, {32768}, {{0, 32767}}, 0, 42);
+  expect_matches_cpu({8, 1, 64, 16}, {32000, 5000}, {{1, 4999}, {0, 31999}}, 0, 43);
+  // A loose max_pos: most splits of the short sequences see no keys.
+  expect_matches_cpu({32, 8, 128, 16}, {3000, 40}, {{0, 2999}, {1, 39}}, 0, 44, 20000);
+}
+
+// Enough (query, kv head) pairs to fill the GPU without splitting: each block walks several
+// chunks of keys.
+TEST(CudaPagedAttention, LongPrefillChunkWithoutSplits) {
+  MOEMESH_REQUIRE_GPU();
+  std::vector<Query> qs;
+  for (int32_t p = 700; p < 1000; ++p) qs.push_back({0, p});
+  qs.push_back({1, 1500});
+  expect_matches_cpu({8, 4, 64, 16}, {1000, 1501}, qs, 0, 51);
+  expect_matches_cpu({8, 4, 128, 16}, {1000, 1501}, qs, 300, 52);
+}
+
+struct WriteCase {
+  int64_t n_kv, head_dim, block_size, num_blocks, n;
+  int64_t offset;  // floats between the buffer start and k / v (misaligned rows)
+};
+
+TEST(CudaPagedAttention, KvWriteRoundTrip) {
+  MOEMESH_REQUIRE_GPU();
+  for (const WriteCase& w : {WriteCase{8, 128, 16, 12, 150, 0}, WriteCase{2, 64, 1, 80, 50, 1},
+                             WriteCase{1, 6, 3, 9, 20, 0}, WriteCase{3, 96, 32, 2, 37, 0}}) {
+    std::string trace = "kv_heads=";
+    trace += std::to_string(w.n_kv) + " head_dim=" + std::to_string(w.head_dim) +
+             " offset=" + std::to_string(w.offset);
+    SCOPED_TRACE(trace);
+    const int64_t row = w.n_kv * w.head_dim;
+    const int64_t n_slots = w.num_blocks * w.block_size;
+    std::vector<int32_t> slots(static_cast<std::size_t>(n_slots));
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<uint32_t>(w.n)));
+    slots.resize(static_cast<std::size_t>(w.n));
+    const auto k = random_floats(static_cast<std::size_t>(w.offset + w.n * row), 61, -5.0f, 5.0f);
+    const auto v = random_floats(static_cast<std::size_t>(w.offset + w.n * row), 62, -5.0f, 5.0f);
+
+    const DeviceBuffer d_k = upload(k);
+    const DeviceBuffer d_v = upload(v);
+    const DeviceBuffer d_slots = upload(slots);
+    const DeviceBuffer cache_k = poisoned<uint16_t>(static_cast<std::size_t>(n_slots * row));
+    const DeviceBuffer cache_v = poisoned<uint16_t>(static_cast<std::size_t>(n_slots * row));
+    const PagedKv cache{cache_k.as<uint16_t>(), cache_v.as<uint16_t>(), w.block_size, w.n_kv,
+                        w.head_dim};
+    paged_kv_write(d_k.as<float>() + w.offset, d_v.as<float>() + w.offset, w.n,
+                   d_slots.as<int32_t>(), cache, nullptr);
+    ASSERT_EQ(synchronize(nullptr, "paged_kv_write"), "");
+    const auto got_k = download<uint16_t>(cache_k, static_cast<std::size_t>(n_slots * row));
+    const auto got_v = download<uint16_t>(cache_v, static_cast<std::size_t>(n_slots * row));
+
+    std::vector<uint16_t> want_k(got_k.size(), 0xFFFF), want_v(got_v.size(), 0xFFFF);
+    for (int64_t t = 0; t < w.n; ++t)
+      for (int64_t i = 0; i < row; ++i) {
+        const auto dst = static_cast<std::size_t>(slots[static_cast<std::size_t>(t)] * row + i);
+        const auto src = static_cast<std::size_t>(w.offset + t * row + i);
+        want_k[dst] = kernels::f32_to_bf16(k[src]);
+        want_v[dst] = kernels::f32_to_bf16(v[src]);
+      }
+    EXPECT_EQ(got_k, want_k);
+    EXPECT_EQ(got_v, want_v);
+  }
+}
+
+// The cache written by paged_kv_write is the cache paged_attention reads.
+TEST(CudaPagedAttention, WriteThenAttend) {
+  MOEMESH_REQUIRE_GPU();
+  const Layout l{16, 4, 128, 16};
+  const int64_t len = 333;
+  const PagedCache c = make_cache(l, {len}, 71);
+  std::vector<int32_t> slots(static_cast<std::size_t>(len));
+  for (int64_t p = 0; p < len; ++p)
+    slots[static_cast<std::size_t>(p)] =
+        c.tables[static_cast<std::size_t>(p / l.block_size)] * static_cast<int32_t>(l.block_size) +
+        static_cast<int32_t>(p % l.block_size);
+  const auto q = random_floats(static_cast<std::size_t>(l.n_heads * l.head_dim), 72);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(l.head_dim));
+  std::vector<float> want(q.size());
+  kernels::attention(q.data(), 1, c.k[0].data(), c.v[0].data(), len - 1, l.n_heads, l.n_kv,
+                     l.head_dim, scale, 0, want.data(), nullptr);
+
+  const DeviceBuffer d_knew = upload(c.k[0]);
+  const DeviceBuffer d_vnew = upload(c.v[0]);
+  const DeviceBuffer d_slots = upload(slots);
+  const DeviceBuffer d_k = poisoned<uint16_t>(c.cache_k.size());
+  const DeviceBuffer d_v = poisoned<uint16_t>(c.cache_v.size());
+  const PagedKv cache{d_k.as<uint16_t>(), d_v.as<uint16_t>(), l.block_size, l.n_kv, l.head_dim};
+  paged_kv_write(d_knew.as<float>(), d_vnew.as<float>(), len, d_slots.as<int32_t>(), cache,
+                 nullptr);
+  ASSERT_EQ(check("paged_kv_write"), "");
+
+  const std::vector<int32_t> seq = {0}, pos = {static_cast<int32_t>(len - 1)};
+  const DeviceBuffer d_q = upload(q);
+  const DeviceBuffer d_seq = upload(seq);
+  const DeviceBuffer d_pos = upload(pos);
+  const DeviceBuffer d_tables = upload(c.tables);
+  const DeviceBuffer d_out = poisoned<float>(want.size());
+  AttentionBatch batch;
+  batch.seq = d_seq.as<int32_t>();
+  batch.pos = d_pos.as<int32_t>();
+  batch.block_tables = d_tables.as<int32_t>();
+  batch.max_blocks = c.max_blocks;
+  batch.max_pos = len - 1;
+  paged_attention(d_q.as<float>(), 1, cache, batch, l.n_heads, scale, 0, d_out.as<float>(),
+                  nullptr);
+  ASSERT_EQ(synchronize(nullptr, "paged_attention"), "");
+  EXPECT_LT(rel_error(download<float>(d_out, want.size()), want), 1e-3);
+}
+
+// Shapes no kernel supports fail at check() instead of computing garbage.
+TEST(CudaPagedAttention, UnsupportedShapesAreReported) {
+  MOEMESH_REQUIRE_GPU();
+  ASSERT_EQ(check("before"), "");
+  const DeviceBuffer buf = poisoned<float>(1024);
+  const std::vector<int32_t> zeros = {0};
+  const DeviceBuffer d_zero = upload(zeros);
+  AttentionBatch batch;
+  batch.seq = d_zero.as<int32_t>();
+  batch.pos = d_zero.as<int32_t>();
+  batch.block_tables = d_zero.as<int32_t>();
+  batch.max_blocks = 1;
+  for (const PagedKv& cache : {PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 1, 258},
+                               PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 1, 7},
+                               PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 3, 64}}) {
+    paged_attention(buf.as<float>(), 1, cache, batch, 4, 1.0f, 0, buf.as<float>(), nullptr);
+    EXPECT_NE(check("paged_attention"), "")
+        << "head_dim " << cache.head_dim << " kv_heads " << cache.n_kv_heads;
+  }
+  EXPECT_EQ(synchronize(nullptr, "after"), "");
+}
+
+}  // namespace
+}  // namespace moemesh::kernels::cuda

@@ -1,0 +1,123 @@
+// The CUDA RMSNorm (with its fused residual add and bf16 output) against kernels/cpu rmsnorm.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "tests/kernels/cuda_test_util.h"
+
+namespace moemesh::kernels::cuda {
+namespace {
+
+namespace ct = ::moemesh::kernels::cuda::testing;
+
+// Distance in units in the last place between two bf16 values of the same sign.
+int bf16_ulps(uint16_t a, uint16_t b) {
+  if ((a ^ b) & 0x8000) return (a & 0x7fff) + (b & 0x7fff);
+  return std::abs(static_cast<int>(a) - static_cast<int>(b));
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<float>& ref, const char* what) {
+  ASSERT_EQ(got.size(), ref.size());
+  EXPECT_LT(ct::rel_error(got, ref), 1e-6) << what;
+  int wrong = 0;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (!(std::abs(got[i] - ref[i]) <= 1e-5f * std::max(std::abs(ref[i]), 1e-3f)) && ++wrong <= 5)
+      ADD_FAILURE() << what << " [" << i << "] " << got[i] << " vs " << ref[i];
+}
+
+struct Case {
+  int64_t n, dim;
+  int64_t offset;  // floats added to every pointer: 1 makes the kernel take its unaligned path
+};
+
+TEST(CudaRmsNorm, MatchesCpuWithAndWithoutResidual) {
+  MOEMESH_REQUIRE_GPU();
+  const float eps = 1e-6f;
+  const Case cases[] = {{1, 1, 0},    {7, 1, 0},      {1, 33, 0},   {7, 33, 0}, {300, 64, 0},
+                        {7, 4096, 0}, {300, 4096, 0}, {3, 7168, 0}, {5, 36, 1}, {2, 4096, 1}};
+  for (const Case& c : cases) {
+    const int64_t size = c.n * c.dim;
+    const auto seed = static_cast<uint32_t>(c.n * 1000 + c.dim);
+    const std::vector<float> x = ct::random_floats(size, seed, -3.0f, 3.0f);
+    const std::vector<float> residual = ct::random_floats(size, seed + 1, -1.0f, 1.0f);
+    const std::vector<float> weight = ct::random_floats(c.dim, seed + 2, 0.5f, 1.5f);
+
+    for (const bool with_residual : {false, true}) {
+      for (const int outputs : {1, 2, 3}) {  // 1: f32 only, 2: bf16 only, 3: both
+        std::vector<float> x_ref = x;
+        if (with_residual)
+          for (int64_t i = 0; i < size; ++i) x_ref[i] += residual[i];
+        std::vector<float> y_ref(size);
+        kernels::rmsnorm(x_ref.data(), weight.data(), c.n, c.dim, eps, y_ref.data());
+
+        // Every buffer gets `offset` extra leading floats so that the pointers can be shifted.
+        auto padded = [&](const std::vector<float>& v) {
+          std::vector<float> p(c.offset, 0.0f);
+          p.insert(p.end(), v.begin(), v.end());
+          return p;
+        };
+        DeviceBuffer d_x = ct::upload(padded(x));
+        DeviceBuffer d_r = ct::upload(padded(residual));
+        DeviceBuffer d_w = ct::upload(padded(weight));
+        DeviceBuffer d_y = ct::poisoned<float>(size + c.offset);
+        DeviceBuffer d_yb = ct::poisoned<uint16_t>(size + c.offset);
+        float* px = d_x.as<float>() + c.offset;
+        rmsnorm(px, with_residual ? d_r.as<float>() + c.offset : nullptr,
+                d_w.as<float>() + c.offset, c.n, c.dim, eps,
+                outputs & 1 ? d_y.as<float>() + c.offset : nullptr,
+                outputs & 2 ? d_yb.as<uint16_t>() + c.offset : nullptr, nullptr);
+        ASSERT_EQ(check("rmsnorm"), "");
+        const std::string what = "n " + std::to_string(c.n) + " dim " + std::to_string(c.dim) +
+                                 " offset " + std::to_string(c.offset) +
+                                 (with_residual ? " residual" : "") + " outputs " +
+                                 std::to_string(outputs);
+
+        std::vector<float> x_got = ct::download<float>(d_x, size + c.offset);
+        x_got.erase(x_got.begin(), x_got.begin() + c.offset);
+        EXPECT_EQ(x_got, x_ref) << what << ": the residual stream";
+        if (outputs & 1) {
+          std::vector<float> y = ct::download<float>(d_y, size + c.offset);
+          y.erase(y.begin(), y.begin() + c.offset);
+          expect_close(y, y_ref, what.c_str());
+        }
+        if (outputs & 2) {
+          std::vector<uint16_t> yb = ct::download<uint16_t>(d_yb, size + c.offset);
+          int wrong = 0;
+          for (int64_t i = 0; i < size; ++i)
+            if (bf16_ulps(yb[c.offset + i], kernels::f32_to_bf16(y_ref[i])) > 1 && ++wrong <= 5)
+              ADD_FAILURE() << what << " bf16 [" << i << "] " << std::hex << yb[c.offset + i]
+                            << " vs " << kernels::f32_to_bf16(y_ref[i]);
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaRmsNorm, InPlaceOutputOverTheResidualStream) {
+  MOEMESH_REQUIRE_GPU();
+  for (const int64_t dim : {33, 4096}) {
+    const int64_t n = 7;
+    const std::vector<float> x = ct::random_floats(n * dim, 11, -2.0f, 2.0f);
+    const std::vector<float> residual = ct::random_floats(n * dim, 12, -2.0f, 2.0f);
+    const std::vector<float> weight = ct::random_floats(dim, 13, 0.5f, 1.5f);
+    std::vector<float> ref = x;
+    for (std::size_t i = 0; i < ref.size(); ++i) ref[i] += residual[i];
+    kernels::rmsnorm(ref.data(), weight.data(), n, dim, 1e-5f, ref.data());
+
+    DeviceBuffer d_x = ct::upload(x);
+    DeviceBuffer d_r = ct::upload(residual);
+    DeviceBuffer d_w = ct::upload(weight);
+    rmsnorm(d_x.as<float>(), d_r.as<float>(), d_w.as<float>(), n, dim, 1e-5f, d_x.as<float>(),
+            nullptr, nullptr);
+    ASSERT_EQ(synchronize(nullptr, "rmsnorm"), "");
+    expect_close(ct::download<float>(d_x, n * dim), ref, "in place");
+  }
+}
+
+}  // namespace
+}  // namespace moemesh::kernels::cuda
