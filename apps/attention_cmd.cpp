@@ -21,6 +21,7 @@ struct AttentionFlags {
   WorkerFlags worker;
   EngineFlags engine;
   RemoteExpertFlags remote;
+  DeviceFlags device;
 };
 
 int run_attention(const AttentionFlags& f) {
@@ -34,6 +35,7 @@ int run_attention(const AttentionFlags& f) {
   ModelOptions mo;
   mo.threads = f.worker.threads;
   mo.routed_experts = false;
+  f.device.apply(mo, f.engine.options().kv_cache_bytes);
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
   const ModelConfig config = (*model)->config();
@@ -82,6 +84,7 @@ Runner add_attention(CLI::App& app) {
   f->worker.add(app);
   f->engine.add(app);
   f->remote.add(app);
+  f->device.add(app);
   return [f] { return run_attention(*f); };
 }
 

@@ -20,6 +20,7 @@ namespace {
 struct ExpertFlags {
   WorkerFlags worker;
   double window_s = 60;
+  std::string device = "cpu";
 };
 
 actors::expert_actor spawn_expert_actor(caf::actor_system& system, ExpertWorker* worker) {
@@ -49,6 +50,7 @@ int run_expert(const ExpertFlags& f) {
 
   ExpertWorkerOptions wo;
   wo.threads = f.worker.threads;
+  wo.device = f.device;
   wo.data_plane.transports = f.worker.transports;
   wo.data_plane.net_devices = f.worker.net_devices;
   wo.window_seconds = f.window_s;
@@ -86,6 +88,9 @@ Runner add_expert(CLI::App& app) {
   f->worker.add(app);
   app.add_option("--stats-window", f->window_s, "Seconds of the sliding token-count window")
       ->check(CLI::Range(1.0, 86400.0))
+      ->capture_default_str();
+  app.add_option("--device", f->device,
+                 "Where the experts compute: cpu, or cuda / cuda:N (a GPU; needs the CUDA backend)")
       ->capture_default_str();
   return [f] { return run_expert(*f); };
 }

@@ -114,6 +114,31 @@ struct EngineFlags {
   }
 };
 
+// --device, --grouped-gemm: where a model's forward pass runs.
+struct DeviceFlags {
+  std::string device = "cpu";
+  std::string grouped_gemm = "auto";
+
+  void add(CLI::App& app) {
+    app.add_option("--device", device,
+                   "cpu, or cuda / cuda:N (a GPU; needs the CUDA backend). On a GPU the KV cache "
+                   "is a paged pool on the device")
+        ->capture_default_str();
+    app.add_option(
+           "--grouped-gemm", grouped_gemm,
+           "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
+        ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
+        ->capture_default_str();
+  }
+
+  // kv_cache_bytes sizes the GPU's pool (0: half the GPU memory left by the weights).
+  void apply(ModelOptions& o, int64_t kv_cache_bytes) const {
+    o.device = device;
+    o.grouped_gemm = grouped_gemm;
+    o.gpu_kv_cache_bytes = kv_cache_bytes;
+  }
+};
+
 // --dispatch-timeout-ms, --wire-dtype.
 struct RemoteExpertFlags {
   double dispatch_timeout_ms = 1000;

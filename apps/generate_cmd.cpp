@@ -35,6 +35,8 @@ struct GenerateFlags {
   bool json = false;
   bool ignore_eos = false;
   int threads = 0;
+  std::string device = "cpu";
+  std::string grouped_gemm = "auto";
 };
 
 // Token ids separated by commas; `flag` names the flag in the error message.
@@ -108,6 +110,8 @@ int run_generate(const GenerateFlags& f) {
 
   ModelOptions options;
   options.threads = f.threads;
+  options.device = f.device;
+  options.grouped_gemm = f.grouped_gemm;
   Expected<std::unique_ptr<Model>> model = Model::load(f.model, options);
   if (!model) return fail(model.error().message());
 
@@ -203,6 +207,13 @@ Runner add_generate(CLI::App& app) {
   app.add_flag("--ignore-eos", f->ignore_eos, "Do not stop at end-of-sequence tokens");
   app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096))
+      ->capture_default_str();
+  app.add_option("--device", f->device, "cpu, or cuda / cuda:N (a GPU; needs the CUDA backend)")
+      ->capture_default_str();
+  app.add_option(
+         "--grouped-gemm", f->grouped_gemm,
+         "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
+      ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
       ->capture_default_str();
   app.callback([f, model, prompt, ids, seed] {
     f->has_seed = seed->count() > 0;

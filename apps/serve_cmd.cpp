@@ -30,6 +30,7 @@ struct ServeFlags {
   GatewayOptions gateway;
   EngineFlags engine;
   RemoteExpertFlags remote;
+  DeviceFlags device;
   int threads = 0;
   double shutdown_grace_s = 30;
   bool single_process = false;
@@ -74,6 +75,7 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
 
   ModelOptions mo;
   mo.threads = f.threads;
+  f.device.apply(mo, f.engine.options().kv_cache_bytes);
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
   Expected<gateway::ServedModel> served =
@@ -145,7 +147,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   };
   for (int i = 0; i < f.expert_workers; ++i) {
     auto a = common("expert", f.expert_threads);
-    a.insert(a.end(), {"--name", fmt::format("expert-{}", i)});
+    a.insert(a.end(), {"--name", fmt::format("expert-{}", i), "--device", f.device.device});
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
   for (int i = 0; i < f.attention_workers; ++i) {
@@ -154,7 +156,8 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
              {"--name", fmt::format("attention-{}", i), "--max-num-seqs",
               std::to_string(f.engine.engine.max_num_seqs), "--kv-cache-gib",
               fmt::format("{}", f.engine.kv_cache_gib), "--wire-dtype", f.remote.wire_dtype,
-              "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms)});
+              "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
+              f.device.device, "--grouped-gemm", f.device.grouped_gemm});
     if (f.engine.engine.max_model_len > 0)
       a.insert(a.end(), {"--max-model-len", std::to_string(f.engine.engine.max_model_len)});
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
@@ -250,6 +253,7 @@ Runner add_serve(CLI::App& app) {
       ->capture_default_str();
   f->remote.add(app);
   f->engine.add(app);
+  f->device.add(app);
   app.add_option("--threads", f->threads,
                  "Compute threads of the engine (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096));

@@ -10,6 +10,9 @@
 
 #include "core/checkpoint.h"
 #include "core/detail/weights.h"
+#if MOEMESH_HAVE_CUDA
+#include "core/detail/cuda_experts.h"
+#endif
 
 namespace moemesh {
 
@@ -20,6 +23,9 @@ struct ExpertShard::Impl {
   std::unique_ptr<kernels::ThreadPool> pool;
   std::map<ExpertRef, kernels::FfnWeights> held;
   std::vector<float> scratch;  // run()'s, reused
+#if MOEMESH_HAVE_CUDA
+  std::unique_ptr<detail::CudaExperts> gpu;  // set when the shard computes on a GPU
+#endif
 
   Status check(const ExpertRef& r) const;
   int64_t weight_bytes() const {
@@ -68,6 +74,14 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
     if (!w) return w.error();
     for (std::size_t i = 0; i < ids.size(); ++i) bound.emplace(ExpertRef{layer, ids[i]}, (*w)[i]);
   }
+#if MOEMESH_HAVE_CUDA
+  if (gpu)
+    for (const auto& [ref, w] : bound)
+      if (Status s = gpu->add(ref, w); !s) {
+        for (const auto& [undo, unused] : bound) gpu->release(undo);
+        return s;
+      }
+#endif
   held.merge(bound);
   return {};
 }
@@ -91,11 +105,30 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
   impl->dir = dir;
   impl->config = std::move(*config);
   impl->checkpoint = std::move(*ckpt);
+  if (options.device != "cpu") {
+#if MOEMESH_HAVE_CUDA
+    int device = 0;
+    const std::string& d = options.device;
+    if (d.rfind("cuda", 0) != 0 ||
+        (d.size() > 4 && (d[4] != ':' || d.size() == 5 ||
+                          d.find_first_not_of("0123456789", 5) != std::string::npos)))
+      return Error(fmt::format("device '{}' is not one of cpu, cuda, cuda:N", d));
+    if (d.size() > 5) device = std::stoi(d.substr(5));
+    Expected<std::unique_ptr<detail::CudaExperts>> gpu =
+        detail::CudaExperts::create(device, impl->config.hidden_size);
+    if (!gpu) return gpu.error();
+    impl->gpu = std::move(*gpu);
+#else
+    return Error(fmt::format(
+        "device '{}': this moemesh was built without the CUDA backend, so only cpu works",
+        options.device));
+#endif
+  }
   if (Status s = impl->bind(experts); !s) return s.error();
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
-  spdlog::info("loaded expert shard dir={} arch={} experts={} weight_bytes={} threads={}",
+  spdlog::info("loaded expert shard dir={} arch={} experts={} weight_bytes={} threads={} device={}",
                dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
-               impl->pool->size());
+               impl->pool->size(), options.device);
   return std::unique_ptr<ExpertShard>(new ExpertShard(std::move(impl)));
 }
 
@@ -119,7 +152,19 @@ Status ExpertShard::add(std::span<const ExpertRef> experts) {
 }
 
 void ExpertShard::release(std::span<const ExpertRef> experts) {
-  for (const ExpertRef& r : experts) impl_->held.erase(r);
+  for (const ExpertRef& r : experts) {
+    impl_->held.erase(r);
+#if MOEMESH_HAVE_CUDA
+    if (impl_->gpu) impl_->gpu->release(r);
+#endif
+  }
+}
+
+std::string ExpertShard::device_description() const {
+#if MOEMESH_HAVE_CUDA
+  if (impl_->gpu) return impl_->gpu->description();
+#endif
+  return "cpu";
 }
 
 Status ExpertShard::run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y) {
@@ -129,6 +174,9 @@ Status ExpertShard::run(int32_t layer, int32_t expert, const float* x, int64_t m
                              layer, impl_->dir.string()));
   if (m < 0) return Error(fmt::format("ExpertShard::run: token count {} is negative", m));
   if (m == 0) return {};
+#if MOEMESH_HAVE_CUDA
+  if (impl_->gpu) return impl_->gpu->run(it->first, x, m, y);
+#endif
   const kernels::FfnWeights& w = it->second;
   impl_->scratch.resize(static_cast<std::size_t>(2 * m * w.gate.rows));
   kernels::swiglu_ffn(x, m, w, impl_->scratch.data(), y, impl_->pool.get());

@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "core/config.h"
@@ -40,6 +41,9 @@ struct ExpertRef {
 
 struct ExpertShardOptions {
   int threads = 0;  // compute threads of run(); 0 = one per hardware thread
+  // "cpu", or "cuda" / "cuda:N": held experts are uploaded to that GPU as bf16 when bound, and
+  // run() computes there (host x and y, staged through pinned buffers).
+  std::string device = "cpu";
 };
 
 class ExpertShard {
@@ -73,6 +77,8 @@ class ExpertShard {
 
   // Bytes of the held experts' weights in their checkpoint dtype (for statistics and logs).
   int64_t weight_bytes() const;
+  // "cpu", or the GPU and what it holds.
+  std::string device_description() const;
 
   struct Impl;
 

@@ -10,6 +10,9 @@
 #include "core/checkpoint.h"
 #include "core/detail/local_experts.h"
 #include "core/detail/weights.h"
+#if MOEMESH_HAVE_CUDA
+#include "core/detail/cuda_forward.h"
+#endif
 
 namespace moemesh {
 
@@ -21,6 +24,16 @@ struct Model::Impl {
   bool routed_experts = true;
   ExpertBackend* experts = nullptr;
   std::vector<float> inv_freq;
+#if MOEMESH_HAVE_CUDA
+  std::unique_ptr<detail::CudaForward> cuda;  // set when the model runs on a GPU
+#endif
+  bool on_gpu() const {
+#if MOEMESH_HAVE_CUDA
+    return cuda != nullptr;
+#else
+    return false;
+#endif
+  }
 
   // Rows [begin, begin + n) of a chunk belong to `cache`, at positions cache->length() ...
   struct Segment {
@@ -34,6 +47,9 @@ struct Model::Impl {
   Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
                        std::vector<float>& logits);
   Status check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const;
+  // The GPU pass over `segments` (on_gpu() only); advances the caches on success.
+  Status forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
+                     bool want_logits, int64_t first_logit_row, std::vector<float>& logits);
   // Runs every layer over the chunk x [n, hidden] and, on success, advances each cache.
   Status run_layers(std::span<const Segment> segments, int64_t n, std::vector<float>& x);
   void attention_block(int64_t l, std::span<const Segment> segments, int64_t n, const float* x_norm,
@@ -86,14 +102,38 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->inv_freq.resize(static_cast<std::size_t>(impl->config.head_dim / 2));
   kernels::rope_inv_freq(impl->config.rope_theta, impl->config.head_dim, impl->inv_freq.data());
 
+  bool cuda = false;
+  int device = 0;
+#if MOEMESH_HAVE_CUDA
+  if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
+  if (cuda) {
+    detail::CudaOptions co;
+    co.device = device;
+    co.kv_cache_bytes = options.gpu_kv_cache_bytes;
+    co.grouped_gemm = options.grouped_gemm;
+    Expected<std::unique_ptr<detail::CudaForward>> fwd =
+        detail::CudaForward::create(impl->config, impl->weights, co);
+    if (!fwd) return fwd.error();
+    impl->cuda = std::move(*fwd);
+  }
+#else
+  if (options.device != "cpu")
+    return Error(fmt::format(
+        "device '{}': this moemesh was built without the CUDA backend (configure with "
+        "-DMOEMESH_CUDA=ON on a machine with the CUDA toolkit), so only --device cpu works",
+        options.device));
+#endif
+  (void)device;
+
   const ModelConfig& c = impl->config;
   const auto ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
-      "routed_experts={} tensors={} threads={} ms={:.1f}",
+      "routed_experts={} tensors={} threads={} device={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
-      options.routed_experts, impl->weights.checkpoint->names().size(), impl->pool->size(), ms);
+      options.routed_experts, impl->weights.checkpoint->names().size(), impl->pool->size(),
+      cuda ? "cuda:" + std::to_string(device) : std::string("cpu"), ms);
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }
 
@@ -113,11 +153,25 @@ bool Model::has_routed_experts() const {
   return impl_->routed_experts;
 }
 
+std::string Model::device_description() const {
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) return impl_->cuda->description();
+#endif
+  return "cpu";
+}
+
 KVCache Model::new_cache(int64_t capacity) const {
   const ModelConfig& c = impl_->config;
   KVCache cache;
   cache.capacity_ = capacity;
   cache.row_ = c.num_kv_heads * c.head_dim;
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    cache.device_ = impl_->cuda->allocate(capacity);
+    if (!cache.device_) cache.capacity_ = 0;
+    return cache;
+  }
+#endif
   const auto size = static_cast<std::size_t>(c.num_layers * capacity * cache.row_);
   cache.k_.assign(size, 0.0f);
   cache.v_.assign(size, 0.0f);
@@ -249,13 +303,20 @@ Status Model::Impl::check_chunk(const KVCache& cache, std::span<const int32_t> t
           fmt::format("token id {} is out of range: the vocabulary has {} tokens (ids 0 "
                       "to {})",
                       id, c.vocab_size, c.vocab_size - 1));
+  if (on_gpu() && cache.capacity_ == 0 && cache.row_ == c.num_kv_heads * c.head_dim)
+    return Error(
+        "the GPU KV cache pool had no room for this sequence when its cache was made: finish "
+        "other sequences first, or give the pool more memory (gpu_kv_cache_bytes)");
   if (cache.length_ + n > cache.capacity_)
     return Error(
         fmt::format("the sequence would hold {} tokens, more than its cache's capacity "
                     "of {}",
                     cache.length_ + n, cache.capacity_));
-  if (cache.row_ != c.num_kv_heads * c.head_dim ||
-      cache.k_.size() != static_cast<std::size_t>(c.num_layers * cache.capacity_ * cache.row_))
+  const bool made_here =
+      on_gpu() ? cache.device_ != nullptr
+               : cache.k_.size() ==
+                     static_cast<std::size_t>(c.num_layers * cache.capacity_ * cache.row_);
+  if (cache.row_ != c.num_kv_heads * c.head_dim || !made_here)
     return Error("the KV cache was not made by this model's new_cache()");
   return {};
 }
@@ -285,9 +346,12 @@ Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Log
   if (Status s = check_chunk(cache, tokens); !s) return s;
   const auto n = static_cast<int64_t>(tokens.size());
   const int64_t H = c.hidden_size;
+  const Segment segment{&cache, 0, n};
+  if (on_gpu())
+    return forward_gpu({&segment, 1}, tokens, mode != Logits::None, mode == Logits::All ? 0 : n - 1,
+                       logits);
   std::vector<float> x(static_cast<std::size_t>(n * H));
   kernels::embedding(weights.embed, tokens.data(), n, x.data());
-  const Segment segment{&cache, 0, n};
   if (Status s = run_layers({&segment, 1}, n, x); !s) return s;
 
   if (mode == Logits::None) {
@@ -323,6 +387,7 @@ Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<co
     if (Status s = check_chunk(*caches[b], tokens.subspan(b, 1)); !s) return s;
     segments.push_back({caches[b], b, 1});
   }
+  if (on_gpu()) return forward_gpu(segments, tokens, true, 0, logits);
   const int64_t H = c.hidden_size;
   std::vector<float> x(static_cast<std::size_t>(n * H));
   kernels::embedding(weights.embed, tokens.data(), n, x.data());
@@ -332,6 +397,26 @@ Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<co
   logits.resize(static_cast<std::size_t>(n * c.vocab_size));
   kernels::linear(normed.data(), n, weights.lm_head, nullptr, logits.data(), pool.get());
   return {};
+}
+
+Status Model::Impl::forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
+                                bool want_logits, int64_t first_logit_row,
+                                std::vector<float>& logits) {
+#if MOEMESH_HAVE_CUDA
+  std::vector<detail::CudaForward::Segment> gpu;
+  gpu.reserve(segments.size());
+  for (const Segment& s : segments)
+    gpu.push_back({s.cache->device_.get(), s.cache->length_, s.begin, s.n});
+  // The model's own experts run on the GPU; any other backend gets staged host copies.
+  ExpertBackend* external = experts == local.get() && routed_experts ? nullptr : experts;
+  if (Status s = cuda->forward(gpu, tokens, external, want_logits, first_logit_row, logits); !s)
+    return s;
+  for (const Segment& s : segments) s.cache->length_ += s.n;
+  return {};
+#else
+  (void)segments, (void)tokens, (void)want_logits, (void)first_logit_row, (void)logits;
+  return Error("this moemesh was built without the CUDA backend");
+#endif
 }
 
 }  // namespace moemesh

@@ -22,6 +22,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "core/config.h"
@@ -73,7 +74,12 @@ class ExpertBackend {
   std::optional<Pending> pending_;
 };
 
-// The keys and values of one sequence, for every layer.
+namespace detail {
+struct DeviceKv;
+}
+
+// The keys and values of one sequence, for every layer: float32 arrays on the CPU, or blocks of
+// the GPU model's paged pool (held while any copy of this cache lives; copies share them).
 class KVCache {
  public:
   int64_t length() const { return length_; }
@@ -87,6 +93,7 @@ class KVCache {
   int64_t row_ = 0;       // floats per token per layer (num_kv_heads * head_dim)
   std::vector<float> k_;  // [layers, capacity, row_]
   std::vector<float> v_;
+  std::shared_ptr<detail::DeviceKv> device_;  // GPU models only
 };
 
 struct ModelOptions {
@@ -95,6 +102,14 @@ struct ModelOptions {
   // workers). Everything else (embeddings, attention, norms, routers, shared experts, dense MLPs,
   // LM head) is still bound and checked. Such a model needs set_expert_backend() before forward().
   bool routed_experts = true;
+  // Where the forward pass runs: "cpu", or "cuda" / "cuda:N" (needs a build with the CUDA backend
+  // and a GPU). On a GPU the weights are uploaded once as bf16 and the KV cache is a paged pool
+  // of gpu_kv_cache_bytes (0: half the GPU memory left free by the weights).
+  std::string device = "cpu";
+  int64_t gpu_kv_cache_bytes = 0;
+  // How the GPU issues a MoE layer's expert GEMMs: "auto", "loop", "streams", "batched" or
+  // "wmma" (kernels/cuda/cuda_kernels.h GroupedMethod).
+  std::string grouped_gemm = "auto";
 };
 
 enum class Logits {
@@ -111,8 +126,11 @@ class Model {
 
   const ModelConfig& config() const;
 
-  // A cache for one sequence of up to `capacity` tokens.
+  // A cache for one sequence of up to `capacity` tokens. On a GPU whose KV pool cannot hold that
+  // many, the cache's capacity is 0 (forward() then fails, saying the pool is full).
   KVCache new_cache(int64_t capacity) const;
+  // "cpu", or the GPU and its pool ("NVIDIA H100 ... kv_blocks=...").
+  std::string device_description() const;
 
   // Whether layer `layer` has routed experts (config().layer_is_moe; false out of range).
   bool is_moe_layer(int64_t layer) const;

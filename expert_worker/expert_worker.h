@@ -43,7 +43,8 @@
 namespace moemesh {
 
 struct ExpertWorkerOptions {
-  int threads = 0;  // compute threads (0: one per hardware thread)
+  int threads = 0;             // compute threads (0: one per hardware thread)
+  std::string device = "cpu";  // where the experts compute: cpu, cuda or cuda:N
   transport::DataPlaneOptions data_plane;
   double capacity_factor = 0;  // 0: no limit, no token ever rejected
   double window_seconds = 60;  // sliding window of the token counters

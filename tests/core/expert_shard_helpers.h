@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -23,8 +24,15 @@
 
 namespace moemesh::test {
 
+// The repository root: $MOEMESH_SOURCE_DIR when set (binaries run from another checkout, as
+// scripts/gpu-check --no-build does), else the one the test was built from.
+inline std::filesystem::path source_dir() {
+  if (const char* env = std::getenv("MOEMESH_SOURCE_DIR"); env && *env) return env;
+  return MOEMESH_SOURCE_DIR;
+}
+
 inline std::filesystem::path fixture(const std::string& name) {
-  return std::filesystem::path(MOEMESH_SOURCE_DIR) / "tests/fixtures/models" / name;
+  return source_dir() / "tests/fixtures/models" / name;
 }
 
 inline std::vector<int32_t> fixture_prompt(const std::string& name) {

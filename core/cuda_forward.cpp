@@ -1,0 +1,628 @@
+// The forward pass on a GPU: weights uploaded once as bf16, a paged KV cache pool, and the layer
+// loop of model.cpp expressed in kernels/cuda ops on one stream.
+#include "core/detail/cuda_forward.h"
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace moemesh::detail {
+
+namespace cu = kernels::cuda;
+
+DeviceKv::~DeviceKv() {
+  if (!pool) return;
+  std::lock_guard lock(pool->mu);
+  pool->free.insert(pool->free.end(), blocks.begin(), blocks.end());
+}
+
+Status parse_device(const std::string& text, bool* cuda, int* device) {
+  *cuda = false;
+  *device = 0;
+  if (text == "cpu") return {};
+  if (text == "cuda") {
+    *cuda = true;
+    return {};
+  }
+  if (text.rfind("cuda:", 0) == 0) {
+    const std::string n = text.substr(5);
+    if (!n.empty() && n.size() < 4 && std::all_of(n.begin(), n.end(), ::isdigit)) {
+      *cuda = true;
+      *device = std::stoi(n);
+      return {};
+    }
+  }
+  return Error(fmt::format("device '{}' is not one of cpu, cuda, cuda:N", text));
+}
+
+namespace {
+
+Status from(const std::string& e) {
+  return e.empty() ? Status{} : Status(Error(e));
+}
+
+// Reallocates `b` when it holds fewer than `bytes`.
+Status ensure(cu::DeviceBuffer& b, std::size_t bytes) {
+  if (b.size() >= bytes) return {};
+  b = cu::DeviceBuffer();
+  std::string e;
+  b = cu::DeviceBuffer::allocate(std::max<std::size_t>(bytes, 256), &e);
+  return b.data() ? Status{} : Status(Error(e));
+}
+
+Status ensure(cu::PinnedBuffer& b, std::size_t bytes) {
+  if (b.size() >= bytes) return {};
+  b = cu::PinnedBuffer();
+  std::string e;
+  b = cu::PinnedBuffer::allocate(std::max<std::size_t>(bytes, 256), &e);
+  return b.data() ? Status{} : Status(Error(e));
+}
+
+// A weight matrix as bf16 bits, converted on the host when the checkpoint stores another dtype.
+void to_bf16_rows(const kernels::WeightView& w, std::vector<uint16_t>& out) {
+  const int64_t n = w.rows * w.cols;
+  out.resize(static_cast<std::size_t>(n));
+  if (w.dtype == kernels::DType::BF16) {
+    std::memcpy(out.data(), w.data, static_cast<std::size_t>(n) * 2);
+    return;
+  }
+  std::vector<float> row(static_cast<std::size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
+    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c]);
+  }
+}
+
+cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
+  *ok = true;
+  if (s == "loop") return cu::GroupedMethod::Loop;
+  if (s == "streams") return cu::GroupedMethod::Streams;
+  if (s == "batched") return cu::GroupedMethod::Batched;
+  if (s == "wmma") return cu::GroupedMethod::Wmma;
+  if (s == "auto") return cu::GroupedMethod::Auto;
+  *ok = false;
+  return cu::GroupedMethod::Loop;
+}
+
+}  // namespace
+
+struct CudaForward::Impl {
+  ModelConfig c;
+  CudaOptions options;
+  cu::StreamHandle stream_handle;
+  cu::Stream stream = nullptr;
+  std::unique_ptr<cu::Blas> blas;
+  std::unique_ptr<cu::GroupedGemm> grouped;
+
+  // Weights (device).
+  struct Ffn {
+    cu::DeviceBuffer gate_up;  // [2 * inter, hidden]
+    cu::DeviceBuffer down;     // [hidden, inter]
+    int64_t inter = 0;
+  };
+  struct Layer {
+    cu::DeviceBuffer input_norm, post_norm;
+    cu::DeviceBuffer q, k, v, o;
+    cu::DeviceBuffer q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
+    bool moe = false;
+    cu::DeviceBuffer router;
+    cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden]
+    cu::DeviceBuffer experts_down;     // [E, hidden, inter]
+    std::vector<cu::GroupWeight> gate_up_groups, down_groups;
+    bool shared = false;
+    Ffn shared_expert;
+    cu::DeviceBuffer shared_gate;  // [1, hidden]
+    Ffn mlp;
+  };
+  cu::DeviceBuffer embed, lm_head_own, final_norm, inv_freq;
+  const uint16_t* lm_head = nullptr;
+  std::vector<Layer> layers;
+  bool routed_experts = false;
+  int64_t weight_bytes = 0;
+
+  // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16.
+  cu::DeviceBuffer kv;
+  int64_t num_blocks = 0;
+  std::shared_ptr<KvBlockPool> pool = std::make_shared<KvBlockPool>();
+
+  // Scratch, grown on demand.
+  cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
+      counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
+      logits;
+  cu::PinnedBuffer counts_host, stage_x, stage_ids, stage_w, stage_out;
+  std::vector<int32_t> meta_host;
+  std::vector<int64_t> rows, offs;
+
+  Status upload(cu::DeviceBuffer& dst, const void* src, std::size_t bytes) {
+    if (Status s = ensure(dst, bytes); !s) return s;
+    cu::copy(dst.data(), src, bytes, stream);
+    weight_bytes += static_cast<int64_t>(bytes);
+    return {};
+  }
+  Status upload_f32(cu::DeviceBuffer& dst, const std::vector<float>& values) {
+    if (values.empty()) return {};
+    return upload(dst, values.data(), values.size() * sizeof(float));
+  }
+  Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w,
+                       std::vector<uint16_t>& staging) {
+    to_bf16_rows(w, staging);
+    Status s = upload(dst, staging.data(), staging.size() * 2);
+    // The copy reads `staging` on the stream: finish it before the buffer is reused.
+    if (s) s = from(cu::synchronize(stream, "uploading weights"));
+    return s;
+  }
+  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w, std::vector<uint16_t>& staging) {
+    f.inter = w.gate.rows;
+    std::vector<uint16_t> up;
+    to_bf16_rows(w.gate, staging);
+    to_bf16_rows(w.up, up);
+    staging.insert(staging.end(), up.begin(), up.end());
+    if (Status s = upload(f.gate_up, staging.data(), staging.size() * 2); !s) return s;
+    if (Status s = from(cu::synchronize(stream, "uploading weights")); !s) return s;
+    return upload_matrix(f.down, w.down, staging);
+  }
+
+  Status load(const ModelWeights& w);
+  Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
+  Status ffn(int64_t l, int64_t n, ExpertBackend* external);
+  Status ffn_dense(const Ffn& f, int64_t n, float* out);
+};
+
+CudaForward::CudaForward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaForward::~CudaForward() = default;
+
+int64_t CudaForward::block_size() const {
+  return impl_->options.block_size;
+}
+
+int64_t CudaForward::free_blocks() const {
+  std::lock_guard lock(impl_->pool->mu);
+  return static_cast<int64_t>(impl_->pool->free.size());
+}
+
+std::string CudaForward::description() const {
+  return fmt::format("{} weights={:.2f}GiB kv_blocks={} block_size={} grouped_gemm={}",
+                     cu::device_description(impl_->options.device),
+                     static_cast<double>(impl_->weight_bytes) / (1 << 30), impl_->num_blocks,
+                     impl_->options.block_size,
+                     impl_->grouped ? cu::grouped_method_name(impl_->grouped->method()) : "-");
+}
+
+std::shared_ptr<DeviceKv> CudaForward::allocate(int64_t capacity) {
+  const int64_t bs = impl_->options.block_size;
+  const int64_t need = std::max<int64_t>(1, (capacity + bs - 1) / bs);
+  auto kv = std::make_shared<DeviceKv>();
+  std::lock_guard lock(impl_->pool->mu);
+  auto& free = impl_->pool->free;
+  if (static_cast<int64_t>(free.size()) < need) return nullptr;
+  kv->blocks.assign(free.end() - need, free.end());
+  free.resize(free.size() - static_cast<std::size_t>(need));
+  kv->pool = impl_->pool;
+  return kv;
+}
+
+Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& config,
+                                                           const ModelWeights& weights,
+                                                           const CudaOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (cu::device_count() == 0)
+    return Error(
+        "--device cuda: no CUDA device is usable on this machine (no GPU, or no driver); use "
+        "--device cpu");
+  if (std::string e = cu::set_device(options.device); !e.empty()) return Error(e);
+  if (options.block_size <= 0) return Error("the KV cache block size must be positive");
+  bool ok = false;
+  parse_method(options.grouped_gemm, &ok);
+  if (!ok)
+    return Error(
+        fmt::format("grouped GEMM method '{}' is not one of auto, loop, streams, batched, wmma",
+                    options.grouped_gemm));
+  auto impl = std::make_unique<Impl>();
+  impl->c = config;
+  impl->options = options;
+  std::string e;
+  impl->stream_handle = cu::StreamHandle::create(&e);
+  if (!impl->stream_handle.get()) return Error(e);
+  impl->stream = impl->stream_handle.get();
+  impl->blas = cu::Blas::create(impl->stream, &e);
+  if (!impl->blas) return Error(e);
+  impl->grouped =
+      cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
+  if (!impl->grouped) return Error(e);
+  if (Status s = impl->load(weights); !s) return s.error();
+
+  // The KV pool: the bytes asked for, or half of what the weights left free.
+  const ModelConfig& c = config;
+  const int64_t kv_dim = c.num_kv_heads * c.head_dim;
+  const int64_t block_bytes = c.num_layers * 2 * options.block_size * kv_dim * 2;
+  int64_t budget = options.kv_cache_bytes;
+  if (budget <= 0) {
+    int64_t free_bytes = 0, total = 0;
+    if (std::string err = cu::memory_info(&free_bytes, &total); !err.empty()) return Error(err);
+    budget = free_bytes / 2;
+  }
+  impl->num_blocks = budget / block_bytes;
+  if (impl->num_blocks < 1)
+    return Error(fmt::format(
+        "the GPU KV cache budget of {} bytes holds no block of {} bytes: give more memory", budget,
+        block_bytes));
+  if (std::string err; (impl->kv = cu::DeviceBuffer::allocate(
+                            static_cast<std::size_t>(impl->num_blocks * block_bytes), &err)),
+                       !impl->kv.data())
+    return Error(err + " (the KV cache pool; lower its size)");
+  impl->pool->free.resize(static_cast<std::size_t>(impl->num_blocks));
+  for (int64_t b = 0; b < impl->num_blocks; ++b)
+    impl->pool->free[b] = static_cast<int32_t>(impl->num_blocks - 1 - b);
+  if (std::string err = cu::synchronize(impl->stream, "loading the model onto the GPU");
+      !err.empty())
+    return Error(err);
+  const auto ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  auto fwd = std::unique_ptr<CudaForward>(new CudaForward(std::move(impl)));
+  spdlog::info("gpu model ready {} ms={:.0f}", fwd->description(), ms);
+  return fwd;
+}
+
+Status CudaForward::Impl::load(const ModelWeights& w) {
+  std::vector<uint16_t> staging;
+  if (Status s = upload_matrix(embed, w.embed, staging); !s) return s;
+  if (w.lm_head.data == w.embed.data) {
+    lm_head = embed.as<uint16_t>();
+  } else {
+    if (Status s = upload_matrix(lm_head_own, w.lm_head, staging); !s) return s;
+    lm_head = lm_head_own.as<uint16_t>();
+  }
+  if (Status s = upload_f32(final_norm, w.final_norm); !s) return s;
+  std::vector<float> freq(static_cast<std::size_t>(c.head_dim / 2));
+  kernels::rope_inv_freq(c.rope_theta, c.head_dim, freq.data());
+  if (Status s = upload_f32(inv_freq, freq); !s) return s;
+
+  layers.resize(w.layers.size());
+  int64_t last_percent = -1;
+  for (std::size_t l = 0; l < w.layers.size(); ++l) {
+    const LayerWeights& L = w.layers[l];
+    Layer& D = layers[l];
+    for (auto [dst, src] : {std::pair{&D.input_norm, &L.input_norm},
+                            {&D.post_norm, &L.post_attention_norm},
+                            {&D.q_bias, &L.attn.q_bias},
+                            {&D.k_bias, &L.attn.k_bias},
+                            {&D.v_bias, &L.attn.v_bias},
+                            {&D.o_bias, &L.attn.o_bias},
+                            {&D.q_norm, &L.attn.q_norm},
+                            {&D.k_norm, &L.attn.k_norm}})
+      if (Status s = upload_f32(*dst, *src); !s) return s;
+    for (auto [dst, src] :
+         {std::pair{&D.q, &L.attn.q}, {&D.k, &L.attn.k}, {&D.v, &L.attn.v}, {&D.o, &L.attn.o}})
+      if (Status s = upload_matrix(*dst, *src, staging); !s) return s;
+    D.moe = L.moe;
+    if (!L.moe) {
+      if (Status s = upload_ffn(D.mlp, L.mlp, staging); !s) return s;
+    } else {
+      if (Status s = upload_matrix(D.router, L.router, staging); !s) return s;
+      D.shared = L.has_shared_expert;
+      if (D.shared) {
+        if (Status s = upload_ffn(D.shared_expert, L.shared_expert, staging); !s) return s;
+        if (!L.shared_expert_gate.empty())
+          if (Status s = upload_matrix(D.shared_gate, L.shared_expert_gate, staging); !s) return s;
+      }
+      if (!L.experts.empty()) {
+        routed_experts = true;
+        const int64_t E = static_cast<int64_t>(L.experts.size());
+        const int64_t I = L.experts[0].gate.rows;
+        const int64_t H = c.hidden_size;
+        const std::size_t gu_bytes = static_cast<std::size_t>(2 * I * H * 2);
+        const std::size_t d_bytes = static_cast<std::size_t>(H * I * 2);
+        if (Status s = ensure(D.experts_gate_up, gu_bytes * E); !s) return s;
+        if (Status s = ensure(D.experts_down, d_bytes * E); !s) return s;
+        std::vector<uint16_t> up;
+        for (int64_t e = 0; e < E; ++e) {
+          to_bf16_rows(L.experts[e].gate, staging);
+          to_bf16_rows(L.experts[e].up, up);
+          char* gate_up = static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes;
+          cu::copy(gate_up, staging.data(), gu_bytes / 2, stream);
+          cu::copy(gate_up + gu_bytes / 2, up.data(), gu_bytes / 2, stream);
+          if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
+          to_bf16_rows(L.experts[e].down, staging);
+          cu::copy(static_cast<char*>(D.experts_down.data()) + e * d_bytes, staging.data(), d_bytes,
+                   stream);
+          if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
+          D.gate_up_groups.push_back(
+              {static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, nullptr});
+          D.down_groups.push_back(
+              {static_cast<char*>(D.experts_down.data()) + e * d_bytes, nullptr});
+        }
+        weight_bytes += static_cast<int64_t>((gu_bytes + d_bytes) * E);
+      }
+    }
+    const int64_t percent = static_cast<int64_t>((l + 1) * 100 / w.layers.size());
+    if (percent / 25 != last_percent / 25) {
+      spdlog::info("uploading weights to the GPU: {}% ({} of {} layers, {:.2f} GiB)", percent,
+                   l + 1, w.layers.size(), static_cast<double>(weight_bytes) / (1 << 30));
+      last_percent = percent;
+    }
+  }
+  return {};
+}
+
+Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks,
+                                         bool staged) {
+  const int64_t H = c.hidden_size;
+  const int64_t qd = c.num_heads * c.head_dim;
+  const int64_t kvd = c.num_kv_heads * c.head_dim;
+  const int64_t slots = n * std::max<int64_t>(1, c.top_k);
+  const int64_t E = std::max<int64_t>(1, c.num_experts);
+  const int64_t I = std::max({c.intermediate_size, c.moe_intermediate_size,
+                              c.shared_expert_intermediate_size, int64_t{1}});
+  const std::size_t f = sizeof(float);
+  for (auto [buf, bytes] : {std::pair{&x, n * H * f},
+                            {&delta, n * H * f},
+                            {&xn, n * H * 2},
+                            {&xn_f32, n * H * f},
+                            {&q, n * qd * f},
+                            {&k, n * kvd * f},
+                            {&v, n * kvd * f},
+                            {&attn, n * qd * f},
+                            {&attn_bf16, n * qd * 2},
+                            {&gu, n * 2 * I * f},
+                            {&act, n * I * 2},
+                            {&router_logits, n * E * f},
+                            {&ids, slots * 4},
+                            {&wts, slots * f},
+                            {&counts, E * 4},
+                            {&offsets, (E + 1) * 4},
+                            {&row_of_slot, slots * 4},
+                            {&slot_of_row, slots * 4},
+                            {&xe, slots * H * 2},
+                            {&ge, slots * 2 * I * f},
+                            {&ae, slots * I * 2},
+                            {&ye, slots * H * f},
+                            {&shared_out, n * H * f},
+                            {&shared_gate_out, n * f},
+                            {&meta, (4 * n + segments * max_blocks) * 4}})
+    if (Status s = ensure(*buf, static_cast<std::size_t>(bytes)); !s) return s;
+  if (Status s = ensure(counts_host, static_cast<std::size_t>(E * 4)); !s) return s;
+  if (staged)
+    for (auto [buf, bytes] : {std::pair{&stage_x, n * H * f},
+                              {&stage_ids, slots * 4},
+                              {&stage_w, slots * f},
+                              {&stage_out, n * H * f}})
+      if (Status s = ensure(*buf, static_cast<std::size_t>(bytes)); !s) return s;
+  return {};
+}
+
+Status CudaForward::Impl::ffn_dense(const Ffn& f, int64_t n, float* out) {
+  const int64_t H = c.hidden_size;
+  if (Status s = from(blas->gemm(xn.as<uint16_t>(), f.gate_up.as<uint16_t>(), gu.as<float>(), n,
+                                 2 * f.inter, H));
+      !s)
+    return s;
+  cu::swiglu(gu.as<float>(), n, f.inter, act.as<uint16_t>(), stream);
+  return from(blas->gemm(act.as<uint16_t>(), f.down.as<uint16_t>(), out, n, H, f.inter));
+}
+
+Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
+  const Layer& D = layers[l];
+  const int64_t H = c.hidden_size;
+  float* out = delta.as<float>();
+  if (!D.moe) return ffn_dense(D.mlp, n, out);
+
+  const int64_t E = c.num_experts;
+  const int64_t K = c.top_k;
+  const int64_t slots = n * K;
+  if (Status s = from(blas->gemm(xn.as<uint16_t>(), D.router.as<uint16_t>(),
+                                 router_logits.as<float>(), n, E, H));
+      !s)
+    return s;
+  cu::RouterSpec spec;
+  spec.n_experts = E;
+  spec.top_k = K;
+  spec.renormalize = c.norm_topk_prob;
+  cu::route_topk(router_logits.as<float>(), nullptr, n, spec, ids.as<int32_t>(), wts.as<float>(),
+                 stream);
+
+  if (external) {
+    // Remote experts: stage through pinned host memory; the shared expert overlaps the backend.
+    cu::copy(stage_x.data(), xn_f32.data(), static_cast<std::size_t>(n * H * 4), stream);
+    cu::copy(stage_ids.data(), ids.data(), static_cast<std::size_t>(slots * 4), stream);
+    cu::copy(stage_w.data(), wts.data(), static_cast<std::size_t>(slots * 4), stream);
+    if (Status s = from(cu::synchronize(stream, "staging tokens for the expert backend")); !s)
+      return s;
+    float* host_out = stage_out.as<float>();
+    std::fill(host_out, host_out + n * H, 0.0f);
+    if (Status s = external->start(l, stage_x.as<float>(), n, stage_ids.as<int32_t>(),
+                                   stage_w.as<float>(), K, host_out);
+        !s)
+      return s;
+    Status shared_status;
+    if (D.shared) shared_status = ffn_dense(D.shared_expert, n, shared_out.as<float>());
+    if (Status s = external->finish(); !s) return s;
+    if (!shared_status) return shared_status;
+    cu::copy(out, host_out, static_cast<std::size_t>(n * H * 4), stream);
+  } else {
+    if (!routed_experts)
+      return Error(
+          "this model was loaded without its routed experts (an attention worker): set an "
+          "expert backend with Model::set_expert_backend");
+    cu::moe_align(ids.as<int32_t>(), slots, E, counts.as<int32_t>(), offsets.as<int32_t>(),
+                  row_of_slot.as<int32_t>(), slot_of_row.as<int32_t>(), stream);
+    cu::copy(counts_host.data(), counts.data(), static_cast<std::size_t>(E * 4), stream);
+    // The token gather runs while the host waits for the counts it needs to issue the GEMMs.
+    cu::moe_gather(xn.as<uint16_t>(), slot_of_row.as<int32_t>(), slots, K, H, xe.as<uint16_t>(),
+                   stream);
+    if (Status s = from(cu::synchronize(stream, "routing tokens to experts")); !s) return s;
+    rows.assign(static_cast<std::size_t>(E), 0);
+    offs.assign(static_cast<std::size_t>(E), 0);
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      rows[e] = counts_host.as<int32_t>()[e];
+      offs[e] = total;
+      total += rows[e];
+    }
+    if (total != slots)
+      return Error(
+          fmt::format("layer {}: the expert counts add up to {}, not {} slots", l, total, slots));
+    const int64_t I = c.moe_intermediate_size;
+    if (Status s = from(grouped->run_bf16(xe.as<uint16_t>(), D.gate_up_groups, rows, offs, 2 * I, H,
+                                          ge.as<float>()));
+        !s)
+      return s;
+    cu::swiglu(ge.as<float>(), slots, I, ae.as<uint16_t>(), stream);
+    if (Status s = from(
+            grouped->run_bf16(ae.as<uint16_t>(), D.down_groups, rows, offs, H, I, ye.as<float>()));
+        !s)
+      return s;
+    cu::moe_combine(ye.as<float>(), row_of_slot.as<int32_t>(), wts.as<float>(), n, K, H, false, out,
+                    stream);
+    if (D.shared)
+      if (Status s = ffn_dense(D.shared_expert, n, shared_out.as<float>()); !s) return s;
+  }
+  if (D.shared) {
+    const float* gate = nullptr;
+    if (D.shared_gate.data()) {
+      if (Status s = from(blas->gemm(xn.as<uint16_t>(), D.shared_gate.as<uint16_t>(),
+                                     shared_gate_out.as<float>(), n, 1, H));
+          !s)
+        return s;
+      gate = shared_gate_out.as<float>();
+    }
+    cu::add_gated_rows(out, shared_out.as<float>(), gate, n, H, stream);
+  }
+  return {};
+}
+
+Status CudaForward::forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
+                            ExpertBackend* external, bool want_logits, int64_t first_logit_row,
+                            std::vector<float>& logits) {
+  Impl& m = *impl_;
+  const ModelConfig& c = m.c;
+  const auto n = static_cast<int64_t>(tokens.size());
+  const int64_t H = c.hidden_size;
+  const int64_t qd = c.num_heads * c.head_dim;
+  const int64_t kvd = c.num_kv_heads * c.head_dim;
+  const int64_t bs = m.options.block_size;
+  if (std::string e = cu::set_device(m.options.device); !e.empty()) return Error(e);
+
+  int64_t max_blocks = 1;
+  for (const Segment& s : segments)
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(s.kv->blocks.size()));
+  const auto n_seg = static_cast<int64_t>(segments.size());
+  if (Status s = m.ensure_scratch(n, n_seg, max_blocks, external != nullptr); !s) return s;
+
+  // Per-token metadata: tokens, positions, sequence index, cache slots; then the block tables.
+  m.meta_host.assign(static_cast<std::size_t>(4 * n + n_seg * max_blocks), 0);
+  int32_t* tok = m.meta_host.data();
+  int32_t* pos = tok + n;
+  int32_t* seq = pos + n;
+  int32_t* slot = seq + n;
+  int32_t* tables = slot + n;
+  int64_t max_pos = 0;
+  for (int64_t si = 0; si < n_seg; ++si) {
+    const Segment& s = segments[si];
+    const std::vector<int32_t>& blocks = s.kv->blocks;
+    std::copy(blocks.begin(), blocks.end(), tables + si * max_blocks);
+    for (int64_t t = 0; t < s.n; ++t) {
+      const int64_t row = s.begin + t;
+      const int64_t p = s.past + t;
+      tok[row] = tokens[row];
+      pos[row] = static_cast<int32_t>(p);
+      seq[row] = static_cast<int32_t>(si);
+      slot[row] = static_cast<int32_t>(blocks[p / bs] * bs + p % bs);
+      max_pos = std::max(max_pos, p);
+    }
+  }
+  cu::copy(m.meta.data(), m.meta_host.data(), m.meta_host.size() * 4, m.stream);
+  const auto* d_tok = m.meta.as<int32_t>();
+  const int32_t* d_pos = d_tok + n;
+  const int32_t* d_seq = d_pos + n;
+  const int32_t* d_slot = d_seq + n;
+  const int32_t* d_tables = d_slot + n;
+
+  float* x = m.x.as<float>();
+  float* delta = m.delta.as<float>();
+  uint16_t* xn = m.xn.as<uint16_t>();
+  float* xn_f32 = external ? m.xn_f32.as<float>() : nullptr;
+  cu::embedding(m.embed.as<uint16_t>(), H, d_tok, n, x, m.stream);
+
+  const int64_t layer_stride = m.num_blocks * bs * kvd;  // elements of one layer's k (or v)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Impl::Layer& D = m.layers[l];
+    // Attention: x += o(attn(norm(x))) ...
+    cu::rmsnorm(x, l == 0 ? nullptr : delta, D.input_norm.as<float>(), n, H, c.rms_norm_eps,
+                nullptr, xn, m.stream);
+    float* q = m.q.as<float>();
+    float* k = m.k.as<float>();
+    float* v = m.v.as<float>();
+    for (auto [w, b, out, dim] : {std::tuple{&D.q, &D.q_bias, q, qd},
+                                  {&D.k, &D.k_bias, k, kvd},
+                                  {&D.v, &D.v_bias, v, kvd}}) {
+      if (Status s = from(m.blas->gemm(xn, w->as<uint16_t>(), out, n, dim, H)); !s) return s;
+      if (b->data()) cu::add_bias(out, b->as<float>(), n, dim, m.stream);
+    }
+    if (c.qk_norm == QkNorm::Full) {
+      cu::rmsnorm(q, nullptr, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, q, nullptr, m.stream);
+      cu::rmsnorm(k, nullptr, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, k, nullptr, m.stream);
+    } else if (c.qk_norm == QkNorm::PerHead) {
+      cu::rmsnorm(q, nullptr, D.q_norm.as<float>(), n * c.num_heads, c.head_dim, c.rms_norm_eps, q,
+                  nullptr, m.stream);
+      cu::rmsnorm(k, nullptr, D.k_norm.as<float>(), n * c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                  k, nullptr, m.stream);
+    }
+    if (c.clip_qkv) {
+      cu::clamp(q, n * qd, *c.clip_qkv, m.stream);
+      cu::clamp(k, n * kvd, *c.clip_qkv, m.stream);
+      cu::clamp(v, n * kvd, *c.clip_qkv, m.stream);
+    }
+    cu::rope(q, n, qd, c.num_heads, c.head_dim, c.head_dim, d_pos, m.inv_freq.as<float>(),
+             m.stream);
+    cu::rope(k, n, kvd, c.num_kv_heads, c.head_dim, c.head_dim, d_pos, m.inv_freq.as<float>(),
+             m.stream);
+    cu::PagedKv cache;
+    cache.k = m.kv.as<uint16_t>() + (2 * l) * layer_stride;
+    cache.v = m.kv.as<uint16_t>() + (2 * l + 1) * layer_stride;
+    cache.block_size = bs;
+    cache.n_kv_heads = c.num_kv_heads;
+    cache.head_dim = c.head_dim;
+    cu::paged_kv_write(k, v, n, d_slot, cache, m.stream);
+    cu::AttentionBatch batch;
+    batch.seq = d_seq;
+    batch.pos = d_pos;
+    batch.block_tables = d_tables;
+    batch.max_blocks = max_blocks;
+    batch.max_pos = max_pos;
+    cu::paged_attention(q, n, cache, batch, c.num_heads, scale, c.layer_window[l],
+                        m.attn.as<float>(), m.stream);
+    cu::f32_to_bf16(m.attn.as<float>(), n * qd, m.attn_bf16.as<uint16_t>(), m.stream);
+    if (Status s =
+            from(m.blas->gemm(m.attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), delta, n, H, qd));
+        !s)
+      return s;
+    if (D.o_bias.data()) cu::add_bias(delta, D.o_bias.as<float>(), n, H, m.stream);
+    // ... then x += ffn(norm(x)).
+    cu::rmsnorm(x, delta, D.post_norm.as<float>(), n, H, c.rms_norm_eps, xn_f32, xn, m.stream);
+    if (Status s = m.ffn(l, n, external); !s) return s;
+  }
+
+  if (!want_logits) {
+    logits.clear();
+    return from(cu::synchronize(m.stream, "forward pass"));
+  }
+  const int64_t rows = n - first_logit_row;
+  cu::rmsnorm(x, delta, m.final_norm.as<float>(), n, H, c.rms_norm_eps, nullptr, xn, m.stream);
+  if (Status s = ensure(m.logits, static_cast<std::size_t>(rows * c.vocab_size * 4)); !s) return s;
+  if (Status s = from(m.blas->gemm(xn + first_logit_row * H, m.lm_head, m.logits.as<float>(), rows,
+                                   c.vocab_size, H));
+      !s)
+    return s;
+  logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
+  cu::copy(logits.data(), m.logits.data(), logits.size() * 4, m.stream);
+  return from(cu::synchronize(m.stream, "forward pass"));
+}
+
+}  // namespace moemesh::detail

@@ -1,0 +1,37 @@
+// Internal: an expert shard's experts on a GPU (ExpertShardOptions::device "cuda[:N]").
+//
+// Each held expert is uploaded once as bf16 (gate and up fused into one [2 * inter, hidden]
+// matrix, down [hidden, inter]); run() copies a token batch in, computes the SwiGLU FFN with
+// cuBLAS and the kernels of kernels/cuda, and copies the result out, through pinned buffers.
+//
+// Threads: used by the shard's one thread at a time; every call makes its device current.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+
+#include "core/error.h"
+#include "core/expert_shard.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace moemesh::detail {
+
+class CudaExperts {
+ public:
+  static Expected<std::unique_ptr<CudaExperts>> create(int device, int64_t hidden);
+  ~CudaExperts();
+  Status add(const ExpertRef& ref, const kernels::FfnWeights& w);
+  void release(const ExpertRef& ref);
+  // y[m, hidden] = down(silu(gate(x)) * up(x)) with expert `ref` (held), x and y on the host.
+  Status run(const ExpertRef& ref, const float* x, int64_t m, float* y);
+  std::string description() const;
+
+  struct Impl;
+
+ private:
+  explicit CudaExperts(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moemesh::detail

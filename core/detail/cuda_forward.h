@@ -1,0 +1,86 @@
+// Internal: the forward pass on an NVIDIA GPU (Model with ModelOptions::device "cuda[:N]").
+//
+// CudaForward uploads the model's weights once, as bf16 (the routed experts of a layer as one
+// [experts, 2 * inter, hidden] gate/up tensor and one [experts, hidden, inter] down tensor), keeps
+// a paged bf16 KV cache pool on the device, and runs chunks of tokens of one or several sequences
+// through the model with the kernels of kernels/cuda. It computes what the CPU path computes,
+// with bf16 matrix operands and float32 accumulation.
+//
+// Routed experts run on the GPU when the model holds them and no other backend is set; with an
+// outside ExpertBackend (an attention worker whose experts are remote) the normalised hidden
+// states, expert ids and weights are staged through pinned host buffers, the backend runs while the
+// GPU computes the shared expert, and its result comes back the same way.
+//
+// Threads: used by the model's one thread at a time; every call makes its device current.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/detail/weights.h"
+#include "core/model.h"
+
+namespace moemesh::detail {
+
+// The device blocks of a pool, shared by the pool and the caches that hold blocks of it.
+struct KvBlockPool {
+  std::mutex mu;
+  std::vector<int32_t> free;  // guarded by mu
+};
+
+// One sequence's blocks; they go back to the pool when the last KVCache copy holding them goes.
+struct DeviceKv {
+  std::shared_ptr<KvBlockPool> pool;
+  std::vector<int32_t> blocks;
+  ~DeviceKv();
+};
+
+struct CudaOptions {
+  int device = 0;
+  int64_t kv_cache_bytes = 0;  // 0: half of the GPU memory free after the weights
+  int64_t block_size = 16;
+  std::string grouped_gemm = "auto";  // auto | loop | streams | batched | wmma
+};
+
+// Parses "cpu", "cuda" or "cuda:N"; sets *cuda and *device. Errors name the value.
+Status parse_device(const std::string& text, bool* cuda, int* device);
+
+class CudaForward {
+ public:
+  static Expected<std::unique_ptr<CudaForward>> create(const ModelConfig& config,
+                                                       const ModelWeights& weights,
+                                                       const CudaOptions& options);
+  ~CudaForward();
+
+  // Blocks for a sequence of up to `capacity` tokens; nullptr when the pool cannot hold them.
+  std::shared_ptr<DeviceKv> allocate(int64_t capacity);
+  int64_t block_size() const;
+  int64_t free_blocks() const;
+  std::string description() const;
+
+  // A chunk of one sequence: tokens [begin, begin + n) of the call, at positions past ...
+  struct Segment {
+    const DeviceKv* kv;
+    int64_t past;
+    int64_t begin;
+    int64_t n;
+  };
+  // Runs `tokens` through every layer; `external` (may be null) computes the routed experts
+  // instead of the GPU. Logits of rows [first_logit_row, n) go to `logits` when want_logits.
+  Status forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
+                 ExpertBackend* external, bool want_logits, int64_t first_logit_row,
+                 std::vector<float>& logits);
+
+  struct Impl;
+
+ private:
+  explicit CudaForward(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moemesh::detail

@@ -1,0 +1,227 @@
+// The GPU forward pass (ModelOptions::device "cuda") against the CPU one on the stored fixtures:
+// prefill logits, chunked prefill, batched decode, remote experts through an outside backend, and
+// a full KV pool. Skips where no GPU is present, except the checks of refused devices.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/expert_shard.h"
+#include "core/model.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "tests/core/expert_shard_helpers.h"
+
+namespace moemesh {
+namespace {
+
+using test::fixture;
+using test::fixture_prompt;
+
+#define REQUIRE_GPU()                                                                       \
+  do {                                                                                      \
+    if (kernels::cuda::device_count() == 0)                                                 \
+      GTEST_SKIP() << "no CUDA device on this machine: GPU tests run in scripts/gpu-check"; \
+  } while (0)
+
+double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+ModelOptions gpu_options() {
+  ModelOptions o;
+  o.device = "cuda:0";
+  o.gpu_kv_cache_bytes = 64 << 20;
+  return o;
+}
+
+TEST(CudaModelDevice, BadDeviceNamesAreRefused) {
+  ModelOptions o;
+  o.device = "gpu";
+  auto m = Model::load(fixture("qwen3moe-tiny"), o);
+  ASSERT_FALSE(m);
+  EXPECT_NE(m.error().message().find("cpu, cuda, cuda:N"), std::string::npos)
+      << m.error().message();
+}
+
+TEST(CudaModelDevice, CudaWithoutAGpuIsAClearError) {
+  if (kernels::cuda::device_count() > 0) GTEST_SKIP() << "this machine has a GPU";
+  ModelOptions o;
+  o.device = "cuda";
+  auto m = Model::load(fixture("qwen3moe-tiny"), o);
+  ASSERT_FALSE(m);
+  EXPECT_NE(m.error().message().find("no CUDA device"), std::string::npos) << m.error().message();
+}
+
+class CudaModel : public ::testing::TestWithParam<const char*> {};
+
+// Prefill logits at every position, and a greedy continuation, close to the CPU's (bf16 weights
+// and matrix operands on the GPU: logits within 3% of the CPU's, relative to their norm).
+TEST_P(CudaModel, PrefillLogitsMatchTheCpu) {
+  REQUIRE_GPU();
+  auto cpu = Model::load(fixture(GetParam()));
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  auto gpu = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  KVCache cc = (*cpu)->new_cache(64), gc = (*gpu)->new_cache(64);
+  std::vector<float> cl, gl;
+  ASSERT_TRUE((*cpu)->forward(cc, prompt, Logits::All, cl));
+  auto s = (*gpu)->forward(gc, prompt, Logits::All, gl);
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(gc.length(), static_cast<int64_t>(prompt.size()));
+  EXPECT_LT(rel_error(gl, cl), 3e-2) << (*gpu)->device_description();
+
+  // Decode steps: the GPU's logits follow the CPU's (both fed the CPU's greedy tokens).
+  const int64_t vocab = (*cpu)->config().vocab_size;
+  std::vector<float> last_c(cl.end() - vocab, cl.end());
+  for (int step = 0; step < 4; ++step) {
+    const int32_t next = test::argmax(last_c.data(), vocab);
+    ASSERT_TRUE((*cpu)->forward(cc, std::vector<int32_t>{next}, Logits::Last, last_c));
+    ASSERT_TRUE((*gpu)->forward(gc, std::vector<int32_t>{next}, Logits::Last, gl));
+    EXPECT_LT(rel_error(gl, last_c), 3e-2) << "step " << step;
+  }
+}
+
+// Chunked prefill and a batched decode step give what one chunk and single sequences give.
+TEST_P(CudaModel, ChunksAndBatchesAgreeOnTheGpu) {
+  REQUIRE_GPU();
+  auto gpu = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  Model& m = **gpu;
+  const int64_t vocab = m.config().vocab_size;
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  const auto half = static_cast<std::ptrdiff_t>(prompt.size() / 2);
+  KVCache whole = m.new_cache(64), chunked = m.new_cache(64);
+  std::vector<float> a, b;
+  ASSERT_TRUE(m.forward(whole, prompt, Logits::Last, a));
+  ASSERT_TRUE(m.forward(chunked, std::vector<int32_t>(prompt.begin(), prompt.begin() + half),
+                        Logits::None, b));
+  ASSERT_TRUE(m.forward(chunked, std::vector<int32_t>(prompt.begin() + half, prompt.end()),
+                        Logits::Last, b));
+  EXPECT_LT(rel_error(b, a), 1e-2);
+
+  const std::vector<std::vector<int32_t>> prompts = {{1, 2, 3}, {7}, {9, 8, 7, 6, 5}};
+  std::vector<KVCache> batched, alone;
+  std::vector<float> logits;
+  for (const auto& p : prompts) {
+    batched.push_back(m.new_cache(32));
+    alone.push_back(m.new_cache(32));
+    ASSERT_TRUE(m.forward(batched.back(), p, Logits::Last, logits));
+    ASSERT_TRUE(m.forward(alone.back(), p, Logits::Last, logits));
+  }
+  const std::vector<int32_t> next = {11, 12, 13};
+  std::vector<KVCache*> caches;
+  for (KVCache& c : batched) caches.push_back(&c);
+  std::vector<float> rows;
+  auto s = m.forward_batch(caches, next, rows);
+  ASSERT_TRUE(s) << s.error().message();
+  ASSERT_EQ(rows.size(), static_cast<std::size_t>(3 * vocab));
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<float> one;
+    ASSERT_TRUE(m.forward(alone[i], std::span<const int32_t>(&next[i], 1), Logits::Last, one));
+    const std::vector<float> row(rows.begin() + static_cast<int64_t>(i) * vocab,
+                                 rows.begin() + static_cast<int64_t>(i + 1) * vocab);
+    EXPECT_LT(rel_error(row, one), 1e-2) << "sequence " << i;
+    EXPECT_EQ(batched[i].length(), alone[i].length());
+  }
+}
+
+// An attention-only GPU model whose experts come from an outside backend (staged through pinned
+// host memory) gives what the GPU model with its own experts gives.
+TEST_P(CudaModel, OutsideExpertBackendThroughHostStaging) {
+  REQUIRE_GPU();
+  auto full = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(full) << full.error().message();
+  ModelOptions ao = gpu_options();
+  ao.routed_experts = false;
+  auto attn = Model::load(fixture(GetParam()), ao);
+  ASSERT_TRUE(attn) << attn.error().message();
+  auto experts = Model::load(fixture(GetParam()));  // CPU experts stand in for remote ones
+  ASSERT_TRUE(experts) << experts.error().message();
+  (*attn)->set_expert_backend(&(*experts)->local_experts());
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  KVCache fc = (*full)->new_cache(64), ac = (*attn)->new_cache(64);
+  std::vector<float> fl, al;
+  ASSERT_TRUE((*full)->forward(fc, prompt, Logits::All, fl));
+  auto s = (*attn)->forward(ac, prompt, Logits::All, al);
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_LT(rel_error(al, fl), 3e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel,
+                         ::testing::Values("mixtral-tiny", "olmoe-bf16-clip", "qwen2moe-bf16",
+                                           "qwen3moe-tiny", "mixtral-odd-sharded"));
+
+TEST(CudaModelPool, AFullPoolIsAnErrorNotACrash) {
+  REQUIRE_GPU();
+  ModelOptions o = gpu_options();
+  o.gpu_kv_cache_bytes = 1;  // less than one block
+  auto refused = Model::load(fixture("qwen3moe-tiny"), o);
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message().find("holds no block"), std::string::npos);
+
+  auto probe = Model::load(fixture("qwen3moe-tiny"), gpu_options());
+  ASSERT_TRUE(probe);
+  const ModelConfig& c = (*probe)->config();
+  o.gpu_kv_cache_bytes = c.num_layers * 2 * 16 * c.num_kv_heads * c.head_dim * 2 * 2;  // 2 blocks
+  auto m = Model::load(fixture("qwen3moe-tiny"), o);
+  ASSERT_TRUE(m) << m.error().message();
+  KVCache a = (*m)->new_cache(32);  // both blocks
+  KVCache b = (*m)->new_cache(16);  // none left
+  EXPECT_EQ(a.capacity(), 32);
+  EXPECT_EQ(b.capacity(), 0);
+  std::vector<float> logits;
+  auto s = (*m)->forward(b, std::vector<int32_t>{1}, Logits::Last, logits);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("pool"), std::string::npos) << s.error().message();
+  { KVCache gone = std::move(a); }  // blocks return to the pool
+  KVCache c2 = (*m)->new_cache(16);
+  EXPECT_EQ(c2.capacity(), 16);
+  EXPECT_TRUE((*m)->forward(c2, std::vector<int32_t>{1, 2}, Logits::Last, logits));
+}
+
+// An expert shard on the GPU computes what the same shard computes on the CPU.
+TEST(CudaExpertShard, RunMatchesTheCpuShard) {
+  REQUIRE_GPU();
+  for (const char* name : {"qwen2moe-bf16", "mixtral-tiny"}) {
+    auto config = load_model_config(fixture(name));
+    ASSERT_TRUE(config);
+    const std::vector<ExpertRef> refs = test::experts_with_parity(*config, 1);
+    auto cpu = ExpertShard::load(fixture(name), refs);
+    ASSERT_TRUE(cpu) << cpu.error().message();
+    ExpertShardOptions o;
+    o.device = "cuda:0";
+    auto gpu = ExpertShard::load(fixture(name), refs, o);
+    ASSERT_TRUE(gpu) << gpu.error().message();
+    EXPECT_NE((*gpu)->device_description(), "cpu");
+    const int64_t H = config->hidden_size;
+    for (int64_t m : {1, 5, 37}) {
+      std::vector<float> x(static_cast<std::size_t>(m * H));
+      for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+      std::vector<float> yc(x.size()), yg(x.size(), NAN);
+      for (const ExpertRef& r : {refs.front(), refs.back()}) {
+        ASSERT_TRUE((*cpu)->run(r.layer, r.expert, x.data(), m, yc.data()));
+        auto s = (*gpu)->run(r.layer, r.expert, x.data(), m, yg.data());
+        ASSERT_TRUE(s) << s.error().message();
+        EXPECT_LT(rel_error(yg, yc), 2e-2) << name << " m=" << m;
+      }
+    }
+    // Released experts leave the GPU too; running one is an error.
+    const ExpertRef gone = refs.front();
+    (*gpu)->release(std::span<const ExpertRef>(&gone, 1));
+    std::vector<float> x(static_cast<std::size_t>(H), 0.5f), y(x.size());
+    EXPECT_FALSE((*gpu)->run(gone.layer, gone.expert, x.data(), 1, y.data()));
+  }
+}
+
+}  // namespace
+}  // namespace moemesh
