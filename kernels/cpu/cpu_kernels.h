@@ -117,4 +117,56 @@ struct FfnWeights {
 void swiglu_ffn(const float* x, int64_t n_tokens, const FfnWeights& w, float* scratch, float* out,
                 ThreadPool* pool);
 
+// ---- Paged KV cache ----------------------------------------------------------------------------
+
+// How a paged KV cache stores its values. FP8 is E4M3 in the OCP "fn" format (bias 7, no
+// infinities, S.1111.111 is NaN, largest finite value 448) with a float32 scale per stored row.
+enum class KvDtype : uint8_t { F32, BF16, FP8 };
+
+const char* kv_dtype_name(KvDtype t);
+std::size_t kv_dtype_size(KvDtype t);
+
+// FP8 E4M3 conversions on the CPU. f32_to_fp8_e4m3 rounds to nearest even and saturates to
+// +-448 (NaN becomes 0x7F).
+float fp8_e4m3_to_f32(uint8_t bits);
+uint8_t f32_to_fp8_e4m3(float v);
+
+// One layer's view of a paged KV cache. Blocks live anywhere in memory: block b starts at
+// blocks[b]; within a block, this layer's keys start k_offset bytes in and are
+// [block_size][n_kv_heads][head_dim] values of `dtype`; values likewise at v_offset. For FP8, each
+// stored row (one token, one kv head: head_dim values) has a float32 scale, value = fp8 * scale,
+// at k_scale_offset / v_scale_offset: [block_size][n_kv_heads] floats. A sequence's token at
+// position p lives in block block_table[p / block_size], row p % block_size. F32 and BF16 values
+// must be aligned to their size (scales need no alignment).
+struct PagedKv {
+  char* const* blocks = nullptr;
+  int64_t k_offset = 0, v_offset = 0;
+  int64_t k_scale_offset = 0, v_scale_offset = 0;  // FP8 only
+  KvDtype dtype = KvDtype::BF16;
+  int64_t block_size = 16, n_kv_heads = 0, head_dim = 0;
+};
+
+// Writes n tokens' keys and values (float32 [n, n_kv_heads * head_dim]) at positions
+// first_pos .. first_pos + n - 1 of the sequence whose blocks are block_table. BF16 rounds to
+// nearest even; FP8 takes scale = max|row| / 448 per (token, kv head) row (1 when the row is all
+// zero, or when max|row| / 448 underflows to zero) and rounds value / scale to nearest even.
+void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* block_table,
+                    int64_t first_pos, const PagedKv& cache);
+
+// attention() over a paged cache: n_q new queries at positions past .. past + n_q - 1 of one
+// sequence (their keys and values already written), against that sequence's keys at positions
+// 0 .. past + n_q - 1 (causal; window > 0 limits as attention() does). Same q/out layout, GQA
+// mapping, scale and float32 softmax as attention(); for F32 and BF16 it computes the same sums in
+// the same order as attention() on the stored values (FP8: but for where a row's scale is applied),
+// so the results agree to the bit. Parallel over tasks of (a tile of queries, one kv head): a task
+// reads each key and value row once for all of its queries and the query heads of the kv head's
+// GQA group (a group is split across tasks only when there are too few tasks for the pool).
+void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const int32_t* block_table,
+                     int64_t past, int64_t n_heads, float scale, int64_t window, float* out,
+                     ThreadPool* pool);
+
+// Copies one block's contents (every layer, all of the block's bytes) — the caller passes the
+// block's byte size; a helper for copy-on-write of a partially filled block.
+void copy_kv_block(const PagedKv& cache, int32_t src, int32_t dst, int64_t block_bytes);
+
 }  // namespace moemesh::kernels
