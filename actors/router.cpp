@@ -262,6 +262,9 @@ proto::EngineStats total_engine_stats(const RouterState& st) {
     sum.set_preemptions_total(sum.preemptions_total() + e.preemptions_total());
     sum.set_requests_failed_total(sum.requests_failed_total() + e.requests_failed_total());
     sum.set_requests_aborted_total(sum.requests_aborted_total() + e.requests_aborted_total());
+    sum.set_prefix_cache_queries_total(sum.prefix_cache_queries_total() +
+                                       e.prefix_cache_queries_total());
+    sum.set_prefix_cache_hits_total(sum.prefix_cache_hits_total() + e.prefix_cache_hits_total());
     kv_used += e.kv_cache_usage() * static_cast<double>(e.kv_cache_tokens());
     kv_total += e.kv_cache_tokens();
   }

@@ -50,7 +50,9 @@ int run_attention(const AttentionFlags& f) {
   if (!remote) return fail(remote.error().message());
   (*model)->set_expert_backend(remote->get());
 
-  std::unique_ptr<Engine> engine = Engine::start(std::move(*model), f.engine.options());
+  Expected<std::unique_ptr<Engine>> started = Engine::start(std::move(*model), f.engine.options());
+  if (!started) return fail(started.error().message());
+  std::unique_ptr<Engine> engine = std::move(*started);
 
   caf::actor_system_config cfg;
   actors::configure_control_plane(cfg);

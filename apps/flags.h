@@ -4,9 +4,12 @@
 
 #include <unistd.h>
 
+#include <fmt/format.h>
+
 #include <CLI/CLI.hpp>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "actors/node.h"
 #include "actors/router.h"
@@ -90,14 +93,20 @@ inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
       ->capture_default_str();
 }
 
-// --max-num-seqs, --max-model-len, --kv-cache-gib.
+// --max-num-seqs, --max-num-batched-tokens, --max-model-len, --kv-cache-gib, --kv-cache-dtype,
+// --block-size, --enable-prefix-caching / --no-enable-prefix-caching.
 struct EngineFlags {
   EngineOptions engine;
   double kv_cache_gib = 2.0;
 
   void add(CLI::App& app) {
-    app.add_option("--max-num-seqs", engine.max_num_seqs, "Sequences decoded together")
+    app.add_option("--max-num-seqs", engine.max_num_seqs, "Sequences scheduled together")
         ->check(CLI::Range(1, 4096))
+        ->capture_default_str();
+    app.add_option("--max-num-batched-tokens", engine.max_num_batched_tokens,
+                   "Tokens per scheduler step: decode tokens plus prefill chunks (long prompts "
+                   "are prefilled in chunks of what is left)")
+        ->check(CLI::Range(int64_t{1}, int64_t{1} << 24))
         ->capture_default_str();
     app.add_option("--max-model-len", engine.max_model_len,
                    "Cap on prompt + completion tokens (0: the model's)")
@@ -105,12 +114,37 @@ struct EngineFlags {
     app.add_option("--kv-cache-gib", kv_cache_gib, "Memory for the KV cache, GiB")
         ->check(CLI::Range(0.001, 4096.0))
         ->capture_default_str();
+    app.add_option("--kv-cache-dtype", engine.kv_cache_dtype,
+                   "KV cache values: auto (the checkpoint's dtype), bf16, fp8 (e4m3 with "
+                   "per-row scales) or f32")
+        ->check(CLI::IsMember({"auto", "bf16", "fp8", "f32"}))
+        ->capture_default_str();
+    app.add_option("--block-size", engine.block_size, "Tokens per KV cache block")
+        ->check(CLI::Range(int64_t{1}, int64_t{4096}))
+        ->capture_default_str();
+    app.add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", engine.prefix_caching,
+                 "Reuse the KV cache of full blocks shared by prompts (default on)");
   }
 
   EngineOptions options() const {
     EngineOptions o = engine;
     o.kv_cache_bytes = static_cast<int64_t>(kv_cache_gib * double(int64_t{1} << 30));
     return o;
+  }
+
+  // The same flags for a role process that serve starts.
+  std::vector<std::string> args() const {
+    std::vector<std::string> a = {"--max-num-seqs", std::to_string(engine.max_num_seqs),
+                                  "--max-num-batched-tokens",
+                                  std::to_string(engine.max_num_batched_tokens), "--kv-cache-gib",
+                                  fmt::format("{}", kv_cache_gib), "--kv-cache-dtype",
+                                  engine.kv_cache_dtype, "--block-size",
+                                  std::to_string(engine.block_size),
+                                  engine.prefix_caching ? "--enable-prefix-caching"
+                                                        : "--no-enable-prefix-caching"};
+    if (engine.max_model_len > 0)
+      a.insert(a.end(), {"--max-model-len", std::to_string(engine.max_model_len)});
+    return a;
   }
 };
 

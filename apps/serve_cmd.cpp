@@ -82,7 +82,9 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
       load_served_model(model_dir, f.served_model_name, f.engine.engine.max_model_len);
   if (!served) return fail(served.error().message());
 
-  std::unique_ptr<Engine> engine = Engine::start(std::move(*model), f.engine.options());
+  Expected<std::unique_ptr<Engine>> started = Engine::start(std::move(*model), f.engine.options());
+  if (!started) return fail(started.error().message());
+  std::unique_ptr<Engine> engine = std::move(*started);
   served->max_model_len = engine->max_model_len();
   actors::engine_actor engine_actor = spawn_engine_actor(system, engine.get());
   (*gw)->serve_model(std::move(*served), engine_actor);
@@ -152,14 +154,12 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   }
   for (int i = 0; i < f.attention_workers; ++i) {
     auto a = common("attention", f.threads);
-    a.insert(a.end(),
-             {"--name", fmt::format("attention-{}", i), "--max-num-seqs",
-              std::to_string(f.engine.engine.max_num_seqs), "--kv-cache-gib",
-              fmt::format("{}", f.engine.kv_cache_gib), "--wire-dtype", f.remote.wire_dtype,
-              "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
-              f.device.device, "--grouped-gemm", f.device.grouped_gemm});
-    if (f.engine.engine.max_model_len > 0)
-      a.insert(a.end(), {"--max-model-len", std::to_string(f.engine.engine.max_model_len)});
+    a.insert(a.end(), {"--name", fmt::format("attention-{}", i), "--wire-dtype",
+                       f.remote.wire_dtype, "--dispatch-timeout-ms",
+                       fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
+                       f.device.device, "--grouped-gemm", f.device.grouped_gemm});
+    const std::vector<std::string> engine_args = f.engine.args();
+    a.insert(a.end(), engine_args.begin(), engine_args.end());
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
 

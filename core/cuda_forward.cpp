@@ -207,6 +207,45 @@ std::shared_ptr<DeviceKv> CudaForward::allocate(int64_t capacity) {
   return kv;
 }
 
+int64_t CudaForward::num_blocks() const {
+  return impl_->num_blocks;
+}
+
+bool CudaForward::grow(DeviceKv& kv, int64_t capacity) {
+  const int64_t bs = impl_->options.block_size;
+  const int64_t need = (capacity + bs - 1) / bs - static_cast<int64_t>(kv.blocks.size());
+  if (need <= 0) return true;
+  std::lock_guard lock(impl_->pool->mu);
+  auto& free = impl_->pool->free;
+  if (static_cast<int64_t>(free.size()) < need) return false;
+  kv.blocks.insert(kv.blocks.end(), free.end() - need, free.end());
+  free.resize(free.size() - static_cast<std::size_t>(need));
+  if (!kv.pool) kv.pool = impl_->pool;
+  return true;
+}
+
+std::shared_ptr<DeviceKv> CudaForward::fork(const DeviceKv& kv, int64_t length) {
+  Impl& m = *impl_;
+  const int64_t bs = m.options.block_size;
+  std::shared_ptr<DeviceKv> copy =
+      allocate(static_cast<int64_t>(kv.blocks.size()) * bs);
+  if (!copy) return nullptr;
+  const ModelConfig& c = m.c;
+  const int64_t kvd = c.num_kv_heads * c.head_dim;
+  const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
+  const int64_t layer_stride = m.num_blocks * bs * kvd;
+  const int64_t used = (length + bs - 1) / bs;
+  if (!cu::set_device(m.options.device).empty()) return nullptr;
+  for (int64_t l = 0; l < 2 * c.num_layers; ++l)
+    for (int64_t b = 0; b < used; ++b) {
+      uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
+      cu::copy(base + copy->blocks[b] * bs * kvd, base + kv.blocks[b] * bs * kvd, block_bytes,
+               m.stream);
+    }
+  if (!cu::synchronize(m.stream, "copying a sequence's KV blocks").empty()) return nullptr;
+  return copy;
+}
+
 Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& config,
                                                            const ModelWeights& weights,
                                                            const CudaOptions& options) {
@@ -497,7 +536,7 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
 }
 
 Status CudaForward::forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
-                            ExpertBackend* external, bool want_logits, int64_t first_logit_row,
+                            ExpertBackend* external, std::span<const int64_t> logit_rows,
                             std::vector<float>& logits) {
   Impl& m = *impl_;
   const ModelConfig& c = m.c;
@@ -609,15 +648,24 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
     if (Status s = m.ffn(l, n, external); !s) return s;
   }
 
-  if (!want_logits) {
+  if (logit_rows.empty()) {
     logits.clear();
     return from(cu::synchronize(m.stream, "forward pass"));
   }
-  const int64_t rows = n - first_logit_row;
+  const auto rows = static_cast<int64_t>(logit_rows.size());
   cu::rmsnorm(x, delta, m.final_norm.as<float>(), n, H, c.rms_norm_eps, nullptr, xn, m.stream);
+  // The rows asked for: a contiguous run at the end (one sequence's logits, or a decode batch)
+  // is used in place; others are gathered first.
+  const uint16_t* head_in = xn + logit_rows.front() * H;
+  const bool contiguous = logit_rows.back() - logit_rows.front() + 1 == rows;
+  if (!contiguous) {
+    std::vector<int32_t> idx(logit_rows.begin(), logit_rows.end());
+    cu::copy(m.row_of_slot.data(), idx.data(), idx.size() * 4, m.stream);
+    cu::moe_gather(xn, m.row_of_slot.as<int32_t>(), rows, 1, H, m.xe.as<uint16_t>(), m.stream);
+    head_in = m.xe.as<uint16_t>();
+  }
   if (Status s = ensure(m.logits, static_cast<std::size_t>(rows * c.vocab_size * 4)); !s) return s;
-  if (Status s = from(m.blas->gemm(xn + first_logit_row * H, m.lm_head, m.logits.as<float>(), rows,
-                                   c.vocab_size, H));
+  if (Status s = from(m.blas->gemm(head_in, m.lm_head, m.logits.as<float>(), rows, c.vocab_size, H));
       !s)
     return s;
   logits.resize(static_cast<std::size_t>(rows * c.vocab_size));

@@ -9,53 +9,9 @@
 
 #include "core/checkpoint.h"
 #include "core/detail/local_experts.h"
-#include "core/detail/weights.h"
-#if MOEMESH_HAVE_CUDA
-#include "core/detail/cuda_forward.h"
-#endif
+#include "core/detail/model_impl.h"
 
 namespace moemesh {
-
-struct Model::Impl {
-  ModelConfig config;
-  detail::ModelWeights weights;
-  std::unique_ptr<kernels::ThreadPool> pool;
-  std::unique_ptr<ExpertBackend> local;  // LocalExperts, or NoLocalExperts without routed experts
-  bool routed_experts = true;
-  ExpertBackend* experts = nullptr;
-  std::vector<float> inv_freq;
-#if MOEMESH_HAVE_CUDA
-  std::unique_ptr<detail::CudaForward> cuda;  // set when the model runs on a GPU
-#endif
-  bool on_gpu() const {
-#if MOEMESH_HAVE_CUDA
-    return cuda != nullptr;
-#else
-    return false;
-#endif
-  }
-
-  // Rows [begin, begin + n) of a chunk belong to `cache`, at positions cache->length() ...
-  struct Segment {
-    KVCache* cache;
-    int64_t begin;
-    int64_t n;
-  };
-
-  Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
-                 std::vector<float>& logits);
-  Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
-                       std::vector<float>& logits);
-  Status check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const;
-  // The GPU pass over `segments` (on_gpu() only); advances the caches on success.
-  Status forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
-                     bool want_logits, int64_t first_logit_row, std::vector<float>& logits);
-  // Runs every layer over the chunk x [n, hidden] and, on success, advances each cache.
-  Status run_layers(std::span<const Segment> segments, int64_t n, std::vector<float>& x);
-  void attention_block(int64_t l, std::span<const Segment> segments, int64_t n, const float* x_norm,
-                       float* out);
-  Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
-};
 
 Status ExpertBackend::start(int64_t layer, const float* x, int64_t n, const int32_t* ids,
                             const float* weights, int64_t top_k, float* out) {
@@ -124,6 +80,18 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
         options.device));
 #endif
   (void)device;
+  if (!cuda) {
+    detail::KvStoreOptions ko;
+    if (Status st = detail::parse_kv_dtype(options.kv_cache_dtype, &ko.dtype); !st)
+      return st.error();
+    if (options.kv_block_size < 1 || options.kv_block_size > 4096)
+      return Error(fmt::format("the KV cache block size must be between 1 and 4096 tokens, got {}",
+                               options.kv_block_size));
+    ko.block_size = options.kv_block_size;
+    ko.max_bytes = options.kv_cache_bytes;
+    ko.prefix_caching = options.prefix_caching;
+    impl->kv = std::make_shared<detail::KvStore>(impl->config, ko);
+  }
 
   const ModelConfig& c = impl->config;
   const auto ms =
@@ -160,24 +128,6 @@ std::string Model::device_description() const {
   return "cpu";
 }
 
-KVCache Model::new_cache(int64_t capacity) const {
-  const ModelConfig& c = impl_->config;
-  KVCache cache;
-  cache.capacity_ = capacity;
-  cache.row_ = c.num_kv_heads * c.head_dim;
-#if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    cache.device_ = impl_->cuda->allocate(capacity);
-    if (!cache.device_) cache.capacity_ = 0;
-    return cache;
-  }
-#endif
-  const auto size = static_cast<std::size_t>(c.num_layers * capacity * cache.row_);
-  cache.k_.assign(size, 0.0f);
-  cache.v_.assign(size, 0.0f);
-  return cache;
-}
-
 void Model::set_expert_backend(ExpertBackend* backend) {
   impl_->experts = backend ? backend : impl_->local.get();
 }
@@ -194,6 +144,10 @@ Status Model::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mo
 Status Model::forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
                             std::vector<float>& logits) {
   return impl_->forward_batch(caches, tokens, logits);
+}
+
+Status Model::forward_step(std::span<const Chunk> chunks, std::vector<float>& logits) {
+  return impl_->forward_step(chunks, logits);
 }
 
 void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, int64_t n,
@@ -238,18 +192,15 @@ void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, 
 
   std::vector<float> attn(static_cast<std::size_t>(n * q_dim));
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const kernels::PagedKv view = kv->layer_view(l);
   for (const Segment& seg : segments) {
-    KVCache& cache = *seg.cache;
-    const int64_t past = cache.length_;
-    float* k_cache = cache.k_.data() + l * cache.capacity_ * cache.row_;
-    float* v_cache = cache.v_.data() + l * cache.capacity_ * cache.row_;
-    std::copy(k.begin() + seg.begin * kv_dim, k.begin() + (seg.begin + seg.n) * kv_dim,
-              k_cache + past * kv_dim);
-    std::copy(v.begin() + seg.begin * kv_dim, v.begin() + (seg.begin + seg.n) * kv_dim,
-              v_cache + past * kv_dim);
-    kernels::attention(q.data() + seg.begin * q_dim, seg.n, k_cache, v_cache, past, c.num_heads,
-                       c.num_kv_heads, c.head_dim, scale, c.layer_window[l],
-                       attn.data() + seg.begin * q_dim, p);
+    const KVCache& cache = *seg.cache;
+    const int32_t* table = cache.blocks_.data();
+    kernels::paged_kv_write(k.data() + seg.begin * kv_dim, v.data() + seg.begin * kv_dim, seg.n,
+                            table, cache.length_, view);
+    kernels::paged_attention(q.data() + seg.begin * q_dim, seg.n, view, table, cache.length_,
+                             c.num_heads, scale, c.layer_window[l],
+                             attn.data() + seg.begin * q_dim, p);
   }
   kernels::linear(attn.data(), n, w.o, bias(w.o_bias), out, p);
 }
@@ -303,22 +254,68 @@ Status Model::Impl::check_chunk(const KVCache& cache, std::span<const int32_t> t
           fmt::format("token id {} is out of range: the vocabulary has {} tokens (ids 0 "
                       "to {})",
                       id, c.vocab_size, c.vocab_size - 1));
-  if (on_gpu() && cache.capacity_ == 0 && cache.row_ == c.num_kv_heads * c.head_dim)
+  const bool made_here = on_gpu() ? cache.device_ != nullptr || cache.capacity_ == 0
+                                  : cache.store_ == kv || cache.capacity_ == 0;
+  if (cache.row_ != c.num_kv_heads * c.head_dim || !made_here)
+    return Error("the KV cache was not made by this model's new_cache()");
+  if (cache.capacity_ == 0 && !cache.device_ && !cache.store_)
     return Error(
-        "the GPU KV cache pool had no room for this sequence when its cache was made: finish "
-        "other sequences first, or give the pool more memory (gpu_kv_cache_bytes)");
+        "the KV cache pool had no room for this sequence when its cache was made: finish other "
+        "sequences first, or give the pool more memory");
   if (cache.length_ + n > cache.capacity_)
     return Error(
         fmt::format("the sequence would hold {} tokens, more than its cache's capacity "
                     "of {}",
                     cache.length_ + n, cache.capacity_));
-  const bool made_here =
-      on_gpu() ? cache.device_ != nullptr
-               : cache.k_.size() ==
-                     static_cast<std::size_t>(c.num_layers * cache.capacity_ * cache.row_);
-  if (cache.row_ != c.num_kv_heads * c.head_dim || !made_here)
-    return Error("the KV cache was not made by this model's new_cache()");
   return {};
+}
+
+Status Model::Impl::check_segments(std::span<const Segment> segments,
+                                   std::span<const int32_t> tokens) const {
+  std::vector<const KVCache*> seen;
+  seen.reserve(segments.size());
+  for (const Segment& seg : segments) {
+    if (seg.cache == nullptr) return Error("forward got a null cache");
+    if (Status s = check_chunk(*seg.cache, tokens.subspan(seg.begin, seg.n)); !s) return s;
+    seen.push_back(seg.cache);
+  }
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end())
+    return Error("a step got the same cache twice: one chunk (or one token) per sequence");
+  return {};
+}
+
+void Model::Impl::advance(std::span<const Segment> segments, std::span<const int32_t> tokens) {
+  for (const Segment& seg : segments) {
+    KVCache& cache = *seg.cache;
+    cache.length_ += seg.n;
+    if (!cache.store_ || !cache.store_->prefix_caching()) continue;
+    // Register every block this chunk filled, so later sequences with this prefix reuse it.
+    const auto chunk = tokens.subspan(seg.begin, seg.n);
+    cache.tokens_.insert(cache.tokens_.end(), chunk.begin(), chunk.end());
+    const int64_t bs = cache.store_->block_size();
+    while ((cache.committed_ + 1) * bs <= cache.length_) {
+      const auto at = static_cast<std::size_t>(cache.committed_ * bs);
+      cache.chain_hash_ = cache.store_->commit(
+          cache.blocks_[cache.committed_], cache.chain_hash_,
+          std::span<const int32_t>(cache.tokens_.data() + at, static_cast<std::size_t>(bs)));
+      ++cache.committed_;
+    }
+  }
+}
+
+void Model::Impl::logits_of(const std::vector<float>& x, std::span<const int64_t> rows,
+                            std::vector<float>& logits) {
+  const ModelConfig& c = config;
+  const int64_t H = c.hidden_size;
+  const auto m = static_cast<int64_t>(rows.size());
+  std::vector<float> normed(static_cast<std::size_t>(m * H));
+  for (int64_t i = 0; i < m; ++i)
+    kernels::rmsnorm(x.data() + rows[i] * H, weights.final_norm.data(), 1, H, c.rms_norm_eps,
+                     normed.data() + i * H);
+  logits.resize(static_cast<std::size_t>(m * c.vocab_size));
+  if (m > 0)
+    kernels::linear(normed.data(), m, weights.lm_head, nullptr, logits.data(), pool.get());
 }
 
 Status Model::Impl::run_layers(std::span<const Segment> segments, int64_t n,
@@ -336,72 +333,68 @@ Status Model::Impl::run_layers(std::span<const Segment> segments, int64_t n,
     if (Status s = ffn_block(l, n, normed.data(), delta.data()); !s) return s;
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
   }
-  for (const Segment& seg : segments) seg.cache->length_ += seg.n;
   return {};
 }
 
 Status Model::Impl::forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
                             std::vector<float>& logits) {
-  const ModelConfig& c = config;
-  if (Status s = check_chunk(cache, tokens); !s) return s;
   const auto n = static_cast<int64_t>(tokens.size());
-  const int64_t H = c.hidden_size;
   const Segment segment{&cache, 0, n};
-  if (on_gpu())
-    return forward_gpu({&segment, 1}, tokens, mode != Logits::None, mode == Logits::All ? 0 : n - 1,
-                       logits);
-  std::vector<float> x(static_cast<std::size_t>(n * H));
+  if (Status s = check_segments({&segment, 1}, tokens); !s) return s;
+  std::vector<int64_t> rows;
+  if (mode == Logits::All)
+    for (int64_t t = 0; t < n; ++t) rows.push_back(t);
+  else if (mode == Logits::Last)
+    rows.push_back(n - 1);
+  if (on_gpu()) return forward_gpu({&segment, 1}, tokens, rows, logits);
+  std::vector<float> x(static_cast<std::size_t>(n * config.hidden_size));
   kernels::embedding(weights.embed, tokens.data(), n, x.data());
   if (Status s = run_layers({&segment, 1}, n, x); !s) return s;
-
-  if (mode == Logits::None) {
-    logits.clear();
-    return {};
-  }
-  const int64_t first = mode == Logits::All ? 0 : n - 1;
-  const int64_t rows = n - first;
-  std::vector<float> normed(static_cast<std::size_t>(rows * H));
-  kernels::rmsnorm(x.data() + first * H, weights.final_norm.data(), rows, H, c.rms_norm_eps,
-                   normed.data());
-  logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
-  kernels::linear(normed.data(), rows, weights.lm_head, nullptr, logits.data(), pool.get());
+  advance({&segment, 1}, tokens);
+  logits_of(x, rows, logits);
   return {};
 }
 
 Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
                                   std::vector<float>& logits) {
-  const ModelConfig& c = config;
   const auto n = static_cast<int64_t>(tokens.size());
   if (n == 0) return Error("forward_batch() needs at least one sequence");
   if (caches.size() != tokens.size())
     return Error(fmt::format("forward_batch() got {} caches for {} tokens: one token per sequence",
                              caches.size(), tokens.size()));
-  std::vector<KVCache*> sorted(caches.begin(), caches.end());
-  std::sort(sorted.begin(), sorted.end());
-  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
-    return Error("forward_batch() got the same cache twice: one token per sequence");
+  std::vector<Model::Chunk> chunks;
+  chunks.reserve(caches.size());
+  for (int64_t b = 0; b < n; ++b) chunks.push_back({caches[b], tokens.subspan(b, 1), true});
+  return forward_step(chunks, logits);
+}
+
+Status Model::Impl::forward_step(std::span<const Model::Chunk> chunks,
+                                 std::vector<float>& logits) {
+  if (chunks.empty()) return Error("a forward step needs at least one chunk");
+  std::vector<int32_t> tokens;
   std::vector<Segment> segments;
-  segments.reserve(caches.size());
-  for (int64_t b = 0; b < n; ++b) {
-    if (caches[b] == nullptr) return Error("forward_batch() got a null cache");
-    if (Status s = check_chunk(*caches[b], tokens.subspan(b, 1)); !s) return s;
-    segments.push_back({caches[b], b, 1});
+  std::vector<int64_t> rows;
+  segments.reserve(chunks.size());
+  for (const Model::Chunk& ch : chunks) {
+    if (ch.tokens.empty()) return Error("forward() needs at least one token");
+    const auto begin = static_cast<int64_t>(tokens.size());
+    segments.push_back({ch.cache, begin, static_cast<int64_t>(ch.tokens.size())});
+    tokens.insert(tokens.end(), ch.tokens.begin(), ch.tokens.end());
+    if (ch.want_logits) rows.push_back(static_cast<int64_t>(tokens.size()) - 1);
   }
-  if (on_gpu()) return forward_gpu(segments, tokens, true, 0, logits);
-  const int64_t H = c.hidden_size;
-  std::vector<float> x(static_cast<std::size_t>(n * H));
+  if (Status s = check_segments(segments, tokens); !s) return s;
+  if (on_gpu()) return forward_gpu(segments, tokens, rows, logits);
+  const auto n = static_cast<int64_t>(tokens.size());
+  std::vector<float> x(static_cast<std::size_t>(n * config.hidden_size));
   kernels::embedding(weights.embed, tokens.data(), n, x.data());
   if (Status s = run_layers(segments, n, x); !s) return s;
-  std::vector<float> normed(x.size());
-  kernels::rmsnorm(x.data(), weights.final_norm.data(), n, H, c.rms_norm_eps, normed.data());
-  logits.resize(static_cast<std::size_t>(n * c.vocab_size));
-  kernels::linear(normed.data(), n, weights.lm_head, nullptr, logits.data(), pool.get());
+  advance(segments, tokens);
+  logits_of(x, rows, logits);
   return {};
 }
 
 Status Model::Impl::forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
-                                bool want_logits, int64_t first_logit_row,
-                                std::vector<float>& logits) {
+                                std::span<const int64_t> logit_rows, std::vector<float>& logits) {
 #if MOEMESH_HAVE_CUDA
   std::vector<detail::CudaForward::Segment> gpu;
   gpu.reserve(segments.size());
@@ -409,12 +402,11 @@ Status Model::Impl::forward_gpu(std::span<const Segment> segments, std::span<con
     gpu.push_back({s.cache->device_.get(), s.cache->length_, s.begin, s.n});
   // The model's own experts run on the GPU; any other backend gets staged host copies.
   ExpertBackend* external = experts == local.get() && routed_experts ? nullptr : experts;
-  if (Status s = cuda->forward(gpu, tokens, external, want_logits, first_logit_row, logits); !s)
-    return s;
+  if (Status s = cuda->forward(gpu, tokens, external, logit_rows, logits); !s) return s;
   for (const Segment& s : segments) s.cache->length_ += s.n;
   return {};
 #else
-  (void)segments, (void)tokens, (void)want_logits, (void)first_logit_row, (void)logits;
+  (void)segments, (void)tokens, (void)logit_rows, (void)logits;
   return Error("this moemesh was built without the CUDA backend");
 #endif
 }

@@ -76,24 +76,44 @@ class ExpertBackend {
 
 namespace detail {
 struct DeviceKv;
-}
+class KvStore;
+}  // namespace detail
 
-// The keys and values of one sequence, for every layer: float32 arrays on the CPU, or blocks of
-// the GPU model's paged pool (held while any copy of this cache lives; copies share them).
+// The keys and values of one sequence, for every layer: blocks of the model's paged KV cache (on
+// the CPU, core/detail/kv_store.h; on a GPU, the device pool). A cache holds its blocks until it
+// is destroyed; it moves but does not copy (Model::fork makes a copy that shares full blocks).
+// With prefix caching on, the cache's full blocks are registered as they fill, and a later
+// sequence with the same prefix can start from them (Model::new_cache_from_prefix).
 class KVCache {
  public:
+  KVCache() = default;
+  KVCache(KVCache&& other) noexcept;
+  KVCache& operator=(KVCache&& other) noexcept;
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+  ~KVCache();
+
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
-  void clear() { length_ = 0; }
+  // Blocks held (on the CPU; on a GPU, of the device pool).
+  int64_t blocks() const;
+  // Forgets the tokens; the capacity stays (blocks shared through the prefix cache are swapped
+  // for fresh ones, so nothing another sequence reads is overwritten).
+  void clear();
 
  private:
   friend class Model;
+  void release();
+
   int64_t length_ = 0;
   int64_t capacity_ = 0;
-  int64_t row_ = 0;       // floats per token per layer (num_kv_heads * head_dim)
-  std::vector<float> k_;  // [layers, capacity, row_]
-  std::vector<float> v_;
-  std::shared_ptr<detail::DeviceKv> device_;  // GPU models only
+  int64_t row_ = 0;  // values per token per layer (num_kv_heads * head_dim)
+  std::shared_ptr<detail::KvStore> store_;    // CPU models
+  std::vector<int32_t> blocks_;               // CPU: this sequence's blocks, in order
+  std::vector<int32_t> tokens_;               // CPU with prefix caching: the tokens cached
+  int64_t committed_ = 0;                     // full blocks registered for prefix reuse
+  uint64_t chain_hash_ = 0;                   // the last registered block's chain hash
+  std::shared_ptr<detail::DeviceKv> device_;  // GPU models
 };
 
 struct ModelOptions {
@@ -110,6 +130,24 @@ struct ModelOptions {
   // How the GPU issues a MoE layer's expert GEMMs: "auto", "loop", "streams", "batched" or
   // "wmma" (kernels/cuda/cuda_kernels.h GroupedMethod).
   std::string grouped_gemm = "auto";
+  // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", or
+  // "fp8": e4m3 with a float32 scale per token and kv head), the most memory it may take (0: it
+  // grows as sequences need it), and whether full blocks are shared between sequences with the
+  // same prefix.
+  int64_t kv_block_size = 16;
+  std::string kv_cache_dtype = "f32";
+  int64_t kv_cache_bytes = 0;
+  bool prefix_caching = false;
+};
+
+// The state of a model's KV cache.
+struct KvCacheStats {
+  int64_t block_size = 0;
+  int64_t num_blocks = 0;   // the pool's size
+  int64_t free_blocks = 0;  // allocatable now (never used, or cached and unreferenced)
+  double usage = 0;         // fraction of blocks in use by sequences, 0..1
+  uint64_t prefix_queries_tokens = 0;
+  uint64_t prefix_hits_tokens = 0;
 };
 
 enum class Logits {
@@ -131,6 +169,26 @@ class Model {
   KVCache new_cache(int64_t capacity) const;
   // "cpu", or the GPU and its pool ("NVIDIA H100 ... kv_blocks=...").
   std::string device_description() const;
+
+  // A cache that starts with the longest prefix of `prompt` found in the prefix cache (whole
+  // blocks, and always fewer than prompt.size() tokens, so the last prompt token is computed);
+  // *cached receives its length. Without prefix caching, or on a GPU, an empty cache.
+  KVCache new_cache_from_prefix(std::span<const int32_t> prompt, int64_t* cached);
+  // Grows `cache` to hold at least `capacity` tokens. Fails, changing nothing, when the pool has
+  // too few free blocks.
+  Status reserve(KVCache& cache, int64_t capacity);
+  // A copy of `cache` (same tokens, same capacity) that shares its full blocks; the last, partly
+  // filled block is copied. Fails when the pool has no block for that copy.
+  Expected<KVCache> fork(const KVCache& cache);
+  KvCacheStats kv_stats() const;
+  // Replaces the CPU KV cache pool; no cache may hold blocks of the old one. dtype "auto" (the
+  // checkpoint's: bf16 for a bf16 checkpoint, else f32), "f32", "bf16" or "fp8"; a limit in
+  // tokens, or in bytes when max_tokens is 0 (both 0: grows as needed). A GPU model keeps the pool
+  // it loaded with (and has no prefix caching): this succeeds and changes nothing there.
+  Status configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
+                            int64_t max_bytes, bool prefix_caching);
+  // Bytes of one cached token (every layer's keys and values, with FP8 scales).
+  int64_t kv_bytes_per_token() const;
 
   // Whether layer `layer` has routed experts (config().layer_is_moe; false out of range).
   bool is_moe_layer(int64_t layer) const;
@@ -155,6 +213,18 @@ class Model {
   // alone. Fails, changing no cache, as forward() does.
   Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
                        std::vector<float>& logits);
+
+  // One scheduler step: several sequences' chunks at once (decode tokens and prefill chunks
+  // alike; distinct caches). Each chunk's tokens are appended to its cache; `logits` receives
+  // [number of chunks with want_logits, vocab], the logits of each such chunk's last token, in
+  // order. The projections, norms and experts run once over all the tokens. Fails, changing no
+  // cache, as forward() does.
+  struct Chunk {
+    KVCache* cache = nullptr;
+    std::span<const int32_t> tokens;
+    bool want_logits = true;
+  };
+  Status forward_step(std::span<const Chunk> chunks, std::vector<float>& logits);
 
   // Routes expert computation through `backend` (not owned, outliving its use); nullptr restores
   // local_experts().

@@ -100,11 +100,19 @@ std::string Metrics::render() const {
     out += fmt::format("vllm:num_requests_running{{{}}} {}\n", labels_, engine_.running());
     header(out, "vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.");
     out += fmt::format("vllm:num_requests_waiting{{{}}} {}\n", labels_, engine_.waiting());
-    header(out, "vllm:kv_cache_usage_perc", "gauge", "Fraction of the KV cache reserved (0-1).");
+    header(out, "vllm:kv_cache_usage_perc", "gauge", "Fraction of the KV cache blocks in use (0-1).");
     out += fmt::format("vllm:kv_cache_usage_perc{{{}}} {}\n", labels_, engine_.kv_cache_usage());
     header(out, "vllm:num_preemptions_total", "counter", "Sequences preempted by the scheduler.");
     out +=
         fmt::format("vllm:num_preemptions_total{{{}}} {}\n", labels_, engine_.preemptions_total());
+    header(out, "vllm:prefix_cache_queries_total", "counter",
+           "Prompt tokens looked up in the prefix cache.");
+    out += fmt::format("vllm:prefix_cache_queries_total{{{}}} {}\n", labels_,
+                       engine_.prefix_cache_queries_total());
+    header(out, "vllm:prefix_cache_hits_total", "counter",
+           "Prompt tokens found in the prefix cache.");
+    out += fmt::format("vllm:prefix_cache_hits_total{{{}}} {}\n", labels_,
+                       engine_.prefix_cache_hits_total());
     header(out, "vllm:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
     out += fmt::format("vllm:prompt_tokens_total{{{}}} {}\n", labels_, prompt_tokens_);
     header(out, "vllm:generation_tokens_total", "counter",

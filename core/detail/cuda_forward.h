@@ -59,7 +59,13 @@ class CudaForward {
 
   // Blocks for a sequence of up to `capacity` tokens; nullptr when the pool cannot hold them.
   std::shared_ptr<DeviceKv> allocate(int64_t capacity);
+  // More blocks for `kv`, to hold `capacity` tokens; false (taking none) when the pool is short.
+  bool grow(DeviceKv& kv, int64_t capacity);
+  // A copy of the first `length` tokens of `kv` in blocks of its own (as many as kv holds);
+  // nullptr when the pool is short.
+  std::shared_ptr<DeviceKv> fork(const DeviceKv& kv, int64_t length);
   int64_t block_size() const;
+  int64_t num_blocks() const;
   int64_t free_blocks() const;
   std::string description() const;
 
@@ -71,9 +77,9 @@ class CudaForward {
     int64_t n;
   };
   // Runs `tokens` through every layer; `external` (may be null) computes the routed experts
-  // instead of the GPU. Logits of rows [first_logit_row, n) go to `logits` when want_logits.
+  // instead of the GPU. `logits` receives the logits of the rows `logit_rows` (ascending).
   Status forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
-                 ExpertBackend* external, bool want_logits, int64_t first_logit_row,
+                 ExpertBackend* external, std::span<const int64_t> logit_rows,
                  std::vector<float>& logits);
 
   struct Impl;

@@ -87,7 +87,9 @@ std::string name(const char* prefix, int i) {
 std::unique_ptr<Engine> start_engine(EngineOptions options = {}) {
   Expected<std::unique_ptr<Model>> m = Model::load(kModel);
   EXPECT_TRUE(m.ok());
-  return Engine::start(std::move(*m), options);
+  Expected<std::unique_ptr<Engine>> e = Engine::start(std::move(*m), options);
+  EXPECT_TRUE(e.ok()) << (e.ok() ? "" : e.error().message());
+  return e.ok() ? std::move(*e) : nullptr;
 }
 
 proto::GenerateRequest request(const std::string& id, std::vector<int32_t> prompt,
@@ -212,6 +214,125 @@ TEST(Engine, RequestsBeyondTheCacheWaitTheirTurn) {
   for (int i = 0; i < 5; ++i) EXPECT_EQ(c.get(name("q", i)).tokens.size(), 16u);
   // A request larger than the whole cache is refused, not queued forever.
   EXPECT_FALSE(engine->submit(request("huge", {1, 2, 3}, 60), c.sink()).ok());
+}
+
+// Outputs of requests run one at a time on an engine with room to spare: the reference for the
+// scheduler tests below.
+std::map<std::string, std::vector<int32_t>> alone(const std::vector<proto::GenerateRequest>& reqs) {
+  std::map<std::string, std::vector<int32_t>> out;
+  Collector c;
+  EngineOptions o;
+  o.prefix_caching = false;
+  auto engine = start_engine(o);
+  for (std::size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_TRUE(engine->submit(reqs[i], c.sink()).ok());
+    EXPECT_TRUE(c.wait_finished(i + 1));
+    out[reqs[i].request_id()] = c.get(reqs[i].request_id()).tokens;
+  }
+  return out;
+}
+
+TEST(EngineScheduler, ChunkedPrefillGivesTheSameTokens) {
+  Collector c;
+  EngineOptions o;
+  o.max_num_batched_tokens = 3;  // the 8-token prompt takes three steps
+  auto engine = start_engine(o);
+  const std::vector<int32_t> expected = reference_output();
+  ASSERT_TRUE(engine->submit(request("chunked", reference_prompt(),
+                                     static_cast<int64_t>(expected.size())),
+                             c.sink())
+                  .ok());
+  ASSERT_TRUE(c.wait_finished(1));
+  EXPECT_EQ(c.get("chunked").tokens, expected);
+}
+
+TEST(EngineScheduler, ChunkedPrefillRunsBesideDecoding) {
+  std::vector<proto::GenerateRequest> reqs;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> prompt;
+    for (int t = 0; t < 10 + 7 * i; ++t) prompt.push_back((t * 7 + i) % 200 + 1);
+    reqs.push_back(request(name("mix", i), prompt, 12));
+  }
+  const auto expected = alone(reqs);
+  Collector c;
+  EngineOptions o;
+  o.max_num_batched_tokens = 6;  // decode tokens and pieces of prompts share every step
+  auto engine = start_engine(o);
+  for (const auto& r : reqs) ASSERT_TRUE(engine->submit(r, c.sink()).ok());
+  ASSERT_TRUE(c.wait_finished(reqs.size()));
+  for (const auto& r : reqs) EXPECT_EQ(c.get(r.request_id()).tokens, expected.at(r.request_id()));
+}
+
+TEST(EngineScheduler, AFullCachePreemptsAndFinishesEveryRequest) {
+  std::vector<proto::GenerateRequest> reqs;
+  for (int i = 0; i < 6; ++i)
+    reqs.push_back(request(name("p", i), {1 + i, 2, 3, 4, 5, 6, 7, 8}, 30));
+  const auto expected = alone(reqs);
+  Collector c;
+  EngineOptions o;
+  o.kv_cache_tokens = 96;  // 6 blocks of 16; each request grows to 38 tokens (3 blocks)
+  o.prefix_caching = false;
+  auto engine = start_engine(o);
+  for (const auto& r : reqs) ASSERT_TRUE(engine->submit(r, c.sink()).ok());
+  ASSERT_TRUE(c.wait_finished(reqs.size()));
+  for (const auto& r : reqs) {
+    const auto got = c.get(r.request_id());
+    EXPECT_EQ(got.reason, "length") << r.request_id() << " " << got.error;
+    EXPECT_EQ(got.finals, 1);
+    EXPECT_EQ(got.tokens, expected.at(r.request_id())) << r.request_id();
+  }
+  EXPECT_GT(engine->stats().preemptions_total(), 0u);
+  EXPECT_EQ(engine->stats().requests_failed_total(), 0u);
+  for (int i = 0; i < 100 && engine->stats().kv_cache_usage() > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(engine->stats().kv_cache_usage(), 0.0);
+}
+
+TEST(EngineScheduler, PreemptedSequencesOfOneRequestFinishToo) {
+  Collector c;
+  EngineOptions o;
+  o.kv_cache_tokens = 64;  // 4 blocks: three sequences of 2-3 blocks cannot all run at once
+  o.prefix_caching = false;
+  auto engine = start_engine(o);
+  ASSERT_TRUE(engine->submit(request("n3", {1, 5, 9, 11}, 30, 1.0f, 3), c.sink()).ok());
+  ASSERT_TRUE(c.wait_finished(3));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(c.get("n3", i).reason, "length") << c.get("n3", i).error;
+    EXPECT_EQ(c.get("n3", i).tokens.size(), 30u);
+  }
+}
+
+TEST(EngineScheduler, PrefixCachingReusesARepeatedPrompt) {
+  Collector c;
+  EngineOptions o;
+  o.block_size = 4;
+  auto engine = start_engine(o);
+  std::vector<int32_t> prompt;
+  for (int t = 0; t < 21; ++t) prompt.push_back(t * 3 % 250 + 1);
+  ASSERT_TRUE(engine->submit(request("first", prompt, 8), c.sink()).ok());
+  ASSERT_TRUE(c.wait_finished(1));
+  ASSERT_TRUE(engine->submit(request("second", prompt, 8), c.sink()).ok());
+  ASSERT_TRUE(c.wait_finished(2));
+  EXPECT_EQ(c.get("second").tokens, c.get("first").tokens);
+  for (int i = 0; i < 100 && engine->stats().prefix_cache_hits_total() == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(engine->stats().prefix_cache_hits_total(), 20u);  // 5 full blocks of 4
+  EXPECT_EQ(engine->stats().prefix_cache_queries_total(), 42u);
+}
+
+TEST(EngineScheduler, AdmissionIsBoundedByMaxNumSeqs) {
+  Collector c(/*gate=*/2);
+  EngineOptions o;
+  o.max_num_seqs = 2;
+  auto engine = start_engine(o);
+  for (int i = 0; i < 4; ++i)
+    ASSERT_TRUE(engine->submit(request(name("s", i), {1, 2, 3}, 20), c.sink()).ok());
+  ASSERT_TRUE(c.wait_tokens("s0", 2));
+  // The engine waits in the sink: two sequences run, two requests wait.
+  EXPECT_LE(engine->stats().running(), 2);
+  c.release();
+  ASSERT_TRUE(c.wait_finished(4));
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(c.get(name("s", i)).tokens.size(), 20u);
 }
 
 TEST(Engine, ShutdownAbortsWhatRuns) {

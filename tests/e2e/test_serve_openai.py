@@ -1,11 +1,13 @@
 """`moemesh serve` through the official openai client and raw HTTP: streaming and not, chat and
 completions, usage, n, stop, logprobs, seeds, every error case, disconnects, and survival."""
 import json
+import re
 import socket
 import time
 
 import openai
 import pytest
+import yaml
 
 from conftest import ROOT
 from server import Server
@@ -156,6 +158,41 @@ def test_metrics_names(server):
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count"]:
         assert name in text, name
     assert f'model_name="{NAME}"' in text
+
+
+def test_prefix_cache_counters_count_a_repeated_prompt(server, model):
+    """A prompt sent twice is found in the prefix cache the second time (whole blocks of 16)."""
+    def counters():
+        text = server.request("GET", "/metrics")[2].decode()
+        value = lambda n: float(re.search(rf"^{n}{{[^}}]*}} (\S+)$", text, re.M).group(1))
+        return value("vllm:prefix_cache_queries_total"), value("vllm:prefix_cache_hits_total")
+    prompt = "The old house stood at the end of the lane, and every evening the wind " * 3
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    q0, h0 = counters()
+    assert server.request("POST", "/v1/completions", body)[0] == 200
+    assert server.request("POST", "/v1/completions", body)[0] == 200
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the gateway polls the engine's counters
+        q, h = counters()
+        if h - h0 >= 16:
+            break
+        time.sleep(0.2)
+    assert h - h0 >= 16 and q - q0 > h - h0, (q0, h0, q, h)
+
+
+def test_alert_rules_use_served_series(server):
+    """deploy/prometheus's alert rules: the guide's three thresholds, on series /metrics serves."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/moemesh-alerts.yaml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert {a["labels"]["severity"] for a in alerts.values()} == {"warning", "critical"}
+    text = server.request("GET", "/metrics")[2].decode()
+    wanted = {"vllm:e2e_request_latency_seconds_bucket": ("> 30", "warning"),
+              "vllm:kv_cache_usage_perc": ("> 0.95", "critical"),
+              "vllm:num_requests_waiting": ("> 100", "warning")}
+    for series, (threshold, severity) in wanted.items():
+        rule = next(a for a in alerts.values() if series in a["expr"])
+        assert rule["expr"].rstrip().endswith(threshold) and rule["labels"]["severity"] == severity
+        assert series in text, series
 
 
 def error_of(resp):

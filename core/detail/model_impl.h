@@ -1,0 +1,68 @@
+// Internal: the state of a loaded Model, shared by the files that implement it (model.cpp: the
+// forward pass; model_kv.cpp: caches).
+#pragma once
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/detail/kv_store.h"
+#include "core/detail/weights.h"
+#include "core/model.h"
+#if MOEMESH_HAVE_CUDA
+#include "core/detail/cuda_forward.h"
+#endif
+
+namespace moemesh {
+
+struct Model::Impl {
+  ModelConfig config;
+  detail::ModelWeights weights;
+  std::unique_ptr<kernels::ThreadPool> pool;
+  std::unique_ptr<ExpertBackend> local;  // LocalExperts, or NoLocalExperts without routed experts
+  bool routed_experts = true;
+  ExpertBackend* experts = nullptr;
+  std::vector<float> inv_freq;
+  std::shared_ptr<detail::KvStore> kv;  // the CPU KV cache (CPU models)
+#if MOEMESH_HAVE_CUDA
+  std::unique_ptr<detail::CudaForward> cuda;  // set when the model runs on a GPU
+#endif
+  bool on_gpu() const {
+#if MOEMESH_HAVE_CUDA
+    return cuda != nullptr;
+#else
+    return false;
+#endif
+  }
+
+  // Rows [begin, begin + n) of a chunk belong to `cache`, at positions cache->length() ...
+  struct Segment {
+    KVCache* cache;
+    int64_t begin;
+    int64_t n;
+  };
+
+  Status forward(KVCache& cache, std::span<const int32_t> tokens, Logits mode,
+                 std::vector<float>& logits);
+  Status forward_batch(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                       std::vector<float>& logits);
+  Status forward_step(std::span<const Model::Chunk> chunks, std::vector<float>& logits);
+  // Checks every segment's chunk and that the caches are distinct.
+  Status check_segments(std::span<const Segment> segments, std::span<const int32_t> tokens) const;
+  // After a successful pass: advances each cache and registers its newly full blocks.
+  void advance(std::span<const Segment> segments, std::span<const int32_t> tokens);
+  // The final norm and LM head over rows `rows` of x [*, hidden] into logits [rows, vocab].
+  void logits_of(const std::vector<float>& x, std::span<const int64_t> rows,
+                 std::vector<float>& logits);
+  Status check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const;
+  // The GPU pass over `segments` (on_gpu() only); advances the caches on success.
+  Status forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
+                     std::span<const int64_t> logit_rows, std::vector<float>& logits);
+  // Runs every layer over the chunk x [n, hidden] (advance() moves the caches on).
+  Status run_layers(std::span<const Segment> segments, int64_t n, std::vector<float>& x);
+  void attention_block(int64_t l, std::span<const Segment> segments, int64_t n, const float* x_norm,
+                       float* out);
+  Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
+};
+
+}  // namespace moemesh

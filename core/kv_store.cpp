@@ -1,0 +1,121 @@
+// The CPU paged KV cache store: lazily backed blocks, the block manager, per-layer views.
+#include "core/detail/kv_store.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace moemesh::detail {
+
+namespace {
+
+int64_t blocks_for(const ModelConfig& c, const KvStoreOptions& o, int64_t block_bytes) {
+  (void)c;
+  if (o.max_bytes <= 0) return KvStore::kUnboundedBlocks;
+  return std::max<int64_t>(1, o.max_bytes / block_bytes);
+}
+
+int64_t bytes_per_block(const ModelConfig& c, const KvStoreOptions& o) {
+  const int64_t values = c.num_layers * 2 * o.block_size * c.num_kv_heads * c.head_dim;
+  const int64_t scales =
+      o.dtype == kernels::KvDtype::FP8 ? c.num_layers * 2 * o.block_size * c.num_kv_heads : 0;
+  const int64_t bytes = values * static_cast<int64_t>(kernels::kv_dtype_size(o.dtype)) + scales * 4;
+  return (bytes + 63) / 64 * 64;  // keep every block 64-byte aligned
+}
+
+}  // namespace
+
+Status parse_kv_dtype(const std::string& text, kernels::KvDtype* dtype) {
+  if (text == "f32" || text == "float32") *dtype = kernels::KvDtype::F32;
+  else if (text == "bf16" || text == "bfloat16" || text == "auto") *dtype = kernels::KvDtype::BF16;
+  else if (text == "fp8" || text == "fp8_e4m3") *dtype = kernels::KvDtype::FP8;
+  else
+    return Error("KV cache dtype '" + text + "' is not one of auto, bf16, fp8, f32");
+  return {};
+}
+
+KvStore::KvStore(const ModelConfig& config, const KvStoreOptions& options)
+    : options_(options),
+      layers_(config.num_layers),
+      row_(config.num_kv_heads * config.head_dim),
+      n_kv_heads_(config.num_kv_heads),
+      head_dim_(config.head_dim),
+      plane_bytes_(options.block_size * config.num_kv_heads * config.head_dim *
+                   static_cast<int64_t>(kernels::kv_dtype_size(options.dtype))),
+      block_bytes_(bytes_per_block(config, options)),
+      manager_(blocks_for(config, options, bytes_per_block(config, options)), options.block_size,
+               options.prefix_caching) {
+  block_ptr_.assign(static_cast<std::size_t>(manager_.num_blocks()), nullptr);
+  chunks_.resize(static_cast<std::size_t>((manager_.num_blocks() + kChunkBlocks - 1) /
+                                          kChunkBlocks));
+}
+
+kernels::PagedKv KvStore::layer_view(int64_t layer) const {
+  kernels::PagedKv v;
+  v.blocks = block_ptr_.data();
+  v.k_offset = (2 * layer) * plane_bytes_;
+  v.v_offset = (2 * layer + 1) * plane_bytes_;
+  const int64_t scales_start = 2 * layers_ * plane_bytes_;
+  const int64_t scale_plane = options_.block_size * n_kv_heads_ * 4;
+  v.k_scale_offset = scales_start + (2 * layer) * scale_plane;
+  v.v_scale_offset = scales_start + (2 * layer + 1) * scale_plane;
+  v.dtype = options_.dtype;
+  v.block_size = options_.block_size;
+  v.n_kv_heads = n_kv_heads_;
+  v.head_dim = head_dim_;
+  return v;
+}
+
+void KvStore::back(int32_t block) {
+  if (block_ptr_[block]) return;
+  const auto chunk = static_cast<std::size_t>(block / kChunkBlocks);
+  if (!chunks_[chunk]) {
+    // Zeroed, so that a row never written reads as 0 (never NaN) should a bug ever read it.
+    chunks_[chunk].reset(new char[static_cast<std::size_t>(kChunkBlocks * block_bytes_) + 64]());
+    char* base = chunks_[chunk].get();
+    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+    for (int64_t i = 0; i < kChunkBlocks; ++i) {
+      const int64_t b = static_cast<int64_t>(chunk) * kChunkBlocks + i;
+      if (b < static_cast<int64_t>(block_ptr_.size())) block_ptr_[b] = base + i * block_bytes_;
+    }
+  }
+}
+
+std::optional<std::vector<int32_t>> KvStore::allocate(int64_t n) {
+  std::lock_guard lock(mu_);
+  std::optional<std::vector<int32_t>> blocks = manager_.allocate(n);
+  if (blocks)
+    for (int32_t b : *blocks) back(b);
+  return blocks;
+}
+
+void KvStore::retain(std::span<const int32_t> blocks) {
+  std::lock_guard lock(mu_);
+  manager_.retain(blocks);
+}
+
+void KvStore::release(std::span<const int32_t> blocks) {
+  std::lock_guard lock(mu_);
+  manager_.release(blocks);
+}
+
+std::vector<int32_t> KvStore::match_prefix(std::span<const int32_t> tokens, int64_t max_blocks) {
+  std::lock_guard lock(mu_);
+  return manager_.match_prefix(tokens, max_blocks);
+}
+
+uint64_t KvStore::commit(int32_t block, uint64_t parent_hash, std::span<const int32_t> tokens) {
+  std::lock_guard lock(mu_);
+  return manager_.commit_full_block(block, parent_hash, tokens);
+}
+
+void KvStore::copy_block(int32_t src, int32_t dst) {
+  std::lock_guard lock(mu_);
+  std::memcpy(block_ptr_[dst], block_ptr_[src], static_cast<std::size_t>(block_bytes_));
+}
+
+KvBlockStats KvStore::stats() const {
+  std::lock_guard lock(mu_);
+  return manager_.stats();
+}
+
+}  // namespace moemesh::detail

@@ -1,0 +1,239 @@
+// A model's KV caches: making, growing, forking and clearing them, and the pool's state.
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "core/detail/model_impl.h"
+
+namespace moemesh {
+
+// ---- KVCache -----------------------------------------------------------------------------------
+
+KVCache::KVCache(KVCache&& other) noexcept { *this = std::move(other); }
+
+KVCache& KVCache::operator=(KVCache&& other) noexcept {
+  if (this == &other) return *this;
+  release();
+  length_ = std::exchange(other.length_, 0);
+  capacity_ = std::exchange(other.capacity_, 0);
+  row_ = other.row_;
+  store_ = std::move(other.store_);
+  blocks_ = std::move(other.blocks_);
+  tokens_ = std::move(other.tokens_);
+  committed_ = std::exchange(other.committed_, 0);
+  chain_hash_ = std::exchange(other.chain_hash_, 0);
+  device_ = std::move(other.device_);
+  other.store_.reset();
+  other.blocks_.clear();
+  return *this;
+}
+
+KVCache::~KVCache() { release(); }
+
+void KVCache::release() {
+  if (store_ && !blocks_.empty()) store_->release(blocks_);
+  blocks_.clear();
+  device_.reset();
+}
+
+int64_t KVCache::blocks() const {
+  if (device_) return capacity_;  // (the GPU pool counts tokens per cache; see cuda_forward.h)
+  return static_cast<int64_t>(blocks_.size());
+}
+
+void KVCache::clear() {
+  length_ = 0;
+  tokens_.clear();
+  committed_ = 0;
+  chain_hash_ = 0;
+  if (!store_ || blocks_.empty()) return;
+  // Blocks may be shared (a fork, the prefix cache): swap them all for fresh ones.
+  const auto n = static_cast<int64_t>(blocks_.size());
+  store_->release(blocks_);
+  blocks_.clear();
+  if (std::optional<std::vector<int32_t>> fresh = store_->allocate(n))
+    blocks_ = std::move(*fresh);
+  else
+    capacity_ = 0;
+}
+
+// ---- Model -------------------------------------------------------------------------------------
+
+KVCache Model::new_cache(int64_t capacity) const {
+  const ModelConfig& c = impl_->config;
+  KVCache cache;
+  cache.row_ = c.num_kv_heads * c.head_dim;
+  capacity = std::max<int64_t>(0, capacity);
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    cache.capacity_ = capacity;
+    cache.device_ = impl_->cuda->allocate(capacity);
+    if (!cache.device_) cache.capacity_ = 0;
+    return cache;
+  }
+#endif
+  cache.store_ = impl_->kv;
+  const int64_t bs = impl_->kv->block_size();
+  const int64_t need = (capacity + bs - 1) / bs;
+  if (need == 0) return cache;
+  if (std::optional<std::vector<int32_t>> blocks = impl_->kv->allocate(need)) {
+    cache.blocks_ = std::move(*blocks);
+    cache.capacity_ = capacity;  // the blocks may hold a few more: the capacity is what was asked
+  } else {
+    cache.store_.reset();  // capacity 0: forward() says the pool was full
+  }
+  return cache;
+}
+
+KVCache Model::new_cache_from_prefix(std::span<const int32_t> prompt, int64_t* cached) {
+  *cached = 0;
+  KVCache cache = new_cache(0);
+  if (impl_->on_gpu() || !impl_->kv->prefix_caching() || prompt.size() < 2) return cache;
+  const int64_t bs = impl_->kv->block_size();
+  // Leave at least the last prompt token to compute: its logits start the completion.
+  const int64_t max_blocks = (static_cast<int64_t>(prompt.size()) - 1) / bs;
+  std::vector<int32_t> blocks = impl_->kv->match_prefix(prompt, max_blocks);
+  if (blocks.empty()) return cache;
+  const auto n = static_cast<int64_t>(blocks.size());
+  cache.blocks_ = std::move(blocks);
+  cache.capacity_ = n * bs;
+  cache.length_ = n * bs;
+  cache.committed_ = n;
+  cache.tokens_.assign(prompt.begin(), prompt.begin() + n * bs);
+  uint64_t hash = 0;
+  for (int64_t b = 0; b < n; ++b)
+    hash = KvBlockManager::chain_hash(
+        hash, std::span<const int32_t>(prompt.data() + b * bs, static_cast<std::size_t>(bs)));
+  cache.chain_hash_ = hash;
+  *cached = n * bs;
+  return cache;
+}
+
+Status Model::reserve(KVCache& cache, int64_t capacity) {
+  if (capacity <= cache.capacity_) return {};
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    if (!cache.device_) cache.device_ = impl_->cuda->allocate(0);
+    if (!cache.device_ || !impl_->cuda->grow(*cache.device_, capacity))
+      return Error(fmt::format("the GPU KV cache pool has no room for {} more tokens",
+                               capacity - cache.capacity_));
+    cache.capacity_ = capacity;
+    return {};
+  }
+#endif
+  if (!cache.store_) {
+    if (!cache.blocks_.empty() || cache.length_ > 0)
+      return Error("the KV cache was not made by this model's new_cache()");
+    cache.store_ = impl_->kv;
+    cache.row_ = impl_->config.num_kv_heads * impl_->config.head_dim;
+  }
+  const int64_t bs = impl_->kv->block_size();
+  const int64_t need = (capacity + bs - 1) / bs - static_cast<int64_t>(cache.blocks_.size());
+  if (need > 0) {
+    std::optional<std::vector<int32_t>> more = impl_->kv->allocate(need);
+    if (!more)
+      return Error(fmt::format("the KV cache pool has no room for {} more blocks of {} tokens",
+                               need, bs));
+    cache.blocks_.insert(cache.blocks_.end(), more->begin(), more->end());
+  }
+  cache.capacity_ = capacity;
+  return {};
+}
+
+Expected<KVCache> Model::fork(const KVCache& cache) {
+  KVCache copy;
+  copy.row_ = cache.row_;
+  copy.length_ = cache.length_;
+  copy.capacity_ = cache.capacity_;
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    if (!cache.device_) return Error("fork: the cache holds no GPU blocks");
+    copy.device_ = impl_->cuda->fork(*cache.device_, cache.length_);
+    if (!copy.device_) return Error("the GPU KV cache pool has no room to copy a sequence");
+    return copy;
+  }
+#endif
+  if (!cache.store_) return copy;  // an empty cache
+  const int64_t bs = impl_->kv->block_size();
+  const int64_t full = cache.length_ / bs;
+  const auto total = static_cast<int64_t>(cache.blocks_.size());
+  // Full blocks are never written again: share them. The rest are copied (the partly filled
+  // one) or fresh (the unused capacity).
+  std::optional<std::vector<int32_t>> own = impl_->kv->allocate(total - full);
+  if (!own) return Error("the KV cache pool has no room to copy a sequence");
+  std::vector<int32_t> shared(cache.blocks_.begin(), cache.blocks_.begin() + full);
+  impl_->kv->retain(shared);
+  if (cache.length_ % bs != 0) impl_->kv->copy_block(cache.blocks_[full], own->front());
+  copy.store_ = impl_->kv;
+  copy.blocks_ = std::move(shared);
+  copy.blocks_.insert(copy.blocks_.end(), own->begin(), own->end());
+  copy.tokens_ = cache.tokens_;
+  copy.committed_ = cache.committed_;
+  copy.chain_hash_ = cache.chain_hash_;
+  return copy;
+}
+
+KvCacheStats Model::kv_stats() const {
+  KvCacheStats s;
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    s.block_size = impl_->cuda->block_size();
+    s.num_blocks = impl_->cuda->num_blocks();
+    s.free_blocks = impl_->cuda->free_blocks();
+    s.usage = s.num_blocks ? 1.0 - static_cast<double>(s.free_blocks) / s.num_blocks : 0.0;
+    return s;
+  }
+#endif
+  const KvBlockStats b = impl_->kv->stats();
+  s.block_size = impl_->kv->block_size();
+  s.num_blocks = b.num_blocks;
+  s.free_blocks = b.free_blocks;
+  s.usage = b.num_blocks ? static_cast<double>(b.used_blocks) / static_cast<double>(b.num_blocks)
+                         : 0.0;
+  s.prefix_queries_tokens = b.prefix_queries_tokens;
+  s.prefix_hits_tokens = b.prefix_hits_tokens;
+  return s;
+}
+
+Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
+                                 int64_t max_bytes, bool prefix_caching) {
+  if (impl_->on_gpu()) return {};
+  detail::KvStoreOptions o;
+  if (dtype == "auto")
+    o.dtype = impl_->weights.embed.dtype == kernels::DType::BF16 ? kernels::KvDtype::BF16
+                                                                 : kernels::KvDtype::F32;
+  else if (Status s = detail::parse_kv_dtype(dtype, &o.dtype); !s)
+    return s;
+  if (block_size < 1 || block_size > 4096)
+    return Error(fmt::format("the KV cache block size must be between 1 and 4096 tokens, got {}",
+                             block_size));
+  o.block_size = block_size;
+  o.prefix_caching = prefix_caching;
+  if (impl_->kv && impl_->kv->stats().used_blocks > 0)
+    return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
+  if (max_tokens > 0) {
+    // Size in bytes from the block size of this dtype (a store of one block tells it).
+    const detail::KvStore probe(impl_->config, detail::KvStoreOptions{
+                                                   .block_size = o.block_size,
+                                                   .dtype = o.dtype,
+                                                   .max_bytes = 1,
+                                                   .prefix_caching = false});
+    o.max_bytes = (max_tokens + block_size - 1) / block_size * probe.block_bytes();
+  } else {
+    o.max_bytes = max_bytes;
+  }
+  impl_->kv = std::make_shared<detail::KvStore>(impl_->config, o);
+  return {};
+}
+
+int64_t Model::kv_bytes_per_token() const {
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) {
+    const ModelConfig& c = impl_->config;
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2;  // bf16 on the GPU
+  }
+#endif
+  return impl_->kv->block_bytes() / impl_->kv->block_size();
+}
+
+}  // namespace moemesh
