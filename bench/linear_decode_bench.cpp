@@ -1,6 +1,7 @@
 // Decode-style matmul (one token against many weight rows) measured against the machine's memory
 // read bandwidth, both measured in this run on the same thread pool. A decode step of an MoE model
-// is bound by reading weights, so the ratio says how close the kernel is to the limit.
+// is bound by reading weights, so the ratio says how close the kernel is to the limit. linear() is
+// measured on every ISA this machine supports (kernels::force_isa), F32, BF16 and F16 weights.
 //
 //   build/bin/linear_decode_bench [--mib N] [--threads N] [--reps N]
 #include <spdlog/spdlog.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -19,6 +21,7 @@
 namespace {
 
 using moemesh::kernels::DType;
+using moemesh::kernels::Isa;
 using moemesh::kernels::ThreadPool;
 using moemesh::kernels::WeightView;
 using Clock = std::chrono::steady_clock;
@@ -27,21 +30,28 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// Sum of buf[b, e) in eight independent lanes. Cloned per ISA so that the probe reads as fast as
+// the widest kernel could: with portable SSE code alone it is slower than the AVX-512 kernels.
+__attribute__((target_clones("avx512f", "avx2", "default"))) double sum_range(const float* buf,
+                                                                              int64_t b,
+                                                                              int64_t e) {
+  float acc[16] = {};
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += buf[i + j];
+  double s = 0;
+  for (float a : acc) s += a;
+  return s;
+}
+
 // Best-of-reps read bandwidth (GB/s): every thread sums its share of the buffer.
 double read_probe(const std::vector<float>& buf, ThreadPool& pool, int reps) {
   double best = 1e30;
   std::atomic<double> sink{0};
   for (int r = 0; r < reps; ++r) {
     const auto t = Clock::now();
-    pool.parallel_for(static_cast<int64_t>(buf.size()), 1 << 16, [&](int64_t b, int64_t e) {
-      float acc[8] = {};
-      int64_t i = b;
-      for (; i + 8 <= e; i += 8)
-        for (int j = 0; j < 8; ++j) acc[j] += buf[i + j];
-      double s = 0;
-      for (float a : acc) s += a;
-      sink = sink + s;
-    });
+    pool.parallel_for(static_cast<int64_t>(buf.size()), 1 << 16,
+                      [&](int64_t b, int64_t e) { sink = sink + sum_range(buf.data(), b, e); });
     best = std::min(best, seconds_since(t));
   }
   return static_cast<double>(buf.size() * sizeof(float)) / best / 1e9;
@@ -95,8 +105,11 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> dist(0.0f, 0.02f);
   for (float& v : f32) v = dist(rng);
   std::vector<uint16_t> bf16(static_cast<std::size_t>(bytes / 2));
-  for (std::size_t i = 0; i < bf16.size(); ++i)
+  std::vector<uint16_t> f16(bf16.size());
+  for (std::size_t i = 0; i < bf16.size(); ++i) {
     bf16[i] = moemesh::kernels::f32_to_bf16(f32[i % f32.size()]);
+    f16[i] = moemesh::kernels::f32_to_f16(f32[i % f32.size()]);
+  }
 
   auto views = [&](const void* base, DType dt, int64_t total_bytes) {
     std::vector<WeightView> out;
@@ -105,17 +118,32 @@ int main(int argc, char** argv) {
       out.push_back({static_cast<const char*>(base) + off, dt, rows, cols});
     return out;
   };
+  const std::vector<WeightView> f32_views = views(f32.data(), DType::F32, bytes);
+  const std::vector<WeightView> bf16_views = views(bf16.data(), DType::BF16, bytes);
+  const std::vector<WeightView> f16_views = views(f16.data(), DType::F16, bytes);
 
-  const double read_gbs = read_probe(f32, pool, reps);
-  const double f32_gbs = linear_probe(views(f32.data(), DType::F32, bytes), pool, reps);
-  const double bf16_gbs = linear_probe(views(bf16.data(), DType::BF16, bytes), pool, reps);
-  std::printf("threads %d, %lld MiB of weights, matrices [%lld, %lld]\n", pool.size(),
-              static_cast<long long>(mib), static_cast<long long>(rows),
-              static_cast<long long>(cols));
-  std::printf("%-28s %8.2f GB/s\n", "read probe", read_gbs);
-  std::printf("%-28s %8.2f GB/s  ratio to read probe %.2f\n", "linear F32, 1 token", f32_gbs,
-              f32_gbs / read_gbs);
-  std::printf("%-28s %8.2f GB/s  ratio to read probe %.2f\n", "linear BF16, 1 token", bf16_gbs,
-              bf16_gbs / read_gbs);
+  const Isa active = moemesh::kernels::active_isa();
+  // The machine is shared: the probe runs before and after the kernels and keeps its best, so
+  // that a noisy moment does not flatter the ratios.
+  double read_gbs = read_probe(f32, pool, reps);
+  std::vector<std::pair<std::string, double>> results;
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+    if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
+    const std::pair<const char*, const std::vector<WeightView>*> runs[] = {
+        {"F32", &f32_views}, {"BF16", &bf16_views}, {"F16", &f16_views}};
+    for (const auto& [name, mats] : runs) {
+      const double gbs = linear_probe(*mats, pool, reps);
+      const std::string label = std::string("linear ") + isa_name(isa) + " " + name + ", 1 token";
+      results.emplace_back(label, gbs);
+    }
+  }
+  read_gbs = std::max(read_gbs, read_probe(f32, pool, reps));
+  std::printf("threads %d, %lld MiB of weights, matrices [%lld, %lld], detected ISA %s\n",
+              pool.size(), static_cast<long long>(mib), static_cast<long long>(rows),
+              static_cast<long long>(cols), isa_name(moemesh::kernels::detected_isa()));
+  std::printf("%-34s %8.2f GB/s\n", "read probe", read_gbs);
+  for (const auto& [label, gbs] : results)
+    std::printf("%-34s %8.2f GB/s  ratio to read probe %.2f\n", label.c_str(), gbs, gbs / read_gbs);
+  moemesh::kernels::force_isa(active);
   return 0;
 }

@@ -98,10 +98,16 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
-      "routed_experts={} tensors={} threads={} device={} ms={:.1f}",
+      "routed_experts={} tensors={} threads={} device={} isa={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
       options.routed_experts, impl->weights.checkpoint->names().size(), impl->pool->size(),
-      cuda ? "cuda:" + std::to_string(device) : std::string("cpu"), ms);
+      cuda ? "cuda:" + std::to_string(device) : std::string("cpu"),
+      kernels::isa_name(kernels::active_isa()), ms);
+  if (kernels::isa_env_rejected())
+    spdlog::warn(
+        "MOEMESH_ISA names no ISA this CPU has (baseline, avx2, avx512 up to {}): ignored, "
+        "using {}",
+        kernels::isa_name(kernels::detected_isa()), kernels::isa_name(kernels::active_isa()));
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }
 

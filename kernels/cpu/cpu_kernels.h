@@ -169,4 +169,36 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const in
 // block's byte size; a helper for copy-on-write of a partially filled block.
 void copy_kv_block(const PagedKv& cache, int32_t src, int32_t dst, int64_t block_bytes);
 
+// ---- Instruction sets --------------------------------------------------------------------------
+
+// The instruction sets with dedicated kernels (linear). The library is built without -march
+// flags; ISA-specific code is compiled per function and chosen at run time, so one binary runs
+// on any x86-64 machine and uses the best kernels it finds.
+//   Baseline: portable C++, whatever the compiler makes of it.
+//   Avx2:     AVX2 + FMA + F16C.
+//   Avx512:   AVX-512 F + BW + VL + DQ.
+// For a given ISA, every op computes the same sums in the same order whatever the number of
+// tokens in a call, so a token's results do not depend on the batch it is in; across ISAs only
+// the order of float32 accumulation differs.
+enum class Isa : uint8_t { Baseline, Avx2, Avx512 };
+
+// The best ISA of this CPU (and operating system), found once by cpuid.
+Isa detected_isa();
+
+// The ISA the kernels use: detected_isa(), unless the environment variable MOEMESH_ISA
+// (baseline | avx2 | avx512, read once at the first call of any ISA function) or force_isa()
+// asks for a lower one. A MOEMESH_ISA naming no ISA, or one above detected_isa(), is ignored
+// (isa_env_rejected() says so, for the caller to report).
+Isa active_isa();
+
+// "baseline", "avx2" or "avx512".
+const char* isa_name(Isa isa);
+
+// Makes the kernels use `isa` from now on (for tests and benchmarks). Refuses, returning false
+// and changing nothing, an ISA above detected_isa(). Not to be called while kernels run.
+bool force_isa(Isa isa);
+
+// True when MOEMESH_ISA was set but not honoured (unknown name, or above detected_isa()).
+bool isa_env_rejected();
+
 }  // namespace moemesh::kernels

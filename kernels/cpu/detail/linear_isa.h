@@ -1,0 +1,22 @@
+// Internal: the ISA-specific row kernels behind kernels::linear (kernels/cpu/linear.cpp picks one
+// by active_isa()). Each computes y[t, r] for rows [row_begin, row_end) and every token, with the
+// contract of linear(); the caller must only call a kernel the CPU supports.
+//
+// Batch invariance: a kernel sums each (token, row) in one fixed order that depends on cols
+// only, never on n_tokens or on which tokens share a call, so a token's outputs are the same bits
+// alone or in any batch.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace moemesh::kernels::detail {
+
+void linear_rows_avx2(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
+                      float* y, int64_t row_begin, int64_t row_end);
+
+void linear_rows_avx512(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
+                        float* y, int64_t row_begin, int64_t row_end);
+
+}  // namespace moemesh::kernels::detail

@@ -1,0 +1,167 @@
+// Runtime ISA dispatch and the ISA-specific linear kernels: each ISA this machine supports must
+// match a double-precision reference and give a token the same bits alone or in any batch.
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "tests/kernels/reference.h"
+
+namespace moemesh::kernels {
+namespace {
+
+using test::random_vector;
+
+// Restores the ISA active before the test, whatever the test forced.
+class IsaGuard {
+ public:
+  IsaGuard() : saved_(active_isa()) {}
+  ~IsaGuard() { force_isa(saved_); }
+  IsaGuard(const IsaGuard&) = delete;
+  IsaGuard& operator=(const IsaGuard&) = delete;
+
+ private:
+  Isa saved_;
+};
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512})
+    if (isa <= detected_isa()) out.push_back(isa);
+  return out;
+}
+
+// A weight matrix in `dtype` and the float32 values it holds.
+struct Matrix {
+  std::vector<float> values;
+  std::vector<uint16_t> half;
+  WeightView view;
+};
+Matrix make_matrix(DType dtype, int64_t rows, int64_t cols, uint32_t seed) {
+  Matrix m;
+  m.values = random_vector(rows * cols, seed, 0.3f);
+  if (dtype != DType::F32) {
+    for (float& v : m.values) {
+      const uint16_t h = dtype == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+      m.half.push_back(h);
+      v = dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    }
+    m.view = {m.half.data(), dtype, rows, cols};
+  } else {
+    m.view = {m.values.data(), dtype, rows, cols};
+  }
+  return m;
+}
+
+TEST(Isa, NamesAndDetection) {
+  EXPECT_STREQ(isa_name(Isa::Baseline), "baseline");
+  EXPECT_STREQ(isa_name(Isa::Avx2), "avx2");
+  EXPECT_STREQ(isa_name(Isa::Avx512), "avx512");
+  EXPECT_LE(active_isa(), detected_isa());
+#if defined(__x86_64__)
+  // Detection must agree with the compiler's own view of the CPU (every AVX2 + FMA CPU has F16C).
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    EXPECT_EQ(detected_isa(), Isa::Avx512);
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    EXPECT_GE(detected_isa(), Isa::Avx2);
+  }
+#endif
+}
+
+TEST(Isa, ForceAcceptsSupportedAndRefusesHigher) {
+  IsaGuard guard;
+  for (Isa isa : supported_isas()) {
+    EXPECT_TRUE(force_isa(isa)) << isa_name(isa);
+    EXPECT_EQ(active_isa(), isa);
+  }
+  ASSERT_TRUE(force_isa(Isa::Baseline));
+  for (Isa isa : {Isa::Avx2, Isa::Avx512}) {
+    if (isa <= detected_isa()) continue;
+    EXPECT_FALSE(force_isa(isa)) << isa_name(isa);
+    EXPECT_EQ(active_isa(), Isa::Baseline) << "a refused force_isa changed the active ISA";
+  }
+  // Above every real ISA (so that the refusal is exercised on an AVX-512 machine too).
+  EXPECT_FALSE(force_isa(static_cast<Isa>(static_cast<uint8_t>(Isa::Avx512) + 1)));
+  EXPECT_EQ(active_isa(), Isa::Baseline);
+}
+
+// linear against a double-precision reference. The error is relative to sum |x w| + |bias|, the
+// scale of the rounding errors of a float32 sum (relative to |y| itself, cancellation would make
+// any float32 kernel fail).
+TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
+  IsaGuard guard;
+  ThreadPool pool(2);
+  for (Isa isa : supported_isas()) {
+    ASSERT_TRUE(force_isa(isa));
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      for (int64_t cols : {1, 7, 33, 2049}) {
+        for (int64_t rows : {1, 5, 37}) {
+          const Matrix m = make_matrix(dtype, rows, cols, static_cast<uint32_t>(rows * cols));
+          const std::vector<float> bias = random_vector(rows, 7);
+          for (int64_t n = 1; n <= 9; ++n) {
+            const std::vector<float> x = random_vector(n * cols, static_cast<uint32_t>(n));
+            for (bool with_bias : {false, true}) {
+              const float* b = with_bias ? bias.data() : nullptr;
+              std::vector<float> y(static_cast<std::size_t>(n * rows));
+              linear(x.data(), n, m.view, b, y.data(), &pool);
+              for (int64_t t = 0; t < n; ++t)
+                for (int64_t r = 0; r < rows; ++r) {
+                  double ref = b ? b[r] : 0.0, scale = b ? std::abs(b[r]) : 0.0;
+                  for (int64_t c = 0; c < cols; ++c) {
+                    const double p = double(x[t * cols + c]) * double(m.values[r * cols + c]);
+                    ref += p;
+                    scale += std::abs(p);
+                  }
+                  const double err = std::abs(double(y[t * rows + r]) - ref) / (scale + 1e-30);
+                  ASSERT_LT(err, 1e-5) << isa_name(isa) << " " << dtype_name(dtype)
+                                       << " cols=" << cols << " rows=" << rows << " n=" << n
+                                       << " bias=" << with_bias << " t=" << t << " r=" << r;
+                }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Model::forward_batch relies on this: a token's outputs are the same bits whether it is computed
+// alone or with other tokens, in any position of the batch.
+TEST(Isa, LinearIsBatchInvariantOnEveryIsa) {
+  IsaGuard guard;
+  ThreadPool pool(2);
+  constexpr int64_t kTokens = 9;
+  for (Isa isa : supported_isas()) {
+    ASSERT_TRUE(force_isa(isa));
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      for (int64_t cols : {1, 7, 33, 2049}) {
+        const int64_t rows = 37;
+        const Matrix m = make_matrix(dtype, rows, cols, 11);
+        const std::vector<float> bias = random_vector(rows, 12);
+        const std::vector<float> x = random_vector(kTokens * cols, 13);
+        std::vector<float> alone(static_cast<std::size_t>(kTokens * rows));
+        for (int64_t t = 0; t < kTokens; ++t)
+          linear(x.data() + t * cols, 1, m.view, bias.data(), alone.data() + t * rows, &pool);
+        for (int64_t n = 1; n <= kTokens; ++n)
+          for (int64_t first = 0; first + n <= kTokens; ++first) {
+            std::vector<float> y(static_cast<std::size_t>(n * rows));
+            linear(x.data() + first * cols, n, m.view, bias.data(), y.data(), &pool);
+            for (int64_t t = 0; t < n; ++t)
+              for (int64_t r = 0; r < rows; ++r)
+                ASSERT_EQ(std::bit_cast<uint32_t>(y[t * rows + r]),
+                          std::bit_cast<uint32_t>(alone[(first + t) * rows + r]))
+                    << isa_name(isa) << " " << dtype_name(dtype) << " cols=" << cols << " n=" << n
+                    << " first=" << first << " t=" << t << " r=" << r;
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moemesh::kernels
