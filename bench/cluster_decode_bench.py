@@ -16,27 +16,16 @@ import os
 import pathlib
 import statistics
 import sys
-import threading
 import time
 
-from serving import Serve, one_stream
+from serving import Serve, run_streams
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def decode_rate(server, batch, tokens):
-    out = {}
-    threads = [threading.Thread(target=one_stream,
-                                args=(server.port, server.model_id,
-                                      f"Chapter {i}. It is a truth universally", tokens, out, i))
-               for i in range(batch)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if len(out) != batch:
-        raise RuntimeError(f"{batch - len(out)} of {batch} streams failed")
+    start, out = run_streams(server, [f"Chapter {i}. It is a truth universally" for i in range(batch)],
+                             tokens)
     tokens = sum(len(ts) for ts in out.values())
     return tokens / (max(ts[-1] for ts in out.values()) - start)
 

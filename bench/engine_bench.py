@@ -24,10 +24,9 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
-from serving import Serve, one_stream
+from serving import Serve, one_stream, run_streams
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,18 +36,8 @@ def prompt_ids(seed, n, vocab):
 
 
 def throughput(server, concurrency, prompt_tokens, tokens, vocab, seed):
-    out = {}
-    threads = [threading.Thread(target=one_stream,
-                                args=(server.port, server.model_id,
-                                      prompt_ids(seed + i, prompt_tokens, vocab), tokens, out, i))
-               for i in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if len(out) != concurrency:
-        raise RuntimeError(f"{concurrency - len(out)} of {concurrency} streams failed")
+    start, out = run_streams(server, [prompt_ids(seed + i, prompt_tokens, vocab)
+                                      for i in range(concurrency)], tokens)
     # ignore_eos: every stream produced exactly `tokens` tokens (some chunks may carry no text
     # while a character is incomplete, so chunks are not counted).
     end = max(ts[-1] for ts in out.values() if ts)

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 
@@ -63,3 +64,20 @@ def one_stream(port, model_id, prompt, tokens, out, i):
             if event["choices"] and event["choices"][0].get("text"):
                 times.append(time.perf_counter())
     out[i] = times
+
+
+def run_streams(server, prompts, tokens):
+    """One streaming completion per prompt, all at once; returns the start time and, per prompt,
+    the arrival times of its tokens. Raises when a stream failed."""
+    out = {}
+    threads = [threading.Thread(target=one_stream,
+                                args=(server.port, server.model_id, p, tokens, out, i))
+               for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(out) != len(prompts):
+        raise RuntimeError(f"{len(prompts) - len(out)} of {len(prompts)} streams failed")
+    return start, out

@@ -2,8 +2,10 @@
 //
 //   config.h      config.json -> ModelConfig (mixtral, qwen2_moe, qwen3_moe, olmoe)
 //   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
-//   model.h       Model: weights checked against the config, the forward pass with a KV cache,
-//                 and the ExpertBackend seam through which routed experts are computed
+//   model.h       Model: weights checked against the config, the forward pass over a paged KV
+//                 cache (CPU or GPU), and the ExpertBackend seam through which routed experts
+//                 are computed
+//   kv_blocks.h   KvBlockManager: block reference counts, prefix caching, LRU eviction
 //   expert_shard.h  ExpertShard: a chosen set of routed experts of a checkpoint (an expert worker)
 //   tokenizer.h   Hugging Face tokenizer.json: encode/decode as `tokenizers` does, DecodeStream
 //   chat_template.h  Jinja chat templates rendered as transformers' apply_chat_template does
@@ -22,6 +24,7 @@
 #include "core/error.h"
 #include "core/expert_shard.h"
 #include "core/generate.h"
+#include "core/kv_blocks.h"
 #include "core/model.h"
 #include "core/npy.h"
 #include "core/sampling.h"

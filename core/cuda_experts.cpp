@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/detail/weights.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
@@ -19,18 +20,8 @@ Status from(const std::string& e) {
 }
 
 void to_bf16(const kernels::WeightView& w, std::vector<uint16_t>& out, std::size_t at) {
-  const int64_t n = w.rows * w.cols;
-  out.resize(std::max(out.size(), at + static_cast<std::size_t>(n)));
-  if (w.dtype == kernels::DType::BF16) {
-    std::memcpy(out.data() + at, w.data, static_cast<std::size_t>(n) * 2);
-    return;
-  }
-  std::vector<float> row(static_cast<std::size_t>(w.cols));
-  for (int64_t r = 0; r < w.rows; ++r) {
-    kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
-    for (int64_t c = 0; c < w.cols; ++c)
-      out[at + static_cast<std::size_t>(r * w.cols + c)] = kernels::f32_to_bf16(row[c]);
-  }
+  out.resize(std::max(out.size(), at + static_cast<std::size_t>(w.rows * w.cols)));
+  weight_to_bf16(w, out.data() + at);
 }
 
 }  // namespace

@@ -66,17 +66,8 @@ Status ensure(cu::PinnedBuffer& b, std::size_t bytes) {
 
 // A weight matrix as bf16 bits, converted on the host when the checkpoint stores another dtype.
 void to_bf16_rows(const kernels::WeightView& w, std::vector<uint16_t>& out) {
-  const int64_t n = w.rows * w.cols;
-  out.resize(static_cast<std::size_t>(n));
-  if (w.dtype == kernels::DType::BF16) {
-    std::memcpy(out.data(), w.data, static_cast<std::size_t>(n) * 2);
-    return;
-  }
-  std::vector<float> row(static_cast<std::size_t>(w.cols));
-  for (int64_t r = 0; r < w.rows; ++r) {
-    kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
-    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c]);
-  }
+  out.resize(static_cast<std::size_t>(w.rows * w.cols));
+  weight_to_bf16(w, out.data());
 }
 
 cu::GroupedMethod parse_method(const std::string& s, bool* ok) {

@@ -1,5 +1,8 @@
 #include <fmt/format.h>
 
+#include <cstring>
+#include <vector>
+
 #include "core/detail/weights.h"
 
 namespace moemesh::detail {
@@ -204,6 +207,19 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
   }
   if (b.error()) return *b.error();
   return w;
+}
+
+void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {
+  const int64_t n = w.rows * w.cols;
+  if (w.dtype == kernels::DType::BF16) {
+    std::memcpy(out, w.data, static_cast<std::size_t>(n) * 2);
+    return;
+  }
+  std::vector<float> row(static_cast<std::size_t>(w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
+    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c]);
+  }
 }
 
 }  // namespace moemesh::detail

@@ -61,4 +61,8 @@ Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& confi
 // The bytes of an FFN's three weight matrices in their checkpoint dtype.
 int64_t ffn_bytes(const kernels::FfnWeights& w);
 
+// w's rows * cols values as bf16 bits at `out` (copied as they are when w is bf16, else rounded to
+// nearest even): what the GPU backend uploads.
+void weight_to_bf16(const kernels::WeightView& w, uint16_t* out);
+
 }  // namespace moemesh::detail

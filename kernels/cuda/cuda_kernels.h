@@ -44,17 +44,33 @@ std::string synchronize(Stream stream, const char* what);
 // Free and total memory of the current device, in bytes (cudaMemGetInfo). Returns an error or "".
 std::string memory_info(int64_t* free_bytes, int64_t* total_bytes);
 
-// Owned device memory (cudaMalloc), released on destruction. Move-only.
-class DeviceBuffer {
+// Owned memory of one kind, released on destruction. Move-only. Kind is DeviceMemory (cudaMalloc)
+// or PinnedMemory (page-locked host memory, cudaMallocHost, for staging copies).
+struct DeviceMemory;
+struct PinnedMemory;
+template <typename Kind>
+class Buffer {
  public:
-  DeviceBuffer() = default;
+  Buffer() = default;
   // Empty (data() == nullptr) when the allocation fails; allocate() says why.
-  static DeviceBuffer allocate(std::size_t bytes, std::string* error = nullptr);
-  ~DeviceBuffer();
-  DeviceBuffer(DeviceBuffer&& other) noexcept;
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  static Buffer allocate(std::size_t bytes, std::string* error = nullptr);
+  ~Buffer() { reset(); }
+  Buffer(Buffer&& other) noexcept : data_(other.data_), size_(other.size_) {
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  Buffer& operator=(Buffer&& other) noexcept {
+    if (this != &other) {
+      reset();
+      data_ = other.data_;
+      size_ = other.size_;
+      other.data_ = nullptr;
+      other.size_ = 0;
+    }
+    return *this;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
 
   void* data() const { return data_; }
   std::size_t size() const { return size_; }
@@ -64,32 +80,12 @@ class DeviceBuffer {
   }
 
  private:
+  void reset();
   void* data_ = nullptr;
   std::size_t size_ = 0;
 };
-
-// Page-locked host memory (cudaMallocHost), for staging copies. Move-only.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  static PinnedBuffer allocate(std::size_t bytes, std::string* error = nullptr);
-  ~PinnedBuffer();
-  PinnedBuffer(PinnedBuffer&& other) noexcept;
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-
-  void* data() const { return data_; }
-  std::size_t size() const { return size_; }
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(data_);
-  }
-
- private:
-  void* data_ = nullptr;
-  std::size_t size_ = 0;
-};
+using DeviceBuffer = Buffer<DeviceMemory>;
+using PinnedBuffer = Buffer<PinnedMemory>;
 
 // Asynchronous copies on `stream` (cudaMemcpyAsync); direction inferred from the pointers.
 void copy(void* dst, const void* src, std::size_t bytes, Stream stream);

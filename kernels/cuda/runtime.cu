@@ -77,73 +77,46 @@ std::string memory_info(int64_t* free_bytes, int64_t* total_bytes) {
   return {};
 }
 
-// ---- DeviceBuffer ------------------------------------------------------------------------------
+// ---- Buffers -----------------------------------------------------------------------------------
 
-DeviceBuffer DeviceBuffer::allocate(std::size_t bytes, std::string* error) {
-  DeviceBuffer b;
+struct DeviceMemory {
+  static cudaError_t alloc(void** p, std::size_t bytes) { return cudaMalloc(p, bytes); }
+  static void free(void* p) { cudaFree(p); }
+  static constexpr const char* kWhat = "GPU memory";
+};
+
+struct PinnedMemory {
+  static cudaError_t alloc(void** p, std::size_t bytes) { return cudaMallocHost(p, bytes); }
+  static void free(void* p) { cudaFreeHost(p); }
+  static constexpr const char* kWhat = "pinned memory";
+};
+
+template <typename Kind>
+Buffer<Kind> Buffer<Kind>::allocate(std::size_t bytes, std::string* error) {
+  Buffer b;
   if (bytes == 0) return b;
-  const cudaError_t e = cudaMalloc(&b.data_, bytes);
+  const cudaError_t e = Kind::alloc(&b.data_, bytes);
   if (e != cudaSuccess) {
     cudaGetLastError();
     b.data_ = nullptr;
     if (error)
-      *error =
-          describe(e, ("allocating " + std::to_string(bytes) + " bytes of GPU memory").c_str());
+      *error = describe(
+          e, ("allocating " + std::to_string(bytes) + " bytes of " + Kind::kWhat).c_str());
     return b;
   }
   b.size_ = bytes;
   return b;
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (data_) cudaFree(data_);
+template <typename Kind>
+void Buffer<Kind>::reset() {
+  if (data_) Kind::free(data_);
+  data_ = nullptr;
+  size_ = 0;
 }
 
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
-
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
-  if (this != &other) {
-    if (data_) cudaFree(data_);
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
-
-// ---- PinnedBuffer ------------------------------------------------------------------------------
-
-PinnedBuffer PinnedBuffer::allocate(std::size_t bytes, std::string* error) {
-  PinnedBuffer b;
-  if (bytes == 0) return b;
-  const cudaError_t e = cudaMallocHost(&b.data_, bytes);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    b.data_ = nullptr;
-    if (error)
-      *error =
-          describe(e, ("allocating " + std::to_string(bytes) + " bytes of pinned memory").c_str());
-    return b;
-  }
-  b.size_ = bytes;
-  return b;
-}
-
-PinnedBuffer::~PinnedBuffer() {
-  if (data_) cudaFreeHost(data_);
-}
-
-PinnedBuffer::PinnedBuffer(PinnedBuffer&& other) noexcept
-    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
-
-PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
-  if (this != &other) {
-    if (data_) cudaFreeHost(data_);
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
+template class Buffer<DeviceMemory>;
+template class Buffer<PinnedMemory>;
 
 // ---- StreamHandle ------------------------------------------------------------------------------
 

@@ -157,6 +157,50 @@ TEST_P(CudaModel, OutsideExpertBackendThroughHostStaging) {
   EXPECT_LT(rel_error(al, fl), 3e-2);
 }
 
+// What the engine does with a GPU model: caches that grow block by block, forks for n > 1, and
+// steps that mix a decode token with a prompt chunk (logits of rows that are not contiguous).
+TEST_P(CudaModel, EngineStyleCachesAndStepsAgreeOnTheGpu) {
+  REQUIRE_GPU();
+  auto gpu = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  Model& m = **gpu;
+  const auto V = static_cast<std::size_t>(m.config().vocab_size);
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  const auto n = static_cast<int64_t>(prompt.size());
+  std::vector<float> grown, whole;
+  KVCache a = m.new_cache(0), ref = m.new_cache(64);
+  ASSERT_TRUE(m.reserve(a, n));
+  ASSERT_TRUE(m.forward(a, prompt, Logits::Last, grown));
+  ASSERT_TRUE(m.forward(ref, prompt, Logits::Last, whole));
+  EXPECT_LT(rel_error(grown, whole), 1e-2);
+  for (int32_t t : {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21}) {
+    ASSERT_TRUE(m.reserve(a, a.length() + 1));  // crosses block boundaries on the way
+    ASSERT_TRUE(m.forward(a, std::vector<int32_t>{t}, Logits::Last, grown));
+    ASSERT_TRUE(m.forward(ref, std::vector<int32_t>{t}, Logits::Last, whole));
+    EXPECT_LT(rel_error(grown, whole), 1e-2) << "token " << t;
+  }
+  Expected<KVCache> b = m.fork(a);
+  ASSERT_TRUE(b) << b.error().message();
+  std::vector<float> la, lb;
+  ASSERT_TRUE(m.forward(a, std::vector<int32_t>{3}, Logits::Last, la));
+  ASSERT_TRUE(m.forward(*b, std::vector<int32_t>{3}, Logits::Last, lb));
+  EXPECT_LT(rel_error(lb, la), 1e-3);
+
+  // One step: a decode token of `a`, a prompt chunk of `c` without logits, one of `d` with.
+  KVCache c = m.new_cache(32), d = m.new_cache(32), d1 = m.new_cache(32);
+  KVCache a1 = std::move(*b);
+  const std::vector<int32_t> tok = {4}, p1 = {1, 2, 3}, p2 = {9, 8, 7, 6, 5};
+  std::vector<Model::Chunk> chunks = {{&a, tok, true}, {&c, p1, false}, {&d, p2, true}};
+  std::vector<float> step, one, two;
+  ASSERT_TRUE(m.forward_step(chunks, step));
+  ASSERT_EQ(step.size(), 2 * V);
+  ASSERT_TRUE(m.forward(a1, tok, Logits::Last, one));
+  ASSERT_TRUE(m.forward(d1, p2, Logits::Last, two));
+  EXPECT_LT(rel_error(std::vector<float>(step.begin(), step.begin() + V), one), 1e-2);
+  EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.end()), two), 1e-2);
+  EXPECT_EQ(c.length(), 3);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel,
                          ::testing::Values("mixtral-tiny", "olmoe-bf16-clip", "qwen2moe-bf16",
                                            "qwen3moe-tiny", "mixtral-odd-sharded"));
