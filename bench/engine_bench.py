@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--ttft-tokens", type=int, default=2000)
+    ap.add_argument("--ttft-tokens", type=int, default=2000, help="0: no TTFT measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--serve-args", default="", help="extra flags for moemesh serve")
     a = ap.parse_args()
@@ -84,7 +84,7 @@ def main():
             rates[c] = throughput(s, c, a.prompt_tokens, a.tokens, vocab, 1000 * c)
             print(f"  concurrency {c}: {rates[c]:.1f} output tok/s", file=sys.stderr)
         cold, warm = [], []
-        for r in range(a.repeats):
+        for r in range(a.repeats if a.ttft_tokens > 0 else 0):
             p = prompt_ids(50_000 + r, a.ttft_tokens, vocab)
             cold.append(ttft(s, p))
             warm.append(ttft(s, p))
@@ -100,9 +100,10 @@ def main():
     base = rates.get(1)
     for c, r in rates.items():
         print(f"| {c} | {r:.1f} | {r / base:.2f}x |" if base else f"| {c} | {r:.1f} | - |")
-    cm, wm = statistics.median(cold), statistics.median(warm)
-    print(f"TTFT of a {a.ttft_tokens}-token prompt (median of {a.repeats}): uncached "
-          f"{cm * 1000:.0f} ms, cached {wm * 1000:.0f} ms, ratio {wm / cm:.3f}")
+    if cold:
+        cm, wm = statistics.median(cold), statistics.median(warm)
+        print(f"TTFT of a {a.ttft_tokens}-token prompt (median of {a.repeats}): uncached "
+              f"{cm * 1000:.0f} ms, cached {wm * 1000:.0f} ms, ratio {wm / cm:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 // read bandwidth, both measured in this run on the same thread pool. A decode step of an MoE model
 // is bound by reading weights, so the ratio says how close the kernel is to the limit. linear() is
 // measured on every ISA this machine supports (kernels::force_isa), F32, BF16 and F16 weights.
+// With --prefill N it instead times linear() on N tokens at once against two BF16 matrices shaped
+// like an MoE model's attention projection and expert, where the work is bound by arithmetic, and
+// reports GFLOP/s (2 * N * rows * cols per call).
 //
-//   build/bin/linear_decode_bench [--mib N] [--threads N] [--reps N]
+//   build/bin/linear_decode_bench [--mib N] [--threads N] [--reps N] [--prefill N]
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -75,12 +78,53 @@ double linear_probe(const std::vector<WeightView>& mats, ThreadPool& pool, int r
   return bytes / best / 1e9;
 }
 
+// Best-of-reps GFLOP/s of linear() on n_tokens tokens against one BF16 matrix [rows, cols].
+double prefill_probe(int64_t n_tokens, int64_t rows, int64_t cols, ThreadPool& pool, int reps) {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> dist(0.0f, 0.02f);
+  std::vector<uint16_t> w(static_cast<std::size_t>(rows * cols));
+  for (uint16_t& v : w) v = moemesh::kernels::f32_to_bf16(dist(rng));
+  std::vector<float> x(static_cast<std::size_t>(n_tokens * cols));
+  for (float& v : x) v = dist(rng);
+  std::vector<float> y(static_cast<std::size_t>(n_tokens * rows));
+  const WeightView view{w.data(), DType::BF16, rows, cols};
+  // One untimed call: first touch of y and the pool's threads waking up.
+  moemesh::kernels::linear(x.data(), n_tokens, view, nullptr, y.data(), &pool);
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t = Clock::now();
+    moemesh::kernels::linear(x.data(), n_tokens, view, nullptr, y.data(), &pool);
+    best = std::min(best, seconds_since(t));
+  }
+  return 2.0 * double(n_tokens) * double(rows) * double(cols) / best / 1e9;
+}
+
+int run_prefill(int64_t n_tokens, ThreadPool& pool, int reps) {
+  const Isa active = moemesh::kernels::active_isa();
+  std::printf("threads %d, %lld tokens, BF16 weights, detected ISA %s\n", pool.size(),
+              static_cast<long long>(n_tokens), isa_name(moemesh::kernels::detected_isa()));
+  // An attention projection [2048, 2048] and an expert projection [1024, 2048] (OLMoE shapes).
+  const std::pair<int64_t, int64_t> shapes[] = {{2048, 2048}, {1024, 2048}};
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+    if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
+    for (const auto& [rows, cols] : shapes) {
+      const double gflops = prefill_probe(n_tokens, rows, cols, pool, reps);
+      std::printf("linear %-8s BF16 [%lld, %lld] x %lld tokens %9.2f GFLOP/s\n", isa_name(isa),
+                  static_cast<long long>(rows), static_cast<long long>(cols),
+                  static_cast<long long>(n_tokens), gflops);
+    }
+  }
+  moemesh::kernels::force_isa(active);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int64_t mib = 1024;  // bigger than the last-level cache of the machines seen so far (300 MiB)
   int threads = 0;
   int reps = 5;
+  int64_t prefill = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--mib")
@@ -89,12 +133,16 @@ int main(int argc, char** argv) {
       threads = std::stoi(argv[i + 1]);
     else if (flag == "--reps")
       reps = std::stoi(argv[i + 1]);
+    else if (flag == "--prefill")
+      prefill = std::stoll(argv[i + 1]);
     else {
-      std::fprintf(stderr, "unknown flag %s; flags: --mib N --threads N --reps N\n", flag.c_str());
+      std::fprintf(stderr, "unknown flag %s; flags: --mib N --threads N --reps N --prefill N\n",
+                   flag.c_str());
       return 2;
     }
   }
   ThreadPool pool(threads);
+  if (prefill > 0) return run_prefill(prefill, pool, reps);
   spdlog::info("linear_decode_bench: {} MiB of weights, {} threads", mib, pool.size());
 
   // Expert-shaped matrices: [1408, 2048] (a Qwen-MoE expert projection).

@@ -5,6 +5,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -99,11 +100,14 @@ TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
   for (Isa isa : supported_isas()) {
     ASSERT_TRUE(force_isa(isa));
     for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
-      for (int64_t cols : {1, 7, 33, 2049}) {
-        for (int64_t rows : {1, 5, 37}) {
+      // cols: partial vectors, and (700, 2049) a partial column block of the many-token kernels;
+      // rows: partial register tiles of rows; n: the few-token kernels (1..9), then partial tiles
+      // and blocks of tokens in the many-token kernels.
+      for (int64_t cols : {1, 7, 33, 700, 2049}) {
+        for (int64_t rows : {1, 5, 13, 37}) {
           const Matrix m = make_matrix(dtype, rows, cols, static_cast<uint32_t>(rows * cols));
           const std::vector<float> bias = random_vector(rows, 7);
-          for (int64_t n = 1; n <= 9; ++n) {
+          for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64, 130}) {
             const std::vector<float> x = random_vector(n * cols, static_cast<uint32_t>(n));
             for (bool with_bias : {false, true}) {
               const float* b = with_bias ? bias.data() : nullptr;
@@ -158,6 +162,68 @@ TEST(Isa, LinearIsBatchInvariantOnEveryIsa) {
                     << isa_name(isa) << " " << dtype_name(dtype) << " cols=" << cols << " n=" << n
                     << " first=" << first << " t=" << t << " r=" << r;
           }
+      }
+    }
+  }
+}
+
+// The same with many tokens: a token alone (the decode kernel) against the same token anywhere in
+// batches large enough for the blocked many-token kernels, with partial tiles and blocks of
+// tokens, rows and columns.
+TEST(Isa, LinearIsBatchInvariantWithManyTokensOnEveryIsa) {
+  IsaGuard guard;
+  ThreadPool pool(2);
+  constexpr int64_t kTokens = 140;
+  // {n, first}: a batch of x[first, first + n).
+  const std::pair<int64_t, int64_t> batches[] = {{130, 0}, {130, 10}, {64, 3}, {17, 5}, {10, 1}};
+  for (Isa isa : supported_isas()) {
+    ASSERT_TRUE(force_isa(isa));
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      for (int64_t cols : {7, 700, 2049}) {
+        const int64_t rows = 37;
+        const Matrix m = make_matrix(dtype, rows, cols, 21);
+        const std::vector<float> bias = random_vector(rows, 22);
+        const std::vector<float> x = random_vector(kTokens * cols, 23);
+        std::vector<float> alone(static_cast<std::size_t>(kTokens * rows));
+        for (int64_t t = 0; t < kTokens; ++t)
+          linear(x.data() + t * cols, 1, m.view, bias.data(), alone.data() + t * rows, &pool);
+        for (const auto& [n, first] : batches) {
+          std::vector<float> y(static_cast<std::size_t>(n * rows));
+          linear(x.data() + first * cols, n, m.view, bias.data(), y.data(), &pool);
+          for (int64_t t = 0; t < n; ++t)
+            for (int64_t r = 0; r < rows; ++r)
+              ASSERT_EQ(std::bit_cast<uint32_t>(y[t * rows + r]),
+                        std::bit_cast<uint32_t>(alone[(first + t) * rows + r]))
+                  << isa_name(isa) << " " << dtype_name(dtype) << " cols=" << cols << " n=" << n
+                  << " first=" << first << " t=" << t << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+// How the rows are split across threads must not change a bit: no pool, and pools whose chunks
+// start at different rows, give the same outputs.
+TEST(Isa, LinearIsThreadInvariantOnEveryIsa) {
+  IsaGuard guard;
+  ThreadPool pool2(2), pool3(3);
+  for (Isa isa : supported_isas()) {
+    ASSERT_TRUE(force_isa(isa));
+    for (DType dtype : {DType::F32, DType::BF16}) {
+      const int64_t rows = 101, cols = 700;
+      const Matrix m = make_matrix(dtype, rows, cols, 31);
+      for (int64_t n : {1, 5, 70}) {
+        const std::vector<float> x = random_vector(n * cols, 32);
+        std::vector<float> serial(static_cast<std::size_t>(n * rows));
+        linear(x.data(), n, m.view, nullptr, serial.data(), nullptr);
+        for (ThreadPool* pool : {&pool2, &pool3}) {
+          std::vector<float> y(serial.size());
+          linear(x.data(), n, m.view, nullptr, y.data(), pool);
+          for (std::size_t i = 0; i < y.size(); ++i)
+            ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), std::bit_cast<uint32_t>(serial[i]))
+                << isa_name(isa) << " " << dtype_name(dtype) << " n=" << n << " i=" << i
+                << " threads=" << pool->size();
+        }
       }
     }
   }
