@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/detail/cuda_context.h"
 #include "core/detail/weights.h"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -26,12 +27,8 @@ void to_bf16(const kernels::WeightView& w, std::vector<uint16_t>& out, std::size
 
 }  // namespace
 
-struct CudaExperts::Impl {
-  int device = 0;
+struct CudaExperts::Impl : CudaContext {
   int64_t hidden = 0;
-  cu::StreamHandle stream_handle;
-  cu::Stream stream = nullptr;
-  std::unique_ptr<cu::Blas> blas;
   struct Expert {
     cu::DeviceBuffer gate_up, down;
     int64_t inter = 0;
@@ -48,20 +45,9 @@ CudaExperts::CudaExperts(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaExperts::~CudaExperts() = default;
 
 Expected<std::unique_ptr<CudaExperts>> CudaExperts::create(int device, int64_t hidden) {
-  if (cu::device_count() == 0)
-    return Error(
-        "--device cuda: no CUDA device is usable on this machine (no GPU, or no driver); use "
-        "--device cpu");
-  if (std::string e = cu::set_device(device); !e.empty()) return Error(e);
   auto impl = std::make_unique<Impl>();
-  impl->device = device;
+  if (Status s = impl->open(device); !s) return s.error();
   impl->hidden = hidden;
-  std::string e;
-  impl->stream_handle = cu::StreamHandle::create(&e);
-  if (!impl->stream_handle.get()) return Error(e);
-  impl->stream = impl->stream_handle.get();
-  impl->blas = cu::Blas::create(impl->stream, &e);
-  if (!impl->blas) return Error(e);
   return std::unique_ptr<CudaExperts>(new CudaExperts(std::move(impl)));
 }
 

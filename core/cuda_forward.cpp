@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/detail/cuda_context.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
@@ -83,12 +84,9 @@ cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
 
 }  // namespace
 
-struct CudaForward::Impl {
+struct CudaForward::Impl : CudaContext {
   ModelConfig c;
   CudaOptions options;
-  cu::StreamHandle stream_handle;
-  cu::Stream stream = nullptr;
-  std::unique_ptr<cu::Blas> blas;
   std::unique_ptr<cu::GroupedGemm> grouped;
 
   // Weights (device).
@@ -218,8 +216,7 @@ bool CudaForward::grow(DeviceKv& kv, int64_t capacity) {
 std::shared_ptr<DeviceKv> CudaForward::fork(const DeviceKv& kv, int64_t length) {
   Impl& m = *impl_;
   const int64_t bs = m.options.block_size;
-  std::shared_ptr<DeviceKv> copy =
-      allocate(static_cast<int64_t>(kv.blocks.size()) * bs);
+  std::shared_ptr<DeviceKv> copy = allocate(static_cast<int64_t>(kv.blocks.size()) * bs);
   if (!copy) return nullptr;
   const ModelConfig& c = m.c;
   const int64_t kvd = c.num_kv_heads * c.head_dim;
@@ -241,11 +238,6 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
                                                            const ModelWeights& weights,
                                                            const CudaOptions& options) {
   const auto start = std::chrono::steady_clock::now();
-  if (cu::device_count() == 0)
-    return Error(
-        "--device cuda: no CUDA device is usable on this machine (no GPU, or no driver); use "
-        "--device cpu");
-  if (std::string e = cu::set_device(options.device); !e.empty()) return Error(e);
   if (options.block_size <= 0) return Error("the KV cache block size must be positive");
   bool ok = false;
   parse_method(options.grouped_gemm, &ok);
@@ -254,14 +246,10 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
         fmt::format("grouped GEMM method '{}' is not one of auto, loop, streams, batched, wmma",
                     options.grouped_gemm));
   auto impl = std::make_unique<Impl>();
+  if (Status st = impl->open(options.device); !st) return st.error();
   impl->c = config;
   impl->options = options;
   std::string e;
-  impl->stream_handle = cu::StreamHandle::create(&e);
-  if (!impl->stream_handle.get()) return Error(e);
-  impl->stream = impl->stream_handle.get();
-  impl->blas = cu::Blas::create(impl->stream, &e);
-  if (!impl->blas) return Error(e);
   impl->grouped =
       cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
   if (!impl->grouped) return Error(e);
@@ -656,7 +644,8 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
     head_in = m.xe.as<uint16_t>();
   }
   if (Status s = ensure(m.logits, static_cast<std::size_t>(rows * c.vocab_size * 4)); !s) return s;
-  if (Status s = from(m.blas->gemm(head_in, m.lm_head, m.logits.as<float>(), rows, c.vocab_size, H));
+  if (Status s =
+          from(m.blas->gemm(head_in, m.lm_head, m.logits.as<float>(), rows, c.vocab_size, H));
       !s)
     return s;
   logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
