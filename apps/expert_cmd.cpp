@@ -21,6 +21,7 @@ struct ExpertFlags {
   WorkerFlags worker;
   double window_s = 60;
   std::string device = "cpu";
+  std::string quantization = "none";
 };
 
 actors::expert_actor spawn_expert_actor(caf::actor_system& system, ExpertWorker* worker) {
@@ -51,6 +52,7 @@ int run_expert(const ExpertFlags& f) {
   ExpertWorkerOptions wo;
   wo.threads = f.worker.threads;
   wo.device = f.device;
+  wo.quantization = f.quantization;
   wo.data_plane.transports = f.worker.transports;
   wo.data_plane.net_devices = f.worker.net_devices;
   wo.window_seconds = f.window_s;
@@ -92,6 +94,7 @@ Runner add_expert(CLI::App& app) {
   app.add_option("--device", f->device,
                  "Where the experts compute: cpu, or cuda / cuda:N (a GPU; needs the CUDA backend)")
       ->capture_default_str();
+  add_quantization_flag(app, f->quantization);
   return [f] { return run_expert(*f); };
 }
 

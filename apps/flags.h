@@ -148,10 +148,22 @@ struct EngineFlags {
   }
 };
 
-// --device, --grouped-gemm: where a model's forward pass runs.
+// --quantization: the weights' dtype after load (generate, serve, attention, expert).
+inline void add_quantization_flag(CLI::App& app, std::string& quantization) {
+  app.add_option(
+         "--quantization", quantization,
+         "Weight quantization at load: none (the checkpoint's dtypes) or int8 (weight-only, "
+         "a float32 scale per output channel; CPU only). Routers, embeddings and the LM "
+         "head stay unquantized")
+      ->check(CLI::IsMember({"none", "int8"}))
+      ->capture_default_str();
+}
+
+// --device, --grouped-gemm, --quantization: where a model's forward pass runs, and on what weights.
 struct DeviceFlags {
   std::string device = "cpu";
   std::string grouped_gemm = "auto";
+  std::string quantization = "none";
 
   void add(CLI::App& app) {
     app.add_option("--device", device,
@@ -163,6 +175,7 @@ struct DeviceFlags {
            "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
         ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
         ->capture_default_str();
+    add_quantization_flag(app, quantization);
   }
 
   // kv_cache_bytes sizes the GPU's pool (0: half the GPU memory left by the weights).
@@ -170,6 +183,7 @@ struct DeviceFlags {
     o.device = device;
     o.grouped_gemm = grouped_gemm;
     o.gpu_kv_cache_bytes = kv_cache_bytes;
+    o.quantization = quantization;
   }
 };
 

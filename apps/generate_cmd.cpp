@@ -37,6 +37,7 @@ struct GenerateFlags {
   int threads = 0;
   std::string device = "cpu";
   std::string grouped_gemm = "auto";
+  std::string quantization = "none";
 };
 
 // Token ids separated by commas; `flag` names the flag in the error message.
@@ -112,6 +113,7 @@ int run_generate(const GenerateFlags& f) {
   options.threads = f.threads;
   options.device = f.device;
   options.grouped_gemm = f.grouped_gemm;
+  options.quantization = f.quantization;
   Expected<std::unique_ptr<Model>> model = Model::load(f.model, options);
   if (!model) return fail(model.error().message());
 
@@ -214,6 +216,12 @@ Runner add_generate(CLI::App& app) {
          "--grouped-gemm", f->grouped_gemm,
          "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
       ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
+      ->capture_default_str();
+  app.add_option(
+         "--quantization", f->quantization,
+         "Weight quantization at load: none (the checkpoint's dtypes) or int8 (weight-only, "
+         "a float32 scale per output channel; CPU only)")
+      ->check(CLI::IsMember({"none", "int8"}))
       ->capture_default_str();
   app.callback([f, model, prompt, ids, seed] {
     f->has_seed = seed->count() > 0;

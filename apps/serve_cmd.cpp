@@ -149,15 +149,17 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   };
   for (int i = 0; i < f.expert_workers; ++i) {
     auto a = common("expert", f.expert_threads);
-    a.insert(a.end(), {"--name", fmt::format("expert-{}", i), "--device", f.device.device});
+    a.insert(a.end(), {"--name", fmt::format("expert-{}", i), "--device", f.device.device,
+                       "--quantization", f.device.quantization});
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
   for (int i = 0; i < f.attention_workers; ++i) {
     auto a = common("attention", f.threads);
-    a.insert(a.end(), {"--name", fmt::format("attention-{}", i), "--wire-dtype",
-                       f.remote.wire_dtype, "--dispatch-timeout-ms",
-                       fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
-                       f.device.device, "--grouped-gemm", f.device.grouped_gemm});
+    a.insert(a.end(),
+             {"--name", fmt::format("attention-{}", i), "--wire-dtype", f.remote.wire_dtype,
+              "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
+              f.device.device, "--grouped-gemm", f.device.grouped_gemm, "--quantization",
+              f.device.quantization});
     const std::vector<std::string> engine_args = f.engine.args();
     a.insert(a.end(), engine_args.begin(), engine_args.end());
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());

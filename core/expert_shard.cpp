@@ -22,6 +22,9 @@ struct ExpertShard::Impl {
   std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
   std::unique_ptr<kernels::ThreadPool> pool;
   std::map<ExpertRef, kernels::FfnWeights> held;
+  // With int8 quantization: each held expert's int8 weights, which its views in `held` point into.
+  detail::Quantization quantization = detail::Quantization::None;
+  std::map<ExpertRef, detail::QuantizedStore> quantized;
   std::vector<float> scratch;  // run()'s, reused
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaExperts> gpu;  // set when the shard computes on a GPU
@@ -74,6 +77,9 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
     if (!w) return w.error();
     for (std::size_t i = 0; i < ids.size(); ++i) bound.emplace(ExpertRef{layer, ids[i]}, (*w)[i]);
   }
+  std::map<ExpertRef, detail::QuantizedStore> stores;
+  if (quantization == detail::Quantization::Int8)
+    for (auto& [ref, w] : bound) detail::quantize_int8(w, stores[ref], pool.get());
 #if MOEMESH_HAVE_CUDA
   if (gpu)
     for (const auto& [ref, w] : bound)
@@ -83,6 +89,7 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
       }
 #endif
   held.merge(bound);
+  quantized.merge(stores);
   return {};
 }
 
@@ -105,6 +112,12 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
   impl->dir = dir;
   impl->config = std::move(*config);
   impl->checkpoint = std::move(*ckpt);
+  if (Status s = detail::parse_quantization(options.quantization, &impl->quantization); !s)
+    return s.error();
+  if (impl->quantization != detail::Quantization::None && options.device != "cpu")
+    return Error(fmt::format(
+        "quantization '{}' is not supported on device '{}' yet: it works with device cpu only",
+        options.quantization, options.device));
   if (options.device != "cpu") {
 #if MOEMESH_HAVE_CUDA
     int device = 0;
@@ -124,11 +137,13 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
         options.device));
 #endif
   }
-  if (Status s = impl->bind(experts); !s) return s.error();
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
-  spdlog::info("loaded expert shard dir={} arch={} experts={} weight_bytes={} threads={} device={}",
-               dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
-               impl->pool->size(), options.device);
+  if (Status s = impl->bind(experts); !s) return s.error();
+  spdlog::info(
+      "loaded expert shard dir={} arch={} experts={} weight_bytes={} quantization={} threads={} "
+      "device={}",
+      dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
+      detail::quantization_name(impl->quantization), impl->pool->size(), options.device);
   return std::unique_ptr<ExpertShard>(new ExpertShard(std::move(impl)));
 }
 
@@ -154,6 +169,7 @@ Status ExpertShard::add(std::span<const ExpertRef> experts) {
 void ExpertShard::release(std::span<const ExpertRef> experts) {
   for (const ExpertRef& r : experts) {
     impl_->held.erase(r);
+    impl_->quantized.erase(r);
 #if MOEMESH_HAVE_CUDA
     if (impl_->gpu) impl_->gpu->release(r);
 #endif

@@ -10,8 +10,8 @@
 // The set of held experts can change at run time (add / release) for an elastic expert pool; add
 // binds from the checkpoint already mapped. run() computes one held expert's SwiGLU FFN for a
 // batch of tokens (no router weight applied: the caller scales and sums), in float32, with the
-// weights in their checkpoint dtype, on the shard's own thread pool, with the kernel the model's
-// local experts use.
+// weights in their checkpoint dtype (or int8, with ExpertShardOptions::quantization), on the
+// shard's own thread pool, with the kernel the model's local experts use.
 //
 // Threads: an ExpertShard is used by one thread at a time (run() reuses scratch buffers, and
 // add/release change the held set); run() parallelises internally on the shard's thread pool.
@@ -44,6 +44,9 @@ struct ExpertShardOptions {
   // "cpu", or "cuda" / "cuda:N": held experts are uploaded to that GPU as bf16 when bound, and
   // run() computes there (host x and y, staged through pinned buffers).
   std::string device = "cpu";
+  // "none", or "int8": held experts are converted to int8 with a float32 scale per output row
+  // when bound (as ModelOptions::quantization does; CPU only).
+  std::string quantization = "none";
 };
 
 class ExpertShard {
@@ -75,7 +78,8 @@ class ExpertShard {
   // m < 0. x and y must not overlap.
   Status run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y);
 
-  // Bytes of the held experts' weights in their checkpoint dtype (for statistics and logs).
+  // Bytes of the held experts' weights in their dtype (int8: with the scales), for statistics and
+  // logs.
   int64_t weight_bytes() const;
   // "cpu", or the GPU and what it holds.
   std::string device_description() const;

@@ -40,6 +40,12 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   if (!config) return config.error();
   Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
   if (!ckpt) return ckpt.error();
+  detail::Quantization quant = detail::Quantization::None;
+  if (Status s = detail::parse_quantization(options.quantization, &quant); !s) return s.error();
+  if (quant != detail::Quantization::None && options.device != "cpu")
+    return Error(fmt::format(
+        "quantization '{}' is not supported on device '{}' yet: it works with --device cpu only",
+        options.quantization, options.device));
   Expected<detail::ModelWeights> weights =
       detail::bind_weights(*config, *ckpt, options.routed_experts);
   if (!weights) return weights.error();
@@ -48,6 +54,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->config = std::move(*config);
   impl->weights = std::move(*weights);
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
+  if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
   impl->routed_experts = options.routed_experts;
   if (options.routed_experts)
     impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
@@ -98,9 +105,11 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
-      "routed_experts={} tensors={} threads={} device={} isa={} ms={:.1f}",
+      "routed_experts={} tensors={} quantization={} quantized_bytes={} threads={} device={} "
+      "isa={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
-      options.routed_experts, impl->weights.checkpoint->names().size(), impl->pool->size(),
+      options.routed_experts, impl->weights.checkpoint->names().size(),
+      detail::quantization_name(quant), impl->weights.quantized.bytes(), impl->pool->size(),
       cuda ? "cuda:" + std::to_string(device) : std::string("cpu"),
       kernels::isa_name(kernels::active_isa()), ms);
   if (kernels::isa_env_rejected())

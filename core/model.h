@@ -138,6 +138,10 @@ struct ModelOptions {
   std::string kv_cache_dtype = "f32";
   int64_t kv_cache_bytes = 0;
   bool prefix_caching = false;
+  // Weight quantization at load (CPU only): "none" keeps the checkpoint dtypes; "int8" converts
+  // the attention projections, dense MLPs, shared experts and routed experts to int8 with a
+  // float32 scale per output row (routers, embeddings and the LM head stay as they are).
+  std::string quantization = "none";
 };
 
 // The state of a model's KV cache.

@@ -1,5 +1,7 @@
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -123,8 +125,10 @@ Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& c,
 
 int64_t ffn_bytes(const kernels::FfnWeights& w) {
   int64_t bytes = 0;
-  for (const WeightView* v : {&w.gate, &w.up, &w.down})
+  for (const WeightView* v : {&w.gate, &w.up, &w.down}) {
     bytes += v->rows * v->cols * static_cast<int64_t>(kernels::dtype_size(v->dtype));
+    if (v->dtype == kernels::DType::I8) bytes += v->rows * static_cast<int64_t>(sizeof(float));
+  }
   return bytes;
 }
 
@@ -209,6 +213,75 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
   return w;
 }
 
+int64_t QuantizedStore::bytes() const {
+  int64_t n = 0;
+  for (const auto& m : matrices)
+    n += static_cast<int64_t>(m->values.size() + m->scale.size() * sizeof(float));
+  return n;
+}
+
+Status parse_quantization(const std::string& name, Quantization* out) {
+  if (name == "none") {
+    *out = Quantization::None;
+  } else if (name == "int8") {
+    *out = Quantization::Int8;
+  } else {
+    return Error(fmt::format("quantization '{}' is not one of none, int8", name));
+  }
+  return {};
+}
+
+const char* quantization_name(Quantization q) {
+  return q == Quantization::Int8 ? "int8" : "none";
+}
+
+WeightView quantize_int8(const WeightView& w, QuantizedStore& store, kernels::ThreadPool* pool) {
+  if (w.empty() || w.dtype == kernels::DType::I8) return w;
+  auto m = std::make_unique<QuantizedStore::Matrix>();
+  m->values.resize(static_cast<std::size_t>(w.rows * w.cols));
+  m->scale.resize(static_cast<std::size_t>(w.rows));
+  const int64_t cols = w.cols;
+  kernels::parallel_for(pool, w.rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<std::size_t>(cols));
+    for (int64_t r = begin; r < end; ++r) {
+      kernels::to_f32(w.row(r), w.dtype, cols, row.data());
+      float max_abs = 0.0f;
+      for (float v : row) max_abs = std::max(max_abs, std::fabs(v));
+      float scale = max_abs / 127.0f;
+      if (!(scale > 0.0f) || !std::isfinite(scale)) scale = 1.0f;  // all zero (or non-finite)
+      m->scale[r] = scale;
+      int8_t* q = m->values.data() + r * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        // nearbyint rounds half to even in the default rounding mode.
+        const float v = std::clamp(std::nearbyint(row[c] / scale), -127.0f, 127.0f);
+        q[c] = std::isnan(v) ? int8_t{0} : static_cast<int8_t>(v);
+      }
+    }
+  });
+  WeightView out{m->values.data(), kernels::DType::I8, w.rows, w.cols, m->scale.data()};
+  store.matrices.push_back(std::move(m));
+  return out;
+}
+
+void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool) {
+  w.gate = quantize_int8(w.gate, store, pool);
+  w.up = quantize_int8(w.up, store, pool);
+  w.down = quantize_int8(w.down, store, pool);
+}
+
+void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
+  for (LayerWeights& L : w.layers) {
+    for (WeightView* v : {&L.attn.q, &L.attn.k, &L.attn.v, &L.attn.o})
+      *v = quantize_int8(*v, w.quantized, pool);
+    if (L.moe) {
+      for (kernels::FfnWeights& e : L.experts) quantize_int8(e, w.quantized, pool);
+      if (L.has_shared_expert) quantize_int8(L.shared_expert, w.quantized, pool);
+    } else {
+      quantize_int8(L.mlp, w.quantized, pool);
+    }
+  }
+}
+
 void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {
   const int64_t n = w.rows * w.cols;
   if (w.dtype == kernels::DType::BF16) {
@@ -218,7 +291,8 @@ void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {
   std::vector<float> row(static_cast<std::size_t>(w.cols));
   for (int64_t r = 0; r < w.rows; ++r) {
     kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
-    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c]);
+    const float scale = w.dtype == kernels::DType::I8 ? w.scale[r] : 1.0f;
+    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c] * scale);
   }
 }
 

@@ -86,8 +86,11 @@ Expected<std::unique_ptr<ExpertWorker>> ExpertWorker::start(const std::filesyste
   if (!(options.capacity_factor >= 0) || !std::isfinite(options.capacity_factor))
     return Error(fmt::format("expert worker: capacity_factor must be >= 0 (0: no limit), got {}",
                              options.capacity_factor));
-  Expected<std::unique_ptr<ExpertShard>> shard = ExpertShard::load(
-      model_dir, {}, ExpertShardOptions{.threads = options.threads, .device = options.device});
+  Expected<std::unique_ptr<ExpertShard>> shard =
+      ExpertShard::load(model_dir, {},
+                        ExpertShardOptions{.threads = options.threads,
+                                           .device = options.device,
+                                           .quantization = options.quantization});
   if (!shard) return Error("expert worker: " + shard.error().message());
   if ((*shard)->config().num_moe_layers() == 0)
     return Error(

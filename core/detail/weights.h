@@ -34,8 +34,21 @@ struct LayerWeights {
   kernels::FfnWeights mlp;
 };
 
+// Int8 copies of weight matrices (quantize_int8), owned for the views that point into them. The
+// matrices are allocated one by one, so the views stay valid as more are added and as the store
+// moves.
+struct QuantizedStore {
+  struct Matrix {
+    std::vector<int8_t> values;  // [rows, cols]
+    std::vector<float> scale;    // [rows]
+  };
+  std::vector<std::unique_ptr<Matrix>> matrices;
+  int64_t bytes() const;  // of the values and scales
+};
+
 struct ModelWeights {
   std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
+  QuantizedStore quantized;                      // owns the I8 views' data (--quantization int8)
   kernels::WeightView embed;                     // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;
@@ -58,11 +71,28 @@ Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& confi
                                                         const Checkpoint& checkpoint, int64_t layer,
                                                         std::span<const int32_t> ids);
 
-// The bytes of an FFN's three weight matrices in their checkpoint dtype.
+// The bytes of an FFN's three weight matrices in their dtype (int8: with the scales).
 int64_t ffn_bytes(const kernels::FfnWeights& w);
 
+// Weight quantization at load: "none" (the checkpoint dtypes) or "int8" (weight-only, a float32
+// scale per output row). Fails on any other value, naming it.
+enum class Quantization { None, Int8 };
+Status parse_quantization(const std::string& name, Quantization* out);
+const char* quantization_name(Quantization q);
+
+// An int8 copy of `w`, per output row: scale = max|row| / 127 (1 when the row is all zero), value =
+// round-to-nearest-even(w / scale) clamped to [-127, 127]. The data is added to `store`; the view
+// returned points into it. Rows are quantized in parallel on `pool` (may be null).
+kernels::WeightView quantize_int8(const kernels::WeightView& w, QuantizedStore& store,
+                                  kernels::ThreadPool* pool);
+void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool);
+// Quantizes, in place, every matrix the forward pass multiplies tokens by except the routers,
+// the shared-expert gate and the embeddings / LM head: the attention projections, dense MLPs,
+// shared experts and bound routed experts.
+void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
+
 // w's rows * cols values as bf16 bits at `out` (copied as they are when w is bf16, else rounded to
-// nearest even): what the GPU backend uploads.
+// nearest even; I8 with its row scales applied): what the GPU backend uploads.
 void weight_to_bf16(const kernels::WeightView& w, uint16_t* out);
 
 }  // namespace moemesh::detail

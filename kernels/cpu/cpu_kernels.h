@@ -2,8 +2,9 @@
 //
 // Every op takes raw pointers, sizes and (where it parallelises) a ThreadPool, and nothing of
 // moemesh outside this folder. Activations are float32, row-major and contiguous unless a stride
-// is given. Weight matrices stay in their checkpoint dtype (F32, F16 or BF16) and are read through
-// a WeightView; all arithmetic accumulates in float32. Ops never allocate on the caller's behalf
+// is given. Weight matrices stay in their checkpoint dtype (F32, F16 or BF16), or are int8 with a
+// float32 scale per row (I8, made at load), and are read through a WeightView; all arithmetic
+// accumulates in float32. Ops never allocate on the caller's behalf
 // except for small per-thread scratch; sizes are the caller's responsibility (they are checked
 // once, where a model is loaded, not on every call).
 //
@@ -20,7 +21,9 @@ namespace moemesh::kernels {
 
 // ---- Element types -----------------------------------------------------------------------------
 
-enum class DType : uint8_t { F32, F16, BF16 };
+// I8 is signed int8 with a float32 scale per row (WeightView::scale); it is never a checkpoint
+// dtype, only what a weight is quantized to at load.
+enum class DType : uint8_t { F32, F16, BF16, I8 };
 
 std::size_t dtype_size(DType t);
 const char* dtype_name(DType t);
@@ -31,7 +34,7 @@ float f16_to_f32(uint16_t bits);
 uint16_t f32_to_bf16(float v);
 uint16_t f32_to_f16(float v);
 
-// Converts n elements of type `t` at `src` to float32.
+// Converts n elements of type `t` at `src` to float32 (I8: the integers, without any scale).
 void to_f32(const void* src, DType t, int64_t n, float* dst);
 
 // A read-only row-major matrix [rows, cols] in its storage dtype (e.g. an nn.Linear weight
@@ -41,6 +44,7 @@ struct WeightView {
   DType dtype = DType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
+  const float* scale = nullptr;  // I8 only, `rows` floats: value = int8 * scale[row]
 
   bool empty() const { return data == nullptr; }
   // Row r as a pointer into `data` (of the storage dtype).
@@ -53,6 +57,8 @@ struct WeightView {
 
 // y[t, r] = sum_c x[t, c] * w[r, c] (+ bias[r]) for t < n_tokens; x is [n_tokens, w.cols],
 // y is [n_tokens, w.rows]; bias (float32, w.rows) may be null. Parallel over rows of w.
+// For I8 weights the int8 values are widened to float32 and the dot product is summed as for the
+// other dtypes; the row's scale multiplies the finished sum once: y = scale[r] * sum + bias[r].
 void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
 

@@ -12,6 +12,8 @@ std::size_t dtype_size(DType t) {
     case DType::F16:
     case DType::BF16:
       return 2;
+    case DType::I8:
+      return 1;
   }
   return 0;
 }
@@ -24,6 +26,8 @@ const char* dtype_name(DType t) {
       return "F16";
     case DType::BF16:
       return "BF16";
+    case DType::I8:
+      return "I8";
   }
   return "?";
 }
@@ -107,6 +111,11 @@ void to_f32(const void* src, DType t, int64_t n, float* dst) {
     case DType::F16: {
       const auto* s = static_cast<const uint16_t*>(src);
       for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+      return;
+    }
+    case DType::I8: {
+      const auto* s = static_cast<const int8_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
       return;
     }
   }

@@ -8,7 +8,8 @@ namespace moemesh::kernels {
 namespace {
 
 // The portable kernel: each row of w is read once and used for every token; rows of a
-// half-precision matrix are widened into a per-thread buffer first.
+// half-precision or int8 matrix are widened into a per-thread buffer first; an int8 row's scale
+// multiplies each finished dot product.
 void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
                           float* y, int64_t row_begin, int64_t row_end) {
   const int64_t rows = w.rows;
@@ -23,8 +24,14 @@ void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w,
       wr = widened.data();
     }
     const float b = bias ? bias[r] : 0.0f;
-    for (int64_t t = 0; t < n_tokens; ++t)
-      y[t * rows + r] = detail::dot(x + t * cols, wr, cols) + b;
+    if (w.dtype == DType::I8) {
+      const float s = w.scale[r];
+      for (int64_t t = 0; t < n_tokens; ++t)
+        y[t * rows + r] = detail::dot(x + t * cols, wr, cols) * s + b;
+    } else {
+      for (int64_t t = 0; t < n_tokens; ++t)
+        y[t * rows + r] = detail::dot(x + t * cols, wr, cols) + b;
+    }
   }
 }
 

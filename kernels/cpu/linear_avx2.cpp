@@ -44,6 +44,11 @@ template <DType D>
 MOEMESH_AVX2 inline __m256 load_w(const void* row, int64_t i) {
   if constexpr (D == DType::F32) {
     return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+  } else if constexpr (D == DType::I8) {
+    // int8: sign-extended to int32, then converted (exact: every int8 is a float32).
+    const __m128i b =
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   } else {
     return widen<D>(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
@@ -55,6 +60,12 @@ template <DType D>
 MOEMESH_AVX2 inline __m256 load_w_partial(const void* row, int64_t i, int64_t n, __m256i mask) {
   if constexpr (D == DType::F32) {
     return _mm256_maskload_ps(static_cast<const float*>(row) + i, mask);
+  } else if constexpr (D == DType::I8) {
+    alignas(16) int8_t buf[16] = {};
+    const int8_t* src = static_cast<const int8_t*>(row) + i;
+    for (int64_t k = 0; k < n; ++k) buf[k] = src[k];
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(buf))));
   } else {
     // AVX2 has no masked 16-bit load: the few tail elements go through a zeroed buffer.
     alignas(16) uint16_t buf[kLanes] = {};
@@ -136,17 +147,21 @@ MOEMESH_AVX2 void tile(const float* const* xp, const void* const* wp, int64_t fu
 // Pointers to the rows r0 .. r0 + kTileR - 1 of w, the ones past row_end repeating the last.
 template <DType D>
 MOEMESH_AVX2 void row_pointers(const WeightView& w, int64_t r0, int64_t row_end, const void** wp) {
-  const int64_t row_bytes = w.cols * (D == DType::F32 ? 4 : 2);
+  const int64_t row_bytes = w.cols * (D == DType::F32 ? 4 : D == DType::I8 ? 1 : 2);
   for (int r = 0; r < kTileR; ++r)
     wp[r] = static_cast<const char*>(w.data) + std::min(r0 + r, row_end - 1) * row_bytes;
 }
 
-// y[t, r] = reduce(acc) + bias for the tile's real tokens and rows.
+// y[t, r] = reduce(acc) (* scale[r], for int8 rows) + bias for the tile's real tokens and rows.
 MOEMESH_AVX2 void store_tile(const __m256* acc, int mt, int64_t t0, int64_t n_tokens, int64_t r0,
-                             int64_t row_end, int64_t rows, const float* bias, float* y) {
+                             int64_t row_end, int64_t rows, const float* scale, const float* bias,
+                             float* y) {
   for (int t = 0; t < mt && t0 + t < n_tokens; ++t)
-    for (int r = 0; r < kTileR && r0 + r < row_end; ++r)
-      y[(t0 + t) * rows + r0 + r] = reduce(acc[t * kTileR + r]) + (bias ? bias[r0 + r] : 0.0f);
+    for (int r = 0; r < kTileR && r0 + r < row_end; ++r) {
+      float sum = reduce(acc[t * kTileR + r]);
+      if (scale) sum *= scale[r0 + r];
+      y[(t0 + t) * rows + r0 + r] = sum + (bias ? bias[r0 + r] : 0.0f);
+    }
 }
 
 // Few tokens: each tile of rows is read once from the matrix, widened in registers, and used by
@@ -164,6 +179,7 @@ MOEMESH_AVX2 void rows_direct(const float* x, int64_t n_tokens, const WeightView
                               const float* bias, float* y, int64_t row_begin, int64_t row_end) {
   alignas(32) __m256 acc[kTileT * kTileR];
   const void* wp[kTileR];
+  const float* scale = D == DType::I8 ? w.scale : nullptr;
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kTileR) {
     row_pointers<D>(w, r0, row_end, wp);
     for (int64_t t0 = 0; t0 < n_tokens; t0 += kTileT) {
@@ -179,7 +195,7 @@ MOEMESH_AVX2 void rows_direct(const float* x, int64_t n_tokens, const WeightView
           direct_tokens<D, 3>(x, t0, wp, w, acc);
           break;
       }
-      store_tile(acc, mt, t0, n_tokens, r0, row_end, w.rows, bias, y);
+      store_tile(acc, mt, t0, n_tokens, r0, row_end, w.rows, scale, bias, y);
     }
   }
 }
@@ -191,6 +207,7 @@ template <DType D>
 MOEMESH_AVX2 void rows_packed(const float* x, int64_t n_tokens, const WeightView& w,
                               const float* bias, float* y, int64_t row_begin, int64_t row_end) {
   const int64_t cols = w.cols;
+  const float* scale = D == DType::I8 ? w.scale : nullptr;
   alignas(32) float wbuf[kTileR][kBlockK];
   alignas(32) __m256 acc[kBlockT * kTileR];
   const void* wp[kTileR];
@@ -219,7 +236,7 @@ MOEMESH_AVX2 void rows_packed(const float* x, int64_t n_tokens, const WeightView
         }
       }
       for (int64_t t = 0; t < nt; t += kTileT)
-        store_tile(acc + t * kTileR, kTileT, tb + t, tb + nt, r0, row_end, w.rows, bias, y);
+        store_tile(acc + t * kTileR, kTileT, tb + t, tb + nt, r0, row_end, w.rows, scale, bias, y);
     }
   }
 }
@@ -246,6 +263,9 @@ void linear_rows_avx2(const float* x, int64_t n_tokens, const WeightView& w, con
       break;
     case DType::F16:
       rows_impl<DType::F16>(x, n_tokens, w, bias, y, row_begin, row_end);
+      break;
+    case DType::I8:
+      rows_impl<DType::I8>(x, n_tokens, w, bias, y, row_begin, row_end);
       break;
   }
 }

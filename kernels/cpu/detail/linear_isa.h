@@ -4,7 +4,7 @@
 //
 // Batch invariance: a kernel sums each (token, row) in one fixed order that depends on cols
 // only, never on n_tokens or on which tokens share a call, so a token's outputs are the same bits
-// alone or in any batch.
+// alone or in any batch. An I8 row's scale multiplies its finished sum once, on every path.
 #pragma once
 
 #include <cstdint>
