@@ -12,31 +12,15 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
+#include "tests/kernels/isa_guard.h"
 #include "tests/kernels/reference.h"
 
 namespace moemesh::kernels {
 namespace {
 
+using test::IsaGuard;
 using test::random_vector;
-
-// Restores the ISA active before the test, whatever the test forced.
-class IsaGuard {
- public:
-  IsaGuard() : saved_(active_isa()) {}
-  ~IsaGuard() { force_isa(saved_); }
-  IsaGuard(const IsaGuard&) = delete;
-  IsaGuard& operator=(const IsaGuard&) = delete;
-
- private:
-  Isa saved_;
-};
-
-std::vector<Isa> supported_isas() {
-  std::vector<Isa> out;
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512})
-    if (isa <= detected_isa()) out.push_back(isa);
-  return out;
-}
+using test::supported_isas;
 
 // Random int8 weights over the full range [-127, 127] (and -128, which linear must take as it
 // is), random positive scales, and the float32 matrix they stand for.

@@ -9,31 +9,15 @@
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
+#include "tests/kernels/isa_guard.h"
 #include "tests/kernels/reference.h"
 
 namespace moemesh::kernels {
 namespace {
 
+using test::IsaGuard;
 using test::random_vector;
-
-// Restores the ISA active before the test, whatever the test forced.
-class IsaGuard {
- public:
-  IsaGuard() : saved_(active_isa()) {}
-  ~IsaGuard() { force_isa(saved_); }
-  IsaGuard(const IsaGuard&) = delete;
-  IsaGuard& operator=(const IsaGuard&) = delete;
-
- private:
-  Isa saved_;
-};
-
-std::vector<Isa> supported_isas() {
-  std::vector<Isa> out;
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512})
-    if (isa <= detected_isa()) out.push_back(isa);
-  return out;
-}
+using test::supported_isas;
 
 // A weight matrix in `dtype` and the float32 values it holds.
 struct Matrix {
