@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -169,6 +170,14 @@ int main(int argc, char** argv) {
   const std::vector<WeightView> f32_views = views(f32.data(), DType::F32, bytes);
   const std::vector<WeightView> bf16_views = views(bf16.data(), DType::BF16, bytes);
   const std::vector<WeightView> f16_views = views(f16.data(), DType::F16, bytes);
+  // Int8 weights (--quantization int8) with a float32 scale per row; the same bytes of int8.
+  std::vector<int8_t> i8(static_cast<std::size_t>(bytes));
+  for (std::size_t i = 0; i < i8.size(); ++i)
+    i8[i] = static_cast<int8_t>(std::lround(std::clamp(f32[i % f32.size()] / 0.02f * 40.0f,
+                                                       -127.0f, 127.0f)));
+  std::vector<float> i8_scales(static_cast<std::size_t>(rows), 0.0005f);
+  std::vector<WeightView> i8_views = views(i8.data(), DType::I8, bytes);
+  for (WeightView& v : i8_views) v.scale = i8_scales.data();
 
   const Isa active = moemesh::kernels::active_isa();
   // The machine is shared: the probe runs before and after the kernels and keeps its best, so
@@ -178,7 +187,7 @@ int main(int argc, char** argv) {
   for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
     const std::pair<const char*, const std::vector<WeightView>*> runs[] = {
-        {"F32", &f32_views}, {"BF16", &bf16_views}, {"F16", &f16_views}};
+        {"F32", &f32_views}, {"BF16", &bf16_views}, {"F16", &f16_views}, {"I8", &i8_views}};
     for (const auto& [name, mats] : runs) {
       const double gbs = linear_probe(*mats, pool, reps);
       const std::string label = std::string("linear ") + isa_name(isa) + " " + name + ", 1 token";
