@@ -134,14 +134,18 @@ struct EngineFlags {
 
   // The same flags for a role process that serve starts.
   std::vector<std::string> args() const {
-    std::vector<std::string> a = {"--max-num-seqs", std::to_string(engine.max_num_seqs),
-                                  "--max-num-batched-tokens",
-                                  std::to_string(engine.max_num_batched_tokens), "--kv-cache-gib",
-                                  fmt::format("{}", kv_cache_gib), "--kv-cache-dtype",
-                                  engine.kv_cache_dtype, "--block-size",
-                                  std::to_string(engine.block_size),
-                                  engine.prefix_caching ? "--enable-prefix-caching"
-                                                        : "--no-enable-prefix-caching"};
+    std::vector<std::string> a = {
+        "--max-num-seqs",
+        std::to_string(engine.max_num_seqs),
+        "--max-num-batched-tokens",
+        std::to_string(engine.max_num_batched_tokens),
+        "--kv-cache-gib",
+        fmt::format("{}", kv_cache_gib),
+        "--kv-cache-dtype",
+        engine.kv_cache_dtype,
+        "--block-size",
+        std::to_string(engine.block_size),
+        engine.prefix_caching ? "--enable-prefix-caching" : "--no-enable-prefix-caching"};
     if (engine.max_model_len > 0)
       a.insert(a.end(), {"--max-model-len", std::to_string(engine.max_model_len)});
     return a;

@@ -135,8 +135,7 @@ Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Expected<std::unique_ptr<Engine>> Engine::start(std::unique_ptr<Model> model,
                                                 const EngineOptions& options) {
   if (options.max_num_seqs < 1) return Error("max_num_seqs must be at least 1");
-  if (options.max_num_batched_tokens < 1)
-    return Error("max_num_batched_tokens must be at least 1");
+  if (options.max_num_batched_tokens < 1) return Error("max_num_batched_tokens must be at least 1");
   if (Status s = model->configure_kv_cache(options.kv_cache_dtype, options.block_size,
                                            options.kv_cache_tokens, options.kv_cache_bytes,
                                            options.prefix_caching);
@@ -341,8 +340,8 @@ int64_t Engine::Impl::fit_chunk(std::list<Sequence>::iterator s, int64_t want,
   }
   // No one left to preempt: take what the free blocks hold.
   const KvCacheStats kv = model->kv_stats();
-  const int64_t room =
-      s->cache.capacity() - s->cache.length() + kv.free_blocks * std::max<int64_t>(1, kv.block_size);
+  const int64_t room = s->cache.capacity() - s->cache.length() +
+                       kv.free_blocks * std::max<int64_t>(1, kv.block_size);
   const int64_t chunk = std::min(want, room);
   if (chunk <= 0 || !model->reserve(s->cache, s->cache.length() + chunk)) return 0;
   return chunk;
@@ -387,8 +386,7 @@ void Engine::Impl::start_sequences(std::list<Sequence>::iterator leader,
   if (all) {
     const int k = std::max(0, r.params.logprobs);
     for (std::size_t i = 0; i + 1 < r.prompt.size(); ++i) {
-      const SampledToken t =
-          token_logprobs(logits.subspan(i * V, V), r.prompt[i + 1], k);
+      const SampledToken t = token_logprobs(logits.subspan(i * V, V), r.prompt[i + 1], k);
       fill_token(t, /*with_logprobs=*/true, &prompt_lp.emplace_back());
     }
   }
@@ -422,9 +420,8 @@ void Engine::Impl::start_sequences(std::list<Sequence>::iterator leader,
     if (i > 0 && s.cache.capacity() == 0 && s.cache.length() == 0) {
       s.pending = r.prompt;  // recompute the prompt for this sequence when there is room
       s.done = 0;
-      auto pos = std::find_if(preempted.begin(), preempted.end(), [&](const Sequence& o) {
-        return o.request->order > r.order;
-      });
+      auto pos = std::find_if(preempted.begin(), preempted.end(),
+                              [&](const Sequence& o) { return o.request->order > r.order; });
       preempted.insert(pos, std::move(s));
       continue;
     }
@@ -508,8 +505,7 @@ bool Engine::Impl::step() {
   // through forward() after the step.
   std::optional<std::list<Sequence>::iterator> whole;
   for (auto it = running.begin(); it != running.end() && left > 0;) {
-    if (!it->prefilling() ||
-        std::find(planned.begin(), planned.end(), &*it) != planned.end()) {
+    if (!it->prefilling() || std::find(planned.begin(), planned.end(), &*it) != planned.end()) {
       ++it;
       continue;
     }
@@ -520,8 +516,8 @@ bool Engine::Impl::step() {
     }
     const auto remaining = static_cast<int64_t>(it->pending.size() - it->done);
     // May preempt sequences admitted after `it` (never `it`, never one already planned).
-    const int64_t chunk = fit_chunk(it, all_logits ? remaining : std::min(remaining, left),
-                                    planned);
+    const int64_t chunk =
+        fit_chunk(it, all_logits ? remaining : std::min(remaining, left), planned);
     const auto next = std::next(it);
     if (chunk == 0 || (all_logits && chunk < remaining)) {
       it = next;  // no room this step

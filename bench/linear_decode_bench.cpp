@@ -173,8 +173,8 @@ int main(int argc, char** argv) {
   // Int8 weights (--quantization int8) with a float32 scale per row; the same bytes of int8.
   std::vector<int8_t> i8(static_cast<std::size_t>(bytes));
   for (std::size_t i = 0; i < i8.size(); ++i)
-    i8[i] = static_cast<int8_t>(std::lround(std::clamp(f32[i % f32.size()] / 0.02f * 40.0f,
-                                                       -127.0f, 127.0f)));
+    i8[i] = static_cast<int8_t>(
+        std::lround(std::clamp(f32[i % f32.size()] / 0.02f * 40.0f, -127.0f, 127.0f)));
   std::vector<float> i8_scales(static_cast<std::size_t>(rows), 0.0005f);
   std::vector<WeightView> i8_views = views(i8.data(), DType::I8, bytes);
   for (WeightView& v : i8_views) v.scale = i8_scales.data();

@@ -25,9 +25,12 @@ int64_t bytes_per_block(const ModelConfig& c, const KvStoreOptions& o) {
 }  // namespace
 
 Status parse_kv_dtype(const std::string& text, kernels::KvDtype* dtype) {
-  if (text == "f32" || text == "float32") *dtype = kernels::KvDtype::F32;
-  else if (text == "bf16" || text == "bfloat16" || text == "auto") *dtype = kernels::KvDtype::BF16;
-  else if (text == "fp8" || text == "fp8_e4m3") *dtype = kernels::KvDtype::FP8;
+  if (text == "f32" || text == "float32")
+    *dtype = kernels::KvDtype::F32;
+  else if (text == "bf16" || text == "bfloat16" || text == "auto")
+    *dtype = kernels::KvDtype::BF16;
+  else if (text == "fp8" || text == "fp8_e4m3")
+    *dtype = kernels::KvDtype::FP8;
   else
     return Error("KV cache dtype '" + text + "' is not one of auto, bf16, fp8, f32");
   return {};
@@ -45,8 +48,8 @@ KvStore::KvStore(const ModelConfig& config, const KvStoreOptions& options)
       manager_(blocks_for(config, options, bytes_per_block(config, options)), options.block_size,
                options.prefix_caching) {
   block_ptr_.assign(static_cast<std::size_t>(manager_.num_blocks()), nullptr);
-  chunks_.resize(static_cast<std::size_t>((manager_.num_blocks() + kChunkBlocks - 1) /
-                                          kChunkBlocks));
+  chunks_.resize(
+      static_cast<std::size_t>((manager_.num_blocks() + kChunkBlocks - 1) / kChunkBlocks));
 }
 
 kernels::PagedKv KvStore::layer_view(int64_t layer) const {

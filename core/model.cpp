@@ -214,8 +214,8 @@ void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, 
     kernels::paged_kv_write(k.data() + seg.begin * kv_dim, v.data() + seg.begin * kv_dim, seg.n,
                             table, cache.length_, view);
     kernels::paged_attention(q.data() + seg.begin * q_dim, seg.n, view, table, cache.length_,
-                             c.num_heads, scale, c.layer_window[l],
-                             attn.data() + seg.begin * q_dim, p);
+                             c.num_heads, scale, c.layer_window[l], attn.data() + seg.begin * q_dim,
+                             p);
   }
   kernels::linear(attn.data(), n, w.o, bias(w.o_bias), out, p);
 }
@@ -329,8 +329,7 @@ void Model::Impl::logits_of(const std::vector<float>& x, std::span<const int64_t
     kernels::rmsnorm(x.data() + rows[i] * H, weights.final_norm.data(), 1, H, c.rms_norm_eps,
                      normed.data() + i * H);
   logits.resize(static_cast<std::size_t>(m * c.vocab_size));
-  if (m > 0)
-    kernels::linear(normed.data(), m, weights.lm_head, nullptr, logits.data(), pool.get());
+  if (m > 0) kernels::linear(normed.data(), m, weights.lm_head, nullptr, logits.data(), pool.get());
 }
 
 Status Model::Impl::run_layers(std::span<const Segment> segments, int64_t n,
@@ -383,8 +382,7 @@ Status Model::Impl::forward_batch(std::span<KVCache* const> caches, std::span<co
   return forward_step(chunks, logits);
 }
 
-Status Model::Impl::forward_step(std::span<const Model::Chunk> chunks,
-                                 std::vector<float>& logits) {
+Status Model::Impl::forward_step(std::span<const Model::Chunk> chunks, std::vector<float>& logits) {
   if (chunks.empty()) return Error("a forward step needs at least one chunk");
   std::vector<int32_t> tokens;
   std::vector<Segment> segments;

@@ -107,12 +107,12 @@ class KVCache {
 
   int64_t length_ = 0;
   int64_t capacity_ = 0;
-  int64_t row_ = 0;  // values per token per layer (num_kv_heads * head_dim)
-  std::shared_ptr<detail::KvStore> store_;    // CPU models
-  std::vector<int32_t> blocks_;               // CPU: this sequence's blocks, in order
-  std::vector<int32_t> tokens_;               // CPU with prefix caching: the tokens cached
-  int64_t committed_ = 0;                     // full blocks registered for prefix reuse
-  uint64_t chain_hash_ = 0;                   // the last registered block's chain hash
+  int64_t row_ = 0;                         // values per token per layer (num_kv_heads * head_dim)
+  std::shared_ptr<detail::KvStore> store_;  // CPU models
+  std::vector<int32_t> blocks_;             // CPU: this sequence's blocks, in order
+  std::vector<int32_t> tokens_;             // CPU with prefix caching: the tokens cached
+  int64_t committed_ = 0;                   // full blocks registered for prefix reuse
+  uint64_t chain_hash_ = 0;                 // the last registered block's chain hash
   std::shared_ptr<detail::DeviceKv> device_;  // GPU models
 };
 

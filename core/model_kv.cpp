@@ -9,7 +9,9 @@ namespace moemesh {
 
 // ---- KVCache -----------------------------------------------------------------------------------
 
-KVCache::KVCache(KVCache&& other) noexcept { *this = std::move(other); }
+KVCache::KVCache(KVCache&& other) noexcept {
+  *this = std::move(other);
+}
 
 KVCache& KVCache::operator=(KVCache&& other) noexcept {
   if (this == &other) return *this;
@@ -28,7 +30,9 @@ KVCache& KVCache::operator=(KVCache&& other) noexcept {
   return *this;
 }
 
-KVCache::~KVCache() { release(); }
+KVCache::~KVCache() {
+  release();
+}
 
 void KVCache::release() {
   if (store_ && !blocks_.empty()) store_->release(blocks_);
@@ -132,8 +136,8 @@ Status Model::reserve(KVCache& cache, int64_t capacity) {
   if (need > 0) {
     std::optional<std::vector<int32_t>> more = impl_->kv->allocate(need);
     if (!more)
-      return Error(fmt::format("the KV cache pool has no room for {} more blocks of {} tokens",
-                               need, bs));
+      return Error(
+          fmt::format("the KV cache pool has no room for {} more blocks of {} tokens", need, bs));
     cache.blocks_.insert(cache.blocks_.end(), more->begin(), more->end());
   }
   cache.capacity_ = capacity;
@@ -188,8 +192,8 @@ KvCacheStats Model::kv_stats() const {
   s.block_size = impl_->kv->block_size();
   s.num_blocks = b.num_blocks;
   s.free_blocks = b.free_blocks;
-  s.usage = b.num_blocks ? static_cast<double>(b.used_blocks) / static_cast<double>(b.num_blocks)
-                         : 0.0;
+  s.usage =
+      b.num_blocks ? static_cast<double>(b.used_blocks) / static_cast<double>(b.num_blocks) : 0.0;
   s.prefix_queries_tokens = b.prefix_queries_tokens;
   s.prefix_hits_tokens = b.prefix_hits_tokens;
   return s;
@@ -213,11 +217,10 @@ Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, i
     return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
   if (max_tokens > 0) {
     // Size in bytes from the block size of this dtype (a store of one block tells it).
-    const detail::KvStore probe(impl_->config, detail::KvStoreOptions{
-                                                   .block_size = o.block_size,
-                                                   .dtype = o.dtype,
-                                                   .max_bytes = 1,
-                                                   .prefix_caching = false});
+    const detail::KvStore probe(
+        impl_->config,
+        detail::KvStoreOptions{
+            .block_size = o.block_size, .dtype = o.dtype, .max_bytes = 1, .prefix_caching = false});
     o.max_bytes = (max_tokens + block_size - 1) / block_size * probe.block_bytes();
   } else {
     o.max_bytes = max_bytes;

@@ -100,7 +100,8 @@ std::string Metrics::render() const {
     out += fmt::format("vllm:num_requests_running{{{}}} {}\n", labels_, engine_.running());
     header(out, "vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.");
     out += fmt::format("vllm:num_requests_waiting{{{}}} {}\n", labels_, engine_.waiting());
-    header(out, "vllm:kv_cache_usage_perc", "gauge", "Fraction of the KV cache blocks in use (0-1).");
+    header(out, "vllm:kv_cache_usage_perc", "gauge",
+           "Fraction of the KV cache blocks in use (0-1).");
     out += fmt::format("vllm:kv_cache_usage_perc{{{}}} {}\n", labels_, engine_.kv_cache_usage());
     header(out, "vllm:num_preemptions_total", "counter", "Sequences preempted by the scheduler.");
     out +=

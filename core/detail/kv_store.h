@@ -70,8 +70,8 @@ class KvStore {
   int64_t plane_bytes_ = 0;  // one layer's K (or V) of one block
   int64_t block_bytes_ = 0;
   mutable std::mutex mu_;
-  KvBlockManager manager_;                      // guarded by mu_
-  std::vector<char*> block_ptr_;                // guarded by mu_ (sized once: pointers are stable)
+  KvBlockManager manager_;                       // guarded by mu_
+  std::vector<char*> block_ptr_;                 // guarded by mu_ (sized once: pointers are stable)
   std::vector<std::unique_ptr<char[]>> chunks_;  // guarded by mu_
 };
 

@@ -100,8 +100,8 @@ Buffer<Kind> Buffer<Kind>::allocate(std::size_t bytes, std::string* error) {
     cudaGetLastError();
     b.data_ = nullptr;
     if (error)
-      *error = describe(
-          e, ("allocating " + std::to_string(bytes) + " bytes of " + Kind::kWhat).c_str());
+      *error =
+          describe(e, ("allocating " + std::to_string(bytes) + " bytes of " + Kind::kWhat).c_str());
     return b;
   }
   b.size_ = bytes;

@@ -238,10 +238,11 @@ TEST(EngineScheduler, ChunkedPrefillGivesTheSameTokens) {
   o.max_num_batched_tokens = 3;  // the 8-token prompt takes three steps
   auto engine = start_engine(o);
   const std::vector<int32_t> expected = reference_output();
-  ASSERT_TRUE(engine->submit(request("chunked", reference_prompt(),
-                                     static_cast<int64_t>(expected.size())),
-                             c.sink())
-                  .ok());
+  ASSERT_TRUE(
+      engine
+          ->submit(request("chunked", reference_prompt(), static_cast<int64_t>(expected.size())),
+                   c.sink())
+          .ok());
   ASSERT_TRUE(c.wait_finished(1));
   EXPECT_EQ(c.get("chunked").tokens, expected);
 }

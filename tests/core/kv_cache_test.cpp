@@ -16,8 +16,8 @@ namespace {
 using test::fixture;
 using test::fixture_prompt;
 
-std::unique_ptr<Model> load(const char* name, const std::string& dtype = "f32",
-                            bool prefix = false, int64_t max_tokens = 0) {
+std::unique_ptr<Model> load(const char* name, const std::string& dtype = "f32", bool prefix = false,
+                            int64_t max_tokens = 0) {
   auto m = Model::load(fixture(name));
   EXPECT_TRUE(m) << m.error().message();
   auto model = std::move(*m);
@@ -28,7 +28,8 @@ std::unique_ptr<Model> load(const char* name, const std::string& dtype = "f32",
 std::vector<int32_t> long_prompt(const std::string& name, std::size_t n) {
   std::vector<int32_t> p = fixture_prompt(name);
   std::vector<int32_t> out;
-  for (std::size_t i = 0; out.size() < n; ++i) out.push_back((p[i % p.size()] + static_cast<int32_t>(i / p.size())) % 50);
+  for (std::size_t i = 0; out.size() < n; ++i)
+    out.push_back((p[i % p.size()] + static_cast<int32_t>(i / p.size())) % 50);
   return out;
 }
 
