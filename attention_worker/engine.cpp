@@ -47,6 +47,7 @@ struct Sequence {
   Clock::time_point scheduled;   // when it first ran (queue time ends)
   bool started = false;
   uint64_t admitted = 0;  // admission order: the newest is preempted first
+  uint64_t planned = 0;   // the last step that runs this sequence (Impl::step_id)
 
   bool prefilling() const { return done < pending.size(); }
 };
@@ -83,6 +84,7 @@ struct Engine::Impl {
   std::list<Sequence> running;                   // admitted, prefilling or decoding
   uint64_t next_order = 0;
   uint64_t next_admission = 0;
+  uint64_t step_id = 0;  // of the step being planned
 
   // Published statistics.
   std::atomic<int> n_running{0};
@@ -107,10 +109,11 @@ struct Engine::Impl {
   // itself when it is the newest: then false, and s is no longer in `running`).
   bool make_room(std::list<Sequence>::iterator s);
   // Prefill: the largest chunk (up to `want` tokens) s's cache can take, preempting sequences
-  // admitted after s that are not in `planned`; 0 when none fits.
-  int64_t fit_chunk(std::list<Sequence>::iterator s, int64_t want,
-                    const std::vector<const Sequence*>& planned);
+  // admitted after s that this step does not already run; 0 when none fits.
+  int64_t fit_chunk(std::list<Sequence>::iterator s, int64_t want);
   void preempt(std::list<Sequence>::iterator s);
+  // Puts s in the preempted queue, by its request's arrival, to be recomputed from s.pending.
+  void requeue(Sequence s);
   // After the prompt's prefill: samples the first token of each of the request's n sequences.
   void start_sequences(std::list<Sequence>::iterator leader, std::span<const float> logits);
   // Samples s's next token from `row` and sends it (with the prompt's logprobs when given);
@@ -262,35 +265,27 @@ void Engine::Impl::apply_cancels(std::vector<std::pair<std::string, int>> list) 
         ++it;
       }
     }
-    // A leader still prefilling stands for all n sequences of its request.
+    // A leader still prefilling stands for all n sequences of its request, so only cancelling
+    // the whole request removes it.
     auto matches = [&](const Sequence& s) {
-      return s.request->msg.request_id() == id && (index < 0 || s.index == index || s.leads);
+      return s.request->msg.request_id() == id && (index < 0 || (!s.leads && s.index == index));
     };
-    auto finish = [&](Sequence& s) {
-      if (s.leads)
-        for (int i = 0; i < s.request->msg.n(); ++i) {
-          if (index < 0 || i == index) send_final(*s.request, i, "abort");
+    auto drop = [&](auto& queue) {
+      for (auto it = queue.begin(); it != queue.end();) {
+        if (!matches(*it)) {
+          ++it;
+          continue;
         }
-      else
-        send_final(*s.request, s.index, "abort");
-      ++aborted;
+        // A leader (matched only with index < 0) ends all n sequences; any other, its own.
+        const int first = it->leads ? 0 : it->index;
+        const int end = it->leads ? it->request->msg.n() : it->index + 1;
+        for (int i = first; i < end; ++i) send_final(*it->request, i, "abort");
+        ++aborted;
+        it = queue.erase(it);  // frees its blocks at once
+      }
     };
-    for (auto it = running.begin(); it != running.end();) {
-      if (matches(*it) && (!it->leads || index < 0)) {
-        finish(*it);
-        it = running.erase(it);  // frees its blocks at once
-      } else {
-        ++it;
-      }
-    }
-    for (auto it = preempted.begin(); it != preempted.end();) {
-      if (matches(*it) && (!it->leads || index < 0)) {
-        finish(*it);
-        it = preempted.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    drop(running);
+    drop(preempted);
   }
 }
 
@@ -303,14 +298,18 @@ void Engine::Impl::preempt(std::list<Sequence>::iterator s) {
     victim.pending = victim.request->prompt;
     victim.pending.insert(victim.pending.end(), victim.output.begin(), victim.output.end() - 1);
   }  // else: a leader that had not finished its prompt starts it again
-  victim.done = 0;
   spdlog::debug("preempted request={} index={} tokens={}", victim.request->msg.request_id(),
                 victim.index, victim.pending.size());
+  requeue(std::move(victim));
+}
+
+void Engine::Impl::requeue(Sequence s) {
+  s.done = 0;
   // Back in line by arrival order, ahead of later arrivals.
-  auto at = std::find_if(preempted.begin(), preempted.end(), [&](const Sequence& o) {
-    return o.request->order > victim.request->order;
-  });
-  preempted.insert(at, std::move(victim));
+  const uint64_t order = s.request->order;
+  auto at = std::find_if(preempted.begin(), preempted.end(),
+                         [&](const Sequence& o) { return o.request->order > order; });
+  preempted.insert(at, std::move(s));
 }
 
 bool Engine::Impl::make_room(std::list<Sequence>::iterator s) {
@@ -325,14 +324,12 @@ bool Engine::Impl::make_room(std::list<Sequence>::iterator s) {
   }
 }
 
-int64_t Engine::Impl::fit_chunk(std::list<Sequence>::iterator s, int64_t want,
-                                const std::vector<const Sequence*>& planned) {
+int64_t Engine::Impl::fit_chunk(std::list<Sequence>::iterator s, int64_t want) {
   for (;;) {
     if (model->reserve(s->cache, s->cache.length() + want)) return want;
     auto victim = running.end();
     for (auto it = running.begin(); it != running.end(); ++it) {
-      if (it == s || it->admitted < s->admitted) continue;
-      if (std::find(planned.begin(), planned.end(), &*it) != planned.end()) continue;
+      if (it == s || it->admitted < s->admitted || it->planned == step_id) continue;
       if (victim == running.end() || it->admitted > victim->admitted) victim = it;
     }
     if (victim == running.end()) break;
@@ -393,6 +390,7 @@ void Engine::Impl::start_sequences(std::list<Sequence>::iterator leader,
   // Sequences 1..n-1 share the prompt's blocks (fork); when the pool has no room for their copy,
   // they wait to recompute the prompt instead.
   std::vector<Sequence> made;
+  std::vector<bool> has_cache(static_cast<std::size_t>(n), true);
   for (int i = 0; i < n; ++i) {
     Sequence s;
     s.request = leader->request;
@@ -404,7 +402,10 @@ void Engine::Impl::start_sequences(std::list<Sequence>::iterator leader,
     s.sampler.emplace(p, c.eos_token_ids);
     if (i > 0) {
       Expected<KVCache> copy = model->fork(leader->cache);
-      if (copy) s.cache = std::move(*copy);
+      if (copy)
+        s.cache = std::move(*copy);
+      else
+        has_cache[i] = false;
     }
     made.push_back(std::move(s));
   }
@@ -417,12 +418,9 @@ void Engine::Impl::start_sequences(std::list<Sequence>::iterator leader,
     std::vector<float> row = last;
     const bool finished = emit(s, row, /*first=*/true, i == 0 && all ? &prompt_lp : nullptr);
     if (finished) continue;
-    if (i > 0 && s.cache.capacity() == 0 && s.cache.length() == 0) {
+    if (!has_cache[i]) {
       s.pending = r.prompt;  // recompute the prompt for this sequence when there is room
-      s.done = 0;
-      auto pos = std::find_if(preempted.begin(), preempted.end(),
-                              [&](const Sequence& o) { return o.request->order > r.order; });
-      preempted.insert(pos, std::move(s));
+      requeue(std::move(s));
       continue;
     }
     s.admitted = i == 0 ? s.admitted : next_admission++;
@@ -493,19 +491,19 @@ bool Engine::Impl::step() {
     bool logits;
   };
   std::vector<Planned> plan;
-  std::vector<const Sequence*> planned;
+  ++step_id;
   int64_t left = options.max_num_batched_tokens;
   for (auto it = running.begin(); it != running.end() && left > 0; ++it)
     if (!it->prefilling() && it->cache.length() < it->cache.capacity()) {
       plan.push_back({it, {it->output.back()}, true});
-      planned.push_back(&*it);
+      it->planned = step_id;
       --left;
     }
   // A prompt whose logprobs were asked for needs every position's logits: it runs whole, alone,
   // through forward() after the step.
   std::optional<std::list<Sequence>::iterator> whole;
   for (auto it = running.begin(); it != running.end() && left > 0;) {
-    if (!it->prefilling() || std::find(planned.begin(), planned.end(), &*it) != planned.end()) {
+    if (!it->prefilling()) {
       ++it;
       continue;
     }
@@ -516,8 +514,7 @@ bool Engine::Impl::step() {
     }
     const auto remaining = static_cast<int64_t>(it->pending.size() - it->done);
     // May preempt sequences admitted after `it` (never `it`, never one already planned).
-    const int64_t chunk =
-        fit_chunk(it, all_logits ? remaining : std::min(remaining, left), planned);
+    const int64_t chunk = fit_chunk(it, all_logits ? remaining : std::min(remaining, left));
     const auto next = std::next(it);
     if (chunk == 0 || (all_logits && chunk < remaining)) {
       it = next;  // no room this step
@@ -527,7 +524,7 @@ bool Engine::Impl::step() {
       it->started = true;
       it->scheduled = Clock::now();
     }
-    planned.push_back(&*it);
+    it->planned = step_id;
     if (all_logits) {
       whole = it;
     } else {

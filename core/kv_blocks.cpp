@@ -257,6 +257,10 @@ bool KvBlockManager::is_cached(int32_t block) const {
   return valid(block) && cached_[block] != 0;
 }
 
+uint64_t KvBlockManager::cached_hash(int32_t block) const {
+  return is_cached(block) ? key_[block] : 0;
+}
+
 KvBlockStats KvBlockManager::stats() const {
   KvBlockStats s;
   s.num_blocks = num_blocks_;

@@ -111,6 +111,9 @@ class KvBlockManager {
   int32_t ref_count(int32_t block) const;
   // Whether `block` is registered in the prefix table.
   bool is_cached(int32_t block) const;
+  // The chain hash `block` is registered under (0 when it is not cached): what a sequence that
+  // matched it passes as the parent hash of its next block.
+  uint64_t cached_hash(int32_t block) const;
   KvBlockStats stats() const;
 
   // Forget every cached block (e.g. when the weights change); referenced blocks stay in use, and

@@ -8,10 +8,10 @@ namespace moemesh::detail {
 
 namespace {
 
-int64_t blocks_for(const ModelConfig& c, const KvStoreOptions& o, int64_t block_bytes) {
-  (void)c;
-  if (o.max_bytes <= 0) return KvStore::kUnboundedBlocks;
-  return std::max<int64_t>(1, o.max_bytes / block_bytes);
+int64_t blocks_for(const KvStoreOptions& o, int64_t block_bytes) {
+  if (o.max_tokens > 0) return (o.max_tokens + o.block_size - 1) / o.block_size;
+  if (o.max_bytes > 0) return std::max<int64_t>(1, o.max_bytes / block_bytes);
+  return KvStore::kUnboundedBlocks;
 }
 
 int64_t bytes_per_block(const ModelConfig& c, const KvStoreOptions& o) {
@@ -24,29 +24,40 @@ int64_t bytes_per_block(const ModelConfig& c, const KvStoreOptions& o) {
 
 }  // namespace
 
-Status parse_kv_dtype(const std::string& text, kernels::KvDtype* dtype) {
-  if (text == "f32" || text == "float32")
-    *dtype = kernels::KvDtype::F32;
-  else if (text == "bf16" || text == "bfloat16" || text == "auto")
-    *dtype = kernels::KvDtype::BF16;
-  else if (text == "fp8" || text == "fp8_e4m3")
-    *dtype = kernels::KvDtype::FP8;
+Expected<KvStoreOptions> kv_store_options(const std::string& dtype, kernels::DType checkpoint_dtype,
+                                          int64_t block_size, int64_t max_tokens, int64_t max_bytes,
+                                          bool prefix_caching) {
+  KvStoreOptions o;
+  if (dtype == "auto")
+    o.dtype =
+        checkpoint_dtype == kernels::DType::BF16 ? kernels::KvDtype::BF16 : kernels::KvDtype::F32;
+  else if (dtype == "f32" || dtype == "float32")
+    o.dtype = kernels::KvDtype::F32;
+  else if (dtype == "bf16" || dtype == "bfloat16")
+    o.dtype = kernels::KvDtype::BF16;
+  else if (dtype == "fp8" || dtype == "fp8_e4m3")
+    o.dtype = kernels::KvDtype::FP8;
   else
-    return Error("KV cache dtype '" + text + "' is not one of auto, bf16, fp8, f32");
-  return {};
+    return Error("KV cache dtype '" + dtype + "' is not one of auto, bf16, fp8, f32");
+  if (block_size < 1 || block_size > 4096)
+    return Error("the KV cache block size must be between 1 and 4096 tokens, got " +
+                 std::to_string(block_size));
+  o.block_size = block_size;
+  o.max_tokens = max_tokens;
+  o.max_bytes = max_bytes;
+  o.prefix_caching = prefix_caching;
+  return o;
 }
 
 KvStore::KvStore(const ModelConfig& config, const KvStoreOptions& options)
     : options_(options),
       layers_(config.num_layers),
-      row_(config.num_kv_heads * config.head_dim),
       n_kv_heads_(config.num_kv_heads),
       head_dim_(config.head_dim),
       plane_bytes_(options.block_size * config.num_kv_heads * config.head_dim *
                    static_cast<int64_t>(kernels::kv_dtype_size(options.dtype))),
       block_bytes_(bytes_per_block(config, options)),
-      manager_(blocks_for(config, options, bytes_per_block(config, options)), options.block_size,
-               options.prefix_caching) {
+      manager_(blocks_for(options, block_bytes_), options.block_size, options.prefix_caching) {
   block_ptr_.assign(static_cast<std::size_t>(manager_.num_blocks()), nullptr);
   chunks_.resize(
       static_cast<std::size_t>((manager_.num_blocks() + kChunkBlocks - 1) / kChunkBlocks));
@@ -109,6 +120,11 @@ std::vector<int32_t> KvStore::match_prefix(std::span<const int32_t> tokens, int6
 uint64_t KvStore::commit(int32_t block, uint64_t parent_hash, std::span<const int32_t> tokens) {
   std::lock_guard lock(mu_);
   return manager_.commit_full_block(block, parent_hash, tokens);
+}
+
+uint64_t KvStore::cached_hash(int32_t block) const {
+  std::lock_guard lock(mu_);
+  return manager_.cached_hash(block);
 }
 
 void KvStore::copy_block(int32_t src, int32_t dst) {

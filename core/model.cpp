@@ -88,16 +88,11 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
 #endif
   (void)device;
   if (!cuda) {
-    detail::KvStoreOptions ko;
-    if (Status st = detail::parse_kv_dtype(options.kv_cache_dtype, &ko.dtype); !st)
-      return st.error();
-    if (options.kv_block_size < 1 || options.kv_block_size > 4096)
-      return Error(fmt::format("the KV cache block size must be between 1 and 4096 tokens, got {}",
-                               options.kv_block_size));
-    ko.block_size = options.kv_block_size;
-    ko.max_bytes = options.kv_cache_bytes;
-    ko.prefix_caching = options.prefix_caching;
-    impl->kv = std::make_shared<detail::KvStore>(impl->config, ko);
+    Expected<detail::KvStoreOptions> ko = detail::kv_store_options(
+        options.kv_cache_dtype, impl->weights.embed.dtype, options.kv_block_size, 0,
+        options.kv_cache_bytes, options.prefix_caching);
+    if (!ko) return ko.error();
+    impl->kv = std::make_shared<detail::KvStore>(impl->config, *ko);
   }
 
   const ModelConfig& c = impl->config;

@@ -130,10 +130,10 @@ struct ModelOptions {
   // How the GPU issues a MoE layer's expert GEMMs: "auto", "loop", "streams", "batched" or
   // "wmma" (kernels/cuda/cuda_kernels.h GroupedMethod).
   std::string grouped_gemm = "auto";
-  // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", or
-  // "fp8": e4m3 with a float32 scale per token and kv head), the most memory it may take (0: it
-  // grows as sequences need it), and whether full blocks are shared between sequences with the
-  // same prefix.
+  // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", "auto" =
+  // the checkpoint's, or "fp8": e4m3 with a float32 scale per token and kv head), the most memory
+  // it may take (0: it grows as sequences need it), and whether full blocks are shared between
+  // sequences with the same prefix.
   int64_t kv_block_size = 16;
   std::string kv_cache_dtype = "f32";
   int64_t kv_cache_bytes = 0;

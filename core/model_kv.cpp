@@ -104,11 +104,7 @@ KVCache Model::new_cache_from_prefix(std::span<const int32_t> prompt, int64_t* c
   cache.length_ = n * bs;
   cache.committed_ = n;
   cache.tokens_.assign(prompt.begin(), prompt.begin() + n * bs);
-  uint64_t hash = 0;
-  for (int64_t b = 0; b < n; ++b)
-    hash = KvBlockManager::chain_hash(
-        hash, std::span<const int32_t>(prompt.data() + b * bs, static_cast<std::size_t>(bs)));
-  cache.chain_hash_ = hash;
+  cache.chain_hash_ = impl_->kv->cached_hash(cache.blocks_.back());  // the matched chain's end
   *cached = n * bs;
   return cache;
 }
@@ -202,30 +198,12 @@ KvCacheStats Model::kv_stats() const {
 Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
                                  int64_t max_bytes, bool prefix_caching) {
   if (impl_->on_gpu()) return {};
-  detail::KvStoreOptions o;
-  if (dtype == "auto")
-    o.dtype = impl_->weights.embed.dtype == kernels::DType::BF16 ? kernels::KvDtype::BF16
-                                                                 : kernels::KvDtype::F32;
-  else if (Status s = detail::parse_kv_dtype(dtype, &o.dtype); !s)
-    return s;
-  if (block_size < 1 || block_size > 4096)
-    return Error(fmt::format("the KV cache block size must be between 1 and 4096 tokens, got {}",
-                             block_size));
-  o.block_size = block_size;
-  o.prefix_caching = prefix_caching;
+  Expected<detail::KvStoreOptions> o = detail::kv_store_options(
+      dtype, impl_->weights.embed.dtype, block_size, max_tokens, max_bytes, prefix_caching);
+  if (!o) return o.error();
   if (impl_->kv && impl_->kv->stats().used_blocks > 0)
     return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
-  if (max_tokens > 0) {
-    // Size in bytes from the block size of this dtype (a store of one block tells it).
-    const detail::KvStore probe(
-        impl_->config,
-        detail::KvStoreOptions{
-            .block_size = o.block_size, .dtype = o.dtype, .max_bytes = 1, .prefix_caching = false});
-    o.max_bytes = (max_tokens + block_size - 1) / block_size * probe.block_bytes();
-  } else {
-    o.max_bytes = max_bytes;
-  }
-  impl_->kv = std::make_shared<detail::KvStore>(impl_->config, o);
+  impl_->kv = std::make_shared<detail::KvStore>(impl_->config, *o);
   return {};
 }
 

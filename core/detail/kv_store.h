@@ -28,12 +28,19 @@ namespace moemesh::detail {
 struct KvStoreOptions {
   int64_t block_size = 16;
   kernels::KvDtype dtype = kernels::KvDtype::F32;
-  int64_t max_bytes = 0;  // 0: up to kUnboundedBlocks blocks, backed as they are used
+  // The pool's size: max_tokens (rounded up to whole blocks) when > 0, else max_bytes; both 0:
+  // up to kUnboundedBlocks blocks, backed as they are used.
+  int64_t max_tokens = 0;
+  int64_t max_bytes = 0;
   bool prefix_caching = false;
 };
 
-// Parses "f32", "bf16" or "fp8" (e4m3 with per-row scales); the error names the value.
-Status parse_kv_dtype(const std::string& text, kernels::KvDtype* dtype);
+// Checked options from the user's settings: dtype "auto" (the checkpoint's: bf16 for a bf16
+// checkpoint, else f32), "f32", "bf16" or "fp8" (e4m3 with per-row scales); a block size of 1 to
+// 4096 tokens. Errors name the value at fault.
+Expected<KvStoreOptions> kv_store_options(const std::string& dtype, kernels::DType checkpoint_dtype,
+                                          int64_t block_size, int64_t max_tokens, int64_t max_bytes,
+                                          bool prefix_caching);
 
 class KvStore {
  public:
@@ -56,6 +63,7 @@ class KvStore {
   void release(std::span<const int32_t> blocks);
   std::vector<int32_t> match_prefix(std::span<const int32_t> tokens, int64_t max_blocks);
   uint64_t commit(int32_t block, uint64_t parent_hash, std::span<const int32_t> tokens);
+  uint64_t cached_hash(int32_t block) const;
   void copy_block(int32_t src, int32_t dst);
   KvBlockStats stats() const;
 
@@ -64,7 +72,6 @@ class KvStore {
 
   KvStoreOptions options_;
   int64_t layers_ = 0;
-  int64_t row_ = 0;  // n_kv_heads * head_dim
   int64_t n_kv_heads_ = 0;
   int64_t head_dim_ = 0;
   int64_t plane_bytes_ = 0;  // one layer's K (or V) of one block
