@@ -16,10 +16,6 @@ namespace cu = kernels::cuda;
 
 namespace {
 
-Status from(const std::string& e) {
-  return e.empty() ? Status{} : Status(Error(e));
-}
-
 void to_bf16(const kernels::WeightView& w, std::vector<uint16_t>& out, std::size_t at) {
   out.resize(std::max(out.size(), at + static_cast<std::size_t>(w.rows * w.cols)));
   weight_to_bf16(w, out.data() + at);
@@ -98,22 +94,14 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   const Impl::Expert& w = it->second;
   const int64_t H = m.hidden;
   const auto rows_bytes = static_cast<std::size_t>(m_tokens * H * 4);
-  auto grow = [](auto& buf, std::size_t bytes, auto alloc) -> Status {
-    if (buf.size() >= bytes) return {};
-    std::string e;
-    buf = alloc(bytes * 2, &e);
-    return buf.data() ? Status{} : Status(Error(e));
-  };
-  auto dev = [](std::size_t b, std::string* e) { return cu::DeviceBuffer::allocate(b, e); };
-  auto pin = [](std::size_t b, std::string* e) { return cu::PinnedBuffer::allocate(b, e); };
   for (auto [buf, bytes] : {std::pair{&m.x32, rows_bytes},
                             {&m.x16, rows_bytes / 2},
                             {&m.gu, static_cast<std::size_t>(m_tokens * 2 * w.inter * 4)},
                             {&m.act, static_cast<std::size_t>(m_tokens * w.inter * 2)},
                             {&m.y, rows_bytes}})
-    if (Status s = grow(*buf, bytes, dev); !s) return s;
+    if (Status s = ensure(*buf, bytes); !s) return s;
   for (auto* buf : {&m.in, &m.out})
-    if (Status s = grow(*buf, rows_bytes, pin); !s) return s;
+    if (Status s = ensure(*buf, rows_bytes); !s) return s;
   std::memcpy(m.in.data(), x, rows_bytes);
   cu::copy(m.x32.data(), m.in.data(), rows_bytes, m.stream);
   cu::f32_to_bf16(m.x32.as<float>(), m_tokens * H, m.x16.as<uint16_t>(), m.stream);

@@ -44,27 +44,6 @@ Status parse_device(const std::string& text, bool* cuda, int* device) {
 
 namespace {
 
-Status from(const std::string& e) {
-  return e.empty() ? Status{} : Status(Error(e));
-}
-
-// Reallocates `b` when it holds fewer than `bytes`.
-Status ensure(cu::DeviceBuffer& b, std::size_t bytes) {
-  if (b.size() >= bytes) return {};
-  b = cu::DeviceBuffer();
-  std::string e;
-  b = cu::DeviceBuffer::allocate(std::max<std::size_t>(bytes, 256), &e);
-  return b.data() ? Status{} : Status(Error(e));
-}
-
-Status ensure(cu::PinnedBuffer& b, std::size_t bytes) {
-  if (b.size() >= bytes) return {};
-  b = cu::PinnedBuffer();
-  std::string e;
-  b = cu::PinnedBuffer::allocate(std::max<std::size_t>(bytes, 256), &e);
-  return b.data() ? Status{} : Status(Error(e));
-}
-
 // A weight matrix as bf16 bits, converted on the host when the checkpoint stores another dtype.
 void to_bf16_rows(const kernels::WeightView& w, std::vector<uint16_t>& out) {
   out.resize(static_cast<std::size_t>(w.rows * w.cols));

@@ -95,8 +95,6 @@ class KVCache {
 
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
-  // Blocks held (on the CPU; on a GPU, of the device pool).
-  int64_t blocks() const;
   // Forgets the tokens; the capacity stays (blocks shared through the prefix cache are swapped
   // for fresh ones, so nothing another sequence reads is overwritten).
   void clear();

@@ -40,11 +40,6 @@ void KVCache::release() {
   device_.reset();
 }
 
-int64_t KVCache::blocks() const {
-  if (device_) return capacity_;  // (the GPU pool counts tokens per cache; see cuda_forward.h)
-  return static_cast<int64_t>(blocks_.size());
-}
-
 void KVCache::clear() {
   length_ = 0;
   tokens_.clear();

@@ -2,6 +2,7 @@
 // forward pass and GPU expert shards start from.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <string>
 
@@ -9,6 +10,23 @@
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
+
+// A kernels/cuda error message ("" for none) as a Status.
+inline Status from(const std::string& error) {
+  return error.empty() ? Status{} : Status(Error(error));
+}
+
+// Grows `b` (device or pinned scratch) to hold at least `bytes`, at least doubling it so that
+// growing step by step costs few reallocations; the old contents are not kept.
+template <typename Kind>
+Status ensure(kernels::cuda::Buffer<Kind>& b, std::size_t bytes) {
+  if (b.size() >= bytes) return {};
+  const std::size_t size = std::max({bytes, 2 * b.size(), std::size_t{256}});
+  b = kernels::cuda::Buffer<Kind>();  // free first: the new one may need the room
+  std::string e;
+  b = kernels::cuda::Buffer<Kind>::allocate(size, &e);
+  return b.data() ? Status{} : Status(Error(e));
+}
 
 struct CudaContext {
   int device = 0;
