@@ -18,6 +18,7 @@
 namespace moemesh::kernels {
 namespace {
 
+using test::expect_batches_match_alone;
 using test::IsaGuard;
 using test::random_vector;
 using test::supported_isas;
@@ -128,23 +129,14 @@ TEST(Int8, BatchInvariantOnEveryIsa) {
       const std::vector<float> bias = random_vector(rows, 5, 0.1f);
       const int64_t max_n = 130;
       const std::vector<float> x = random_vector(max_n * cols, 11);
-      // Each token alone, single-threaded.
-      std::vector<float> alone(static_cast<std::size_t>(max_n * rows));
-      for (int64_t t = 0; t < max_n; ++t)
-        linear(x.data() + t * cols, 1, w.view, bias.data(), alone.data() + t * rows, nullptr);
       for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 130}) {
-        for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
-          // Batches of n tokens covering all of x (the last one partial).
-          std::vector<float> y(static_cast<std::size_t>(max_n * rows));
-          for (int64_t t0 = 0; t0 < max_n; t0 += n) {
-            const int64_t m = std::min(n, max_n - t0);
-            linear(x.data() + t0 * cols, m, w.view, bias.data(), y.data() + t0 * rows, p);
-          }
-          for (std::size_t i = 0; i < y.size(); ++i)
-            ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), std::bit_cast<uint32_t>(alone[i]))
-                << isa_name(isa) << " rows=" << rows << " cols=" << cols << " batch=" << n
-                << " token=" << i / rows << " row=" << i % rows << (p ? " pool" : "");
-        }
+        // Batches of n tokens covering all of x (the last one partial).
+        std::vector<std::pair<int64_t, int64_t>> batches;
+        for (int64_t t0 = 0; t0 < max_n; t0 += n) batches.emplace_back(std::min(n, max_n - t0), t0);
+        for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool})
+          expect_batches_match_alone(w.view, bias.data(), x, max_n, batches, p,
+                                     std::string(isa_name(isa)) + " rows=" + std::to_string(rows) +
+                                         " cols=" + std::to_string(cols) + (p ? " pool" : ""));
       }
     }
   }

@@ -15,6 +15,7 @@
 namespace moemesh::kernels {
 namespace {
 
+using test::expect_batches_match_alone;
 using test::IsaGuard;
 using test::random_vector;
 using test::supported_isas;
@@ -132,20 +133,12 @@ TEST(Isa, LinearIsBatchInvariantOnEveryIsa) {
         const Matrix m = make_matrix(dtype, rows, cols, 11);
         const std::vector<float> bias = random_vector(rows, 12);
         const std::vector<float> x = random_vector(kTokens * cols, 13);
-        std::vector<float> alone(static_cast<std::size_t>(kTokens * rows));
-        for (int64_t t = 0; t < kTokens; ++t)
-          linear(x.data() + t * cols, 1, m.view, bias.data(), alone.data() + t * rows, &pool);
+        std::vector<std::pair<int64_t, int64_t>> batches;  // every batch of x at every position
         for (int64_t n = 1; n <= kTokens; ++n)
-          for (int64_t first = 0; first + n <= kTokens; ++first) {
-            std::vector<float> y(static_cast<std::size_t>(n * rows));
-            linear(x.data() + first * cols, n, m.view, bias.data(), y.data(), &pool);
-            for (int64_t t = 0; t < n; ++t)
-              for (int64_t r = 0; r < rows; ++r)
-                ASSERT_EQ(std::bit_cast<uint32_t>(y[t * rows + r]),
-                          std::bit_cast<uint32_t>(alone[(first + t) * rows + r]))
-                    << isa_name(isa) << " " << dtype_name(dtype) << " cols=" << cols << " n=" << n
-                    << " first=" << first << " t=" << t << " r=" << r;
-          }
+          for (int64_t first = 0; first + n <= kTokens; ++first) batches.emplace_back(n, first);
+        expect_batches_match_alone(
+            m.view, bias.data(), x, kTokens, batches, &pool,
+            std::string(isa_name(isa)) + " " + dtype_name(dtype) + " cols=" + std::to_string(cols));
       }
     }
   }
@@ -159,7 +152,8 @@ TEST(Isa, LinearIsBatchInvariantWithManyTokensOnEveryIsa) {
   ThreadPool pool(2);
   constexpr int64_t kTokens = 140;
   // {n, first}: a batch of x[first, first + n).
-  const std::pair<int64_t, int64_t> batches[] = {{130, 0}, {130, 10}, {64, 3}, {17, 5}, {10, 1}};
+  const std::vector<std::pair<int64_t, int64_t>> batches = {
+      {130, 0}, {130, 10}, {64, 3}, {17, 5}, {10, 1}};
   for (Isa isa : supported_isas()) {
     ASSERT_TRUE(force_isa(isa));
     for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
@@ -168,19 +162,9 @@ TEST(Isa, LinearIsBatchInvariantWithManyTokensOnEveryIsa) {
         const Matrix m = make_matrix(dtype, rows, cols, 21);
         const std::vector<float> bias = random_vector(rows, 22);
         const std::vector<float> x = random_vector(kTokens * cols, 23);
-        std::vector<float> alone(static_cast<std::size_t>(kTokens * rows));
-        for (int64_t t = 0; t < kTokens; ++t)
-          linear(x.data() + t * cols, 1, m.view, bias.data(), alone.data() + t * rows, &pool);
-        for (const auto& [n, first] : batches) {
-          std::vector<float> y(static_cast<std::size_t>(n * rows));
-          linear(x.data() + first * cols, n, m.view, bias.data(), y.data(), &pool);
-          for (int64_t t = 0; t < n; ++t)
-            for (int64_t r = 0; r < rows; ++r)
-              ASSERT_EQ(std::bit_cast<uint32_t>(y[t * rows + r]),
-                        std::bit_cast<uint32_t>(alone[(first + t) * rows + r]))
-                  << isa_name(isa) << " " << dtype_name(dtype) << " cols=" << cols << " n=" << n
-                  << " first=" << first << " t=" << t << " r=" << r;
-        }
+        expect_batches_match_alone(
+            m.view, bias.data(), x, kTokens, batches, &pool,
+            std::string(isa_name(isa)) + " " + dtype_name(dtype) + " cols=" + std::to_string(cols));
       }
     }
   }
