@@ -203,6 +203,31 @@ TEST(Engine, InvalidRequestsAreRefusedUpFront) {
   EXPECT_EQ(engine->stats().waiting(), 0);
 }
 
+TEST(Engine, BadOptionsAreRefusedAtStart) {
+  auto start_with = [](EngineOptions o) {
+    Expected<std::unique_ptr<Model>> m = Model::load(kModel);
+    EXPECT_TRUE(m.ok());
+    return Engine::start(std::move(*m), o);
+  };
+  EngineOptions o;
+  o.kv_cache_dtype = "int4";
+  auto e = start_with(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.error().message().find("'int4' is not one of auto, bf16, fp8, f32"),
+            std::string::npos)
+      << e.error().message();
+  o = EngineOptions{};
+  o.block_size = 0;
+  e = start_with(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.error().message().find("block size"), std::string::npos) << e.error().message();
+  o = EngineOptions{};
+  o.max_num_batched_tokens = 0;
+  e = start_with(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_NE(e.error().message().find("max_num_batched_tokens"), std::string::npos);
+}
+
 TEST(Engine, RequestsBeyondTheCacheWaitTheirTurn) {
   EngineOptions o;
   o.kv_cache_tokens = 40;  // room for two sequences of 20 at a time
