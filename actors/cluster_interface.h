@@ -14,14 +14,24 @@
 //   done(request id): an attention worker finished a request (all its sequences ended).
 //   cluster() -> ClusterSnapshot bytes; experts() -> ExpertsSnapshot bytes (the admin pages).
 //   capacity(factor) -> "" or an error: sets the capacity factor of every expert worker.
+//   drain(worker name or id) -> "" or an error: moves the worker's experts to the other expert
+//       workers (they bind them, then a placement without it is published); it stays a member
+//       ("draining", then holding nothing) until it leaves.
+//   rebalance(min balancedness) -> RebalanceReply bytes: re-packs the experts over the expert
+//       workers by their load in the statistics window (actors/placement.h, plan_balanced),
+//       unless every layer's worker balancedness is already >= the given threshold.
+//   status() -> ActorStatus bytes (its own, with RouterFigures).
 //   tick: its own timer (status polling).
 //   join(HOST:PORT): the address it is published at, once bound (shown as the snapshot's "join").
 //
 // attention_actor: everything of engine_actor, plus placement(Placement bytes) (takes effect at
-//   the next step) and status() -> AttentionWorkerStats bytes.
+//   the next step) and status() -> ActorStatus bytes with AttentionWorkerStats.
 //
 // expert_actor: assign(Assignment bytes) -> "" or an error (binds the experts, may take seconds),
-//   status() -> ExpertWorkerStats bytes, capacity(factor).
+//   status() -> ActorStatus bytes with ExpertWorkerStats, capacity(factor).
+//
+// Every actor counts the messages it handles and its errors (actors/introspection.h), and the
+// router's cluster() snapshot lists them all with their last status.
 //
 // directory_actor (one per node, published on the node's control port): status() -> NodeInfo
 //   bytes; monitoring it is the node's liveness signal.
@@ -47,13 +57,18 @@ using placement_atom = caf::atom_constant<caf::atom("placement")>;
 using assign_atom = caf::atom_constant<caf::atom("assign")>;
 using status_atom = caf::atom_constant<caf::atom("status")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
+using drain_atom = caf::atom_constant<caf::atom("drain")>;
+using rebalance_atom = caf::atom_constant<caf::atom("rebalance")>;
 
 using router_actor = engine_actor::extend<
     caf::replies_to<join_atom, std::string, std::string, caf::actor>::with<std::string>,
     caf::reacts_to<done_atom, std::string>, caf::replies_to<cluster_atom>::with<std::string>,
     caf::replies_to<experts_atom>::with<std::string>,
     caf::replies_to<capacity_atom, double>::with<std::string>, caf::reacts_to<tick_atom>,
-    caf::reacts_to<join_atom, std::string>>;
+    caf::reacts_to<join_atom, std::string>,
+    caf::replies_to<drain_atom, std::string>::with<std::string>,
+    caf::replies_to<rebalance_atom, double>::with<std::string>,
+    caf::replies_to<status_atom>::with<std::string>>;
 
 using attention_actor = engine_actor::extend<caf::reacts_to<placement_atom, std::string>,
                                              caf::replies_to<status_atom>::with<std::string>>;

@@ -83,6 +83,98 @@ bool placement_complete(const proto::Placement& placement, int32_t num_experts) 
   return true;
 }
 
+proto::Placement plan_balanced(const PlacementRequest& request,
+                               const std::map<std::pair<int32_t, int32_t>, uint64_t>& load,
+                               const proto::Placement& current) {
+  std::vector<int32_t> live = request.live_workers;
+  std::sort(live.begin(), live.end());
+  live.erase(std::unique(live.begin(), live.end()), live.end());
+  const auto held = experts_by_worker(current);
+  const auto want = static_cast<std::size_t>(
+      std::max<int64_t>(0, std::min<int64_t>(request.replicas, static_cast<int64_t>(live.size()))));
+  proto::Placement out;
+  for (int32_t layer : request.moe_layers) {
+    proto::LayerPlacement* lp = out.add_layers();
+    lp->set_layer(layer);
+    for (int32_t e = 0; e < request.num_experts; ++e) lp->add_experts();
+    if (want == 0) continue;
+    std::vector<std::pair<uint64_t, int32_t>> order;  // (load, expert), heaviest first
+    for (int32_t e = 0; e < request.num_experts; ++e) {
+      auto it = load.find({layer, e});
+      order.emplace_back(it == load.end() ? 0 : it->second, e);
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::map<int32_t, double> carried;
+    std::map<int32_t, int64_t> count;
+    for (int32_t w : live) carried[w] = 0, count[w] = 0;
+    for (const auto& [tokens, e] : order) {
+      const double share = static_cast<double>(tokens) / static_cast<double>(want);
+      std::set<int32_t> chosen;
+      for (std::size_t copy = 0; copy < want; ++copy) {
+        int32_t best = -1;
+        auto holds = [&](int32_t w) {
+          auto it = held.find(w);
+          return it != held.end() && it->second.count({layer, e}) > 0;
+        };
+        for (int32_t w : live) {
+          if (chosen.count(w)) continue;
+          if (best < 0) {
+            best = w;
+            continue;
+          }
+          if (carried[w] != carried[best]) {
+            if (carried[w] < carried[best]) best = w;
+            continue;
+          }
+          if (holds(w) != holds(best)) {
+            if (holds(w)) best = w;
+            continue;
+          }
+          if (count[w] < count[best]) best = w;
+        }
+        chosen.insert(best);
+        carried[best] += share;
+        ++count[best];
+      }
+      for (int32_t w : chosen) lp->mutable_experts(e)->add_workers(w);
+    }
+  }
+  return out;
+}
+
+double worker_balancedness(const proto::Placement& placement,
+                           const std::map<std::pair<int32_t, int32_t>, uint64_t>& load) {
+  double worst = 1.0;
+  for (const proto::LayerPlacement& l : placement.layers()) {
+    std::map<int32_t, double> carried;
+    for (const proto::ExpertReplicas& r : l.experts())
+      for (int32_t w : r.workers()) carried[w] = 0;
+    for (int32_t e = 0; e < l.experts_size(); ++e) {
+      const auto& workers = l.experts(e).workers();
+      auto it = load.find({l.layer(), e});
+      if (it == load.end() || workers.empty()) continue;
+      for (int32_t w : workers)
+        carried[w] += static_cast<double>(it->second) / static_cast<double>(workers.size());
+    }
+    double sum = 0, max = 0;
+    for (const auto& [w, c] : carried) sum += c, max = std::max(max, c);
+    if (max > 0) worst = std::min(worst, sum / static_cast<double>(carried.size()) / max);
+  }
+  return worst;
+}
+
+int64_t copies_moved(const proto::Placement& from, const proto::Placement& to) {
+  const auto before = experts_by_worker(from);
+  int64_t moved = 0;
+  for (const auto& [w, experts] : experts_by_worker(to)) {
+    auto it = before.find(w);
+    for (const auto& x : experts)
+      if (it == before.end() || !it->second.count(x)) ++moved;
+  }
+  return moved;
+}
+
 double balancedness(const std::vector<uint64_t>& counts) {
   if (counts.empty()) return 1.0;
   const uint64_t max = *std::max_element(counts.begin(), counts.end());

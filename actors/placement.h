@@ -38,6 +38,23 @@ std::map<int32_t, std::set<std::pair<int32_t, int32_t>>> experts_by_worker(
 // Whether every expert of every layer has at least one copy.
 bool placement_complete(const proto::Placement& placement, int32_t num_experts);
 
+// Load-aware placement (a rebalance): per layer, the expert copies are packed onto the live
+// workers heaviest first (longest-processing-time greedy), each copy carrying load / replicas, on
+// the worker with the least load of that layer so far; ties go to a worker that already holds the
+// expert (so a balanced layer moves nothing), then to the fewest experts, then the lowest id.
+// `load` gives the tokens of (layer, expert) in the statistics window (missing: 0).
+proto::Placement plan_balanced(const PlacementRequest& request,
+                               const std::map<std::pair<int32_t, int32_t>, uint64_t>& load,
+                               const proto::Placement& current);
+
+// Per layer, mean / max of the load each worker carries under `placement` (1 = even); a layer
+// with no load counts as 1. Returns the minimum over layers.
+double worker_balancedness(const proto::Placement& placement,
+                           const std::map<std::pair<int32_t, int32_t>, uint64_t>& load);
+
+// How many (layer, expert, worker) copies of `to` are not in `from`.
+int64_t copies_moved(const proto::Placement& from, const proto::Placement& to);
+
 // mean / max of per-expert counts (1 when every count is equal, including all zero).
 double balancedness(const std::vector<uint64_t>& counts);
 

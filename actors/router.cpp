@@ -4,9 +4,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <deque>
 #include <map>
+#include <optional>
 #include <set>
 
+#include "actors/introspection.h"
 #include "actors/placement.h"
 #include "proto/cluster.pb.h"
 #include "proto/engine.pb.h"
@@ -23,6 +26,11 @@ struct Member {
   Clock::time_point joined;
   bool reachable = true;
   bool loading = false;
+  bool draining = false;
+  proto::ActorStatus status;  // its last answer to status()
+  Clock::time_point status_at;
+  double last_busy = -1;  // expert workers: busy seconds at the previous poll
+  Clock::time_point last_busy_at;
   std::set<std::pair<int32_t, int32_t>> held;  // experts bound (expert workers)
   proto::ExpertWorkerStats expert_stats;
   proto::AttentionWorkerStats attention_stats;
@@ -49,6 +57,12 @@ struct RouterState {
   uint64_t members_lost = 0;
   uint64_t joins_refused = 0;
   uint64_t requests_failed_by_loss = 0;
+  uint64_t requests_placed = 0;
+  uint64_t rebalances = 0;
+  double last_rebalance_seconds = 0;
+  std::optional<Clock::time_point> rebalance_started;  // a rebalance waits for its binds
+  std::deque<std::pair<Clock::time_point, proto::ActorStatus>> lost;  // recent losses, newest last
+  std::shared_ptr<ActorCounters> counters = std::make_shared<ActorCounters>();
   static inline const char* name = "router";
 };
 
@@ -60,6 +74,18 @@ std::vector<int32_t> live_workers(const RouterState& st, const std::string& role
     if (m.info.role() == role) out.push_back(id);
   return out;
 }
+
+// Expert workers that may hold copies: members not being drained.
+std::vector<int32_t> placeable_workers(const RouterState& st) {
+  std::vector<int32_t> out;
+  for (const auto& [id, m] : st.members)
+    if (m.info.role() == "expert" && !m.draining) out.push_back(id);
+  return out;
+}
+
+// Copies lost members are remembered this long in the cluster snapshot (at most kLostKept).
+constexpr std::chrono::minutes kLostShown{10};
+constexpr std::size_t kLostKept = 32;
 
 bool ready(const RouterState& st, std::string* why) {
   if (!placement_complete(st.placement, static_cast<int32_t>(st.options.config.num_experts))) {
@@ -94,6 +120,12 @@ void publish(self_ptr self, proto::Placement layout) {
     a->set_data_address(m.info.data_address());
   }
   st.placement = std::move(layout);
+  if (st.rebalance_started) {
+    st.last_rebalance_seconds =
+        std::chrono::duration<double>(Clock::now() - *st.rebalance_started).count();
+    st.rebalance_started.reset();
+    spdlog::info("rebalance done version={} seconds={:.3f}", st.version, st.last_rebalance_seconds);
+  }
   const std::string bytes = st.placement.SerializeAsString();
   for (int32_t id : live_workers(st, "attention"))
     self->send(caf::actor_cast<attention_actor>(st.members.at(id).handle), placement_atom::value,
@@ -104,6 +136,8 @@ void publish(self_ptr self, proto::Placement layout) {
                used.size(), ok, why);
 }
 
+void apply_layout(self_ptr self, proto::Placement layout);
+
 // Plans copies for the live expert workers, has each bind its experts, then publishes.
 void replan(self_ptr self, bool fill) {
   RouterState& st = self->state;
@@ -111,7 +145,7 @@ void replan(self_ptr self, bool fill) {
     st.replan_again = true;
     return;
   }
-  const std::vector<int32_t> live = live_workers(st, "expert");
+  const std::vector<int32_t> live = placeable_workers(st);
   if (st.version == 0 && live.size() < static_cast<std::size_t>(st.options.min_expert_workers))
     return;  // the first placement waits for the expected pool
   PlacementRequest req;
@@ -120,8 +154,13 @@ void replan(self_ptr self, bool fill) {
   req.replicas = st.options.expert_replicas;
   req.live_workers = live;
   req.fill = fill;
-  proto::Placement layout = plan_placement(st.placement, req);
+  apply_layout(self, plan_placement(st.placement, req));
+}
 
+// Has each worker bind the experts `layout` gives it that it does not hold yet, then publishes
+// the layout (keeping only the copies that were bound).
+void apply_layout(self_ptr self, proto::Placement layout) {
+  RouterState& st = self->state;
   auto wanted = experts_by_worker(layout);
   std::vector<std::pair<int32_t, std::set<std::pair<int32_t, int32_t>>>> to_assign;
   for (auto& [w, experts] : wanted) {
@@ -230,6 +269,14 @@ void on_member_down(self_ptr self, const caf::actor_addr& source, const caf::err
     const Member m = std::move(it->second);
     st.members.erase(it);
     ++st.members_lost;
+    proto::ActorStatus gone = m.status;
+    gone.set_role(m.info.role());
+    gone.set_name(m.info.name());
+    gone.set_worker_id(m.id);
+    if (gone.node().empty()) gone.set_node(fmt::format("{}:{}", m.info.host(), m.info.pid()));
+    gone.set_state("lost");
+    st.lost.emplace_back(Clock::now(), std::move(gone));
+    while (st.lost.size() > kLostKept) st.lost.pop_front();
     spdlog::warn("cluster member lost role={} name={} reason={}", m.info.role(), m.info.name(),
                  caf::to_string(reason));
     if (m.info.role() == "attention") {
@@ -240,7 +287,7 @@ void on_member_down(self_ptr self, const caf::actor_addr& source, const caf::err
       req.moe_layers = st.moe_layers;
       req.num_experts = static_cast<int32_t>(st.options.config.num_experts);
       req.replicas = st.options.expert_replicas;
-      req.live_workers = live_workers(st, "expert");
+      req.live_workers = live_workers(st, "expert");  // draining ones keep their copies until moved
       req.fill = false;
       if (st.version > 0) publish(self, plan_placement(st.placement, req));
     }
@@ -275,7 +322,30 @@ proto::EngineStats total_engine_stats(const RouterState& st) {
   return sum;
 }
 
-proto::ClusterSnapshot cluster_snapshot(const RouterState& st) {
+proto::ActorStatus router_status(self_ptr self) {
+  const RouterState& st = self->state;
+  proto::ActorStatus s =
+      actor_status(*st.counters, "router", "router", self->id(), self->mailbox().size());
+  proto::RouterFigures* f = s.mutable_router();
+  f->set_placement_version(st.placement.version());
+  f->set_members(static_cast<int32_t>(st.members.size()));
+  f->set_expert_workers(static_cast<int32_t>(live_workers(st, "expert").size()));
+  f->set_attention_workers(static_cast<int32_t>(live_workers(st, "attention").size()));
+  f->set_requests_placed_total(st.requests_placed);
+  f->set_rebalances_total(st.rebalances);
+  f->set_last_rebalance_seconds(st.last_rebalance_seconds);
+  return s;
+}
+
+const char* member_state(const Member& m, bool holds_experts) {
+  if (m.loading) return "loading";
+  if (!m.reachable) return "unreachable";
+  if (m.draining) return holds_experts ? "draining" : "drained";
+  return "up";
+}
+
+proto::ClusterSnapshot cluster_snapshot(self_ptr self) {
+  const RouterState& st = self->state;
   proto::ClusterSnapshot s;
   s.set_join(st.options.join_address);
   s.set_model(st.options.model);
@@ -298,9 +368,9 @@ proto::ClusterSnapshot cluster_snapshot(const RouterState& st) {
     x->set_host(m.info.host());
     x->set_pid(m.info.pid());
     x->set_directory(m.info.directory());
-    x->set_state(m.loading ? "loading" : m.reachable ? "up" : "unreachable");
-    x->set_joined_seconds_ago(std::chrono::duration<double>(now - m.joined).count());
     auto h = held.find(id);
+    x->set_state(member_state(m, h != held.end()));
+    x->set_joined_seconds_ago(std::chrono::duration<double>(now - m.joined).count());
     x->set_experts_held(h == held.end() ? 0 : static_cast<int32_t>(h->second.size()));
     const proto::EngineStats& e = m.attention_stats.engine();
     x->set_running(e.running());
@@ -308,6 +378,26 @@ proto::ClusterSnapshot cluster_snapshot(const RouterState& st) {
     x->set_kv_cache_usage(e.kv_cache_usage());
     x->set_requests_in_flight(m.in_flight);
   }
+  *s.add_actors() = router_status(self);
+  for (const auto& [id, m] : st.members) {
+    proto::ActorStatus a = m.status;
+    a.set_role(m.info.role());
+    a.set_name(m.info.name());
+    a.set_worker_id(id);
+    if (a.node().empty()) a.set_node(fmt::format("{}:{}", m.info.host(), m.info.pid()));
+    a.set_state(member_state(m, held.count(id) > 0));
+    a.set_age_seconds(m.status_at == Clock::time_point{}
+                          ? -1.0
+                          : std::chrono::duration<double>(now - m.status_at).count());
+    *s.add_actors() = std::move(a);
+  }
+  for (const auto& [when, a] : st.lost) {
+    if (now - when > kLostShown) continue;
+    proto::ActorStatus x = a;
+    x.set_age_seconds(std::chrono::duration<double>(now - when).count());
+    *s.add_actors() = std::move(x);
+  }
+  *s.mutable_engine() = total_engine_stats(st);
   return s;
 }
 
@@ -329,6 +419,15 @@ proto::ExpertsSnapshot experts_snapshot(const RouterState& st) {
         x.set_queue_seconds(x.queue_seconds() + c.queue_seconds());
       }
     } else {
+      const proto::Histogram& h = m.attention_stats.dispatch().round_trip();
+      proto::Histogram* sum = s.mutable_round_trip();
+      if (sum->bounds_size() == 0) *sum->mutable_bounds() = h.bounds();
+      if (h.bounds_size() == sum->bounds_size()) {
+        sum->mutable_counts()->Resize(h.counts_size(), 0);
+        for (int b = 0; b < h.counts_size(); ++b) sum->set_counts(b, sum->counts(b) + h.counts(b));
+        sum->set_count(sum->count() + h.count());
+        sum->set_sum(sum->sum() + h.sum());
+      }
       for (const proto::ExpertCounters& c : m.attention_stats.dispatch().drops()) {
         proto::ExpertSnapshot& x = stats[{c.layer(), c.expert()}];
         x.set_drops_total(x.drops_total() + c.drops_total());
@@ -377,9 +476,33 @@ void poll(self_ptr self) {
               [self, wid, mark](const std::string& bytes) {
                 auto it = self->state.members.find(wid);
                 if (it == self->state.members.end()) return;
-                it->second.expert_stats.ParseFromString(bytes);
-                it->second.expert_stats.set_worker_id(wid);
-                it->second.expert_stats.set_name(it->second.info.name());
+                Member& w = it->second;
+                proto::ActorStatus status;
+                if (!status.ParseFromString(bytes)) {
+                  ++self->state.counters->errors;
+                  spdlog::warn("malformed status from {}", w.info.name());
+                  return;
+                }
+                w.expert_stats = status.expert();
+                w.expert_stats.set_worker_id(wid);
+                w.expert_stats.set_name(w.info.name());
+                const auto now = Clock::now();
+                const double busy = w.expert_stats.busy_seconds();
+                double utilisation = w.status.expert().utilisation();
+                if (w.last_busy >= 0 && now > w.last_busy_at) {
+                  const double dt = std::chrono::duration<double>(now - w.last_busy_at).count();
+                  // Smoothed over a few polls, so one slow poll does not swing it.
+                  utilisation =
+                      0.5 * std::clamp((busy - w.last_busy) / dt, 0.0, 1.0) + 0.5 * utilisation;
+                }
+                w.last_busy = busy;
+                w.last_busy_at = now;
+                w.status = std::move(status);
+                w.status.mutable_expert()->set_worker_id(wid);
+                w.status.mutable_expert()->set_name(w.info.name());
+                w.status.mutable_expert()->set_utilisation(utilisation);
+                w.expert_stats.set_utilisation(utilisation);
+                w.status_at = now;
                 mark(true);
               },
               [mark](caf::error&) { mark(false); });
@@ -389,12 +512,79 @@ void poll(self_ptr self) {
               [self, wid, mark](const std::string& bytes) {
                 auto it = self->state.members.find(wid);
                 if (it == self->state.members.end()) return;
-                it->second.attention_stats.ParseFromString(bytes);
+                proto::ActorStatus status;
+                if (!status.ParseFromString(bytes)) {
+                  ++self->state.counters->errors;
+                  spdlog::warn("malformed status from {}", it->second.info.name());
+                  return;
+                }
+                it->second.attention_stats = status.attention();
+                it->second.status = std::move(status);
+                it->second.status_at = Clock::now();
                 mark(true);
               },
               [mark](caf::error&) { mark(false); });
     }
   }
+}
+
+std::string drain(self_ptr self, const std::string& which) {
+  RouterState& st = self->state;
+  Member* target = nullptr;
+  for (auto& [id, m] : st.members)
+    if (m.info.role() == "expert" && (m.info.name() == which || std::to_string(id) == which))
+      target = &m;
+  if (!target)
+    return fmt::format("no expert worker \"{}\": give a name or worker id from /admin/cluster",
+                       which);
+  if (target->draining) return {};
+  if (placeable_workers(st).size() <= 1)
+    return fmt::format("cannot drain {}: it is the only expert worker left", target->info.name());
+  target->draining = true;
+  spdlog::info("draining expert worker name={} worker_id={}", target->info.name(), target->id);
+  replan(self, true);
+  return {};
+}
+
+proto::RebalanceReply rebalance(self_ptr self, double threshold) {
+  RouterState& st = self->state;
+  proto::RebalanceReply r;
+  r.set_placement_version(st.placement.version());
+  if (st.version == 0) {
+    r.set_error("no placement yet: the cluster is still starting");
+    return r;
+  }
+  if (st.replanning || st.rebalance_started) {
+    r.set_error("a placement change is being bound; retry in a moment");
+    return r;
+  }
+  std::map<std::pair<int32_t, int32_t>, uint64_t> load;
+  for (const auto& [id, m] : st.members)
+    if (m.info.role() == "expert")
+      for (const proto::ExpertCounters& c : m.expert_stats.experts())
+        load[{c.layer(), c.expert()}] += c.tokens_window();
+  PlacementRequest req;
+  req.moe_layers = st.moe_layers;
+  req.num_experts = static_cast<int32_t>(st.options.config.num_experts);
+  req.replicas = st.options.expert_replicas;
+  req.live_workers = placeable_workers(st);
+  proto::Placement layout = plan_balanced(req, load, st.placement);
+  r.set_balancedness_before(worker_balancedness(st.placement, load));
+  r.set_balancedness_after(worker_balancedness(layout, load));
+  r.set_copies_moved(copies_moved(st.placement, layout));
+  if (r.balancedness_before() >= threshold || r.copies_moved() == 0 ||
+      r.balancedness_after() <= r.balancedness_before()) {
+    r.set_skipped(true);
+    spdlog::info("rebalance skipped balancedness={:.3f} threshold={:.3f}", r.balancedness_before(),
+                 threshold);
+    return r;
+  }
+  ++st.rebalances;
+  st.rebalance_started = Clock::now();
+  spdlog::info("rebalance started balancedness={:.3f}->{:.3f} copies_moved={}",
+               r.balancedness_before(), r.balancedness_after(), r.copies_moved());
+  apply_layout(self, std::move(layout));
+  return r;
 }
 
 }  // namespace
@@ -416,142 +606,172 @@ router_actor spawn_router(caf::actor_system& system, RouterOptions options) {
         [self](caf::down_msg& dm) { on_member_down(self, dm.source, dm.reason); });
     self->send(self, tick_atom::value);
     return {
-        [self](submit_atom, const std::string& bytes,
-               const caf::actor& sink) -> caf::result<std::string> {
-          RouterState& s = self->state;
-          proto::GenerateRequest req;
-          if (!req.ParseFromString(bytes)) return std::string("malformed GenerateRequest");
-          std::string why;
-          if (!ready(s, &why))
-            return std::string(kUnavailable) + "the cluster is not ready: " + why;
-          Member* best = nullptr;
-          for (auto& [id, m] : s.members) {
-            if (m.info.role() != "attention" || !m.reachable) continue;
-            if (!best || m.in_flight < best->in_flight ||
-                (m.in_flight == best->in_flight &&
-                 m.attention_stats.engine().kv_cache_usage() <
-                     best->attention_stats.engine().kv_cache_usage()))
-              best = &m;
-          }
-          if (!best) return std::string(kUnavailable) + "no attention worker is reachable";
-          const int32_t wid = best->id;
-          ++best->in_flight;
-          spdlog::debug("request placed request_id={} worker={} in_flight={}", req.request_id(),
-                        best->info.name(), best->in_flight);
-          s.requests[req.request_id()] = {wid, sink, std::max(1, req.n())};
-          auto rp = self->make_response_promise<std::string>();
-          const std::string id = req.request_id();
-          auto untrack = [self, id, wid] {
-            auto& r = self->state.requests;
-            auto it = r.find(id);
-            if (it != r.end() && it->second.worker == wid) r.erase(it);
-            auto m = self->state.members.find(wid);
-            if (m != self->state.members.end()) --m->second.in_flight;
-          };
-          self->request(caf::actor_cast<attention_actor>(best->handle), kEngineRequestTimeout,
-                        submit_atom::value, bytes, sink)
-              .then(
-                  [rp, untrack](const std::string& error) mutable {
-                    if (!error.empty()) untrack();
-                    rp.deliver(error);
-                  },
-                  [rp, untrack](caf::error& err) mutable {
-                    untrack();
-                    rp.deliver(std::string(kUnavailable) +
-                               "the attention worker did not answer: " + caf::to_string(err));
-                  });
-          return rp;
-        },
-        [self](cancel_atom, const std::string& id, int32_t index) {
-          // Sent to every attention worker: unknown ids are ignored there.
-          for (auto& [wid, m] : self->state.members)
-            if (m.info.role() == "attention")
-              self->send(caf::actor_cast<attention_actor>(m.handle), cancel_atom::value, id, index);
-        },
-        [self](stats_atom) -> std::string {
-          return total_engine_stats(self->state).SerializeAsString();
-        },
-        [self](join_atom, const std::string& token, const std::string& info_bytes,
-               const caf::actor& handle) -> std::string {
-          RouterState& s = self->state;
-          proto::NodeInfo info;
-          proto::JoinReply reply;
-          auto refuse = [&](const std::string& why) {
-            ++s.joins_refused;
-            spdlog::warn("join refused node={} role={} host={}: {}", info.name(), info.role(),
-                         info.host(), why);
-            reply.set_accepted(false);
-            reply.set_error(why);
-            return reply.SerializeAsString();
-          };
-          if (!info.ParseFromString(info_bytes)) return refuse("malformed NodeInfo");
-          if (token != s.options.cluster_token)
-            return refuse(
-                "wrong cluster token: start the node with the cluster's --cluster-token or "
-                "MOEMESH_CLUSTER_TOKEN");
-          if (info.role() != "attention" && info.role() != "expert")
-            return refuse("unknown role \"" + info.role() + "\"");
-          if (!handle) return refuse("no role actor");
-          const std::string expected = model_fingerprint(s.options.config);
-          if (info.model_fingerprint() != expected)
-            return refuse(fmt::format("the node serves another model ({}); the cluster serves {}",
-                                      info.model_fingerprint(), expected));
-          Member m;
-          m.id = s.next_id++;
-          m.info = info;
-          m.handle = handle;
-          m.joined = Clock::now();
-          self->monitor(handle);
-          const int32_t id = m.id;
-          spdlog::info("node joined role={} name={} host={} worker_id={}", info.role(), info.name(),
-                       info.host(), id);
-          s.members.emplace(id, std::move(m));
-          reply.set_accepted(true);
-          reply.set_worker_id(id);
-          reply.set_capacity_factor(s.options.capacity_factor);
-          if (info.role() == "attention") {
-            *reply.mutable_placement() = s.placement;
-          } else {
-            poll(self);  // its status soon
-            replan(self, true);
-          }
-          return reply.SerializeAsString();
-        },
-        [self](done_atom, const std::string& id) {
-          auto& r = self->state.requests;
-          auto it = r.find(id);
-          spdlog::debug("request done request_id={} known={}", id, it != r.end());
-          if (it == r.end()) return;
-          auto m = self->state.members.find(it->second.worker);
-          if (m != self->state.members.end()) --m->second.in_flight;
-          r.erase(it);
-        },
-        [self](cluster_atom) -> std::string {
-          return cluster_snapshot(self->state).SerializeAsString();
-        },
-        [self](experts_atom) -> std::string {
-          return experts_snapshot(self->state).SerializeAsString();
-        },
-        [self](capacity_atom, double factor) -> std::string {
-          if (!(factor >= 0) || factor > 1e6)
-            return fmt::format(
-                "capacity factor {} is out of range: use 0 (no limit) or a "
-                "positive number such as 1.25",
-                factor);
-          self->state.options.capacity_factor = factor;
-          for (auto& [id, m] : self->state.members)
-            if (m.info.role() == "expert")
-              self->send(caf::actor_cast<expert_actor>(m.handle), capacity_atom::value, factor);
-          spdlog::info("capacity factor set to {}", factor);
-          return {};
-        },
-        [self](join_atom, const std::string& address) {
-          self->state.options.join_address = address;
-        },
-        [self](tick_atom) {
-          poll(self);
-          self->delayed_send(self, self->state.options.poll_interval, tick_atom::value);
-        },
+        counted(st.counters,
+                [self](submit_atom, const std::string& bytes,
+                       const caf::actor& sink) -> caf::result<std::string> {
+                  RouterState& s = self->state;
+                  proto::GenerateRequest req;
+                  if (!req.ParseFromString(bytes)) return std::string("malformed GenerateRequest");
+                  std::string why;
+                  if (!ready(s, &why))
+                    return std::string(kUnavailable) + "the cluster is not ready: " + why;
+                  Member* best = nullptr;
+                  for (auto& [id, m] : s.members) {
+                    if (m.info.role() != "attention" || !m.reachable) continue;
+                    if (!best || m.in_flight < best->in_flight ||
+                        (m.in_flight == best->in_flight &&
+                         m.attention_stats.engine().kv_cache_usage() <
+                             best->attention_stats.engine().kv_cache_usage()))
+                      best = &m;
+                  }
+                  if (!best) return std::string(kUnavailable) + "no attention worker is reachable";
+                  const int32_t wid = best->id;
+                  ++best->in_flight;
+                  ++s.requests_placed;
+                  spdlog::debug("request placed request_id={} worker={} in_flight={}",
+                                req.request_id(), best->info.name(), best->in_flight);
+                  s.requests[req.request_id()] = {wid, sink, std::max(1, req.n())};
+                  auto rp = self->make_response_promise<std::string>();
+                  const std::string id = req.request_id();
+                  auto untrack = [self, id, wid] {
+                    auto& r = self->state.requests;
+                    auto it = r.find(id);
+                    if (it != r.end() && it->second.worker == wid) r.erase(it);
+                    auto m = self->state.members.find(wid);
+                    if (m != self->state.members.end()) --m->second.in_flight;
+                  };
+                  self->request(caf::actor_cast<attention_actor>(best->handle),
+                                kEngineRequestTimeout, submit_atom::value, bytes, sink)
+                      .then(
+                          [rp, untrack](const std::string& error) mutable {
+                            if (!error.empty()) untrack();
+                            rp.deliver(error);
+                          },
+                          [rp, untrack](caf::error& err) mutable {
+                            untrack();
+                            rp.deliver(
+                                std::string(kUnavailable) +
+                                "the attention worker did not answer: " + caf::to_string(err));
+                          });
+                  return rp;
+                }),
+        counted(st.counters,
+                [self](cancel_atom, const std::string& id, int32_t index) {
+                  // Sent to every attention worker: unknown ids are ignored there.
+                  for (auto& [wid, m] : self->state.members)
+                    if (m.info.role() == "attention")
+                      self->send(caf::actor_cast<attention_actor>(m.handle), cancel_atom::value, id,
+                                 index);
+                }),
+        counted(st.counters,
+                [self](stats_atom) -> std::string {
+                  return total_engine_stats(self->state).SerializeAsString();
+                }),
+        counted(st.counters,
+                [self](join_atom, const std::string& token, const std::string& info_bytes,
+                       const caf::actor& handle) -> std::string {
+                  RouterState& s = self->state;
+                  proto::NodeInfo info;
+                  proto::JoinReply reply;
+                  auto refuse = [&](const std::string& why) {
+                    ++s.joins_refused;
+                    spdlog::warn("join refused node={} role={} host={}: {}", info.name(),
+                                 info.role(), info.host(), why);
+                    reply.set_accepted(false);
+                    reply.set_error(why);
+                    return reply.SerializeAsString();
+                  };
+                  if (!info.ParseFromString(info_bytes)) return refuse("malformed NodeInfo");
+                  if (token != s.options.cluster_token)
+                    return refuse(
+                        "wrong cluster token: start the node with the cluster's --cluster-token or "
+                        "MOEMESH_CLUSTER_TOKEN");
+                  if (info.role() != "attention" && info.role() != "expert")
+                    return refuse("unknown role \"" + info.role() + "\"");
+                  if (!handle) return refuse("no role actor");
+                  const std::string expected = model_fingerprint(s.options.config);
+                  if (info.model_fingerprint() != expected)
+                    return refuse(
+                        fmt::format("the node serves another model ({}); the cluster serves {}",
+                                    info.model_fingerprint(), expected));
+                  Member m;
+                  m.id = s.next_id++;
+                  m.info = info;
+                  m.handle = handle;
+                  m.joined = Clock::now();
+                  self->monitor(handle);
+                  const int32_t id = m.id;
+                  spdlog::info("node joined role={} name={} host={} worker_id={}", info.role(),
+                               info.name(), info.host(), id);
+                  s.members.emplace(id, std::move(m));
+                  reply.set_accepted(true);
+                  reply.set_worker_id(id);
+                  reply.set_capacity_factor(s.options.capacity_factor);
+                  if (info.role() == "attention") {
+                    *reply.mutable_placement() = s.placement;
+                  } else {
+                    poll(self);  // its status soon
+                    replan(self, true);
+                  }
+                  return reply.SerializeAsString();
+                }),
+        counted(st.counters,
+                [self](done_atom, const std::string& id) {
+                  auto& r = self->state.requests;
+                  auto it = r.find(id);
+                  spdlog::debug("request done request_id={} known={}", id, it != r.end());
+                  if (it == r.end()) return;
+                  auto m = self->state.members.find(it->second.worker);
+                  if (m != self->state.members.end()) --m->second.in_flight;
+                  r.erase(it);
+                }),
+        counted(st.counters,
+                [self](cluster_atom) -> std::string {
+                  return cluster_snapshot(self).SerializeAsString();
+                }),
+        counted(st.counters,
+                [self](experts_atom) -> std::string {
+                  return experts_snapshot(self->state).SerializeAsString();
+                }),
+        counted(st.counters,
+                [self](capacity_atom, double factor) -> std::string {
+                  if (!(factor >= 0) || factor > 1e6)
+                    return fmt::format(
+                        "capacity factor {} is out of range: use 0 (no limit) or a "
+                        "positive number such as 1.25",
+                        factor);
+                  self->state.options.capacity_factor = factor;
+                  for (auto& [id, m] : self->state.members)
+                    if (m.info.role() == "expert")
+                      self->send(caf::actor_cast<expert_actor>(m.handle), capacity_atom::value,
+                                 factor);
+                  spdlog::info("capacity factor set to {}", factor);
+                  return {};
+                }),
+        counted(st.counters,
+                [self](join_atom, const std::string& address) {
+                  self->state.options.join_address = address;
+                }),
+        counted(st.counters,
+                [self](drain_atom, const std::string& which) -> std::string {
+                  std::string error = drain(self, which);
+                  if (!error.empty()) ++self->state.counters->errors;
+                  return error;
+                }),
+        counted(st.counters,
+                [self](rebalance_atom, double threshold) -> std::string {
+                  proto::RebalanceReply r = rebalance(self, threshold);
+                  if (!r.error().empty()) ++self->state.counters->errors;
+                  return r.SerializeAsString();
+                }),
+        counted(
+            st.counters,
+            [self](status_atom) -> std::string { return router_status(self).SerializeAsString(); }),
+        counted(st.counters,
+                [self](tick_atom) {
+                  poll(self);
+                  self->delayed_send(self, self->state.options.poll_interval, tick_atom::value);
+                }),
     };
   };
   return system.spawn(fn, std::move(options));

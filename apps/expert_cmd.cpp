@@ -8,6 +8,7 @@
 #include <caf/io/all.hpp>
 #include <iostream>
 
+#include "actors/introspection.h"
 #include "actors/node.h"
 #include "apps/commands.h"
 #include "apps/flags.h"
@@ -26,16 +27,28 @@ struct ExpertFlags {
 
 actors::expert_actor spawn_expert_actor(caf::actor_system& system, ExpertWorker* worker) {
   return system.spawn(
-      [](actors::expert_actor::pointer, ExpertWorker* w) -> actors::expert_actor::behavior_type {
+      [](actors::expert_actor::pointer self,
+         ExpertWorker* w) -> actors::expert_actor::behavior_type {
+        auto counters = std::make_shared<actors::ActorCounters>();
+        using actors::counted;
         return {
-            [w](actors::assign_atom, const std::string& bytes) -> std::string {
-              proto::Assignment a;
-              if (!a.ParseFromString(bytes)) return "malformed Assignment";
-              Status s = w->assign(a);
-              return s ? std::string() : s.error().message();
-            },
-            [w](actors::status_atom) -> std::string { return w->stats().SerializeAsString(); },
-            [w](actors::capacity_atom, double factor) { w->set_capacity_factor(factor); },
+            counted(counters,
+                    [w, counters](actors::assign_atom, const std::string& bytes) -> std::string {
+                      proto::Assignment a;
+                      Status s = a.ParseFromString(bytes) ? w->assign(a)
+                                                          : Status(Error("malformed Assignment"));
+                      if (!s) ++counters->errors;
+                      return s ? std::string() : s.error().message();
+                    }),
+            counted(counters,
+                    [self, w, counters](actors::status_atom) -> std::string {
+                      proto::ActorStatus s = actors::actor_status(
+                          *counters, "expert", "expert", self->id(), self->mailbox().size());
+                      *s.mutable_expert() = w->stats();
+                      return s.SerializeAsString();
+                    }),
+            counted(counters,
+                    [w](actors::capacity_atom, double factor) { w->set_capacity_factor(factor); }),
         };
       },
       worker);

@@ -91,6 +91,14 @@ inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
   app.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body accepted")
       ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
       ->capture_default_str();
+  app.add_option("--expert-metrics", o.expert_metrics,
+                 "Series of moemesh_expert_tokens_total on /metrics: the N busiest experts "
+                 "(0: none, -1: all)")
+      ->check(CLI::Range(-1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--console-assets", o.console_assets,
+                 "Folder of Chart.js for /console (Debian package libjs-chart.js)")
+      ->capture_default_str();
 }
 
 // --max-num-seqs, --max-num-batched-tokens, --max-model-len, --kv-cache-gib, --kv-cache-dtype,

@@ -35,6 +35,8 @@ int main(int argc, char** argv) {
   auto* expert =
       app.add_subcommand("expert", "An expert worker joining a cluster (--join HOST:PORT)");
   runners[expert] = moemesh::apps::add_expert(*expert);
+  auto* top = app.add_subcommand("top", "The operations console in a terminal (--url URL)");
+  runners[top] = moemesh::apps::add_top(*top);
 
   // An unknown subcommand is an error even with --help (which CLI11 would otherwise honour first).
   for (int i = 1; i < argc; ++i) {

@@ -16,6 +16,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Buckets of the data-plane round-trip histogram (seconds).
+constexpr double kRoundTripBounds[] = {50e-6, 100e-6, 250e-6, 500e-6, 1e-3,   2.5e-3, 5e-3, 10e-3,
+                                       25e-3, 50e-3,  100e-3, 250e-3, 500e-3, 1.0,    2.5};
+
 // What became of one (token, slot) in the current call.
 enum class SlotState : uint8_t {
   Pending,   // sent in the current round, no answer yet
@@ -93,6 +97,7 @@ struct RemoteExperts::Impl {
   std::vector<SlotState> state;  // [n * top_k]
   std::vector<float> routed;     // [n, hidden]: routed output of the call
   uint64_t rerouted = 0, dropped = 0, failed_steps = 0;  // not yet published to stats
+  Clock::time_point started;                             // start() of the call in progress
 
   // Guarded by placement_mutex.
   mutable std::mutex placement_mutex;
@@ -102,7 +107,10 @@ struct RemoteExperts::Impl {
   // Guarded by stats_mutex.
   mutable std::mutex stats_mutex;
   proto::DispatchStats stats;
-  std::vector<uint64_t> drops;  // [num_layers, num_experts]
+  std::vector<uint64_t> drops;       // [num_layers, num_experts]
+  std::vector<uint64_t> round_trip;  // per bucket of kRoundTripBounds (not cumulative)
+  uint64_t round_trips = 0;
+  double round_trip_sum = 0;
 };
 
 int RemoteExperts::Impl::worker_of_peer(int peer) const {
@@ -369,6 +377,15 @@ proto::DispatchStats RemoteExperts::stats() const {
   {
     std::lock_guard lock(impl_->stats_mutex);
     out = impl_->stats;
+    proto::Histogram* h = out.mutable_round_trip();
+    uint64_t cumulative = 0;
+    for (std::size_t b = 0; b < std::size(kRoundTripBounds); ++b) {
+      cumulative += b < impl_->round_trip.size() ? impl_->round_trip[b] : 0;
+      h->add_bounds(kRoundTripBounds[b]);
+      h->add_counts(cumulative);
+    }
+    h->set_count(impl_->round_trips);
+    h->set_sum(impl_->round_trip_sum);
     const int64_t E = impl_->config.num_experts;
     for (std::size_t i = 0; i < impl_->drops.size(); ++i) {
       if (impl_->drops[i] == 0) continue;
@@ -432,6 +449,7 @@ Status RemoteExperts::start(int64_t layer, const float* x, int64_t n, const int3
     m.dest[i] = w;
   }
   m.routed.assign(static_cast<std::size_t>(n * c.hidden_size), 0.0f);
+  m.started = Clock::now();
   if (Status s = m.send_round(0); !s) return m.fail(s.error().message());
   m.pending = true;
   return {};
@@ -510,6 +528,18 @@ Status RemoteExperts::finish() {
     spdlog::debug("remote_experts dropped layer={} slots={} version={}", m.layer, m.dropped,
                   m.epoch);
   m.pending = false;
+  {
+    const double seconds = std::chrono::duration<double>(Clock::now() - m.started).count();
+    std::lock_guard lock(m.stats_mutex);
+    m.round_trip.resize(std::size(kRoundTripBounds));
+    for (std::size_t b = 0; b < std::size(kRoundTripBounds); ++b)
+      if (seconds <= kRoundTripBounds[b]) {
+        ++m.round_trip[b];
+        break;
+      }
+    ++m.round_trips;
+    m.round_trip_sum += seconds;
+  }
   m.record_stats();
   return {};
 }

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "gateway/detail/admin.h"
 #include "proto/cluster.pb.h"
@@ -19,10 +20,7 @@ AdminReply error_reply(unsigned status, const std::string& type, const std::stri
 }
 
 template <class Message>
-AdminReply to_json(const std::string& bytes) {
-  Message m;
-  if (!m.ParseFromString(bytes))
-    return error_reply(502, "BadGateway", "the router's snapshot is malformed");
+AdminReply render_json(const Message& m) {
   google::protobuf::util::JsonPrintOptions options;
   options.always_print_primitive_fields = true;
   options.preserve_proto_field_names = true;
@@ -30,6 +28,37 @@ AdminReply to_json(const std::string& bytes) {
   if (!google::protobuf::util::MessageToJsonString(m, &out, options).ok())
     return error_reply(500, "InternalServerError", "cannot render the snapshot as JSON");
   return {200, out};
+}
+
+template <class Message>
+AdminReply to_json(const std::string& bytes) {
+  Message m;
+  if (!m.ParseFromString(bytes))
+    return error_reply(502, "BadGateway", "the router's snapshot is malformed");
+  return render_json(m);
+}
+
+// The cluster snapshot with the gateway's own status first among the actors.
+std::function<AdminReply(const std::string&)> cluster_with_gateway(
+    std::function<proto::ActorStatus()> gateway_status) {
+  return [gateway_status](const std::string& bytes) {
+    proto::ClusterSnapshot s;
+    if (!s.ParseFromString(bytes))
+      return error_reply(502, "BadGateway", "the router's snapshot is malformed");
+    if (gateway_status) {
+      *s.add_actors() = gateway_status();
+      auto* actors = s.mutable_actors();
+      for (int i = actors->size() - 1; i > 0; --i) actors->SwapElements(i, i - 1);
+    }
+    return render_json(s);
+  };
+}
+
+// A JSON object body, or an error reply naming what was expected.
+std::optional<json> json_body(const std::string& body) {
+  json j = json::parse(body.empty() ? std::string("{}") : body, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return std::nullopt;
+  return j;
 }
 
 // Sends one request to the router from a short-lived actor and hands the answer to `done`.
@@ -70,7 +99,8 @@ void handle_admin(const AdminContext& ctx, bool post, std::string_view path,
                   std::string_view authorization, const std::string& body,
                   std::function<void(AdminReply)> done) {
   const bool get_route = path == "/admin/cluster" || path == "/admin/experts";
-  const bool post_route = path == "/admin/capacity";
+  const bool post_route =
+      path == "/admin/capacity" || path == "/admin/drain" || path == "/admin/rebalance";
   if (!get_route && !post_route)
     return done(error_reply(404, "NotFoundError", fmt::format("no admin route {}", path)));
   if ((get_route && post) || (post_route && !post))
@@ -87,20 +117,68 @@ void handle_admin(const AdminContext& ctx, bool post, std::string_view path,
   }
   if (!ctx.router) {
     if (path == "/admin/cluster") {
+      json actors = json::array();
+      if (ctx.gateway_status) {
+        AdminReply g = render_json(ctx.gateway_status());
+        actors.push_back(json::parse(g.body, nullptr, false));
+      }
       json j = {{"join", ""},
                 {"model", ctx.single_process_model},
                 {"ready", true},
                 {"single_process", true},
-                {"members", json::array()}};
+                {"members", json::array()},
+                {"actors", actors}};
       return done({200, j.dump()});
     }
     return done(error_reply(404, "NotFoundError",
                             "this server runs as a single process: experts are local"));
   }
   if (path == "/admin/cluster")
-    return ask_router<actors::cluster_atom>(ctx, to_json<proto::ClusterSnapshot>, done);
+    return ask_router<actors::cluster_atom>(ctx, cluster_with_gateway(ctx.gateway_status), done);
   if (path == "/admin/experts")
     return ask_router<actors::experts_atom>(ctx, to_json<proto::ExpertsSnapshot>, done);
+
+  if (path == "/admin/drain") {
+    std::optional<json> j = json_body(body);
+    if (!j || !j->contains("worker") ||
+        !((*j)["worker"].is_string() || (*j)["worker"].is_number_integer()))
+      return done(error_reply(400, "BadRequestError",
+                              "expected a JSON body {\"worker\": \"<name or worker id from "
+                              "/admin/cluster>\"}"));
+    const std::string which = (*j)["worker"].is_string()
+                                  ? (*j)["worker"].get<std::string>()
+                                  : std::to_string((*j)["worker"].get<int64_t>());
+    return ask_router<actors::drain_atom>(
+        ctx,
+        [which](const std::string& error) {
+          if (!error.empty()) return error_reply(400, "BadRequestError", error);
+          return AdminReply{200, json{{"draining", which}}.dump()};
+        },
+        done, which);
+  }
+  if (path == "/admin/rebalance") {
+    std::optional<json> j = json_body(body);
+    double threshold = 1.0;
+    if (j && j->contains("min_balancedness")) {
+      if (!(*j)["min_balancedness"].is_number())
+        j.reset();
+      else
+        threshold = (*j)["min_balancedness"].get<double>();
+    }
+    if (!j || !(threshold >= 0 && threshold <= 1))
+      return done(error_reply(400, "BadRequestError",
+                              "expected a JSON body {\"min_balancedness\": <0..1, optional>}"));
+    return ask_router<actors::rebalance_atom>(
+        ctx,
+        [](const std::string& bytes) {
+          proto::RebalanceReply r;
+          if (!r.ParseFromString(bytes))
+            return error_reply(502, "BadGateway", "the router's answer is malformed");
+          if (!r.error().empty()) return error_reply(409, "ConflictError", r.error());
+          return render_json(r);
+        },
+        done, threshold);
+  }
 
   // POST /admin/capacity
   json j = json::parse(body, nullptr, false);

@@ -1,6 +1,7 @@
 // The gateway: an HTTP/1.1 server (Boost.Beast) speaking the OpenAI-compatible API that vLLM
 // users rely on (see docs/api.md): /v1/completions and /v1/chat/completions (streaming as SSE or
-// not), /v1/models, /tokenize, /detokenize, /health, /version and /metrics. It tokenizes and
+// not), /v1/models, /tokenize, /detokenize, /health, /version and /metrics, plus the admin routes
+// (gateway/detail/admin.h) and the operations console at /console. It tokenizes and
 // applies the chat template, validates every field, and talks to the engine only through the
 // engine actor interface (actors/engine_interface.h), so the engine may live in another process.
 //
@@ -34,6 +35,8 @@ struct GatewayOptions {
   std::chrono::seconds idle_timeout{120};
   int max_open_requests = 4096;  // beyond this, new requests get 503
   std::string admin_token;       // POST /admin/* needs "Authorization: Bearer TOKEN"; empty: off
+  int expert_metrics = 64;       // moemesh_expert_tokens_total series: N busiest, 0 none, -1 all
+  std::string console_assets = "/usr/share/javascript/chart.js";  // Chart.js for /console
 };
 
 namespace gateway {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace moemesh::gateway {
 namespace {
 
@@ -12,6 +14,8 @@ std::vector<double> latency_buckets() {
 std::vector<double> token_buckets() {
   return {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000};
 }
+
+constexpr std::chrono::seconds kRateWindow{10};
 
 void header(std::string& out, const char* name, const char* type, const char* help) {
   out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", name, help, name, type);
@@ -80,6 +84,96 @@ void Metrics::observe_inter_token(double seconds) {
 void Metrics::count_http(int status) {
   std::lock_guard<std::mutex> lock(mu_);
   ++http_[status];
+  const auto now = std::chrono::steady_clock::now();
+  recent_.push_back(now);
+  while (!recent_.empty() && now - recent_.front() > kRateWindow) recent_.pop_front();
+}
+
+void Metrics::set_experts(const proto::ExpertsSnapshot& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  experts_ = s;
+}
+
+void Metrics::set_expert_series(int top) {
+  std::lock_guard<std::mutex> lock(mu_);
+  expert_top_ = top;
+}
+
+proto::GatewayFigures Metrics::gateway_figures() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  proto::GatewayFigures g;
+  g.set_open_streams(open_streams_);
+  uint64_t total = 0, errors = 0;
+  for (const auto& [code, n] : http_) {
+    total += n;
+    if (code >= 400) errors += n;
+  }
+  g.set_requests_total(total);
+  g.set_http_errors_total(errors);
+  const auto now = std::chrono::steady_clock::now();
+  while (!recent_.empty() && now - recent_.front() > kRateWindow) recent_.pop_front();
+  g.set_requests_per_second(static_cast<double>(recent_.size()) /
+                            std::chrono::duration<double>(kRateWindow).count());
+  return g;
+}
+
+void Metrics::render_experts(std::string& out) const {
+  if (!experts_) return;
+  const proto::ExpertsSnapshot& x = *experts_;
+  header(out, "moemesh_layer_balancedness", "gauge",
+         "Mean over max tokens per expert of a MoE layer in the statistics window (1 = even).");
+  for (const proto::LayerSnapshot& l : x.layers())
+    out += fmt::format("moemesh_layer_balancedness{{{},layer=\"{}\"}} {}\n", labels_, l.layer(),
+                       l.balancedness());
+  header(out, "moemesh_worker_load", "gauge",
+         "Expert worker utilisation: compute seconds per second, smoothed (0-1).");
+  for (const proto::ExpertWorkerStats& w : x.workers())
+    out += fmt::format("moemesh_worker_load{{{},worker=\"{}\"}} {}\n", labels_, w.name(),
+                       w.utilisation());
+  uint64_t overflows = 0, drops = 0;
+  std::vector<const proto::ExpertSnapshot*> experts;
+  for (const proto::LayerSnapshot& l : x.layers())
+    for (const proto::ExpertSnapshot& e : l.experts()) {
+      overflows += e.overflows_total();
+      drops += e.drops_total();
+      experts.push_back(&e);
+    }
+  if (expert_top_ != 0) {
+    std::size_t keep =
+        expert_top_ < 0 ? experts.size() : std::min(experts.size(), std::size_t(expert_top_));
+    std::partial_sort(experts.begin(), experts.begin() + static_cast<std::ptrdiff_t>(keep),
+                      experts.end(), [](const auto* a, const auto* b) {
+                        if (a->tokens_total() != b->tokens_total())
+                          return a->tokens_total() > b->tokens_total();
+                        return std::make_pair(a->layer(), a->expert()) <
+                               std::make_pair(b->layer(), b->expert());
+                      });
+    experts.resize(keep);
+    std::sort(experts.begin(), experts.end(), [](const auto* a, const auto* b) {
+      return std::make_pair(a->layer(), a->expert()) < std::make_pair(b->layer(), b->expert());
+    });
+    header(out, "moemesh_expert_tokens_total", "counter",
+           "Token-slots computed per routed expert (the busiest, see --expert-metrics).");
+    for (const auto* e : experts)
+      out += fmt::format("moemesh_expert_tokens_total{{{},layer=\"{}\",expert=\"{}\"}} {}\n",
+                         labels_, e->layer(), e->expert(), e->tokens_total());
+  }
+  header(out, "moemesh_expert_overflow_total", "counter",
+         "Token-slots expert workers rejected over the capacity factor.");
+  out += fmt::format("moemesh_expert_overflow_total{{{}}} {}\n", labels_, overflows);
+  header(out, "moemesh_expert_dropped_total", "counter",
+         "Token-slots dropped with no replica to take them (gate weights renormalised).");
+  out += fmt::format("moemesh_expert_dropped_total{{{}}} {}\n", labels_, drops);
+  const proto::Histogram& h = x.round_trip();
+  header(out, "moemesh_dataplane_round_trip_seconds", "histogram",
+         "One MoE layer's dispatch to expert workers until the last reply is combined.");
+  for (int b = 0; b < h.bounds_size() && b < h.counts_size(); ++b)
+    out += fmt::format("moemesh_dataplane_round_trip_seconds_bucket{{{},le=\"{}\"}} {}\n", labels_,
+                       h.bounds(b), h.counts(b));
+  out += fmt::format("moemesh_dataplane_round_trip_seconds_bucket{{{},le=\"+Inf\"}} {}\n", labels_,
+                     h.count());
+  out += fmt::format("moemesh_dataplane_round_trip_seconds_sum{{{}}} {}\n", labels_, h.sum());
+  out += fmt::format("moemesh_dataplane_round_trip_seconds_count{{{}}} {}\n", labels_, h.count());
 }
 
 void Metrics::set_engine_stats(const proto::EngineStats& s) {
@@ -137,6 +231,7 @@ std::string Metrics::render() const {
       out += fmt::format("moemesh_http_responses_total{{{},code=\"{}\"}} {}\n", labels_, code, n);
     header(out, "moemesh_open_streams", "gauge", "Requests in flight at the gateway.");
     out += fmt::format("moemesh_open_streams{{{}}} {}\n", labels_, open_streams_);
+    render_experts(out);
   }
   const std::pair<const Histogram*, const char*> hists[] = {
       {&ttft_, "vllm:time_to_first_token_seconds"},

@@ -10,8 +10,10 @@
 #include <random>
 #include <thread>
 
+#include "actors/introspection.h"
 #include "actors/sampling_proto.h"
 #include "gateway/detail/admin.h"
+#include "gateway/detail/console.h"
 #include "gateway/detail/metrics.h"
 #include "gateway/detail/openai.h"
 #include "gateway/detail/request_state.h"
@@ -67,6 +69,8 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
 
   std::atomic<int> open_requests{0};
   std::atomic<bool> stopping{false};
+  actors::ActorCounters counters;  // only `started` is used: the gateway counts HTTP responses
+
   std::mutex sessions_mu;  // guards sessions
   std::vector<std::weak_ptr<class Session>> sessions;
 
@@ -297,6 +301,16 @@ void Session::handle(http::request<http::string_body>& req) {
       ctx.router = gw_->router;
     }
     if (model) ctx.single_process_model = model->name;
+    ctx.gateway_status = [gw = gw_, metrics] {
+      proto::ActorStatus s = actors::actor_status(gw->counters, "gateway", "gateway", 0, 0);
+      if (metrics) {
+        *s.mutable_gateway() = metrics->gateway_figures();
+        s.mutable_gateway()->set_open_streams(gw->open_requests.load());
+        s.set_messages_handled(s.gateway().requests_total());
+        s.set_errors_total(s.gateway().http_errors_total());
+      }
+      return s;
+    };
     // The answer holds the session alive (no read is pending meanwhile); the router's answer is
     // bounded by a timeout.
     auto executor = stream_.get_executor();
@@ -308,9 +322,16 @@ void Session::handle(http::request<http::string_body>& req) {
                           });
     return;
   }
+  if (get && (path == "/console" || path == "/console/"))
+    return send(http::status::ok, std::string(gateway::console_html()), "text/html; charset=utf-8");
+  if (get && path == "/console/chart.js") {
+    Expected<std::string> js = gateway::console_asset(gw_->options.console_assets, "chart.min.js");
+    if (!js) return send(http::status::not_found, js.error().message() + "\n", "text/plain");
+    return send(http::status::ok, std::move(*js), "application/javascript");
+  }
   const bool api = path.rfind("/v1/", 0) == 0 || path == "/tokenize" || path == "/detokenize";
   if (!api) {
-    // Outside the API (e.g. the admin and console pages that later roles add): plain text.
+    // Outside the API and the pages above: plain text.
     return send(http::status::not_found,
                 fmt::format("no route {} {}\n", std::string(req.method_string()), path),
                 "text/plain");
@@ -672,6 +693,7 @@ void Gateway::set_router(actors::router_actor router) {
 
 void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engine) {
   auto metrics = std::make_shared<gateway::Metrics>(model.name);
+  metrics->set_expert_series(impl_->options.expert_metrics);
   std::weak_ptr<Impl> weak = impl_;
   // Polls the engine's statistics: they feed /metrics, and their arrival proves the engine alive.
   caf::actor poller = impl_->system.spawn(
@@ -697,6 +719,22 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
                   [=](caf::error& err) {
                     spdlog::warn("engine stats request failed: {}", caf::to_string(err));
                   });
+          // In a cluster, the router's per-expert statistics feed the moemesh_expert_* series.
+          actors::router_actor router;
+          if (auto gw = weak.lock()) {
+            std::lock_guard<std::mutex> lock(gw->mu);
+            router = gw->router;
+          }
+          if (router)
+            self->request(router, std::chrono::seconds(2), actors::experts_atom::value)
+                .then(
+                    [=](const std::string& bytes) {
+                      proto::ExpertsSnapshot x;
+                      if (x.ParseFromString(bytes)) metrics->set_experts(x);
+                    },
+                    [=](caf::error& err) {
+                      spdlog::warn("expert statistics request failed: {}", caf::to_string(err));
+                    });
           self->delayed_send(self, std::chrono::milliseconds(500), tick_atom::value);
         }};
       },

@@ -5,7 +5,15 @@
 //   GET  /admin/experts   ExpertsSnapshot as JSON: per layer and expert, the workers holding it and
 //                         its token, overflow and drop counters; balancedness per layer
 //   POST /admin/capacity  {"capacity_factor": 1.25} sets the expert workers' capacity factor
-//                         (0: no limit); needs "Authorization: Bearer <admin token>"
+//                         (0: no limit)
+//   POST /admin/drain     {"worker": "NAME or worker id"} moves an expert worker's experts to the
+//                         others, then publishes a placement without it
+//   POST /admin/rebalance {"min_balancedness": 0.9} (optional; default 1: always when it helps)
+//                         re-packs the experts over the expert workers by their recent load
+// The POST routes need "Authorization: Bearer <admin token>".
+//
+// /admin/cluster lists every actor with its status (proto ActorStatus): the gateway's own first,
+// then the router's, every worker's, and workers lost in the last minutes.
 //
 // JSON comes from protobuf's JSON mapping (field names as in the .proto files). Without a router
 // (a single-process server) the GET routes describe that one process.
@@ -16,6 +24,7 @@
 #include <string_view>
 
 #include "actors/cluster_interface.h"
+#include "proto/cluster.pb.h"
 
 namespace moemesh::gateway {
 
@@ -29,6 +38,7 @@ struct AdminContext {
   actors::router_actor router;  // null: no cluster
   std::string admin_token;      // empty: admin actions are refused
   std::string single_process_model;
+  std::function<proto::ActorStatus()> gateway_status;  // the gateway's own status (may be empty)
 };
 
 bool is_admin_path(std::string_view path);

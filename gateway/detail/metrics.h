@@ -4,12 +4,16 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "proto/cluster.pb.h"
 #include "proto/engine.pb.h"
 
 namespace moemesh::gateway {
@@ -50,10 +54,20 @@ class Metrics {
   void count_http(int status);
   void set_engine_stats(const proto::EngineStats& s);
   void set_open_streams(int64_t n);
+  // The router's per-expert statistics (a cluster): they feed the moemesh_expert_*, layer and
+  // worker series. `top`: how many (layer, expert) series of moemesh_expert_tokens_total to show,
+  // the busiest by total tokens (0: none, < 0: all).
+  void set_experts(const proto::ExpertsSnapshot& s);
+  void set_expert_series(int top);
+  // The gateway's figures for its ActorStatus: open streams, requests/s over the last 10 s,
+  // responses and error responses.
+  proto::GatewayFigures gateway_figures() const;
 
   std::string render() const;
 
  private:
+  void render_experts(std::string& out) const;  // with mu_ held
+
   std::string labels_;
   Histogram ttft_, itl_, tpot_, e2e_, queue_, prefill_, decode_, prompt_len_, gen_len_;
   mutable std::mutex mu_;  // guards the fields below
@@ -63,6 +77,9 @@ class Metrics {
   uint64_t generation_tokens_ = 0;
   int64_t open_streams_ = 0;
   proto::EngineStats engine_;
+  std::optional<proto::ExpertsSnapshot> experts_;
+  int expert_top_ = 64;
+  mutable std::deque<std::chrono::steady_clock::time_point> recent_;  // responses, last 10 s
 };
 
 }  // namespace moemesh::gateway

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+
 namespace moemesh::actors {
 namespace {
 
@@ -83,6 +85,63 @@ TEST(Placement, Balancedness) {
   EXPECT_DOUBLE_EQ(balancedness({4, 4, 4, 4}), 1.0);
   EXPECT_DOUBLE_EQ(balancedness({8, 0, 0, 0}), 0.25);
   EXPECT_DOUBLE_EQ(balancedness({3, 1}), 2.0 / 3.0);
+}
+
+// A skewed load: in every layer, expert e carries 2^e tokens (a few experts dominate).
+std::map<std::pair<int32_t, int32_t>, uint64_t> skewed(const PlacementRequest& r) {
+  std::map<std::pair<int32_t, int32_t>, uint64_t> load;
+  for (int32_t layer : r.moe_layers)
+    for (int32_t e = 0; e < r.num_experts; ++e) load[{layer, e}] = uint64_t{1} << e;
+  return load;
+}
+
+TEST(Placement, BalancedPlanIsValidAndBetterOnSkewedLoads) {
+  for (int32_t replicas : {1, 2}) {
+    const PlacementRequest r = request({1, 2, 3}, replicas);
+    const proto::Placement before = plan_placement({}, r);
+    const auto load = skewed(r);
+    const proto::Placement after = plan_balanced(r, load, before);
+    EXPECT_TRUE(placement_complete(after, 8));
+    for (const proto::LayerPlacement& l : after.layers())
+      for (const proto::ExpertReplicas& x : l.experts()) {
+        ASSERT_EQ(x.workers_size(), replicas);
+        std::set<int32_t> distinct(x.workers().begin(), x.workers().end());
+        EXPECT_EQ(distinct.size(), static_cast<std::size_t>(replicas));
+        for (int32_t w : x.workers()) EXPECT_TRUE(w >= 1 && w <= 3) << w;
+      }
+    EXPECT_GT(worker_balancedness(after, load), worker_balancedness(before, load))
+        << "replicas " << replicas;
+  }
+}
+
+TEST(Placement, BalancedPlanMovesNothingWhenTheLoadIsAlreadyEven) {
+  const PlacementRequest r = request({1, 2});
+  const proto::Placement before = plan_placement({}, r);
+  std::map<std::pair<int32_t, int32_t>, uint64_t> even;
+  for (int32_t layer : r.moe_layers)
+    for (int32_t e = 0; e < r.num_experts; ++e) even[{layer, e}] = 50;
+  EXPECT_DOUBLE_EQ(worker_balancedness(before, even), 1.0);
+  const proto::Placement after = plan_balanced(r, even, before);
+  EXPECT_EQ(copies_moved(before, after), 0);
+}
+
+TEST(Placement, BalancedPlanMovesFewCopiesForOneHotExpert) {
+  const PlacementRequest r = request({1, 2});
+  const proto::Placement before = plan_placement({}, r);
+  std::map<std::pair<int32_t, int32_t>, uint64_t> load;
+  for (int32_t layer : r.moe_layers)
+    for (int32_t e = 0; e < r.num_experts; ++e) load[{layer, e}] = e == 0 ? 400 : 100;
+  const proto::Placement after = plan_balanced(r, load, before);
+  EXPECT_GE(worker_balancedness(after, load), worker_balancedness(before, load));
+  // 24 copies in all: far fewer than a reshuffle moves.
+  EXPECT_LE(copies_moved(before, after), 3 * 3);
+}
+
+TEST(Placement, CopiesMovedCountsOnlyNewCopies) {
+  const PlacementRequest r = request({1, 2});
+  const proto::Placement a = plan_placement({}, r);
+  EXPECT_EQ(copies_moved(a, a), 0);
+  EXPECT_EQ(copies_moved({}, a), 24);
 }
 
 }  // namespace

@@ -32,7 +32,21 @@ struct Record {
   std::vector<proto::GenerateRequest> submitted;
   std::vector<double> capacity;
   proto::ExpertWorkerStats stats;  // what status() answers
+  bool silent = false;             // status() never answers (a hung actor)
+  std::vector<caf::response_promise> unanswered;
 };
+
+// What a fake role actor answers to status(): an ActorStatus, or nothing when silent.
+template <class Self>
+caf::result<std::string> fake_status(Self* self, Record& r, proto::ActorStatus s) {
+  if (r.silent) {
+    r.unanswered.push_back(self->make_response_promise());
+    return r.unanswered.back();
+  }
+  s.set_state("up");
+  s.set_messages_handled(1);
+  return s.SerializeAsString();
+}
 
 class RouterTest : public ::testing::Test {
  protected:
@@ -71,7 +85,7 @@ class RouterTest : public ::testing::Test {
 
   caf::actor fake_expert(std::shared_ptr<Record> rec) {
     auto a = sys_.spawn(
-        [](expert_actor::pointer, std::shared_ptr<Record> r) -> expert_actor::behavior_type {
+        [](expert_actor::pointer self, std::shared_ptr<Record> r) -> expert_actor::behavior_type {
           return {
               [r](assign_atom, const std::string& bytes) -> std::string {
                 proto::Assignment assignment;
@@ -79,7 +93,12 @@ class RouterTest : public ::testing::Test {
                 r->assignments.push_back(assignment);
                 return {};
               },
-              [r](status_atom) -> std::string { return r->stats.SerializeAsString(); },
+              [self, r](status_atom) -> caf::result<std::string> {
+                proto::ActorStatus s;
+                s.set_role("expert");
+                *s.mutable_expert() = r->stats;
+                return fake_status(self, *r, s);
+              },
               [r](capacity_atom, double f) { r->capacity.push_back(f); },
           };
         },
@@ -90,7 +109,8 @@ class RouterTest : public ::testing::Test {
 
   caf::actor fake_attention(std::shared_ptr<Record> rec) {
     auto a = sys_.spawn(
-        [](attention_actor::pointer, std::shared_ptr<Record> r) -> attention_actor::behavior_type {
+        [](attention_actor::pointer self,
+           std::shared_ptr<Record> r) -> attention_actor::behavior_type {
           return {
               [r](submit_atom, const std::string& bytes, const caf::actor&) -> std::string {
                 proto::GenerateRequest g;
@@ -105,10 +125,11 @@ class RouterTest : public ::testing::Test {
                 p.ParseFromString(bytes);
                 r->placements.push_back(p);
               },
-              [](status_atom) -> std::string {
-                proto::AttentionWorkerStats s;
-                s.mutable_engine()->set_kv_cache_tokens(100);
-                return s.SerializeAsString();
+              [self, r](status_atom) -> caf::result<std::string> {
+                proto::ActorStatus s;
+                s.set_role("attention");
+                s.mutable_attention()->mutable_engine()->set_kv_cache_tokens(100);
+                return fake_status(self, *r, s);
               },
           };
         },
@@ -367,6 +388,135 @@ TEST_F(RouterTest, ExpertStatisticsAreGatheredPerLayerAndExpert) {
   EXPECT_DOUBLE_EQ(l0.balancedness(), 2.0 / 8.0);  // mean 2, max 8
   EXPECT_EQ(snap.layers(1).experts(3).tokens_window(), 4u);
   EXPECT_DOUBLE_EQ(snap.window_seconds(), 60);
+}
+
+const proto::ActorStatus* find_actor(const proto::ClusterSnapshot& s, const std::string& name) {
+  for (const proto::ActorStatus& a : s.actors())
+    if (a.name() == name) return &a;
+  return nullptr;
+}
+
+TEST_F(RouterTest, AnUnresponsiveActorIsShownUnreachableAndDoesNotHoldTheSnapshotUp) {
+  start(2);
+  auto att = std::make_shared<Record>();
+  auto e1 = std::make_shared<Record>(), e2 = std::make_shared<Record>();
+  join("attention", fake_attention(att), "secret", "a1");
+  join("expert", fake_expert(e1), "secret", "e1");
+  join("expert", fake_expert(e2), "secret", "e2");
+  e2->silent = true;
+  self_->send(router_, tick_atom::value);
+  sched_.run();
+  // The status request to e2 is still pending: the snapshot answers at once regardless.
+  auto before = ask<proto::ClusterSnapshot>(cluster_atom::value);
+  ASSERT_EQ(before.actors_size(), 4) << "router, a1, e1, e2";
+  EXPECT_EQ(before.actors(0).role(), "router");
+  EXPECT_TRUE(before.actors(0).has_router());
+  EXPECT_EQ(before.actors(0).router().members(), 3);
+  EXPECT_GT(before.actors(0).messages_handled(), 0u);
+  ASSERT_NE(find_actor(before, "e1"), nullptr);
+  EXPECT_EQ(find_actor(before, "e1")->state(), "up");
+  EXPECT_TRUE(find_actor(before, "e1")->has_expert());
+  EXPECT_TRUE(find_actor(before, "a1")->has_attention());
+
+  // Past the status timeout, e2 is unreachable; the others stay up.
+  sched_.advance_time(kStatusTimeout + std::chrono::milliseconds(100));
+  sched_.run();
+  auto after = ask<proto::ClusterSnapshot>(cluster_atom::value);
+  ASSERT_NE(find_actor(after, "e2"), nullptr);
+  EXPECT_EQ(find_actor(after, "e2")->state(), "unreachable");
+  EXPECT_EQ(find_actor(after, "e1")->state(), "up");
+  EXPECT_EQ(find_actor(after, "a1")->state(), "up");
+  bool member_unreachable = false;
+  for (const auto& m : after.members())
+    if (m.name() == "e2") member_unreachable = m.state() == "unreachable";
+  EXPECT_TRUE(member_unreachable);
+}
+
+TEST_F(RouterTest, ALostWorkerStaysListedAsLost) {
+  start(1);
+  auto e1 = std::make_shared<Record>();
+  caf::actor gone = fake_expert(e1);
+  join("expert", gone, "secret", "e1");
+  caf::anon_send_exit(gone, caf::exit_reason::kill);
+  sched_.run();
+  auto snap = ask<proto::ClusterSnapshot>(cluster_atom::value);
+  EXPECT_EQ(snap.members_size(), 0);
+  ASSERT_NE(find_actor(snap, "e1"), nullptr);
+  EXPECT_EQ(find_actor(snap, "e1")->state(), "lost");
+}
+
+TEST_F(RouterTest, DrainMovesAWorkersExpertsToTheOthers) {
+  start(2);
+  auto att = std::make_shared<Record>();
+  join("attention", fake_attention(att));
+  auto e1 = std::make_shared<Record>(), e2 = std::make_shared<Record>();
+  join("expert", fake_expert(e1), "secret", "e1");
+  join("expert", fake_expert(e2), "secret", "e2");
+  ASSERT_EQ(att->placements.size(), 1u);
+
+  auto drain = [&](const std::string& which) {
+    self_->send(router_, drain_atom::value, which);
+    sched_.run();
+    std::string error = "no reply";
+    self_->receive([&](const std::string& e) { error = e; },
+                   caf::after(std::chrono::seconds(0)) >> [] {});
+    return error;
+  };
+  EXPECT_NE(drain("nobody").find("no expert worker \"nobody\""), std::string::npos);
+  EXPECT_EQ(drain("e2"), "");
+  ASSERT_EQ(e1->assignments.size(), 2u) << "e1 binds e2's experts";
+  EXPECT_EQ(e1->assignments[1].experts().layer_size(), 8);
+  ASSERT_EQ(att->placements.size(), 2u);
+  const proto::Placement& p = att->placements.back();
+  EXPECT_TRUE(placement_complete(p, 4));
+  ASSERT_EQ(p.workers_size(), 1);
+  EXPECT_EQ(p.workers(0).name(), "e1");
+  auto snap = ask<proto::ClusterSnapshot>(cluster_atom::value);
+  for (const auto& m : snap.members())
+    if (m.name() == "e2") EXPECT_EQ(m.state(), "drained");
+  EXPECT_NE(drain("e1").find("only expert worker"), std::string::npos);
+}
+
+TEST_F(RouterTest, RebalanceFollowsTheLoadAndIsSkippedWhenBalanced) {
+  start(2);
+  auto att = std::make_shared<Record>();
+  join("attention", fake_attention(att));
+  auto e1 = std::make_shared<Record>(), e2 = std::make_shared<Record>();
+  join("expert", fake_expert(e1), "secret", "e1");
+  join("expert", fake_expert(e2), "secret", "e2");
+  // e1 carries all the load: its experts are hot, e2's are cold.
+  const proto::Assignment& held = e1->assignments.at(0);
+  for (int i = 0; i < held.experts().layer_size(); ++i) {
+    proto::ExpertCounters* c = e1->stats.add_experts();
+    c->set_layer(held.experts().layer(i));
+    c->set_expert(held.experts().expert(i));
+    c->set_tokens_window(100 + 10 * static_cast<uint64_t>(i));
+  }
+  self_->send(router_, tick_atom::value);
+  sched_.run();
+
+  auto rebalance = [&](double threshold) {
+    self_->send(router_, rebalance_atom::value, threshold);
+    sched_.run();
+    proto::RebalanceReply r;
+    self_->receive([&](const std::string& bytes) { r.ParseFromString(bytes); },
+                   caf::after(std::chrono::seconds(0)) >> [] { ADD_FAILURE() << "no reply"; });
+    return r;
+  };
+  proto::RebalanceReply skipped = rebalance(0.1);
+  EXPECT_TRUE(skipped.skipped());
+  EXPECT_DOUBLE_EQ(skipped.balancedness_before(), 0.5);  // one worker carries everything
+  EXPECT_EQ(att->placements.size(), 1u);
+
+  proto::RebalanceReply r = rebalance(1.0);
+  EXPECT_EQ(r.error(), "");
+  EXPECT_FALSE(r.skipped());
+  EXPECT_GT(r.balancedness_after(), 0.9);
+  EXPECT_GT(r.copies_moved(), 0);
+  ASSERT_EQ(att->placements.size(), 2u);
+  EXPECT_TRUE(placement_complete(att->placements.back(), 4));
+  auto snap = ask<proto::ClusterSnapshot>(cluster_atom::value);
+  EXPECT_EQ(snap.actors(0).router().rebalances_total(), 1u);
 }
 
 }  // namespace
