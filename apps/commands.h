@@ -15,6 +15,7 @@ Runner add_attention(CLI::App& app);
 Runner add_expert(CLI::App& app);
 Runner add_router(CLI::App& app);
 Runner add_gateway(CLI::App& app);
+Runner add_plan(CLI::App& app);
 Runner add_top(CLI::App& app);
 
 }  // namespace moemesh::apps

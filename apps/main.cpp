@@ -35,6 +35,9 @@ int main(int argc, char** argv) {
   auto* expert =
       app.add_subcommand("expert", "An expert worker joining a cluster (--join HOST:PORT)");
   runners[expert] = moemesh::apps::add_expert(*expert);
+  auto* plan = app.add_subcommand(
+      "plan", "Parameters, memory and the smallest GPU layout of a model (from config.json)");
+  runners[plan] = moemesh::apps::add_plan(*plan);
   auto* top = app.add_subcommand("top", "The operations console in a terminal (--url URL)");
   runners[top] = moemesh::apps::add_top(*top);
 

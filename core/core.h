@@ -12,6 +12,7 @@
 //   sampling.h    SamplingParams and Sampler: the OpenAI/vLLM sampling parameters
 //   generate.h    offline prefill + decode for one sequence
 //   npy.h         float32 .npy files (logit dumps, test fixtures)
+//   plan.h        the memory and parallelism planner of `moemesh plan` (any supported config.json)
 //
 // Every fallible call returns Expected<T> or Status (error.h); messages name the file, tensor,
 // field or flag that is wrong and say what was expected. Nothing in core throws across its API
@@ -27,5 +28,6 @@
 #include "core/kv_blocks.h"
 #include "core/model.h"
 #include "core/npy.h"
+#include "core/plan.h"
 #include "core/sampling.h"
 #include "core/tokenizer.h"
