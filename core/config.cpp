@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -182,6 +184,43 @@ const ArchDefaults* defaults_for(const std::string& model_type) {
                                    .shared_inter = 0,
                                    .norm_topk = false,
                                    .eos = 50279};
+  // DeepseekV2Config and DeepseekV3Config. top_k -1: DeepseekV2Config has no default, so
+  // "num_experts_per_tok" is required; shared_inter is n_shared_experts (times
+  // moe_intermediate_size, read in read_deepseek).
+  static const ArchDefaults kDeepseekV2{.arch = Arch::DeepseekV2,
+                                        .vocab = 102400,
+                                        .hidden = 4096,
+                                        .intermediate = 11008,
+                                        .layers = 32,
+                                        .heads = 32,
+                                        .kv_heads = 32,
+                                        .max_pos = 2048,
+                                        .eps = 1e-6,
+                                        .theta = 10000.0,
+                                        .experts = 64,
+                                        .top_k = -1,
+                                        .moe_inter = 1407,
+                                        .shared_inter = 2,
+                                        .norm_topk = false,
+                                        .eos = 2};
+  static const ArchDefaults kDeepseekV3{.arch = Arch::DeepseekV3,
+                                        .vocab = 129280,
+                                        .hidden = 7168,
+                                        .intermediate = 18432,
+                                        .layers = 61,
+                                        .heads = 128,
+                                        .kv_heads = 128,
+                                        .max_pos = 4096,
+                                        .eps = 1e-6,
+                                        .theta = 10000.0,
+                                        .experts = 256,
+                                        .top_k = 8,
+                                        .moe_inter = 2048,
+                                        .shared_inter = 1,
+                                        .norm_topk = true,
+                                        .eos = 1};
+  if (model_type == "deepseek_v2") return &kDeepseekV2;
+  if (model_type == "deepseek_v3" || model_type == "kimi_k2") return &kDeepseekV3;
   if (model_type == "mixtral") return &kMixtral;
   if (model_type == "qwen2_moe") return &kQwen2Moe;
   if (model_type == "qwen3_moe") return &kQwen3Moe;
@@ -189,8 +228,60 @@ const ArchDefaults* defaults_for(const std::string& model_type) {
   return nullptr;
 }
 
+bool is_deepseek(Arch a) {
+  return a == Arch::DeepseekV2 || a == Arch::DeepseekV3;
+}
+
+// transformers' YaRN mscale: 0.1 * mscale * ln(scale) + 1 for scale > 1, else 1.
+double yarn_mscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+// The "yarn" rope parameters of object `rp` (found under `key`), resolved as transformers'
+// _compute_yarn_parameters and standardize_rope_params resolve them.
+YarnRope read_yarn(const json& root, const json& rp, const char* key, FieldReader& r,
+                   const ModelConfig& c) {
+  FieldReader sub(rp, "");
+  YarnRope y;
+  // A top-level "original_max_position_embeddings" takes priority over the rope dict's.
+  FieldReader top(root, "");
+  y.original_max_position_embeddings =
+      top.has("original_max_position_embeddings")
+          ? top.integer("original_max_position_embeddings", 0)
+          : sub.integer("original_max_position_embeddings", c.max_position_embeddings);
+  if (y.original_max_position_embeddings <= 0)
+    r.error(fmt::format("field \"{}.original_max_position_embeddings\" must be a positive integer",
+                        key));
+  y.factor =
+      sub.has("factor")
+          ? sub.number("factor", 1.0)
+          : static_cast<double>(c.max_position_embeddings) /
+                static_cast<double>(std::max<int64_t>(1, y.original_max_position_embeddings));
+  if (!(y.factor > 0))
+    r.error(fmt::format("field \"{}.factor\" must be a positive number, found {}", key, y.factor));
+  y.mscale = sub.number("mscale", 0.0);
+  y.mscale_all_dim = sub.number("mscale_all_dim", 0.0);
+  // `or 32` / `or 1` in transformers: 0 means the default too.
+  y.beta_fast = sub.number("beta_fast", 0.0);
+  if (y.beta_fast == 0.0) y.beta_fast = 32.0;
+  y.beta_slow = sub.number("beta_slow", 0.0);
+  if (y.beta_slow == 0.0) y.beta_slow = 1.0;
+  y.truncate = sub.boolean("truncate", true);
+  if (sub.has("attention_factor")) {
+    y.attention_factor = sub.number("attention_factor", 1.0);
+  } else if (y.mscale != 0.0 && y.mscale_all_dim != 0.0) {
+    y.attention_factor = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim);
+  } else {
+    y.attention_factor = yarn_mscale(y.factor, 1.0);
+  }
+  if (sub.first_error()) r.error(fmt::format("field \"{}\"{}", key, *sub.first_error()));
+  if (top.first_error()) r.error(*top.first_error());
+  return y;
+}
+
 // RoPE parameters live in "rope_theta" + "rope_scaling" (transformers 4) or in
-// "rope_parameters" (transformers 5). Only the default (unscaled) rope type is supported.
+// "rope_parameters" (transformers 5). Only the default rope type is supported, and YaRN for the
+// deepseek families.
 void read_rope(const json& root, FieldReader& r, ModelConfig& c, double default_theta) {
   c.rope_theta = r.number("rope_theta", default_theta);
   for (const char* key : {"rope_parameters", "rope_scaling"}) {
@@ -202,17 +293,143 @@ void read_rope(const json& root, FieldReader& r, ModelConfig& c, double default_
     }
     FieldReader sub(rp, "");
     std::string type = sub.string("rope_type", sub.string("type", "default"));
-    if (type != "default") {
-      r.error(
-          fmt::format("field \"{}\" asks for rope_type \"{}\"; moemesh supports only the "
-                      "default rotary embedding for {} (remove the scaling or use a model "
-                      "without it)",
-                      key, type, c.model_type));
+    if (type == "yarn" && is_deepseek(c.arch)) {
+      c.yarn = read_yarn(root, rp, key, r, c);
+    } else if (type != "default") {
+      r.error(fmt::format(
+          "field \"{}\" asks for rope_type \"{}\"; moemesh supports only the default rotary "
+          "embedding for {}{} (remove the scaling or use a model without it)",
+          key, type, c.model_type, is_deepseek(c.arch) ? " and \"yarn\"" : ""));
     }
     if (sub.has("rope_theta")) c.rope_theta = sub.number("rope_theta", c.rope_theta);
     if (sub.has("partial_rotary_factor") && sub.number("partial_rotary_factor", 1.0) != 1.0)
       r.error(fmt::format("field \"{}.partial_rotary_factor\" is not supported", key));
     if (sub.first_error()) r.error(fmt::format("field \"{}\"{}", key, *sub.first_error()));
+  }
+}
+
+// Multi-head latent attention, dense / sparse layers, shared experts and the router of
+// deepseek_v2 and deepseek_v3 (transformers' DeepseekV2Config / DeepseekV3Config).
+void read_deepseek(const json& root, FieldReader& r, ModelConfig& c, const ArchDefaults& d) {
+  const bool v3 = c.arch == Arch::DeepseekV3;
+  MlaConfig m;
+  // "q_lora_rank": null selects the plain q_proj; absent takes the default 1536.
+  const bool q_null = root.contains("q_lora_rank") && root.at("q_lora_rank").is_null();
+  m.q_lora_rank = q_null ? 0 : r.integer("q_lora_rank", 1536);
+  if (!q_null) r.positive("q_lora_rank", m.q_lora_rank);
+  m.kv_lora_rank = r.integer("kv_lora_rank", 512);
+  m.qk_nope_head_dim = r.integer("qk_nope_head_dim", 128);
+  m.qk_rope_head_dim = r.integer("qk_rope_head_dim", 64);
+  m.v_head_dim = r.integer("v_head_dim", 128);
+  m.rope_interleave = v3 ? r.boolean("rope_interleave", true) : true;
+  m.bias = r.boolean("attention_bias", false);
+  r.positive("kv_lora_rank", m.kv_lora_rank);
+  r.positive("qk_rope_head_dim", m.qk_rope_head_dim);
+  r.positive("v_head_dim", m.v_head_dim);
+  if (m.qk_nope_head_dim < 0) r.error("field \"qk_nope_head_dim\" must not be negative");
+  for (const auto& [key, v] : {std::pair{"q_lora_rank", m.q_lora_rank},
+                               {"kv_lora_rank", m.kv_lora_rank},
+                               {"qk_nope_head_dim", m.qk_nope_head_dim},
+                               {"qk_rope_head_dim", m.qk_rope_head_dim},
+                               {"v_head_dim", m.v_head_dim}})
+    r.at_most(key, v, 1 << 16);
+  if (m.qk_rope_head_dim % 2 != 0)
+    r.error(fmt::format("field \"qk_rope_head_dim\" is {}; it must be even for rotary embeddings",
+                        m.qk_rope_head_dim));
+  if (r.has("num_key_value_heads") && c.num_kv_heads != c.num_heads)
+    r.error(fmt::format(
+        "field \"num_key_value_heads\" is {}, but multi-head latent attention needs it equal "
+        "to num_attention_heads ({})",
+        c.num_kv_heads, c.num_heads));
+  if (!v3 && c.hidden_size % c.num_heads != 0)  // DeepseekV2Config's own check
+    r.error(fmt::format("hidden_size {} is not a multiple of num_attention_heads {}", c.hidden_size,
+                        c.num_heads));
+  c.num_kv_heads = c.num_heads;
+  c.head_dim = m.qk_rope_head_dim;  // as transformers sets it
+  c.mla = m;
+
+  if (root.contains("mlp_bias") && r.boolean("mlp_bias", false))
+    r.error("field \"mlp_bias\" is true; moemesh supports deepseek MLPs without biases only");
+
+  // Experts: "n_routed_experts", or its alias (num_experts for v2, num_local_experts for v3).
+  const char* alias = v3 ? "num_local_experts" : "num_experts";
+  c.num_experts = r.has("n_routed_experts") ? r.integer("n_routed_experts", d.experts)
+                                            : r.integer(alias, d.experts);
+  c.moe_intermediate_size = r.integer("moe_intermediate_size", d.moe_inter);
+  if (!r.has("num_experts_per_tok") && d.top_k < 0)
+    r.error(fmt::format("field \"num_experts_per_tok\" is required for {}", c.model_type));
+  c.top_k = r.integer("num_experts_per_tok", d.top_k);
+  // DeepseekV2's router never renormalises (transformers ignores "norm_topk_prob" there).
+  c.norm_topk_prob = v3 ? r.boolean("norm_topk_prob", d.norm_topk) : false;
+  const int64_t n_shared = r.integer("n_shared_experts", d.shared_inter);
+  if (n_shared < 0) r.error("field \"n_shared_experts\" must not be negative");
+  c.shared_expert_intermediate_size = std::max<int64_t>(n_shared, 0) * c.moe_intermediate_size;
+  c.shared_expert_gate = false;
+  r.at_most("n_shared_experts", n_shared, 1 << 10);
+
+  // Dense layers first, then MoE layers (transformers ignores moe_layer_freq; only 1 is valid).
+  const int64_t first_dense = r.integer("first_k_dense_replace", v3 ? 3 : 0);
+  if (first_dense < 0) r.error("field \"first_k_dense_replace\" must not be negative");
+  const int64_t freq = r.integer("moe_layer_freq", 1);
+  if (freq != 1)
+    r.error(fmt::format(
+        "field \"moe_layer_freq\" is {}; moemesh (like transformers) supports only 1: every layer "
+        "from first_k_dense_replace on is a MoE layer",
+        freq));
+  c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  for (int64_t l = 0; l < c.num_layers && l < first_dense; ++l) c.layer_is_moe[l] = false;
+  if (c.num_layers > c.num_moe_layers()) r.positive("intermediate_size", c.intermediate_size);
+
+  // Router.
+  c.grouped_router = true;
+  c.routed_scaling_factor = static_cast<float>(r.number("routed_scaling_factor", v3 ? 2.5 : 1.0));
+  const std::string scoring = r.string("scoring_func", v3 ? "sigmoid" : "softmax");
+  if (scoring != (v3 ? "sigmoid" : "softmax"))
+    r.error(fmt::format("field \"scoring_func\" is \"{}\"; {} scores its experts with \"{}\"",
+                        scoring, c.model_type, v3 ? "sigmoid" : "softmax"));
+  c.scoring = v3 ? RouterScoring::Sigmoid : RouterScoring::Softmax;
+  const std::string method = r.string("topk_method", v3 ? "noaux_tc" : "greedy");
+  bool grouped = false;
+  if (v3) {
+    if (method != "noaux_tc")
+      r.error(fmt::format(
+          "field \"topk_method\" is \"{}\"; {} supports only \"noaux_tc\" (group-limited "
+          "sigmoid routing with e_score_correction_bias)",
+          method, c.model_type));
+    grouped = true;
+    c.score_correction_bias = true;
+    c.group_top2_sum = true;
+  } else if (method == "group_limited_greedy") {
+    grouped = true;
+    if (!r.has("n_group") || !r.has("topk_group"))
+      r.error(
+          "topk_method \"group_limited_greedy\" needs the fields \"n_group\" and "
+          "\"topk_group\"");
+  } else if (method != "greedy") {
+    r.error(
+        fmt::format("field \"topk_method\" is \"{}\"; deepseek_v2 supports \"greedy\" and "
+                    "\"group_limited_greedy\"",
+                    method));
+  }
+  if (grouped) {
+    c.n_group = r.integer("n_group", v3 ? 8 : 1);
+    c.topk_group = r.integer("topk_group", v3 ? 4 : 1);
+    r.positive("n_group", c.n_group);
+    r.positive("topk_group", c.topk_group);
+    if (c.n_group > 0 && c.num_experts % c.n_group != 0)
+      r.error(fmt::format("n_routed_experts {} is not a multiple of field \"n_group\" {}",
+                          c.num_experts, c.n_group));
+    else if (v3 && c.n_group > 0 && c.num_experts / c.n_group < 2)
+      r.error(fmt::format(
+          "field \"n_group\" is {}: each of the groups of n_routed_experts {} needs at least 2 "
+          "experts (a group ranks by its two best)",
+          c.n_group, c.num_experts));
+    if (c.topk_group > c.n_group)
+      r.error(fmt::format("field \"topk_group\" {} exceeds n_group {}", c.topk_group, c.n_group));
+    else if (c.n_group > 0 && c.top_k > c.topk_group * (c.num_experts / c.n_group))
+      r.error(fmt::format(
+          "num_experts_per_tok {} exceeds the experts of the topk_group {} groups chosen ({} each)",
+          c.top_k, c.topk_group, c.num_experts / c.n_group));
   }
 }
 
@@ -263,6 +480,10 @@ void read_sliding_windows(const json& root, FieldReader& r, ModelConfig& c) {
 
 }  // namespace
 
+int64_t ModelConfig::kv_values_per_token_layer() const {
+  return mla ? mla->cache_row() : 2 * num_kv_heads * head_dim;
+}
+
 int64_t ModelConfig::num_moe_layers() const {
   int64_t n = 0;
   for (bool m : layer_is_moe) n += m ? 1 : 0;
@@ -279,6 +500,10 @@ std::string_view arch_name(Arch a) {
       return "qwen3_moe";
     case Arch::Olmoe:
       return "olmoe";
+    case Arch::DeepseekV2:
+      return "deepseek_v2";
+    case Arch::DeepseekV3:
+      return "deepseek_v3";
   }
   return "?";
 }
@@ -296,13 +521,14 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   if (c.model_type.empty())
     return Error(
         fmt::format("{}: no \"model_type\"; expected one of mixtral, qwen2_moe, "
-                    "qwen3_moe, olmoe",
+                    "qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2",
                     source));
   const ArchDefaults* d = defaults_for(c.model_type);
   if (d == nullptr)
     return Error(
         fmt::format("{}: unknown architecture model_type \"{}\"; moemesh supports "
-                    "mixtral, qwen2_moe, qwen3_moe and olmoe",
+                    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 and deepseek_v3 "
+                    "(kimi_k2)",
                     source, c.model_type));
   c.arch = d->arch;
 
@@ -312,7 +538,8 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   c.num_layers = r.integer("num_hidden_layers", d->layers);
   c.num_heads = r.integer("num_attention_heads", d->heads);
   c.num_kv_heads =
-      r.integer("num_key_value_heads", c.arch == Arch::Olmoe ? c.num_heads : d->kv_heads);
+      r.integer("num_key_value_heads",
+                c.arch == Arch::Olmoe || is_deepseek(c.arch) ? c.num_heads : d->kv_heads);
   c.max_position_embeddings = r.integer("max_position_embeddings", d->max_pos);
   c.rms_norm_eps = static_cast<float>(r.number("rms_norm_eps", d->eps));
   c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
@@ -338,27 +565,34 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   r.at_most("max_position_embeddings", c.max_position_embeddings, int64_t{1} << 32);
   if (r.first_error()) return Error(*r.first_error());
 
-  // head_dim may be given explicitly (qwen3_moe, mixtral); otherwise hidden / heads.
-  c.head_dim = r.integer("head_dim", 0);
-  if (c.head_dim == 0) {
-    if (c.hidden_size % c.num_heads != 0)
-      r.error(
-          fmt::format("hidden_size {} is not divisible by num_attention_heads {} and no "
-                      "head_dim is given",
-                      c.hidden_size, c.num_heads));
-    c.head_dim = c.hidden_size / c.num_heads;
+  if (is_deepseek(c.arch)) {
+    read_deepseek(root, r, c, *d);
+    if (r.first_error()) return Error(*r.first_error());
+  } else {
+    // head_dim may be given explicitly (qwen3_moe, mixtral); otherwise hidden / heads.
+    c.head_dim = r.integer("head_dim", 0);
+    if (c.head_dim == 0) {
+      if (c.hidden_size % c.num_heads != 0)
+        r.error(
+            fmt::format("hidden_size {} is not divisible by num_attention_heads {} and no "
+                        "head_dim is given",
+                        c.hidden_size, c.num_heads));
+      c.head_dim = c.hidden_size / c.num_heads;
+    }
+    r.positive("head_dim", c.head_dim);
+    r.at_most("head_dim", c.head_dim, 1 << 14);
+    if (c.head_dim % 2 != 0)
+      r.error(fmt::format("head_dim {} must be even for rotary embeddings", c.head_dim));
+    if (c.num_heads % c.num_kv_heads != 0)
+      r.error(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                          c.num_heads, c.num_kv_heads));
   }
-  r.positive("head_dim", c.head_dim);
-  r.at_most("head_dim", c.head_dim, 1 << 14);
-  if (c.head_dim % 2 != 0)
-    r.error(fmt::format("head_dim {} must be even for rotary embeddings", c.head_dim));
-  if (c.num_heads % c.num_kv_heads != 0)
-    r.error(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                        c.num_heads, c.num_kv_heads));
 
-  // Experts and routing. transformers accepts "num_experts" and "num_local_experts" for all four.
-  c.num_experts = r.has("num_experts") ? r.integer("num_experts", d->experts)
-                                       : r.integer("num_local_experts", d->experts);
+  // Experts and routing. transformers accepts "num_experts" and "num_local_experts" for the first
+  // four; read_deepseek read the deepseek families' fields.
+  if (!is_deepseek(c.arch))
+    c.num_experts = r.has("num_experts") ? r.integer("num_experts", d->experts)
+                                         : r.integer("num_local_experts", d->experts);
   switch (c.arch) {
     case Arch::Mixtral:
       c.moe_intermediate_size = c.intermediate_size;
@@ -373,8 +607,11 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
       c.moe_intermediate_size = r.integer("moe_intermediate_size", d->moe_inter);
       c.norm_topk_prob = r.boolean("norm_topk_prob", d->norm_topk);
       break;
+    case Arch::DeepseekV2:
+    case Arch::DeepseekV3:
+      break;
   }
-  c.top_k = r.integer("num_experts_per_tok", d->top_k);
+  if (!is_deepseek(c.arch)) c.top_k = r.integer("num_experts_per_tok", d->top_k);
   r.positive("num_experts", c.num_experts);
   r.positive("num_experts_per_tok", c.top_k);
   r.positive("moe_intermediate_size", c.moe_intermediate_size);
@@ -385,8 +622,8 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
     r.error(fmt::format("num_experts_per_tok {} exceeds the number of experts {}", c.top_k,
                         c.num_experts));
 
-  // Which layers are sparse.
-  c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  // Which layers are sparse (read_deepseek decided for the deepseek families).
+  if (!is_deepseek(c.arch)) c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
   if (c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) {
     const int64_t step = r.integer("decoder_sparse_step", 1);
     std::vector<int64_t> dense_layers = r.integers("mlp_only_layers");
@@ -424,6 +661,9 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
       c.qk_norm = QkNorm::Full;
       if (r.has("clip_qkv")) c.clip_qkv = static_cast<float>(r.number("clip_qkv", 0));
       break;
+    case Arch::DeepseekV2:
+    case Arch::DeepseekV3:
+      break;  // multi-head latent attention (read_deepseek)
   }
 
   read_sliding_windows(root, r, c);

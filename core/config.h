@@ -1,6 +1,7 @@
 // A model's config.json as a typed value. Supported architectures (config.json "model_type"):
-// mixtral, qwen2_moe, qwen3_moe and olmoe. Fields that config.json leaves out take the default of
-// the corresponding Hugging Face transformers config class, as transformers itself would.
+// mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 and deepseek_v3 (kimi_k2 is read as
+// deepseek_v3, whose layout it uses). Fields that config.json leaves out take the default of the
+// corresponding Hugging Face transformers config class, as transformers itself would.
 #pragma once
 
 #include <cstdint>
@@ -14,13 +15,54 @@
 
 namespace moemesh {
 
-enum class Arch { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe };
+enum class Arch { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3 };
 
 // How queries and keys are normalised before RoPE, if at all.
 enum class QkNorm {
   None,
   PerHead,  // RMSNorm over each head's head_dim features (qwen3_moe)
   Full,     // RMSNorm over the whole projection, all heads at once (olmoe)
+};
+
+// Multi-head latent attention (deepseek_v2, deepseek_v3). Queries come from q_proj, or from the
+// low-rank q_a_proj -> q_a_layernorm -> q_b_proj when q_lora_rank > 0. Keys and values share one
+// compressed latent per token: kv_a_proj_with_mqa gives kv_lora_rank latent features (normalised
+// by kv_a_layernorm) and qk_rope_head_dim rotary key features shared by every head; kv_b_proj
+// expands the latent into each head's qk_nope_head_dim key and v_head_dim value features.
+struct MlaConfig {
+  int64_t q_lora_rank = 0;  // 0: plain q_proj ("q_lora_rank": null)
+  int64_t kv_lora_rank = 0;
+  int64_t qk_nope_head_dim = 0;
+  int64_t qk_rope_head_dim = 0;
+  int64_t v_head_dim = 0;
+  // The rotary features are pairs (2i, 2i + 1) rather than halves (i, i + d/2): always for
+  // deepseek_v2, "rope_interleave" (default true) for deepseek_v3.
+  bool rope_interleave = true;
+  bool bias = false;  // "attention_bias": biases on q_a_proj, kv_a_proj_with_mqa and o_proj
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  // Values cached per token per layer: the normalised latent, then the rotated rotary key.
+  int64_t cache_row() const { return kv_lora_rank + qk_rope_head_dim; }
+};
+
+// YaRN rotary scaling ("rope_type": "yarn"), with transformers' semantics: the inverse
+// frequencies blend interpolation (divided by factor) and extrapolation over the correction range
+// of beta_fast / beta_slow; cos and sin are multiplied by attention_factor; MLA's softmax scale is
+// multiplied by mscale(factor, mscale_all_dim)^2 when mscale_all_dim is non-zero.
+struct YarnRope {
+  double factor = 1.0;
+  int64_t original_max_position_embeddings = 0;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 0.0;            // 0: not given
+  double mscale_all_dim = 0.0;    // 0: not given
+  double attention_factor = 1.0;  // resolved as transformers resolves it
+  bool truncate = true;
+};
+
+// How a MoE layer picks its experts.
+enum class RouterScoring {
+  Softmax,  // probabilities over all experts
+  Sigmoid,  // an independent sigmoid per expert (deepseek_v3)
 };
 
 struct ModelConfig {
@@ -36,6 +78,7 @@ struct ModelConfig {
   int64_t max_position_embeddings = 0;
   float rms_norm_eps = 1e-6f;
   double rope_theta = 10000.0;
+  std::optional<YarnRope> yarn;  // rotary scaling (deepseek families only)
   bool tie_word_embeddings = false;
 
   // Attention details.
@@ -44,6 +87,10 @@ struct ModelConfig {
   QkNorm qk_norm = QkNorm::None;
   std::optional<float> clip_qkv;      // clamp q, k, v to [-c, c] (olmoe)
   std::vector<int64_t> layer_window;  // per layer: sliding window length, 0 = full attention
+  // Multi-head latent attention (deepseek families). head_dim is then qk_rope_head_dim and
+  // num_kv_heads is num_heads, as transformers sets them; the KV cache holds MlaConfig::cache_row()
+  // values per token per layer.
+  std::optional<MlaConfig> mla;
 
   // Feed-forward. A layer is either sparse (routed experts) or dense (one SwiGLU MLP).
   std::vector<bool> layer_is_moe;  // per layer
@@ -54,11 +101,23 @@ struct ModelConfig {
   bool norm_topk_prob = false;                  // renormalise the top-k router probabilities
   int64_t shared_expert_intermediate_size = 0;  // 0: no shared expert
   bool shared_expert_gate = false;  // sigmoid(Linear(hidden, 1)) scales the shared expert
+  // The general router (kernels::grouped_topk; deepseek families): when false the router is a
+  // softmax top-k (kernels::softmax_topk) and the fields below keep their defaults.
+  bool grouped_router = false;
+  RouterScoring scoring = RouterScoring::Softmax;
+  int64_t n_group = 1;                 // experts form n_group equal groups ...
+  int64_t topk_group = 1;              // ... of which the topk_group best compete
+  bool group_top2_sum = false;         // a group ranks by its two best scores (else its best)
+  bool score_correction_bias = false;  // e_score_correction_bias added for choosing only
+  float routed_scaling_factor = 1.0f;  // multiplies the routed experts' weights
 
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
 
   int64_t num_moe_layers() const;
+  // Values of the KV cache per token per layer: MlaConfig::cache_row() with MLA, else keys and
+  // values of every kv head (2 * num_kv_heads * head_dim).
+  int64_t kv_values_per_token_layer() const;
 };
 
 std::string_view arch_name(Arch a);

@@ -15,9 +15,9 @@ int64_t blocks_for(const KvStoreOptions& o, int64_t block_bytes) {
 }
 
 int64_t bytes_per_block(const ModelConfig& c, const KvStoreOptions& o) {
-  const int64_t values = c.num_layers * 2 * o.block_size * c.num_kv_heads * c.head_dim;
-  const int64_t scales =
-      o.dtype == kernels::KvDtype::FP8 ? c.num_layers * 2 * o.block_size * c.num_kv_heads : 0;
+  const int64_t values = c.num_layers * o.block_size * c.kv_values_per_token_layer();
+  const int64_t rows = c.mla ? 1 : 2 * c.num_kv_heads;  // scaled rows per token per layer
+  const int64_t scales = o.dtype == kernels::KvDtype::FP8 ? c.num_layers * o.block_size * rows : 0;
   const int64_t bytes = values * static_cast<int64_t>(kernels::kv_dtype_size(o.dtype)) + scales * 4;
   return (bytes + 63) / 64 * 64;  // keep every block 64-byte aligned
 }
@@ -52,9 +52,10 @@ Expected<KvStoreOptions> kv_store_options(const std::string& dtype, kernels::DTy
 KvStore::KvStore(const ModelConfig& config, const KvStoreOptions& options)
     : options_(options),
       layers_(config.num_layers),
-      n_kv_heads_(config.num_kv_heads),
-      head_dim_(config.head_dim),
-      plane_bytes_(options.block_size * config.num_kv_heads * config.head_dim *
+      n_kv_heads_(config.mla ? 1 : config.num_kv_heads),
+      head_dim_(config.mla ? config.mla->cache_row() : config.head_dim),
+      planes_(config.mla ? 1 : 2),
+      plane_bytes_(options.block_size * n_kv_heads_ * head_dim_ *
                    static_cast<int64_t>(kernels::kv_dtype_size(options.dtype))),
       block_bytes_(bytes_per_block(config, options)),
       manager_(blocks_for(options, block_bytes_), options.block_size, options.prefix_caching) {
@@ -66,12 +67,14 @@ KvStore::KvStore(const ModelConfig& config, const KvStoreOptions& options)
 kernels::PagedKv KvStore::layer_view(int64_t layer) const {
   kernels::PagedKv v;
   v.blocks = block_ptr_.data();
-  v.k_offset = (2 * layer) * plane_bytes_;
-  v.v_offset = (2 * layer + 1) * plane_bytes_;
-  const int64_t scales_start = 2 * layers_ * plane_bytes_;
+  // With one plane per layer (MLA) keys and values are the same rows.
+  const int64_t last = planes_ - 1;
+  v.k_offset = (planes_ * layer) * plane_bytes_;
+  v.v_offset = (planes_ * layer + last) * plane_bytes_;
+  const int64_t scales_start = planes_ * layers_ * plane_bytes_;
   const int64_t scale_plane = options_.block_size * n_kv_heads_ * 4;
-  v.k_scale_offset = scales_start + (2 * layer) * scale_plane;
-  v.v_scale_offset = scales_start + (2 * layer + 1) * scale_plane;
+  v.k_scale_offset = scales_start + (planes_ * layer) * scale_plane;
+  v.v_scale_offset = scales_start + (planes_ * layer + last) * scale_plane;
   v.dtype = options_.dtype;
   v.block_size = options_.block_size;
   v.n_kv_heads = n_kv_heads_;

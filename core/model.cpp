@@ -62,13 +62,17 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   else
     impl->local = std::make_unique<detail::NoLocalExperts>();
   impl->experts = impl->local.get();
-  impl->inv_freq.resize(static_cast<std::size_t>(impl->config.head_dim / 2));
-  kernels::rope_inv_freq(impl->config.rope_theta, impl->config.head_dim, impl->inv_freq.data());
+  impl->init_rope();
 
   bool cuda = false;
   int device = 0;
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
+  if (cuda && (impl->config.mla || impl->config.grouped_router))
+    return Error(fmt::format(
+        "{} is not supported on --device cuda yet (multi-head latent attention and grouped "
+        "routing run on the CPU only): use --device cpu",
+        impl->config.model_type));
   if (cuda) {
     detail::CudaOptions co;
     co.device = device;
@@ -162,6 +166,7 @@ Status Model::forward_step(std::span<const Chunk> chunks, std::vector<float>& lo
 
 void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, int64_t n,
                                   const float* x_norm, float* out) {
+  if (config.mla) return mla_attention_block(l, segments, n, x_norm, out);
   const ModelConfig& c = config;
   const detail::AttentionWeights& w = weights.layers[l].attn;
   const int64_t q_dim = c.num_heads * c.head_dim;
@@ -230,8 +235,14 @@ Status Model::Impl::ffn_block(int64_t l, int64_t n, const float* x_norm, float* 
   kernels::linear(x_norm, n, L.router, nullptr, router.data(), p);
   std::vector<int32_t> ids(static_cast<std::size_t>(n * c.top_k));
   std::vector<float> gate_w(static_cast<std::size_t>(n * c.top_k));
-  kernels::softmax_topk(router.data(), n, c.num_experts, c.top_k, c.norm_topk_prob, ids.data(),
-                        gate_w.data());
+  if (c.grouped_router)
+    kernels::grouped_topk(router.data(), L.router_bias.empty() ? nullptr : L.router_bias.data(), n,
+                          c.num_experts, c.top_k, c.scoring == RouterScoring::Sigmoid,
+                          c.norm_topk_prob, c.routed_scaling_factor, c.n_group, c.topk_group,
+                          c.group_top2_sum, ids.data(), gate_w.data());
+  else
+    kernels::softmax_topk(router.data(), n, c.num_experts, c.top_k, c.norm_topk_prob, ids.data(),
+                          gate_w.data());
   // The routed experts run (possibly remotely) while the shared expert is computed here; `out`
   // is the backend's until finish() returns. Then out = routed sum, and out += gate * shared.
   if (Status s = experts->start(l, x_norm, n, ids.data(), gate_w.data(), c.top_k, out); !s)
@@ -266,7 +277,7 @@ Status Model::Impl::check_chunk(const KVCache& cache, std::span<const int32_t> t
                       id, c.vocab_size, c.vocab_size - 1));
   const bool made_here = on_gpu() ? cache.device_ != nullptr || cache.capacity_ == 0
                                   : cache.store_ == kv || cache.capacity_ == 0;
-  if (cache.row_ != c.num_kv_heads * c.head_dim || !made_here)
+  if (cache.row_ != cache_row(c) || !made_here)
     return Error("the KV cache was not made by this model's new_cache()");
   if (cache.capacity_ == 0 && !cache.device_ && !cache.store_)
     return Error(

@@ -61,7 +61,7 @@ void KVCache::clear() {
 KVCache Model::new_cache(int64_t capacity) const {
   const ModelConfig& c = impl_->config;
   KVCache cache;
-  cache.row_ = c.num_kv_heads * c.head_dim;
+  cache.row_ = Impl::cache_row(c);
   capacity = std::max<int64_t>(0, capacity);
 #if MOEMESH_HAVE_CUDA
   if (impl_->cuda) {
@@ -120,7 +120,7 @@ Status Model::reserve(KVCache& cache, int64_t capacity) {
     if (!cache.blocks_.empty() || cache.length_ > 0)
       return Error("the KV cache was not made by this model's new_cache()");
     cache.store_ = impl_->kv;
-    cache.row_ = impl_->config.num_kv_heads * impl_->config.head_dim;
+    cache.row_ = Impl::cache_row(impl_->config);
   }
   const int64_t bs = impl_->kv->block_size();
   const int64_t need = (capacity + bs - 1) / bs - static_cast<int64_t>(cache.blocks_.size());

@@ -112,6 +112,33 @@ std::vector<kernels::FfnWeights> bind_experts(Binder& b, const ModelConfig& c, i
   return experts;
 }
 
+// Multi-head latent attention's projections and norms (config.mla) under prefix `a`.
+void bind_mla(Binder& b, const ModelConfig& c, const std::string& a, AttentionWeights& w) {
+  const MlaConfig& m = *c.mla;
+  const int64_t H = c.hidden_size;
+  const int64_t heads = c.num_heads;
+  const std::string why = fmt::format(
+      "hidden_size={}, num_attention_heads={}, q_lora_rank={}, kv_lora_rank={}, "
+      "qk_nope_head_dim={}, qk_rope_head_dim={}, v_head_dim={} in config.json",
+      H, heads, m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim,
+      m.v_head_dim);
+  if (m.q_lora_rank == 0) {
+    w.q = b.matrix(a + "q_proj.weight", heads * m.qk_head_dim(), H, why);
+  } else {
+    w.q_a = b.matrix(a + "q_a_proj.weight", m.q_lora_rank, H, why);
+    w.q_a_norm = b.vector(a + "q_a_layernorm.weight", m.q_lora_rank, why);
+    w.q_b = b.matrix(a + "q_b_proj.weight", heads * m.qk_head_dim(), m.q_lora_rank, why);
+    if (m.bias) w.q_a_bias = b.vector(a + "q_a_proj.bias", m.q_lora_rank, why);
+  }
+  w.kv_a = b.matrix(a + "kv_a_proj_with_mqa.weight", m.cache_row(), H, why);
+  if (m.bias) w.kv_a_bias = b.vector(a + "kv_a_proj_with_mqa.bias", m.cache_row(), why);
+  w.kv_a_norm = b.vector(a + "kv_a_layernorm.weight", m.kv_lora_rank, why);
+  w.kv_b = b.matrix(a + "kv_b_proj.weight", heads * (m.qk_nope_head_dim + m.v_head_dim),
+                    m.kv_lora_rank, why);
+  w.o = b.matrix(a + "o_proj.weight", H, heads * m.v_head_dim, why);
+  if (m.bias) w.o_bias = b.vector(a + "o_proj.bias", H, why);
+}
+
 }  // namespace
 
 Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& c,
@@ -164,22 +191,26 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
     L.post_attention_norm = b.vector(p + "post_attention_layernorm.weight", H, model_why);
 
     const std::string a = p + "self_attn.";
-    L.attn.q = b.matrix(a + "q_proj.weight", q_dim, H, attn_why);
-    L.attn.k = b.matrix(a + "k_proj.weight", kv_dim, H, attn_why);
-    L.attn.v = b.matrix(a + "v_proj.weight", kv_dim, H, attn_why);
-    L.attn.o = b.matrix(a + "o_proj.weight", H, q_dim, attn_why);
-    if (c.qkv_bias) {
-      L.attn.q_bias = b.vector(a + "q_proj.bias", q_dim, attn_why);
-      L.attn.k_bias = b.vector(a + "k_proj.bias", kv_dim, attn_why);
-      L.attn.v_bias = b.vector(a + "v_proj.bias", kv_dim, attn_why);
-    }
-    if (c.o_bias) L.attn.o_bias = b.vector(a + "o_proj.bias", H, attn_why);
-    if (c.qk_norm == QkNorm::PerHead) {
-      L.attn.q_norm = b.vector(a + "q_norm.weight", c.head_dim, attn_why);
-      L.attn.k_norm = b.vector(a + "k_norm.weight", c.head_dim, attn_why);
-    } else if (c.qk_norm == QkNorm::Full) {
-      L.attn.q_norm = b.vector(a + "q_norm.weight", q_dim, attn_why);
-      L.attn.k_norm = b.vector(a + "k_norm.weight", kv_dim, attn_why);
+    if (c.mla) {
+      bind_mla(b, c, a, L.attn);
+    } else {
+      L.attn.q = b.matrix(a + "q_proj.weight", q_dim, H, attn_why);
+      L.attn.k = b.matrix(a + "k_proj.weight", kv_dim, H, attn_why);
+      L.attn.v = b.matrix(a + "v_proj.weight", kv_dim, H, attn_why);
+      L.attn.o = b.matrix(a + "o_proj.weight", H, q_dim, attn_why);
+      if (c.qkv_bias) {
+        L.attn.q_bias = b.vector(a + "q_proj.bias", q_dim, attn_why);
+        L.attn.k_bias = b.vector(a + "k_proj.bias", kv_dim, attn_why);
+        L.attn.v_bias = b.vector(a + "v_proj.bias", kv_dim, attn_why);
+      }
+      if (c.o_bias) L.attn.o_bias = b.vector(a + "o_proj.bias", H, attn_why);
+      if (c.qk_norm == QkNorm::PerHead) {
+        L.attn.q_norm = b.vector(a + "q_norm.weight", c.head_dim, attn_why);
+        L.attn.k_norm = b.vector(a + "k_norm.weight", c.head_dim, attn_why);
+      } else if (c.qk_norm == QkNorm::Full) {
+        L.attn.q_norm = b.vector(a + "q_norm.weight", q_dim, attn_why);
+        L.attn.k_norm = b.vector(a + "k_norm.weight", kv_dim, attn_why);
+      }
     }
 
     L.moe = c.layer_is_moe[l];
@@ -188,6 +219,8 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
       const std::string why =
           fmt::format("hidden_size={}, num_experts={} in config.json", H, c.num_experts);
       L.router = b.matrix(m + "gate.weight", c.num_experts, H, why);
+      if (c.score_correction_bias)
+        L.router_bias = b.vector(m + "gate.e_score_correction_bias", c.num_experts, why);
       if (routed_experts) L.experts = bind_experts(b, c, l, all_experts);
       if (c.shared_expert_intermediate_size > 0) {
         L.has_shared_expert = true;
@@ -195,8 +228,8 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
             "hidden_size={}, shared_expert_intermediate_size={} in "
             "config.json",
             H, c.shared_expert_intermediate_size);
-        L.shared_expert = bind_ffn(b, m + "shared_expert.", kProjNames, H,
-                                   c.shared_expert_intermediate_size, swhy);
+        L.shared_expert = bind_ffn(b, m + (c.mla ? "shared_experts." : "shared_expert."),
+                                   kProjNames, H, c.shared_expert_intermediate_size, swhy);
         if (c.shared_expert_gate)
           L.shared_expert_gate = b.matrix(m + "shared_expert_gate.weight", 1, H, swhy);
       }
@@ -271,7 +304,9 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
 
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
   for (LayerWeights& L : w.layers) {
-    for (WeightView* v : {&L.attn.q, &L.attn.k, &L.attn.v, &L.attn.o})
+    // kv_b (multi-head latent attention) stays as it is: the forward pass reads its rows.
+    for (WeightView* v :
+         {&L.attn.q, &L.attn.k, &L.attn.v, &L.attn.o, &L.attn.q_a, &L.attn.q_b, &L.attn.kv_a})
       *v = quantize_int8(*v, w.quantized, pool);
     if (L.moe) {
       for (kernels::FfnWeights& e : L.experts) quantize_int8(e, w.quantized, pool);

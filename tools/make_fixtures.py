@@ -48,6 +48,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -82,6 +86,8 @@ ARCHES = {
     "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
 }
 
 # --------------------------------------------------------------------------------------
@@ -337,6 +343,163 @@ FIXTURES: list[dict] = [
             eos_token_id=287,
         ),
     ),
+    dict(
+        name="deepseek-v3-tiny",
+        arch="deepseek_v3",
+        seed=5001,
+        dtype="float32",
+        description="DeepSeek-V3, F32, multi-head latent attention with q_lora_rank 24, kv_lora_rank 16, "
+        "qk_nope 8 + qk_rope 8, v_head_dim 12, 4 heads, interleaved RoPE with YaRN scaling (factor 4, "
+        "original 64, mscale 1 / mscale_all_dim 0.707), 3 layers with layer 0 dense "
+        "(first_k_dense_replace 1), 8 routed experts in 4 groups (topk_group 2) top-2, sigmoid scores "
+        "with e_score_correction_bias, norm_topk_prob, routed_scaling_factor 2.5, 1 shared expert.",
+        config=dict(
+            vocab_size=256,
+            hidden_size=48,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            qk_nope_head_dim=8,
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            rope_interleave=True,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                 original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                                 mscale=1.0, mscale_all_dim=0.707),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    dict(
+        name="deepseek-v3-bf16",
+        arch="deepseek_v3",
+        seed=5002,
+        dtype="bfloat16",
+        description="DeepSeek-V3 saved as BF16, plain q_proj (q_lora_rank null), attention_bias, "
+        "non-interleaved RoPE (rope_interleave false), rope_theta 50000, every layer MoE "
+        "(first_k_dense_replace 0), 8 experts in 2 groups (topk_group 1) top-3, norm_topk_prob "
+        "false, routed_scaling_factor 1.5, 2 shared experts, tied embeddings.",
+        config=dict(
+            vocab_size=224,
+            hidden_size=40,
+            intermediate_size=32,
+            moe_intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            n_shared_experts=2,
+            n_routed_experts=8,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=12,
+            q_lora_rank=None,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            qk_nope_head_dim=6,
+            n_group=2,
+            topk_group=1,
+            num_experts_per_tok=3,
+            first_k_dense_replace=0,
+            norm_topk_prob=False,
+            rope_interleave=False,
+            attention_bias=True,
+            rope_parameters=dict(rope_type="default", rope_theta=50000.0),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    dict(
+        name="deepseek-v2-tiny",
+        arch="deepseek_v2",
+        seed=6001,
+        dtype="float32",
+        description="DeepSeek-V2, F32, multi-head latent attention with plain q_proj (q_lora_rank null), "
+        "kv_lora_rank 16, qk_nope 12 + qk_rope 8, v_head_dim 10, 4 heads, 3 layers with layer 0 "
+        "dense (first_k_dense_replace 1), 12 experts top-3 with softmax scores and "
+        "group_limited_greedy (3 groups, topk_group 2), routed_scaling_factor 1.5, 2 shared experts.",
+        config=dict(
+            vocab_size=256,
+            hidden_size=48,
+            intermediate_size=36,
+            moe_intermediate_size=12,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_shared_experts=2,
+            n_routed_experts=12,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            v_head_dim=10,
+            qk_nope_head_dim=12,
+            topk_method="group_limited_greedy",
+            n_group=3,
+            topk_group=2,
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    dict(
+        name="deepseek-v2-bf16",
+        arch="deepseek_v2",
+        seed=6002,
+        dtype="bfloat16",
+        description="DeepSeek-V2 saved as BF16, q_lora_rank 20, kv_lora_rank 12, qk_nope 8 + qk_rope 6, "
+        "v_head_dim 8, 6 heads, YaRN (factor 8, original 32, mscale 0.707 = mscale_all_dim), greedy "
+        "top-2 of 6 experts, 1 shared expert, every layer MoE, tied embeddings.",
+        config=dict(
+            vocab_size=200,
+            hidden_size=48,
+            intermediate_size=24,
+            moe_intermediate_size=14,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            n_shared_experts=1,
+            n_routed_experts=6,
+            routed_scaling_factor=1.0,
+            kv_lora_rank=12,
+            q_lora_rank=20,
+            qk_rope_head_dim=6,
+            v_head_dim=8,
+            qk_nope_head_dim=8,
+            topk_method="greedy",
+            num_experts_per_tok=2,
+            first_k_dense_replace=0,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
+                                 original_max_position_embeddings=32, beta_fast=32.0, beta_slow=1.0,
+                                 mscale=0.707, mscale_all_dim=0.707),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 ]
 
 
@@ -391,6 +554,10 @@ def reinit_parameters(model: torch.nn.Module, seed: int, hidden_size: int, tied:
             else:
                 raise RuntimeError(f"reinit: unhandled parameter {name} {tuple(shape)}")
             p.copy_(val.to(p.dtype))
+        # DeepSeek-V3's router choice bias is a buffer (saved with the weights), not a parameter.
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(_normal(gen, b.shape, 0.1).to(b.dtype))
 
 
 def build_model(arch: str, cfg_kwargs: dict, seed: int):
@@ -470,6 +637,29 @@ def greedy(model, prompt: list[int], n: int = NUM_NEW_TOKENS) -> list[int]:
     return out
 
 
+def _deepseek_choice_scores(gate, logits: torch.Tensor) -> torch.Tensor:
+    """What a DeepSeek router ranks experts by: softmax (V2) or sigmoid + e_score_correction_bias (V3)
+    scores, with the experts outside the chosen groups at -inf. The router gap check then applies to
+    the choice itself. Returns (choice scores, gap between the topk_group-th and next group or None)."""
+    v3 = hasattr(gate, "e_score_correction_bias")
+    scores = logits.sigmoid() if v3 else logits.softmax(dim=-1)
+    choice = scores + gate.e_score_correction_bias.float() if v3 else scores
+    n_group = getattr(gate, "num_group", None) or 1
+    topk_group = getattr(gate, "topk_group", None) or n_group
+    grouped = n_group > 1 and topk_group < n_group and (v3 or gate.topk_method == "group_limited_greedy")
+    if not grouped:
+        return choice, None
+    E = choice.shape[-1]
+    g = choice.view(-1, n_group, E // n_group)
+    group_scores = g.topk(2, dim=-1)[0].sum(dim=-1) if v3 else g.max(dim=-1).values
+    s = torch.sort(group_scores, dim=-1, descending=True).values
+    group_gap = (s[:, topk_group - 1] - s[:, topk_group]).min()
+    idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
+    mask = torch.zeros_like(group_scores).scatter_(1, idx, 1).bool()
+    mask = mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
+    return choice.masked_fill(~mask, -1e9), float(group_gap)
+
+
 class _Probe:
     """Forward hooks collecting router decisions and (OLMoE) clip statistics."""
 
@@ -481,17 +671,20 @@ class _Probe:
         layers = model.model.layers
         for li, layer in enumerate(layers):
             gate = getattr(layer.mlp, "gate", None)
-            if gate is not None and type(gate).__name__.endswith("TopKRouter"):
-                self.handles.append(gate.register_forward_hook(self._router_hook(li)))
+            if gate is not None and type(gate).__name__.endswith(("TopKRouter", "TopkRouter")):
+                self.handles.append(gate.register_forward_hook(self._router_hook(li, gate)))
             if getattr(cfg, "clip_qkv", None) is not None:
                 attn = layer.self_attn
                 for mod in (attn.q_norm, attn.k_norm, attn.v_proj):
                     self.handles.append(mod.register_forward_hook(self._clip_hook))
 
-    def _router_hook(self, li):
+    def _router_hook(self, li, gate=None):
         def hook(_mod, _inp, out):
             logits, _scores, idx = out
             self.router[li] = (logits.detach().float().clone(), idx.detach().clone())
+            if gate is not None and type(gate).__name__.startswith("Deepseek"):
+                choice, group_gap = _deepseek_choice_scores(gate, logits.detach().float())
+                self.router[li] = (choice, idx, group_gap)
 
         return hook
 
@@ -529,11 +722,13 @@ def analyse(model, ids: list[int], n_prompt: int, output_ids: list[int]) -> tupl
     experts_per_layer = {}
     gaps = []
     for li in sorted(probe.router):
-        rl, idx = probe.router[li]
+        rl, idx = probe.router[li][:2]
         experts_per_layer[li] = int(torch.unique(idx).numel())
         if k < rl.shape[-1]:
             s = torch.sort(rl, dim=-1, descending=True).values
             gaps.append(float((s[:, k - 1] - s[:, k]).min()))
+        if len(probe.router[li]) > 2 and probe.router[li][2] is not None:
+            gaps.append(probe.router[li][2])  # DeepSeek: the choice of groups
     stats["moe_layers"] = sorted(probe.router)
     stats["distinct_experts_per_moe_layer"] = [experts_per_layer[i] for i in sorted(experts_per_layer)]
     stats["min_router_gap"] = min(gaps) if gaps else None

@@ -47,7 +47,8 @@ import make_fixtures as mf  # noqa: E402  (sets offline env vars before importin
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ARCH_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+ARCH_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 # Default (non-random) shapes per family: small but with GQA, several experts, etc.
 DEFAULT_SHAPES = {
@@ -69,6 +70,23 @@ DEFAULT_SHAPES = {
                   num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                   norm_topk_prob=False, clip_qkv=None, tie_word_embeddings=False, bos_token_id=None,
                   pad_token_id=1, eos_token_id=2, max_position_embeddings=256),
+    "deepseek_v2": dict(vocab_size=211, hidden_size=48, intermediate_size=30, moe_intermediate_size=10,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2,
+                        n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.0,
+                        kv_lora_rank=12, q_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6,
+                        v_head_dim=10, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        first_k_dense_replace=1, rope_parameters=dict(rope_type="default", rope_theta=1e4),
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, max_position_embeddings=256),
+    "deepseek_v3": dict(vocab_size=211, hidden_size=40, intermediate_size=28, moe_intermediate_size=12,
+                        num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=5, n_shared_experts=1,
+                        n_routed_experts=12, num_experts_per_tok=3, routed_scaling_factor=2.5,
+                        kv_lora_rank=14, q_lora_rank=None, qk_nope_head_dim=6, qk_rope_head_dim=8,
+                        v_head_dim=7, n_group=3, topk_group=2, norm_topk_prob=True, first_k_dense_replace=1,
+                        rope_interleave=True,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                             original_max_position_embeddings=64, mscale=1.0,
+                                             mscale_all_dim=1.0),
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, max_position_embeddings=256),
 }
 
 
@@ -78,6 +96,8 @@ DEFAULT_SHAPES = {
 def random_shape(arch: str, seed: int) -> tuple[dict, int]:
     """Random but valid config kwargs for `arch` (deterministic in seed) and a prompt length."""
     r = random.Random(seed * 1000003 + zlib.crc32(arch.encode()))
+    if arch in DEEPSEEK:
+        return random_deepseek_shape(arch, r)
     heads = r.choice([1, 2, 3, 4, 5, 6, 8])
     kv = r.choice([d for d in range(1, heads + 1) if heads % d == 0])
     head_dim = r.choice([2, 4, 6, 8, 10, 12, 16, 20, 24])
@@ -139,6 +159,63 @@ def random_shape(arch: str, seed: int) -> tuple[dict, int]:
     return cfg, prompt_len
 
 
+def random_deepseek_shape(arch: str, r: random.Random) -> tuple[dict, int]:
+    """Random but valid DeepSeek-V2 / V3 config kwargs (multi-head latent attention, grouped routing)."""
+    v3 = arch == "deepseek_v3"
+    heads = r.choice([1, 2, 3, 4, 5, 6, 8])
+    layers = r.randint(1, 3)
+    vocab = r.randint(40, 512)
+    n_group = r.choice([1, 2, 3, 4])
+    group_size = r.choice([2, 3, 4]) if v3 else r.choice([1, 2, 3, 4])
+    experts = n_group * group_size
+    topk_group = r.randint(1, n_group)
+    top_k = r.randint(1, min(4, topk_group * group_size))
+    cfg: dict = dict(
+        vocab_size=vocab,
+        # DeepseekV2Config insists on hidden_size % num_attention_heads == 0 (V3 does not)
+        hidden_size=r.randint(8, 72) if v3 else heads * r.randint(2, 12),
+        intermediate_size=r.randint(5, 64),
+        moe_intermediate_size=r.randint(3, 32),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        n_shared_experts=r.choice([0, 1, 1, 2]) or 1,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        routed_scaling_factor=r.choice([1.0, 1.5, 2.5, 16.0 if v3 else 1.0]),
+        # odd for V3 only: V2's complex RoPE needs an even stride (kv_lora_rank + qk_rope_head_dim)
+        kv_lora_rank=r.randint(2, 32) if v3 else 2 * r.randint(1, 16),
+        q_lora_rank=r.choice([None, r.randint(4, 40)]),
+        qk_nope_head_dim=r.choice([2, 4, 6, 8, 12, 16]),
+        qk_rope_head_dim=r.choice([2, 4, 6, 8, 16]),
+        v_head_dim=r.randint(2, 20),
+        first_k_dense_replace=r.randint(0, layers),
+        attention_bias=r.random() < 0.3,
+        tie_word_embeddings=r.random() < 0.5,
+        rms_norm_eps=r.choice([1e-5, 1e-6]),
+        max_position_embeddings=r.choice([64, 128, 4096]),
+        bos_token_id=r.choice([None, r.randrange(vocab)]),
+        eos_token_id=r.randrange(vocab),
+    )
+    theta = float(round(10 ** r.uniform(2.0, 6.5), 1))
+    rope = dict(rope_type="default", rope_theta=theta)
+    if r.random() < 0.5:
+        rope = dict(rope_type="yarn", rope_theta=theta, factor=r.choice([2.0, 4.0, 8.0, 40.0]),
+                    original_max_position_embeddings=r.choice([8, 16, 32, 64]),
+                    mscale=r.choice([None, 0.707, 1.0]), mscale_all_dim=r.choice([None, 0.707, 1.0]))
+        rope = {k: v for k, v in rope.items() if v is not None}
+    cfg["rope_parameters"] = rope
+    if v3:
+        cfg.update(n_group=n_group, topk_group=topk_group, norm_topk_prob=r.random() < 0.7,
+                   rope_interleave=r.random() < 0.7)
+    elif n_group > 1 and r.random() < 0.7:
+        cfg.update(topk_method="group_limited_greedy", n_group=n_group, topk_group=topk_group)
+    else:
+        cfg.update(topk_method="greedy")
+    prompt_len = r.choice([1, 2, 3, 5, 8, 8, 8, 11, 13])
+    return cfg, prompt_len
+
+
 def describe_cfg(cfg) -> str:
     g = lambda k, d=None: getattr(cfg, k, d)  # noqa: E731
     n_exp = g("num_local_experts") or g("num_experts")
@@ -161,6 +238,11 @@ def describe_cfg(cfg) -> str:
         parts.append(f"qkv_bias={int(cfg.qkv_bias)}")
     if g("clip_qkv") is not None:
         parts.append(f"clip={cfg.clip_qkv}")
+    if g("kv_lora_rank") is not None:
+        parts.append(f"mla=q{cfg.q_lora_rank}/kv{cfg.kv_lora_rank}/nope{cfg.qk_nope_head_dim}/"
+                     f"rope{cfg.qk_rope_head_dim}/v{cfg.v_head_dim} dense={cfg.first_k_dense_replace} "
+                     f"shared={cfg.n_shared_experts} groups={g('topk_group')}/{g('n_group')} "
+                     f"scale={cfg.routed_scaling_factor} rope={cfg.rope_parameters.get('rope_type')}")
     return " ".join(parts)
 
 
@@ -202,6 +284,8 @@ def np_forward(model_dir: Path, ids: list[int], dtype=np.float64) -> np.ndarray:
     cfg = json.loads((model_dir / "config.json").read_text())
     W = {k: v.astype(dtype) for k, v in load_safetensors_dir(model_dir).items()}
     arch = cfg["model_type"]
+    if arch in DEEPSEEK:
+        return np_deepseek_forward(cfg, W, ids, dtype)
     H = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -291,6 +375,150 @@ def np_forward(model_dir: Path, ids: list[int], dtype=np.float64) -> np.ndarray:
         h = h + out
     h = _rms(h, W["model.norm.weight"], eps)
     lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])  # tied -> embed_tokens
+    return (h @ lm.T).astype(np.float32)
+
+
+def _yarn(rp: dict, dim: int, max_pos: int) -> tuple[np.ndarray, float, float]:
+    """transformers' YaRN: (float32 inv_freq, cos/sin attention factor, MLA softmax mscale^2)."""
+    base = rp["rope_theta"]
+    orig = rp.get("original_max_position_embeddings", max_pos)
+    factor = rp.get("factor") or max_pos / orig
+    ms, ms_all = rp.get("mscale"), rp.get("mscale_all_dim")
+
+    def get_mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    att = rp.get("attention_factor")
+    if att is None:
+        att = get_mscale(factor, ms) / get_mscale(factor, ms_all) if ms and ms_all else get_mscale(factor)
+
+    def corr(rot):
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr(rp.get("beta_fast") or 32), corr(rp.get("beta_slow") or 1)
+    if rp.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos = (np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+    extra, inter = (1.0 / pos).astype(np.float32), (1.0 / (np.float32(factor) * pos)).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    ef = 1 - ramp
+    inv = (inter * (1 - ef) + extra * ef).astype(np.float32)
+    mscale2 = get_mscale(factor, ms_all) ** 2 if ms_all else 1.0
+    return inv, float(att), mscale2
+
+
+def np_deepseek_forward(cfg: dict, W: dict, ids: list[int], dtype) -> np.ndarray:
+    """DeepSeek-V2 / V3 (multi-head latent attention, shared + grouped routed experts), written
+    directly from transformers' modeling_deepseek_v2.py / modeling_deepseek_v3.py: keys and values
+    expanded per head, no absorption."""
+    v3 = cfg["model_type"] == "deepseek_v3"
+    nh, eps = cfg["num_attention_heads"], cfg["rms_norm_eps"]
+    nope, rd, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    rank, qk = cfg["kv_lora_rank"], cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    T = len(ids)
+    rp = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rp.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rtype = rp.get("rope_type", rp.get("type", "default"))
+    scale = qk ** -0.5
+    if rtype == "yarn":
+        inv_freq, att, mscale2 = _yarn(rp, rd, cfg["max_position_embeddings"])
+        scale *= mscale2
+    else:
+        assert rtype == "default", rp
+        inv_freq = (1.0 / (np.float32(rp["rope_theta"]) ** (np.arange(0, rd, 2, dtype=np.float32) / np.float32(rd))
+                           )).astype(np.float32)
+        att = 1.0
+    ang = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]  # [T, rd/2]
+    cos, sin = (np.cos(ang) * att).astype(dtype), (np.sin(ang) * att).astype(dtype)
+    interleave = cfg.get("rope_interleave", True) if v3 else True
+
+    def rope(x):  # x [heads, T, rd]
+        if not v3:  # complex multiplication of the pairs (2i, 2i+1); the pairs stay in place
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+            return out
+        if interleave:  # pairs in, halves out (apply_rotary_pos_emb_interleave)
+            a, b = x[..., 0::2], x[..., 1::2]
+            return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+        c2, s2 = np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2:]
+        return x * c2 + np.concatenate([-x2, x1], axis=-1) * s2
+
+    def lin(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    def mlp(x, prefix):
+        return lin(_silu(lin(x, f"{prefix}.gate_proj")) * lin(x, f"{prefix}.up_proj"), f"{prefix}.down_proj")
+
+    E = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts")
+    top_k = cfg["num_experts_per_tok"]
+    scaling = cfg.get("routed_scaling_factor", 2.5 if v3 else 1.0)
+    method = "noaux_tc" if v3 else cfg.get("topk_method", "greedy")
+    n_group = cfg.get("n_group") or 1
+    topk_group = cfg.get("topk_group") or n_group
+    first_dense = cfg.get("first_k_dense_replace", 3 if v3 else 0)
+
+    h = W["model.embed_tokens.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    for li in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{li}"
+        a_ = f"{p}.self_attn"
+        x = _rms(h, W[f"{p}.input_layernorm.weight"], eps)
+        if f"{a_}.q_proj.weight" in W:
+            q = lin(x, f"{a_}.q_proj")
+        else:
+            q = lin(_rms(lin(x, f"{a_}.q_a_proj"), W[f"{a_}.q_a_layernorm.weight"], 1e-6), f"{a_}.q_b_proj")
+        q = q.reshape(T, nh, qk).transpose(1, 0, 2)
+        q_nope, q_pe = q[..., :nope], q[..., nope:]
+        ckv = lin(x, f"{a_}.kv_a_proj_with_mqa")
+        c, k_pe = _rms(ckv[:, :rank], W[f"{a_}.kv_a_layernorm.weight"], 1e-6), ckv[:, rank:]
+        q_pe, k_pe = rope(q_pe), rope(k_pe[None])  # k_pe [1, T, rd], shared by the heads
+        kv = (c @ W[f"{a_}.kv_b_proj.weight"].T).reshape(T, nh, nope + vd).transpose(1, 0, 2)
+        k = np.concatenate([kv[..., :nope], np.repeat(k_pe, nh, axis=0)], axis=-1)
+        v = kv[..., nope:]
+        qs = np.concatenate([q_nope, q_pe], axis=-1)
+        s_ = qs @ k.transpose(0, 2, 1) * scale + mask
+        o = (_softmax(s_) @ v).transpose(1, 0, 2).reshape(T, nh * vd)
+        h = h + lin(o, f"{a_}.o_proj")
+
+        x = _rms(h, W[f"{p}.post_attention_layernorm.weight"], eps)
+        mp = f"{p}.mlp"
+        if li < first_dense:
+            h = h + mlp(x, mp)
+            continue
+        logits = x @ W[f"{mp}.gate.weight"].T
+        scores = 1.0 / (1.0 + np.exp(-logits)) if v3 else _softmax(logits)
+        choice = scores + W[f"{mp}.gate.e_score_correction_bias"] if v3 else scores.copy()
+        out = np.zeros_like(x)
+        for t in range(T):
+            ch = choice[t].copy()
+            if method in ("noaux_tc", "group_limited_greedy") and n_group > 1:
+                g = ch.reshape(n_group, E // n_group)
+                gs = np.sort(g, axis=-1)[:, -2:].sum(-1) if v3 else g.max(-1)
+                keep = np.argsort(-gs, kind="stable")[:topk_group]
+                allowed = np.zeros(n_group, bool)
+                allowed[keep] = True
+                ch = np.where(np.repeat(allowed, E // n_group), ch, -np.inf if v3 else 0.0)
+            sel = np.argsort(-ch, kind="stable")[:top_k]
+            w = scores[t, sel]
+            if v3 and cfg.get("norm_topk_prob", True):
+                w = w / (w.sum() + 1e-20)
+            w = w * scaling
+            for e, we in zip(sel, w):
+                if f"{mp}.experts.gate_up_proj" in W:
+                    gu = x[t] @ W[f"{mp}.experts.gate_up_proj"][e].T
+                    gg, uu = gu[: gu.shape[0] // 2], gu[gu.shape[0] // 2:]
+                    out[t] += we * ((_silu(gg) * uu) @ W[f"{mp}.experts.down_proj"][e].T)
+                else:
+                    out[t] += we * mlp(x[t:t + 1], f"{mp}.experts.{e}")[0]
+        h = h + out + mlp(x, f"{mp}.shared_experts")
+    h = _rms(h, W["model.norm.weight"], eps)
+    lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])
     return (h @ lm.T).astype(np.float32)
 
 
@@ -467,9 +695,9 @@ def self_test(args) -> int:
     args.numpy, args.no_binary, args.model, args.quiet_ref = True, True, None, True
     with tempfile.TemporaryDirectory(prefix="moemesh-selftest-") as tmp:
         for i in range(args.count):
-            arch = ARCH_NAMES[i % 4]
+            arch = ARCH_NAMES[i % len(ARCH_NAMES)]
             for rs in (False, True):
-                if not rs and i >= 4:
+                if not rs and i >= len(ARCH_NAMES):
                     continue
                 args.random_shape = rs
                 w = Path(tmp) / f"{i}-{int(rs)}"

@@ -2,7 +2,11 @@
 //
 // Memory is a set of blocks, each holding block_size tokens of every layer's keys and values:
 // [layer][K | V][block_size][n_kv_heads][head_dim] values of the store's dtype, then for FP8 the
-// float32 scales [layer][K | V][block_size][n_kv_heads]. Blocks are backed lazily, 64 at a time,
+// float32 scales [layer][K | V][block_size][n_kv_heads]. A model with multi-head latent attention
+// (config.mla) caches one compressed row per token and layer instead, its latent then its rotated
+// rotary key: [layer][block_size][kv_lora_rank + qk_rope_head_dim], FP8 scales
+// [layer][block_size]; its layer views present that row as the only kv head, as keys and as values
+// alike (k_offset == v_offset). Blocks are backed lazily, 64 at a time,
 // so a large limit costs nothing until used. Which blocks are free, shared or cached for prefix
 // reuse is the KvBlockManager's business (core/kv_blocks.h).
 //
@@ -74,7 +78,8 @@ class KvStore {
   int64_t layers_ = 0;
   int64_t n_kv_heads_ = 0;
   int64_t head_dim_ = 0;
-  int64_t plane_bytes_ = 0;  // one layer's K (or V) of one block
+  int64_t planes_ = 2;       // per layer: K and V, or the one latent plane (MLA)
+  int64_t plane_bytes_ = 0;  // one layer's K (or V, or latent) of one block
   int64_t block_bytes_ = 0;
   mutable std::mutex mu_;
   KvBlockManager manager_;                       // guarded by mu_

@@ -1,5 +1,5 @@
 // Internal: the state of a loaded Model, shared by the files that implement it (model.cpp: the
-// forward pass; model_kv.cpp: caches).
+// forward pass; model_mla.cpp: multi-head latent attention; model_kv.cpp: caches).
 #pragma once
 
 #include <memory>
@@ -22,7 +22,9 @@ struct Model::Impl {
   std::unique_ptr<ExpertBackend> local;  // LocalExperts, or NoLocalExperts without routed experts
   bool routed_experts = true;
   ExpertBackend* experts = nullptr;
-  std::vector<float> inv_freq;
+  std::vector<float> inv_freq;  // rotary inverse frequencies (YaRN-scaled when config.yarn)
+  float rope_scale = 1.0f;      // multiplies rotated features (YaRN's attention_factor)
+  float mla_softmax_scale = 0;  // MLA: qk_head_dim^-0.5, times YaRN's mscale^2 when configured
   std::shared_ptr<detail::KvStore> kv;  // the CPU KV cache (CPU models)
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaForward> cuda;  // set when the model runs on a GPU
@@ -55,6 +57,12 @@ struct Model::Impl {
   void logits_of(const std::vector<float>& x, std::span<const int64_t> rows,
                  std::vector<float>& logits);
   Status check_chunk(const KVCache& cache, std::span<const int32_t> tokens) const;
+  // Values per token per layer that a KVCache of this model records in KVCache::row_.
+  static int64_t cache_row(const ModelConfig& c) {
+    return c.mla ? c.mla->cache_row() : c.num_kv_heads * c.head_dim;
+  }
+  // Sets inv_freq, rope_scale and mla_softmax_scale from the config (model_mla.cpp).
+  void init_rope();
   // The GPU pass over `segments` (on_gpu() only); advances the caches on success.
   Status forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
                      std::span<const int64_t> logit_rows, std::vector<float>& logits);
@@ -62,6 +70,9 @@ struct Model::Impl {
   Status run_layers(std::span<const Segment> segments, int64_t n, std::vector<float>& x);
   void attention_block(int64_t l, std::span<const Segment> segments, int64_t n, const float* x_norm,
                        float* out);
+  // attention_block for multi-head latent attention (model_mla.cpp).
+  void mla_attention_block(int64_t l, std::span<const Segment> segments, int64_t n,
+                           const float* x_norm, float* out);
   Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
 };
 

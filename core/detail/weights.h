@@ -17,6 +17,12 @@ struct AttentionWeights {
   kernels::WeightView q, k, v, o;
   std::vector<float> q_bias, k_bias, v_bias, o_bias;  // empty when the config has none
   std::vector<float> q_norm, k_norm;                  // empty unless config.qk_norm != None
+  // Multi-head latent attention (config.mla; k and v stay empty). q is q_proj when q_lora_rank is
+  // 0, else q_a -> q_a_norm -> q_b. kv_a is kv_a_proj_with_mqa [kv_lora_rank + rope, hidden],
+  // kv_b is kv_b_proj [heads * (nope + v_head_dim), kv_lora_rank]; o (and o_bias) as above.
+  kernels::WeightView q_a, q_b, kv_a, kv_b;
+  std::vector<float> q_a_norm, kv_a_norm;
+  std::vector<float> q_a_bias, kv_a_bias;  // empty without attention_bias
 };
 
 struct LayerWeights {
@@ -26,6 +32,7 @@ struct LayerWeights {
   bool moe = false;
   // Sparse layers.
   kernels::WeightView router;                // [num_experts, hidden]
+  std::vector<float> router_bias;            // e_score_correction_bias; empty when unused
   std::vector<kernels::FfnWeights> experts;  // routed experts; empty when not bound
   bool has_shared_expert = false;
   kernels::FfnWeights shared_expert;
@@ -87,8 +94,9 @@ kernels::WeightView quantize_int8(const kernels::WeightView& w, QuantizedStore& 
                                   kernels::ThreadPool* pool);
 void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool);
 // Quantizes, in place, every matrix the forward pass multiplies tokens by except the routers,
-// the shared-expert gate and the embeddings / LM head: the attention projections, dense MLPs,
-// shared experts and bound routed experts.
+// the shared-expert gate and the embeddings / LM head: the attention projections (but MLA's
+// kv_b_proj, whose rows the latent attention reads directly), dense MLPs, shared experts and
+// bound routed experts.
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
 
 // w's rows * cols values as bf16 bits at `out` (copied as they are when w is bf16, else rounded to

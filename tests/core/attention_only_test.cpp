@@ -150,7 +150,8 @@ TEST_P(SplitModel, ForwardWithoutABackendFailsClearly) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, SplitModel,
                          ::testing::Values("mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny",
                                            "qwen2moe-bf16", "qwen3moe-bf16-step2", "olmoe-tiny",
-                                           "qwen3moe-tiny-fused"),
+                                           "qwen3moe-tiny-fused", "deepseek-v3-tiny",
+                                           "deepseek-v2-bf16"),
                          param_name);
 
 // Delegates to a ShardBackend, failing start() or finish() at one layer when armed, and logging

@@ -185,7 +185,8 @@ void expect_run_matches_local(const std::filesystem::path& dir) {
 }
 
 TEST(ExpertShardRun, MatchesTheLocalExperts) {
-  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip"})
+  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip",
+                           "deepseek-v3-tiny", "deepseek-v2-tiny"})
     expect_run_matches_local(fixture(name));
 }
 

@@ -48,7 +48,8 @@ TEST_P(ForwardBatch, EachRowEqualsTheSequenceAlone) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ForwardBatch,
-                         ::testing::Values("qwen2moe-tiny", "mixtral-bf16", "olmoe-bf16-clip"));
+                         ::testing::Values("qwen2moe-tiny", "mixtral-bf16", "olmoe-bf16-clip",
+                                           "deepseek-v3-bf16", "deepseek-v2-tiny"));
 
 TEST(ForwardBatchErrors, BadBatchesChangeNoCache) {
   auto model = Model::load(fixture("qwen3moe-tiny"));

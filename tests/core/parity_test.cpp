@@ -104,6 +104,7 @@ TEST_P(Parity, DecodeLogitsMatchTransformers) {
   }
   EXPECT_EQ(cache.length(), static_cast<int64_t>(ref_.prompt.size() + 15));
   EXPECT_LE(worst, kTolerance);
+  RecordProperty("max_abs_diff_decode", std::to_string(worst));
 }
 
 TEST_P(Parity, GreedyTokensMatchTransformers) {
@@ -141,7 +142,8 @@ TEST(ParityFixtures, CoverEveryFamilyAndFormat) {
     ASSERT_TRUE(ck.ok());
     bf16 = bf16 || (*ck)->tensor("model.embed_tokens.weight")->dtype == kernels::DType::BF16;
   }
-  EXPECT_EQ(archs, (std::set<std::string>{"mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}));
+  EXPECT_EQ(archs, (std::set<std::string>{"deepseek_v2", "deepseek_v3", "mixtral", "olmoe",
+                                          "qwen2_moe", "qwen3_moe"}));
   EXPECT_TRUE(sharded);
   EXPECT_TRUE(bf16);
 }

@@ -105,12 +105,13 @@ TEST(Quantization, BadValuesAreRefused) {
 // errors add to ~0.6% * sqrt(14..21) ~ 2.2..2.7% before the norms and the residual stream damp
 // them. Measured (relative norm error of all logits, the same on every ISA): mixtral-tiny 0.0149,
 // mixtral-bf16 0.0091, qwen2moe-tiny 0.0274, qwen2moe-bf16 0.0151, olmoe-bf16-clip 0.0153,
-// olmoe-tiny 0.0273, qwen3moe-tiny 0.0156. The bound, 0.06, leaves about 2x headroom over the
-// worst; a broken scale or rounding (a scale applied twice, a row off by one) gives errors of
-// order 1.
+// olmoe-tiny 0.0273, qwen3moe-tiny 0.0156, deepseek-v3-tiny 0.0180, deepseek-v2-tiny 0.0151. The
+// bound, 0.06, leaves about 2x headroom over the worst; a broken scale or rounding (a scale applied
+// twice, a row off by one) gives errors of order 1.
 TEST(Quantization, Int8LogitsCloseToUnquantized) {
-  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16",
-                           "olmoe-bf16-clip", "olmoe-tiny", "qwen3moe-tiny"}) {
+  for (const char* name :
+       {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16", "olmoe-bf16-clip",
+        "olmoe-tiny", "qwen3moe-tiny", "deepseek-v3-tiny", "deepseek-v2-tiny"}) {
     Expected<std::unique_ptr<Model>> plain = Model::load(fixture(name), {.threads = 2});
     Expected<std::unique_ptr<Model>> int8 =
         Model::load(fixture(name), {.threads = 2, .quantization = "int8"});
