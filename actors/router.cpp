@@ -31,6 +31,9 @@ struct Member {
   Clock::time_point status_at;
   double last_busy = -1;  // expert workers: busy seconds at the previous poll
   Clock::time_point last_busy_at;
+  int64_t last_tokens = -1;  // attention workers: generated tokens at the previous poll
+  Clock::time_point last_tokens_at;
+  double tokens_per_second = 0;
   std::set<std::pair<int32_t, int32_t>> held;  // experts bound (expert workers)
   proto::ExpertWorkerStats expert_stats;
   proto::AttentionWorkerStats attention_stats;
@@ -518,9 +521,23 @@ void poll(self_ptr self) {
                   spdlog::warn("malformed status from {}", it->second.info.name());
                   return;
                 }
-                it->second.attention_stats = status.attention();
-                it->second.status = std::move(status);
-                it->second.status_at = Clock::now();
+                Member& w = it->second;
+                const auto now = Clock::now();
+                const auto tokens =
+                    static_cast<int64_t>(status.attention().engine().generation_tokens_total());
+                if (w.last_tokens >= 0 && now > w.last_tokens_at) {
+                  const double dt = std::chrono::duration<double>(now - w.last_tokens_at).count();
+                  w.tokens_per_second =
+                      0.5 * static_cast<double>(std::max<int64_t>(0, tokens - w.last_tokens)) / dt +
+                      0.5 * w.tokens_per_second;
+                }
+                w.last_tokens = tokens;
+                w.last_tokens_at = now;
+                status.mutable_attention()->mutable_engine()->set_generation_tokens_per_second(
+                    w.tokens_per_second);
+                w.attention_stats = status.attention();
+                w.status = std::move(status);
+                w.status_at = now;
                 mark(true);
               },
               [mark](caf::error&) { mark(false); });

@@ -97,6 +97,9 @@ struct Engine::Impl {
   std::atomic<uint64_t> preemptions{0};
   std::atomic<uint64_t> prefix_queries{0};
   std::atomic<uint64_t> prefix_hits{0};
+  std::atomic<int> batch_sequences{0};
+  std::atomic<int> batch_tokens{0};
+  std::atomic<uint64_t> steps{0};
 
   std::thread thread;
 
@@ -240,6 +243,9 @@ proto::EngineStats Engine::stats() const {
   s.set_preemptions_total(impl_->preemptions);
   s.set_prefix_cache_queries_total(impl_->prefix_queries);
   s.set_prefix_cache_hits_total(impl_->prefix_hits);
+  s.set_batch_sequences(impl_->batch_sequences);
+  s.set_batch_tokens(impl_->batch_tokens);
+  s.set_steps_total(impl_->steps);
   s.set_ready(true);
   return s;
 }
@@ -553,6 +559,11 @@ bool Engine::Impl::step() {
     for (Planned& p : plan) chunks.push_back({&p.seq->cache, p.tokens, p.logits});
     std::vector<float> logits;
     const Status status = model->forward_step(chunks, logits);
+    int step_tokens = 0;
+    for (const Planned& p : plan) step_tokens += static_cast<int>(p.tokens.size());
+    batch_sequences = static_cast<int>(plan.size());
+    batch_tokens = step_tokens;
+    ++steps;
     std::size_t row = 0;
     for (Planned& p : plan) {
       Sequence& s = *p.seq;

@@ -163,6 +163,7 @@ proto::ExpertWorkerStats ExpertWorker::stats() const {
   out.set_errors_total(s.errors);
   out.set_bytes_in(s.bytes_in);
   out.set_bytes_out(s.bytes_out);
+  out.set_queue_depth(s.last_batch);
   out.set_capacity_factor(impl_->capacity_factor.load(std::memory_order_relaxed));
   const Clock::time_point now = Clock::now();
   out.set_uptime_seconds(std::chrono::duration<double>(now - impl_->started).count());

@@ -96,6 +96,7 @@ struct ServerStats {
   uint64_t bytes_out = 0;   // payload bytes replied
   uint64_t errors = 0;      // malformed dispatches, error replies, failed reply sends
   uint64_t buffers = 0;     // buffer/slot allocations (pool growth; flat in steady state)
+  uint64_t last_batch = 0;  // dispatches queued together in the last batch handed to the handler
 };
 
 class DispatchServer {

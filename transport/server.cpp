@@ -129,6 +129,7 @@ class DispatchServer::Impl {
   proto::DispatchHeader in_header_;
   proto::ReplyHeader out_header_;
 
+  std::atomic<uint64_t> last_batch_{0};
   std::atomic<uint64_t> dispatches_{0}, replies_{0}, bytes_in_{0}, bytes_out_{0}, errors_{0},
       buffers_{0};
 };
@@ -159,6 +160,7 @@ ServerStats DispatchServer::Impl::stats() const {
   s.bytes_out = bytes_out_.load(std::memory_order_relaxed);
   s.errors = errors_.load(std::memory_order_relaxed);
   s.buffers = buffers_.load(std::memory_order_relaxed);
+  s.last_batch = last_batch_.load(std::memory_order_relaxed);
   return s;
 }
 
@@ -497,6 +499,7 @@ void DispatchServer::Impl::handle_ready() {
   }
   if (!views_.empty()) {
     dispatches_.fetch_add(views_.size(), std::memory_order_relaxed);
+    last_batch_.store(views_.size(), std::memory_order_relaxed);
     try {
       handler_(std::span<Dispatch>(views_));
     } catch (const std::exception& e) {
