@@ -21,6 +21,7 @@
 //       workers by their load in the statistics window (actors/placement.h, plan_balanced),
 //       unless every layer's worker balancedness is already >= the given threshold.
 //   status() -> ActorStatus bytes (its own, with RouterFigures).
+//   release(version): its own timer: unbinds the copies placement `version` no longer uses.
 //   tick: its own timer (status polling).
 //   join(HOST:PORT): the address it is published at, once bound (shown as the snapshot's "join").
 //
@@ -28,6 +29,7 @@
 //   the next step) and status() -> ActorStatus bytes with AttentionWorkerStats.
 //
 // expert_actor: assign(Assignment bytes) -> "" or an error (binds the experts, may take seconds),
+//   release(Assignment bytes) -> "" or an error (unbinds experts the placement no longer uses),
 //   status() -> ActorStatus bytes with ExpertWorkerStats, capacity(factor).
 //
 // Every actor counts the messages it handles and its errors (actors/introspection.h), and the
@@ -59,6 +61,7 @@ using status_atom = caf::atom_constant<caf::atom("status")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
 using rebalance_atom = caf::atom_constant<caf::atom("rebalance")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
 
 using router_actor = engine_actor::extend<
     caf::replies_to<join_atom, std::string, std::string, caf::actor>::with<std::string>,
@@ -68,12 +71,13 @@ using router_actor = engine_actor::extend<
     caf::reacts_to<join_atom, std::string>,
     caf::replies_to<drain_atom, std::string>::with<std::string>,
     caf::replies_to<rebalance_atom, double>::with<std::string>,
-    caf::replies_to<status_atom>::with<std::string>>;
+    caf::replies_to<status_atom>::with<std::string>, caf::reacts_to<release_atom, uint64_t>>;
 
 using attention_actor = engine_actor::extend<caf::reacts_to<placement_atom, std::string>,
                                              caf::replies_to<status_atom>::with<std::string>>;
 
 using expert_actor = caf::typed_actor<caf::replies_to<assign_atom, std::string>::with<std::string>,
+                                      caf::replies_to<release_atom, std::string>::with<std::string>,
                                       caf::replies_to<status_atom>::with<std::string>,
                                       caf::reacts_to<capacity_atom, double>>;
 

@@ -1,6 +1,7 @@
 #include "actors/placement.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 namespace moemesh::actors {
@@ -89,55 +90,104 @@ proto::Placement plan_balanced(const PlacementRequest& request,
   std::vector<int32_t> live = request.live_workers;
   std::sort(live.begin(), live.end());
   live.erase(std::unique(live.begin(), live.end()), live.end());
-  const auto held = experts_by_worker(current);
-  const auto want = static_cast<std::size_t>(
-      std::max<int64_t>(0, std::min<int64_t>(request.replicas, static_cast<int64_t>(live.size()))));
+  const auto W = static_cast<int32_t>(live.size());
+  const int32_t E = request.num_experts;
+  const int32_t base = std::max(0, std::min(request.replicas, W));
+  std::map<int32_t, const proto::LayerPlacement*> old;
+  for (const proto::LayerPlacement& l : current.layers()) old[l.layer()] = &l;
+
   proto::Placement out;
   for (int32_t layer : request.moe_layers) {
     proto::LayerPlacement* lp = out.add_layers();
     lp->set_layer(layer);
-    for (int32_t e = 0; e < request.num_experts; ++e) lp->add_experts();
-    if (want == 0) continue;
-    std::vector<std::pair<uint64_t, int32_t>> order;  // (load, expert), heaviest first
-    for (int32_t e = 0; e < request.num_experts; ++e) {
+    for (int32_t e = 0; e < E; ++e) lp->add_experts();
+    if (base == 0) continue;
+
+    // Loads; a layer with no statistics yet is treated as evenly loaded.
+    std::vector<double> l(static_cast<std::size_t>(E), 0.0);
+    double sum = 0;
+    for (int32_t e = 0; e < E; ++e) {
       auto it = load.find({layer, e});
-      order.emplace_back(it == load.end() ? 0 : it->second, e);
+      l[e] = it == load.end() ? 0.0 : static_cast<double>(it->second);
+      sum += l[e];
     }
-    std::stable_sort(order.begin(), order.end(),
-                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    if (sum == 0) std::fill(l.begin(), l.end(), 1.0);
+
+    // Copies per expert: `base` each, the redundant ones to the heaviest per copy.
+    std::vector<int32_t> r(static_cast<std::size_t>(E), base);
+    for (int32_t k = 0; k < request.redundant; ++k) {
+      int32_t best = -1;
+      for (int32_t e = 0; e < E; ++e)
+        if (r[e] < W && (best < 0 || l[e] / r[e] > l[best] / r[best])) best = e;
+      if (best < 0) break;
+      ++r[best];
+    }
+
+    // Start from the current copies on live workers (at most r[e] of them).
+    std::vector<std::vector<int32_t>> holders(static_cast<std::size_t>(E));
     std::map<int32_t, double> carried;
-    std::map<int32_t, int64_t> count;
-    for (int32_t w : live) carried[w] = 0, count[w] = 0;
-    for (const auto& [tokens, e] : order) {
-      const double share = static_cast<double>(tokens) / static_cast<double>(want);
-      std::set<int32_t> chosen;
-      for (std::size_t copy = 0; copy < want; ++copy) {
+    std::map<int32_t, int32_t> copies;
+    for (int32_t w : live) carried[w] = 0, copies[w] = 0;
+    auto add = [&](int32_t e, int32_t w) {
+      holders[e].push_back(w);
+      carried[w] += l[e] / r[e];
+      ++copies[w];
+    };
+    if (auto it = old.find(layer); it != old.end())
+      for (int32_t e = 0; e < E && e < it->second->experts_size(); ++e)
+        for (int32_t w : it->second->experts(e).workers())
+          if (carried.count(w) && static_cast<int32_t>(holders[e].size()) < r[e] &&
+              std::find(holders[e].begin(), holders[e].end(), w) == holders[e].end())
+            add(e, w);
+
+    // Missing copies, heaviest first, each on the least loaded worker without one.
+    std::vector<int32_t> order(static_cast<std::size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return l[a] / r[a] > l[b] / r[b]; });
+    for (int32_t e : order)
+      while (static_cast<int32_t>(holders[e].size()) < r[e]) {
         int32_t best = -1;
-        auto holds = [&](int32_t w) {
-          auto it = held.find(w);
-          return it != held.end() && it->second.count({layer, e}) > 0;
-        };
         for (int32_t w : live) {
-          if (chosen.count(w)) continue;
-          if (best < 0) {
+          if (std::find(holders[e].begin(), holders[e].end(), w) != holders[e].end()) continue;
+          if (best < 0 || carried[w] < carried[best] ||
+              (carried[w] == carried[best] && copies[w] < copies[best]))
             best = w;
-            continue;
-          }
-          if (carried[w] != carried[best]) {
-            if (carried[w] < carried[best]) best = w;
-            continue;
-          }
-          if (holds(w) != holds(best)) {
-            if (holds(w)) best = w;
-            continue;
-          }
-          if (count[w] < count[best]) best = w;
         }
-        chosen.insert(best);
-        carried[best] += share;
-        ++count[best];
+        add(e, best);
       }
-      for (int32_t w : chosen) lp->mutable_experts(e)->add_workers(w);
+
+    // Moves from the most to the least loaded worker while one lowers the larger of the two:
+    // each move takes the copy whose share is closest to half the gap, so few copies move.
+    for (int32_t step = 0; step < E * W; ++step) {
+      int32_t hi = live[0], lo = live[0];
+      for (int32_t w : live) {
+        if (carried[w] > carried[hi]) hi = w;
+        if (carried[w] < carried[lo]) lo = w;
+      }
+      const double gap = carried[hi] - carried[lo];
+      int32_t pick = -1;
+      double pick_score = 0;
+      for (int32_t e = 0; e < E; ++e) {
+        const auto& h = holders[e];
+        if (std::find(h.begin(), h.end(), hi) == h.end() ||
+            std::find(h.begin(), h.end(), lo) != h.end())
+          continue;
+        const double share = l[e] / r[e];
+        if (!(share > 0 && share < gap * (1 - 1e-9))) continue;
+        const double score = std::abs(share - gap / 2);
+        if (pick < 0 || score < pick_score) pick = e, pick_score = score;
+      }
+      if (pick < 0) break;
+      auto& h = holders[pick];
+      *std::find(h.begin(), h.end(), hi) = lo;
+      const double share = l[pick] / r[pick];
+      carried[hi] -= share, carried[lo] += share;
+      --copies[hi], ++copies[lo];
+    }
+    for (int32_t e = 0; e < E; ++e) {
+      std::sort(holders[e].begin(), holders[e].end());
+      for (int32_t w : holders[e]) lp->mutable_experts(e)->add_workers(w);
     }
   }
   return out;

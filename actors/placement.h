@@ -26,6 +26,7 @@ struct PlacementRequest {
   int32_t replicas = 1;
   std::vector<int32_t> live_workers;  // ids of expert workers that may hold copies
   bool fill = true;                   // false: only drop the copies of workers not live
+  int32_t redundant = 0;  // plan_balanced: extra copies per layer for the heaviest experts
 };
 
 // The layers of the result follow request.moe_layers; workers/version are left to the caller.
@@ -38,11 +39,16 @@ std::map<int32_t, std::set<std::pair<int32_t, int32_t>>> experts_by_worker(
 // Whether every expert of every layer has at least one copy.
 bool placement_complete(const proto::Placement& placement, int32_t num_experts);
 
-// Load-aware placement (a rebalance): per layer, the expert copies are packed onto the live
-// workers heaviest first (longest-processing-time greedy), each copy carrying load / replicas, on
-// the worker with the least load of that layer so far; ties go to a worker that already holds the
-// expert (so a balanced layer moves nothing), then to the fewest experts, then the lowest id.
-// `load` gives the tokens of (layer, expert) in the statistics window (missing: 0).
+// Load-aware placement, for rebalancing and for workers joining or leaving (EPLB-style, per layer):
+//   1. copies per expert: `replicas` each (capped at the live workers), then `redundant` more,
+//      one at a time to the expert with the largest load per copy;
+//   2. the current copies on live workers are kept (up to that count);
+//   3. missing copies are placed heaviest first, each on the least loaded live worker without one;
+//   4. copies then move from the most to the least loaded worker while a move lowers the larger of
+//      the two loads, each time the copy whose share is closest to half the gap.
+// So a balanced layer moves nothing, a joining worker takes about its share, and a leaving worker's
+// copies land where there is room. `load` gives the tokens of (layer, expert) in the statistics
+// window (missing: 0); a layer without statistics counts as evenly loaded.
 proto::Placement plan_balanced(const PlacementRequest& request,
                                const std::map<std::pair<int32_t, int32_t>, uint64_t>& load,
                                const proto::Placement& current);

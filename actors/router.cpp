@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -27,7 +28,8 @@ struct Member {
   bool reachable = true;
   bool loading = false;
   bool draining = false;
-  proto::ActorStatus status;  // its last answer to status()
+  std::function<void()> assign_lost;  // ends a pending assign if the member is lost first
+  proto::ActorStatus status;          // its last answer to status()
   Clock::time_point status_at;
   double last_busy = -1;  // expert workers: busy seconds at the previous poll
   Clock::time_point last_busy_at;
@@ -66,6 +68,7 @@ struct RouterState {
   std::optional<Clock::time_point> rebalance_started;  // a rebalance waits for its binds
   std::deque<std::pair<Clock::time_point, proto::ActorStatus>> lost;  // recent losses, newest last
   std::shared_ptr<ActorCounters> counters = std::make_shared<ActorCounters>();
+  Clock::time_point last_periodic = Clock::now();
   static inline const char* name = "router";
 };
 
@@ -129,6 +132,7 @@ void publish(self_ptr self, proto::Placement layout) {
     st.rebalance_started.reset();
     spdlog::info("rebalance done version={} seconds={:.3f}", st.version, st.last_rebalance_seconds);
   }
+  self->delayed_send(self, st.options.release_grace, release_atom::value, st.version);
   const std::string bytes = st.placement.SerializeAsString();
   for (int32_t id : live_workers(st, "attention"))
     self->send(caf::actor_cast<attention_actor>(st.members.at(id).handle), placement_atom::value,
@@ -140,6 +144,16 @@ void publish(self_ptr self, proto::Placement layout) {
 }
 
 void apply_layout(self_ptr self, proto::Placement layout);
+
+// Tokens per (layer, expert) in the statistics window, summed over the expert workers.
+std::map<std::pair<int32_t, int32_t>, uint64_t> window_load(const RouterState& st) {
+  std::map<std::pair<int32_t, int32_t>, uint64_t> load;
+  for (const auto& [id, m] : st.members)
+    if (m.info.role() == "expert")
+      for (const proto::ExpertCounters& c : m.expert_stats.experts())
+        load[{c.layer(), c.expert()}] += c.tokens_window();
+  return load;
+}
 
 // Plans copies for the live expert workers, has each bind its experts, then publishes.
 void replan(self_ptr self, bool fill) {
@@ -157,7 +171,14 @@ void replan(self_ptr self, bool fill) {
   req.replicas = st.options.expert_replicas;
   req.live_workers = live;
   req.fill = fill;
-  apply_layout(self, plan_placement(st.placement, req));
+  req.redundant = st.options.redundant_experts;
+  if (st.version == 0 || !fill) {
+    proto::Placement layout = plan_placement(st.placement, req);
+    if (req.redundant > 0 && fill) layout = plan_balanced(req, {}, layout);
+    apply_layout(self, std::move(layout));
+  } else {
+    apply_layout(self, plan_balanced(req, window_load(st), st.placement));
+  }
 }
 
 // Has each worker bind the experts `layout` gives it that it does not hold yet, then publishes
@@ -216,10 +237,18 @@ void apply_layout(self_ptr self, proto::Placement layout) {
     spdlog::info("assigning experts worker={} experts={}", m.info.name(), experts.size());
     const int32_t id = w;
     auto set = experts;
+    // Ends once: on the answer, on the timeout, or when the worker is lost before either.
+    auto fired = std::make_shared<bool>(false);
+    auto finish_once = [finish_one, fired] {
+      if (*fired) return;
+      *fired = true;
+      finish_one();
+    };
+    m.assign_lost = finish_once;
     self->request(caf::actor_cast<expert_actor>(m.handle), kAssignTimeout, assign_atom::value,
                   a.SerializeAsString())
         .then(
-            [self, id, set, finish_one](const std::string& error) {
+            [self, id, set, finish_one = finish_once](const std::string& error) {
               auto it = self->state.members.find(id);
               if (it != self->state.members.end()) {
                 it->second.loading = false;
@@ -231,7 +260,7 @@ void apply_layout(self_ptr self, proto::Placement layout) {
               }
               finish_one();
             },
-            [self, id, finish_one](caf::error& err) {
+            [self, id, finish_one = finish_once](caf::error& err) {
               auto it = self->state.members.find(id);
               if (it != self->state.members.end()) {
                 it->second.loading = false;
@@ -292,7 +321,12 @@ void on_member_down(self_ptr self, const caf::actor_addr& source, const caf::err
       req.replicas = st.options.expert_replicas;
       req.live_workers = live_workers(st, "expert");  // draining ones keep their copies until moved
       req.fill = false;
-      if (st.version > 0) publish(self, plan_placement(st.placement, req));
+      if (st.version > 0) {
+        publish(self, plan_placement(st.placement, req));
+        // The survivors bind the copies it held (orphaned experts come back at once).
+        if (!placeable_workers(st).empty()) replan(self, true);
+      }
+      if (m.assign_lost) m.assign_lost();
     }
     return;
   }
@@ -407,6 +441,14 @@ proto::ClusterSnapshot cluster_snapshot(self_ptr self) {
 proto::ExpertsSnapshot experts_snapshot(const RouterState& st) {
   proto::ExpertsSnapshot s;
   s.set_placement_version(st.placement.version());
+  s.set_rebalances_total(st.rebalances);
+  s.set_last_rebalance_seconds(st.last_rebalance_seconds);
+  double utilisation = 0;
+  int32_t experts = 0;
+  for (const auto& [id, m] : st.members)
+    if (m.info.role() == "expert") utilisation += m.expert_stats.utilisation(), ++experts;
+  s.set_expert_workers(experts);
+  s.set_pool_utilisation(experts > 0 ? utilisation / experts : 0.0);
   s.set_capacity_factor(st.options.capacity_factor);
   std::map<std::pair<int32_t, int32_t>, proto::ExpertSnapshot> stats;
   for (const auto& [id, m] : st.members) {
@@ -563,6 +605,46 @@ std::string drain(self_ptr self, const std::string& which) {
   return {};
 }
 
+// Unbinds, on each expert worker, the copies the current placement no longer gives it.
+void release_unused(self_ptr self, uint64_t version) {
+  RouterState& st = self->state;
+  if (version != st.version) return;  // a newer placement schedules its own release
+  if (st.replanning) {                // binds in progress may count on what is held: later
+    self->delayed_send(self, st.options.release_grace, release_atom::value, version);
+    return;
+  }
+  const auto wanted = experts_by_worker(st.placement);
+  for (auto& [id, m] : st.members) {
+    if (m.info.role() != "expert" || m.loading) continue;
+    auto it = wanted.find(id);
+    proto::Assignment a;
+    a.set_version(version);
+    std::set<std::pair<int32_t, int32_t>> extra;
+    for (const auto& x : m.held)
+      if (it == wanted.end() || !it->second.count(x)) {
+        extra.insert(x);
+        a.mutable_experts()->add_layer(x.first);
+        a.mutable_experts()->add_expert(x.second);
+      }
+    if (extra.empty()) continue;
+    for (const auto& x : extra) m.held.erase(x);
+    spdlog::info("releasing experts worker={} experts={} version={}", m.info.name(), extra.size(),
+                 version);
+    const std::string name = m.info.name();
+    self->request(caf::actor_cast<expert_actor>(m.handle), kStatusTimeout * 10, release_atom::value,
+                  a.SerializeAsString())
+        .then(
+            [name](const std::string& error) {
+              if (!error.empty())
+                spdlog::warn("expert worker {} could not release experts: {}", name, error);
+            },
+            [name](caf::error& err) {
+              spdlog::warn("expert worker {} did not confirm the release: {}", name,
+                           caf::to_string(err));
+            });
+  }
+}
+
 proto::RebalanceReply rebalance(self_ptr self, double threshold) {
   RouterState& st = self->state;
   proto::RebalanceReply r;
@@ -575,16 +657,13 @@ proto::RebalanceReply rebalance(self_ptr self, double threshold) {
     r.set_error("a placement change is being bound; retry in a moment");
     return r;
   }
-  std::map<std::pair<int32_t, int32_t>, uint64_t> load;
-  for (const auto& [id, m] : st.members)
-    if (m.info.role() == "expert")
-      for (const proto::ExpertCounters& c : m.expert_stats.experts())
-        load[{c.layer(), c.expert()}] += c.tokens_window();
+  const auto load = window_load(st);
   PlacementRequest req;
   req.moe_layers = st.moe_layers;
   req.num_experts = static_cast<int32_t>(st.options.config.num_experts);
   req.replicas = st.options.expert_replicas;
   req.live_workers = placeable_workers(st);
+  req.redundant = st.options.redundant_experts;
   proto::Placement layout = plan_balanced(req, load, st.placement);
   r.set_balancedness_before(worker_balancedness(st.placement, load));
   r.set_balancedness_after(worker_balancedness(layout, load));
@@ -785,8 +864,18 @@ router_actor spawn_router(caf::actor_system& system, RouterOptions options) {
             st.counters,
             [self](status_atom) -> std::string { return router_status(self).SerializeAsString(); }),
         counted(st.counters,
+                [self](release_atom, uint64_t version) { release_unused(self, version); }),
+        counted(st.counters,
                 [self](tick_atom) {
                   poll(self);
+                  RouterState& s = self->state;
+                  const auto every = s.options.rebalance_interval;
+                  if (every.count() > 0 && Clock::now() - s.last_periodic >= every) {
+                    s.last_periodic = Clock::now();
+                    proto::RebalanceReply r = rebalance(self, s.options.rebalance_threshold);
+                    if (!r.error().empty())
+                      spdlog::info("scheduled rebalance not run: {}", r.error());
+                  }
                   self->delayed_send(self, self->state.options.poll_interval, tick_atom::value);
                 }),
     };

@@ -11,7 +11,10 @@
 // worker its experts, and — when every worker has bound them — publishes the placement with a new
 // version to every attention worker. A lost expert worker is removed from the placement at once
 // (attention workers then send its tokens to the other copies, or fail the requests that need an
-// expert with no copy left); a worker that joins later takes the copies that are missing.
+// expert with no copy left), then the survivors bind the copies it held. Once a placement exists,
+// every change of the pool (a worker joining, draining or lost) and every rebalance plans with
+// plan_balanced over the statistics window: a joining worker takes its share, moving few copies;
+// copies no longer placed are released after a grace period.
 //
 // Request placement: each submitted request goes to the attention worker with the fewest requests
 // in flight (then the lowest KV usage). If that worker is lost, each of its requests ends with an
@@ -35,6 +38,14 @@ struct RouterOptions {
   int32_t min_expert_workers = 1;
   double capacity_factor = 0;
   std::chrono::milliseconds poll_interval{500};
+  // Elastic pool (actors/placement.h, plan_balanced): spare copies per layer for the heaviest
+  // experts; a rebalance every `rebalance_interval` (0: only on request) unless every layer's
+  // worker balancedness is at least `rebalance_threshold`; copies a new placement no longer
+  // uses are released `release_grace` after it is published (steps in flight finish first).
+  int32_t redundant_experts = 0;
+  std::chrono::milliseconds rebalance_interval{0};
+  double rebalance_threshold = 0.9;
+  std::chrono::milliseconds release_grace{3000};
 };
 
 // A short description of what must match between the router and a worker's checkpoint.

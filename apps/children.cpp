@@ -113,7 +113,9 @@ void Children::reap() {
 void Children::stop_all(std::chrono::milliseconds grace) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [pid, cmd] : running_) kill(pid, SIGTERM);
+    // SIGINT: leave now. (SIGTERM would make an expert worker drain first, which is for scaling
+    // the pool down, not for stopping the whole cluster.)
+    for (const auto& [pid, cmd] : running_) kill(pid, SIGINT);
   }
   const auto deadline = std::chrono::steady_clock::now() + grace;
   while (running() > 0 && std::chrono::steady_clock::now() < deadline)

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -81,13 +82,49 @@ struct WorkerFlags {
   }
 };
 
+// The elastic expert pool of a router: --redundant-experts, --rebalance-interval,
+// --rebalance-threshold.
+struct ElasticFlags {
+  int redundant_experts = 0;
+  double rebalance_interval_s = 0;
+  double rebalance_threshold = 0.9;
+
+  void add(CLI::App& app) {
+    app.add_option("--redundant-experts", redundant_experts,
+                   "Spare expert copies per MoE layer, given to the experts with the most load per "
+                   "copy")
+        ->check(CLI::Range(0, 1 << 16))
+        ->capture_default_str();
+    app.add_option("--rebalance-interval", rebalance_interval_s,
+                   "Seconds between rebalances of the expert placement by load (0: only on POST "
+                   "/admin/rebalance)")
+        ->check(CLI::Range(0.0, 1e6))
+        ->capture_default_str();
+    app.add_option("--rebalance-threshold", rebalance_threshold,
+                   "A scheduled rebalance is skipped while every layer's worker balancedness "
+                   "(mean / max load) is at least this")
+        ->check(CLI::Range(0.0, 1.0))
+        ->capture_default_str();
+  }
+  void apply(actors::RouterOptions& o) const {
+    o.redundant_experts = redundant_experts;
+    o.rebalance_interval =
+        std::chrono::milliseconds(static_cast<int64_t>(rebalance_interval_s * 1000));
+    o.rebalance_threshold = rebalance_threshold;
+  }
+};
+
 // --host, --port, --api-key, --admin-token, --max-body-bytes.
 inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
   app.add_option("--host", o.host, "Address to listen on")->capture_default_str();
   app.add_option("--port", o.port, "HTTP port (0: any free port)")->capture_default_str();
-  app.add_option("--api-key", o.api_key, "Require \"Authorization: Bearer KEY\" on the API");
+  app.add_option("--api-key", o.api_key,
+                 "Require \"Authorization: Bearer KEY\" on the API (or $MOEMESH_API_KEY)")
+      ->envname("MOEMESH_API_KEY");
   app.add_option("--admin-token", o.admin_token,
-                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\"");
+                 "Allow POST /admin/* with \"Authorization: Bearer TOKEN\" (or "
+                 "$MOEMESH_ADMIN_TOKEN)")
+      ->envname("MOEMESH_ADMIN_TOKEN");
   app.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body accepted")
       ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
       ->capture_default_str();

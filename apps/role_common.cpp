@@ -67,7 +67,7 @@ sigset_t block_stop_signals() {
 }
 
 bool wait_for_stop(caf::actor_system& system, const sigset_t& signals, const caf::actor& watched,
-                   const std::string& what) {
+                   const std::string& what, int* received) {
   caf::actor watcher;
   if (watched) {
     watcher = system.spawn(
@@ -84,6 +84,7 @@ bool wait_for_stop(caf::actor_system& system, const sigset_t& signals, const caf
   }
   int sig = 0;
   sigwait(&signals, &sig);
+  if (received) *received = sig;
   if (watcher) caf::anon_send_exit(watcher, caf::exit_reason::user_shutdown);
   if (sig == SIGUSR1) return false;
   spdlog::info("{} received, stopping", sig == SIGTERM ? "SIGTERM" : "SIGINT");

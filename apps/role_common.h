@@ -28,10 +28,10 @@ Expected<gateway::ServedModel> load_served_model(const std::filesystem::path& di
 // Blocks SIGTERM and SIGINT in this thread and every thread started after it (call first).
 sigset_t block_stop_signals();
 
-// Waits for SIGTERM or SIGINT (returns true), or for the actor `watched` to go down (returns
-// false; `what` names it in the log).
+// Waits for SIGTERM or SIGINT (returns true; the signal in *received), or for the actor `watched`
+// to go down (returns false; `what` names it in the log).
 bool wait_for_stop(caf::actor_system& system, const sigset_t& signals, const caf::actor& watched,
-                   const std::string& what);
+                   const std::string& what, int* received = nullptr);
 
 // "ROLE-PID@HOST"
 std::string node_name(const std::string& role);

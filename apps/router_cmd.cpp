@@ -24,6 +24,7 @@ struct RouterFlags {
   int min_expert_workers = 1;
   int expert_replicas = 1;
   double capacity_factor = 0;
+  ElasticFlags elastic;
 };
 
 int run_router(const RouterFlags& f) {
@@ -51,6 +52,7 @@ int run_router(const RouterFlags& f) {
   ro.expert_replicas = f.expert_replicas;
   ro.min_expert_workers = f.min_expert_workers;
   ro.capacity_factor = f.capacity_factor;
+  f.elastic.apply(ro);
   Expected<StartedRouter> router = start_router(system, ro, f.bind_host, f.port, advertise);
   if (!router) return fail(router.error().message());
   std::cerr << fmt::format("moemesh router: workers join with --join {}\n", router->join);
@@ -123,6 +125,7 @@ Runner add_router(CLI::App& app) {
                  "Per-expert, per-step capacity as a multiple of the even share (0: no limit)")
       ->check(CLI::Range(0.0, 1e6))
       ->capture_default_str();
+  f->elastic.add(app);
   return [f] { return run_router(*f); };
 }
 

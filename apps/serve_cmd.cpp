@@ -39,6 +39,7 @@ struct ServeFlags {
   int expert_threads = 0;
   int expert_replicas = 1;
   double capacity_factor = 0;
+  ElasticFlags elastic;
   std::string cluster_token;
   uint16_t control_port = 0;
   std::string transports;
@@ -124,6 +125,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   ro.expert_replicas = std::min(f.expert_replicas, std::max(1, f.expert_workers));
   ro.min_expert_workers = std::max(1, f.expert_workers);
   ro.capacity_factor = f.capacity_factor;
+  f.elastic.apply(ro);
   Expected<StartedRouter> router = start_router(system, ro, "127.0.0.1", f.control_port, "");
   if (!router) return fail(router.error().message());
   (*gw)->set_router(router->router);
@@ -238,6 +240,7 @@ Runner add_serve(CLI::App& app) {
                  "limit, no token dropped)")
       ->check(CLI::Range(0.0, 1e6))
       ->capture_default_str();
+  f->elastic.add(app);
   app.add_option("--expert-threads", f->expert_threads,
                  "Compute threads of each expert worker (0: one per hardware thread; the attention "
                  "and expert phases of a step alternate, so they seldom compete)")

@@ -150,6 +150,31 @@ Status ExpertWorker::assign(const proto::Assignment& assignment) {
   return {};
 }
 
+Status ExpertWorker::release(const proto::Assignment& assignment) {
+  const proto::ExpertRefs& e = assignment.experts();
+  if (e.layer_size() != e.expert_size())
+    return Error(fmt::format("release version {}: experts.layer has {} entries but experts.expert "
+                             "has {}: they must pair up",
+                             assignment.version(), e.layer_size(), e.expert_size()));
+  std::vector<ExpertRef> refs;
+  for (int i = 0; i < e.layer_size(); ++i) refs.push_back({e.layer(i), e.expert(i)});
+  int64_t bytes = 0;
+  std::size_t held = 0;
+  {
+    std::lock_guard lock(impl_->shard_mutex);
+    impl_->shard->release(refs);
+    bytes = impl_->shard->weight_bytes();
+    held = impl_->shard->experts().size();
+  }
+  {
+    std::lock_guard lock(impl_->stats_mutex);
+    impl_->weight_bytes = bytes;
+  }
+  spdlog::info("expert_worker released version={} listed={} held={} weight_bytes={}",
+               assignment.version(), refs.size(), held, bytes);
+  return {};
+}
+
 void ExpertWorker::set_capacity_factor(double factor) {
   if (!(factor >= 0) || !std::isfinite(factor)) factor = 0;
   impl_->capacity_factor.store(factor, std::memory_order_relaxed);

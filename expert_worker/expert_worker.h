@@ -71,6 +71,9 @@ class ExpertWorker {
   // layer and expert lists of different lengths) nothing is bound. Dispatches for experts not held
   // are answered with an error naming layer and expert.
   Status assign(const proto::Assignment& assignment);
+  // Unbinds the listed experts (their weights are unmapped; their counters stay). Experts not held
+  // are ignored. Waits for the batch in progress.
+  Status release(const proto::Assignment& assignment);
   // Takes effect with the next batch; values < 0 or not finite are treated as 0 (no limit).
   void set_capacity_factor(double factor);
   // Counters and totals; the caller fills worker_id and name.

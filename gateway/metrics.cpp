@@ -125,6 +125,18 @@ void Metrics::render_experts(std::string& out) const {
   for (const proto::LayerSnapshot& l : x.layers())
     out += fmt::format("moemesh_layer_balancedness{{{},layer=\"{}\"}} {}\n", labels_, l.layer(),
                        l.balancedness());
+  header(out, "moemesh_expert_pool_utilisation", "gauge",
+         "Mean utilisation of the expert workers (0-1): the autoscaling signal of the pool.");
+  out += fmt::format("moemesh_expert_pool_utilisation{{{}}} {}\n", labels_, x.pool_utilisation());
+  header(out, "moemesh_expert_workers", "gauge", "Expert workers in the cluster.");
+  out += fmt::format("moemesh_expert_workers{{{}}} {}\n", labels_, x.expert_workers());
+  header(out, "moemesh_rebalances_total", "counter",
+         "Rebalances of the expert placement by load (scheduled or requested) that ran.");
+  out += fmt::format("moemesh_rebalances_total{{{}}} {}\n", labels_, x.rebalances_total());
+  header(out, "moemesh_rebalance_duration_seconds", "gauge",
+         "The last rebalance: from the decision to the new placement published.");
+  out += fmt::format("moemesh_rebalance_duration_seconds{{{}}} {}\n", labels_,
+                     x.last_rebalance_seconds());
   header(out, "moemesh_worker_load", "gauge",
          "Expert worker utilisation: compute seconds per second, smoothed (0-1).");
   for (const proto::ExpertWorkerStats& w : x.workers())

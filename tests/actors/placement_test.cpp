@@ -144,5 +144,50 @@ TEST(Placement, CopiesMovedCountsOnlyNewCopies) {
   EXPECT_EQ(copies_moved({}, a), 24);
 }
 
+std::map<int32_t, int> copies_per_worker(const proto::LayerPlacement& l) {
+  std::map<int32_t, int> n;
+  for (const proto::ExpertReplicas& r : l.experts())
+    for (int32_t w : r.workers()) ++n[w];
+  return n;
+}
+
+TEST(Placement, AJoiningWorkerTakesItsShareAndNothingElseMoves) {
+  const proto::Placement before = plan_placement({}, request({1, 2}));
+  const proto::Placement after = plan_balanced(request({1, 2, 3}), {}, before);
+  EXPECT_TRUE(placement_complete(after, 8));
+  for (const proto::LayerPlacement& l : after.layers()) {
+    auto n = copies_per_worker(l);
+    EXPECT_EQ(n[1] + n[2] + n[3], 8);
+    EXPECT_GE(n[3], 2) << "the new worker takes its share";
+    EXPECT_LE(std::max({n[1], n[2], n[3]}) - std::min({n[1], n[2], n[3]}), 1);
+  }
+  // 8 experts over 3 workers: 2 copies per layer is the least that balances (4,4,0 -> 3,3,2).
+  EXPECT_EQ(copies_moved(before, after), 2 * 3);
+}
+
+TEST(Placement, ALeavingWorkersCopiesLandOnTheOthersAndNothingElseMoves) {
+  const proto::Placement before = plan_placement({}, request({1, 2, 3}));
+  const auto held_before = experts_by_worker(before);
+  const proto::Placement after = plan_balanced(request({1, 2}), {}, before);
+  EXPECT_TRUE(placement_complete(after, 8));
+  const auto held_after = experts_by_worker(after);
+  EXPECT_EQ(held_after.count(3), 0u);
+  for (int32_t w : {1, 2})
+    for (const auto& x : held_before.at(w)) EXPECT_TRUE(held_after.at(w).count(x)) << w;
+  EXPECT_EQ(copies_moved(before, after), static_cast<int64_t>(held_before.at(3).size()));
+}
+
+TEST(Placement, RedundantCopiesGoToTheHeaviestExperts) {
+  PlacementRequest r = request({1, 2, 3, 4});
+  r.redundant = 2;
+  const proto::Placement p = plan_balanced(r, skewed(r), plan_placement({}, request({1, 2, 3, 4})));
+  for (const proto::LayerPlacement& l : p.layers())
+    for (int32_t e = 0; e < 8; ++e) {
+      const auto& w = l.experts(e).workers();
+      EXPECT_EQ(w.size(), e >= 6 ? 2 : 1) << "expert " << e;
+      EXPECT_EQ(std::set<int32_t>(w.begin(), w.end()).size(), static_cast<std::size_t>(w.size()));
+    }
+}
+
 }  // namespace
 }  // namespace moemesh::actors

@@ -28,6 +28,7 @@ ModelConfig tiny_config() {
 // What a fake worker saw.
 struct Record {
   std::vector<proto::Assignment> assignments;
+  std::vector<proto::Assignment> releases;
   std::vector<proto::Placement> placements;
   std::vector<proto::GenerateRequest> submitted;
   std::vector<double> capacity;
@@ -91,6 +92,12 @@ class RouterTest : public ::testing::Test {
                 proto::Assignment assignment;
                 assignment.ParseFromString(bytes);
                 r->assignments.push_back(assignment);
+                return {};
+              },
+              [r](release_atom, const std::string& bytes) -> std::string {
+                proto::Assignment released;
+                released.ParseFromString(bytes);
+                r->releases.push_back(released);
                 return {};
               },
               [self, r](status_atom) -> caf::result<std::string> {
@@ -299,7 +306,7 @@ TEST_F(RouterTest, LosingAnAttentionWorkerFailsItsRequestsCleanly) {
   EXPECT_FALSE(snap.ready());
 }
 
-TEST_F(RouterTest, ALostExpertWorkerLeavesThePlacementAndARejoinTakesItsExpertsBack) {
+TEST_F(RouterTest, ALostExpertWorkersExpertsGoToTheSurvivorsAndAJoinTakesItsShareBack) {
   start(2);
   auto att = std::make_shared<Record>();
   join("attention", fake_attention(att));
@@ -310,20 +317,30 @@ TEST_F(RouterTest, ALostExpertWorkerLeavesThePlacementAndARejoinTakesItsExpertsB
   ASSERT_EQ(att->placements.size(), 1u);
   caf::anon_send_exit(second, caf::exit_reason::kill);
   sched_.run();
-  ASSERT_EQ(att->placements.size(), 2u);
-  EXPECT_EQ(att->placements[1].version(), 2u);
+  // At once a placement without it (its experts have no copy for a moment), then the survivor
+  // binds them and a complete placement follows.
+  ASSERT_EQ(att->placements.size(), 3u);
   EXPECT_FALSE(placement_complete(att->placements[1], 4));
   EXPECT_EQ(att->placements[1].workers_size(), 1);
-  EXPECT_EQ(e1->assignments.size(), 1u) << "the survivor keeps its experts only";
+  ASSERT_EQ(e1->assignments.size(), 2u);
+  EXPECT_EQ(e1->assignments[1].experts().layer_size(), 8) << "the survivor now holds every expert";
+  EXPECT_TRUE(placement_complete(att->placements[2], 4));
+  EXPECT_TRUE(ask<proto::ClusterSnapshot>(cluster_atom::value).ready());
 
+  // A worker joining later takes its share (half of each layer) and the survivor releases it
+  // once the grace period is over.
   auto e3 = std::make_shared<Record>();
   join("expert", fake_expert(e3), "secret", "e3");
   ASSERT_EQ(e3->assignments.size(), 1u);
-  EXPECT_EQ(e3->assignments[0].experts().SerializeAsString(),
-            e2->assignments[0].experts().SerializeAsString())
-      << "the new worker takes exactly the lost worker's experts";
-  ASSERT_EQ(att->placements.size(), 3u);
-  EXPECT_TRUE(placement_complete(att->placements[2], 4));
+  EXPECT_EQ(e3->assignments[0].experts().layer_size(), 4);
+  ASSERT_EQ(att->placements.size(), 4u);
+  EXPECT_TRUE(placement_complete(att->placements[3], 4));
+  EXPECT_TRUE(e1->releases.empty()) << "released before the grace period";
+  sched_.advance_time(std::chrono::seconds(4));
+  sched_.run();
+  ASSERT_EQ(e1->releases.size(), 1u);
+  EXPECT_EQ(e1->releases[0].experts().SerializeAsString(),
+            e3->assignments[0].experts().SerializeAsString());
 }
 
 TEST_F(RouterTest, WithReplicasALostWorkerKeepsThePlacementComplete) {
@@ -472,8 +489,9 @@ TEST_F(RouterTest, DrainMovesAWorkersExpertsToTheOthers) {
   ASSERT_EQ(p.workers_size(), 1);
   EXPECT_EQ(p.workers(0).name(), "e1");
   auto snap = ask<proto::ClusterSnapshot>(cluster_atom::value);
-  for (const auto& m : snap.members())
+  for (const auto& m : snap.members()) {
     if (m.name() == "e2") EXPECT_EQ(m.state(), "drained");
+  }
   EXPECT_NE(drain("e1").find("only expert worker"), std::string::npos);
 }
 

@@ -62,7 +62,7 @@ def start_streams(server, prompts, max_tokens, started=4, n=4):
     return results, threads
 
 
-PARITY = sorted(p.name for p in FIXTURES.iterdir())
+PARITY = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.json").exists())
 
 
 @pytest.mark.parametrize("transports", ["sm", "tcp"])
@@ -149,7 +149,8 @@ def test_losing_an_expert_worker_with_replicas_fails_nothing(binary):
         s.stop()
 
 
-def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_a_restart_recovers(binary):
+def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_the_survivor_takes_over(
+        binary):
     s = start(binary, DEMO, "--expert-workers", 2)
     try:
         expected = reference_outputs(s, 32)
@@ -164,25 +165,26 @@ def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_a_restart_r
         for r in results.values():
             assert r["error"] is not None, "a request that needed the lost experts must fail"
             assert r["end"] - killed < 2.0, f"ended {r['end'] - killed:.2f} s after the kill"
-        # The gateway goes on: not ready (503), but answering.
-        wait_until(lambda: s.request("GET", "/health")[0] == 503, 2, "/health to turn 503")
-        status, _, raw = s.request("POST", "/v1/completions",
-                                   {"model": s.model_id, "prompt": PROMPTS[0], "max_tokens": 4})
-        assert status == 503, raw
-        assert s.request("GET", "/health")[0] == 503
+        # The router places the lost worker's experts on the survivor, which binds them: the
+        # cluster serves again without a restart, with the same outputs.
+        wait_until(lambda: s.request("GET", "/health")[0] == 200, 10, "the cluster to recover")
+        survivors = members(s, "expert")
+        assert len(survivors) == 1 and survivors[0]["experts_held"] == 4 * 8, survivors
         assert s.request("GET", "/v1/models")[0] == 200
-        # A restarted worker rejoins and takes the experts back.
+        assert reference_outputs(s, 32) == expected
+        # A restarted worker rejoins and takes its share of the experts back.
         join = cluster(s)["join"]
         proc = subprocess.Popen([str(binary), "expert", "--join", join, "--model", str(DEMO),
-                                 "--threads", "1"], env={**os.environ,
-                                                         "MOEMESH_CLUSTER_TOKEN": TOKEN},
+                                 "--threads", "1", "--name", "restarted"],
+                                env={**os.environ, "MOEMESH_CLUSTER_TOKEN": TOKEN},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
-            wait_until(lambda: s.request("GET", "/health")[0] == 200, 30, "the cluster to recover")
+            wait_until(lambda: any(m["name"] == "restarted" and m["experts_held"] > 0
+                                   for m in members(s, "expert")), 30, "the restart to rejoin")
             assert reference_outputs(s, 32) == expected
         finally:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)
             proc.wait(10)
     finally:
         s.stop()
