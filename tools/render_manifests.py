@@ -28,7 +28,8 @@ Validation (--validate): every built-in object against the Kubernetes OpenAPI sc
 kubernetes-validate (offline, strict: unknown fields are errors) for each version in
 K8S_VERSIONS; the LeaderWorkerSet, ServiceMonitor and PrometheusRule against the JSON schemas of
 deploy/k8s/schemas (the LeaderWorkerSet's pod templates as core/v1 PodTemplates); then
-cross-object checks (selectors, references, ports, $(VAR) expansions, role flags against
+cross-object checks (selectors, references, ports, $(VAR) expansions, no Secret expanded into
+a command line, the expert pods' grace period above --drain-timeout, role flags against
 `moemesh ROLE --help` when the binary is built). Exit status 1 with one line per problem.
 """
 
@@ -61,7 +62,15 @@ CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole"
                   "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}
 
 # Objects the manifests use that an operator creates (docs/deploy.md), not rendered here.
-EXTERNAL_SECRETS = {"moemesh-cluster-token": {"token", "admin-token"}}
+# api-key is optional: an overlay that requires an API key sets the gateway's MOEMESH_API_KEY
+# from it.
+EXTERNAL_SECRETS = {"moemesh-cluster-token": {"token", "admin-token", "api-key"}}
+
+# An expert worker drains on SIGTERM for up to --drain-timeout seconds (this default when the
+# flag is not given); its pod's terminationGracePeriodSeconds must exceed that by this margin,
+# so that the worker leaves by itself before the SIGKILL.
+EXPERT_DRAIN_TIMEOUT_DEFAULT_S = 60.0
+EXPERT_DRAIN_MARGIN_S = 10.0
 
 # apiVersion, kind -> JSON schema file of deploy/k8s/schemas.
 CRD_SCHEMAS = {
@@ -307,6 +316,19 @@ def role_flags(role: str) -> set[str] | None:
     return _role_flags_cache[role]
 
 
+def _resolve(value: str, container: dict, configmaps: dict[str, dict]) -> str:
+    """A command-line value with its $(VAR)s expanded from the container's plain env values and
+    its ConfigMaps (envFrom); a variable it cannot resolve stays as it is."""
+    env: dict[str, str] = {}
+    for ef in container.get("envFrom", []):
+        cm = configmaps.get(ef.get("configMapRef", {}).get("name"))
+        if cm is not None:
+            env.update({k: str(v) for k, v in cm.get("data", {}).items()})
+    env.update({e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e})
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)),
+                  str(value))
+
+
 def check_consistency(objs: list[dict]) -> list[str]:
     """Cross-object problems that a schema cannot see."""
     problems = []
@@ -368,10 +390,29 @@ def check_consistency(objs: list[dict]) -> list[str]:
                     if isinstance(port, str) and port not in port_names:
                         problems.append(f"{cref}: {probe} names port {port}, not declared")
             args = [str(a) for a in c.get("args", [])]
+            secret_env = {e["name"] for e in c.get("env", [])
+                          if "secretKeyRef" in e.get("valueFrom", {})}
             for a in args + [str(x) for x in c.get("command", [])]:
                 for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", a):
                     if var not in env_names:
                         problems.append(f"{cref}: $({var}) is not in the container's environment")
+                    elif var in secret_env:
+                        problems.append(f"{cref}: $({var}) puts a Secret on the command line: "
+                                        f"the roles read it from their environment")
+            if c.get("image", "").rsplit(":", 1)[0].endswith("moemesh") and args and \
+                    args[0] == "expert":
+                drain = EXPERT_DRAIN_TIMEOUT_DEFAULT_S
+                if "--drain-timeout" in args[1:-1]:
+                    value = _resolve(args[args.index("--drain-timeout") + 1], c, configmaps)
+                    try:
+                        drain = float(value)
+                    except ValueError:
+                        problems.append(f"{cref}: --drain-timeout {value} is not a number")
+                grace = spec.get("terminationGracePeriodSeconds", 30)
+                if not grace > drain + EXPERT_DRAIN_MARGIN_S:
+                    problems.append(f"{ref}: terminationGracePeriodSeconds {grace} does not cover "
+                                    f"the expert worker's --drain-timeout {drain:g} plus "
+                                    f"{EXPERT_DRAIN_MARGIN_S:g} s")
             if c.get("image", "").rsplit(":", 1)[0].endswith("moemesh") and args:
                 role = args[0]
                 flags = role_flags(role)

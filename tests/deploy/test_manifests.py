@@ -29,6 +29,16 @@ def containers(obj):
     return [c for _, t in rm._pod_specs(obj) for c in t["spec"]["containers"]]
 
 
+def arg_value(objs, container, flag, default=None):
+    """The value of FLAG on a container's command line, its $(VAR)s expanded from the ConfigMaps
+    and plain env values; DEFAULT when the flag is not there."""
+    args = [str(a) for a in container["args"]]
+    if flag not in args:
+        return default
+    configmaps = {o["metadata"]["name"]: o for o in objects_of(objs, "ConfigMap")}
+    return rm._resolve(args[args.index(flag) + 1], container, configmaps)
+
+
 def test_the_three_worked_examples_are_there():
     assert set(EXAMPLES) >= {"mixtral-8x7b", "deepseek-v3", "kimi-k2.5-int4"}
 
@@ -68,7 +78,17 @@ def test_example_has_every_part(rendered, name):
             env = {e["name"]: e for e in c.get("env", [])}
             token = env["MOEMESH_CLUSTER_TOKEN"]["valueFrom"]["secretKeyRef"]
             assert token == {"name": "moemesh-cluster-token", "key": "token"}
-            assert "--cluster-token" not in c["args"], "the token never goes on a command line"
+            # Secrets reach the roles through their environment, never their command lines.
+            for flag in ("--cluster-token", "--admin-token", "--api-key"):
+                assert flag not in c["args"], f"{flag} never goes on a command line"
+            secret_env = {n for n, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+            for a in c["args"]:
+                assert not any(f"$({n})" in str(a) for n in secret_env), a
+
+    # The gateway reads the admin token from $MOEMESH_ADMIN_TOKEN (--admin-token's default).
+    gw_env = {e["name"]: e for e in containers(one(objs, "Deployment", "moemesh-gateway"))[0]["env"]}
+    assert gw_env["MOEMESH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "moemesh-cluster-token", "key": "admin-token"}
 
     # Model files from a read-only-many claim, mounted read-only everywhere.
     pvc = one(objs, "PersistentVolumeClaim", "moemesh-models")
@@ -97,10 +117,23 @@ def test_example_has_every_part(rendered, name):
     grace = float(gw["args"][gw["args"].index("--shutdown-grace") + 1])
     gw_pod = one(objs, "Deployment", "moemesh-gateway")["spec"]["template"]["spec"]
     assert gw_pod["terminationGracePeriodSeconds"] > grace + 5
+    # An expert worker drains itself on SIGTERM for at most --drain-timeout seconds: no preStop
+    # hook, no admin token, and a grace period that covers the drain with a margin.
     ex_pod = expert["spec"]["template"]["spec"]
-    drain_wait = int({e["name"]: e.get("value") for e in containers(expert)[0]["env"]}
-                     ["MOEMESH_DRAIN_WAIT_S"])
-    assert ex_pod["terminationGracePeriodSeconds"] > drain_wait + 10
+    (ex,) = containers(expert)
+    drain = float(arg_value(objs, ex, "--drain-timeout", rm.EXPERT_DRAIN_TIMEOUT_DEFAULT_S))
+    assert drain > 0, "a drained worker's experts move before it leaves"
+    assert ex_pod["terminationGracePeriodSeconds"] > drain + rm.EXPERT_DRAIN_MARGIN_S
+    assert "preStop" not in ex.get("lifecycle", {})
+    ex_env = {e["name"] for e in ex["env"]}
+    assert not ex_env & {"MOEMESH_ADMIN_TOKEN", "MOEMESH_DRAIN_WAIT_S"}, ex_env
+
+    # The router rebalances the pool by load on a schedule (0 turns it off) and above a
+    # balancedness threshold; spare copies for the hottest experts are a number.
+    (router,) = containers(one(objs, "Deployment", "moemesh-router"))
+    assert float(arg_value(objs, router, "--rebalance-interval", "0")) >= 0
+    assert 0 <= float(arg_value(objs, router, "--rebalance-threshold", "0.9")) <= 1
+    assert int(arg_value(objs, router, "--redundant-experts", "0")) >= 0
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -111,15 +144,26 @@ def test_expert_pool_autoscaling(rendered, name):
                                              "name": "moemesh-expert"}
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "External"
-    assert metric["external"]["metric"]["name"] == "moemesh_expert_pool_load"
+    assert metric["external"]["metric"]["name"] == "moemesh_expert_pool_utilisation"
+    # A mean utilisation (0-1): a Value target below 1, which the HPA scales by the replicas.
+    target = metric["external"]["target"]
+    assert target["type"] == "Value"
+    assert 0 < parse_quantity(target["value"]) < 1
     # The router waits for the workers that hold every expert: the HPA never goes below them.
     settings = one(objs, "ConfigMap", "moemesh-settings")["data"]
     assert hpa["spec"]["minReplicas"] == int(settings["MOEMESH_MIN_EXPERT_WORKERS"])
     # The adapter rule that serves the metric names the gateway's series.
     rules = yaml.safe_load((K8S / "prometheus-adapter" / "rules.yaml").read_text())
     (rule,) = rules["rules"]["external"]
-    assert rule["name"]["as"] == "moemesh_expert_pool_load"
-    assert rule["seriesQuery"].startswith("moemesh_worker_load")
+    assert rule["name"]["as"] == "moemesh_expert_pool_utilisation"
+    assert rule["seriesQuery"].startswith("moemesh_expert_pool_utilisation{")
+    assert "<<.Series>>{<<.LabelMatchers>>}" in rule["metricsQuery"]
+
+
+def parse_quantity(q):
+    """A Kubernetes quantity of the plain or milli form (700m, 0.7, 1)."""
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -207,6 +251,30 @@ def test_inconsistent_objects_are_rejected(rendered):
     problems = broken(rendered, "HorizontalPodAutoscaler", "moemesh-expert",
                       lambda o: o["spec"]["scaleTargetRef"].update(name="moemesh-experts"))
     assert any("no Deployment moemesh-experts" in p for p in problems), problems
+
+
+def test_a_secret_on_a_command_line_is_rejected(rendered):
+    def change(o):
+        o["spec"]["template"]["spec"]["containers"][0]["args"] += ["--admin-token",
+                                                                   "$(MOEMESH_ADMIN_TOKEN)"]
+    problems = broken(rendered, "Deployment", "moemesh-gateway", change)
+    assert any("$(MOEMESH_ADMIN_TOKEN) puts a Secret on the command line" in p
+               for p in problems), problems
+
+
+def test_an_expert_grace_period_shorter_than_the_drain_is_rejected(rendered):
+    def change(o):
+        o["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 150
+    problems = broken(rendered, "Deployment", "moemesh-expert", change)
+    assert any("does not cover the expert worker's --drain-timeout" in p for p in problems), problems
+
+    def drop_flag(o):
+        c = o["spec"]["template"]["spec"]["containers"][0]
+        i = c["args"].index("--drain-timeout")
+        del c["args"][i:i + 2]
+        o["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 60
+    problems = broken(rendered, "Deployment", "moemesh-expert", drop_flag)
+    assert any("--drain-timeout 60 plus" in p for p in problems), problems
 
 
 def test_a_flag_the_binary_does_not_know_is_rejected(rendered):
