@@ -219,9 +219,10 @@ Runner add_generate(CLI::App& app) {
       ->capture_default_str();
   app.add_option(
          "--quantization", f->quantization,
-         "Weight quantization at load: none (the checkpoint's dtypes) or int8 (weight-only, "
-         "a float32 scale per output channel; CPU only)")
-      ->check(CLI::IsMember({"none", "int8"}))
+         "Weight quantization at load: none (the checkpoint's dtypes), int8 (weight-only, "
+         "a float32 scale per output channel) or fp8 (weight-only E4M3, a float32 scale per "
+         "128x128 block); CPU only. FP8 checkpoints load as FP8 without this flag")
+      ->check(CLI::IsMember({"none", "int8", "fp8"}))
       ->capture_default_str();
   app.callback([f, model, prompt, ids, seed] {
     f->has_seed = seed->count() > 0;

@@ -1,10 +1,11 @@
 // Decode-style matmul (one token against many weight rows) measured against the machine's memory
 // read bandwidth, both measured in this run on the same thread pool. A decode step of an MoE model
 // is bound by reading weights, so the ratio says how close the kernel is to the limit. linear() is
-// measured on every ISA this machine supports (kernels::force_isa), F32, BF16 and F16 weights.
-// With --prefill N it instead times linear() on N tokens at once against two BF16 matrices shaped
-// like an MoE model's attention projection and expert, where the work is bound by arithmetic, and
-// reports GFLOP/s (2 * N * rows * cols per call).
+// measured on every ISA this machine supports (kernels::force_isa), F32, BF16, F16, I8 (per-row
+// scales) and F8_E4M3 (128x128 block scales) weights. With --prefill N it instead times linear()
+// on N tokens at once against two matrices (BF16 and FP8) shaped like an MoE model's attention
+// projection and expert, where the work is bound by arithmetic, and reports GFLOP/s
+// (2 * N * rows * cols per call).
 //
 //   build/bin/linear_decode_bench [--mib N] [--threads N] [--reps N] [--prefill N]
 #include <spdlog/spdlog.h>
@@ -79,8 +80,10 @@ double linear_probe(const std::vector<WeightView>& mats, ThreadPool& pool, int r
   return bytes / best / 1e9;
 }
 
-// Best-of-reps GFLOP/s of linear() on n_tokens tokens against one BF16 matrix [rows, cols].
-double prefill_probe(int64_t n_tokens, int64_t rows, int64_t cols, ThreadPool& pool, int reps) {
+// Best-of-reps GFLOP/s of linear() on n_tokens tokens against one BF16 matrix [rows, cols], or
+// (fp8) its FP8 block quantization.
+double prefill_probe(int64_t n_tokens, int64_t rows, int64_t cols, bool fp8, ThreadPool& pool,
+                     int reps) {
   std::mt19937 rng(2);
   std::normal_distribution<float> dist(0.0f, 0.02f);
   std::vector<uint16_t> w(static_cast<std::size_t>(rows * cols));
@@ -88,7 +91,14 @@ double prefill_probe(int64_t n_tokens, int64_t rows, int64_t cols, ThreadPool& p
   std::vector<float> x(static_cast<std::size_t>(n_tokens * cols));
   for (float& v : x) v = dist(rng);
   std::vector<float> y(static_cast<std::size_t>(n_tokens * rows));
-  const WeightView view{w.data(), DType::BF16, rows, cols};
+  WeightView view{w.data(), DType::BF16, rows, cols};
+  std::vector<uint8_t> codes(fp8 ? w.size() : 0);
+  std::vector<float> scales(static_cast<std::size_t>(
+      fp8 ? moemesh::kernels::fp8_blocks(rows) * moemesh::kernels::fp8_blocks(cols) : 0));
+  if (fp8) {
+    moemesh::kernels::quantize_fp8_e4m3(view, codes.data(), scales.data(), &pool);
+    view = {codes.data(), DType::F8E4M3, rows, cols, scales.data()};
+  }
   // One untimed call: first touch of y and the pool's threads waking up.
   moemesh::kernels::linear(x.data(), n_tokens, view, nullptr, y.data(), &pool);
   double best = 1e30;
@@ -102,18 +112,19 @@ double prefill_probe(int64_t n_tokens, int64_t rows, int64_t cols, ThreadPool& p
 
 int run_prefill(int64_t n_tokens, ThreadPool& pool, int reps) {
   const Isa active = moemesh::kernels::active_isa();
-  std::printf("threads %d, %lld tokens, BF16 weights, detected ISA %s\n", pool.size(),
+  std::printf("threads %d, %lld tokens, BF16 and FP8 weights, detected ISA %s\n", pool.size(),
               static_cast<long long>(n_tokens), isa_name(moemesh::kernels::detected_isa()));
   // An attention projection [2048, 2048] and an expert projection [1024, 2048] (OLMoE shapes).
   const std::pair<int64_t, int64_t> shapes[] = {{2048, 2048}, {1024, 2048}};
   for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
-    for (const auto& [rows, cols] : shapes) {
-      const double gflops = prefill_probe(n_tokens, rows, cols, pool, reps);
-      std::printf("linear %-8s BF16 [%lld, %lld] x %lld tokens %9.2f GFLOP/s\n", isa_name(isa),
-                  static_cast<long long>(rows), static_cast<long long>(cols),
-                  static_cast<long long>(n_tokens), gflops);
-    }
+    for (const bool fp8 : {false, true})
+      for (const auto& [rows, cols] : shapes) {
+        const double gflops = prefill_probe(n_tokens, rows, cols, fp8, pool, reps);
+        std::printf("linear %-8s %-4s [%lld, %lld] x %lld tokens %9.2f GFLOP/s\n", isa_name(isa),
+                    fp8 ? "FP8" : "BF16", static_cast<long long>(rows),
+                    static_cast<long long>(cols), static_cast<long long>(n_tokens), gflops);
+      }
   }
   moemesh::kernels::force_isa(active);
   return 0;
@@ -178,6 +189,17 @@ int main(int argc, char** argv) {
   std::vector<float> i8_scales(static_cast<std::size_t>(rows), 0.0005f);
   std::vector<WeightView> i8_views = views(i8.data(), DType::I8, bytes);
   for (WeightView& v : i8_views) v.scale = i8_scales.data();
+  // FP8 E4M3 weights with a float32 scale per 128x128 block (FP8 checkpoints, --quantization fp8):
+  // one matrix's worth of the bf16 weights quantized, its codes repeated over the same bytes.
+  std::vector<uint8_t> f8(static_cast<std::size_t>(bytes));
+  std::vector<float> f8_scales(static_cast<std::size_t>(moemesh::kernels::fp8_blocks(rows) *
+                                                        moemesh::kernels::fp8_blocks(cols)));
+  moemesh::kernels::quantize_fp8_e4m3({bf16.data(), DType::BF16, rows, cols}, f8.data(),
+                                      f8_scales.data(), &pool);
+  for (std::size_t i = static_cast<std::size_t>(rows * cols); i < f8.size(); ++i)
+    f8[i] = f8[i % static_cast<std::size_t>(rows * cols)];
+  std::vector<WeightView> f8_views = views(f8.data(), DType::F8E4M3, bytes);
+  for (WeightView& v : f8_views) v.scale = f8_scales.data();
 
   const Isa active = moemesh::kernels::active_isa();
   // The machine is shared: the probe runs before and after the kernels and keeps its best, so
@@ -186,8 +208,11 @@ int main(int argc, char** argv) {
   std::vector<std::pair<std::string, double>> results;
   for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
-    const std::pair<const char*, const std::vector<WeightView>*> runs[] = {
-        {"F32", &f32_views}, {"BF16", &bf16_views}, {"F16", &f16_views}, {"I8", &i8_views}};
+    const std::pair<const char*, const std::vector<WeightView>*> runs[] = {{"F32", &f32_views},
+                                                                           {"BF16", &bf16_views},
+                                                                           {"F16", &f16_views},
+                                                                           {"I8", &i8_views},
+                                                                           {"FP8", &f8_views}};
     for (const auto& [name, mats] : runs) {
       const double gbs = linear_probe(*mats, pool, reps);
       const std::string label = std::string("linear ") + isa_name(isa) + " " + name + ", 1 token";

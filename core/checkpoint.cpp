@@ -43,6 +43,7 @@ std::optional<kernels::DType> compute_dtype(const std::string& dtype) {
   if (dtype == "F32") return kernels::DType::F32;
   if (dtype == "F16") return kernels::DType::F16;
   if (dtype == "BF16") return kernels::DType::BF16;
+  if (dtype == "F8_E4M3") return kernels::DType::F8E4M3;  // with a weight_scale_inv tensor
   return std::nullopt;
 }
 
@@ -266,8 +267,8 @@ Expected<TensorView> Checkpoint::tensor(const std::string& name) const {
   std::optional<kernels::DType> dt = compute_dtype(e.dtype);
   if (!dt)
     return Error(
-        fmt::format("tensor \"{}\" in {} has dtype {}; moemesh reads F32, F16 and BF16 "
-                    "weights",
+        fmt::format("tensor \"{}\" in {} has dtype {}; moemesh reads F32, F16, BF16 and "
+                    "F8_E4M3 weights",
                     name, e.mapping->path, e.dtype));
   if (reinterpret_cast<uintptr_t>(e.data) % kernels::dtype_size(*dt) != 0)
     return Error(

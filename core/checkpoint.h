@@ -45,7 +45,8 @@ class Checkpoint {
 
   bool contains(const std::string& name) const;
 
-  // The named tensor. Fails when it is missing, or when its dtype is not F32, F16 or BF16.
+  // The named tensor. Fails when it is missing, or when its dtype is not F32, F16, BF16 or F8_E4M3
+  // (whose block scales are a tensor of their own: see bind_weights).
   Expected<TensorView> tensor(const std::string& name) const;
 
   // Like tensor(), and also checks the shape; `why` says where the expected shape comes from

@@ -219,6 +219,43 @@ const ArchDefaults* defaults_for(const std::string& model_type) {
                                         .shared_inter = 1,
                                         .norm_topk = true,
                                         .eos = 1};
+  // Glm4MoeConfig. shared_inter is n_shared_experts (times moe_intermediate_size).
+  static const ArchDefaults kGlm4Moe{.arch = Arch::Glm4Moe,
+                                     .vocab = 151552,
+                                     .hidden = 4096,
+                                     .intermediate = 10944,
+                                     .layers = 46,
+                                     .heads = 96,
+                                     .kv_heads = 8,
+                                     .max_pos = 131072,
+                                     .eps = 1e-5,
+                                     .theta = 10000.0,
+                                     .experts = 128,
+                                     .top_k = 8,
+                                     .moe_inter = 1408,
+                                     .shared_inter = 1,
+                                     .norm_topk = true,
+                                     .eos = -1};
+  // DbrxConfig with its DbrxAttentionConfig and DbrxFFNConfig (read by read_dbrx); eps is
+  // nn.LayerNorm's default, which DBRX does not configure.
+  static const ArchDefaults kDbrx{.arch = Arch::Dbrx,
+                                  .vocab = 32000,
+                                  .hidden = 2048,
+                                  .intermediate = 3584,
+                                  .layers = 24,
+                                  .heads = 16,
+                                  .kv_heads = 1,
+                                  .max_pos = 2048,
+                                  .eps = 1e-5,
+                                  .theta = 10000.0,
+                                  .experts = 4,
+                                  .top_k = 1,
+                                  .moe_inter = 3584,
+                                  .shared_inter = 0,
+                                  .norm_topk = false,
+                                  .eos = -1};
+  if (model_type == "glm4_moe") return &kGlm4Moe;
+  if (model_type == "dbrx") return &kDbrx;
   if (model_type == "deepseek_v2") return &kDeepseekV2;
   if (model_type == "deepseek_v3" || model_type == "kimi_k2") return &kDeepseekV3;
   if (model_type == "mixtral") return &kMixtral;
@@ -302,7 +339,9 @@ void read_rope(const json& root, FieldReader& r, ModelConfig& c, double default_
           key, type, c.model_type, is_deepseek(c.arch) ? " and \"yarn\"" : ""));
     }
     if (sub.has("rope_theta")) c.rope_theta = sub.number("rope_theta", c.rope_theta);
-    if (sub.has("partial_rotary_factor") && sub.number("partial_rotary_factor", 1.0) != 1.0)
+    // glm4_moe reads its partial_rotary_factor in read_glm4_moe.
+    if (c.arch != Arch::Glm4Moe && sub.has("partial_rotary_factor") &&
+        sub.number("partial_rotary_factor", 1.0) != 1.0)
       r.error(fmt::format("field \"{}.partial_rotary_factor\" is not supported", key));
     if (sub.first_error()) r.error(fmt::format("field \"{}\"{}", key, *sub.first_error()));
   }
@@ -478,6 +517,204 @@ void read_sliding_windows(const json& root, FieldReader& r, ModelConfig& c) {
     r.error(fmt::format("field \"sliding_window\" must not be negative, found {}", window));
 }
 
+// GLM-4.5's MoE layers and attention (transformers' Glm4MoeConfig): grouped sigmoid routing with
+// e_score_correction_bias as deepseek_v3 routes, shared experts, dense first layers, per-head
+// q/k RMSNorm when "use_qk_norm", q/k/v biases with "attention_bias", and RoPE on the first
+// int(head_dim * partial_rotary_factor) features of each head. The MTP layers
+// ("num_nextn_predict_layers") are not part of the causal LM: their tensors are ignored.
+void read_glm4_moe(const json& root, FieldReader& r, ModelConfig& c, const ArchDefaults& d) {
+  // partial_rotary_factor: in the rope dict (transformers 5), at the top (GLM's own configs), or
+  // Glm4MoeConfig's default 0.5.
+  double factor = r.number("partial_rotary_factor", 0.5);
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (!root.contains(key) || !root.at(key).is_object()) continue;
+    FieldReader sub(root.at(key), "");
+    if (sub.has("partial_rotary_factor")) factor = sub.number("partial_rotary_factor", factor);
+    if (sub.first_error())
+      r.error(fmt::format("field \"{}.partial_rotary_factor\"{}", key, *sub.first_error()));
+  }
+  if (!(factor > 0.0 && factor <= 1.0))
+    r.error(
+        fmt::format("field \"partial_rotary_factor\" is {}; expected a number in (0, 1]", factor));
+  c.rotary_dim = static_cast<int64_t>(static_cast<double>(c.head_dim) * factor);  // Python's int()
+  if (c.rotary_dim <= 0 || c.rotary_dim % 2 != 0)
+    r.error(fmt::format(
+        "partial_rotary_factor {} of head_dim {} rotates {} features; moemesh needs a positive "
+        "even number",
+        factor, c.head_dim, c.rotary_dim));
+
+  c.qkv_bias = r.boolean("attention_bias", false);  // o_proj never has a bias
+  c.qk_norm = r.boolean("use_qk_norm", false) ? QkNorm::PerHead : QkNorm::None;
+
+  c.num_experts = r.has("n_routed_experts") ? r.integer("n_routed_experts", d.experts)
+                                            : r.integer("num_local_experts", d.experts);
+  c.moe_intermediate_size = r.integer("moe_intermediate_size", d.moe_inter);
+  c.top_k = r.integer("num_experts_per_tok", d.top_k);
+  c.norm_topk_prob = r.boolean("norm_topk_prob", d.norm_topk);
+  const int64_t n_shared = r.integer("n_shared_experts", d.shared_inter);
+  if (n_shared < 0) r.error("field \"n_shared_experts\" must not be negative");
+  r.at_most("n_shared_experts", n_shared, 1 << 10);
+  c.shared_expert_intermediate_size = std::max<int64_t>(n_shared, 0) * c.moe_intermediate_size;
+
+  const int64_t first_dense = r.integer("first_k_dense_replace", 1);
+  if (first_dense < 0) r.error("field \"first_k_dense_replace\" must not be negative");
+  c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  for (int64_t l = 0; l < c.num_layers && l < first_dense; ++l) c.layer_is_moe[l] = false;
+  if (c.num_layers > c.num_moe_layers()) r.positive("intermediate_size", c.intermediate_size);
+
+  // Glm4MoeTopkRouter: always group-limited (a group ranks by its two best biased scores).
+  c.grouped_router = true;
+  c.scoring = RouterScoring::Sigmoid;
+  c.score_correction_bias = true;
+  c.group_top2_sum = true;
+  c.routed_scaling_factor = static_cast<float>(r.number("routed_scaling_factor", 1.0));
+  c.n_group = r.integer("n_group", 1);
+  c.topk_group = r.integer("topk_group", 1);
+  r.positive("n_group", c.n_group);
+  r.positive("topk_group", c.topk_group);
+  if (r.first_error() || c.num_experts <= 0) return;
+  if (c.num_experts % c.n_group != 0)
+    r.error(fmt::format("n_routed_experts {} is not a multiple of field \"n_group\" {}",
+                        c.num_experts, c.n_group));
+  else if (c.num_experts / c.n_group < 2)
+    r.error(fmt::format(
+        "field \"n_group\" is {}: each of the groups of n_routed_experts {} needs at least 2 "
+        "experts (a group ranks by its two best)",
+        c.n_group, c.num_experts));
+  else if (c.topk_group > c.n_group)
+    r.error(fmt::format("field \"topk_group\" {} exceeds n_group {}", c.topk_group, c.n_group));
+  else if (c.top_k > c.topk_group * (c.num_experts / c.n_group))
+    r.error(fmt::format(
+        "num_experts_per_tok {} exceeds the experts of the topk_group {} groups chosen ({} each)",
+        c.top_k, c.topk_group, c.num_experts / c.n_group));
+}
+
+// bos_token_id, and eos_token_id (or the family's default).
+void read_token_ids(const json& root, FieldReader& r, ModelConfig& c, const ArchDefaults& d) {
+  if (r.has("bos_token_id")) c.bos_token_id = r.integer("bos_token_id", 0);
+  if (root.contains("eos_token_id")) {
+    c.eos_token_ids = r.integers("eos_token_id");
+  } else if (d.eos >= 0) {
+    c.eos_token_ids = {d.eos};
+  }
+}
+
+// One of dbrx's nested configs ("attn_config", "ffn_config"): an object, or absent / null for
+// all its defaults. Errors name the field as "attn_config.kv_n_heads".
+const json& sub_config(const json& root, const char* key, FieldReader& r) {
+  static const json kEmpty = json::object();
+  if (!root.contains(key) || root.at(key).is_null()) return kEmpty;
+  if (!root.at(key).is_object()) {
+    r.error(fmt::format("field \"{}\" must be an object, found {}", key, root.at(key).dump()));
+    return kEmpty;
+  }
+  return root.at(key);
+}
+
+// DBRX (transformers' DbrxConfig, DbrxAttentionConfig, DbrxFFNConfig): LayerNorm without bias,
+// a fused Wqkv clamped to clip_qkv, every layer sparse with fused expert tensors, softmax top-k
+// weights divided by their moe_normalize_expert_weights-norm, no shared experts. The model's sizes
+// are "d_model", "n_heads", "n_layers", "max_seq_len" (or the names DbrxConfig maps to them).
+Expected<ModelConfig> read_dbrx(const json& root, FieldReader& r, ModelConfig c,
+                                const ArchDefaults& d) {
+  const auto size = [&](const char* name, const char* alias, int64_t fallback) {
+    return r.has(name) || !r.has(alias) ? r.integer(name, fallback) : r.integer(alias, fallback);
+  };
+  c.vocab_size = r.integer("vocab_size", d.vocab);
+  c.hidden_size = size("d_model", "hidden_size", d.hidden);
+  c.num_layers = size("n_layers", "num_hidden_layers", d.layers);
+  c.num_heads = size("n_heads", "num_attention_heads", d.heads);
+  c.max_position_embeddings = size("max_seq_len", "max_position_embeddings", d.max_pos);
+  c.rms_norm_eps = static_cast<float>(d.eps);
+  c.layer_norm = true;
+  c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  if (c.tie_word_embeddings)
+    r.error("field \"tie_word_embeddings\" is true; DBRX models never tie their embeddings");
+  for (const auto& [key, v] : {std::pair{"vocab_size", c.vocab_size},
+                               {"d_model", c.hidden_size},
+                               {"n_layers", c.num_layers},
+                               {"n_heads", c.num_heads},
+                               {"max_seq_len", c.max_position_embeddings}})
+    r.positive(key, v);
+  r.at_most("vocab_size", c.vocab_size, INT32_MAX);
+  r.at_most("d_model", c.hidden_size, 1 << 20);
+  r.at_most("n_layers", c.num_layers, 1 << 12);
+  r.at_most("n_heads", c.num_heads, 1 << 14);
+  r.at_most("max_seq_len", c.max_position_embeddings, int64_t{1} << 32);
+  if (r.first_error()) return Error(*r.first_error());
+
+  // Attention: head_dim is d_model / n_heads; Wqkv gives d_model query, then kv_n_heads * head_dim
+  // key and value features.
+  const json& attn = sub_config(root, "attn_config", r);
+  FieldReader a(attn, "");
+  c.num_kv_heads = a.integer("kv_n_heads", d.kv_heads);
+  if (a.has("clip_qkv")) c.clip_qkv = static_cast<float>(a.number("clip_qkv", 0));
+  if (c.clip_qkv && !(*c.clip_qkv > 0))
+    r.error(fmt::format("field \"attn_config.clip_qkv\" must be a positive number, found {}",
+                        *c.clip_qkv));
+  // The rotary base: transformers 5 reads the top-level rope parameters; checkpoints written for
+  // transformers 4 (DBRX's own) keep it in attn_config.rope_theta, which is used when the top
+  // level has none.
+  read_rope(root, r, c, a.number("rope_theta", d.theta));
+  if (!(c.rope_theta > 0)) r.error("field \"attn_config.rope_theta\" must be a positive number");
+  if (a.first_error()) r.error(fmt::format("field \"attn_config\"{}", *a.first_error()));
+  if (c.hidden_size % c.num_heads != 0)
+    r.error(fmt::format("d_model {} is not a multiple of n_heads {}", c.hidden_size, c.num_heads));
+  c.head_dim = c.hidden_size / c.num_heads;
+  c.rotary_dim = c.head_dim;
+  r.positive("attn_config.kv_n_heads", c.num_kv_heads);
+  r.at_most("attn_config.kv_n_heads", c.num_kv_heads, 1 << 14);
+  if (c.head_dim % 2 != 0)
+    r.error(fmt::format("head_dim {} (d_model / n_heads) must be even for rotary embeddings",
+                        c.head_dim));
+  if (c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads != 0)
+    r.error(fmt::format("n_heads {} is not a multiple of attn_config.kv_n_heads {}", c.num_heads,
+                        c.num_kv_heads));
+
+  // Experts.
+  const json& ffn = sub_config(root, "ffn_config", r);
+  FieldReader f(ffn, "");
+  c.moe_intermediate_size = f.integer("ffn_hidden_size", d.moe_inter);
+  c.intermediate_size = c.moe_intermediate_size;
+  c.num_experts = f.integer("moe_num_experts", d.experts);
+  c.top_k = f.integer("moe_top_k", d.top_k);
+  // moe_normalize_expert_weights: absent takes the default 1 (a sum), null turns it off.
+  const bool norm_null = ffn.contains("moe_normalize_expert_weights") &&
+                         ffn.at("moe_normalize_expert_weights").is_null();
+  if (!norm_null) {
+    c.expert_weights_norm_p = f.number("moe_normalize_expert_weights", 1.0);
+    if (!(*c.expert_weights_norm_p > 0))
+      r.error(fmt::format(
+          "field \"ffn_config.moe_normalize_expert_weights\" is {}; moemesh supports a positive "
+          "p (or null)",
+          *c.expert_weights_norm_p));
+  }
+  if (ffn.contains("ffn_act_fn") && !ffn.at("ffn_act_fn").is_null()) {
+    const json& act = ffn.at("ffn_act_fn");
+    const std::string name = act.is_object() && act.contains("name") && act.at("name").is_string()
+                                 ? act.at("name").get<std::string>()
+                                 : "";
+    if (name != "silu")
+      r.error(fmt::format(
+          "field \"ffn_config.ffn_act_fn\" is {}; moemesh supports {{\"name\": \"silu\"}} only",
+          act.dump()));
+  }
+  if (f.first_error()) r.error(fmt::format("field \"ffn_config\"{}", *f.first_error()));
+  r.positive("ffn_config.ffn_hidden_size", c.moe_intermediate_size);
+  r.positive("ffn_config.moe_num_experts", c.num_experts);
+  r.positive("ffn_config.moe_top_k", c.top_k);
+  r.at_most("ffn_config.ffn_hidden_size", c.moe_intermediate_size, 1 << 22);
+  r.at_most("ffn_config.moe_num_experts", c.num_experts, 1 << 16);
+  if (c.top_k > c.num_experts)
+    r.error(fmt::format("ffn_config.moe_top_k {} exceeds ffn_config.moe_num_experts {}", c.top_k,
+                        c.num_experts));
+  c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  c.layer_window.assign(static_cast<std::size_t>(c.num_layers), 0);
+  read_token_ids(root, r, c, d);
+  if (r.first_error()) return Error(*r.first_error());
+  return c;
+}
+
 }  // namespace
 
 int64_t ModelConfig::kv_values_per_token_layer() const {
@@ -504,6 +741,10 @@ std::string_view arch_name(Arch a) {
       return "deepseek_v2";
     case Arch::DeepseekV3:
       return "deepseek_v3";
+    case Arch::Glm4Moe:
+      return "glm4_moe";
+    case Arch::Dbrx:
+      return "dbrx";
   }
   return "?";
 }
@@ -521,16 +762,17 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
   if (c.model_type.empty())
     return Error(
         fmt::format("{}: no \"model_type\"; expected one of mixtral, qwen2_moe, "
-                    "qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2",
+                    "qwen3_moe, olmoe, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dbrx",
                     source));
   const ArchDefaults* d = defaults_for(c.model_type);
   if (d == nullptr)
     return Error(
         fmt::format("{}: unknown architecture model_type \"{}\"; moemesh supports "
-                    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 and deepseek_v3 "
-                    "(kimi_k2)",
+                    "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 "
+                    "(kimi_k2), glm4_moe and dbrx",
                     source, c.model_type));
   c.arch = d->arch;
+  if (c.arch == Arch::Dbrx) return read_dbrx(root, r, std::move(c), *d);
 
   c.vocab_size = r.integer("vocab_size", d->vocab);
   c.hidden_size = r.integer("hidden_size", d->hidden);
@@ -587,10 +829,16 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
       r.error(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
                           c.num_heads, c.num_kv_heads));
   }
+  c.rotary_dim = c.head_dim;  // the rotary width (qk_rope_head_dim with MLA)
+  const bool own_moe = is_deepseek(c.arch) || c.arch == Arch::Glm4Moe;
+  if (c.arch == Arch::Glm4Moe) {
+    read_glm4_moe(root, r, c, *d);
+    if (r.first_error()) return Error(*r.first_error());
+  }
 
   // Experts and routing. transformers accepts "num_experts" and "num_local_experts" for the first
-  // four; read_deepseek read the deepseek families' fields.
-  if (!is_deepseek(c.arch))
+  // four; read_deepseek and read_glm4_moe read their families' fields.
+  if (!own_moe)
     c.num_experts = r.has("num_experts") ? r.integer("num_experts", d->experts)
                                          : r.integer("num_local_experts", d->experts);
   switch (c.arch) {
@@ -609,9 +857,11 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
       break;
     case Arch::DeepseekV2:
     case Arch::DeepseekV3:
+    case Arch::Glm4Moe:
+    case Arch::Dbrx:
       break;
   }
-  if (!is_deepseek(c.arch)) c.top_k = r.integer("num_experts_per_tok", d->top_k);
+  if (!own_moe) c.top_k = r.integer("num_experts_per_tok", d->top_k);
   r.positive("num_experts", c.num_experts);
   r.positive("num_experts_per_tok", c.top_k);
   r.positive("moe_intermediate_size", c.moe_intermediate_size);
@@ -622,8 +872,8 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
     r.error(fmt::format("num_experts_per_tok {} exceeds the number of experts {}", c.top_k,
                         c.num_experts));
 
-  // Which layers are sparse (read_deepseek decided for the deepseek families).
-  if (!is_deepseek(c.arch)) c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
+  // Which layers are sparse (read_deepseek and read_glm4_moe decided for their families).
+  if (!own_moe) c.layer_is_moe.assign(static_cast<std::size_t>(c.num_layers), true);
   if (c.arch == Arch::Qwen2Moe || c.arch == Arch::Qwen3Moe) {
     const int64_t step = r.integer("decoder_sparse_step", 1);
     std::vector<int64_t> dense_layers = r.integers("mlp_only_layers");
@@ -664,16 +914,13 @@ Expected<ModelConfig> parse_model_config(std::string_view json_text, const std::
     case Arch::DeepseekV2:
     case Arch::DeepseekV3:
       break;  // multi-head latent attention (read_deepseek)
+    case Arch::Glm4Moe:
+    case Arch::Dbrx:
+      break;  // read_glm4_moe, read_dbrx
   }
 
   read_sliding_windows(root, r, c);
-
-  if (r.has("bos_token_id")) c.bos_token_id = r.integer("bos_token_id", 0);
-  if (root.contains("eos_token_id")) {
-    c.eos_token_ids = r.integers("eos_token_id");
-  } else if (d->eos >= 0) {
-    c.eos_token_ids = {d->eos};
-  }
+  read_token_ids(root, r, c, *d);
 
   if (r.first_error()) return Error(*r.first_error());
   return c;

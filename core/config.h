@@ -1,7 +1,8 @@
 // A model's config.json as a typed value. Supported architectures (config.json "model_type"):
-// mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2 and deepseek_v3 (kimi_k2 is read as
-// deepseek_v3, whose layout it uses). Fields that config.json leaves out take the default of the
-// corresponding Hugging Face transformers config class, as transformers itself would.
+// mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (kimi_k2 is read as
+// deepseek_v3, whose layout it uses), glm4_moe (GLM-4.5, GLM-4.5-Air) and dbrx. Fields that
+// config.json leaves out take the default of the corresponding Hugging Face transformers config
+// class, as transformers itself would.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,7 @@
 
 namespace moemesh {
 
-enum class Arch { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3 };
+enum class Arch { Mixtral, Qwen2Moe, Qwen3Moe, Olmoe, DeepseekV2, DeepseekV3, Glm4Moe, Dbrx };
 
 // How queries and keys are normalised before RoPE, if at all.
 enum class QkNorm {
@@ -76,8 +77,15 @@ struct ModelConfig {
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
-  float rms_norm_eps = 1e-6f;
+  float rms_norm_eps = 1e-6f;  // the epsilon of every norm (LayerNorm's with layer_norm)
+  // The norms are LayerNorm without bias ((x - mean) / sqrt(var + eps) * weight; dbrx) rather
+  // than RMSNorm.
+  bool layer_norm = false;
   double rope_theta = 10000.0;
+  // Features of each head that rotate: the first rotary_dim of head_dim ("rotate_half" pairs i and
+  // i + rotary_dim / 2), the rest pass through. head_dim, except with a partial_rotary_factor
+  // (glm4_moe: int(head_dim * factor)).
+  int64_t rotary_dim = 0;
   std::optional<YarnRope> yarn;  // rotary scaling (deepseek families only)
   bool tie_word_embeddings = false;
 
@@ -110,6 +118,9 @@ struct ModelConfig {
   bool group_top2_sum = false;         // a group ranks by its two best scores (else its best)
   bool score_correction_bias = false;  // e_score_correction_bias added for choosing only
   float routed_scaling_factor = 1.0f;  // multiplies the routed experts' weights
+  // dbrx's moe_normalize_expert_weights: the softmax top-k weights are divided by their p-norm
+  // (torch.norm(p)); nullopt leaves them as they are.
+  std::optional<double> expert_weights_norm_p;
 
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;

@@ -1,6 +1,7 @@
 // moemesh core: what every role builds on.
 //
-//   config.h      config.json -> ModelConfig (mixtral, qwen2_moe, qwen3_moe, olmoe)
+//   config.h      config.json -> ModelConfig (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
+//                 deepseek_v3 / kimi_k2, glm4_moe, dbrx)
 //   checkpoint.h  memory-mapped safetensors checkpoints (single file or sharded; F32/F16/BF16)
 //   model.h       Model: weights checked against the config, the forward pass over a paged KV
 //                 cache (CPU or GPU), and the ExpertBackend seam through which routed experts

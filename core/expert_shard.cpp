@@ -9,6 +9,7 @@
 #include <system_error>
 
 #include "core/checkpoint.h"
+#include "core/detail/fp8_config.h"
 #include "core/detail/weights.h"
 #if MOEMESH_HAVE_CUDA
 #include "core/detail/cuda_experts.h"
@@ -22,9 +23,12 @@ struct ExpertShard::Impl {
   std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
   std::unique_ptr<kernels::ThreadPool> pool;
   std::map<ExpertRef, kernels::FfnWeights> held;
-  // With int8 quantization: each held expert's int8 weights, which its views in `held` point into.
+  // With int8 / fp8 quantization: each held expert's quantized weights, which its views in `held`
+  // point into (an FP8 checkpoint's experts point into the checkpoint, as unquantized ones do).
   detail::Quantization quantization = detail::Quantization::None;
   std::map<ExpertRef, detail::QuantizedStore> quantized;
+  // Each held expert's copies of matrices the checkpoint lays out otherwise (dbrx's w2).
+  std::map<ExpertRef, detail::CopiedStore> copies;
   std::vector<float> scratch;  // run()'s, reused
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaExperts> gpu;  // set when the shard computes on a GPU
@@ -70,16 +74,24 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
     if (std::find(ids.begin(), ids.end(), r.expert) == ids.end()) ids.push_back(r.expert);
   }
   std::map<ExpertRef, kernels::FfnWeights> bound;
+  std::map<ExpertRef, detail::CopiedStore> bound_copies;
   for (auto& [layer, ids] : by_layer) {
     std::sort(ids.begin(), ids.end());
+    std::vector<detail::CopiedStore> layer_copies;
     Expected<std::vector<kernels::FfnWeights>> w =
-        detail::bind_experts(config, *checkpoint, layer, ids);
+        detail::bind_experts(config, *checkpoint, layer, ids, &layer_copies);
     if (!w) return w.error();
-    for (std::size_t i = 0; i < ids.size(); ++i) bound.emplace(ExpertRef{layer, ids[i]}, (*w)[i]);
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      bound.emplace(ExpertRef{layer, ids[i]}, (*w)[i]);
+      if (i < layer_copies.size())
+        bound_copies.emplace(ExpertRef{layer, ids[i]}, std::move(layer_copies[i]));
+    }
   }
   std::map<ExpertRef, detail::QuantizedStore> stores;
   if (quantization == detail::Quantization::Int8)
     for (auto& [ref, w] : bound) detail::quantize_int8(w, stores[ref], pool.get());
+  if (quantization == detail::Quantization::Fp8)
+    for (auto& [ref, w] : bound) detail::quantize_fp8(w, stores[ref], pool.get());
 #if MOEMESH_HAVE_CUDA
   if (gpu)
     for (const auto& [ref, w] : bound)
@@ -90,6 +102,7 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
 #endif
   held.merge(bound);
   quantized.merge(stores);
+  copies.merge(bound_copies);
   return {};
 }
 
@@ -105,6 +118,7 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
         fmt::format("model directory {} does not exist or is not a directory", dir.string()));
   Expected<ModelConfig> config = load_model_config(dir);
   if (!config) return config.error();
+  if (Status s = detail::check_fp8_quantization_config(dir); !s) return s.error();
   Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
   if (!ckpt) return ckpt.error();
 
@@ -170,6 +184,7 @@ void ExpertShard::release(std::span<const ExpertRef> experts) {
   for (const ExpertRef& r : experts) {
     impl_->held.erase(r);
     impl_->quantized.erase(r);
+    impl_->copies.erase(r);
 #if MOEMESH_HAVE_CUDA
     if (impl_->gpu) impl_->gpu->release(r);
 #endif

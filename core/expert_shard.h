@@ -4,13 +4,15 @@
 // read when first touched) and binds only the listed (layer, expert) pairs, checking each of their
 // tensors (name, shape, dtype) as Model::load does, with the same messages. Nothing else of the
 // model is bound, so the checkpoint may lack the attention weights, the embeddings and the experts
-// the shard does not hold. Both layouts of expert weights are read: one tensor per expert and
-// projection, or fused gate_up_proj / down_proj tensors per layer.
+// the shard does not hold. Every layout of expert weights is read: one tensor per expert and
+// projection, fused gate_up_proj / down_proj tensors per layer, or dbrx's fused w1 / v1 / w2
+// [E * ffn_hidden_size, d_model] tensors, of which only the held experts' rows are bound (w2's
+// transposed into a copy the shard owns).
 //
 // The set of held experts can change at run time (add / release) for an elastic expert pool; add
 // binds from the checkpoint already mapped. run() computes one held expert's SwiGLU FFN for a
 // batch of tokens (no router weight applied: the caller scales and sums), in float32, with the
-// weights in their checkpoint dtype (or int8, with ExpertShardOptions::quantization), on the
+// weights in their checkpoint dtype (or int8 / fp8, with ExpertShardOptions::quantization), on the
 // shard's own thread pool, with the kernel the model's local experts use.
 //
 // Threads: an ExpertShard is used by one thread at a time (run() reuses scratch buffers, and
@@ -44,8 +46,10 @@ struct ExpertShardOptions {
   // "cpu", or "cuda" / "cuda:N": held experts are uploaded to that GPU as bf16 when bound, and
   // run() computes there (host x and y, staged through pinned buffers).
   std::string device = "cpu";
-  // "none", or "int8": held experts are converted to int8 with a float32 scale per output row
-  // when bound (as ModelOptions::quantization does; CPU only).
+  // "none", "int8" or "fp8": held experts are converted to int8 with a float32 scale per output
+  // row, or to FP8 E4M3 with a float32 scale per 128x128 block, when bound (as
+  // ModelOptions::quantization does; CPU only). The experts of an FP8 checkpoint are FP8 as they
+  // are.
   std::string quantization = "none";
 };
 
@@ -78,8 +82,8 @@ class ExpertShard {
   // m < 0. x and y must not overlap.
   Status run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y);
 
-  // Bytes of the held experts' weights in their dtype (int8: with the scales), for statistics and
-  // logs.
+  // Bytes of the held experts' weights in their dtype (int8, fp8: with the scales), for statistics
+  // and logs.
   int64_t weight_bytes() const;
   // "cpu", or the GPU and what it holds.
   std::string device_description() const;

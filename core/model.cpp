@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "core/checkpoint.h"
+#include "core/detail/fp8_config.h"
 #include "core/detail/local_experts.h"
 #include "core/detail/model_impl.h"
 
@@ -38,6 +39,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   const auto start = std::chrono::steady_clock::now();
   Expected<ModelConfig> config = load_model_config(dir);
   if (!config) return config.error();
+  if (Status s = detail::check_fp8_quantization_config(dir); !s) return s.error();
   Expected<std::shared_ptr<const Checkpoint>> ckpt = Checkpoint::open(dir);
   if (!ckpt) return ckpt.error();
   detail::Quantization quant = detail::Quantization::None;
@@ -55,6 +57,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->weights = std::move(*weights);
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
   if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
+  if (quant == detail::Quantization::Fp8) detail::quantize_fp8(impl->weights, impl->pool.get());
   impl->routed_experts = options.routed_experts;
   if (options.routed_experts)
     impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
@@ -68,10 +71,13 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   int device = 0;
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
-  if (cuda && (impl->config.mla || impl->config.grouped_router))
+  if (cuda &&
+      (impl->config.mla || impl->config.grouped_router || impl->config.layer_norm ||
+       impl->config.expert_weights_norm_p || impl->config.rotary_dim != impl->config.head_dim))
     return Error(fmt::format(
-        "{} is not supported on --device cuda yet (multi-head latent attention and grouped "
-        "routing run on the CPU only): use --device cpu",
+        "{} is not supported on --device cuda yet (multi-head latent attention, grouped "
+        "routing, LayerNorm, p-norm routing and partial rotary embeddings run on the CPU only): "
+        "use --device cpu",
         impl->config.model_type));
   if (cuda) {
     detail::CudaOptions co;
@@ -200,9 +206,9 @@ void Model::Impl::attention_block(int64_t l, std::span<const Segment> segments, 
   for (const Segment& seg : segments)
     for (int64_t t = 0; t < seg.n; ++t)
       positions[seg.begin + t] = static_cast<int32_t>(seg.cache->length_ + t);
-  kernels::rope(q.data(), n, q_dim, c.num_heads, c.head_dim, c.head_dim, positions.data(),
+  kernels::rope(q.data(), n, q_dim, c.num_heads, c.head_dim, c.rotary_dim, positions.data(),
                 inv_freq.data());
-  kernels::rope(k.data(), n, kv_dim, c.num_kv_heads, c.head_dim, c.head_dim, positions.data(),
+  kernels::rope(k.data(), n, kv_dim, c.num_kv_heads, c.head_dim, c.rotary_dim, positions.data(),
                 inv_freq.data());
 
   std::vector<float> attn(static_cast<std::size_t>(n * q_dim));
@@ -243,6 +249,8 @@ Status Model::Impl::ffn_block(int64_t l, int64_t n, const float* x_norm, float* 
   else
     kernels::softmax_topk(router.data(), n, c.num_experts, c.top_k, c.norm_topk_prob, ids.data(),
                           gate_w.data());
+  if (c.expert_weights_norm_p)
+    divide_by_p_norm(gate_w.data(), n, c.top_k, *c.expert_weights_norm_p);
   // The routed experts run (possibly remotely) while the shared expert is computed here; `out`
   // is the backend's until finish() returns. Then out = routed sum, and out += gate * shared.
   if (Status s = experts->start(l, x_norm, n, ids.data(), gate_w.data(), c.top_k, out); !s)
@@ -332,8 +340,7 @@ void Model::Impl::logits_of(const std::vector<float>& x, std::span<const int64_t
   const auto m = static_cast<int64_t>(rows.size());
   std::vector<float> normed(static_cast<std::size_t>(m * H));
   for (int64_t i = 0; i < m; ++i)
-    kernels::rmsnorm(x.data() + rows[i] * H, weights.final_norm.data(), 1, H, c.rms_norm_eps,
-                     normed.data() + i * H);
+    norm(x.data() + rows[i] * H, weights.final_norm.data(), 1, normed.data() + i * H);
   logits.resize(static_cast<std::size_t>(m * c.vocab_size));
   if (m > 0) kernels::linear(normed.data(), m, weights.lm_head, nullptr, logits.data(), pool.get());
 }
@@ -341,15 +348,14 @@ void Model::Impl::logits_of(const std::vector<float>& x, std::span<const int64_t
 Status Model::Impl::run_layers(std::span<const Segment> segments, int64_t n,
                                std::vector<float>& x) {
   const ModelConfig& c = config;
-  const int64_t H = c.hidden_size;
   std::vector<float> normed(x.size());
   std::vector<float> delta(x.size());
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const detail::LayerWeights& L = weights.layers[l];
-    kernels::rmsnorm(x.data(), L.input_norm.data(), n, H, c.rms_norm_eps, normed.data());
+    norm(x.data(), L.input_norm.data(), n, normed.data());
     attention_block(l, segments, n, normed.data(), delta.data());
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
-    kernels::rmsnorm(x.data(), L.post_attention_norm.data(), n, H, c.rms_norm_eps, normed.data());
+    norm(x.data(), L.post_attention_norm.data(), n, normed.data());
     if (Status s = ffn_block(l, n, normed.data(), delta.data()); !s) return s;
     for (std::size_t i = 0; i < x.size(); ++i) x[i] += delta[i];
   }

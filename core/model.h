@@ -138,7 +138,9 @@ struct ModelOptions {
   bool prefix_caching = false;
   // Weight quantization at load (CPU only): "none" keeps the checkpoint dtypes; "int8" converts
   // the attention projections, dense MLPs, shared experts and routed experts to int8 with a
-  // float32 scale per output row (routers, embeddings and the LM head stay as they are).
+  // float32 scale per output row (routers, embeddings and the LM head stay as they are); "fp8"
+  // converts the same matrices to FP8 E4M3 with a float32 scale per 128x128 block. Checkpoints
+  // that ship FP8 weights (X.weight F8_E4M3 + X.weight_scale_inv) load as FP8 with any value.
   std::string quantization = "none";
 };
 

@@ -82,13 +82,14 @@ void deinterleave(float* x, int64_t dim, std::vector<float>& tmp) {
 
 void Model::Impl::init_rope() {
   const ModelConfig& c = config;
-  // head_dim is the rotary width: qk_rope_head_dim with MLA.
-  inv_freq.assign(static_cast<std::size_t>(c.head_dim / 2), 0.0f);
+  // rotary_dim is the rotary width: head_dim (qk_rope_head_dim with MLA), or less with a partial
+  // rotary factor.
+  inv_freq.assign(static_cast<std::size_t>(c.rotary_dim / 2), 0.0f);
   if (c.yarn) {
-    yarn_inv_freq(*c.yarn, c.rope_theta, c.head_dim, inv_freq.data());
+    yarn_inv_freq(*c.yarn, c.rope_theta, c.rotary_dim, inv_freq.data());
     rope_scale = static_cast<float>(c.yarn->attention_factor);
   } else {
-    kernels::rope_inv_freq(c.rope_theta, c.head_dim, inv_freq.data());
+    kernels::rope_inv_freq(c.rope_theta, c.rotary_dim, inv_freq.data());
     rope_scale = 1.0f;
   }
   if (c.mla) {

@@ -331,7 +331,8 @@ Expected<std::optional<CheckpointTotals>> count_checkpoint(const std::filesystem
         int64_t numel = 1;
         for (const auto& d : v.at("shape")) numel *= d.get<int64_t>();
         const auto& off = v.at("data_offsets");
-        t.params += numel;
+        // FP8 block scales (X.weight_scale_inv) count as bytes, not as parameters.
+        if (!name.ends_with("_scale_inv")) t.params += numel;
         t.bytes += off.at(1).get<int64_t>() - off.at(0).get<int64_t>();
         ++t.tensors;
       }

@@ -297,9 +297,10 @@ std::optional<std::string> read_fields(const json& root, const Defaults& d, Pars
   m.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
   if (err) return err;
 
-  // head_dim: explicit where the family allows it, else hidden / heads (GLM-4.5: 128).
+  // head_dim: explicit where the family allows it, else hidden / heads (as transformers 5 does for
+  // every family here; GLM-4.5's config.json says 128 explicitly).
   const int64_t derived = m.hidden_size % m.num_heads == 0 ? m.hidden_size / m.num_heads : 0;
-  m.head_dim = r.positive("head_dim", f == "glm4_moe" ? 128 : derived, 1 << 14);
+  m.head_dim = r.positive("head_dim", derived, 1 << 14);
   if (m.num_heads % m.num_kv_heads != 0)
     r.error(fmt::format("num_attention_heads {} is not a multiple of num_key_value_heads {}",
                         m.num_heads, m.num_kv_heads));

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "core/detail/weights.h"
@@ -20,7 +21,9 @@ class Binder {
   WeightView matrix(const std::string& name, int64_t rows, int64_t cols, const std::string& why) {
     Expected<TensorView> t = ckpt_.tensor(name, {rows, cols}, why);
     if (!t) return fail(t.error()), WeightView{};
-    return t->matrix();
+    Expected<WeightView> w = checkpoint_matrix(ckpt_, *t);  // FP8: with its block scales
+    if (!w) return fail(w.error()), WeightView{};
+    return *w;
   }
 
   std::vector<float> vector(const std::string& name, int64_t n, const std::string& why) {
@@ -34,6 +37,12 @@ class Binder {
                                   int64_t cols, const std::string& why) {
     Expected<TensorView> t = ckpt_.tensor(name, {experts, rows, cols}, why);
     if (!t) return fail(t.error()), std::vector<WeightView>{};
+    if (t->dtype == kernels::DType::F8E4M3)
+      return fail(Error(fmt::format(
+                 "tensor \"{}\" in {} is F8_E4M3: FP8 experts are read one tensor per expert and "
+                 "projection (with their weight_scale_inv), not fused",
+                 name, t->file))),
+             std::vector<WeightView>{};
     std::vector<WeightView> out;
     const auto* base = static_cast<const char*>(t->data);
     const int64_t bytes = rows * cols * static_cast<int64_t>(kernels::dtype_size(t->dtype));
@@ -143,7 +152,9 @@ void bind_mla(Binder& b, const ModelConfig& c, const std::string& a, AttentionWe
 
 Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& c,
                                                         const Checkpoint& ckpt, int64_t layer,
-                                                        std::span<const int32_t> ids) {
+                                                        std::span<const int32_t> ids,
+                                                        std::vector<CopiedStore>* copies) {
+  if (c.arch == Arch::Dbrx) return bind_dbrx_experts(c, ckpt, layer, ids, copies);
   Binder b(ckpt);
   std::vector<kernels::FfnWeights> experts = bind_experts(b, c, layer, ids);
   if (b.error()) return *b.error();
@@ -155,12 +166,16 @@ int64_t ffn_bytes(const kernels::FfnWeights& w) {
   for (const WeightView* v : {&w.gate, &w.up, &w.down}) {
     bytes += v->rows * v->cols * static_cast<int64_t>(kernels::dtype_size(v->dtype));
     if (v->dtype == kernels::DType::I8) bytes += v->rows * static_cast<int64_t>(sizeof(float));
+    if (v->dtype == kernels::DType::F8E4M3)
+      bytes += kernels::fp8_blocks(v->rows) * kernels::fp8_blocks(v->cols) *
+               static_cast<int64_t>(sizeof(float));
   }
   return bytes;
 }
 
 Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const Checkpoint> ckpt,
                                     bool routed_experts) {
+  if (c.arch == Arch::Dbrx) return bind_dbrx_weights(c, std::move(ckpt), routed_experts);
   Binder b(*ckpt);
   ModelWeights w;
   w.checkpoint = ckpt;
@@ -193,6 +208,7 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
     const std::string a = p + "self_attn.";
     if (c.mla) {
       bind_mla(b, c, a, L.attn);
+      L.attn.kv_b = dequantize_f32(L.attn.kv_b, w.quantized);  // read by rows: FP8 -> float32
     } else {
       L.attn.q = b.matrix(a + "q_proj.weight", q_dim, H, attn_why);
       L.attn.k = b.matrix(a + "k_proj.weight", kv_dim, H, attn_why);
@@ -228,7 +244,8 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
             "hidden_size={}, shared_expert_intermediate_size={} in "
             "config.json",
             H, c.shared_expert_intermediate_size);
-        L.shared_expert = bind_ffn(b, m + (c.mla ? "shared_experts." : "shared_expert."),
+        const bool plural = c.mla || c.arch == Arch::Glm4Moe;
+        L.shared_expert = bind_ffn(b, m + (plural ? "shared_experts." : "shared_expert."),
                                    kProjNames, H, c.shared_expert_intermediate_size, swhy);
         if (c.shared_expert_gate)
           L.shared_expert_gate = b.matrix(m + "shared_expert_gate.weight", 1, H, swhy);
@@ -249,7 +266,8 @@ Expected<ModelWeights> bind_weights(const ModelConfig& c, std::shared_ptr<const 
 int64_t QuantizedStore::bytes() const {
   int64_t n = 0;
   for (const auto& m : matrices)
-    n += static_cast<int64_t>(m->values.size() + m->scale.size() * sizeof(float));
+    n += static_cast<int64_t>(m->values.size() + m->codes.size() +
+                              (m->scale.size() + m->dense.size()) * sizeof(float));
   return n;
 }
 
@@ -258,18 +276,21 @@ Status parse_quantization(const std::string& name, Quantization* out) {
     *out = Quantization::None;
   } else if (name == "int8") {
     *out = Quantization::Int8;
+  } else if (name == "fp8") {
+    *out = Quantization::Fp8;
   } else {
-    return Error(fmt::format("quantization '{}' is not one of none, int8", name));
+    return Error(fmt::format("quantization '{}' is not one of none, int8, fp8", name));
   }
   return {};
 }
 
 const char* quantization_name(Quantization q) {
-  return q == Quantization::Int8 ? "int8" : "none";
+  return q == Quantization::Int8 ? "int8" : q == Quantization::Fp8 ? "fp8" : "none";
 }
 
 WeightView quantize_int8(const WeightView& w, QuantizedStore& store, kernels::ThreadPool* pool) {
-  if (w.empty() || w.dtype == kernels::DType::I8) return w;
+  // Already quantized (an FP8 checkpoint's matrices included): kept as they are.
+  if (w.empty() || w.dtype == kernels::DType::I8 || w.dtype == kernels::DType::F8E4M3) return w;
   auto m = std::make_unique<QuantizedStore::Matrix>();
   m->values.resize(static_cast<std::size_t>(w.rows * w.cols));
   m->scale.resize(static_cast<std::size_t>(w.rows));
@@ -302,19 +323,26 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
   w.down = quantize_int8(w.down, store, pool);
 }
 
-void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
+void for_each_quantized_matrix(ModelWeights& w, const std::function<void(WeightView&)>& fn) {
+  auto ffn = [&](kernels::FfnWeights& f) {
+    for (WeightView* v : {&f.gate, &f.up, &f.down}) fn(*v);
+  };
   for (LayerWeights& L : w.layers) {
     // kv_b (multi-head latent attention) stays as it is: the forward pass reads its rows.
     for (WeightView* v :
          {&L.attn.q, &L.attn.k, &L.attn.v, &L.attn.o, &L.attn.q_a, &L.attn.q_b, &L.attn.kv_a})
-      *v = quantize_int8(*v, w.quantized, pool);
+      fn(*v);
     if (L.moe) {
-      for (kernels::FfnWeights& e : L.experts) quantize_int8(e, w.quantized, pool);
-      if (L.has_shared_expert) quantize_int8(L.shared_expert, w.quantized, pool);
+      for (kernels::FfnWeights& e : L.experts) ffn(e);
+      if (L.has_shared_expert) ffn(L.shared_expert);
     } else {
-      quantize_int8(L.mlp, w.quantized, pool);
+      ffn(L.mlp);
     }
   }
+}
+
+void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
+  for_each_quantized_matrix(w, [&](WeightView& v) { v = quantize_int8(v, w.quantized, pool); });
 }
 
 void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {
@@ -325,9 +353,8 @@ void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {
   }
   std::vector<float> row(static_cast<std::size_t>(w.cols));
   for (int64_t r = 0; r < w.rows; ++r) {
-    kernels::to_f32(w.row(r), w.dtype, w.cols, row.data());
-    const float scale = w.dtype == kernels::DType::I8 ? w.scale[r] : 1.0f;
-    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c] * scale);
+    kernels::dequantize_rows(w, r, r + 1, row.data());
+    for (int64_t c = 0; c < w.cols; ++c) out[r * w.cols + c] = kernels::f32_to_bf16(row[c]);
   }
 }
 

@@ -48,10 +48,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
+    DbrxConfig,
+    DbrxForCausalLM,
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -88,6 +92,8 @@ ARCHES = {
     "olmoe": (OlmoeConfig, OlmoeForCausalLM),
     "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
     "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),
+    "dbrx": (DbrxConfig, DbrxForCausalLM),
 }
 
 # --------------------------------------------------------------------------------------
@@ -500,6 +506,126 @@ FIXTURES: list[dict] = [
             eos_token_id=2,
         ),
     ),
+    dict(
+        name="glm4moe-tiny",
+        arch="glm4_moe",
+        seed=7001,
+        dtype="float32",
+        description="GLM-4.5 MoE, F32, hidden 48 with 4 heads / 2 kv heads and explicit head_dim 16, "
+        "partial_rotary_factor 0.5 (the first 8 features of each head rotate), use_qk_norm, "
+        "attention_bias (q/k/v), 3 layers with layer 0 dense (first_k_dense_replace 1), 8 routed experts "
+        "in 2 groups (topk_group 1) top-2, sigmoid scores with e_score_correction_bias, norm_topk_prob, "
+        "routed_scaling_factor 2.5, 1 shared expert, untied.",
+        config=dict(
+            vocab_size=256,
+            hidden_size=48,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            attention_bias=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    dict(
+        name="glm4moe-bf16",
+        arch="glm4_moe",
+        seed=7002,
+        dtype="bfloat16",
+        description="GLM-4.5 MoE saved as BF16, hidden 40 with 5 heads and 1 kv head (head_dim 8), "
+        "partial_rotary_factor 0.75 (6 of 8 features rotate), no qk norm, no attention bias, "
+        "rope_theta 1e6, 2 layers with layer 0 dense, 8 experts in 4 groups (topk_group 2) top-3, "
+        "norm_topk_prob false, routed_scaling_factor 1.5, 2 shared experts, tied embeddings.",
+        config=dict(
+            vocab_size=200,
+            hidden_size=40,
+            intermediate_size=32,
+            moe_intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            use_qk_norm=False,
+            attention_bias=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.75),
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    dict(
+        name="dbrx-tiny",
+        arch="dbrx",
+        seed=8001,
+        dtype="float32",
+        description="DBRX, F32, LayerNorm without bias, d_model 48 with 4 heads (head_dim 12) and 2 kv "
+        "heads in a fused Wqkv, clip_qkv 8 (DBRX's own), rope_theta 5e5, 2 layers, 8 fused experts "
+        "(ffn_hidden_size 16) top-2 with softmax weights divided by their 1-norm, untied.",
+        config=dict(
+            vocab_size=256,
+            d_model=48,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=256,
+            # clip_qkv 8 as DBRX ships (transformers 5.24 fails on clip_qkv None: clamp(None, None))
+            attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=500000.0),
+            ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2,
+                            moe_normalize_expert_weights=1.0),
+            rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
+    dict(
+        name="dbrx-bf16-clip",
+        arch="dbrx",
+        seed=8002,
+        dtype="bfloat16",
+        description="DBRX saved as BF16, clip_qkv 1.5 (clipping happens; see stats), d_model 40 with 5 "
+        "heads (head_dim 8) and 1 kv head, 6 experts top-3 with weights divided by their 2-norm "
+        "(moe_normalize_expert_weights 2), default rope_theta, 2 layers, vocab 200.",
+        config=dict(
+            vocab_size=200,
+            d_model=40,
+            n_heads=5,
+            n_layers=2,
+            max_seq_len=256,
+            # DbrxAttention reads attn_config.rope_theta (5.24 fails without it); the rotary
+            # embedding reads the top-level rope parameters (default here: 10000 both)
+            attn_config=dict(kv_n_heads=1, clip_qkv=1.5, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=12, moe_num_experts=6, moe_top_k=3,
+                            moe_normalize_expert_weights=2.0),
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=1,
+        ),
+    ),
 ]
 
 
@@ -527,17 +653,17 @@ def reinit_parameters(model: torch.nn.Module, seed: int, hidden_size: int, tied:
         for name in sorted(params):
             p = params[name]
             shape = p.shape
-            if name.endswith("norm.weight"):
-                # input/post_attention/final norms, q_norm, k_norm
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")):
+                # input/post_attention/final norms, q_norm, k_norm (DBRX: norm_1, norm_2, norm_f)
                 val = _normal(gen, shape, 0.1, 1.0)
             elif name.endswith(".bias"):
                 val = _normal(gen, shape, 0.1)
-            elif name.endswith("embed_tokens.weight"):
+            elif name.endswith(("embed_tokens.weight", "transformer.wte.weight")):
                 std = (logit_target / math.sqrt(hidden_size)) if tied else 1.0
                 val = _normal(gen, shape, std)
             elif name == "lm_head.weight":
                 val = _normal(gen, shape, logit_target / math.sqrt(hidden_size))
-            elif name.endswith(".mlp.gate.weight"):  # MoE router [E, H]
+            elif name.endswith((".mlp.gate.weight", ".ffn.router.layer.weight")):  # MoE router [E, H]
                 val = _normal(gen, shape, router_scale / math.sqrt(shape[-1]))
             elif name.endswith("shared_expert_gate.weight"):  # [1, H]
                 val = _normal(gen, shape, 1.5 / math.sqrt(shape[-1]))
@@ -545,7 +671,12 @@ def reinit_parameters(model: torch.nn.Module, seed: int, hidden_size: int, tied:
                 val = _normal(gen, shape, 1.0 / math.sqrt(shape[-1]))
             elif name.endswith("experts.down_proj"):  # fused [E, H, I]
                 val = _normal(gen, shape, RESIDUAL_GAIN / math.sqrt(shape[-1]))
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            elif name.endswith(("experts.mlp.w1", "experts.mlp.v1")):  # DBRX fused [E*I, H]
+                val = _normal(gen, shape, 1.0 / math.sqrt(shape[-1]))
+            elif name.endswith("experts.mlp.w2"):  # DBRX fused [E*I, H], used as x[., I] @ w2
+                inter = model.config.ffn_config.ffn_hidden_size
+                val = _normal(gen, shape, RESIDUAL_GAIN / math.sqrt(inter))
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")):
                 # residual-branch outputs: a bit larger so that the layers (not the token's own
                 # embedding) dominate the residual stream -> less repetitive greedy output
                 val = _normal(gen, shape, RESIDUAL_GAIN / math.sqrt(shape[-1]))
@@ -668,6 +799,14 @@ class _Probe:
         self.router = {}  # layer -> (logits [T,E], indices [T,k])
         self.clip_vals = []  # tensors that clip_qkv is applied to
         cfg = model.config
+        if cfg.model_type == "dbrx":  # transformer.blocks; the router returns its logits only
+            k = _top_k(cfg)
+            clip = cfg.attn_config.clip_qkv
+            for li, block in enumerate(model.transformer.blocks):
+                self.handles.append(block.ffn.router.register_forward_hook(self._dbrx_router_hook(li, k)))
+                if clip is not None:
+                    self.handles.append(block.norm_attn_norm.attn.Wqkv.register_forward_hook(self._clip_hook))
+            return
         layers = model.model.layers
         for li, layer in enumerate(layers):
             gate = getattr(layer.mlp, "gate", None)
@@ -682,9 +821,16 @@ class _Probe:
         def hook(_mod, _inp, out):
             logits, _scores, idx = out
             self.router[li] = (logits.detach().float().clone(), idx.detach().clone())
-            if gate is not None and type(gate).__name__.startswith("Deepseek"):
+            if gate is not None and type(gate).__name__.startswith(("Deepseek", "Glm4Moe")):
                 choice, group_gap = _deepseek_choice_scores(gate, logits.detach().float())
                 self.router[li] = (choice, idx, group_gap)
+
+        return hook
+
+    def _dbrx_router_hook(self, li, k):
+        def hook(_mod, _inp, out):
+            logits = out.detach().float().clone()  # softmax keeps the order: gaps on the logits
+            self.router[li] = (logits, torch.topk(logits, k, dim=-1).indices)
 
         return hook
 
@@ -718,7 +864,7 @@ def analyse(model, ids: list[int], n_prompt: int, output_ids: list[int]) -> tupl
     stats["logits_std"] = float(logits.std())
     stats["logits_absmax"] = float(logits.abs().max())
     # router
-    k = int(cfg.num_experts_per_tok)
+    k = _top_k(cfg)
     experts_per_layer = {}
     gaps = []
     for li in sorted(probe.router):
@@ -732,7 +878,7 @@ def analyse(model, ids: list[int], n_prompt: int, output_ids: list[int]) -> tupl
     stats["moe_layers"] = sorted(probe.router)
     stats["distinct_experts_per_moe_layer"] = [experts_per_layer[i] for i in sorted(experts_per_layer)]
     stats["min_router_gap"] = min(gaps) if gaps else None
-    clip = getattr(cfg, "clip_qkv", None)
+    clip = _clip_qkv(cfg)
     if clip is not None and probe.clip_vals:
         allv = torch.cat([t.reshape(-1) for t in probe.clip_vals])
         stats["clip_qkv_fraction_clipped"] = float((allv.abs() > clip).float().mean())
@@ -833,9 +979,9 @@ def build_fixture(spec: dict, out_root: Path, verbose: bool = True) -> dict:
         print(f"   logits std {st['logits_std']:.3f} absmax {st['logits_absmax']:.2f}  "
               f"min token margin {st['min_token_margin']:.4f}  min router gap {st['min_router_gap']}")
         print(f"   moe layers {st['moe_layers']} distinct experts/layer {st['distinct_experts_per_moe_layer']}"
-              f" of {model.config.num_experts_per_tok}-of-{_num_experts(model.config)}")
+              f" of {_top_k(model.config)}-of-{_num_experts(model.config)}")
         if "clip_qkv_fraction_clipped" in st:
-            print(f"   clip_qkv {model.config.clip_qkv}: fraction of q/k/v elements clipped "
+            print(f"   clip_qkv {_clip_qkv(model.config)}: fraction of q/k/v elements clipped "
                   f"{st['clip_qkv_fraction_clipped']:.4f}")
         for p in files:
             print(f"   {p.stat().st_size:>9}  {p.name}")
@@ -843,7 +989,19 @@ def build_fixture(spec: dict, out_root: Path, verbose: bool = True) -> dict:
     return ref
 
 
+def _top_k(cfg) -> int:
+    if cfg.model_type == "dbrx":
+        return int(cfg.ffn_config.moe_top_k)
+    return int(cfg.num_experts_per_tok)
+
+
+def _clip_qkv(cfg):
+    return cfg.attn_config.clip_qkv if cfg.model_type == "dbrx" else getattr(cfg, "clip_qkv", None)
+
+
 def _num_experts(cfg) -> int:
+    if cfg.model_type == "dbrx":
+        return int(cfg.ffn_config.moe_num_experts)
     for k in ("num_local_experts", "num_experts"):
         v = getattr(cfg, k, None)
         if v:

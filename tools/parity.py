@@ -47,7 +47,7 @@ import make_fixtures as mf  # noqa: E402  (sets offline env vars before importin
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ARCH_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+ARCH_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dbrx"]
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 
 # Default (non-random) shapes per family: small but with GQA, several experts, etc.
@@ -87,6 +87,17 @@ DEFAULT_SHAPES = {
                                              original_max_position_embeddings=64, mscale=1.0,
                                              mscale_all_dim=1.0),
                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, max_position_embeddings=256),
+    "glm4_moe": dict(vocab_size=211, hidden_size=40, intermediate_size=36, moe_intermediate_size=12,
+                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                     n_routed_experts=9, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
+                     first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=1.5, use_qk_norm=True,
+                     attention_bias=True,
+                     rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5),
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, max_position_embeddings=256),
+    "dbrx": dict(vocab_size=211, d_model=48, n_heads=6, n_layers=2, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=2, clip_qkv=3.0, rope_theta=1e4),
+                 ffn_config=dict(ffn_hidden_size=14, moe_num_experts=6, moe_top_k=2, moe_normalize_expert_weights=1.0),
+                 rope_parameters=dict(rope_type="default", rope_theta=1e4), bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -98,6 +109,10 @@ def random_shape(arch: str, seed: int) -> tuple[dict, int]:
     r = random.Random(seed * 1000003 + zlib.crc32(arch.encode()))
     if arch in DEEPSEEK:
         return random_deepseek_shape(arch, r)
+    if arch == "glm4_moe":
+        return random_glm4_moe_shape(r)
+    if arch == "dbrx":
+        return random_dbrx_shape(r)
     heads = r.choice([1, 2, 3, 4, 5, 6, 8])
     kv = r.choice([d for d in range(1, heads + 1) if heads % d == 0])
     head_dim = r.choice([2, 4, 6, 8, 10, 12, 16, 20, 24])
@@ -216,13 +231,94 @@ def random_deepseek_shape(arch: str, r: random.Random) -> tuple[dict, int]:
     return cfg, prompt_len
 
 
+def random_glm4_moe_shape(r: random.Random) -> tuple[dict, int]:
+    """Random but valid GLM-4.5 MoE config kwargs (partial rotary, grouped sigmoid routing, shared experts)."""
+    heads = r.choice([1, 2, 3, 4, 5, 6, 8])
+    kv = r.choice([d for d in range(1, heads + 1) if heads % d == 0])
+    head_dim = r.choice([4, 6, 8, 10, 12, 16, 20, 24])
+    explicit_head_dim = r.random() < 0.5
+    if explicit_head_dim:
+        hidden = r.randint(8, 72)
+    else:
+        while heads * head_dim > 96:
+            head_dim -= 2
+        hidden = heads * head_dim
+    factors = [f for f in (0.25, 0.5, 0.75, 1.0) if int(head_dim * f) > 0 and int(head_dim * f) % 2 == 0]
+    n_group = r.choice([1, 2, 3, 4])
+    group_size = r.choice([2, 3, 4])
+    experts = n_group * group_size
+    topk_group = r.randint(1, n_group)
+    top_k = r.randint(1, min(4, topk_group * group_size))
+    layers = r.randint(1, 3)
+    vocab = r.randint(40, 512)
+    cfg: dict = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=r.randint(5, 64),
+        moe_intermediate_size=r.randint(3, 32),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        n_routed_experts=experts,
+        num_experts_per_tok=top_k,
+        n_group=n_group,
+        topk_group=topk_group,
+        n_shared_experts=r.choice([1, 1, 2]),
+        first_k_dense_replace=r.randint(0, layers),
+        norm_topk_prob=r.random() < 0.7,
+        routed_scaling_factor=r.choice([1.0, 1.5, 2.5]),
+        use_qk_norm=r.random() < 0.5,
+        attention_bias=r.random() < 0.5,
+        rope_parameters=dict(rope_type="default", rope_theta=float(round(10 ** r.uniform(2.0, 6.5), 1)),
+                             partial_rotary_factor=r.choice(factors)),
+        tie_word_embeddings=r.random() < 0.5,
+        rms_norm_eps=r.choice([1e-5, 1e-6]),
+        max_position_embeddings=r.choice([64, 128, 4096]),
+        bos_token_id=r.choice([None, r.randrange(vocab)]),
+        eos_token_id=r.randrange(vocab),
+    )
+    if explicit_head_dim:
+        cfg["head_dim"] = head_dim
+    return cfg, r.choice([1, 2, 3, 5, 8, 8, 8, 11, 13])
+
+
+def random_dbrx_shape(r: random.Random) -> tuple[dict, int]:
+    """Random but valid DBRX config kwargs (LayerNorm, fused Wqkv with clip_qkv, fused experts, p-norm)."""
+    heads = r.choice([1, 2, 3, 4, 5, 6, 8])
+    kv = r.choice([d for d in range(1, heads + 1) if heads % d == 0])
+    head_dim = r.choice([2, 4, 6, 8, 10, 12, 16])
+    experts = r.choice([1, 2, 3, 4, 6, 8, 12, 16])
+    vocab = r.randint(40, 512)
+    theta = float(round(10 ** r.uniform(2.0, 6.5), 1))
+    cfg: dict = dict(
+        vocab_size=vocab,
+        d_model=heads * head_dim,
+        n_heads=heads,
+        n_layers=r.randint(1, 3),
+        max_seq_len=r.choice([64, 128, 4096]),
+        # transformers 5.24 needs clip_qkv (clamp(None, None) fails) and attn_config.rope_theta
+        attn_config=dict(kv_n_heads=kv, clip_qkv=round(r.uniform(0.5, 8.0), 2), rope_theta=theta),
+        ffn_config=dict(ffn_hidden_size=r.randint(3, 48), moe_num_experts=experts,
+                        moe_top_k=r.randint(1, min(experts, 4)),
+                        moe_normalize_expert_weights=r.choice([1.0, 1.0, 2.0, 0.5, 3.0, None])),
+        bos_token_id=r.choice([None, r.randrange(vocab)]),
+        eos_token_id=r.randrange(vocab),
+    )
+    # The rotary base the reference uses is the top-level one; without it, the default 10000
+    # (the engine must not take attn_config.rope_theta then: the saved config.json has both).
+    if r.random() < 0.7:
+        cfg["rope_parameters"] = dict(rope_type="default", rope_theta=theta)
+    return cfg, r.choice([1, 2, 3, 5, 8, 8, 8, 11, 13])
+
+
 def describe_cfg(cfg) -> str:
     g = lambda k, d=None: getattr(cfg, k, d)  # noqa: E731
-    n_exp = g("num_local_experts") or g("num_experts")
+    n_exp = mf._num_experts(cfg)
     head_dim = g("head_dim") or cfg.hidden_size // cfg.num_attention_heads
+    inter = cfg.ffn_config.ffn_hidden_size if cfg.model_type == "dbrx" else cfg.intermediate_size
     parts = [f"V={cfg.vocab_size}", f"H={cfg.hidden_size}", f"L={cfg.num_hidden_layers}",
              f"heads={cfg.num_attention_heads}/{cfg.num_key_value_heads}", f"hd={head_dim}",
-             f"E={n_exp}", f"k={cfg.num_experts_per_tok}", f"I={cfg.intermediate_size}",
+             f"E={n_exp}", f"k={mf._top_k(cfg)}", f"I={inter}",
              f"theta={cfg.rope_parameters['rope_theta']:g}", f"tied={int(bool(cfg.tie_word_embeddings))}"]
     if g("moe_intermediate_size") is not None:
         parts.append(f"moeI={cfg.moe_intermediate_size}")
@@ -238,6 +334,13 @@ def describe_cfg(cfg) -> str:
         parts.append(f"qkv_bias={int(cfg.qkv_bias)}")
     if g("clip_qkv") is not None:
         parts.append(f"clip={cfg.clip_qkv}")
+    if cfg.model_type == "glm4_moe":
+        parts.append(f"rot={cfg.rope_parameters.get('partial_rotary_factor')} dense={cfg.first_k_dense_replace} "
+                     f"shared={cfg.n_shared_experts} groups={cfg.topk_group}/{cfg.n_group} "
+                     f"scale={cfg.routed_scaling_factor} qk_norm={int(cfg.use_qk_norm)} "
+                     f"bias={int(cfg.attention_bias)}")
+    if cfg.model_type == "dbrx":
+        parts.append(f"clip={cfg.attn_config.clip_qkv} p={cfg.ffn_config.moe_normalize_expert_weights}")
     if g("kv_lora_rank") is not None:
         parts.append(f"mla=q{cfg.q_lora_rank}/kv{cfg.kv_lora_rank}/nope{cfg.qk_nope_head_dim}/"
                      f"rope{cfg.qk_rope_head_dim}/v{cfg.v_head_dim} dense={cfg.first_k_dense_replace} "
@@ -286,6 +389,10 @@ def np_forward(model_dir: Path, ids: list[int], dtype=np.float64) -> np.ndarray:
     arch = cfg["model_type"]
     if arch in DEEPSEEK:
         return np_deepseek_forward(cfg, W, ids, dtype)
+    if arch == "glm4_moe":
+        return np_glm4_moe_forward(cfg, W, ids, dtype)
+    if arch == "dbrx":
+        return np_dbrx_forward(cfg, W, ids, dtype)
     H = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -520,6 +627,152 @@ def np_deepseek_forward(cfg: dict, W: dict, ids: list[int], dtype) -> np.ndarray
     h = _rms(h, W["model.norm.weight"], eps)
     lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])
     return (h @ lm.T).astype(np.float32)
+
+
+def _gqa(q, k, v, nh, nkv, hd, mask):
+    """q [nh, T, hd], k / v [nkv, T, hd] -> [T, nh * hd]; query head j reads kv head j // (nh / nkv)."""
+    rep = nh // nkv
+    k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+    a = _softmax(q @ k.transpose(0, 2, 1) * (hd ** -0.5) + mask) @ v
+    return a.transpose(1, 0, 2).reshape(q.shape[1], nh * hd)
+
+
+def _rope_tables(theta: float, rd: int, T: int, dtype):
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, rd, 2, dtype=np.float32) / np.float32(rd)))).astype(np.float32)
+    ang = np.arange(T, dtype=np.float32)[:, None] * inv[None, :]
+    emb = np.concatenate([ang, ang], axis=-1)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+def np_glm4_moe_forward(cfg: dict, W: dict, ids: list[int], dtype) -> np.ndarray:
+    """GLM-4.5 MoE, from transformers' modeling_glm4_moe.py: GQA with q/k/v biases, optional per-head
+    q/k RMSNorm, RoPE (rotate_half) on the first int(head_dim * partial_rotary_factor) features,
+    dense first layers, sigmoid router with e_score_correction_bias and grouped top-k, shared experts."""
+    H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd = cfg.get("head_dim") or H // nh
+    eps = cfg.get("rms_norm_eps", 1e-5)
+    rp = dict(cfg.get("rope_parameters") or {})
+    assert rp.get("rope_type", "default") == "default", rp
+    rd = int(hd * rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    T = len(ids)
+    cos, sin = _rope_tables(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)), rd, T, dtype)
+
+    def rope(x):  # x [heads, T, hd]: rotate the first rd features, pass the rest
+        r_, p_ = x[..., :rd], x[..., rd:]
+        x1, x2 = r_[..., : rd // 2], r_[..., rd // 2:]
+        return np.concatenate([r_ * cos + np.concatenate([-x2, x1], axis=-1) * sin, p_], axis=-1)
+
+    def lin(x, name):
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    def mlp(x, prefix):
+        return lin(_silu(lin(x, f"{prefix}.gate_proj")) * lin(x, f"{prefix}.up_proj"), f"{prefix}.down_proj")
+
+    E = cfg.get("n_routed_experts", 128)
+    top_k = cfg.get("num_experts_per_tok", 8)
+    n_group, topk_group = cfg.get("n_group", 1), cfg.get("topk_group", 1)
+    scaling = cfg.get("routed_scaling_factor", 1.0)
+    first_dense = cfg.get("first_k_dense_replace", 1)
+    h = W["model.embed_tokens.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    for li in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{li}"
+        x = _rms(h, W[f"{p}.input_layernorm.weight"], eps)
+        q = lin(x, f"{p}.self_attn.q_proj").reshape(T, nh, hd)
+        k = lin(x, f"{p}.self_attn.k_proj").reshape(T, nkv, hd)
+        v = lin(x, f"{p}.self_attn.v_proj").reshape(T, nkv, hd).transpose(1, 0, 2)
+        if cfg.get("use_qk_norm", False):
+            q = _rms(q, W[f"{p}.self_attn.q_norm.weight"], eps)
+            k = _rms(k, W[f"{p}.self_attn.k_norm.weight"], eps)
+        q, k = rope(q.transpose(1, 0, 2)), rope(k.transpose(1, 0, 2))
+        h = h + _gqa(q, k, v, nh, nkv, hd, mask) @ W[f"{p}.self_attn.o_proj.weight"].T
+        x = _rms(h, W[f"{p}.post_attention_layernorm.weight"], eps)
+        mp = f"{p}.mlp"
+        if li < first_dense:
+            h = h + mlp(x, mp)
+            continue
+        scores = 1.0 / (1.0 + np.exp(-(x @ W[f"{mp}.gate.weight"].T)))
+        choice = scores + W[f"{mp}.gate.e_score_correction_bias"]
+        out = np.zeros_like(x)
+        for t in range(T):
+            g = choice[t].reshape(n_group, E // n_group)
+            keep = np.argsort(-np.sort(g, axis=-1)[:, -2:].sum(-1), kind="stable")[:topk_group]
+            allowed = np.zeros(n_group, bool)
+            allowed[keep] = True
+            ch = np.where(np.repeat(allowed, E // n_group), choice[t], -np.inf)
+            sel = np.argsort(-ch, kind="stable")[:top_k]
+            w = scores[t, sel]
+            if cfg.get("norm_topk_prob", True):
+                w = w / (w.sum() + 1e-20)
+            for e, we in zip(sel, w * scaling):
+                if f"{mp}.experts.gate_up_proj" in W:
+                    gu = x[t] @ W[f"{mp}.experts.gate_up_proj"][e].T
+                    gg, uu = gu[: gu.shape[0] // 2], gu[gu.shape[0] // 2:]
+                    out[t] += we * ((_silu(gg) * uu) @ W[f"{mp}.experts.down_proj"][e].T)
+                else:
+                    out[t] += we * mlp(x[t:t + 1], f"{mp}.experts.{e}")[0]
+        h = h + out + mlp(x, f"{mp}.shared_experts")
+    h = _rms(h, W["model.norm.weight"], eps)
+    lm = W.get("lm_head.weight", W["model.embed_tokens.weight"])
+    return (h @ lm.T).astype(np.float32)
+
+
+def np_dbrx_forward(cfg: dict, W: dict, ids: list[int], dtype) -> np.ndarray:
+    """DBRX, from transformers' modeling_dbrx.py: LayerNorm without bias (eps 1e-5), fused Wqkv
+    clamped to clip_qkv, GQA with RoPE (rotate_half, the top-level rope_theta as transformers 5
+    reads it), softmax top-k router with weights divided by their p-norm, fused experts
+    (w1 gate, v1 up, w2 down used as x @ w2)."""
+    H, nh = cfg["d_model"], cfg["n_heads"]
+    ac, fc = cfg.get("attn_config") or {}, cfg.get("ffn_config") or {}
+    nkv = ac.get("kv_n_heads", 1)
+    hd = H // nh
+    clip = ac.get("clip_qkv")
+    rp = cfg.get("rope_parameters") or {}
+    theta = rp.get("rope_theta", cfg.get("rope_theta", ac.get("rope_theta", 10000.0)))
+    I, E, top_k = fc.get("ffn_hidden_size", 3584), fc.get("moe_num_experts", 4), fc.get("moe_top_k", 1)
+    pnorm = fc.get("moe_normalize_expert_weights", 1.0)
+    T = len(ids)
+    cos, sin = _rope_tables(theta, hd, T, dtype)
+
+    def rope(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + np.concatenate([-x2, x1], axis=-1) * sin
+
+    def ln(x, w):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * w
+
+    h = W["transformer.wte.weight"][ids]
+    mask = np.triu(np.full((T, T), -np.inf, dtype=dtype), k=1)
+    for li in range(cfg["n_layers"]):
+        p = f"transformer.blocks.{li}"
+        a = f"{p}.norm_attn_norm"
+        x = ln(h, W[f"{a}.norm_1.weight"])
+        qkv = x @ W[f"{a}.attn.Wqkv.weight"].T
+        if clip is not None:
+            qkv = np.clip(qkv, -clip, clip)
+        q = qkv[:, :H].reshape(T, nh, hd).transpose(1, 0, 2)
+        k = qkv[:, H:H + nkv * hd].reshape(T, nkv, hd).transpose(1, 0, 2)
+        v = qkv[:, H + nkv * hd:].reshape(T, nkv, hd).transpose(1, 0, 2)
+        h = h + _gqa(rope(q), rope(k), v, nh, nkv, hd, mask) @ W[f"{a}.attn.out_proj.weight"].T
+        x = ln(h, W[f"{a}.norm_2.weight"])
+        probs = _softmax(x @ W[f"{p}.ffn.router.layer.weight"].T)
+        m = f"{p}.ffn.experts.mlp"
+        w1, v1, w2 = (W[f"{m}.{n}"].reshape(E, I, H) for n in ("w1", "v1", "w2"))
+        out = np.zeros_like(x)
+        for t in range(T):
+            sel = np.argsort(-probs[t], kind="stable")[:top_k]
+            w = probs[t, sel]
+            if pnorm is not None:
+                w = w / (np.sum(np.abs(w) ** pnorm) ** (1.0 / pnorm))
+            for e, we in zip(sel, w):
+                out[t] += we * ((_silu(x[t] @ w1[e].T) * (x[t] @ v1[e].T)) @ w2[e])
+        h = h + out
+    h = ln(h, W["transformer.norm_f.weight"])
+    return (h @ W["lm_head.weight"].T).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // Internal: the state of a loaded Model, shared by the files that implement it (model.cpp: the
-// forward pass; model_mla.cpp: multi-head latent attention; model_kv.cpp: caches).
+// forward pass; model_mla.cpp: multi-head latent attention; model_kv.cpp: caches; model_dbrx.cpp:
+// LayerNorm and p-norm routing).
 #pragma once
 
 #include <memory>
@@ -74,6 +75,13 @@ struct Model::Impl {
   void mla_attention_block(int64_t l, std::span<const Segment> segments, int64_t n,
                            const float* x_norm, float* out);
   Status ffn_block(int64_t l, int64_t n, const float* x_norm, float* out);
+  // The model's norm over n rows of hidden_size at x into y (in-place safe): RMSNorm, or LayerNorm
+  // without bias when config.layer_norm (model_dbrx.cpp).
+  void norm(const float* x, const float* weight, int64_t n, float* y) const;
 };
+
+// Divides each of n rows of k weights by the row's p-norm, (sum |w|^p)^(1/p), as torch.norm
+// does in float32 (dbrx's moe_normalize_expert_weights; model_dbrx.cpp).
+void divide_by_p_norm(float* weights, int64_t n, int64_t k, double p);
 
 }  // namespace moemesh

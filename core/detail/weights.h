@@ -1,7 +1,9 @@
 // Internal: the weights of a model, bound to a checkpoint and checked against its config.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -41,22 +43,35 @@ struct LayerWeights {
   kernels::FfnWeights mlp;
 };
 
-// Int8 copies of weight matrices (quantize_int8), owned for the views that point into them. The
-// matrices are allocated one by one, so the views stay valid as more are added and as the store
-// moves.
+// Quantized copies of weight matrices (quantize_int8, quantize_fp8; and float32 copies of FP8
+// matrices that the forward pass reads row by row, dequantize_f32), owned for the views that point
+// into them. The matrices are allocated one by one, so the views stay valid as more are added and
+// as the store moves.
 struct QuantizedStore {
   struct Matrix {
-    std::vector<int8_t> values;  // [rows, cols]
-    std::vector<float> scale;    // [rows]
+    std::vector<int8_t> values;  // I8: [rows, cols]
+    std::vector<uint8_t> codes;  // F8E4M3: [rows, cols]
+    std::vector<float> scale;    // I8: [rows]; F8E4M3: [ceil(rows / 128), ceil(cols / 128)]
+    std::vector<float> dense;    // F32: [rows, cols]
   };
   std::vector<std::unique_ptr<Matrix>> matrices;
-  int64_t bytes() const;  // of the values and scales
+  int64_t bytes() const;  // of the values, codes, scales and float32 copies
+};
+
+// Weight matrices copied out of a checkpoint into the layout the kernels read, where the
+// checkpoint stores them otherwise (dbrx's expert w2 is [inter, hidden] per expert, the down
+// projection [hidden, inter]), in the checkpoint's dtype. Owned for the views that point into
+// them; buffers are allocated one by one, so the views stay valid as the store grows and moves.
+struct CopiedStore {
+  std::vector<std::unique_ptr<std::vector<std::byte>>> buffers;
+  int64_t bytes() const;
 };
 
 struct ModelWeights {
   std::shared_ptr<const Checkpoint> checkpoint;  // owns the mappings the views point into
-  QuantizedStore quantized;                      // owns the I8 views' data (--quantization int8)
-  kernels::WeightView embed;                     // [vocab, hidden]
+  QuantizedStore quantized;   // owns the I8 / F8E4M3 views' data made at load (--quantization)
+  CopiedStore copies;         // owns views the checkpoint has no layout for
+  kernels::WeightView embed;  // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;
   kernels::WeightView lm_head;  // [vocab, hidden]; the embedding when tied
@@ -72,18 +87,34 @@ Expected<ModelWeights> bind_weights(const ModelConfig& config,
 // Binds routed experts `ids` of MoE layer `layer` (an index over all layers), one FfnWeights per
 // id in the order given. Reads either one tensor per expert and projection (as Hugging Face
 // checkpoints ship them) or fused gate_up_proj [E, 2 * inter, hidden] and down_proj
-// [E, hidden, inter] tensors (gate in the first half). The caller checks that the layer is MoE
-// and the ids are in range; errors name the tensor as bind_weights does.
+// [E, hidden, inter] tensors (gate in the first half), or dbrx's fused w1 / v1 / w2
+// [E * inter, hidden] (sliced per expert; w2 transposed into a copy). The caller checks that the
+// layer is MoE and the ids are in range; errors name the tensor as bind_weights does. `copies`
+// receives one store per id, owning what that expert's views point into besides the checkpoint
+// (dbrx); it may be null only for families that copy nothing.
 Expected<std::vector<kernels::FfnWeights>> bind_experts(const ModelConfig& config,
                                                         const Checkpoint& checkpoint, int64_t layer,
-                                                        std::span<const int32_t> ids);
+                                                        std::span<const int32_t> ids,
+                                                        std::vector<CopiedStore>* copies = nullptr);
 
-// The bytes of an FFN's three weight matrices in their dtype (int8: with the scales).
+// bind_weights and bind_experts for dbrx, whose tensors are named and laid out differently
+// (weights_dbrx.cpp).
+Expected<ModelWeights> bind_dbrx_weights(const ModelConfig& config,
+                                         std::shared_ptr<const Checkpoint> checkpoint,
+                                         bool routed_experts);
+Expected<std::vector<kernels::FfnWeights>> bind_dbrx_experts(const ModelConfig& config,
+                                                             const Checkpoint& checkpoint,
+                                                             int64_t layer,
+                                                             std::span<const int32_t> ids,
+                                                             std::vector<CopiedStore>* copies);
+
+// The bytes of an FFN's three weight matrices in their dtype (int8, fp8: with the scales).
 int64_t ffn_bytes(const kernels::FfnWeights& w);
 
-// Weight quantization at load: "none" (the checkpoint dtypes) or "int8" (weight-only, a float32
-// scale per output row). Fails on any other value, naming it.
-enum class Quantization { None, Int8 };
+// Weight quantization at load: "none" (the checkpoint dtypes), "int8" (weight-only, a float32
+// scale per output row) or "fp8" (weight-only FP8 E4M3, a float32 scale per 128x128 block, the
+// layout of FP8 checkpoints). Fails on any other value, naming it.
+enum class Quantization { None, Int8, Fp8 };
 Status parse_quantization(const std::string& name, Quantization* out);
 const char* quantization_name(Quantization q);
 
@@ -98,9 +129,35 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
 // kv_b_proj, whose rows the latent attention reads directly), dense MLPs, shared experts and
 // bound routed experts.
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
+// Calls fn on each of those matrices (the ones quantize_int8 and quantize_fp8 quantize).
+void for_each_quantized_matrix(ModelWeights& w,
+                               const std::function<void(kernels::WeightView&)>& fn);
+
+// FP8 (core/fp8_weights.cpp). An FP8 copy of `w` in the layout of FP8 checkpoints
+// (kernels::quantize_fp8_e4m3: per 128x128 block, scale = max|block| / 448, round to nearest
+// even, saturating). Already quantized views (I8, F8E4M3) and empty ones come back as they are.
+// The data is added to `store`; row blocks are quantized in parallel on `pool` (may be null).
+kernels::WeightView quantize_fp8(const kernels::WeightView& w, QuantizedStore& store,
+                                 kernels::ThreadPool* pool);
+void quantize_fp8(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool);
+// Quantizes, in place, the matrices quantize_int8 quantizes (routers, the shared-expert gate,
+// embeddings, LM head and MLA's kv_b_proj stay as they are).
+void quantize_fp8(ModelWeights& w, kernels::ThreadPool* pool);
+
+// The view of checkpoint tensor `t` (already found and shape-checked) as a weight matrix. A
+// tensor with a companion "<name>_scale_inv" (FP8 checkpoints: F8_E4M3 weights, F32 scales
+// [ceil(rows / 128), ceil(cols / 128)]) becomes an F8E4M3 view with those block scales; errors
+// name the tensor when the pair does not fit (an F8_E4M3 weight without scales, scales of another
+// shape or dtype, or scales next to a weight that is not F8_E4M3).
+Expected<kernels::WeightView> checkpoint_matrix(const Checkpoint& checkpoint, const TensorView& t);
+
+// A float32 copy of an F8E4M3 view (dequantized: code * block scale), for matrices the forward
+// pass reads row by row rather than through linear() (MLA's kv_b_proj). Other views come back as
+// they are.
+kernels::WeightView dequantize_f32(const kernels::WeightView& w, QuantizedStore& store);
 
 // w's rows * cols values as bf16 bits at `out` (copied as they are when w is bf16, else rounded to
-// nearest even; I8 with its row scales applied): what the GPU backend uploads.
+// nearest even; I8 and F8E4M3 with their scales applied): what the GPU backend uploads.
 void weight_to_bf16(const kernels::WeightView& w, uint16_t* out);
 
 }  // namespace moemesh::detail

@@ -2,11 +2,11 @@
 //
 // Every op takes raw pointers, sizes and (where it parallelises) a ThreadPool, and nothing of
 // moemesh outside this folder. Activations are float32, row-major and contiguous unless a stride
-// is given. Weight matrices stay in their checkpoint dtype (F32, F16 or BF16), or are int8 with a
-// float32 scale per row (I8, made at load), and are read through a WeightView; all arithmetic
-// accumulates in float32. Ops never allocate on the caller's behalf
-// except for small per-thread scratch; sizes are the caller's responsibility (they are checked
-// once, where a model is loaded, not on every call).
+// is given. Weight matrices stay in their checkpoint dtype (F32, F16, BF16, or FP8 E4M3 with
+// 128x128 block scales), or are int8 with a float32 scale per row (I8, made at load), and are read
+// through a WeightView; all arithmetic accumulates in float32. Ops never allocate on the caller's
+// behalf except for small per-thread scratch; sizes are the caller's responsibility (they are
+// checked once, where a model is loaded, not on every call).
 //
 // Each op is defined in its own .cpp file and has a reference test in tests/kernels/.
 #pragma once
@@ -22,8 +22,18 @@ namespace moemesh::kernels {
 // ---- Element types -----------------------------------------------------------------------------
 
 // I8 is signed int8 with a float32 scale per row (WeightView::scale); it is never a checkpoint
-// dtype, only what a weight is quantized to at load.
-enum class DType : uint8_t { F32, F16, BF16, I8 };
+// dtype, only what a weight is quantized to at load. F8E4M3 is FP8 E4M3 in the OCP "fn" format
+// (see fp8_e4m3_to_f32) with a float32 scale per 128x128 block (WeightView::scale), the layout of
+// DeepSeek-V3 / Kimi K2 FP8 checkpoints (safetensors dtype "F8_E4M3" plus "weight_scale_inv"), or
+// made at load (--quantization fp8).
+enum class DType : uint8_t { F32, F16, BF16, I8, F8E4M3 };
+
+// The block edge of F8E4M3 weights: one scale per kFp8Block x kFp8Block block of a matrix.
+constexpr int64_t kFp8Block = 128;
+// Blocks along a dimension of n elements: ceil(n / kFp8Block).
+constexpr int64_t fp8_blocks(int64_t n) {
+  return (n + kFp8Block - 1) / kFp8Block;
+}
 
 std::size_t dtype_size(DType t);
 const char* dtype_name(DType t);
@@ -34,7 +44,8 @@ float f16_to_f32(uint16_t bits);
 uint16_t f32_to_bf16(float v);
 uint16_t f32_to_f16(float v);
 
-// Converts n elements of type `t` at `src` to float32 (I8: the integers, without any scale).
+// Converts n elements of type `t` at `src` to float32 (I8: the integers, F8E4M3: the decoded
+// codes, without any scale).
 void to_f32(const void* src, DType t, int64_t n, float* dst);
 
 // A read-only row-major matrix [rows, cols] in its storage dtype (e.g. an nn.Linear weight
@@ -44,7 +55,10 @@ struct WeightView {
   DType dtype = DType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
-  const float* scale = nullptr;  // I8 only, `rows` floats: value = int8 * scale[row]
+  // I8: `rows` floats, value = int8 * scale[row]. F8E4M3: [fp8_blocks(rows), fp8_blocks(cols)]
+  // floats, row-major, value = fp8(w[r, c]) * scale[(r / 128) * fp8_blocks(cols) + c / 128] (the
+  // checkpoint's weight_scale_inv). Other dtypes: unused.
+  const float* scale = nullptr;
 
   bool empty() const { return data == nullptr; }
   // Row r as a pointer into `data` (of the storage dtype).
@@ -53,16 +67,26 @@ struct WeightView {
   }
 };
 
+// Rows [row_begin, row_end) of w as float32, scales applied (I8: per row; F8E4M3: per block;
+// the product rounded once to float32), into out [row_end - row_begin, w.cols].
+void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, float* out);
+
 // ---- Ops -------------------------------------------------------------------------------------
 
 // y[t, r] = sum_c x[t, c] * w[r, c] (+ bias[r]) for t < n_tokens; x is [n_tokens, w.cols],
 // y is [n_tokens, w.rows]; bias (float32, w.rows) may be null. Parallel over rows of w.
 // For I8 weights the int8 values are widened to float32 and the dot product is summed as for the
 // other dtypes; the row's scale multiplies the finished sum once: y = scale[r] * sum + bias[r].
+// For F8E4M3 weights each weight is decoded and multiplied by its block's scale in float32 (the
+// value dequantize_rows gives) before it enters the sum, so on each ISA the result is the same
+// bits as linear() over the dequantized float32 matrix. The AVX2 / AVX-512 kernels decode 8 / 16
+// codes at a time in registers (through the f16 conversion) from one byte per weight; the NaN codes
+// 0x7F / 0xFF, which no quantizer writes, read as +-480 there (NaN on the baseline path).
 void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool);
 
-// out[t, :] = w.row(ids[t]) as float32: an embedding lookup. ids must be < w.rows.
+// out[t, :] = w.row(ids[t]) as float32 (scales applied, as dequantize_rows does): an embedding
+// lookup. ids must be < w.rows.
 void embedding(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out);
 
 // y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight, for n rows of `dim`. In-place safe.
@@ -136,6 +160,15 @@ std::size_t kv_dtype_size(KvDtype t);
 // +-448 (NaN becomes 0x7F).
 float fp8_e4m3_to_f32(uint8_t bits);
 uint8_t f32_to_fp8_e4m3(float v);
+// The 256 values of fp8_e4m3_to_f32, indexed by code.
+const float* fp8_e4m3_table();
+
+// Block-quantizes w (any dtype, scales applied as dequantize_rows does) to F8E4M3: for each
+// 128x128 block (the last ones partial), scale = max|finite value| / 448 (1 when that is not
+// positive: an all-zero block), code = f32_to_fp8_e4m3(value / scale), so that every finite value
+// saturates to +-448 * scale at most; NaN becomes code 0, +-inf +-448. codes is [w.rows, w.cols],
+// scale [fp8_blocks(w.rows), fp8_blocks(w.cols)]. Parallel over row blocks on `pool` (may be null).
+void quantize_fp8_e4m3(const WeightView& w, uint8_t* codes, float* scale, ThreadPool* pool);
 
 // One layer's view of a paged KV cache. Blocks live anywhere in memory: block b starts at
 // blocks[b]; within a block, this layer's keys start k_offset bytes in and are

@@ -13,6 +13,7 @@ std::size_t dtype_size(DType t) {
     case DType::BF16:
       return 2;
     case DType::I8:
+    case DType::F8E4M3:
       return 1;
   }
   return 0;
@@ -28,6 +29,8 @@ const char* dtype_name(DType t) {
       return "BF16";
     case DType::I8:
       return "I8";
+    case DType::F8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -116,6 +119,12 @@ void to_f32(const void* src, DType t, int64_t n, float* dst) {
     case DType::I8: {
       const auto* s = static_cast<const int8_t*>(src);
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(s[i]);
+      return;
+    }
+    case DType::F8E4M3: {
+      const auto* s = static_cast<const uint8_t*>(src);
+      const float* table = fp8_e4m3_table();
+      for (int64_t i = 0; i < n; ++i) dst[i] = table[s[i]];
       return;
     }
   }

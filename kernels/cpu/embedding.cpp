@@ -3,7 +3,7 @@
 namespace moemesh::kernels {
 
 void embedding(const WeightView& w, const int32_t* ids, int64_t n_tokens, float* out) {
-  for (int64_t t = 0; t < n_tokens; ++t) to_f32(w.row(ids[t]), w.dtype, w.cols, out + t * w.cols);
+  for (int64_t t = 0; t < n_tokens; ++t) dequantize_rows(w, ids[t], ids[t] + 1, out + t * w.cols);
 }
 
 }  // namespace moemesh::kernels

@@ -8,8 +8,9 @@ namespace moemesh::kernels {
 namespace {
 
 // The portable kernel: each row of w is read once and used for every token; rows of a
-// half-precision or int8 matrix are widened into a per-thread buffer first; an int8 row's scale
-// multiplies each finished dot product.
+// half-precision, int8 or fp8 matrix are widened into a per-thread buffer first (fp8: decoded
+// through the table and multiplied by the block scales); an int8 row's scale multiplies each
+// finished dot product.
 void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
                           float* y, int64_t row_begin, int64_t row_end) {
   const int64_t rows = w.rows;
@@ -19,6 +20,9 @@ void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w,
     const float* wr;
     if (w.dtype == DType::F32) {
       wr = static_cast<const float*>(w.row(r));
+    } else if (w.dtype == DType::F8E4M3) {
+      dequantize_rows(w, r, r + 1, widened.data());
+      wr = widened.data();
     } else {
       to_f32(w.row(r), w.dtype, cols, widened.data());
       wr = widened.data();

@@ -281,6 +281,9 @@ void linear_rows_avx512(const float* x, int64_t n_tokens, const WeightView& w, c
     case DType::I8:
       rows_impl<DType::I8>(x, n_tokens, w, bias, y, row_begin, row_end);
       break;
+    case DType::F8E4M3:
+      linear_rows_fp8_avx512(x, n_tokens, w, bias, y, row_begin, row_end);
+      break;
   }
 }
 

@@ -151,7 +151,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, SplitModel,
                          ::testing::Values("mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny",
                                            "qwen2moe-bf16", "qwen3moe-bf16-step2", "olmoe-tiny",
                                            "qwen3moe-tiny-fused", "deepseek-v3-tiny",
-                                           "deepseek-v2-bf16"),
+                                           "deepseek-v2-bf16", "glm4moe-tiny", "glm4moe-bf16",
+                                           "dbrx-tiny", "dbrx-bf16-clip"),
                          param_name);
 
 // Delegates to a ShardBackend, failing start() or finish() at one layer when armed, and logging

@@ -185,8 +185,9 @@ void expect_run_matches_local(const std::filesystem::path& dir) {
 }
 
 TEST(ExpertShardRun, MatchesTheLocalExperts) {
-  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip",
-                           "deepseek-v3-tiny", "deepseek-v2-tiny"})
+  for (const char* name :
+       {"mixtral-tiny", "mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip", "deepseek-v3-tiny",
+        "deepseek-v2-tiny", "glm4moe-tiny", "glm4moe-bf16", "dbrx-tiny", "dbrx-bf16-clip"})
     expect_run_matches_local(fixture(name));
 }
 

@@ -49,7 +49,8 @@ TEST_P(ForwardBatch, EachRowEqualsTheSequenceAlone) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ForwardBatch,
                          ::testing::Values("qwen2moe-tiny", "mixtral-bf16", "olmoe-bf16-clip",
-                                           "deepseek-v3-bf16", "deepseek-v2-tiny"));
+                                           "deepseek-v3-bf16", "deepseek-v2-tiny", "glm4moe-tiny",
+                                           "glm4moe-bf16", "dbrx-tiny", "dbrx-bf16-clip"));
 
 TEST(ForwardBatchErrors, BadBatchesChangeNoCache) {
   auto model = Model::load(fixture("qwen3moe-tiny"));

@@ -198,8 +198,8 @@ TEST_P(MlaCache, Bf16AndFp8LatentsStayCloseToFloat32) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, MlaCache,
                          ::testing::Values("deepseek-v3-tiny", "deepseek-v3-bf16",
                                            "deepseek-v2-tiny", "deepseek-v2-bf16"),
-                         [](const auto& info) {
-                           std::string n = info.param;
+                         [](const auto& p) {
+                           std::string n = p.param;
                            std::replace(n.begin(), n.end(), '-', '_');
                            return n;
                          });

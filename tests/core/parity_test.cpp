@@ -140,10 +140,15 @@ TEST(ParityFixtures, CoverEveryFamilyAndFormat) {
     sharded = sharded || fs::exists(fixtures_dir() / name / "model.safetensors.index.json");
     Expected<std::shared_ptr<const Checkpoint>> ck = Checkpoint::open(fixtures_dir() / name);
     ASSERT_TRUE(ck.ok());
-    bf16 = bf16 || (*ck)->tensor("model.embed_tokens.weight")->dtype == kernels::DType::BF16;
+    const char* embed = (*ck)->contains("transformer.wte.weight")
+                            ? "transformer.wte.weight"  // dbrx
+                            : "model.embed_tokens.weight";
+    Expected<TensorView> t = (*ck)->tensor(embed);
+    ASSERT_TRUE(t.ok()) << name << ": " << t.error().message();
+    bf16 = bf16 || t->dtype == kernels::DType::BF16;
   }
-  EXPECT_EQ(archs, (std::set<std::string>{"deepseek_v2", "deepseek_v3", "mixtral", "olmoe",
-                                          "qwen2_moe", "qwen3_moe"}));
+  EXPECT_EQ(archs, (std::set<std::string>{"dbrx", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                                          "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"}));
   EXPECT_TRUE(sharded);
   EXPECT_TRUE(bf16);
 }

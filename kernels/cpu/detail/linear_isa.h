@@ -5,6 +5,9 @@
 // Batch invariance: a kernel sums each (token, row) in one fixed order that depends on cols
 // only, never on n_tokens or on which tokens share a call, so a token's outputs are the same bits
 // alone or in any batch. An I8 row's scale multiplies its finished sum once, on every path.
+// F8E4M3 weights (linear_rows_fp8_*, called by the kernels above for that dtype) are multiplied by
+// their block scale before they enter the sum, which is then the F32 kernel's sum over the
+// dequantized weights: the same bits.
 #pragma once
 
 #include <cstdint>
@@ -18,5 +21,13 @@ void linear_rows_avx2(const float* x, int64_t n_tokens, const WeightView& w, con
 
 void linear_rows_avx512(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
                         float* y, int64_t row_begin, int64_t row_end);
+
+// F8E4M3 weights: few tokens decode the codes in registers; many tokens dequantize panels of rows
+// to float32 once and run the F32 kernel over them.
+void linear_rows_fp8_avx2(const float* x, int64_t n_tokens, const WeightView& w, const float* bias,
+                          float* y, int64_t row_begin, int64_t row_end);
+
+void linear_rows_fp8_avx512(const float* x, int64_t n_tokens, const WeightView& w,
+                            const float* bias, float* y, int64_t row_begin, int64_t row_end);
 
 }  // namespace moemesh::kernels::detail
