@@ -115,6 +115,12 @@ def test_two_to_three_to_one_expert_workers_under_load_fails_nothing(binary):
         snap = get(s, "/admin/cluster")
         assert snap["engine"]["requests_failed_total"] == "0", snap["engine"]
         assert snap["ready"]
+        # No step waited for a deadline or failed: every dispatch was answered, and no slot had
+        # to be rerouted or dropped while the pool changed (stalls would show as timeouts).
+        dispatch = next(a for a in snap["actors"] if a["role"] == "attention")["attention"]
+        for counter in ("timeouts_total", "failed_steps_total", "dropped_slots_total",
+                        "rerouted_slots_total"):
+            assert dispatch["dispatch"][counter] == "0", dispatch["dispatch"]
     finally:
         if extra and extra.poll() is None:
             extra.kill()
