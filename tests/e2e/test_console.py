@@ -190,21 +190,24 @@ def test_console_in_headless_chromium(binary):
     b = browser()
     try:
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import Select
         b.get(s.base + "/console")
         names = {a["name"] for a in get(s, "/admin/cluster")["actors"]}
 
+        # The page redraws every second: read the DOM in one script call, never through element
+        # handles that a redraw makes stale.
         def listed():
-            return {e.get_attribute("data-name")
-                    for e in b.find_elements(By.CSS_SELECTOR, "tr.actor")} >= names
+            return set(b.execute_script(
+                "return [...document.querySelectorAll('tr.actor')].map(e => e.dataset.name)"
+            )) >= names
 
         wait_until(listed, 15, f"the page to list every actor {names}")
         assert b.execute_script("return typeof Chart") == "function", "Chart.js was not served"
 
         def heat():
-            cells = b.find_elements(By.CSS_SELECTOR, "#heatmap td.cell")
-            return {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-expert"))):
-                    int(c.get_attribute("data-total")) for c in cells}
+            cells = b.execute_script(
+                "return [...document.querySelectorAll('#heatmap td.cell')]"
+                ".map(c => [c.dataset.layer, c.dataset.expert, c.dataset.total])")
+            return {(int(layer), int(expert)): int(total) for layer, expert, total in cells}
 
         wait_until(lambda: len(heat()) == 4 * 8, 15, "the heatmap (4 layers x 8 experts)")
         before = sum(heat().values())
@@ -224,11 +227,15 @@ def test_console_in_headless_chromium(binary):
         b.find_element(By.ID, "capacity-button").click()
         wait_until(lambda: get(s, "/admin/cluster")["capacity_factor"] == 1.5, 10,
                    "the capacity factor set from the page")
-        wait_until(lambda: "HTTP 200" in b.find_element(By.ID, "admin-result").text, 5,
-                   "the page to show the answer")
-        wait_until(lambda: "1.50" in b.find_element(By.ID, "capacity").text, 5,
+        text_of = lambda id_: b.execute_script(  # noqa: E731
+            f"return document.getElementById('{id_}').textContent")
+        wait_until(lambda: "HTTP 200" in text_of("admin-result"), 5, "the page to show the answer")
+        wait_until(lambda: "1.50" in text_of("capacity"), 5,
                    "the header to show the new capacity factor")
-        Select(b.find_element(By.ID, "drain-select")).select_by_value("expert-1")
+        # The options are redrawn every second (the page keeps the chosen value): choose by script.
+        b.execute_script("document.getElementById('drain-select').value = 'expert-1'")
+        assert b.execute_script("return document.getElementById('drain-select').value") == \
+            "expert-1"
         b.find_element(By.ID, "drain-button").click()
 
         def drained():
@@ -236,8 +243,9 @@ def test_console_in_headless_chromium(binary):
             return states.get("expert-1") == "drained"
 
         wait_until(drained, 15, "expert-1 drained from the page")
-        wait_until(lambda: b.find_element(By.CSS_SELECTOR, 'tr.actor[data-name="expert-1"]')
-                   .get_attribute("data-state") == "drained", 5, "the page to show it drained")
+        wait_until(lambda: b.execute_script(
+            "const e = document.querySelector('tr.actor[data-name=\"expert-1\"]');"
+            "return e ? e.dataset.state : null") == "drained", 5, "the page to show it drained")
         b.save_screenshot(str(out / "3-after-admin-actions.png"))
         # Requests still complete with every expert on the remaining worker.
         load(s, streams=2, tokens=8)
