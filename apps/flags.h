@@ -114,7 +114,8 @@ struct ElasticFlags {
   }
 };
 
-// --host, --port, --api-key, --admin-token, --max-body-bytes.
+// --host, --port, --api-key, --admin-token and the request limits (--max-body-bytes, --max-n,
+// --max-tokens-limit, --max-streams-per-client, --max-queued-requests, --max-open-requests).
 inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
   app.add_option("--host", o.host, "Address to listen on")->capture_default_str();
   app.add_option("--port", o.port, "HTTP port (0: any free port)")->capture_default_str();
@@ -125,8 +126,30 @@ inline void add_http_flags(CLI::App& app, GatewayOptions& o) {
                  "Allow POST /admin/* with \"Authorization: Bearer TOKEN\" (or "
                  "$MOEMESH_ADMIN_TOKEN)")
       ->envname("MOEMESH_ADMIN_TOKEN");
-  app.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body accepted")
+  app.add_option("--max-body-bytes", o.max_body_bytes, "Largest request body accepted (413)")
       ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--max-n", o.max_n, "Largest \"n\" (choices per prompt) a request may ask (400)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  app.add_option("--max-tokens-limit", o.max_tokens_limit,
+                 "Largest max_tokens a request may ask, besides the context (400; 0: the context "
+                 "only); also caps chat's default of the rest of the context")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 32))
+      ->capture_default_str();
+  app.add_option("--max-streams-per-client", o.max_streams_per_client,
+                 "Generation requests in flight per client IP address (429 with Retry-After)")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--max-queued-requests", o.max_queued_requests,
+                 "Requests waiting for the engine (accepted, no token yet) before new ones get "
+                 "429 with Retry-After")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  app.add_option("--max-open-requests", o.max_open_requests,
+                 "Generation requests in flight at the gateway before new ones get 429 with "
+                 "Retry-After")
+      ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   app.add_option("--expert-metrics", o.expert_metrics,
                  "Series of moemesh_expert_tokens_total on /metrics: the N busiest experts "

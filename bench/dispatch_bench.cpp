@@ -17,7 +17,11 @@
 //
 //   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--hidden 2048,7168]
 //                            [--tokens 1,16,64,256] [--dtype bf16|f32] [--perftest PATH]
-//                            [--no-perftest]
+//                            [--no-perftest] [--token TOKEN]
+//
+// --token authenticates every header with that cluster token on both sides (HMAC-SHA256, see
+// transport/detail/auth.h); without it nothing is signed or checked, so the two runs show what
+// authentication costs.
 //
 // --transports lists UCX_TLS values separated by ';' (a value may itself be a list:
 // "sm;posix,sysv,cma").
@@ -92,9 +96,10 @@ std::string from_hex(const std::string& hex) {
 
 // --serve: the expert-worker process. Prints its address in hex on stdout, serves until stdin
 // closes. The handler copies x into partial: the reply has the bytes of the request's x.
-int serve(const std::string& transports) {
+int serve(const std::string& transports, const std::string& token) {
   DataPlaneOptions o;
   o.transports = transports;
+  o.token = token;
   auto server = DispatchServer::start(o, [](std::span<Dispatch> batch) {
     for (Dispatch& d : batch)
       std::memcpy(d.partial, d.x, static_cast<size_t>(d.n_tokens * d.hidden) * sizeof(float));
@@ -291,6 +296,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> token_counts = {1, 16, 64, 256};
   WireDtype dtype = WireDtype::BF16;
   bool run_perftest = true;
+  std::string token;
   auto int_list = [](const std::string& s) {
     std::vector<int64_t> out;
     for (const std::string& v : split(s, ',')) out.push_back(std::max<int64_t>(1, std::stoll(v)));
@@ -312,6 +318,8 @@ int main(int argc, char** argv) {
     } else if (flag == "--dtype" && has_value &&
                (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "f32")) {
       dtype = std::string(argv[++i]) == "f32" ? WireDtype::F32 : WireDtype::BF16;
+    } else if (flag == "--token" && has_value) {
+      token = argv[++i];
     } else if (flag == "--no-perftest") {
       run_perftest = false;
     } else if (flag == "--serve" && has_value) {
@@ -322,12 +330,12 @@ int main(int argc, char** argv) {
                    "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
                    "default \"sm;tcp\") --iterations N (default 200) --hidden LIST (default "
                    "2048,7168) --tokens LIST (default 1,16,64,256) --dtype bf16|f32 (default "
-                   "bf16) --perftest PATH --no-perftest\n",
+                   "bf16) --perftest PATH --no-perftest --token TOKEN\n",
                    flag.c_str());
       return 2;
     }
   }
-  if (serving) return serve(serve_tls);
+  if (serving) return serve(serve_tls, token);
   signal(SIGPIPE, SIG_IGN);
 
   const int warmup = std::max(5, iterations / 10);
@@ -341,7 +349,9 @@ int main(int argc, char** argv) {
   self[self_len] = 0;
 
   for (const std::string& tls : split(transports, ';')) {
-    Child server = spawn({self, "--serve", tls}, "");
+    std::vector<std::string> server_args = {self, "--serve", tls};
+    if (!token.empty()) server_args.insert(server_args.end(), {"--token", token});
+    Child server = spawn(server_args, "");
     const std::string address = read_address(server.out);
     if (address.empty()) {
       std::fprintf(stderr, "dispatch_bench: the --serve process for UCX_TLS=%s did not start\n",
@@ -352,6 +362,7 @@ int main(int argc, char** argv) {
     DataPlaneOptions o;
     o.transports = tls;
     o.dtype = dtype;
+    o.token = token;
     auto client = DispatchClient::create(o);
     if (!client.ok()) {
       std::fprintf(stderr, "dispatch_bench: %s\n", client.error().message().c_str());

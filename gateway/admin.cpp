@@ -2,6 +2,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <optional>
 
@@ -85,9 +86,17 @@ void ask_router(const AdminContext& ctx, Render render, std::function<void(Admin
 }  // namespace
 
 bool same_secret(std::string_view a, std::string_view b) {
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    diff |= static_cast<unsigned char>(a[i] ^ b[i % std::max<std::size_t>(1, b.size())]);
+  // Every byte of the longer input is read and compared, whatever the contents: the time depends
+  // only on the two lengths (the client's own and the secret's), never on where they differ.
+  // Bytes past the end of the shorter input compare against 0 and the lengths are compared too,
+  // so a prefix of the secret does not match. `volatile` keeps the compiler from ending early.
+  const std::size_t n = std::max(a.size(), b.size());
+  volatile unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff = diff | static_cast<unsigned char>(x ^ y);
+  }
   return diff == 0;
 }
 

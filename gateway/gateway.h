@@ -33,9 +33,15 @@ struct GatewayOptions {
   int io_threads = 2;
   std::size_t max_body_bytes = 8u << 20;
   std::chrono::seconds idle_timeout{120};
-  int max_open_requests = 4096;  // beyond this, new requests get 503
-  std::string admin_token;       // POST /admin/* needs "Authorization: Bearer TOKEN"; empty: off
-  int expert_metrics = 64;       // moemesh_expert_tokens_total series: N busiest, 0 none, -1 all
+  // Limits (docs/security.md). A request over a limit gets an OpenAI error: 400 for what the
+  // request asks (n, max_tokens), 429 with Retry-After for what the server holds.
+  int max_open_requests = 4096;     // generation requests in flight at the gateway
+  int max_queued_requests = 1024;   // requests accepted that have not yet had a first token
+  int max_streams_per_client = 64;  // generation requests in flight per client IP address
+  int max_n = 16;                   // choices per prompt ("n")
+  int64_t max_tokens_limit = 0;     // cap on max_tokens besides the context (0: none)
+  std::string admin_token;          // POST /admin/* needs "Authorization: Bearer TOKEN"; empty: off
+  int expert_metrics = 64;          // moemesh_expert_tokens_total series: N busiest, 0 none, -1 all
   std::string console_assets = "/usr/share/javascript/chart.js";  // Chart.js for /console
 };
 

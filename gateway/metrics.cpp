@@ -77,6 +77,28 @@ void Metrics::record_request(const RequestRecord& r) {
   gen_len_.observe(static_cast<double>(r.generation_tokens));
 }
 
+void RejectCounters::count(std::string_view reason) {
+  std::size_t i = 0;
+  while (i + 1 < kReasons.size() && reason != kReasons[i]) ++i;
+  counts_[i].fetch_add(1, std::memory_order_relaxed);
+}
+
+uint64_t RejectCounters::value(std::string_view reason) const {
+  for (std::size_t i = 0; i < kReasons.size(); ++i)
+    if (reason == kReasons[i]) return counts_[i].load(std::memory_order_relaxed);
+  return 0;
+}
+
+void RejectCounters::render(std::string& out, const std::string& labels) const {
+  out +=
+      "# HELP moemesh_requests_rejected_total Requests refused before the engine, by reason (a "
+      "server limit or authentication).\n# TYPE moemesh_requests_rejected_total counter\n";
+  for (std::size_t i = 0; i < kReasons.size(); ++i)
+    out += fmt::format("moemesh_requests_rejected_total{{{}{}reason=\"{}\"}} {}\n", labels,
+                       labels.empty() ? "" : ",", kReasons[i],
+                       counts_[i].load(std::memory_order_relaxed));
+}
+
 void Metrics::observe_inter_token(double seconds) {
   itl_.observe(seconds);
 }

@@ -16,6 +16,13 @@ ApiError bad(std::string param, std::string message) {
   return e;
 }
 
+// A request over one of the server's limits (counted by reason in /metrics).
+ApiError over_limit(std::string param, std::string limit, std::string message) {
+  ApiError e = bad(std::move(param), std::move(message));
+  e.limit = std::move(limit);
+  return e;
+}
+
 // Reads optional typed fields, remembering the first error.
 class Fields {
  public:
@@ -165,7 +172,8 @@ json models_list(const ServedModel& model) {
 }
 
 std::variant<CompletionRequest, ApiError> parse_request(const json& body, Endpoint endpoint,
-                                                        const ServedModel& model) {
+                                                        const ServedModel& model,
+                                                        const RequestLimits& limits) {
   if (!body.is_object()) return bad("", "the request body must be a JSON object");
   Fields f(body);
   CompletionRequest r;
@@ -208,8 +216,11 @@ std::variant<CompletionRequest, ApiError> parse_request(const json& body, Endpoi
   s.repetition_penalty = static_cast<float>(repetition.value_or(1));
   if (const auto seed = f.integer("seed")) s.seed = static_cast<uint64_t>(*seed);
   const auto n = f.integer("n");
-  if (n && (*n < 1 || *n > 128))
-    f.error(bad("n", fmt::format("n must be between 1 and 128, got {}", *n)));
+  if (n && *n < 1) f.error(bad("n", fmt::format("n must be at least 1, got {}", *n)));
+  if (n && *n > limits.max_n)
+    f.error(over_limit("n", "n",
+                       fmt::format("n must be between 1 and {} (the server's --max-n), got {}",
+                                   limits.max_n, *n)));
   r.n = static_cast<int>(n.value_or(1));
   const auto min_tokens = f.integer("min_tokens");
   if (min_tokens && *min_tokens < 0) f.error(bad("min_tokens", "min_tokens must be >= 0"));
@@ -304,8 +315,16 @@ std::variant<CompletionRequest, ApiError> parse_request(const json& body, Endpoi
 
   std::optional<int64_t> max_tokens =
       f.integer(chat && f.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens");
+  const char* max_tokens_name =
+      chat && f.has("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
   if (max_tokens && *max_tokens < 1)
-    f.error(bad("max_tokens", fmt::format("max_tokens must be at least 1, got {}", *max_tokens)));
+    f.error(bad(max_tokens_name,
+                fmt::format("{} must be at least 1, got {}", max_tokens_name, *max_tokens)));
+  if (max_tokens && limits.max_tokens_limit > 0 && *max_tokens > limits.max_tokens_limit)
+    f.error(over_limit(max_tokens_name, "max_tokens",
+                       fmt::format("{} is {}, over the server's limit of {} tokens "
+                                   "(--max-tokens-limit)",
+                                   max_tokens_name, *max_tokens, limits.max_tokens_limit)));
   if (f.first_error()) return *f.first_error();
 
   // The prompts.
@@ -358,20 +377,33 @@ std::variant<CompletionRequest, ApiError> parse_request(const json& body, Endpoi
     if (r.prompts.size() > 64) return bad("prompt", "at most 64 prompts per request");
   }
 
+  // The context: every prompt must leave room for at least one token, and for max_tokens.
+  // Without max_tokens, chat fills the rest of the context (up to --max-tokens-limit).
+  const char* prompt_param = chat ? "messages" : "prompt";
   for (const auto& ids : r.prompts) {
     const auto len = static_cast<int64_t>(ids.size());
-    if (len == 0) return bad("prompt", "the prompt is empty after tokenization");
+    if (len == 0) return bad(prompt_param, "the prompt is empty after tokenization");
+    if (len >= model.max_model_len)
+      return over_limit(
+          prompt_param, "prompt_length",
+          fmt::format("This model's maximum context length is {} tokens. However, the {} has {} "
+                      "tokens, which leaves no room for a completion. Please reduce the length "
+                      "of the {}.",
+                      model.max_model_len, chat ? "messages" : "prompt", len, prompt_param));
     const int64_t want = max_tokens.value_or(chat ? model.max_model_len - len : 16);
-    if (len + std::max<int64_t>(want, 0) > model.max_model_len || len >= model.max_model_len)
-      return bad(chat ? "messages" : "prompt",
-                 fmt::format("This model's maximum context length is {} tokens. However, you "
-                             "requested {} tokens ({} in the messages, {} in the completion). "
-                             "Please reduce the length of the messages or completion.",
-                             model.max_model_len, len + want, len, want));
+    if (len + want > model.max_model_len)
+      return over_limit(
+          max_tokens ? max_tokens_name : prompt_param, "max_tokens",
+          fmt::format("This model's maximum context length is {} tokens. However, you "
+                      "requested {} tokens ({} in the {}, {} in the completion). Please reduce "
+                      "the length of the {} or {} (at most {} for this prompt).",
+                      model.max_model_len, len + want, len, chat ? "messages" : "prompt", want,
+                      prompt_param, max_tokens_name, model.max_model_len - len));
   }
   // One max_tokens for all prompts: the default for chat fills the context.
-  s.max_tokens = max_tokens.value_or(
-      chat ? model.max_model_len - static_cast<int64_t>(r.prompts[0].size()) : 16);
+  int64_t fallback = chat ? model.max_model_len - static_cast<int64_t>(r.prompts[0].size()) : 16;
+  if (limits.max_tokens_limit > 0) fallback = std::min(fallback, limits.max_tokens_limit);
+  s.max_tokens = max_tokens.value_or(fallback);
   if (s.min_tokens > s.max_tokens)
     return bad("min_tokens", fmt::format("min_tokens ({}) must not exceed max_tokens ({})",
                                          s.min_tokens, s.max_tokens));

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <unordered_map>
 
 #include "actors/introspection.h"
 #include "actors/sampling_proto.h"
@@ -68,6 +69,11 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
   std::atomic<bool> last_ready{false};  // the engine (or the cluster) said it can serve
 
   std::atomic<int> open_requests{0};
+  std::atomic<int> queued_requests{0};  // accepted, no delta from the engine yet
+  gateway::RejectCounters rejected;     // refusals by reason (moemesh_requests_rejected_total)
+  // Guards open_by_client; admission checks and takes the three counts under it.
+  std::mutex clients_mu;
+  std::unordered_map<std::string, int> open_by_client;  // generation requests per client IP
   std::atomic<bool> stopping{false};
   actors::ActorCounters counters;  // only `started` is used: the gateway counts HTTP responses
 
@@ -89,7 +95,7 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, std::shared_ptr<Gateway::Impl> gw)
-      : stream_(std::move(socket)), gw_(std::move(gw)) {}
+      : client_(peer_address(socket)), stream_(std::move(socket)), gw_(std::move(gw)) {}
   ~Session() {
     // A session torn down with a request in flight (I/O stopped at shutdown) still ends its sink.
     if (sink_) caf::anon_send_exit(sink_, caf::exit_reason::user_shutdown);
@@ -135,7 +141,16 @@ class Session : public std::enable_shared_from_this<Session> {
     finish_request();
   }
   void fail_stream(const std::string& message);
+  // 429 when this request would exceed a limit on what the server holds, else takes its share.
+  std::optional<ApiError> admit(bool stream);
+  void release_admission();
+  static std::string peer_address(const tcp::socket& socket) {
+    beast::error_code ec;
+    const auto endpoint = socket.remote_endpoint(ec);
+    return ec ? std::string("unknown") : endpoint.address().to_string();
+  }
 
+  const std::string client_;  // the client's IP address (limits per client)
   beast::tcp_stream stream_;
   beast::flat_buffer buffer_;
   std::shared_ptr<Gateway::Impl> gw_;
@@ -158,6 +173,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::response_serializer<http::empty_body>> stream_serializer_;
   std::deque<std::pair<std::shared_ptr<std::string>, bool>> out_;  // (chunk, is last)
   bool writing_ = false;
+  bool queued_ = false;          // counted in queued_requests (no delta yet)
+  bool client_counted_ = false;  // counted in open_by_client[client_]
+  int retry_after_s_ = 0;        // the next response carries "Retry-After" when > 0
 };
 
 void Session::do_read() {
@@ -183,8 +201,10 @@ void Session::on_read(beast::error_code ec) {
     ApiError e;
     e.status = 413;
     e.type = "RequestTooLarge";
+    e.limit = "body_size";
     e.message =
-        fmt::format("the request body exceeds the limit of {} bytes", gw_->options.max_body_bytes);
+        fmt::format("the request body exceeds the server's limit of {} bytes (--max-body-bytes)",
+                    gw_->options.max_body_bytes);
     send_error(e);
     return;
   }
@@ -215,6 +235,8 @@ void Session::send(http::status status, std::string body, const char* content_ty
   response_->set(http::field::server, "moemesh");
   response_->set(http::field::content_type, content_type);
   if (!request_id_header_.empty()) response_->set("x-request-id", request_id_header_);
+  if (retry_after_s_ > 0) response_->set(http::field::retry_after, std::to_string(retry_after_s_));
+  retry_after_s_ = 0;
   response_->keep_alive(keep_alive_ && !gw_->stopping);
   response_->body() = std::move(body);
   response_->prepare_payload();
@@ -250,6 +272,8 @@ void Session::drain_and_close(std::size_t budget) {
 }
 
 void Session::send_error(const ApiError& e) {
+  if (!e.limit.empty()) gw_->rejected.count(e.limit);
+  if (e.status == 429) retry_after_s_ = 1;
   send(static_cast<http::status>(e.status),
        gateway::error_body(e).dump(-1, ' ', false, json::error_handler_t::replace));
 }
@@ -288,8 +312,9 @@ void Session::handle(http::request<http::string_body>& req) {
   }
   if (path == "/version" && get) return send(http::status::ok, json{{"version", kVersion}}.dump());
   if (path == "/metrics" && get) {
-    return send(http::status::ok, metrics ? metrics->render() : std::string(),
-                "text/plain; version=0.0.4; charset=utf-8");
+    std::string text = metrics ? metrics->render() : std::string();
+    gw_->rejected.render(text, metrics ? metrics->labels() : std::string());
+    return send(http::status::ok, std::move(text), "text/plain; version=0.0.4; charset=utf-8");
   }
 
   if (gateway::is_admin_path(path)) {
@@ -316,6 +341,7 @@ void Session::handle(http::request<http::string_body>& req) {
     auto executor = stream_.get_executor();
     gateway::handle_admin(ctx, post, path, std::string(req[http::field::authorization]), req.body(),
                           [self = shared_from_this(), executor](gateway::AdminReply r) {
+                            if (r.status == 401) self->gw_->rejected.count("auth");
                             net::post(executor, [self, r = std::move(r)]() mutable {
                               self->send(static_cast<http::status>(r.status), std::move(r.body));
                             });
@@ -342,6 +368,7 @@ void Session::handle(http::request<http::string_body>& req) {
       ApiError e;
       e.status = 401;
       e.type = "AuthenticationError";
+      e.limit = "auth";
       e.message = "missing or wrong API key: send the header \"Authorization: Bearer <key>\"";
       return send_error(e);
     }
@@ -397,16 +424,13 @@ void Session::handle_generate(const http::request<http::string_body>& req,
                               gateway::Endpoint endpoint, const gateway::ServedModel& model,
                               const actors::engine_actor& engine) {
   json body = json::parse(req.body(), nullptr, false);
-  auto parsed = gateway::parse_request(body, endpoint, model);
+  gateway::RequestLimits limits;
+  limits.max_n = gw_->options.max_n;
+  limits.max_tokens_limit = gw_->options.max_tokens_limit;
+  auto parsed = gateway::parse_request(body, endpoint, model, limits);
   if (auto* e = std::get_if<ApiError>(&parsed)) return send_error(*e);
-  if (gw_->open_requests.load() >= gw_->options.max_open_requests) {
-    ApiError e;
-    e.status = 503;
-    e.type = "ServiceUnavailableError";
-    e.message = fmt::format("the server is overloaded ({} requests in flight); retry later",
-                            gw_->open_requests.load());
-    return send_error(e);
-  }
+  if (std::optional<ApiError> refused = admit(std::get<gateway::CompletionRequest>(parsed).stream))
+    return send_error(*refused);
   gateway::CompletionRequest request = std::move(std::get<gateway::CompletionRequest>(parsed));
   const std::string id = (endpoint == gateway::Endpoint::Chat ? "chatcmpl-" : "cmpl-") +
                          (request_id_header_.empty() ? random_hex(32) : request_id_header_);
@@ -415,7 +439,6 @@ void Session::handle_generate(const http::request<http::string_body>& req,
   submitted_ = 0;
   headers_sent_ = false;
   client_gone_ = false;
-  ++gw_->open_requests;
 
   // One engine request per prompt, submitted by the sink actor that then relays the deltas.
   std::vector<std::string> requests;
@@ -465,6 +488,55 @@ void Session::handle_generate(const http::request<http::string_body>& req,
       },
       requests);
   monitor_disconnect();
+}
+
+std::optional<ApiError> Session::admit(bool stream) {
+  const GatewayOptions& o = gw_->options;
+  auto too_many = [](std::string limit, std::string message) {
+    ApiError e;
+    e.status = 429;
+    e.type = "RateLimitError";
+    e.limit = std::move(limit);
+    e.message = std::move(message);
+    return e;
+  };
+  // Checked and taken under one lock, so that concurrent sessions cannot overshoot a limit.
+  std::lock_guard<std::mutex> lock(gw_->clients_mu);
+  if (const int open = gw_->open_requests.load(); open >= o.max_open_requests)
+    return too_many("open_requests",
+                    fmt::format("too many requests in flight: the server holds at most {} "
+                                "(--max-open-requests); retry later",
+                                o.max_open_requests));
+  auto it = gw_->open_by_client.find(client_);
+  if (const int mine = it == gw_->open_by_client.end() ? 0 : it->second;
+      mine >= o.max_streams_per_client)
+    return too_many("streams_per_client",
+                    fmt::format("too many {}requests from this client: {} are open, the limit per "
+                                "client address is {} (--max-streams-per-client); retry when one "
+                                "has finished",
+                                stream ? "streaming " : "", mine, o.max_streams_per_client));
+  if (const int queued = gw_->queued_requests.load(); queued >= o.max_queued_requests)
+    return too_many("queue_full",
+                    fmt::format("too many requests waiting: {} requests are queued for the "
+                                "engine, the limit is {} (--max-queued-requests); retry later",
+                                queued, o.max_queued_requests));
+  ++gw_->open_by_client[client_];
+  client_counted_ = true;
+  ++gw_->open_requests;
+  ++gw_->queued_requests;
+  queued_ = true;
+  return std::nullopt;
+}
+
+void Session::release_admission() {
+  if (queued_) --gw_->queued_requests;
+  queued_ = false;
+  if (client_counted_) {
+    std::lock_guard<std::mutex> lock(gw_->clients_mu);
+    auto it = gw_->open_by_client.find(client_);
+    if (it != gw_->open_by_client.end() && --it->second <= 0) gw_->open_by_client.erase(it);
+  }
+  client_counted_ = false;
 }
 
 // A pending read while a request runs: EOF or a reset means the client left.
@@ -539,6 +611,10 @@ void Session::on_delta(const std::string& bytes) {
   const std::string& rid = d.request_id();
   const int p = state_->prompt_of(rid);
   if (p < 0) return;  // a delta of an earlier request on this connection
+  if (queued_) {      // the engine runs it: no longer waiting
+    --gw_->queued_requests;
+    queued_ = false;
+  }
   std::vector<std::string> events;
   std::vector<int> cancel;
   state_->on_delta(static_cast<std::size_t>(p), d, events, cancel);
@@ -630,6 +706,7 @@ void Session::finish_request() {
   if (sink_) caf::anon_send_exit(sink_, caf::exit_reason::user_shutdown);
   sink_ = caf::actor();
   state_.reset();
+  release_admission();
   --gw_->open_requests;
 }
 

@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "transport/data_plane.h"
+#include "transport/detail/auth.h"
 #include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
 
@@ -109,6 +110,7 @@ class DispatchClient::Impl {
   const DataPlaneOptions options_;
   const bool fused_ = detail::bf16_fused_ok(options_.transports);
   std::unique_ptr<detail::UcxWorker> ucx_;
+  std::unique_ptr<detail::HeaderAuth> auth_;
   std::vector<std::unique_ptr<Peer>> peers_;
   std::unordered_map<std::string, int> by_address_;
   std::vector<std::unique_ptr<SendSlot>> all_slots_;
@@ -128,6 +130,9 @@ class DispatchClient::Impl {
 };
 
 Status DispatchClient::Impl::init() {
+  auto auth = detail::HeaderAuth::create(options_.token);
+  if (!auth) return auth.error();
+  auth_ = std::move(*auth);
   auto created = detail::UcxWorker::create(options_, "client", /*wakeup=*/false);
   if (!created.ok()) return created.error();
   ucx_ = std::move(created.value());
@@ -331,6 +336,7 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   out_header_.set_hidden(hidden);
   out_header_.set_dtype(detail::to_proto(options_.dtype));
   out_header_.set_seq(seq);
+  auth_->sign(out_header_);
   if (detail::grows(s->header, out_header_.ByteSizeLong())) ++stats_.buffers;
   detail::serialize_into(out_header_, s->header);
 
@@ -402,7 +408,13 @@ ucs_status_t DispatchClient::Impl::on_reply(const void* header, size_t header_le
   ReplyBuf* r = acquire_reply(length);
   r->seq = in_header_.seq();
   p->reply = r;
-  if (!in_header_.error().empty()) {
+  if (!auth_->verify(in_header_)) {
+    // Never use its bytes; the dispatch fails like one answered with an error.
+    ++stats_.auth_failures;
+    r->error =
+        "reply refused: its authentication tag does not verify with this worker's cluster token "
+        "(every worker needs the same --cluster-token or MOEMESH_CLUSTER_TOKEN)";
+  } else if (!in_header_.error().empty()) {
     r->error = in_header_.error();
   } else {
     const auto layout = detail::reply_layout(p->n_tokens, p->slots, p->hidden, p->dtype);

@@ -42,6 +42,14 @@
 // `dtype` is what a client puts on the wire for hidden states; a server replies in the dtype it
 // received, and both sides hand f32 to their callers.
 //
+// Authentication. With a `token` (the cluster token), every dispatch and reply header carries an
+// HMAC-SHA256 tag of its fields under a key derived from the token (transport/detail/auth.h).
+// A server refuses a dispatch whose tag does not verify before receiving its payload: it answers
+// with an error reply, counts it (ServerStats::auth_failures) and logs the first one of each peer
+// endpoint. A client turns a reply whose tag does not verify into an error reply
+// (ClientStats::auth_failures). An empty token signs and checks nothing. The tensor bytes are
+// not covered and nothing is encrypted: see docs/security.md.
+//
 // Addresses. address() is the UCX worker address wrapped in a short checked frame (magic, length,
 // checksum), so connect() rejects a truncated or foreign address with a message instead of
 // handing garbage to UCX.
@@ -67,6 +75,7 @@ struct DataPlaneOptions {
   std::string transports;   // value for UCX_TLS ("" = UCX default; e.g. "tcp", "sm", "self,sm")
   std::string net_devices;  // value for UCX_NET_DEVICES ("" = UCX default)
   WireDtype dtype = WireDtype::F32;  // client side: what it sends; a server replies in kind
+  std::string token;  // the cluster token: authenticates every header ("" = no authentication)
 };
 
 // One dispatch as the expert worker sees it; views valid only during the handler call.
@@ -90,13 +99,14 @@ struct Dispatch {
 };
 
 struct ServerStats {
-  uint64_t dispatches = 0;  // dispatches handed to the handler
-  uint64_t replies = 0;     // replies sent (completed or in flight)
-  uint64_t bytes_in = 0;    // payload bytes received
-  uint64_t bytes_out = 0;   // payload bytes replied
-  uint64_t errors = 0;      // malformed dispatches, error replies, failed reply sends
-  uint64_t buffers = 0;     // buffer/slot allocations (pool growth; flat in steady state)
-  uint64_t last_batch = 0;  // dispatches queued together in the last batch handed to the handler
+  uint64_t dispatches = 0;     // dispatches handed to the handler
+  uint64_t replies = 0;        // replies sent (completed or in flight)
+  uint64_t bytes_in = 0;       // payload bytes received
+  uint64_t bytes_out = 0;      // payload bytes replied
+  uint64_t errors = 0;         // malformed dispatches, error replies, failed reply sends
+  uint64_t buffers = 0;        // buffer/slot allocations (pool growth; flat in steady state)
+  uint64_t last_batch = 0;     // dispatches queued together in the last batch handed to the handler
+  uint64_t auth_failures = 0;  // dispatches refused: their tag did not verify (also in errors)
 };
 
 class DispatchServer {
@@ -135,14 +145,15 @@ struct Reply {
 };
 
 struct ClientStats {
-  uint64_t dispatches = 0;    // sends accepted
-  uint64_t replies = 0;       // replies delivered to on_reply (error replies included)
-  uint64_t timeouts = 0;      // dispatches without a reply when their wait() ended
-  uint64_t late_replies = 0;  // replies dropped: after their wait(), wrong epoch/step, duplicate
-  uint64_t send_errors = 0;   // sends refused or failed by UCX (dead or unreachable peer)
-  uint64_t bytes_out = 0;     // payload bytes sent
-  uint64_t bytes_in = 0;      // payload bytes of delivered replies
-  uint64_t buffers = 0;       // buffer/slot allocations (pool growth; flat in steady state)
+  uint64_t dispatches = 0;     // sends accepted
+  uint64_t replies = 0;        // replies delivered to on_reply (error replies included)
+  uint64_t timeouts = 0;       // dispatches without a reply when their wait() ended
+  uint64_t late_replies = 0;   // replies dropped: after their wait(), wrong epoch/step, duplicate
+  uint64_t send_errors = 0;    // sends refused or failed by UCX (dead or unreachable peer)
+  uint64_t bytes_out = 0;      // payload bytes sent
+  uint64_t bytes_in = 0;       // payload bytes of delivered replies
+  uint64_t buffers = 0;        // buffer/slot allocations (pool growth; flat in steady state)
+  uint64_t auth_failures = 0;  // replies whose tag did not verify (delivered as error replies)
 };
 
 // Attention-worker side. Used by ONE thread (the caller's); it has no thread of its own.

@@ -13,8 +13,10 @@
 #include <future>
 #include <mutex>
 #include <thread>
+#include <unordered_set>
 
 #include "transport/data_plane.h"
+#include "transport/detail/auth.h"
 #include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
 
@@ -82,7 +84,8 @@ class DispatchServer::Impl {
     detail::Bf16Message wire;  // a fused bf16 receive or reply in flight
     std::string reply_header;
     std::string error;
-    bool malformed = false;  // answered with `error` without calling the handler
+    bool malformed = false;        // answered with `error` without calling the handler
+    bool unauthenticated = false;  // refused for its tag: the refusal goes out unsigned
   };
 
   void run(std::promise<Status>* ready);
@@ -98,7 +101,8 @@ class DispatchServer::Impl {
 
   Inbound* acquire(size_t reply_bytes);
   void release(Inbound* in);
-  void reject(Inbound* in, std::string message);
+  void reject(Inbound* in, std::string message, bool log = true);
+  void refuse_unauthenticated(Inbound* in, ucp_ep_h peer);
   void handle_ready();
   bool prepare(Inbound& in, Dispatch& d);
   bool zero_some();
@@ -110,6 +114,7 @@ class DispatchServer::Impl {
   const DataPlaneOptions options_;
   const bool fused_ = detail::bf16_fused_ok(options_.transports);
   const Handler handler_;
+  std::unique_ptr<detail::HeaderAuth> auth_;  // used by the server thread only
   std::string address_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -128,13 +133,19 @@ class DispatchServer::Impl {
   size_t busy_ = 0;  // Inbounds receiving or replying
   proto::DispatchHeader in_header_;
   proto::ReplyHeader out_header_;
+  std::unordered_set<ucp_ep_h> auth_logged_;  // peers whose refused dispatch was logged
 
   std::atomic<uint64_t> last_batch_{0};
   std::atomic<uint64_t> dispatches_{0}, replies_{0}, bytes_in_{0}, bytes_out_{0}, errors_{0},
-      buffers_{0};
+      buffers_{0}, auth_failures_{0};
 };
 
 Status DispatchServer::Impl::start() {
+  auto auth = detail::HeaderAuth::create(options_.token);
+  if (!auth) return auth.error();
+  auth_ = std::move(*auth);
+  if (!auth_->enabled())
+    spdlog::debug("transport=server event=no_authentication reason=\"no cluster token\"");
   std::promise<Status> ready;
   std::future<Status> started = ready.get_future();
   thread_ = std::thread([this, &ready] { run(&ready); });
@@ -161,6 +172,7 @@ ServerStats DispatchServer::Impl::stats() const {
   s.errors = errors_.load(std::memory_order_relaxed);
   s.buffers = buffers_.load(std::memory_order_relaxed);
   s.last_batch = last_batch_.load(std::memory_order_relaxed);
+  s.auth_failures = auth_failures_.load(std::memory_order_relaxed);
   return s;
 }
 
@@ -242,6 +254,7 @@ DispatchServer::Impl::Inbound* DispatchServer::Impl::acquire(size_t reply_bytes)
   in->reply_ep = nullptr;
   in->x_converted = false;
   in->malformed = false;
+  in->unauthenticated = false;
   in->error.clear();
   return in;
 }
@@ -277,12 +290,29 @@ bool DispatchServer::Impl::zero_some() {
   return false;
 }
 
-void DispatchServer::Impl::reject(Inbound* in, std::string message) {
-  spdlog::warn("transport=server event=malformed_dispatch reason=\"{}\"", message);
+void DispatchServer::Impl::reject(Inbound* in, std::string message, bool log) {
+  if (log) spdlog::warn("transport=server event=malformed_dispatch reason=\"{}\"", message);
   in->malformed = true;
   in->error = std::move(message);
   in->state = State::kReady;
   ready_.push_back(in);
+}
+
+// A dispatch without a valid tag: an error reply, counted; logged once per peer endpoint (a peer
+// that keeps trying does not flood the log). Its payload is never received.
+void DispatchServer::Impl::refuse_unauthenticated(Inbound* in, ucp_ep_h peer) {
+  auth_failures_.fetch_add(1, std::memory_order_relaxed);
+  in->unauthenticated = true;  // no signed answer for a sender without the token
+  constexpr size_t kMaxLoggedPeers = 4096;
+  if (auth_logged_.size() < kMaxLoggedPeers && auth_logged_.insert(peer).second)
+    spdlog::warn(
+        "transport=server event=unauthenticated_dispatch peer_ep={} refused_total={} "
+        "reason=\"the dispatch's tag does not verify with this worker's cluster token\"",
+        static_cast<const void*>(peer), auth_failures_.load(std::memory_order_relaxed));
+  reject(in,
+         "dispatch refused: its authentication tag does not verify with this expert worker's "
+         "cluster token (every worker needs the same --cluster-token or MOEMESH_CLUSTER_TOKEN)",
+         /*log=*/false);
 }
 
 ucs_status_t DispatchServer::Impl::on_dispatch_am(void* arg, const void* header,
@@ -320,6 +350,10 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
   in->step_tokens = in_header_.step_tokens();
   in->hidden = in_header_.hidden();
 
+  if (!auth_->verify(in_header_)) {
+    refuse_unauthenticated(in, param->reply_ep);
+    return UCS_OK;  // a rendezvous payload is dropped by UCX, never received
+  }
   if (in_header_.version() != detail::kWireVersion) {
     reject(in, "dispatch wire version " + std::to_string(in_header_.version()) +
                    ", this expert worker reads version " + std::to_string(detail::kWireVersion));
@@ -564,6 +598,10 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
                    rejected_bytes);
     }
   }
+  if (in.unauthenticated)
+    out_header_.clear_auth();
+  else
+    auth_->sign(out_header_);
   count_buffer(detail::grows(in.reply_header, out_header_.ByteSizeLong()));
   detail::serialize_into(out_header_, in.reply_header);
 

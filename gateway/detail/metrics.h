@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -11,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "proto/cluster.pb.h"
@@ -34,9 +36,35 @@ class Histogram {
   uint64_t count_ = 0;
 };
 
+// Requests the gateway refused before they reached the engine, by reason: a server limit or a
+// wrong API key (moemesh_requests_rejected_total{reason}). Lives as long as the gateway, so that
+// refusals before the model is served are counted too. Thread-safe.
+class RejectCounters {
+ public:
+  static constexpr std::array<const char*, 9> kReasons = {
+      "body_size",           // 413, --max-body-bytes
+      "prompt_length",       // 400, the prompt fills the context (--max-model-len)
+      "max_tokens",          // 400, max_tokens over the context or --max-tokens-limit
+      "n",                   // 400, --max-n
+      "streams_per_client",  // 429, --max-streams-per-client
+      "queue_full",          // 429, --max-queued-requests
+      "open_requests",       // 429, --max-open-requests
+      "auth",                // 401, wrong or missing API key / admin token
+      "other",               // any other reason (kept so that nothing is lost)
+  };
+  void count(std::string_view reason);
+  uint64_t value(std::string_view reason) const;
+  // Appends the counter family with `labels` (e.g. model_name="x").
+  void render(std::string& out, const std::string& labels) const;
+
+ private:
+  std::array<std::atomic<uint64_t>, kReasons.size()> counts_{};
+};
+
 class Metrics {
  public:
   explicit Metrics(std::string model_name);
+  const std::string& labels() const { return labels_; }
 
   // One finished request (all of its choices).
   struct RequestRecord {

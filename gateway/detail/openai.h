@@ -21,6 +21,9 @@ struct ApiError {
   std::string message;
   std::string type = "BadRequestError";
   std::string param;
+  // Set when a server limit refused the request: the reason label of
+  // moemesh_requests_rejected_total (e.g. "n", "max_tokens", "prompt_length").
+  std::string limit;
 };
 nlohmann::ordered_json error_body(const ApiError& e);
 
@@ -43,9 +46,15 @@ struct CompletionRequest {
   bool skip_special_tokens = true;
 };
 
+// The server's limits on one request (GatewayOptions; flags --max-n, --max-tokens-limit).
+struct RequestLimits {
+  int max_n = 16;                // choices per prompt
+  int64_t max_tokens_limit = 0;  // cap on max_tokens besides the context (0: the context only)
+};
+
 std::variant<CompletionRequest, ApiError> parse_request(const nlohmann::ordered_json& body,
-                                                        Endpoint endpoint,
-                                                        const ServedModel& model);
+                                                        Endpoint endpoint, const ServedModel& model,
+                                                        const RequestLimits& limits = {});
 
 // POST /tokenize and /detokenize bodies -> response JSON.
 std::variant<nlohmann::ordered_json, ApiError> tokenize(const nlohmann::ordered_json& body,

@@ -4,12 +4,15 @@
 #include <sys/resource.h>
 
 #include <atomic>
+#include <cstdio>
+#include <functional>
 #include <map>
 #include <ostream>
 #include <stdexcept>
 #include <thread>
 
 #include "tests/transport/test_util.h"
+#include "transport/detail/auth.h"
 
 namespace moemesh::transport::testing {
 namespace {
@@ -266,6 +269,153 @@ TEST_P(Transport, IdleServerSleepsAndStopsPromptly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(transport, Transport, ::testing::ValuesIn(test_transports()));
+
+}  // namespace
+}  // namespace moemesh::transport::testing
+
+// Data-plane authentication (transport/detail/auth.h): the cluster token gates the expert
+// workers. A dispatch from a client without the server's token is refused with an error reply
+// before the handler sees it, counted, and the server keeps serving clients that have it.
+namespace moemesh::transport::testing {
+namespace {
+
+DataPlaneOptions with_token(const std::string& transports, const std::string& token) {
+  DataPlaneOptions o;
+  o.transports = transports;
+  o.token = token;
+  return o;
+}
+
+// One round of one dispatch; returns the reply's error ("" when it was served, and checks it).
+std::string round_trip(DispatchClient& c, int peer, const Batch& b) {
+  EXPECT_TRUE(send_batch(c, peer, b, /*layer=*/1).ok());
+  std::string error = "no reply";
+  const auto missing = c.wait(Clock::now() + 5s, [&](const Reply& r) {
+    error = std::string(r.error);
+    if (r.error.empty()) expect_reply_matches(r, b, WireDtype::F32);
+  });
+  EXPECT_TRUE(missing.empty());
+  return error;
+}
+
+class Auth : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Auth, WrongOrMissingTokenIsRefusedRightTokenIsServed) {
+  std::atomic<int> handled{0};
+  auto server = start_server(with_token(GetParam(), "cluster-secret"), [&](std::span<Dispatch> b) {
+    handled += static_cast<int>(b.size());
+    reference_handler(b);
+  });
+  auto right = make_client(with_token(GetParam(), "cluster-secret"));
+  auto wrong = make_client(with_token(GetParam(), "cluster-secreT"));
+  auto none = make_client(with_token(GetParam(), ""));
+  ASSERT_TRUE(server && right && wrong && none);
+  auto p_right = right->connect(server->address());
+  auto p_wrong = wrong->connect(server->address());
+  auto p_none = none->connect(server->address());
+  ASSERT_TRUE(p_right.ok() && p_wrong.ok() && p_none.ok());
+
+  // Eager (1 token) and rendezvous (256 tokens of hidden 2048) sizes.
+  for (int64_t n : {1, 256}) {
+    const Batch b = make_batch(n, 2048, 4, 5);
+    const std::string refused_wrong = round_trip(*wrong, *p_wrong, b);
+    EXPECT_NE(refused_wrong.find("authentication"), std::string::npos) << refused_wrong;
+    EXPECT_NE(refused_wrong.find("--cluster-token"), std::string::npos) << refused_wrong;
+    const std::string refused_none = round_trip(*none, *p_none, b);
+    EXPECT_NE(refused_none.find("authentication"), std::string::npos) << refused_none;
+    EXPECT_EQ(round_trip(*right, *p_right, b), "");  // still served after the refusals
+  }
+  EXPECT_EQ(handled.load(), 2);  // only the right client's dispatches reached the handler
+  const ServerStats ss = server->stats();
+  EXPECT_EQ(ss.auth_failures, 4u);
+  EXPECT_EQ(ss.dispatches, 2u);
+  EXPECT_GE(ss.errors, 4u);
+  EXPECT_EQ(right->stats().auth_failures, 0u);
+  // A refusal goes out unsigned: the refused client cannot verify it either, and says so.
+  EXPECT_EQ(wrong->stats().auth_failures, 2u);
+}
+
+// A client with a token does not use a reply it cannot verify (a server without the token).
+TEST_P(Auth, UnsignedReplyIsNotUsed) {
+  auto server = start_server(with_token(GetParam(), ""));
+  auto client = make_client(with_token(GetParam(), "cluster-secret"));
+  ASSERT_TRUE(server && client);
+  auto peer = client->connect(server->address());
+  ASSERT_TRUE(peer.ok());
+  const std::string error = round_trip(*client, *peer, make_batch(3, 64, 2, 9));
+  EXPECT_NE(error.find("reply refused"), std::string::npos) << error;
+  EXPECT_EQ(client->stats().auth_failures, 1u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, Auth, ::testing::ValuesIn(test_transports()));
+
+// RFC 4231 test cases 1, 2 and 6 (a key longer than the block).
+TEST(HeaderAuth, HmacSha256MatchesRfc4231) {
+  auto hex = [](const std::array<unsigned char, detail::kAuthTagBytes>& t) {
+    std::string s;
+    char b[3];
+    for (unsigned char c : t) {
+      std::snprintf(b, sizeof b, "%02x", c);
+      s += b;
+    }
+    return s;
+  };
+  const std::string data1 = "Hi There";
+  EXPECT_EQ(hex(detail::HmacSha256(std::string(20, '\x0b')).tag(data1.data(), data1.size())),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+  const std::string data2 = "what do ya want for nothing?";
+  EXPECT_EQ(hex(detail::HmacSha256("Jefe").tag(data2.data(), data2.size())),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+  const std::string data6 = "Test Using Larger Than Block-Size Key - Hash Key First";
+  EXPECT_EQ(hex(detail::HmacSha256(std::string(131, '\xaa')).tag(data6.data(), data6.size())),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+}
+
+// The tag covers every header field: changing any one, or the key, fails verification.
+TEST(HeaderAuth, TagCoversEveryFieldAndTheKey) {
+  auto a = detail::HeaderAuth::create("cluster-secret");
+  auto b = detail::HeaderAuth::create("cluster-secret2");
+  auto off = detail::HeaderAuth::create("");
+  ASSERT_TRUE(a.ok() && b.ok() && off.ok());
+  proto::DispatchHeader h;
+  h.set_version(1);
+  h.set_epoch(2);
+  h.set_step(3);
+  h.set_layer(4);
+  h.set_micro_batch(5);
+  h.set_n_tokens(6);
+  h.set_slots(7);
+  h.set_step_tokens(8);
+  h.set_hidden(9);
+  h.set_dtype(proto::WIRE_DTYPE_BF16);
+  h.set_seq(10);
+  (*a)->sign(h);
+  EXPECT_EQ(h.auth().size(), detail::kAuthTagBytes);
+  EXPECT_TRUE((*a)->verify(h));
+  EXPECT_FALSE((*b)->verify(h));
+  EXPECT_TRUE((*off)->verify(h));  // no token: nothing is checked
+  const std::vector<std::function<void(proto::DispatchHeader&)>> changes = {
+      [](auto& x) { x.set_version(9); },     [](auto& x) { x.set_epoch(9); },
+      [](auto& x) { x.set_step(9); },        [](auto& x) { x.set_layer(9); },
+      [](auto& x) { x.set_micro_batch(9); }, [](auto& x) { x.set_n_tokens(99); },
+      [](auto& x) { x.set_slots(9); },       [](auto& x) { x.set_step_tokens(9); },
+      [](auto& x) { x.set_hidden(99); },     [](auto& x) { x.set_dtype(proto::WIRE_DTYPE_F32); },
+      [](auto& x) { x.set_seq(99); },        [](auto& x) { x.mutable_auth()->back() ^= 1; },
+      [](auto& x) { x.clear_auth(); }};
+  for (size_t i = 0; i < changes.size(); ++i) {
+    proto::DispatchHeader t = h;
+    changes[i](t);
+    EXPECT_FALSE((*a)->verify(t)) << "change " << i;
+  }
+  // Replies: the error text is covered too.
+  proto::ReplyHeader r;
+  r.set_seq(10);
+  r.set_error("over capacity");
+  (*a)->sign(r);
+  EXPECT_TRUE((*a)->verify(r));
+  r.set_error("over capacitY");
+  EXPECT_FALSE((*a)->verify(r));
+}
 
 }  // namespace
 }  // namespace moemesh::transport::testing
