@@ -80,7 +80,8 @@ class Fields {
     if (v <= 0 || v > limit)
       error(fmt::format("field \"{}{}\" must be an integer in [1, {}], found {}", prefix_, key,
                         limit, v));
-    return v;
+    // In range even after an error: the caller goes on computing (a step of 0 would divide by 0).
+    return std::clamp<int64_t>(v, 1, limit);
   }
 
   // A non-negative integer no larger than `limit`.
@@ -89,7 +90,7 @@ class Fields {
     if (v < 0 || v > limit)
       error(fmt::format("field \"{}{}\" must be an integer in [0, {}], found {}", prefix_, key,
                         limit, v));
-    return v;
+    return std::clamp<int64_t>(v, 0, limit);
   }
 
   void error(const std::string& what) {

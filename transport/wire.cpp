@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstring>
 
 namespace moemesh::transport::detail {
 
@@ -66,8 +67,13 @@ typedef uint16_t u16_unaligned __attribute__((aligned(1), may_alias));
 
 __attribute__((target_clones("avx2", "default"))) void bf16_to_f32_n(const void* src, float* dst,
                                                                      size_t n) {
-  const auto* s = static_cast<const u16_unaligned*>(src);
-  for (size_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(uint32_t{s[i]} << 16);
+  // memcpy: fragments start at any byte, and both compilers vectorise this form.
+  const auto* s = static_cast<const unsigned char*>(src);
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t v;
+    std::memcpy(&v, s + 2 * i, sizeof v);
+    dst[i] = std::bit_cast<float>(uint32_t{v} << 16);
+  }
 }
 
 namespace {

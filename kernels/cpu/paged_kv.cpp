@@ -43,7 +43,10 @@ inline float fp8_bits_to_f32(uint8_t code) {
 // Rows are widened by these two, compiled for AVX-512 and AVX2 as well where the compiler can
 // (chosen when the program loads): on a Xeon with AVX-512 that widens FP8 rows about 3x faster
 // than the SSE2 loop, which is no faster than a table lookup.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__clang__)
+// clang refuses noinline on multiversioned functions (their ifunc is never inlined anyway).
+#define MOEMESH_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__)
 #define MOEMESH_ROW_CLONES \
   __attribute__((noinline, target_clones("arch=x86-64-v4", "avx2", "default")))
 #else

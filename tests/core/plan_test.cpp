@@ -287,6 +287,17 @@ TEST(PlanErrors, BadFieldsAreNamed) {
   EXPECT_FALSE(make_plan(m, options("H100", WeightDType::BF16, 0, 1)).ok());
 }
 
+// Found by tests/fuzz (model_config): a layer step of 0 divided by zero after the error was noted.
+TEST(PlanErrors, ZeroLayerStepIsAnErrorNotADivisionByZero) {
+  for (const char* config : {R"({"model_type": "deepseek_v3", "moe_layer_freq": 0})",
+                             R"({"model_type": "qwen2_moe", "decoder_sparse_step": 0})",
+                             R"({"model_type": "qwen3_moe", "decoder_sparse_step": -3})"}) {
+    Expected<PlanModel> m = parse_plan_model(config, "c.json");
+    ASSERT_FALSE(m.ok()) << config;
+    EXPECT_NE(m.error().message().find("c.json"), std::string::npos);
+  }
+}
+
 TEST(PlanDefaults, MissingFieldsTakeTheTransformersDefaults) {
   // DeepseekV3Config's defaults are DeepSeek-V3 itself (without the MTP layer).
   Expected<PlanModel> m = parse_plan_model(R"({"model_type": "deepseek_v3"})", "c.json");
