@@ -132,6 +132,9 @@ Status SamplingParams::validate(int64_t vocab_size) const {
           "logit_bias: the bias of token id {} must be in [-100, 100], got {}", id, bias));
   }
   if (max_tokens < 0) return invalid(fmt::format("max_tokens must be >= 0, got {}", max_tokens));
+  // No context is longer: a larger value (from a cluster peer) could overflow prompt + max_tokens.
+  if (max_tokens > int64_t{INT32_MAX})
+    return invalid(fmt::format("max_tokens must be <= {}, got {}", INT32_MAX, max_tokens));
   if (min_tokens < 0) return invalid(fmt::format("min_tokens must be >= 0, got {}", min_tokens));
   if (min_tokens > max_tokens)
     return invalid(

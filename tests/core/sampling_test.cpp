@@ -589,6 +589,8 @@ TEST(SamplingParams, ValidateNamesTheParameter) {
        },
        "logit_bias: the bias of token id 3 must be in [-100, 100], got 101"},
       {[](SamplingParams& p) { p.max_tokens = -1; }, "max_tokens must be >= 0, got -1"},
+      {[](SamplingParams& p) { p.max_tokens = INT64_MAX; },
+       "max_tokens must be <= 2147483647, got 9223372036854775807"},
       {[](SamplingParams& p) { p.min_tokens = -1; }, "min_tokens must be >= 0, got -1"},
       {[](SamplingParams& p) { p.min_tokens = 17; },
        "min_tokens must be <= max_tokens (16), got 17"},
