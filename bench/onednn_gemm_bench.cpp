@@ -74,14 +74,22 @@ struct Shape {
 
 const char* cpu_isa_name(dnnl::cpu_isa isa) {
   switch (isa) {
-    case dnnl::cpu_isa::avx512_core_amx: return "avx512_core_amx";
-    case dnnl::cpu_isa::avx512_core_bf16: return "avx512_core_bf16";
-    case dnnl::cpu_isa::avx512_core_vnni: return "avx512_core_vnni";
-    case dnnl::cpu_isa::avx512_core: return "avx512_core";
-    case dnnl::cpu_isa::avx2_vnni: return "avx2_vnni";
-    case dnnl::cpu_isa::avx2: return "avx2";
-    case dnnl::cpu_isa::all: return "all";
-    default: return "other";
+    case dnnl::cpu_isa::avx512_core_amx:
+      return "avx512_core_amx";
+    case dnnl::cpu_isa::avx512_core_bf16:
+      return "avx512_core_bf16";
+    case dnnl::cpu_isa::avx512_core_vnni:
+      return "avx512_core_vnni";
+    case dnnl::cpu_isa::avx512_core:
+      return "avx512_core";
+    case dnnl::cpu_isa::avx2_vnni:
+      return "avx2_vnni";
+    case dnnl::cpu_isa::avx2:
+      return "avx2";
+    case dnnl::cpu_isa::all:
+      return "all";
+    default:
+      return "other";
   }
 }
 
@@ -89,8 +97,8 @@ const char* cpu_isa_name(dnnl::cpu_isa isa) {
 // weight [n, k] row-major (moemesh's layout: oneDNN's [k, n] with format "ba"), of `dt`;
 // `src` is [m, k] of `dt`.
 double onednn_matmul(dnnl::engine& eng, dnnl::stream& strm, dnnl::memory::data_type dt,
-                     const void* src, const void* w_nk, float* dst, int64_t m, int64_t n,
-                     int64_t k, int reps) {
+                     const void* src, const void* w_nk, float* dst, int64_t m, int64_t n, int64_t k,
+                     int reps) {
   using dnnl::memory;
   const memory::desc src_md({m, k}, dt, memory::format_tag::ab);
   const memory::desc w_user_md({k, n}, dt, memory::format_tag::ba);
@@ -159,9 +167,8 @@ int main(int argc, char** argv) {
               moemesh::kernels::isa_name(moemesh::kernels::active_isa()), v->major, v->minor,
               v->patch, cpu_isa_name(dnnl::get_effective_cpu_isa()));
 
-  const Shape shapes[] = {{"expert gate/up", 1024, 2048},
-                          {"expert down", 2048, 1024},
-                          {"attention", 2048, 2048}};
+  const Shape shapes[] = {
+      {"expert gate/up", 1024, 2048}, {"expert down", 2048, 1024}, {"attention", 2048, 2048}};
   const int64_t max_m = *std::max_element(tokens.begin(), tokens.end());
   std::mt19937 rng(3);
   std::normal_distribution<float> dist(0.0f, 0.02f);
@@ -184,9 +191,8 @@ int main(int argc, char** argv) {
                                    : WeightView{w.data(), DType::F32, s.n, s.k};
       for (const int64_t m : tokens) {
         const double flop = 2.0 * double(m) * double(s.n) * double(s.k);
-        const double t_mm = best_of(reps, [&] {
-          moemesh::kernels::linear(x.data(), m, view, nullptr, y.data(), &pool);
-        });
+        const double t_mm = best_of(
+            reps, [&] { moemesh::kernels::linear(x.data(), m, view, nullptr, y.data(), &pool); });
         // Let the pool's threads go to sleep before OpenMP's start (and the other way round).
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
         const double t_dnnl =
@@ -198,9 +204,9 @@ int main(int argc, char** argv) {
         char dims[48];
         std::snprintf(dims, sizeof dims, "[%lld, %lld]", static_cast<long long>(s.n),
                       static_cast<long long>(s.k));
-        std::printf("%-6s %-15s %12s %6lld %14.1f %14.1f %15.2fx\n", bf16 ? "BF16" : "F32",
-                    s.name, dims, static_cast<long long>(m), flop / t_mm / 1e9,
-                    flop / t_dnnl / 1e9, t_dnnl / t_mm);
+        std::printf("%-6s %-15s %12s %6lld %14.1f %14.1f %15.2fx\n", bf16 ? "BF16" : "F32", s.name,
+                    dims, static_cast<long long>(m), flop / t_mm / 1e9, flop / t_dnnl / 1e9,
+                    t_dnnl / t_mm);
         std::fflush(stdout);
       }
     }

@@ -153,9 +153,10 @@ Status ExpertWorker::assign(const proto::Assignment& assignment) {
 Status ExpertWorker::release(const proto::Assignment& assignment) {
   const proto::ExpertRefs& e = assignment.experts();
   if (e.layer_size() != e.expert_size())
-    return Error(fmt::format("release version {}: experts.layer has {} entries but experts.expert "
-                             "has {}: they must pair up",
-                             assignment.version(), e.layer_size(), e.expert_size()));
+    return Error(
+        fmt::format("release version {}: experts.layer has {} entries but experts.expert "
+                    "has {}: they must pair up",
+                    assignment.version(), e.layer_size(), e.expert_size()));
   std::vector<ExpertRef> refs;
   for (int i = 0; i < e.layer_size(); ++i) refs.push_back({e.layer(i), e.expert(i)});
   int64_t bytes = 0;
