@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 
 #include "transport/data_plane.h"
 #include "transport/detail/auth.h"
+#include "transport/detail/faults.h"
 #include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
 
@@ -40,12 +42,20 @@ class DispatchClient::Impl {
   Status init();
   Expected<int> connect(std::string_view address);
   void disconnect(int peer);
+  bool peer_failed(int peer) const {
+    return peer >= 0 && peer < static_cast<int>(peers_.size()) && peers_[peer]->connected &&
+           peers_[peer]->failure != UCS_OK;
+  }
   Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
               int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
               const int32_t* experts, const float* weights, int32_t slots);
   std::vector<int> wait(Clock::time_point deadline,
                         const std::function<void(const Reply&)>& on_reply);
-  ClientStats stats() const { return stats_; }
+  ClientStats stats() const {
+    ClientStats s = stats_;
+    if (faults_) s.faults = faults_->counts();
+    return s;
+  }
 
  private:
   struct Peer {
@@ -111,6 +121,7 @@ class DispatchClient::Impl {
   const bool fused_ = detail::bf16_fused_ok(options_.transports);
   std::unique_ptr<detail::UcxWorker> ucx_;
   std::unique_ptr<detail::HeaderAuth> auth_;
+  std::unique_ptr<detail::FaultInjector> faults_;  // null unless a fault spec was given
   std::vector<std::unique_ptr<Peer>> peers_;
   std::unordered_map<std::string, int> by_address_;
   std::vector<std::unique_ptr<SendSlot>> all_slots_;
@@ -133,6 +144,9 @@ Status DispatchClient::Impl::init() {
   auto auth = detail::HeaderAuth::create(options_.token);
   if (!auth) return auth.error();
   auth_ = std::move(*auth);
+  auto faults = detail::make_fault_injector(options_, "client");
+  if (!faults) return Error("DispatchClient: " + faults.error().message());
+  faults_ = std::move(*faults);
   auto created = detail::UcxWorker::create(options_, "client", /*wakeup=*/false);
   if (!created.ok()) return created.error();
   ucx_ = std::move(created.value());
@@ -339,6 +353,16 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   auth_->sign(out_header_);
   if (detail::grows(s->header, out_header_.ByteSizeLong())) ++stats_.buffers;
   detail::serialize_into(out_header_, s->header);
+  detail::seal_header(s->header);
+
+  detail::FaultAction fault;
+  if (faults_) fault = faults_->next(detail::FaultPoint::Dispatch);
+  if (fault) {
+    spdlog::debug("transport=client event=fault_injected seq={} drop={} corrupt={} delay_ms={}",
+                  seq, fault.drop, fault.corrupt, fault.delay.count());
+    if (fault.delay.count() > 0) std::this_thread::sleep_for(fault.delay);
+    if (fault.corrupt) detail::corrupt_header(s->header, seq);
+  }
 
   ucp_request_param_t prm{};
   prm.op_attr_mask =
@@ -346,8 +370,11 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   prm.flags = UCP_AM_SEND_FLAG_REPLY;
   prm.cb.send = &on_send_done;
   prm.user_data = s;
-  void* req = ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(), s->header.size(),
-                              layout->total > 0 ? out : nullptr, layout->total, &prm);
+  // A dropped dispatch is never posted; the caller sees it sent and unanswered.
+  void* req = fault.drop
+                  ? nullptr
+                  : ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(), s->header.size(),
+                                    layout->total > 0 ? out : nullptr, layout->total, &prm);
   if (UCS_PTR_IS_ERR(req)) {
     release_slot(s);
     ++stats_.send_errors;
@@ -393,22 +420,30 @@ ucs_status_t DispatchClient::Impl::on_reply_am(void* arg, const void* header, si
 ucs_status_t DispatchClient::Impl::on_reply(const void* header, size_t header_length, void* data,
                                             size_t length, const ucp_am_recv_param_t* param) {
   in_header_.Clear();
-  if (!in_header_.ParseFromArray(header, static_cast<int>(header_length))) {
+  const detail::Unsealed sealed = detail::unseal_header(header, header_length);
+  if (!sealed.intact) ++stats_.checksum_failures;
+  if (sealed.body == 0 || !in_header_.ParseFromArray(header, static_cast<int>(sealed.body))) {
     ++stats_.late_replies;
-    spdlog::warn("transport=client event=dropped_reply reason=\"header does not parse\"");
+    spdlog::warn("transport=client event=dropped_reply reason=\"header does not parse{}\"",
+                 sealed.intact ? "" : " (its checksum does not match)");
     return UCS_OK;
   }
   Pending* p = pending_for(in_header_.seq());
   if (p == nullptr || p->state != State::kWaiting || p->epoch != in_header_.epoch() ||
       p->step != in_header_.step() || p->layer != in_header_.layer() ||
       p->micro_batch != in_header_.micro_batch()) {
-    ++stats_.late_replies;  // after its round, a duplicate, or not what was asked
+    ++stats_.late_replies;  // after its round, a duplicate, not what was asked, or corrupted
     return UCS_OK;          // a rendezvous payload is dropped by UCX
   }
   ReplyBuf* r = acquire_reply(length);
   r->seq = in_header_.seq();
   p->reply = r;
-  if (!auth_->verify(in_header_)) {
+  if (!sealed.intact) {
+    // Its fields cannot be trusted: the dispatch fails like one answered with an error.
+    r->error =
+        "reply refused: its header checksum does not match (corrupted between the expert worker "
+        "and this attention worker)";
+  } else if (!auth_->verify(in_header_)) {
     // Never use its bytes; the dispatch fails like one answered with an error.
     ++stats_.auth_failures;
     r->error =
@@ -601,6 +636,9 @@ Expected<int> DispatchClient::connect(std::string_view address) {
 }
 void DispatchClient::disconnect(int peer) {
   impl_->disconnect(peer);
+}
+bool DispatchClient::peer_failed(int peer) const {
+  return impl_->peer_failed(peer);
 }
 Status DispatchClient::send(int peer, uint64_t epoch, uint64_t step, int32_t layer,
                             int32_t micro_batch, int64_t step_tokens, const float* x,

@@ -50,6 +50,16 @@
 // (ClientStats::auth_failures). An empty token signs and checks nothing. The tensor bytes are
 // not covered and nothing is encrypted: see docs/security.md.
 //
+// Integrity. Every header travels with a CRC-32 seal (detail/wire.h). A dispatch whose seal does
+// not match is answered with an error reply when its header still parses, else dropped; a reply
+// whose seal does not match becomes an error reply when it still names a dispatch of the round,
+// else it is dropped as late. Both count as checksum_failures. Payload bytes are not covered.
+//
+// Fault injection. `faults` (a spec, see detail/faults.h) makes this side drop, delay or corrupt
+// chosen messages, or stall the handler; only in a build configured with
+// -DMOEMESH_FAULT_INJECTION=ON (start()/create() refuse a non-empty spec otherwise). Injected
+// faults are counted in the stats (FaultCounts).
+//
 // Addresses. address() is the UCX worker address wrapped in a short checked frame (magic, length,
 // checksum), so connect() rejects a truncated or foreign address with a message instead of
 // handing garbage to UCX.
@@ -75,7 +85,16 @@ struct DataPlaneOptions {
   std::string transports;   // value for UCX_TLS ("" = UCX default; e.g. "tcp", "sm", "self,sm")
   std::string net_devices;  // value for UCX_NET_DEVICES ("" = UCX default)
   WireDtype dtype = WireDtype::F32;  // client side: what it sends; a server replies in kind
-  std::string token;  // the cluster token: authenticates every header ("" = no authentication)
+  std::string token;   // the cluster token: authenticates every header ("" = no authentication)
+  std::string faults;  // fault-injection spec (test builds only, see detail/faults.h)
+};
+
+// Faults this side injected (always zero outside fault-injection builds).
+struct FaultCounts {
+  uint64_t drops = 0;        // messages not sent
+  uint64_t delays = 0;       // messages sent late
+  uint64_t corruptions = 0;  // headers with a flipped bit
+  uint64_t stalls = 0;       // handler calls started late
 };
 
 // One dispatch as the expert worker sees it; views valid only during the handler call.
@@ -107,6 +126,8 @@ struct ServerStats {
   uint64_t buffers = 0;        // buffer/slot allocations (pool growth; flat in steady state)
   uint64_t last_batch = 0;     // dispatches queued together in the last batch handed to the handler
   uint64_t auth_failures = 0;  // dispatches refused: their tag did not verify (also in errors)
+  uint64_t checksum_failures = 0;  // dispatches whose header seal did not match (also in errors)
+  FaultCounts faults;
 };
 
 class DispatchServer {
@@ -154,6 +175,8 @@ struct ClientStats {
   uint64_t bytes_in = 0;       // payload bytes of delivered replies
   uint64_t buffers = 0;        // buffer/slot allocations (pool growth; flat in steady state)
   uint64_t auth_failures = 0;  // replies whose tag did not verify (delivered as error replies)
+  uint64_t checksum_failures = 0;  // replies whose header seal did not match
+  FaultCounts faults;
 };
 
 // Attention-worker side. Used by ONE thread (the caller's); it has no thread of its own.
@@ -169,6 +192,9 @@ class DispatchClient {
   // Forgets a dead or removed peer: closes its endpoint, cancels what is in flight to it. Its
   // index is not reused; connecting to the address again gives a new index.
   void disconnect(int peer);
+  // Whether UCX reported the peer's endpoint failed (a dead or unreachable expert worker), as
+  // opposed to one that is merely slow to answer. False for an unknown or disconnected peer.
+  bool peer_failed(int peer) const;
 
   // Queues one dispatch (sent immediately, non-blocking): rows tokens[i] of x ([*, hidden] f32)
   // are gathered (and converted to the wire dtype) into a reused buffer; experts/weights are
@@ -193,5 +219,8 @@ class DispatchClient {
   explicit DispatchClient(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// Whether this build can inject data-plane faults (-DMOEMESH_FAULT_INJECTION=ON, test builds).
+bool fault_injection_available();
 
 }  // namespace moemesh::transport

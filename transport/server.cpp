@@ -17,6 +17,7 @@
 
 #include "transport/data_plane.h"
 #include "transport/detail/auth.h"
+#include "transport/detail/faults.h"
 #include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
 
@@ -107,6 +108,8 @@ class DispatchServer::Impl {
   bool prepare(Inbound& in, Dispatch& d);
   bool zero_some();
   void send_reply(Inbound& in);
+  detail::FaultAction inject(detail::FaultPoint point);
+  void pause(std::chrono::milliseconds d);
   void count_buffer(bool grew) {
     if (grew) buffers_.fetch_add(1, std::memory_order_relaxed);
   }
@@ -114,7 +117,8 @@ class DispatchServer::Impl {
   const DataPlaneOptions options_;
   const bool fused_ = detail::bf16_fused_ok(options_.transports);
   const Handler handler_;
-  std::unique_ptr<detail::HeaderAuth> auth_;  // used by the server thread only
+  std::unique_ptr<detail::HeaderAuth> auth_;       // used by the server thread only
+  std::unique_ptr<detail::FaultInjector> faults_;  // server thread only; null without a spec
   std::string address_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
@@ -137,13 +141,18 @@ class DispatchServer::Impl {
 
   std::atomic<uint64_t> last_batch_{0};
   std::atomic<uint64_t> dispatches_{0}, replies_{0}, bytes_in_{0}, bytes_out_{0}, errors_{0},
-      buffers_{0}, auth_failures_{0};
+      buffers_{0}, auth_failures_{0}, checksum_failures_{0};
+  // Copies of faults_->counts() for stats(), written by the server thread.
+  std::atomic<uint64_t> fault_drops_{0}, fault_delays_{0}, fault_corruptions_{0}, fault_stalls_{0};
 };
 
 Status DispatchServer::Impl::start() {
   auto auth = detail::HeaderAuth::create(options_.token);
   if (!auth) return auth.error();
   auth_ = std::move(*auth);
+  auto faults = detail::make_fault_injector(options_, "server");
+  if (!faults) return Error("DispatchServer: " + faults.error().message());
+  faults_ = std::move(*faults);
   if (!auth_->enabled())
     spdlog::debug("transport=server event=no_authentication reason=\"no cluster token\"");
   std::promise<Status> ready;
@@ -173,6 +182,11 @@ ServerStats DispatchServer::Impl::stats() const {
   s.buffers = buffers_.load(std::memory_order_relaxed);
   s.last_batch = last_batch_.load(std::memory_order_relaxed);
   s.auth_failures = auth_failures_.load(std::memory_order_relaxed);
+  s.checksum_failures = checksum_failures_.load(std::memory_order_relaxed);
+  s.faults.drops = fault_drops_.load(std::memory_order_relaxed);
+  s.faults.delays = fault_delays_.load(std::memory_order_relaxed);
+  s.faults.corruptions = fault_corruptions_.load(std::memory_order_relaxed);
+  s.faults.stalls = fault_stalls_.load(std::memory_order_relaxed);
   return s;
 }
 
@@ -326,12 +340,16 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
   const auto received = Clock::now();
   const bool has_reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) != 0;
   in_header_.Clear();
-  if (!has_reply_ep || !in_header_.ParseFromArray(header, static_cast<int>(header_length))) {
+  const detail::Unsealed sealed = detail::unseal_header(header, header_length);
+  if (!sealed.intact) checksum_failures_.fetch_add(1, std::memory_order_relaxed);
+  if (!has_reply_ep || sealed.body == 0 ||
+      !in_header_.ParseFromArray(header, static_cast<int>(sealed.body))) {
     // Nobody to answer, or no seq to answer with: count and drop.
     errors_.fetch_add(1, std::memory_order_relaxed);
     spdlog::warn("transport=server event=dropped_dispatch reason=\"{}\" header_bytes={}",
-                 has_reply_ep ? "header does not parse as DispatchHeader"
-                              : "sent without UCP_AM_SEND_FLAG_REPLY",
+                 !has_reply_ep   ? "sent without UCP_AM_SEND_FLAG_REPLY"
+                 : sealed.intact ? "header does not parse as DispatchHeader"
+                                 : "header checksum does not match and it does not parse",
                  header_length);
     return UCS_OK;
   }
@@ -350,6 +368,13 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
   in->step_tokens = in_header_.step_tokens();
   in->hidden = in_header_.hidden();
 
+  if (!sealed.intact) {
+    // Answered with an error under the seq it names (a wrong seq is dropped by the client).
+    reject(in,
+           "dispatch refused: its header checksum does not match (corrupted between the attention "
+           "worker and this expert worker)");
+    return UCS_OK;  // a rendezvous payload is dropped by UCX, never received
+  }
   if (!auth_->verify(in_header_)) {
     refuse_unauthenticated(in, param->reply_ep);
     return UCS_OK;  // a rendezvous payload is dropped by UCX, never received
@@ -534,6 +559,10 @@ void DispatchServer::Impl::handle_ready() {
   if (!views_.empty()) {
     dispatches_.fetch_add(views_.size(), std::memory_order_relaxed);
     last_batch_.store(views_.size(), std::memory_order_relaxed);
+    if (faults_) {
+      const detail::FaultAction stall = inject(detail::FaultPoint::Expert);
+      if (stall.delay.count() > 0) pause(stall.delay);
+    }
     try {
       handler_(std::span<Dispatch>(views_));
     } catch (const std::exception& e) {
@@ -604,7 +633,17 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
     auth_->sign(out_header_);
   count_buffer(detail::grows(in.reply_header, out_header_.ByteSizeLong()));
   detail::serialize_into(out_header_, in.reply_header);
+  detail::seal_header(in.reply_header);
 
+  if (faults_) {
+    const detail::FaultAction fault = inject(detail::FaultPoint::Reply);
+    if (fault.delay.count() > 0) pause(fault.delay);
+    if (fault.corrupt) detail::corrupt_header(in.reply_header, in.seq);
+    if (fault.drop) {
+      release(&in);
+      return;
+    }
+  }
   void* req = ucp_am_send_nbx(in.reply_ep, detail::kReplyAmId, in.reply_header.data(),
                               in.reply_header.size(), payload, count, &p);
   replies_.fetch_add(1, std::memory_order_relaxed);
@@ -621,6 +660,29 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
     in.state = State::kReplying;
     ++busy_;
   }
+}
+
+detail::FaultAction DispatchServer::Impl::inject(detail::FaultPoint point) {
+  if (!faults_->has(point)) return {};
+  const detail::FaultAction a = faults_->next(point);
+  const FaultCounts& c = faults_->counts();
+  fault_drops_.store(c.drops, std::memory_order_relaxed);
+  fault_delays_.store(c.delays, std::memory_order_relaxed);
+  fault_corruptions_.store(c.corruptions, std::memory_order_relaxed);
+  fault_stalls_.store(c.stalls, std::memory_order_relaxed);
+  if (a)
+    spdlog::debug("transport=server event=fault_injected point={} drop={} corrupt={} delay_ms={}",
+                  point == detail::FaultPoint::Expert ? "expert" : "reply", a.drop, a.corrupt,
+                  a.delay.count());
+  return a;
+}
+
+// Sleeps on the server thread (an injected delay or stall), waking early when the server stops.
+void DispatchServer::Impl::pause(std::chrono::milliseconds d) {
+  const auto until = Clock::now() + d;
+  while (!stop_.load(std::memory_order_relaxed) && Clock::now() < until)
+    std::this_thread::sleep_for(
+        std::min<Clock::duration>(until - Clock::now(), std::chrono::milliseconds(10)));
 }
 
 DispatchServer::DispatchServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -2,6 +2,7 @@
 #include "transport/detail/wire.h"
 
 #include <ucp/api/ucp.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <bit>
@@ -17,6 +18,30 @@ std::optional<WireDtype> from_proto(int d) {
 
 const char* dtype_name(WireDtype d) {
   return d == WireDtype::BF16 ? "bf16" : "f32";
+}
+
+namespace {
+uint32_t header_crc(const void* data, size_t length) {
+  return static_cast<uint32_t>(
+      crc32_z(crc32_z(0, nullptr, 0), static_cast<const Bytef*>(data), length));
+}
+}  // namespace
+
+void seal_header(std::string& header) {
+  const uint32_t crc = header_crc(header.data(), header.size());
+  char seal[kHeaderSealBytes];
+  for (size_t i = 0; i < kHeaderSealBytes; ++i)
+    seal[i] = static_cast<char>((crc >> (8 * i)) & 0xff);
+  header.append(seal, kHeaderSealBytes);
+}
+
+Unsealed unseal_header(const void* header, size_t length) {
+  if (header == nullptr || length < kHeaderSealBytes) return {};
+  const size_t body = length - kHeaderSealBytes;
+  const auto* seal = static_cast<const unsigned char*>(header) + body;
+  uint32_t stored = 0;
+  for (size_t i = 0; i < kHeaderSealBytes; ++i) stored |= uint32_t{seal[i]} << (8 * i);
+  return {body, stored == header_crc(header, body)};
 }
 
 namespace {

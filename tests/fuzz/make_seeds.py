@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import subprocess
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -231,21 +232,25 @@ def wire_seeds():
     t = "wire_header"
     clear(t)
 
-    def msg(flags, header, payload):
+    def msg(flags, header, payload, seal=True):
+        # The data plane seals every header with zlib's CRC-32 of its bytes (transport/detail/wire.h).
+        if seal:
+            header = header + struct.pack("<I", zlib.crc32(header))
         return bytes([flags]) + struct.pack("<H", len(header)) + header + payload
 
-    d = protoc_encode("DispatchHeader", "version: 1 epoch: 3 step: 7 layer: 1 micro_batch: 0 "
+    d = protoc_encode("DispatchHeader", "version: 2 epoch: 3 step: 7 layer: 1 micro_batch: 0 "
                       "n_tokens: 2 slots: 2 step_tokens: 2 hidden: 4 dtype: WIRE_DTYPE_BF16 seq: 9")
     routing = struct.pack("<4i", 0, 3, 1, 2) + struct.pack("<4f", 0.6, 0.4, 0.5, 0.5)
     out(t, "dispatch-bf16", msg(2 * 7, d, routing + bytes(range(16))))
-    d32 = protoc_encode("DispatchHeader", "version: 1 n_tokens: 1 slots: 1 hidden: 2 seq: 1")
+    d32 = protoc_encode("DispatchHeader", "version: 2 n_tokens: 1 slots: 1 hidden: 2 seq: 1")
     out(t, "dispatch-f32", msg(0, d32, struct.pack("<i3f", 1, 1.0, 0.5, -0.5)))
-    out(t, "dispatch-wrong-version", msg(0, protoc_encode("DispatchHeader", "version: 2 hidden: 1"), b""))
+    out(t, "dispatch-bad-seal", msg(0, d32, struct.pack("<i3f", 1, 1.0, 0.5, -0.5), seal=False))
+    out(t, "dispatch-wrong-version", msg(0, protoc_encode("DispatchHeader", "version: 1 hidden: 1"), b""))
     out(t, "dispatch-huge", msg(0, protoc_encode("DispatchHeader",
-                                                 "version: 1 n_tokens: 4611686018427387904 slots: 2147483647 hidden: 9223372036854775807"), b""))
-    r = protoc_encode("ReplyHeader", "version: 1 n_tokens: 2 slots: 2 hidden: 4 dtype: WIRE_DTYPE_BF16 seq: 9")
+                                                 "version: 2 n_tokens: 4611686018427387904 slots: 2147483647 hidden: 9223372036854775807"), b""))
+    r = protoc_encode("ReplyHeader", "version: 2 n_tokens: 2 slots: 2 hidden: 4 dtype: WIRE_DTYPE_BF16 seq: 9")
     out(t, "reply-bf16", msg(1 | 2 * 3, r, bytes(range(16)) + b"\0\1\0\0"))
-    out(t, "reply-error", msg(1, protoc_encode("ReplyHeader", 'version: 1 error: "expert 3 is not held"'), b""))
+    out(t, "reply-error", msg(1, protoc_encode("ReplyHeader", 'version: 2 error: "expert 3 is not held"'), b""))
 
 
 # --- control_messages ----------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 // floats as the plain conversion.
 //
 // Input: byte 0: bit 0 reply (else dispatch), bits 1-7 the fragment size of the fused unpack;
-// bytes 1-2: the header length H (little endian); H bytes of serialized header; the rest is the
-// payload.
+// bytes 1-2: the header length H (little endian); H bytes of sealed header (the serialized
+// protobuf, then its CRC-32 seal); the rest is the payload. As on both sides, a header whose seal
+// does not match is still parsed (its seq names the dispatch to refuse) but never used further.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -61,7 +62,9 @@ bool fused_matches(const std::byte* payload, size_t head_bytes, size_t total, si
 void dispatch(const uint8_t* header, size_t header_len, const std::byte* payload, size_t length,
               size_t frag) {
   moemesh::proto::DispatchHeader h;
-  if (!h.ParseFromArray(header, static_cast<int>(header_len))) return;
+  const detail::Unsealed sealed = detail::unseal_header(header, header_len);
+  if (sealed.body == 0 || !h.ParseFromArray(header, static_cast<int>(sealed.body))) return;
+  if (!sealed.intact) return;
   (void)detail::reply_layout(h.n_tokens(), h.slots(), h.hidden(), WireDtype::F32);
   if (h.version() != detail::kWireVersion) return;
   const auto dtype = detail::from_proto(h.dtype());
@@ -85,7 +88,9 @@ void dispatch(const uint8_t* header, size_t header_len, const std::byte* payload
 void reply(const uint8_t* header, size_t header_len, const std::byte* payload, size_t length,
            size_t frag) {
   moemesh::proto::ReplyHeader h;
-  if (!h.ParseFromArray(header, static_cast<int>(header_len))) return;
+  const detail::Unsealed sealed = detail::unseal_header(header, header_len);
+  if (sealed.body == 0 || !h.ParseFromArray(header, static_cast<int>(sealed.body))) return;
+  if (!sealed.intact) return;
   if (!h.error().empty()) return;
   const auto dtype = detail::from_proto(h.dtype());
   if (!dtype) return;

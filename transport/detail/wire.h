@@ -24,7 +24,21 @@ namespace moemesh::transport::detail {
 // Active-message ids (below 65536, see notes/ucx-1.13.md).
 inline constexpr unsigned kDispatchAmId = 0x4d31;
 inline constexpr unsigned kReplyAmId = 0x4d32;
-inline constexpr uint32_t kWireVersion = 1;
+inline constexpr uint32_t kWireVersion = 2;
+
+// Every AM header is the serialized protobuf header followed by a CRC-32 (zlib's, little endian)
+// of those bytes: the seal. A header whose seal does not match was corrupted on the way; its
+// fields are not trusted (the payload bytes are not covered: they rely on the transport's own
+// integrity checks, see docs/security.md).
+inline constexpr size_t kHeaderSealBytes = 4;
+// Appends the seal to a serialized header.
+void seal_header(std::string& header);
+struct Unsealed {
+  size_t body = 0;      // bytes of the protobuf header (the seal removed)
+  bool intact = false;  // the seal matches
+};
+// Splits a received header; body 0 when it is too short to have a seal.
+Unsealed unseal_header(const void* header, size_t length);
 
 // Sizes larger than this are refused on both sides (a message is one layer of one step).
 inline constexpr int64_t kMaxPayloadBytes = int64_t{1} << 32;
@@ -117,11 +131,12 @@ class ByteBuffer {
   size_t capacity_ = 0;
 };
 
-// Serializes a protobuf message into a reused string (no allocation once it is large enough).
+// Serializes a protobuf message into a reused string (no allocation once it is large enough;
+// room is kept for the seal, see seal_header()).
 template <class Message>
 void serialize_into(const Message& m, std::string& out) {
   const size_t n = m.ByteSizeLong();
-  if (out.capacity() < n) out.reserve(n);
+  if (out.capacity() < n + kHeaderSealBytes) out.reserve(n + kHeaderSealBytes);
   out.resize(n);
   m.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(out.data()));
 }
@@ -146,7 +161,7 @@ T* take_best_fit(std::vector<T*>& free, size_t bytes, Capacity capacity) {
 
 // Buffer/string growth detection for pool accounting.
 inline bool grows(const std::string& s, size_t n) {
-  return s.capacity() < n;
+  return s.capacity() < n + kHeaderSealBytes;
 }
 
 }  // namespace moemesh::transport::detail
