@@ -438,6 +438,31 @@ proto::ClusterSnapshot cluster_snapshot(self_ptr self) {
   return s;
 }
 
+void add_faults(const proto::FaultCounts& a, proto::FaultCounts* sum) {
+  sum->set_drops(sum->drops() + a.drops());
+  sum->set_delays(sum->delays() + a.delays());
+  sum->set_corruptions(sum->corruptions() + a.corruptions());
+  sum->set_stalls(sum->stalls() + a.stalls());
+}
+
+// Adds an attention worker's data-plane counters into a cluster total (histogram and per-expert
+// drops are summed separately).
+void add_dispatch_counters(const proto::DispatchStats& a, proto::DispatchStats* sum) {
+  sum->set_dispatches_total(sum->dispatches_total() + a.dispatches_total());
+  sum->set_timeouts_total(sum->timeouts_total() + a.timeouts_total());
+  sum->set_late_replies_total(sum->late_replies_total() + a.late_replies_total());
+  sum->set_rerouted_slots_total(sum->rerouted_slots_total() + a.rerouted_slots_total());
+  sum->set_dropped_slots_total(sum->dropped_slots_total() + a.dropped_slots_total());
+  sum->set_failed_steps_total(sum->failed_steps_total() + a.failed_steps_total());
+  sum->set_send_errors_total(sum->send_errors_total() + a.send_errors_total());
+  sum->set_auth_failures_total(sum->auth_failures_total() + a.auth_failures_total());
+  sum->set_checksum_failures_total(sum->checksum_failures_total() + a.checksum_failures_total());
+  sum->set_worker_retries_total(sum->worker_retries_total() + a.worker_retries_total());
+  sum->set_error_replies_total(sum->error_replies_total() + a.error_replies_total());
+  sum->set_buffers_total(sum->buffers_total() + a.buffers_total());
+  add_faults(a.faults(), sum->mutable_faults());
+}
+
 proto::ExpertsSnapshot experts_snapshot(const RouterState& st) {
   proto::ExpertsSnapshot s;
   s.set_placement_version(st.placement.version());
@@ -473,6 +498,7 @@ proto::ExpertsSnapshot experts_snapshot(const RouterState& st) {
         sum->set_count(sum->count() + h.count());
         sum->set_sum(sum->sum() + h.sum());
       }
+      add_dispatch_counters(m.attention_stats.dispatch(), s.mutable_dispatch());
       for (const proto::ExpertCounters& c : m.attention_stats.dispatch().drops()) {
         proto::ExpertSnapshot& x = stats[{c.layer(), c.expert()}];
         x.set_drops_total(x.drops_total() + c.drops_total());

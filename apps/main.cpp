@@ -8,6 +8,7 @@
 #include <map>
 
 #include "apps/commands.h"
+#include "transport/data_plane.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moemesh: a serving cluster for Mixture-of-Experts language models"};
@@ -18,6 +19,11 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "Log level: trace, debug, info, warn, error, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}))
       ->capture_default_str();
+  app.set_version_flag(
+      "--version",
+      std::string("moemesh " MOEMESH_VERSION "\nfault injection: ") +
+          (moemesh::transport::fault_injection_available() ? "on (MOEMESH_FAULTS)" : "off"),
+      "Print the version and build options, then exit");
 
   std::map<CLI::App*, moemesh::apps::Runner> runners;
   auto* gen = app.add_subcommand("generate", "Run a model offline on one prompt (one process)");

@@ -5,7 +5,9 @@
 
 #include <fmt/format.h>
 #include <atomic>
+#include <cstdlib>
 #include <ctime>
+#include <string_view>
 
 namespace moemesh::apps {
 
@@ -95,6 +97,27 @@ std::string host_name() {
   char buf[256] = {};
   if (gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
   return buf;
+}
+
+std::string fault_spec_from_environment(const std::string& name) {
+  const char* env = std::getenv("MOEMESH_FAULTS");
+  std::string out;
+  std::string_view spec = env == nullptr ? std::string_view() : std::string_view(env);
+  while (!spec.empty()) {
+    const size_t cut = spec.find(';');
+    std::string_view rule = spec.substr(0, cut);
+    spec = cut == std::string_view::npos ? std::string_view() : spec.substr(cut + 1);
+    const size_t slash = rule.find('/');
+    if (slash != std::string_view::npos && slash < rule.find('.')) {
+      std::string_view target = rule.substr(0, slash);
+      while (!target.empty() && target.front() == ' ') target.remove_prefix(1);
+      if (target != name) continue;
+      rule = rule.substr(slash + 1);
+    }
+    if (!out.empty()) out += ';';
+    out += rule;
+  }
+  return out;
 }
 
 std::string node_name(const std::string& role) {

@@ -181,7 +181,10 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
       break;
     }
     if (ready) continue;
-    if (const std::string failure = children.first_failure(); !failure.empty()) {
+    // Once /health has said 200 (clients may act on it), a role that ends is the cluster's
+    // business (the router replaces it), not a failed start: only poll on from here.
+    ready = (*gw)->has_been_ready();
+    if (const std::string failure = children.first_failure(); !ready && !failure.empty()) {
       std::cerr << "moemesh serve: error: a role process failed before the cluster was ready: "
                 << failure << "; its log lines are above (--log-level info shows more)\n";
       (*gw)->shutdown(std::chrono::milliseconds(0));
@@ -189,13 +192,14 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
       stop_router(system, *router);
       return 1;
     }
-    self->request(router->router, actors::kStatusTimeout, actors::cluster_atom::value)
-        .receive(
-            [&](const std::string& bytes) {
-              proto::ClusterSnapshot snap;
-              ready = snap.ParseFromString(bytes) && snap.ready();
-            },
-            [](caf::error&) {});
+    if (!ready)
+      self->request(router->router, actors::kStatusTimeout, actors::cluster_atom::value)
+          .receive(
+              [&](const std::string& bytes) {
+                proto::ClusterSnapshot snap;
+                ready = snap.ParseFromString(bytes) && snap.ready();
+              },
+              [](caf::error&) {});
     if (ready)
       std::cerr << fmt::format("moemesh serve: ready, serving {} on http://{}:{}\n",
                                model_dir.string(), f.gateway.host, (*gw)->port());

@@ -16,6 +16,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A worker that timed out is tried again after this back-off, doubled at each failure up to the
+// maximum: a stalled worker or a lost message must not mask a live worker until the next
+// placement.
+constexpr std::chrono::milliseconds kRetryFirst{1000};
+constexpr std::chrono::milliseconds kRetryMax{30000};
+
 // Buckets of the data-plane round-trip histogram (seconds).
 constexpr double kRoundTripBounds[] = {50e-6, 100e-6, 250e-6, 500e-6, 1e-3,   2.5e-3, 5e-3, 10e-3,
                                        25e-3, 50e-3,  100e-3, 250e-3, 500e-3, 1.0,    2.5};
@@ -40,7 +46,9 @@ struct RemoteExperts::Impl {
     std::string name;
     std::string address;
     int peer = -1;     // DispatchClient peer; -1 while lost
-    bool lost = true;  // timed out or unreachable: not chosen until the next placement
+    bool lost = true;  // timed out or unreachable: not chosen until retry_at (or a placement)
+    Clock::time_point retry_at{};          // when a lost worker is connected again
+    std::chrono::milliseconds backoff{0};  // its current back-off (0 after an answer)
     bool bad = false;  // failed in the current call: not chosen for its second round
     RoundState status = RoundState::Idle;  // in the current round
     std::string error;                     // why the current round failed
@@ -69,6 +77,7 @@ struct RemoteExperts::Impl {
   Status send_round(int round);
   void take_reply(const transport::Reply& r);
   void wait_round();
+  void retry_lost();
   Status fail(std::string message);
   void record_stats();
   std::string no_copy_message(int64_t layer, int32_t expert) const;
@@ -97,6 +106,7 @@ struct RemoteExperts::Impl {
   std::vector<SlotState> state;  // [n * top_k]
   std::vector<float> routed;     // [n, hidden]: routed output of the call
   uint64_t rerouted = 0, dropped = 0, failed_steps = 0;  // not yet published to stats
+  uint64_t retries = 0, error_replies = 0;               // not yet published to stats
   Clock::time_point started;                             // start() of the call in progress
 
   // Guarded by placement_mutex.
@@ -190,12 +200,20 @@ void RemoteExperts::Impl::apply(const proto::Placement& p) {
 }
 
 int RemoteExperts::Impl::pick(const std::vector<int>& r, uint64_t key, int exclude) const {
-  auto usable = [&](int w) { return w != exclude && !workers[w].lost && !workers[w].bad; };
-  const auto live = static_cast<uint64_t>(std::count_if(r.begin(), r.end(), usable));
-  if (live == 0) return -1;
-  uint64_t k = key % live;
-  for (int w : r)
-    if (usable(w) && k-- == 0) return w;
+  // Live copies first. With none, a lost worker whose endpoint still stands (it was silent, not
+  // dead) is tried as the last resort: a lost message or a short stall then fails one step, not
+  // every step of its back-off.
+  for (const bool last_resort : {false, true}) {
+    auto usable = [&](int w) {
+      const Worker& x = workers[w];
+      return w != exclude && !x.bad && (last_resort ? x.lost && x.peer >= 0 : !x.lost);
+    };
+    const auto live = static_cast<uint64_t>(std::count_if(r.begin(), r.end(), usable));
+    if (live == 0) continue;
+    uint64_t k = key % live;
+    for (int w : r)
+      if (usable(w) && k-- == 0) return w;
+  }
   return -1;
 }
 
@@ -206,8 +224,9 @@ std::string RemoteExperts::Impl::no_copy_message(int64_t l, int32_t e) const {
         "router publishes one when expert workers have joined)",
         e, l);
   return fmt::format(
-      "expert {} of layer {} has no live copy (placement version {}): an expert worker holding "
-      "it was lost; it comes back when a worker rejoins",
+      "expert {} of layer {} has no live copy (placement version {}): the expert worker holding "
+      "it did not answer; it is tried again after a back-off of at most 30 s, and a worker that "
+      "is gone is replaced when a worker joins",
       e, l, epoch);
 }
 
@@ -257,6 +276,7 @@ void RemoteExperts::Impl::take_reply(const transport::Reply& r) {
   Worker& w = workers[wi];
   if (w.status != RoundState::Sent) return;
   if (!r.error.empty()) {
+    ++error_replies;
     w.status = RoundState::Error;
     w.error = fmt::format("it answered with an error: {}", r.error);
     return;
@@ -297,11 +317,20 @@ void RemoteExperts::Impl::wait_round() {
           "error=\"{}\"",
           w.id, w.name, epoch, layer, w.error);
       if (w.status == RoundState::TimedOut || w.status == RoundState::SendFailed) {
-        // Lost until the next placement: masked, and its endpoint closed.
+        // Lost until its back-off ends or the next placement: masked. A failed endpoint is
+        // closed; a silent one is kept (its late replies are dropped as late), since UCX would
+        // pair a new endpoint from this client with the server's side of the old one.
         w.lost = true;
-        if (w.peer >= 0) client->disconnect(w.peer);
-        w.peer = -1;
+        if ((w.status == RoundState::SendFailed || client->peer_failed(w.peer)) && w.peer >= 0) {
+          client->disconnect(w.peer);
+          w.peer = -1;
+        }
+        w.backoff = w.backoff.count() == 0 ? kRetryFirst : std::min(2 * w.backoff, kRetryMax);
+        w.retry_at = Clock::now() + w.backoff;
       }
+    } else {
+      w.lost = false;  // a last-resort try (see pick()) that worked
+      w.backoff = std::chrono::milliseconds(0);
     }
     for (std::size_t r = 0; r < w.tokens.size(); ++r) {
       const int64_t t = w.tokens[r];
@@ -323,6 +352,29 @@ void RemoteExperts::Impl::wait_round() {
   }
 }
 
+// Connects again to the lost workers whose back-off has ended (the placement still lists them:
+// a worker that is really gone is removed from it by the router within moments).
+void RemoteExperts::Impl::retry_lost() {
+  const auto now = Clock::now();
+  for (Worker& w : workers) {
+    if (!w.lost || w.address.empty() || w.retry_at == Clock::time_point{} || now < w.retry_at)
+      continue;
+    w.retry_at = {};
+    if (w.peer < 0) {
+      Expected<int> peer = client->connect(w.address);
+      if (!peer) {
+        w.retry_at = now + w.backoff;
+        continue;
+      }
+      w.peer = *peer;
+    }
+    w.lost = false;
+    ++retries;
+    spdlog::info("remote_experts retry worker={} name={} version={} backoff_ms={}", w.id, w.name,
+                 epoch, w.backoff.count());
+  }
+}
+
 Status RemoteExperts::Impl::fail(std::string message) {
   ++failed_steps;
   dropped = 0;  // the whole step failed: its slots count there, not as drops
@@ -340,10 +392,21 @@ void RemoteExperts::Impl::record_stats() {
   stats.set_rerouted_slots_total(stats.rerouted_slots_total() + rerouted);
   stats.set_dropped_slots_total(stats.dropped_slots_total() + dropped);
   stats.set_failed_steps_total(stats.failed_steps_total() + failed_steps);
+  stats.set_send_errors_total(c.send_errors);
+  stats.set_auth_failures_total(c.auth_failures);
+  stats.set_checksum_failures_total(c.checksum_failures);
+  stats.set_buffers_total(c.buffers);
+  stats.set_worker_retries_total(stats.worker_retries_total() + retries);
+  stats.set_error_replies_total(stats.error_replies_total() + error_replies);
+  proto::FaultCounts* f = stats.mutable_faults();
+  f->set_drops(c.faults.drops);
+  f->set_delays(c.faults.delays);
+  f->set_corruptions(c.faults.corruptions);
+  f->set_stalls(c.faults.stalls);
   if (dropped > 0)
     for (int64_t i = 0; i < n * top_k; ++i)
       if (state[i] == SlotState::Dropped) ++drops[layer * config.num_experts + ids[i]];
-  rerouted = dropped = failed_steps = 0;
+  rerouted = dropped = failed_steps = retries = error_replies = 0;
 }
 
 RemoteExperts::RemoteExperts(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -416,6 +479,7 @@ Status RemoteExperts::start(int64_t layer, const float* x, int64_t n, const int3
     }
     if (next) m.apply(*next);
   }
+  m.retry_lost();
   m.pending = false;
   ++m.calls;
   const ModelConfig& c = m.config;

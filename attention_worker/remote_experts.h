@@ -19,10 +19,17 @@
 //     (sum of its kept gate weights), or is 0 when every slot was dropped;
 //   - slots of a worker that timed out or failed, with no other replica, fail the step with an
 //     error naming the worker and the timeout (failed_steps).
-// A worker that timed out is lost until the next set_placement(): it is disconnected and no
-// longer chosen, and an expert with no other copy fails each step at once with "expert E of layer
-// L has no live copy". The partial sums are added into `out` in ascending worker id order (first
-// round, then second), so the result does not depend on the order replies arrive in.
+// A worker that timed out (or whose send failed) is lost: it is not chosen (and a failed endpoint
+// is closed; a silent one kept, its late replies dropped as late) until
+// the next set_placement() or until its back-off ends (1 s, doubled at each failure up to 30 s,
+// reset when it answers), when it is connected again and tried (worker_retries). Meanwhile an
+// expert with no other copy still goes to a silent lost worker, as the last resort (a lost
+// message or a short stall then fails one step, not every step of a back-off), and fails each
+// step at once with "expert E of layer L has no live copy" when its worker's endpoint failed
+// (UCX saw it die).
+// A worker that answered with an error (a refused or corrupted dispatch) stays in use. The partial
+// sums are added into `out` in ascending worker id order (first round, then second), so the result
+// does not depend on the order replies arrive in.
 //
 // Threads: start(), finish() and compute() run on the engine thread, which owns the client, the
 // connections and every buffer (reused across calls: no allocation in steady state).

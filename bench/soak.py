@@ -13,9 +13,11 @@ It fails (exit 1) when, for any process,
     load and with the idle sample,
   - the number of open file descriptors when idle is above the number at the end of the warm-up
     (the clients' own connections are closed by then),
+  - the data-plane (UCX) buffers it allocated (/admin/experts: each expert worker's
+    buffers_total, and the attention workers' dispatch.buffers_total) grow by more than
+    --buffer-bound after the warm-up (the pools keep their high-water mark: flat in steady state),
 or when the KV cache usage does not return to 0 within --idle-timeout seconds of the clients
-stopping, or when a request failed. Data-plane buffer counts (DispatchServer/DispatchClient
-stats().buffers) are not exported by /admin/cluster, so they are not watched here.
+stopping, or when a request failed.
 
 Usage: bench/soak.py [--clients 16] [--seconds 120] [--binary build/bin/moemesh] [--model DIR]
 """
@@ -134,6 +136,8 @@ def main():
                     "enough to be touched in full during the warm-up (0.25 GiB: ~25 s here)")
     ap.add_argument("--rss-bound-pct", type=float, default=10)
     ap.add_argument("--rss-bound-mib", type=float, default=64)
+    ap.add_argument("--buffer-bound", type=int, default=8,
+                    help="allowed growth of each side's data-plane buffer count after the warm-up")
     ap.add_argument("--idle-timeout", type=float, default=30)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="also write the samples and the verdict to this file")
@@ -184,9 +188,16 @@ def soak(a, port, serve):
 
     samples = []
 
+    def ucx_buffers():
+        """Data-plane buffer allocations: per expert worker, and all attention workers together."""
+        x = get_json(port, "/admin/experts")
+        out = {w.get("name", "?"): int(w.get("buffers_total", 0)) for w in x.get("workers", [])}
+        out["attention"] = int(x.get("dispatch", {}).get("buffers_total", 0))
+        return out
+
     def sample(phase, t0):
         c = get_json(port, "/admin/cluster")
-        s = {"t": round(time.time() - t0, 1), "phase": phase,
+        s = {"t": round(time.time() - t0, 1), "phase": phase, "buffers": ucx_buffers(),
              "kv": c["engine"].get("kv_cache_usage", 0.0),
              "running": c["engine"].get("running", 0), "waiting": c["engine"].get("waiting", 0),
              "procs": {n: proc_figures(procs[n]) for n in names}}
@@ -197,7 +208,7 @@ def soak(a, port, serve):
     t0 = time.time()
     clients.start()
     header = f"{'t s':>6} {'phase':>6} {'kv %':>6} {'run':>4} {'wait':>4} {'req':>6} " + " ".join(
-        f"{n[:14] + ' MiB/fd':>22}" for n in names)
+        f"{n[:14] + ' MiB/fd':>22}" for n in names) + "  ucx buffers (experts..., attention)"
     print(f"soak: {a.clients} streaming clients for {a.seconds:.0f} s (warm-up {a.warmup:.0f} s) "
           f"against {len(names)} processes; serve pid {serve.pid}")
     print(header)
@@ -207,8 +218,10 @@ def soak(a, port, serve):
         for n in names:
             f = s["procs"][n]
             cols.append(f"{'gone':>22}" if f is None else f"{f[0] / 2**20:>15.1f}/{f[1]:<6}")
+        bufs = " ".join(f"{v}" for v in s["buffers"].values())
         print(f"{s['t']:>6} {s['phase']:>6} {100 * s['kv']:>6.1f} {s['running']:>4} "
-              f"{s['waiting']:>4} {clients.requests:>6} " + " ".join(cols), flush=True)
+              f"{s['waiting']:>4} {clients.requests:>6} " + " ".join(cols) + f"  ucx {bufs}",
+              flush=True)
 
     baseline = None
     next_t = t0 + a.interval
@@ -256,6 +269,11 @@ def soak(a, port, serve):
                                     f"({s['phase']}), bound {bound / 2**20:.1f} MiB")
             if base and idle["procs"][n] and idle["procs"][n][1] > base[1]:
                 failures.append(f"{n}: open fds grew from {base[1]} to {idle['procs'][n][1]}")
+        for side, base in baseline["buffers"].items():
+            now = idle["buffers"].get(side, base)
+            if now - base > a.buffer_bound:
+                failures.append(f"{side}: data-plane buffers grew from {base} to {now} after the "
+                                f"warm-up (bound {a.buffer_bound})")
     if idle["kv"] != 0:
         failures.append(f"KV cache usage did not return to 0 when idle: {100 * idle['kv']:.2f}%")
     if clients.errors:
@@ -275,7 +293,11 @@ def soak(a, port, serve):
             if b and e and i:
                 print(f"{n:<16} {b[0] / 2**20:>16.1f} {e[0] / 2**20:>12.1f} {i[0] / 2**20:>13.1f} "
                       f"{b[1]:>12} {i[1]:>9}")
-    print("data-plane buffer counts: not exported by /admin/cluster (not watched)")
+        print(f"{'data-plane side':<16} {'buffers warm-up':>16} {'buffers end':>12} "
+              f"{'buffers idle':>13}")
+        for side, n in baseline["buffers"].items():
+            print(f"{side:<16} {n:>16} {load_last['buffers'].get(side, n):>12} "
+                  f"{idle['buffers'].get(side, n):>13}")
     verdict = "PASS" if not failures else "FAIL"
     print(f"soak: {verdict}")
     for f in failures:

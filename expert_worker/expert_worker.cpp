@@ -190,6 +190,14 @@ proto::ExpertWorkerStats ExpertWorker::stats() const {
   out.set_bytes_in(s.bytes_in);
   out.set_bytes_out(s.bytes_out);
   out.set_queue_depth(s.last_batch);
+  out.set_auth_failures_total(s.auth_failures);
+  out.set_checksum_failures_total(s.checksum_failures);
+  out.set_buffers_total(s.buffers);
+  proto::FaultCounts* f = out.mutable_faults();
+  f->set_drops(s.faults.drops);
+  f->set_delays(s.faults.delays);
+  f->set_corruptions(s.faults.corruptions);
+  f->set_stalls(s.faults.stalls);
   out.set_capacity_factor(impl_->capacity_factor.load(std::memory_order_relaxed));
   const Clock::time_point now = Clock::now();
   out.set_uptime_seconds(std::chrono::duration<double>(now - impl_->started).count());

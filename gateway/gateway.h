@@ -70,6 +70,9 @@ class Gateway {
   // Serves /admin/cluster, /admin/experts and the admin actions from this router (a cluster).
   void set_router(actors::router_actor router);
   uint16_t port() const;
+  // Whether the engine (or the cluster) has said it can serve since serve_model(): /health has
+  // been able to answer 200. Stays true.
+  bool has_been_ready() const;
 
   // Stops accepting connections, lets requests in flight finish for up to `grace` (then cancels
   // them), and stops the I/O threads.

@@ -198,6 +198,66 @@ void Metrics::render_experts(std::string& out) const {
   header(out, "moemesh_expert_dropped_total", "counter",
          "Token-slots dropped with no replica to take them (gate weights renormalised).");
   out += fmt::format("moemesh_expert_dropped_total{{{}}} {}\n", labels_, drops);
+  // Data-plane events: what went wrong between attention and expert workers, counted on the side
+  // that saw it (injected faults only in fault-injection builds).
+  const proto::DispatchStats& d = x.dispatch();
+  uint64_t server_errors = 0, server_auth = 0, server_checksum = 0;
+  uint64_t faults[4] = {d.faults().drops(), d.faults().delays(), d.faults().corruptions(),
+                        d.faults().stalls()};
+  for (const proto::ExpertWorkerStats& w : x.workers()) {
+    server_errors += w.errors_total();
+    server_auth += w.auth_failures_total();
+    server_checksum += w.checksum_failures_total();
+    faults[0] += w.faults().drops();
+    faults[1] += w.faults().delays();
+    faults[2] += w.faults().corruptions();
+    faults[3] += w.faults().stalls();
+  }
+  const std::pair<const char*, std::pair<const char*, uint64_t>> counters[] = {
+      {"moemesh_dataplane_dispatches_total",
+       {"Dispatches attention workers sent.", d.dispatches_total()}},
+      {"moemesh_dataplane_timeouts_total",
+       {"Dispatches without a reply within the dispatch timeout.", d.timeouts_total()}},
+      {"moemesh_dataplane_late_replies_total",
+       {"Replies dropped: after their deadline, unexpected or unreadable.",
+        d.late_replies_total()}},
+      {"moemesh_dataplane_error_replies_total",
+       {"Replies that carried an expert worker's error.", d.error_replies_total()}},
+      {"moemesh_dataplane_send_errors_total",
+       {"Dispatches the transport refused or failed (dead or unreachable worker).",
+        d.send_errors_total()}},
+      {"moemesh_dataplane_failed_steps_total",
+       {"Engine steps failed because a dispatch got no usable answer.", d.failed_steps_total()}},
+      {"moemesh_dataplane_rerouted_slots_total",
+       {"Token-slots sent again to another replica.", d.rerouted_slots_total()}},
+      {"moemesh_dataplane_worker_retries_total",
+       {"Lost expert workers tried again after their back-off.", d.worker_retries_total()}},
+      {"moemesh_dataplane_server_errors_total",
+       {"Dispatches expert workers refused, answered with an error or could not answer.",
+        server_errors}},
+  };
+  for (const auto& [name, help_value] : counters) {
+    header(out, name, "counter", help_value.first);
+    out += fmt::format("{}{{{}}} {}\n", name, labels_, help_value.second);
+  }
+  header(out, "moemesh_dataplane_auth_failures_total", "counter",
+         "Data-plane headers whose authentication tag did not verify, by the side that refused.");
+  out += fmt::format("moemesh_dataplane_auth_failures_total{{{},side=\"expert\"}} {}\n", labels_,
+                     server_auth);
+  out += fmt::format("moemesh_dataplane_auth_failures_total{{{},side=\"attention\"}} {}\n", labels_,
+                     d.auth_failures_total());
+  header(out, "moemesh_dataplane_checksum_failures_total", "counter",
+         "Data-plane headers whose checksum did not match (corrupted), by the side that saw it.");
+  out += fmt::format("moemesh_dataplane_checksum_failures_total{{{},side=\"expert\"}} {}\n",
+                     labels_, server_checksum);
+  out += fmt::format("moemesh_dataplane_checksum_failures_total{{{},side=\"attention\"}} {}\n",
+                     labels_, d.checksum_failures_total());
+  header(out, "moemesh_dataplane_faults_injected_total", "counter",
+         "Faults injected into the data plane by a fault-injection build (MOEMESH_FAULTS).");
+  const char* kinds[] = {"drop", "delay", "corrupt", "stall"};
+  for (int i = 0; i < 4; ++i)
+    out += fmt::format("moemesh_dataplane_faults_injected_total{{{},kind=\"{}\"}} {}\n", labels_,
+                       kinds[i], faults[i]);
   const proto::Histogram& h = x.round_trip();
   header(out, "moemesh_dataplane_round_trip_seconds", "histogram",
          "One MoE layer's dispatch to expert workers until the last reply is combined.");

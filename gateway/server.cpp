@@ -67,6 +67,7 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
   caf::actor stats_actor;
   std::atomic<int64_t> last_stats_ok_ms{0};
   std::atomic<bool> last_ready{false};  // the engine (or the cluster) said it can serve
+  std::atomic<bool> ever_ready{false};  // last_ready has been true once
 
   std::atomic<int> open_requests{0};
   std::atomic<int> queued_requests{0};  // accepted, no delta from the engine yet
@@ -763,6 +764,10 @@ uint16_t Gateway::port() const {
   return impl_->bound_port;
 }
 
+bool Gateway::has_been_ready() const {
+  return impl_->ever_ready.load();
+}
+
 void Gateway::set_router(actors::router_actor router) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->router = std::move(router);
@@ -785,6 +790,7 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
                       metrics->set_engine_stats(s);
                       if (auto gw = weak.lock()) {
                         gw->last_ready = s.ready();
+                        if (s.ready()) gw->ever_ready = true;
                         gw->last_stats_ok_ms =
                             std::chrono::duration_cast<std::chrono::milliseconds>(
                                 std::chrono::steady_clock::now().time_since_epoch())
