@@ -160,11 +160,21 @@ def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_the_survivo
         killed = time.time()
         assert all(r["finish"] is None for r in results.values()), "streams ended before the kill"
         for t in threads:
-            t.join(30)
+            t.join(max(0.1, killed + 10 - time.time()))
         assert len(results) == len(PROMPTS)
-        for r in results.values():
-            assert r["error"] is not None, "a request that needed the lost experts must fail"
-            assert r["end"] - killed < 2.0, f"ended {r['end'] - killed:.2f} s after the kill"
+        failed = [r for r in results.values() if r["error"] is not None]
+        time.sleep(1.5)  # the router's figures lag by a poll
+        missed = (s.metric("moemesh_dataplane_timeouts_total")
+                  + s.metric("moemesh_dataplane_send_errors_total"))
+        if missed == 0 and not failed:
+            # No step needed the lost worker: the survivor bound its experts before the attention
+            # worker's next MoE layer (seen in slow builds, e.g. under ASan). Nothing may fail then.
+            pass
+        else:
+            # A step that needed it failed, and with it every sequence in it: all the streams.
+            assert len(failed) == len(results), "a request that needed the lost experts must fail"
+            for r in failed:
+                assert r["end"] - killed < 2.0, f"ended {r['end'] - killed:.2f} s after the kill"
         # The router places the lost worker's experts on the survivor, which binds them: the
         # cluster serves again without a restart, with the same outputs.
         wait_until(lambda: s.request("GET", "/health")[0] == 200, 10, "the cluster to recover")
