@@ -90,8 +90,15 @@ namespace {
 typedef uint16_t u16_unaligned __attribute__((aligned(1), may_alias));
 }  // namespace
 
-__attribute__((target_clones("avx2", "default"))) void bf16_to_f32_n(const void* src, float* dst,
-                                                                     size_t n) {
+// Multiversioned (chosen when the program loads), except under ThreadSanitizer: ifunc resolvers
+// run while the program is relocated, before TSan's runtime is up, and crash there.
+#if defined(__SANITIZE_THREAD__)
+#define MOEMESH_CLONES(...)
+#else
+#define MOEMESH_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))
+#endif
+
+MOEMESH_CLONES("avx2", "default") void bf16_to_f32_n(const void* src, float* dst, size_t n) {
   // memcpy: fragments start at any byte, and both compilers vectorise this form.
   const auto* s = static_cast<const unsigned char*>(src);
   for (size_t i = 0; i < n; ++i) {
@@ -112,8 +119,8 @@ inline uint16_t round_bits(uint32_t b) {
 
 // AVX-512 or AVX2 when the CPU has it (chosen at load time), SSE2 otherwise. AVX-512 narrows
 // with one instruction where AVX2 needs a pack and a permute: 20% faster on a 7 MB array (Xeon).
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) void to_bf16_block(
-    const float* __restrict s, u16_unaligned* __restrict d, size_t n) {
+MOEMESH_CLONES("arch=x86-64-v4", "avx2", "default")
+void to_bf16_block(const float* __restrict s, u16_unaligned* __restrict d, size_t n) {
   for (size_t i = 0; i < n; ++i) d[i] = round_bits(std::bit_cast<uint32_t>(s[i]));
 }
 

@@ -43,7 +43,11 @@ inline float fp8_bits_to_f32(uint8_t code) {
 // Rows are widened by these two, compiled for AVX-512 and AVX2 as well where the compiler can
 // (chosen when the program loads): on a Xeon with AVX-512 that widens FP8 rows about 3x faster
 // than the SSE2 loop, which is no faster than a table lookup.
-#if defined(__x86_64__) && defined(__clang__)
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer: ifunc resolvers run while the program is relocated, before TSan's runtime is
+// up, and crash there once instrumented; TSan builds keep the portable loop.
+#define MOEMESH_ROW_CLONES
+#elif defined(__x86_64__) && defined(__clang__)
 // clang refuses noinline on multiversioned functions (their ifunc is never inlined anyway).
 #define MOEMESH_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #elif defined(__x86_64__) && defined(__GNUC__)
