@@ -490,7 +490,9 @@ TEST_F(RouterTest, DrainMovesAWorkersExpertsToTheOthers) {
   EXPECT_EQ(p.workers(0).name(), "e1");
   auto snap = ask<proto::ClusterSnapshot>(cluster_atom::value);
   for (const auto& m : snap.members()) {
-    if (m.name() == "e2") EXPECT_EQ(m.state(), "drained");
+    if (m.name() == "e2") {
+      EXPECT_EQ(m.state(), "drained");
+    }
   }
   EXPECT_NE(drain("e1").find("only expert worker"), std::string::npos);
 }
