@@ -44,7 +44,8 @@ int run_attention(const AttentionFlags& f) {
   ro.data_plane.transports = f.worker.transports;
   ro.data_plane.net_devices = f.worker.net_devices;
   ro.data_plane.token = actors::cluster_token_from(f.worker.cluster_token);
-  ro.data_plane.faults = fault_spec_from_environment(f.worker.name);
+  ro.data_plane.faults = fault_spec_from_environment();
+  ro.data_plane.node_name = f.worker.name;
   ro.data_plane.dtype =
       f.remote.wire_dtype == "bf16" ? transport::WireDtype::BF16 : transport::WireDtype::F32;
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(f.remote.dispatch_timeout_ms));

@@ -121,7 +121,8 @@ int run_expert(const ExpertFlags& f) {
   wo.data_plane.transports = f.worker.transports;
   wo.data_plane.net_devices = f.worker.net_devices;
   wo.data_plane.token = actors::cluster_token_from(f.worker.cluster_token);
-  wo.data_plane.faults = fault_spec_from_environment(f.worker.name);
+  wo.data_plane.faults = fault_spec_from_environment();
+  wo.data_plane.node_name = f.worker.name;
   wo.window_seconds = f.window_s;
   Expected<std::unique_ptr<ExpertWorker>> worker = ExpertWorker::start(model_dir, wo);
   if (!worker) return fail(worker.error().message());

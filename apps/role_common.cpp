@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <ctime>
-#include <string_view>
 
 namespace moemesh::apps {
 
@@ -99,25 +98,9 @@ std::string host_name() {
   return buf;
 }
 
-std::string fault_spec_from_environment(const std::string& name) {
-  const char* env = std::getenv("MOEMESH_FAULTS");
-  std::string out;
-  std::string_view spec = env == nullptr ? std::string_view() : std::string_view(env);
-  while (!spec.empty()) {
-    const size_t cut = spec.find(';');
-    std::string_view rule = spec.substr(0, cut);
-    spec = cut == std::string_view::npos ? std::string_view() : spec.substr(cut + 1);
-    const size_t slash = rule.find('/');
-    if (slash != std::string_view::npos && slash < rule.find('.')) {
-      std::string_view target = rule.substr(0, slash);
-      while (!target.empty() && target.front() == ' ') target.remove_prefix(1);
-      if (target != name) continue;
-      rule = rule.substr(slash + 1);
-    }
-    if (!out.empty()) out += ';';
-    out += rule;
-  }
-  return out;
+std::string fault_spec_from_environment() {
+  const char* spec = std::getenv("MOEMESH_FAULTS");
+  return spec == nullptr ? std::string() : std::string(spec);
 }
 
 std::string node_name(const std::string& role) {

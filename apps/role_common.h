@@ -37,12 +37,9 @@ bool wait_for_stop(caf::actor_system& system, const sigset_t& signals, const caf
 std::string node_name(const std::string& role);
 std::string host_name();
 
-// The data-plane fault-injection spec of a test build for the node named `name`: the rules of
-// MOEMESH_FAULTS (transport/detail/faults.h) without a NAME/ prefix, and those whose prefix is
-// `name` (the prefix removed), so that one spec can aim at one worker of a cluster
-// ("expert-1/reply.drop@40"). "" when unset; a build without fault injection refuses a non-empty
-// spec.
-std::string fault_spec_from_environment(const std::string& name);
+// The data-plane fault-injection spec of a test build: MOEMESH_FAULTS, or "" when unset
+// (transport/detail/faults.h; a build without fault injection refuses a non-empty one).
+std::string fault_spec_from_environment();
 
 }  // namespace moemesh::apps
 

@@ -85,8 +85,9 @@ struct DataPlaneOptions {
   std::string transports;   // value for UCX_TLS ("" = UCX default; e.g. "tcp", "sm", "self,sm")
   std::string net_devices;  // value for UCX_NET_DEVICES ("" = UCX default)
   WireDtype dtype = WireDtype::F32;  // client side: what it sends; a server replies in kind
-  std::string token;   // the cluster token: authenticates every header ("" = no authentication)
-  std::string faults;  // fault-injection spec (test builds only, see detail/faults.h)
+  std::string token;      // the cluster token: authenticates every header ("" = no authentication)
+  std::string faults;     // fault-injection spec (test builds only, see detail/faults.h)
+  std::string node_name;  // this process's node name: fault rules prefixed NAME/ apply if equal
 };
 
 // Faults this side injected (always zero outside fault-injection builds).

@@ -52,7 +52,8 @@ constexpr const char* kGrammar =
 
 }  // namespace
 
-Expected<std::unique_ptr<FaultInjector>> FaultInjector::parse(std::string_view spec) {
+Expected<std::unique_ptr<FaultInjector>> FaultInjector::parse(std::string_view spec,
+                                                              std::string_view node_name) {
   auto out = std::unique_ptr<FaultInjector>(new FaultInjector());
   auto bad = [&](std::string_view rule, std::string_view why) {
     return Error(fmt::format("fault spec: rule \"{}\": {}; {}", rule, why, kGrammar));
@@ -71,6 +72,11 @@ Expected<std::unique_ptr<FaultInjector>> FaultInjector::parse(std::string_view s
     const size_t at = rule.find('@');
     if (at == std::string_view::npos) return bad(rule, "no @WHEN");
     std::string_view what = rule.substr(0, at);
+    bool here = true;
+    if (const size_t slash = what.find('/'); slash != std::string_view::npos) {
+      here = trim(what.substr(0, slash)) == node_name;
+      what = what.substr(slash + 1);
+    }
     const std::string_view when = rule.substr(at + 1);
     Rule r;
     if (const size_t eq = what.find('='); eq != std::string_view::npos) {
@@ -125,7 +131,7 @@ Expected<std::unique_ptr<FaultInjector>> FaultInjector::parse(std::string_view s
       }
       if (r.nth.empty()) return bad(rule, "WHEN is empty");
     }
-    out->rules_.push_back(std::move(r));
+    if (here) out->rules_.push_back(std::move(r));
   }
   if (out->rules_.empty()) return std::unique_ptr<FaultInjector>();
   return out;
@@ -193,7 +199,7 @@ Expected<std::unique_ptr<FaultInjector>> make_fault_injector(const DataPlaneOpti
         "fault injection was asked for (MOEMESH_FAULTS / DataPlaneOptions::faults), but this "
         "build has none: configure a test build with -DMOEMESH_FAULT_INJECTION=ON, or unset "
         "MOEMESH_FAULTS");
-  auto injector = FaultInjector::parse(options.faults);
+  auto injector = FaultInjector::parse(options.faults, options.node_name);
   if (injector && *injector)
     spdlog::warn("transport={} event=fault_injection spec=\"{}\"", side, options.faults);
   return injector;

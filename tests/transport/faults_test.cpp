@@ -59,6 +59,22 @@ TEST(transportFaults, SpecSelectsTheNthEveryNthOrRandomMessages) {
   EXPECT_TRUE(pick("expert.stall=1s@p:0").empty());
 }
 
+TEST(transportFaults, NamePrefixedRulesApplyOnlyToThatNode) {
+  const char* spec = "expert-0/reply.drop@1; expert-1/reply.delay=5ms@1; reply.corrupt@1";
+  auto e0 = parse_ok(std::string(spec));  // no node name: only the unprefixed rule
+  ASSERT_TRUE(e0);
+  auto a = e0->next(FaultPoint::Reply);
+  EXPECT_TRUE(a.corrupt && !a.drop && a.delay.count() == 0);
+  auto e1 = FaultInjector::parse(spec, "expert-1");
+  ASSERT_TRUE(e1.ok() && *e1);
+  a = (*e1)->next(FaultPoint::Reply);
+  EXPECT_TRUE(a.corrupt && !a.drop && a.delay.count() == 5);
+  auto other = FaultInjector::parse("expert-0/reply.drop@1", "attention-0");
+  ASSERT_TRUE(other.ok());
+  EXPECT_EQ(*other, nullptr);  // no rule for this node
+  EXPECT_FALSE(FaultInjector::parse("expert-0/reply.explode@1", "attention-0").ok());
+}
+
 TEST(transportFaults, BadSpecsAreRefusedNamingTheRule) {
   for (const char* spec :
        {"reply.drop", "reply.explode@1", "network.drop@1", "reply.delay@1", "reply.drop=5ms@1",

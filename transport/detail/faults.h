@@ -4,7 +4,9 @@
 // build); otherwise a non-empty DataPlaneOptions::faults is refused at start-up.
 //
 // Spec (DataPlaneOptions::faults, from MOEMESH_FAULTS in the role processes): rules separated by
-// ';', each  POINT.KIND[=DURATION]@WHEN
+// ';', each  [NAME/]POINT.KIND[=DURATION]@WHEN
+//   NAME   the rule applies only in the process whose node name (DataPlaneOptions::node_name,
+//          a worker's --name) is NAME; without it, in every process
 //   POINT  dispatch  a dispatch as the attention worker sends it (client)
 //          reply     a reply as the expert worker sends it (server)
 //          expert    the expert worker's handler call for one batch of dispatches (server)
@@ -50,8 +52,10 @@ struct FaultAction {
 
 class FaultInjector {
  public:
-  // nullptr for an empty spec; an error naming the rule that does not parse.
-  static Expected<std::unique_ptr<FaultInjector>> parse(std::string_view spec);
+  // The rules for node `node_name` (see NAME/ above); nullptr when none is left; an error naming
+  // the rule that does not parse (rules for other nodes are checked too).
+  static Expected<std::unique_ptr<FaultInjector>> parse(std::string_view spec,
+                                                        std::string_view node_name = {});
 
   // The action for the next message at `point` (counts it).
   FaultAction next(FaultPoint point);
