@@ -116,7 +116,7 @@ int run_prefill(int64_t n_tokens, ThreadPool& pool, int reps) {
               static_cast<long long>(n_tokens), isa_name(moemesh::kernels::detected_isa()));
   // An attention projection [2048, 2048] and an expert projection [1024, 2048] (OLMoE shapes).
   const std::pair<int64_t, int64_t> shapes[] = {{2048, 2048}, {1024, 2048}};
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
     for (const bool fp8 : {false, true})
       for (const auto& [rows, cols] : shapes) {
@@ -201,12 +201,26 @@ int main(int argc, char** argv) {
   std::vector<WeightView> f8_views = views(f8.data(), DType::F8E4M3, bytes);
   for (WeightView& v : f8_views) v.scale = f8_scales.data();
 
+  // Amx reads BF16 matrices in the tile layout the model loader packs them into.
+  std::vector<std::vector<uint32_t>> packed;
+  std::vector<WeightView> bf16_packed_views;
+  if (moemesh::kernels::detected_isa() >= Isa::Amx)
+    for (WeightView v : bf16_views) {
+      packed.emplace_back(
+          static_cast<std::size_t>(moemesh::kernels::amx_packed_words(v.rows, v.cols)) + 16);
+      auto* at = reinterpret_cast<uint32_t*>(
+          (reinterpret_cast<std::uintptr_t>(packed.back().data()) + 63) & ~std::uintptr_t{63});
+      moemesh::kernels::pack_amx(v, at, &pool);
+      v.packed = at;
+      bf16_packed_views.push_back(v);
+    }
+
   const Isa active = moemesh::kernels::active_isa();
   // The machine is shared: the probe runs before and after the kernels and keeps its best, so
   // that a noisy moment does not flatter the ratios.
   double read_gbs = read_probe(f32, pool, reps);
   std::vector<std::pair<std::string, double>> results;
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512}) {
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
     const std::pair<const char*, const std::vector<WeightView>*> runs[] = {{"F32", &f32_views},
                                                                            {"BF16", &bf16_views},
@@ -214,7 +228,9 @@ int main(int argc, char** argv) {
                                                                            {"I8", &i8_views},
                                                                            {"FP8", &f8_views}};
     for (const auto& [name, mats] : runs) {
-      const double gbs = linear_probe(*mats, pool, reps);
+      if (isa == Isa::Amx && mats != &bf16_views) continue;  // the Avx512 kernels
+      const std::vector<WeightView>* m = isa == Isa::Amx ? &bf16_packed_views : mats;
+      const double gbs = linear_probe(*m, pool, reps);
       const std::string label = std::string("linear ") + isa_name(isa) + " " + name + ", 1 token";
       results.emplace_back(label, gbs);
     }

@@ -37,7 +37,7 @@ prompts' token ids here: both engines get token ids).
     .venv/bin/python bench/llamacpp_bench.py [--work-dir DIR] [--layers 2] [--threads N]
         [--prompt-tokens 512] [--decode-tokens 64] [--repeats 5] [--model DIR]
         [--convert-python PY] [--binary build/bin/moemesh] [--llamacpp-version 0.3.36]
-        [--formats bf16,q8_0] [--jobs 2]
+        [--formats bf16,q8_0] [--jobs 2] [--isa amx]
 """
 import argparse
 import json
@@ -162,9 +162,10 @@ def llama_bench(exe, gguf, threads, prompt, decode, repack):
 class Moemesh:
     """`moemesh generate` timed by wall time (it prints no timing of its own)."""
 
-    def __init__(self, binary, model, quant, threads, vocab):
+    def __init__(self, binary, model, quant, threads, vocab, isa=None):
         self.binary, self.model, self.quant, self.threads, self.vocab = (binary, model, quant,
                                                                          threads, vocab)
+        self.env = {**os.environ, **({"MOEMESH_ISA": isa} if isa else {})}
 
     def wall(self, n_prompt, n_out):
         ids = ",".join(str((i * 104729 + 7919) % (self.vocab - 3) + 3) for i in range(n_prompt))
@@ -173,7 +174,7 @@ class Moemesh:
                "--quantization", self.quant, "--json"]
         t = time.perf_counter()
         res = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, env=self.env)
         dt = time.perf_counter() - t
         if res.returncode != 0:
             sys.exit(f"moemesh generate failed: {res.stderr.strip()}")
@@ -238,6 +239,8 @@ def main():
     ap.add_argument("--llamacpp-version", default="0.3.36",
                     help="llama-cpp-python version whose vendored llama.cpp is built")
     ap.add_argument("--formats", default="bf16,q8_0")
+    ap.add_argument("--isa", help="MOEMESH_ISA for moemesh's runs (e.g. amx: BF16 weights on AMX "
+                    "tiles with bf16 activations; default: the kernels' own choice)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="build jobs for llama.cpp")
     a = ap.parse_args()
     formats = [f for f in a.formats.split(",") if f]
@@ -265,7 +268,7 @@ def main():
     rows, commit = [], ""
     for f in formats:
         log(f"{f}: llama.cpp against moemesh --quantization {MOEMESH_QUANT[f]} ...")
-        mm = Moemesh(a.binary, model, MOEMESH_QUANT[f], a.threads, config["vocab_size"])
+        mm = Moemesh(a.binary, model, MOEMESH_QUANT[f], a.threads, config["vocab_size"], a.isa)
         ll, mmr, note, commit = measure(exe, ggufs[f], mm, a.threads, a.prompt_tokens,
                                         a.decode_tokens, a.repeats)
         rows.append((f, ll, mmr, note))
@@ -274,6 +277,7 @@ def main():
           f"{config['hidden_size']}, {config.get('num_local_experts', config.get('num_experts'))}"
           f" experts top {config['num_experts_per_tok']}, expert width "
           f"{config['moe_intermediate_size']}; {a.threads} threads, {os.cpu_count()} CPUs; "
+          f"moemesh ISA {a.isa or 'default'}; "
           f"llama.cpp {commit} (llama-cpp-python {a.llamacpp_version}); 1-minute load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("| weights (llama.cpp / moemesh) | measure | llama.cpp tok/s | moemesh tok/s "

@@ -7,8 +7,10 @@
 //   expert down       [2048, 1024]
 //   attention q/k/v/o [2048, 2048]
 // Two precisions:
-//   BF16: moemesh's BF16 weights with float32 activations (what the engine runs: weights widened
-//         in registers, float32 FMA) against oneDNN's bf16 x bf16 -> f32 matmul (both operands
+//   BF16: moemesh's BF16 weights with float32 activations (what the engine runs by default:
+//         weights widened in registers, float32 FMA; with MOEMESH_ISA=amx, activations rounded
+//         to bf16 inside the call and AMX tiles over the weights packed at load, untimed, as the
+//         model loader packs them) against oneDNN's bf16 x bf16 -> f32 matmul (both operands
 //         bf16, the fastest BF16 path oneDNN has on this CPU: AMX or AVX-512 BF16 where present).
 //   F32:  float32 weights and activations in both.
 // oneDNN gets its weights in the layout it asks for (format_tag::any, reordered once, untimed, as
@@ -23,6 +25,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -187,8 +190,17 @@ int main(int argc, char** argv) {
       for (float& e : w) e = dist(rng);
       std::vector<uint16_t> w_bf16(w.size());
       for (std::size_t i = 0; i < w.size(); ++i) w_bf16[i] = moemesh::kernels::f32_to_bf16(w[i]);
-      const WeightView view = bf16 ? WeightView{w_bf16.data(), DType::BF16, s.n, s.k}
-                                   : WeightView{w.data(), DType::F32, s.n, s.k};
+      WeightView view = bf16 ? WeightView{w_bf16.data(), DType::BF16, s.n, s.k}
+                             : WeightView{w.data(), DType::F32, s.n, s.k};
+      std::vector<uint32_t> packed;
+      if (bf16 && moemesh::kernels::active_isa() == moemesh::kernels::Isa::Amx) {
+        // 64-byte aligned, as the model loader places it: tile rows are cache lines.
+        packed.resize(static_cast<std::size_t>(moemesh::kernels::amx_packed_words(s.n, s.k)) + 16);
+        auto* at = reinterpret_cast<uint32_t*>(
+            (reinterpret_cast<std::uintptr_t>(packed.data()) + 63) & ~std::uintptr_t{63});
+        moemesh::kernels::pack_amx(view, at, &pool);
+        view.packed = at;
+      }
       for (const int64_t m : tokens) {
         const double flop = 2.0 * double(m) * double(s.n) * double(s.k);
         const double t_mm = best_of(

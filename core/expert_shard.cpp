@@ -93,6 +93,13 @@ Status ExpertShard::Impl::bind(std::span<const ExpertRef> experts) {
   if (quantization == detail::Quantization::Fp8)
     for (auto& [ref, w] : bound) detail::quantize_fp8(w, stores[ref], pool.get());
 #if MOEMESH_HAVE_CUDA
+  const bool on_gpu = gpu != nullptr;
+#else
+  const bool on_gpu = false;
+#endif
+  if (!on_gpu)
+    for (auto& [ref, w] : bound) detail::pack_for_amx(w, stores[ref], pool.get());
+#if MOEMESH_HAVE_CUDA
   if (gpu)
     for (const auto& [ref, w] : bound)
       if (Status s = gpu->add(ref, w); !s) {
@@ -155,9 +162,10 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
   if (Status s = impl->bind(experts); !s) return s.error();
   spdlog::info(
       "loaded expert shard dir={} arch={} experts={} weight_bytes={} quantization={} threads={} "
-      "device={}",
+      "device={} isa={}",
       dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
-      detail::quantization_name(impl->quantization), impl->pool->size(), options.device);
+      detail::quantization_name(impl->quantization), impl->pool->size(), options.device,
+      options.device == "cpu" ? kernels::isa_name(kernels::active_isa()) : "-");
   return std::unique_ptr<ExpertShard>(new ExpertShard(std::move(impl)));
 }
 

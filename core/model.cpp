@@ -58,6 +58,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
   if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
   if (quant == detail::Quantization::Fp8) detail::quantize_fp8(impl->weights, impl->pool.get());
+  if (options.device == "cpu") detail::pack_for_amx(impl->weights, impl->pool.get());
   impl->routed_experts = options.routed_experts;
   if (options.routed_experts)
     impl->local = std::make_unique<detail::LocalExperts>(impl->weights, impl->config.hidden_size,
@@ -110,16 +111,17 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
-      "routed_experts={} tensors={} quantization={} quantized_bytes={} threads={} device={} "
-      "isa={} ms={:.1f}",
+      "routed_experts={} tensors={} quantization={} quantized_bytes={} amx_packed_bytes={} "
+      "threads={} device={} isa={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
       options.routed_experts, impl->weights.checkpoint->names().size(),
-      detail::quantization_name(quant), impl->weights.quantized.bytes(), impl->pool->size(),
+      detail::quantization_name(quant), impl->weights.quantized.bytes(),
+      impl->weights.quantized.packed_bytes(), impl->pool->size(),
       cuda ? "cuda:" + std::to_string(device) : std::string("cpu"),
       kernels::isa_name(kernels::active_isa()), ms);
   if (kernels::isa_env_rejected())
     spdlog::warn(
-        "MOEMESH_ISA names no ISA this CPU has (baseline, avx2, avx512 up to {}): ignored, "
+        "MOEMESH_ISA names no ISA this CPU has (baseline, avx2, avx512, amx up to {}): ignored, "
         "using {}",
         kernels::isa_name(kernels::detected_isa()), kernels::isa_name(kernels::active_isa()));
   return std::unique_ptr<Model>(new Model(std::move(impl)));

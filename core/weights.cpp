@@ -271,6 +271,12 @@ int64_t QuantizedStore::bytes() const {
   return n;
 }
 
+int64_t QuantizedStore::packed_bytes() const {
+  int64_t n = 0;
+  for (const auto& m : matrices) n += static_cast<int64_t>(m->packed.size() * sizeof(uint32_t));
+  return n;
+}
+
 Status parse_quantization(const std::string& name, Quantization* out) {
   if (name == "none") {
     *out = Quantization::None;
@@ -343,6 +349,35 @@ void for_each_quantized_matrix(ModelWeights& w, const std::function<void(WeightV
 
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
   for_each_quantized_matrix(w, [&](WeightView& v) { v = quantize_int8(v, w.quantized, pool); });
+}
+
+namespace {
+
+void pack_one(WeightView& v, QuantizedStore& store, kernels::ThreadPool* pool) {
+  if (v.empty() || v.dtype != kernels::DType::BF16 || v.packed != nullptr) return;
+  auto m = std::make_unique<QuantizedStore::Matrix>();
+  // 64-byte aligned: a tile row is one cache line.
+  m->packed.resize(static_cast<std::size_t>(kernels::amx_packed_words(v.rows, v.cols)) + 16);
+  auto* at = reinterpret_cast<uint32_t*>((reinterpret_cast<std::uintptr_t>(m->packed.data()) + 63) &
+                                         ~std::uintptr_t{63});
+  kernels::pack_amx(v, at, pool);
+  v.packed = at;
+  store.matrices.push_back(std::move(m));
+}
+
+}  // namespace
+
+void pack_for_amx(ModelWeights& w, kernels::ThreadPool* pool) {
+  if (kernels::active_isa() != kernels::Isa::Amx) return;
+  for_each_quantized_matrix(w, [&](WeightView& v) { pack_one(v, w.quantized, pool); });
+  for (LayerWeights& L : w.layers)
+    if (L.moe) pack_one(L.router, w.quantized, pool);
+  pack_one(w.lm_head, w.quantized, pool);
+}
+
+void pack_for_amx(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool) {
+  if (kernels::active_isa() != kernels::Isa::Amx) return;
+  for (WeightView* v : {&w.gate, &w.up, &w.down}) pack_one(*v, store, pool);
 }
 
 void weight_to_bf16(const kernels::WeightView& w, uint16_t* out) {

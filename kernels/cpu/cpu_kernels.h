@@ -59,6 +59,9 @@ struct WeightView {
   // floats, row-major, value = fp8(w[r, c]) * scale[(r / 128) * fp8_blocks(cols) + c / 128] (the
   // checkpoint's weight_scale_inv). Other dtypes: unused.
   const float* scale = nullptr;
+  // Optional, BF16 only: the same matrix in the AMX tile layout (pack_amx), which linear() reads
+  // on Isa::Amx instead of packing the rows on every call.
+  const uint32_t* packed = nullptr;
 
   bool empty() const { return data == nullptr; }
   // Row r as a pointer into `data` (of the storage dtype).
@@ -70,6 +73,15 @@ struct WeightView {
 // Rows [row_begin, row_end) of w as float32, scales applied (I8: per row; F8E4M3: per block;
 // the product rounded once to float32), into out [row_end - row_begin, w.cols].
 void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, float* out);
+
+// The AMX tile layout of a BF16 matrix, made once at load so that linear() on Isa::Amx reads it
+// as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows, each strip the
+// column tiles of 32 columns (zero past w.cols), each tile 16 column pairs x 16 rows of 32-bit
+// words (a column pair of a row). amx_packed_words gives its size in 32-bit words; pack_amx writes
+// it (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned (a
+// tile row is a cache line). Requires w.dtype == BF16 and detected_isa() == Isa::Amx.
+int64_t amx_packed_words(int64_t rows, int64_t cols);
+void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool);
 
 // ---- Ops -------------------------------------------------------------------------------------
 
@@ -216,21 +228,26 @@ void copy_kv_block(const PagedKv& cache, int32_t src, int32_t dst, int64_t block
 //   Baseline: portable C++, whatever the compiler makes of it.
 //   Avx2:     AVX2 + FMA + F16C.
 //   Avx512:   AVX-512 F + BW + VL + DQ.
+//   Amx:      Avx512 + AVX512-BF16 + AMX-TILE + AMX-BF16 (and the kernel's permission to use the
+//             tiles). linear() with BF16 weights rounds the activations to bf16 (nearest even,
+//             subnormals to zero) and multiplies on AMX tiles, summing the exact products in
+//             float32; other weight dtypes run the Avx512 kernels. Because it changes the numerics,
+//             Amx is used only when asked for (MOEMESH_ISA=amx or force_isa), never by default.
 // For a given ISA, every op computes the same sums in the same order whatever the number of
 // tokens in a call, so a token's results do not depend on the batch it is in; across ISAs only
-// the order of float32 accumulation differs.
-enum class Isa : uint8_t { Baseline, Avx2, Avx512 };
+// the order of float32 accumulation differs (and, on Amx, the bf16 rounding of activations).
+enum class Isa : uint8_t { Baseline, Avx2, Avx512, Amx };
 
 // The best ISA of this CPU (and operating system), found once by cpuid.
 Isa detected_isa();
 
-// The ISA the kernels use: detected_isa(), unless the environment variable MOEMESH_ISA
-// (baseline | avx2 | avx512, read once at the first call of any ISA function) or force_isa()
-// asks for a lower one. A MOEMESH_ISA naming no ISA, or one above detected_isa(), is ignored
-// (isa_env_rejected() says so, for the caller to report).
+// The ISA the kernels use: detected_isa() capped at Avx512, unless the environment variable
+// MOEMESH_ISA (baseline | avx2 | avx512 | amx, read once at the first call of any ISA function) or
+// force_isa() asks for another one the CPU supports. A MOEMESH_ISA naming no ISA, or one above
+// detected_isa(), is ignored (isa_env_rejected() says so, for the caller to report).
 Isa active_isa();
 
-// "baseline", "avx2" or "avx512".
+// "baseline", "avx2", "avx512" or "amx".
 const char* isa_name(Isa isa);
 
 // Makes the kernels use `isa` from now on (for tests and benchmarks). Refuses, returning false

@@ -1,8 +1,10 @@
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cpu/detail/linear_isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -22,7 +24,17 @@ Isa detect() {
   if (!avx2) return Isa::Baseline;
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? Isa::Avx512 : Isa::Avx2;
+  if (!avx512) return Isa::Avx2;
+  // AMX: AMX-TILE and AMX-BF16 (cpuid 7.0 edx bits 24, 22), AVX512-BF16 (7.1 eax bit 5) for
+  // the conversions, the tile state enabled in XCR0 (bits 17, 18), and the kernel's permission.
+  const bool amx_cpu = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 24)) != 0 &&
+                       (edx & (1u << 22)) != 0;
+  const bool bf16_cpu = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5)) != 0;
+  if (!amx_cpu || !bf16_cpu) return Isa::Avx512;
+  unsigned xcr0_lo = 0, xcr0_hi = 0;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return Isa::Avx512;
+  return detail::amx_request_permission() ? Isa::Amx : Isa::Avx512;
 #else
   return Isa::Baseline;
 #endif
@@ -40,7 +52,8 @@ IsaState& state() {
   static IsaState* s = [] {
     auto* st = new IsaState;  // never destroyed: kernels may run during static destruction
     st->detected = detect();
-    Isa chosen = st->detected;
+    // Amx changes the numerics (activations rounded to bf16): only chosen when asked for.
+    Isa chosen = std::min(st->detected, Isa::Avx512);
     if (const char* env = std::getenv("MOEMESH_ISA"); env != nullptr && *env != '\0') {
       bool known = true;
       Isa wanted = Isa::Baseline;
@@ -50,6 +63,8 @@ IsaState& state() {
         wanted = Isa::Avx2;
       else if (std::strcmp(env, "avx512") == 0)
         wanted = Isa::Avx512;
+      else if (std::strcmp(env, "amx") == 0)
+        wanted = Isa::Amx;
       else
         known = false;
       if (known && wanted <= st->detected)
@@ -81,6 +96,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Amx:
+      return "amx";
   }
   return "unknown";
 }

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -41,13 +42,42 @@ void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w,
 
 }  // namespace
 
+int64_t amx_packed_words(int64_t rows, int64_t cols) {
+  constexpr int64_t kPanel = 32, kTileK = 32;
+  return (rows + kPanel - 1) / kPanel * kPanel * ((cols + kTileK - 1) / kTileK) * kTileK / 2;
+}
+
+void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool) {
+  constexpr int64_t kPanel = 32;
+  parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1,
+               [&](int64_t begin, int64_t end) { detail::amx_pack_panels(w, begin, end, out); });
+}
+
 void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* bias, float* y,
             ThreadPool* pool) {
   if (n_tokens <= 0 || w.rows <= 0) return;
   // Read once per call, so that every chunk of one call uses the same kernel.
   const Isa isa = active_isa();
+  if (isa == Isa::Amx && w.dtype == DType::BF16) {
+    // Tokens are rounded to bf16 once (by token), then every thread runs panels of 32 rows.
+    thread_local std::vector<uint16_t> xb;
+    const int64_t padded_tokens = detail::amx_padded_tokens(n_tokens);
+    const int64_t padded_cols = detail::amx_row_stride(w.cols);
+    xb.resize(static_cast<std::size_t>(padded_tokens * padded_cols));
+    uint16_t* xb_data = xb.data();
+    parallel_for(pool, padded_tokens, 16, [&](int64_t begin, int64_t end) {
+      detail::amx_round_activations(x, n_tokens, w.cols, begin, end, xb_data);
+    });
+    constexpr int64_t kPanel = 32;
+    parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
+      detail::linear_rows_amx(xb_data, n_tokens, w, bias, y, begin * kPanel,
+                              std::min(end * kPanel, w.rows));
+    });
+    return;
+  }
   parallel_for(pool, w.rows, 16, [&](int64_t begin, int64_t end) {
     switch (isa) {
+      case Isa::Amx:  // weights other than BF16
       case Isa::Avx512:
         detail::linear_rows_avx512(x, n_tokens, w, bias, y, begin, end);
         break;

@@ -28,7 +28,8 @@ class IsaGuard {
 
 inline std::vector<kernels::Isa> supported_isas() {
   std::vector<kernels::Isa> out;
-  for (kernels::Isa isa : {kernels::Isa::Baseline, kernels::Isa::Avx2, kernels::Isa::Avx512})
+  for (kernels::Isa isa :
+       {kernels::Isa::Baseline, kernels::Isa::Avx2, kernels::Isa::Avx512, kernels::Isa::Amx})
     if (isa <= kernels::detected_isa()) out.push_back(isa);
   return out;
 }

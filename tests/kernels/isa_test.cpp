@@ -5,6 +5,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -46,13 +47,17 @@ TEST(Isa, NamesAndDetection) {
   EXPECT_STREQ(isa_name(Isa::Baseline), "baseline");
   EXPECT_STREQ(isa_name(Isa::Avx2), "avx2");
   EXPECT_STREQ(isa_name(Isa::Avx512), "avx512");
+  EXPECT_STREQ(isa_name(Isa::Amx), "amx");
   EXPECT_LE(active_isa(), detected_isa());
+  if (std::getenv("MOEMESH_ISA") == nullptr)
+    EXPECT_LE(active_isa(), Isa::Avx512) << "amx changes the numerics: never the default";
 #if defined(__x86_64__)
   // Detection must agree with the compiler's own view of the CPU (every AVX2 + FMA CPU has F16C).
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    EXPECT_EQ(detected_isa(), Isa::Avx512);
+    EXPECT_GE(detected_isa(), Isa::Avx512);
+    if (!__builtin_cpu_supports("avx512bf16")) EXPECT_EQ(detected_isa(), Isa::Avx512);
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     EXPECT_GE(detected_isa(), Isa::Avx2);
   }
@@ -66,19 +71,20 @@ TEST(Isa, ForceAcceptsSupportedAndRefusesHigher) {
     EXPECT_EQ(active_isa(), isa);
   }
   ASSERT_TRUE(force_isa(Isa::Baseline));
-  for (Isa isa : {Isa::Avx2, Isa::Avx512}) {
+  for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Amx}) {
     if (isa <= detected_isa()) continue;
     EXPECT_FALSE(force_isa(isa)) << isa_name(isa);
     EXPECT_EQ(active_isa(), Isa::Baseline) << "a refused force_isa changed the active ISA";
   }
   // Above every real ISA (so that the refusal is exercised on an AVX-512 machine too).
-  EXPECT_FALSE(force_isa(static_cast<Isa>(static_cast<uint8_t>(Isa::Avx512) + 1)));
+  EXPECT_FALSE(force_isa(static_cast<Isa>(static_cast<uint8_t>(Isa::Amx) + 1)));
   EXPECT_EQ(active_isa(), Isa::Baseline);
 }
 
 // linear against a double-precision reference. The error is relative to sum |x w| + |bias|, the
 // scale of the rounding errors of a float32 sum (relative to |y| itself, cancellation would make
-// any float32 kernel fail).
+// any float32 kernel fail). On Amx, BF16 weights multiply the activations rounded to bf16: the
+// reference rounds them too, and the bound is the same.
 TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
   IsaGuard guard;
   ThreadPool pool(2);
@@ -101,8 +107,11 @@ TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
               for (int64_t t = 0; t < n; ++t)
                 for (int64_t r = 0; r < rows; ++r) {
                   double ref = b ? b[r] : 0.0, scale = b ? std::abs(b[r]) : 0.0;
+                  const bool rounded = isa == Isa::Amx && dtype == DType::BF16;
                   for (int64_t c = 0; c < cols; ++c) {
-                    const double p = double(x[t * cols + c]) * double(m.values[r * cols + c]);
+                    const float xv =
+                        rounded ? bf16_to_f32(f32_to_bf16(x[t * cols + c])) : x[t * cols + c];
+                    const double p = double(xv) * double(m.values[r * cols + c]);
                     ref += p;
                     scale += std::abs(p);
                   }
@@ -198,4 +207,59 @@ TEST(Isa, LinearIsThreadInvariantOnEveryIsa) {
 }
 
 }  // namespace
+// Amx with more tokens than one of its token blocks (256) and columns that are not a multiple of
+// its column tiles: every token against the bf16-rounded reference, and the same bits as alone.
+TEST(Isa, AmxLinearWithManyTokens) {
+  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
+  IsaGuard guard;
+  ASSERT_TRUE(force_isa(Isa::Amx));
+  ThreadPool pool(2);
+  const int64_t n = 600, rows = 70, cols = 300;
+  const Matrix m = make_matrix(DType::BF16, rows, cols, 41);
+  const std::vector<float> bias = random_vector(rows, 42);
+  const std::vector<float> x = random_vector(n * cols, 43);
+  std::vector<float> y(static_cast<std::size_t>(n * rows));
+  linear(x.data(), n, m.view, bias.data(), y.data(), &pool);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t r = 0; r < rows; ++r) {
+      double ref = bias[r], scale = std::abs(bias[r]);
+      for (int64_t c = 0; c < cols; ++c) {
+        const double p =
+            double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) * double(m.values[r * cols + c]);
+        ref += p;
+        scale += std::abs(p);
+      }
+      ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / scale, 1e-5) << "t=" << t << " r=" << r;
+    }
+  expect_batches_match_alone(m.view, bias.data(), x, n, {{600, 0}, {300, 299}, {257, 1}}, &pool,
+                             "amx many tokens");
+}
+
+// Weights packed once (pack_amx, as the model loader does on Amx) give the bits of rows packed on
+// every call, for shapes with partial panels and column tiles.
+TEST(Isa, AmxPackedWeightsGiveTheSameBits) {
+  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
+  IsaGuard guard;
+  ASSERT_TRUE(force_isa(Isa::Amx));
+  ThreadPool pool(2);
+  for (int64_t rows : {1, 37, 64, 100}) {
+    for (int64_t cols : {7, 64, 300}) {
+      Matrix m = make_matrix(DType::BF16, rows, cols, static_cast<uint32_t>(rows + cols));
+      std::vector<uint32_t> packed(static_cast<std::size_t>(amx_packed_words(rows, cols)));
+      pack_amx(m.view, packed.data(), &pool);
+      WeightView with = m.view;
+      with.packed = packed.data();
+      for (int64_t n : {1, 3, 40}) {
+        const std::vector<float> x = random_vector(n * cols, 51);
+        std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
+        linear(x.data(), n, m.view, nullptr, a.data(), &pool);
+        linear(x.data(), n, with, nullptr, b.data(), &pool);
+        for (std::size_t i = 0; i < a.size(); ++i)
+          ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
+              << "rows=" << rows << " cols=" << cols << " n=" << n << " i=" << i;
+      }
+    }
+  }
+}
+
 }  // namespace moemesh::kernels
