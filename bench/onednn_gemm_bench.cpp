@@ -195,7 +195,9 @@ int main(int argc, char** argv) {
       std::vector<uint32_t> packed;
       if (bf16 && moemesh::kernels::active_isa() == moemesh::kernels::Isa::Amx) {
         // 64-byte aligned, as the model loader places it: tile rows are cache lines.
-        packed.resize(static_cast<std::size_t>(moemesh::kernels::amx_packed_words(s.n, s.k)) + 16);
+        packed.resize(
+            static_cast<std::size_t>(moemesh::kernels::amx_packed_words(DType::BF16, s.n, s.k)) +
+            16);
         auto* at = reinterpret_cast<uint32_t*>(
             (reinterpret_cast<std::uintptr_t>(packed.data()) + 63) & ~std::uintptr_t{63});
         moemesh::kernels::pack_amx(view, at, &pool);

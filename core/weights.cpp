@@ -354,10 +354,12 @@ void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool) {
 namespace {
 
 void pack_one(WeightView& v, QuantizedStore& store, kernels::ThreadPool* pool) {
-  if (v.empty() || v.dtype != kernels::DType::BF16 || v.packed != nullptr) return;
+  if (v.empty() || v.packed != nullptr) return;
+  if (v.dtype != kernels::DType::BF16 && v.dtype != kernels::DType::I8) return;
   auto m = std::make_unique<QuantizedStore::Matrix>();
   // 64-byte aligned: a tile row is one cache line.
-  m->packed.resize(static_cast<std::size_t>(kernels::amx_packed_words(v.rows, v.cols)) + 16);
+  m->packed.resize(static_cast<std::size_t>(kernels::amx_packed_words(v.dtype, v.rows, v.cols)) +
+                   16);
   auto* at = reinterpret_cast<uint32_t*>((reinterpret_cast<std::uintptr_t>(m->packed.data()) + 63) &
                                          ~std::uintptr_t{63});
   kernels::pack_amx(v, at, pool);

@@ -44,8 +44,8 @@ struct LayerWeights {
 };
 
 // Quantized copies of weight matrices (quantize_int8, quantize_fp8; float32 copies of FP8
-// matrices that the forward pass reads row by row, dequantize_f32; AMX tile layouts of BF16
-// matrices, pack_for_amx), owned for the views that point
+// matrices that the forward pass reads row by row, dequantize_f32; AMX tile layouts of BF16 and
+// I8 matrices, pack_for_amx), owned for the views that point
 // into them. The matrices are allocated one by one, so the views stay valid as more are added and
 // as the store moves.
 struct QuantizedStore {
@@ -54,7 +54,7 @@ struct QuantizedStore {
     std::vector<uint8_t> codes;    // F8E4M3: [rows, cols]
     std::vector<float> scale;      // I8: [rows]; F8E4M3: [ceil(rows / 128), ceil(cols / 128)]
     std::vector<float> dense;      // F32: [rows, cols]
-    std::vector<uint32_t> packed;  // BF16 in the AMX tile layout (kernels::pack_amx)
+    std::vector<uint32_t> packed;  // BF16 / I8 in the AMX tile layout (kernels::pack_amx)
   };
   std::vector<std::unique_ptr<Matrix>> matrices;
   int64_t bytes() const;         // of the values, codes, scales and float32 copies
@@ -132,7 +132,7 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
 // kv_b_proj, whose rows the latent attention reads directly), dense MLPs, shared experts and
 // bound routed experts.
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
-// On Isa::Amx (kernels::active_isa()), gives every BF16 matrix that linear() reads (those of
+// On Isa::Amx (kernels::active_isa()), gives every BF16 or I8 matrix that linear() reads (those of
 // for_each_quantized_matrix, the routers and the LM head; an expert's three) a copy in the AMX
 // tile layout, owned by `store` / w.quantized; otherwise, and for other dtypes, does nothing.
 // Costs a second copy of those matrices in memory (the mapped checkpoint pages stay reclaimable).

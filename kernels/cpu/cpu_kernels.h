@@ -59,8 +59,8 @@ struct WeightView {
   // floats, row-major, value = fp8(w[r, c]) * scale[(r / 128) * fp8_blocks(cols) + c / 128] (the
   // checkpoint's weight_scale_inv). Other dtypes: unused.
   const float* scale = nullptr;
-  // Optional, BF16 only: the same matrix in the AMX tile layout (pack_amx), which linear() reads
-  // on Isa::Amx instead of packing the rows on every call.
+  // Optional, BF16 and I8 only: the same matrix in the AMX tile layout (pack_amx), which
+  // linear() reads on Isa::Amx instead of packing the rows on every call.
   const uint32_t* packed = nullptr;
 
   bool empty() const { return data == nullptr; }
@@ -74,13 +74,14 @@ struct WeightView {
 // the product rounded once to float32), into out [row_end - row_begin, w.cols].
 void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, float* out);
 
-// The AMX tile layout of a BF16 matrix, made once at load so that linear() on Isa::Amx reads it
-// as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows, each strip the
-// column tiles of 32 columns (zero past w.cols), each tile 16 column pairs x 16 rows of 32-bit
-// words (a column pair of a row). amx_packed_words gives its size in 32-bit words; pack_amx writes
-// it (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned (a
-// tile row is a cache line). Requires w.dtype == BF16 and detected_isa() == Isa::Amx.
-int64_t amx_packed_words(int64_t rows, int64_t cols);
+// The AMX tile layout of a BF16 or I8 matrix, made once at load so that linear() on Isa::Amx
+// reads it as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows, each strip
+// the column tiles of 64 bytes of each row (zero past w.cols), each tile 16 x 16 32-bit words
+// (word p of each of the 16 rows: a column pair of bf16, a column quad of int8). amx_packed_words
+// gives its size in 32-bit words; pack_amx writes it (parallel over panels on `pool`, may be
+// null) at `out`, which should be 64-byte aligned (a tile row is a cache line). Requires
+// w.dtype BF16 or I8 and detected_isa() == Isa::Amx.
+int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols);
 void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool);
 
 // ---- Ops -------------------------------------------------------------------------------------
@@ -228,11 +229,14 @@ void copy_kv_block(const PagedKv& cache, int32_t src, int32_t dst, int64_t block
 //   Baseline: portable C++, whatever the compiler makes of it.
 //   Avx2:     AVX2 + FMA + F16C.
 //   Avx512:   AVX-512 F + BW + VL + DQ.
-//   Amx:      Avx512 + AVX512-BF16 + AMX-TILE + AMX-BF16 (and the kernel's permission to use the
-//             tiles). linear() with BF16 weights rounds the activations to bf16 (nearest even,
-//             subnormals to zero) and multiplies on AMX tiles, summing the exact products in
-//             float32; other weight dtypes run the Avx512 kernels. Because it changes the numerics,
-//             Amx is used only when asked for (MOEMESH_ISA=amx or force_isa), never by default.
+//   Amx:      Avx512 + AVX512-BF16 + AMX-TILE + AMX-BF16 + AMX-INT8 (and the kernel's permission
+//             to use the tiles). linear() multiplies on AMX tiles: with BF16 weights it rounds
+//             the activations to bf16 (nearest even, subnormals to zero) and sums the exact
+//             products in float32; with I8 weights it quantizes each token's activations to int8
+//             (scale absmax / 127, round to nearest even) and sums the products exactly in int32,
+//             y = fma(float(sum) * token scale, row scale, bias). F32, F16 and F8E4M3 weights run
+//             the Avx512 kernels. Because it changes the numerics, Amx is used only when asked for
+//             (MOEMESH_ISA=amx or force_isa), never by default.
 // For a given ISA, every op computes the same sums in the same order whatever the number of
 // tokens in a call, so a token's results do not depend on the batch it is in; across ISAs only
 // the order of float32 accumulation differs (and, on Amx, the bf16 rounding of activations).

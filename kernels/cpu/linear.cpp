@@ -42,9 +42,8 @@ void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w,
 
 }  // namespace
 
-int64_t amx_packed_words(int64_t rows, int64_t cols) {
-  constexpr int64_t kPanel = 32, kTileK = 32;
-  return (rows + kPanel - 1) / kPanel * kPanel * ((cols + kTileK - 1) / kTileK) * kTileK / 2;
+int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols) {
+  return detail::amx_packed_words_of(dtype, rows, cols);
 }
 
 void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool) {
@@ -58,26 +57,29 @@ void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* 
   if (n_tokens <= 0 || w.rows <= 0) return;
   // Read once per call, so that every chunk of one call uses the same kernel.
   const Isa isa = active_isa();
-  if (isa == Isa::Amx && w.dtype == DType::BF16) {
-    // Tokens are rounded to bf16 once (by token), then every thread runs panels of 32 rows.
-    thread_local std::vector<uint16_t> xb;
+  if (isa == Isa::Amx && (w.dtype == DType::BF16 || w.dtype == DType::I8)) {
+    // Tokens are prepared once (rounded to bf16, or quantized to int8 with a scale each), then
+    // every thread runs panels of 32 rows.
+    thread_local std::vector<uint8_t> xq;
+    thread_local std::vector<float> token_scale;
     const int64_t padded_tokens = detail::amx_padded_tokens(n_tokens);
-    const int64_t padded_cols = detail::amx_row_stride(w.cols);
-    xb.resize(static_cast<std::size_t>(padded_tokens * padded_cols));
-    uint16_t* xb_data = xb.data();
+    xq.resize(static_cast<std::size_t>(padded_tokens * detail::amx_row_stride(w.dtype, w.cols)));
+    token_scale.resize(static_cast<std::size_t>(padded_tokens));
+    uint8_t* xq_data = xq.data();
+    float* scales = token_scale.data();
     parallel_for(pool, padded_tokens, 16, [&](int64_t begin, int64_t end) {
-      detail::amx_round_activations(x, n_tokens, w.cols, begin, end, xb_data);
+      detail::amx_prepare_activations(x, n_tokens, w.cols, w.dtype, begin, end, xq_data, scales);
     });
     constexpr int64_t kPanel = 32;
     parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
-      detail::linear_rows_amx(xb_data, n_tokens, w, bias, y, begin * kPanel,
+      detail::linear_rows_amx(xq_data, scales, n_tokens, w, bias, y, begin * kPanel,
                               std::min(end * kPanel, w.rows));
     });
     return;
   }
   parallel_for(pool, w.rows, 16, [&](int64_t begin, int64_t end) {
     switch (isa) {
-      case Isa::Amx:  // weights other than BF16
+      case Isa::Amx:  // F32, F16 and F8E4M3 weights
       case Isa::Avx512:
         detail::linear_rows_avx512(x, n_tokens, w, bias, y, begin, end);
         break;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -61,6 +62,32 @@ TEST(Int8, DtypeBasics) {
   EXPECT_EQ(static_cast<const int8_t*>(w.row(1)), q + 2);
 }
 
+// Amx quantizes each token's activations to int8 (scale absmax / 127, round to nearest even) and
+// sums the int8 products exactly: the same computation here, in scalar code, gives the same
+// integers, and the float32 steps after them (fma(sum * token scale, row scale, bias)) the same
+// bits.
+void expect_amx_int8(const std::vector<float>& x, int64_t n, const Int8Matrix& w, const float* bias,
+                     const std::vector<float>& y, const std::string& label) {
+  const int64_t rows = w.view.rows, cols = w.view.cols;
+  for (int64_t t = 0; t < n; ++t) {
+    float absmax = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) absmax = std::max(absmax, std::fabs(x[t * cols + c]));
+    const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    const float token_scale = absmax > 0.0f ? absmax / 127.0f : 0.0f;
+    std::vector<int32_t> q(static_cast<std::size_t>(cols));
+    for (int64_t c = 0; c < cols; ++c)
+      q[c] =
+          static_cast<int32_t>(std::clamp(std::nearbyint(x[t * cols + c] * inv), -127.0f, 127.0f));
+    for (int64_t r = 0; r < rows; ++r) {
+      int32_t sum = 0;
+      for (int64_t c = 0; c < cols; ++c) sum += q[c] * w.q[r * cols + c];
+      const float want =
+          std::fma(static_cast<float>(sum) * token_scale, w.scale[r], bias ? bias[r] : 0.0f);
+      ASSERT_EQ(y[t * rows + r], want) << "amx" << label << " t=" << t << " r=" << r;
+    }
+  }
+}
+
 // Every supported ISA against the reference: shapes that hit each ISA's full vectors, partial
 // tails (cols not a multiple of 8 or 16, fewer than one vector), partial row tiles, and both the
 // direct (few tokens) and packed (many tokens, k blocks of 512) paths.
@@ -70,7 +97,7 @@ TEST(Int8, LinearMatchesReferenceOnEveryIsa) {
     int64_t n, rows, cols;
   };
   const Shape shapes[] = {{1, 1, 1},    {1, 7, 5},   {3, 13, 17},  {4, 6, 16},   {5, 9, 33},
-                          {7, 25, 100}, {8, 11, 47}, {9, 31, 130}, {17, 5, 515}, {70, 19, 1100}};
+                          {7, 25, 100}, {8, 11, 47}, {9, 31, 130}, {17, 5, 515}, {70, 19, 1100}, {300, 9, 200}};
   for (Isa isa : supported_isas()) {
     ASSERT_TRUE(force_isa(isa));
     for (const Shape& s : shapes) {
@@ -88,6 +115,12 @@ TEST(Int8, LinearMatchesReferenceOnEveryIsa) {
                   std::fabs(double(x[t * s.cols + c]) * w.values[r * s.cols + c]);
         std::vector<float> y(static_cast<std::size_t>(s.n * s.rows), -1.0f);
         linear(x.data(), s.n, w.view, b, y.data(), nullptr);
+        if (isa == Isa::Amx) {
+          expect_amx_int8(x, s.n, w, b, y,
+                          " n=" + std::to_string(s.n) + " rows=" + std::to_string(s.rows) +
+                              " cols=" + std::to_string(s.cols));
+          continue;
+        }
         for (std::size_t i = 0; i < y.size(); ++i)
           ASSERT_NEAR(y[i], ref[i], 1e-5 * (mag[i] + std::fabs(ref[i])) + 1e-30)
               << isa_name(isa) << " n=" << s.n << " rows=" << s.rows << " cols=" << s.cols
@@ -151,6 +184,7 @@ TEST(Int8, SameSumsAsFloatIntegers) {
   const WeightView f32{ints.data(), DType::F32, rows, cols};
   const std::vector<float> x = random_vector(n * cols, 4);
   for (Isa isa : supported_isas()) {
+    if (isa == Isa::Amx) continue;  // int8 activations there (LinearMatchesReferenceOnEveryIsa)
     ASSERT_TRUE(force_isa(isa));
     for (int64_t m : {int64_t{1}, n}) {
       std::vector<float> yq(static_cast<std::size_t>(m * rows));

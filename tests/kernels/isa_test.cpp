@@ -242,21 +242,32 @@ TEST(Isa, AmxPackedWeightsGiveTheSameBits) {
   IsaGuard guard;
   ASSERT_TRUE(force_isa(Isa::Amx));
   ThreadPool pool(2);
-  for (int64_t rows : {1, 37, 64, 100}) {
-    for (int64_t cols : {7, 64, 300}) {
-      Matrix m = make_matrix(DType::BF16, rows, cols, static_cast<uint32_t>(rows + cols));
-      std::vector<uint32_t> packed(static_cast<std::size_t>(amx_packed_words(rows, cols)));
-      pack_amx(m.view, packed.data(), &pool);
-      WeightView with = m.view;
-      with.packed = packed.data();
-      for (int64_t n : {1, 3, 40}) {
-        const std::vector<float> x = random_vector(n * cols, 51);
-        std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
-        linear(x.data(), n, m.view, nullptr, a.data(), &pool);
-        linear(x.data(), n, with, nullptr, b.data(), &pool);
-        for (std::size_t i = 0; i < a.size(); ++i)
-          ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
-              << "rows=" << rows << " cols=" << cols << " n=" << n << " i=" << i;
+  for (DType dtype : {DType::BF16, DType::I8}) {
+    for (int64_t rows : {1, 37, 64, 100}) {
+      for (int64_t cols : {7, 64, 300}) {
+        Matrix m = make_matrix(DType::BF16, rows, cols, static_cast<uint32_t>(rows + cols));
+        std::vector<int8_t> q(static_cast<std::size_t>(rows * cols));
+        std::vector<float> scale(static_cast<std::size_t>(rows));
+        if (dtype == DType::I8) {
+          for (std::size_t i = 0; i < q.size(); ++i)
+            q[i] = static_cast<int8_t>(static_cast<int>(i * 37 % 255) - 127);
+          for (std::size_t r = 0; r < scale.size(); ++r) scale[r] = 0.01f * float(r + 1);
+          m.view = {q.data(), DType::I8, rows, cols, scale.data()};
+        }
+        std::vector<uint32_t> packed(static_cast<std::size_t>(amx_packed_words(dtype, rows, cols)));
+        pack_amx(m.view, packed.data(), &pool);
+        WeightView with = m.view;
+        with.packed = packed.data();
+        for (int64_t n : {1, 3, 40, 300}) {
+          const std::vector<float> x = random_vector(n * cols, 51);
+          std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
+          linear(x.data(), n, m.view, nullptr, a.data(), &pool);
+          linear(x.data(), n, with, nullptr, b.data(), &pool);
+          for (std::size_t i = 0; i < a.size(); ++i)
+            ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
+                << dtype_name(dtype) << " rows=" << rows << " cols=" << cols << " n=" << n
+                << " i=" << i;
+        }
       }
     }
   }

@@ -30,18 +30,21 @@ void linear_rows_fp8_avx2(const float* x, int64_t n_tokens, const WeightView& w,
 void linear_rows_fp8_avx512(const float* x, int64_t n_tokens, const WeightView& w,
                             const float* bias, float* y, int64_t row_begin, int64_t row_end);
 
-// Isa::Amx, BF16 weights (linear_amx.cpp). The activations are first rounded to bf16 into xb:
-// amx_padded_tokens(n_tokens) rows of amx_row_stride(cols) values, zero past n_tokens and cols
-// (amx_round_activations fills rows [t_begin, t_end) of it; subnormal values become zero, as the
-// tile unit reads them). linear_rows_amx then computes rows [row_begin, row_end) of y, row_begin a
-// multiple of 32, from xb, and from w.packed where it is set (else it packs the rows itself). The
-// calling thread must hold the tile permission (amx_request_permission, once per process).
+// Isa::Amx, BF16 and I8 weights (linear_amx.cpp). The activations are first prepared into xq:
+// amx_padded_tokens(n_tokens) rows of amx_row_stride(dtype, cols) bytes, zero past n_tokens and
+// cols; BF16: rounded to bf16 (subnormal values become zero, as the tile unit reads them); I8:
+// quantized to int8 with one scale per token into token_scale (amx_prepare_activations fills rows
+// [t_begin, t_end)). linear_rows_amx then computes rows [row_begin, row_end) of y, row_begin a
+// multiple of 32, from xq, and from w.packed where it is set (else it packs the rows itself).
+// The calling thread must hold the tile permission (amx_request_permission, once per process).
 int64_t amx_padded_tokens(int64_t n_tokens);
-int64_t amx_row_stride(int64_t cols);
-void amx_round_activations(const float* x, int64_t n_tokens, int64_t cols, int64_t t_begin,
-                           int64_t t_end, uint16_t* xb);
-void linear_rows_amx(const uint16_t* xb, int64_t n_tokens, const WeightView& w, const float* bias,
-                     float* y, int64_t row_begin, int64_t row_end);
+int64_t amx_row_stride(DType dtype, int64_t cols);
+int64_t amx_packed_words_of(DType dtype, int64_t rows, int64_t cols);
+void amx_prepare_activations(const float* x, int64_t n_tokens, int64_t cols, DType dtype,
+                             int64_t t_begin, int64_t t_end, uint8_t* xq, float* token_scale);
+void linear_rows_amx(const uint8_t* xq, const float* token_scale, int64_t n_tokens,
+                     const WeightView& w, const float* bias, float* y, int64_t row_begin,
+                     int64_t row_end);
 bool amx_request_permission();
 // Panels [panel_begin, panel_end) of pack_amx's layout.
 void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64_t panel_end, uint32_t* out);
