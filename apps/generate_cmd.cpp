@@ -130,6 +130,9 @@ int run_generate(const GenerateFlags& f) {
     nlohmann::json out;
     out["prompt_ids"] = *prompt;
     out["output_ids"] = result->output_ids;
+    out["timing"] = {{"prefill_seconds", result->prefill_seconds},
+                     {"decode_seconds", result->decode_seconds},
+                     {"decode_steps", result->decode_steps}};
     out["text"] = tokenizer ? tokenizer->decode(result->output_ids) : std::string();
     out["finish_reason"] = result->finish_reason;
     if (params.logprobs >= 0) {
@@ -205,7 +208,8 @@ Runner add_generate(CLI::App& app) {
       "--logits-out", f->logits_out,
       "Write the logits at every prompt position as float32 .npy [prompt_tokens, vocab]");
   app.add_flag("--json", f->json,
-               "Print one JSON object: prompt_ids, output_ids, text, finish_reason (logprobs)");
+               "Print one JSON object: prompt_ids, output_ids, text, finish_reason (logprobs), "
+               "timing (prefill and decode seconds)");
   app.add_flag("--ignore-eos", f->ignore_eos, "Do not stop at end-of-sequence tokens");
   app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
       ->check(CLI::Range(0, 4096))

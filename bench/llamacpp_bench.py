@@ -15,13 +15,13 @@ In one run on one machine, with the same number of threads for both:
   4. measures, in --repeats interleaved rounds (on a shared machine a busy moment then hits both
      engines), llama.cpp with `llama-bench -t T -p P -n N -r 1` (pp P: prefill of a P-token
      prompt; tg N: N decode steps from an empty context, batch 1; after its own warm-up run) and
-     moemesh with `moemesh generate --threads T --ignore-eos` (BF16: the checkpoint's dtype;
-     Q8_0's peer: `--quantization int8`, int8 with a float32 scale per row). `generate` prints no
-     timing, so its figures are differences of wall times, which cancel process start and model
-     load (and, for int8, quantizing at load):
-        decode  tok/s = N / (t(1-token prompt, N + 1 tokens) - t(1-token prompt, 1 token))
-        prefill tok/s = (P - 1) / (t(P-token prompt, 1 token) - t(1-token prompt, 1 token))
-     each t the fastest of the rounds; llama.cpp's figures are its best round. Should llama-bench
+     moemesh with `moemesh generate --threads T --ignore-eos --json` (BF16: the checkpoint's
+     dtype; Q8_0's peer: `--quantization int8`, int8 with a float32 scale per row), whose
+     "timing" gives the seconds of the prompt's forward pass and of the decode steps (model
+     load not included, as in llama-bench):
+        decode  tok/s = N / decode seconds (1-token prompt, N + 1 tokens: N decode steps)
+        prefill tok/s = P / prefill seconds (P-token prompt, 1 token)
+     each figure, for both engines, the best of the rounds. Should llama-bench
      crash with its extra buffer types (AMX, repacked weights), it runs with `--repack 0`, and the
      output says so;
   5. prints a table with the ratios moemesh / llama.cpp and whether the targets (decode >= 1.2x,
@@ -47,7 +47,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
@@ -160,42 +159,44 @@ def llama_bench(exe, gguf, threads, prompt, decode, repack):
 
 
 class Moemesh:
-    """`moemesh generate` timed by wall time (it prints no timing of its own)."""
+    """`moemesh generate --json`, timed by its own figures: the prompt's forward pass and the
+    decode steps after it (model load and start-up not included, as in llama-bench)."""
 
     def __init__(self, binary, model, quant, threads, vocab, isa=None):
         self.binary, self.model, self.quant, self.threads, self.vocab = (binary, model, quant,
                                                                          threads, vocab)
         self.env = {**os.environ, **({"MOEMESH_ISA": isa} if isa else {})}
 
-    def wall(self, n_prompt, n_out):
+    def timing(self, n_prompt, n_out):
         ids = ",".join(str((i * 104729 + 7919) % (self.vocab - 3) + 3) for i in range(n_prompt))
         cmd = [self.binary, "generate", "--model", self.model, "--prompt-ids", ids,
                "--max-tokens", str(n_out), "--ignore-eos", "--threads", str(self.threads),
                "--quantization", self.quant, "--json"]
-        t = time.perf_counter()
         res = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=self.env)
-        dt = time.perf_counter() - t
         if res.returncode != 0:
             sys.exit(f"moemesh generate failed: {res.stderr.strip()}")
-        got = len(json.loads(res.stdout)["output_ids"])
-        if got != n_out:
-            sys.exit(f"moemesh generate gave {got} tokens, not {n_out}")
-        return dt
+        out = json.loads(res.stdout)
+        if len(out["output_ids"]) != n_out:
+            sys.exit(f"moemesh generate gave {len(out['output_ids'])} tokens, not {n_out}")
+        return out["timing"]
 
     def round(self, prompt, decode):
-        """Wall times of: a 1-token prompt and 1 token (start, load, one step), the same and
-        `decode` more tokens, a `prompt`-token prompt and 1 token."""
-        return self.wall(1, 1), self.wall(1, decode + 1), self.wall(prompt, 1)
+        """{"prefill": tok/s of a `prompt`-token prompt, "decode": tok/s of `decode` steps at
+        batch 1 after a 1-token prompt}."""
+        t = self.timing(1, decode + 1)
+        p = self.timing(prompt, 1)
+        return {"prefill": prompt / p["prefill_seconds"],
+                "decode": t["decode_steps"] / t["decode_seconds"]}
 
 
 def measure(exe, gguf, mm, threads, prompt, decode, rounds):
     """Interleaved rounds of llama-bench and moemesh (the machine may be shared: a busy moment
     then hits both), the best of each figure over the rounds."""
-    mm.wall(1, 1)  # warm the page cache
+    mm.timing(1, 1)  # warm the page cache
     repack, note, commit = True, "", ""
     ll = {"prefill": [], "decode": []}
-    base, dec, pre = [], [], []
+    mm_runs = {"prefill": [], "decode": []}
     for r in range(rounds):
         got, commit = llama_bench(exe, gguf, threads, prompt, decode, repack)
         if got is None and repack:
@@ -207,16 +208,15 @@ def measure(exe, gguf, mm, threads, prompt, decode, rounds):
             got, commit = llama_bench(exe, gguf, threads, prompt, decode, repack)
         if got is None:
             sys.exit(f"llama-bench failed on {gguf}")
+        mine = mm.round(prompt, decode)
         for k in ll:
             ll[k].append(got[k])
-        b, d, p = mm.round(prompt, decode)
-        base.append(b), dec.append(d), pre.append(p)
+            mm_runs[k].append(mine[k])
         log(f"  round {r}: llama.cpp prefill {got['prefill']:.1f} tok/s, decode "
-            f"{got['decode']:.2f} tok/s; moemesh base {b:.2f} s, +{decode} decode {d:.2f} s, "
-            f"{prompt}-token prompt {p:.2f} s")
-    b = min(base)
-    moemesh = {"decode": decode / (min(dec) - b), "prefill": (prompt - 1) / (min(pre) - b)}
+            f"{got['decode']:.2f} tok/s; moemesh prefill {mine['prefill']:.1f} tok/s, decode "
+            f"{mine['decode']:.2f} tok/s")
     llama = {k: max(v) for k, v in ll.items()}
+    moemesh = {k: max(v) for k, v in mm_runs.items()}
     return llama, moemesh, note, commit
 
 
@@ -284,7 +284,8 @@ def main():
           "| moemesh / llama.cpp | target | met |")
     print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for f, ll, mm, _ in rows:
-        names = f"{f.upper()} / {'BF16' if MOEMESH_QUANT[f] == 'none' else 'int8 (per row)'}"
+        int8 = "int8 (per row)" + (", int8 activations" if a.isa == "amx" else "")
+        names = f"{f.upper()} / {'BF16' if MOEMESH_QUANT[f] == 'none' else int8}"
         for key, label in (("decode", f"decode, batch 1, {a.decode_tokens} tokens"),
                            ("prefill", f"prefill, {a.prompt_tokens}-token prompt")):
             r = mm[key] / ll[key]

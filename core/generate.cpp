@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
+
 namespace moemesh {
 
 Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
@@ -16,13 +18,16 @@ Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
                     "({} tokens) plus max_tokens ({}) needs {}",
                     c.max_position_embeddings, prompt.size(), params.max_tokens, total));
 
+  using Clock = std::chrono::steady_clock;
   GenerateResult result;
   KVCache cache = model.new_cache(total);
   std::vector<float> logits;
+  const auto prefill_start = Clock::now();
   if (Status s =
           model.forward(cache, prompt, want_prompt_logits ? Logits::All : Logits::Last, logits);
       !s)
     return s.error();
+  result.prefill_seconds = std::chrono::duration<double>(Clock::now() - prefill_start).count();
   const auto V = static_cast<std::size_t>(c.vocab_size);
   if (want_prompt_logits) result.prompt_logits = logits;
   std::span<float> last(logits.data() + logits.size() - V, V);
@@ -42,9 +47,12 @@ Expected<GenerateResult> generate(Model& model, std::span<const int32_t> prompt,
       break;
     }
     if (i + 1 == params.max_tokens) break;
+    const auto step_start = Clock::now();
     if (Status s = model.forward(cache, std::span<const int32_t>(&next, 1), Logits::Last, logits);
         !s)
       return s.error();
+    result.decode_seconds += std::chrono::duration<double>(Clock::now() - step_start).count();
+    ++result.decode_steps;
     last = std::span<float>(logits.data(), V);
   }
   return result;

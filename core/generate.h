@@ -22,6 +22,11 @@ struct GenerateResult {
   std::vector<float> prompt_logits;    // [prompt, vocab] when asked for, else empty
   std::vector<SampledToken> logprobs;  // one per output token when params.logprobs >= 0, else empty
   uint64_t seed = 0;                   // the sampler's seed (params.seed or the random one drawn)
+  // Wall time of the prompt's forward pass, and of the decode steps after it (one forward pass
+  // of one token each; sampling not included).
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  int64_t decode_steps = 0;
 };
 
 // Generates up to params.max_tokens tokens after `prompt`. With want_prompt_logits the logits at

@@ -161,6 +161,9 @@ MOEMESH_AMX void run_2x2(const uint8_t* a, int64_t a_stride, const uint8_t* b, i
                          int64_t kt_begin, int64_t kt_end, bool first, void* sums) {
   constexpr int64_t ld = kPanel * 4;
   auto* c = static_cast<uint8_t*>(sums);
+  // The tile loads are asm without a memory clobber: make every earlier store (packed weights,
+  // prepared activations, sums) happen before them.
+  __asm__ volatile("" ::: "memory");
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -196,6 +199,9 @@ MOEMESH_AMX void run_1x2(const uint8_t* a, int64_t a_stride, const uint8_t* b, i
                          int64_t kt_begin, int64_t kt_end, bool first, void* sums) {
   constexpr int64_t ld = kPanel * 4;
   auto* c = static_cast<uint8_t*>(sums);
+  // The tile loads are asm without a memory clobber: make every earlier store (packed weights,
+  // prepared activations, sums) happen before them.
+  __asm__ volatile("" ::: "memory");
   if (first) {
     _tile_zero(0);
     _tile_zero(1);

@@ -33,6 +33,11 @@ def test_generate_matches_transformers(binary, tmp_path, name):
     assert js["prompt_ids"] == prompt
     assert js["output_ids"] == ref["output_ids"]
     assert isinstance(js["text"], str)
+    # Its own timing: the prompt's forward pass, then 15 decode steps (the 16th token is sampled
+    # from the last step's logits).
+    timing = js["timing"]
+    assert timing["decode_steps"] == 15
+    assert timing["prefill_seconds"] > 0 and timing["decode_seconds"] > 0
     got = np.load(out)
     assert got.dtype == np.float32 and got.shape == (len(prompt), logits.shape[1])
     assert np.abs(got - logits[: len(prompt)]).max() <= 1e-3
