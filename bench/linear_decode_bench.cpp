@@ -202,12 +202,13 @@ int main(int argc, char** argv) {
   std::vector<WeightView> f8_views = views(f8.data(), DType::F8E4M3, bytes);
   for (WeightView& v : f8_views) v.scale = f8_scales.data();
 
-  // Amx reads BF16 and I8 matrices in the tile layout the model loader packs them into.
+  // Amx reads BF16, I8 and FP8 matrices in the tile layout the model loader packs them into
+  // (FP8: as bf16, twice its bytes; the figure counts the FP8 bytes the matrix stands for).
   std::vector<std::vector<uint32_t>> packed;
-  std::vector<WeightView> bf16_packed_views, i8_packed_views;
+  std::vector<WeightView> bf16_packed_views, i8_packed_views, f8_packed_views;
   if (moemesh::kernels::detected_isa() >= Isa::Amx)
     for (const std::vector<WeightView>* from :
-         std::initializer_list<const std::vector<WeightView>*>{&bf16_views, &i8_views})
+         std::initializer_list<const std::vector<WeightView>*>{&bf16_views, &i8_views, &f8_views})
       for (WeightView v : *from) {
         packed.emplace_back(
             static_cast<std::size_t>(moemesh::kernels::amx_packed_words(v.dtype, v.rows, v.cols)) +
@@ -216,7 +217,10 @@ int main(int argc, char** argv) {
             (reinterpret_cast<std::uintptr_t>(packed.back().data()) + 63) & ~std::uintptr_t{63});
         moemesh::kernels::pack_amx(v, at, &pool);
         v.packed = at;
-        (from == &bf16_views ? bf16_packed_views : i8_packed_views).push_back(v);
+        (from == &bf16_views ? bf16_packed_views
+         : from == &i8_views ? i8_packed_views
+                             : f8_packed_views)
+            .push_back(v);
       }
 
   const Isa active = moemesh::kernels::active_isa();
@@ -232,9 +236,12 @@ int main(int argc, char** argv) {
                                                                            {"I8", &i8_views},
                                                                            {"FP8", &f8_views}};
     for (const auto& [name, mats] : runs) {
-      if (isa == Isa::Amx && mats != &bf16_views && mats != &i8_views) continue;  // Avx512's
-      const std::vector<WeightView>* m =
-          isa != Isa::Amx ? mats : (mats == &bf16_views ? &bf16_packed_views : &i8_packed_views);
+      if (isa == Isa::Amx && mats != &bf16_views && mats != &i8_views && mats != &f8_views)
+        continue;  // the Avx512 kernels
+      const std::vector<WeightView>* m = isa != Isa::Amx       ? mats
+                                         : mats == &bf16_views ? &bf16_packed_views
+                                         : mats == &i8_views   ? &i8_packed_views
+                                                               : &f8_packed_views;
       const double gbs = linear_probe(*m, pool, reps);
       const std::string label = std::string("linear ") + isa_name(isa) + " " + name + ", 1 token";
       results.emplace_back(label, gbs);

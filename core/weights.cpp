@@ -355,7 +355,9 @@ namespace {
 
 void pack_one(WeightView& v, QuantizedStore& store, kernels::ThreadPool* pool) {
   if (v.empty() || v.packed != nullptr) return;
-  if (v.dtype != kernels::DType::BF16 && v.dtype != kernels::DType::I8) return;
+  if (v.dtype != kernels::DType::BF16 && v.dtype != kernels::DType::I8 &&
+      v.dtype != kernels::DType::F8E4M3)
+    return;
   auto m = std::make_unique<QuantizedStore::Matrix>();
   // 64-byte aligned: a tile row is one cache line.
   m->packed.resize(static_cast<std::size_t>(kernels::amx_packed_words(v.dtype, v.rows, v.cols)) +

@@ -54,7 +54,7 @@ struct QuantizedStore {
     std::vector<uint8_t> codes;    // F8E4M3: [rows, cols]
     std::vector<float> scale;      // I8: [rows]; F8E4M3: [ceil(rows / 128), ceil(cols / 128)]
     std::vector<float> dense;      // F32: [rows, cols]
-    std::vector<uint32_t> packed;  // BF16 / I8 in the AMX tile layout (kernels::pack_amx)
+    std::vector<uint32_t> packed;  // the AMX tile layout (kernels::pack_amx)
   };
   std::vector<std::unique_ptr<Matrix>> matrices;
   int64_t bytes() const;         // of the values, codes, scales and float32 copies
@@ -132,10 +132,11 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
 // kv_b_proj, whose rows the latent attention reads directly), dense MLPs, shared experts and
 // bound routed experts.
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
-// On Isa::Amx (kernels::active_isa()), gives every BF16 or I8 matrix that linear() reads (those of
-// for_each_quantized_matrix, the routers and the LM head; an expert's three) a copy in the AMX
-// tile layout, owned by `store` / w.quantized; otherwise, and for other dtypes, does nothing.
-// Costs a second copy of those matrices in memory (the mapped checkpoint pages stay reclaimable).
+// On Isa::Amx (kernels::active_isa()), gives every BF16, I8 or F8E4M3 matrix that linear() reads
+// (those of for_each_quantized_matrix, the routers and the LM head; an expert's three) a copy in
+// the AMX tile layout (F8E4M3: as bf16), owned by `store` / w.quantized; otherwise, and for other
+// dtypes, does nothing. Costs a second copy of those matrices in memory (twice an FP8 matrix's
+// bytes; the mapped checkpoint pages stay reclaimable).
 void pack_for_amx(ModelWeights& w, kernels::ThreadPool* pool);
 void pack_for_amx(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool);
 // Calls fn on each of those matrices (the ones quantize_int8 and quantize_fp8 quantize).

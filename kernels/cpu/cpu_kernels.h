@@ -59,8 +59,9 @@ struct WeightView {
   // floats, row-major, value = fp8(w[r, c]) * scale[(r / 128) * fp8_blocks(cols) + c / 128] (the
   // checkpoint's weight_scale_inv). Other dtypes: unused.
   const float* scale = nullptr;
-  // Optional, BF16 and I8 only: the same matrix in the AMX tile layout (pack_amx), which
-  // linear() reads on Isa::Amx instead of packing the rows on every call.
+  // Optional, BF16, I8 and F8E4M3 only: the matrix in the AMX tile layout (pack_amx), which
+  // linear() reads on Isa::Amx instead of packing the rows on every call (F8E4M3: instead of the
+  // Avx512 kernels; its packed copy holds the dequantized weights rounded to bf16).
   const uint32_t* packed = nullptr;
 
   bool empty() const { return data == nullptr; }
@@ -74,13 +75,14 @@ struct WeightView {
 // the product rounded once to float32), into out [row_end - row_begin, w.cols].
 void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, float* out);
 
-// The AMX tile layout of a BF16 or I8 matrix, made once at load so that linear() on Isa::Amx
-// reads it as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows, each strip
-// the column tiles of 64 bytes of each row (zero past w.cols), each tile 16 x 16 32-bit words
-// (word p of each of the 16 rows: a column pair of bf16, a column quad of int8). amx_packed_words
-// gives its size in 32-bit words; pack_amx writes it (parallel over panels on `pool`, may be
-// null) at `out`, which should be 64-byte aligned (a tile row is a cache line). Requires
-// w.dtype BF16 or I8 and detected_isa() == Isa::Amx.
+// The AMX tile layout of a BF16, I8 or F8E4M3 matrix, made once at load so that linear() on
+// Isa::Amx reads it as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows,
+// each strip the column tiles of 64 bytes of each row (zero past w.cols), each tile 16 x 16 32-bit
+// words (word p of each of the 16 rows: a column pair of bf16, a column quad of int8). F8E4M3 is
+// packed as bf16: each weight dequantized (code x block scale, in float32, as dequantize_rows)
+// and rounded to bf16. amx_packed_words gives the size in 32-bit words; pack_amx writes it
+// (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned (a tile
+// row is a cache line). Requires detected_isa() == Isa::Amx.
 int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols);
 void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool);
 

@@ -1,5 +1,6 @@
-// kernels::linear on AMX tiles (Isa::Amx), for BF16 and I8 weights. Only the functions below
-// carry the target attribute.
+// kernels::linear on AMX tiles (Isa::Amx), for BF16 and I8 weights, and F8E4M3 weights with a
+// packed copy (made at load: dequantized and rounded to bf16, then computed as BF16). Only the
+// functions below carry the target attribute.
 //
 // BF16: the activations are rounded to bf16 (nearest even) once per call; each product of two
 // bf16 values is exact in float32 and the tile unit sums them in float32 (TDPBF16PS).
@@ -58,6 +59,7 @@ constexpr int64_t kTileBytes = 64;  // bytes of a tile row: 32 bf16 or 64 int8 c
 constexpr int64_t kTileWords = kTileRows * kTileBytes / 4;  // 32-bit words of a tile
 constexpr int64_t kPanel = 32;                              // output rows packed together
 
+// Bytes of a packed element: int8, else bf16 (F8E4M3 weights are packed as bf16).
 int64_t element_bytes(DType t) {
   return t == DType::I8 ? 1 : 2;
 }
@@ -257,7 +259,7 @@ MOEMESH_AMX void amx_prepare_activations(const float* x, int64_t n_tokens, int64
     }
     const float* in = x + t * cols;
     int64_t c = 0;
-    if (dtype == DType::BF16) {
+    if (dtype != DType::I8) {
       auto* o = reinterpret_cast<uint16_t*>(out);
       // vcvtne2ps2bf16 rounds to nearest even (NaN stays NaN), as f32_to_bf16 does.
       for (; c + 32 <= cols; c += 32) {
@@ -366,8 +368,23 @@ MOEMESH_AMX void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64
                                  uint32_t* out) {
   const int64_t k_tiles = column_tiles(w.dtype, w.cols);
   const int64_t panel_words = kPanel * k_tiles * kTileBytes / 4;
-  for (int64_t p = panel_begin; p < panel_end; ++p)
-    pack_panel(w, p * kPanel, k_tiles, out + p * panel_words);
+  // F8E4M3: a panel's rows dequantized (code x block scale, in float32), rounded to bf16, then
+  // packed as BF16 rows.
+  std::vector<float> dequantized;
+  std::vector<uint16_t> bf16;
+  for (int64_t p = panel_begin; p < panel_end; ++p) {
+    if (w.dtype != DType::F8E4M3) {
+      pack_panel(w, p * kPanel, k_tiles, out + p * panel_words);
+      continue;
+    }
+    const int64_t r0 = p * kPanel, rows = std::min(kPanel, w.rows - r0);
+    dequantized.resize(static_cast<std::size_t>(rows * w.cols));
+    bf16.resize(dequantized.size());
+    dequantize_rows(w, r0, r0 + rows, dequantized.data());
+    for (std::size_t i = 0; i < dequantized.size(); ++i) bf16[i] = f32_to_bf16(dequantized[i]);
+    const WeightView panel{bf16.data(), DType::BF16, rows, w.cols};
+    pack_panel(panel, 0, k_tiles, out + p * panel_words);
+  }
 }
 
 bool amx_request_permission() {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/model.h"
@@ -33,6 +34,10 @@ constexpr double kAmxLogitBound = 0.03;
 // glm4moe-bf16 0.0293, dbrx-tiny 0.0189 (weight-only int8 on the other paths: up to 0.0274). The
 // bound is 2x the worst.
 constexpr double kAmxInt8LogitBound = 0.12;
+// FP8 on Amx against FP8 on the float32 path; measured: mixtral-fp8 0.0044, deepseek-v3-fp8
+// 0.0074, qwen2moe-bf16 quantized at load 0.0058 (the bf16 path's own move, with the dequantized
+// weights' rounding to bf16 on top). The bound is 4x the worst.
+constexpr double kAmxFp8LogitBound = 0.03;
 
 double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
@@ -47,15 +52,17 @@ bool have_amx() {
   return kernels::detected_isa() >= kernels::Isa::Amx;
 }
 
+// The logits of every position of the reference prompt of `prompt_of` (default: the fixture's own).
 std::vector<float> prompt_logits(const char* name, kernels::Isa isa,
-                                 const char* quantization = "none") {
+                                 const char* quantization = "none",
+                                 const char* prompt_of = nullptr) {
   test::IsaGuard guard;
   EXPECT_TRUE(kernels::force_isa(isa));
   Expected<std::unique_ptr<Model>> model =
       Model::load(fixture(name), {.threads = 2, .quantization = quantization});
   EXPECT_TRUE(model.ok()) << model.error().message();
   if (!model.ok()) return {};
-  const std::vector<int32_t> prompt = test::fixture_prompt(name);
+  const std::vector<int32_t> prompt = test::fixture_prompt(prompt_of ? prompt_of : name);
   KVCache cache = (*model)->new_cache(static_cast<int64_t>(prompt.size()));
   std::vector<float> logits;
   EXPECT_TRUE((*model)->forward(cache, prompt, Logits::All, logits).ok());
@@ -93,11 +100,36 @@ TEST(Amx, Int8LogitsCloseToTheFloat32Path) {
   }
 }
 
+// FP8 weights on Amx (rounded to bf16 at load, then as BF16) against the float32 path of the same
+// checkpoint: FP8 checkpoints as they are, and BF16 ones quantized at load. Only the bf16
+// roundings of the dequantized weights and of the activations separate them.
+TEST(Amx, Fp8LogitsCloseToTheFloat32Path) {
+  if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
+  struct Case {
+    const char* name;
+    const char* quantization;
+    const char* prompt_of;  // FP8 checkpoints use the prompt of the fixture they were made from
+  };
+  const Case cases[] = {{"mixtral-fp8", "none", "mixtral-bf16"},
+                        {"deepseek-v3-fp8", "none", "deepseek-v3-bf16"},
+                        {"qwen2moe-bf16", "fp8", "qwen2moe-bf16"}};
+  for (const auto& [name, quantization, prompt_of] : cases) {
+    const std::vector<float> plain =
+        prompt_logits(name, kernels::Isa::Avx512, quantization, prompt_of);
+    const std::vector<float> amx = prompt_logits(name, kernels::Isa::Amx, quantization, prompt_of);
+    ASSERT_EQ(plain.size(), amx.size()) << name;
+    EXPECT_NE(plain, amx) << name << ": the Amx path should run the FP8 matrices";
+    const double err = relative_error(amx, plain);
+    std::printf("[ amx ] %s (%s) fp8 logits relative error %.5f\n", name, quantization, err);
+    EXPECT_LT(err, kAmxFp8LogitBound) << name;
+  }
+}
+
 // Token by token the Amx path gives the prefill's logits to the bit: its sums do not depend on
 // the tokens that share a call.
 TEST(Amx, DecodeMatchesPrefill) {
   if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
-  for (const char* quantization : {"none", "int8"}) {
+  for (const char* quantization : {"none", "int8", "fp8"}) {
     test::IsaGuard guard;
     ASSERT_TRUE(kernels::force_isa(kernels::Isa::Amx));
     Expected<std::unique_ptr<Model>> model =

@@ -273,4 +273,42 @@ TEST(Isa, AmxPackedWeightsGiveTheSameBits) {
   }
 }
 
+// F8E4M3 with a packed copy on Amx: the weights dequantized and rounded to bf16 at load, the
+// activations rounded to bf16, against a double reference of exactly those values.
+TEST(Isa, AmxFp8PackedMatchesReference) {
+  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
+  IsaGuard guard;
+  ASSERT_TRUE(force_isa(Isa::Amx));
+  ThreadPool pool(2);
+  const int64_t rows = 150, cols = 260;
+  const Matrix m = make_matrix(DType::BF16, rows, cols, 61);
+  std::vector<uint8_t> codes(static_cast<std::size_t>(rows * cols));
+  std::vector<float> scale(static_cast<std::size_t>(fp8_blocks(rows) * fp8_blocks(cols)));
+  quantize_fp8_e4m3(m.view, codes.data(), scale.data(), &pool);
+  WeightView w{codes.data(), DType::F8E4M3, rows, cols, scale.data()};
+  std::vector<float> deq(static_cast<std::size_t>(rows * cols));
+  dequantize_rows(w, 0, rows, deq.data());
+  std::vector<uint32_t> packed(
+      static_cast<std::size_t>(amx_packed_words(DType::F8E4M3, rows, cols)));
+  pack_amx(w, packed.data(), &pool);
+  w.packed = packed.data();
+  for (int64_t n : {1, 5, 70}) {
+    const std::vector<float> x = random_vector(n * cols, 62);
+    std::vector<float> y(static_cast<std::size_t>(n * rows));
+    linear(x.data(), n, w, nullptr, y.data(), &pool);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t r = 0; r < rows; ++r) {
+        double ref = 0, mag = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const double p = double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) *
+                           double(bf16_to_f32(f32_to_bf16(deq[r * cols + c])));
+          ref += p;
+          mag += std::abs(p);
+        }
+        ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / (mag + 1e-30), 1e-5)
+            << "n=" << n << " t=" << t << " r=" << r;
+      }
+  }
+}
+
 }  // namespace moemesh::kernels
