@@ -117,7 +117,7 @@ int run_prefill(int64_t n_tokens, ThreadPool& pool, int reps) {
               static_cast<long long>(n_tokens), isa_name(moemesh::kernels::detected_isa()));
   // An attention projection [2048, 2048] and an expert projection [1024, 2048] (OLMoE shapes).
   const std::pair<int64_t, int64_t> shapes[] = {{2048, 2048}, {1024, 2048}};
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx}) {
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
     for (const bool fp8 : {false, true})
       for (const auto& [rows, cols] : shapes) {
@@ -202,11 +202,12 @@ int main(int argc, char** argv) {
   std::vector<WeightView> f8_views = views(f8.data(), DType::F8E4M3, bytes);
   for (WeightView& v : f8_views) v.scale = f8_scales.data();
 
-  // Amx reads BF16, I8 and FP8 matrices in the tile layout the model loader packs them into
+  // Avx512Bf16 and Amx read BF16, I8 and FP8 matrices in the tile layout the model loader packs
+  // them into
   // (FP8: as bf16, twice its bytes; the figure counts the FP8 bytes the matrix stands for).
   std::vector<std::vector<uint32_t>> packed;
   std::vector<WeightView> bf16_packed_views, i8_packed_views, f8_packed_views;
-  if (moemesh::kernels::detected_isa() >= Isa::Amx)
+  if (moemesh::kernels::detected_isa() >= Isa::Avx512Bf16)
     for (const std::vector<WeightView>* from :
          std::initializer_list<const std::vector<WeightView>*>{&bf16_views, &i8_views, &f8_views})
       for (WeightView v : *from) {
@@ -228,7 +229,7 @@ int main(int argc, char** argv) {
   // that a noisy moment does not flatter the ratios.
   double read_gbs = read_probe(f32, pool, reps);
   std::vector<std::pair<std::string, double>> results;
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Amx}) {
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx}) {
     if (!moemesh::kernels::force_isa(isa)) continue;  // not supported here
     const std::pair<const char*, const std::vector<WeightView>*> runs[] = {{"F32", &f32_views},
                                                                            {"BF16", &bf16_views},
@@ -236,7 +237,8 @@ int main(int argc, char** argv) {
                                                                            {"I8", &i8_views},
                                                                            {"FP8", &f8_views}};
     for (const auto& [name, mats] : runs) {
-      if (isa == Isa::Amx && mats != &bf16_views && mats != &i8_views && mats != &f8_views)
+      const bool packs = isa >= Isa::Avx512Bf16;
+      if (packs && mats != &bf16_views && mats != &i8_views && mats != &f8_views)
         continue;  // the Avx512 kernels
       const std::vector<WeightView>* m = isa != Isa::Amx       ? mats
                                          : mats == &bf16_views ? &bf16_packed_views

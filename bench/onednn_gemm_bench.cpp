@@ -8,10 +8,11 @@
 //   attention q/k/v/o [2048, 2048]
 // Two precisions:
 //   BF16: moemesh's BF16 weights with float32 activations (what the engine runs by default:
-//         weights widened in registers, float32 FMA; with MOEMESH_ISA=amx, activations rounded
-//         to bf16 inside the call and AMX tiles over the weights packed at load, untimed, as the
-//         model loader packs them) against oneDNN's bf16 x bf16 -> f32 matmul (both operands
-//         bf16, the fastest BF16 path oneDNN has on this CPU: AMX or AVX-512 BF16 where present).
+//         weights widened in registers, float32 FMA; with MOEMESH_ISA=amx or avx512bf16, the
+//         activations rounded to bf16 inside the call, and AMX tiles or VDPBF16PS over the weights
+//         packed beforehand, untimed, as the model loader packs them) against oneDNN's
+//         bf16 x bf16 -> f32 matmul (both operands bf16, the fastest BF16 path oneDNN has on this
+//         CPU: AMX or AVX-512 BF16 where present).
 //   F32:  float32 weights and activations in both.
 // oneDNN gets its weights in the layout it asks for (format_tag::any, reordered once, untimed, as
 // an engine would at load); sources and destinations are plain row-major, and the bf16 copy of
@@ -193,7 +194,7 @@ int main(int argc, char** argv) {
       WeightView view = bf16 ? WeightView{w_bf16.data(), DType::BF16, s.n, s.k}
                              : WeightView{w.data(), DType::F32, s.n, s.k};
       std::vector<uint32_t> packed;
-      if (bf16 && moemesh::kernels::active_isa() == moemesh::kernels::Isa::Amx) {
+      if (bf16 && moemesh::kernels::active_isa() >= moemesh::kernels::Isa::Avx512Bf16) {
         // 64-byte aligned, as the model loader places it: tile rows are cache lines.
         packed.resize(
             static_cast<std::size_t>(moemesh::kernels::amx_packed_words(DType::BF16, s.n, s.k)) +

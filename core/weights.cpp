@@ -372,7 +372,7 @@ void pack_one(WeightView& v, QuantizedStore& store, kernels::ThreadPool* pool) {
 }  // namespace
 
 void pack_for_amx(ModelWeights& w, kernels::ThreadPool* pool) {
-  if (kernels::active_isa() != kernels::Isa::Amx) return;
+  if (kernels::active_isa() < kernels::Isa::Avx512Bf16) return;
   for_each_quantized_matrix(w, [&](WeightView& v) { pack_one(v, w.quantized, pool); });
   for (LayerWeights& L : w.layers)
     if (L.moe) pack_one(L.router, w.quantized, pool);
@@ -380,7 +380,7 @@ void pack_for_amx(ModelWeights& w, kernels::ThreadPool* pool) {
 }
 
 void pack_for_amx(kernels::FfnWeights& w, QuantizedStore& store, kernels::ThreadPool* pool) {
-  if (kernels::active_isa() != kernels::Isa::Amx) return;
+  if (kernels::active_isa() < kernels::Isa::Avx512Bf16) return;
   for (WeightView* v : {&w.gate, &w.up, &w.down}) pack_one(*v, store, pool);
 }
 

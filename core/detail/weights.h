@@ -132,7 +132,8 @@ void quantize_int8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Threa
 // kv_b_proj, whose rows the latent attention reads directly), dense MLPs, shared experts and
 // bound routed experts.
 void quantize_int8(ModelWeights& w, kernels::ThreadPool* pool);
-// On Isa::Amx (kernels::active_isa()), gives every BF16, I8 or F8E4M3 matrix that linear() reads
+// On Isa::Avx512Bf16 and Isa::Amx (kernels::active_isa()), gives every BF16, I8 or F8E4M3 matrix
+// that linear() reads
 // (those of for_each_quantized_matrix, the routers and the LM head; an expert's three) a copy in
 // the AMX tile layout (F8E4M3: as bf16), owned by `store` / w.quantized; otherwise, and for other
 // dtypes, does nothing. Costs a second copy of those matrices in memory (twice an FP8 matrix's

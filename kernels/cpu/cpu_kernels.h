@@ -60,8 +60,8 @@ struct WeightView {
   // checkpoint's weight_scale_inv). Other dtypes: unused.
   const float* scale = nullptr;
   // Optional, BF16, I8 and F8E4M3 only: the matrix in the AMX tile layout (pack_amx), which
-  // linear() reads on Isa::Amx instead of packing the rows on every call (F8E4M3: instead of the
-  // Avx512 kernels; its packed copy holds the dequantized weights rounded to bf16).
+  // linear() reads on Isa::Avx512Bf16 and Isa::Amx instead of packing the rows on every call
+  // (F8E4M3: instead of the Avx512 kernels; its packed copy holds the weights rounded to bf16).
   const uint32_t* packed = nullptr;
 
   bool empty() const { return data == nullptr; }
@@ -76,13 +76,13 @@ struct WeightView {
 void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, float* out);
 
 // The AMX tile layout of a BF16, I8 or F8E4M3 matrix, made once at load so that linear() on
-// Isa::Amx reads it as it is: panels of 32 rows (zero past w.rows), each two strips of 16 rows,
-// each strip the column tiles of 64 bytes of each row (zero past w.cols), each tile 16 x 16 32-bit
-// words (word p of each of the 16 rows: a column pair of bf16, a column quad of int8). F8E4M3 is
-// packed as bf16: each weight dequantized (code x block scale, in float32, as dequantize_rows)
-// and rounded to bf16. amx_packed_words gives the size in 32-bit words; pack_amx writes it
-// (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned (a tile
-// row is a cache line). Requires detected_isa() == Isa::Amx.
+// Isa::Avx512Bf16 and Isa::Amx reads it as it is: panels of 32 rows (zero past w.rows), each two
+// strips of 16 rows, each strip the column tiles of 64 bytes of each row (zero past w.cols), each
+// tile 16 x 16 32-bit words (word p of each of the 16 rows: a column pair of bf16, a column quad of
+// int8). F8E4M3 is packed as bf16: each weight dequantized (code x block scale, in float32, as
+// dequantize_rows) and rounded to bf16. amx_packed_words gives the size in 32-bit words; pack_amx
+// writes it (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned
+// (a tile row is a cache line). Requires detected_isa() >= Isa::Avx512Bf16.
 int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols);
 void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool);
 
@@ -231,29 +231,33 @@ void copy_kv_block(const PagedKv& cache, int32_t src, int32_t dst, int64_t block
 //   Baseline: portable C++, whatever the compiler makes of it.
 //   Avx2:     AVX2 + FMA + F16C.
 //   Avx512:   AVX-512 F + BW + VL + DQ.
-//   Amx:      Avx512 + AVX512-BF16 + AMX-TILE + AMX-BF16 + AMX-INT8 (and the kernel's permission
-//             to use the tiles). linear() multiplies on AMX tiles: with BF16 weights it rounds
-//             the activations to bf16 (nearest even, subnormals to zero) and sums the exact
-//             products in float32; with I8 weights it quantizes each token's activations to int8
-//             (scale absmax / 127, round to nearest even) and sums the products exactly in int32,
-//             y = fma(float(sum) * token scale, row scale, bias). F32, F16 and F8E4M3 weights run
-//             the Avx512 kernels. Because it changes the numerics, Amx is used only when asked for
-//             (MOEMESH_ISA=amx or force_isa), never by default.
+//   Avx512Bf16: Avx512 + AVX512-BF16 + AVX512-VNNI. linear() with BF16 weights rounds the
+//             activations to bf16 (nearest even, subnormals to zero) and sums the exact products
+//             in float32 (VDPBF16PS); with I8 weights it quantizes each token's activations to
+//             int8 (scale absmax / 127, round to nearest even), sums the products exactly in int32
+//             (VPDPBUSD) and gives y = fma(float(sum) * token scale, row scale, bias). F8E4M3
+//             weights with a packed copy (pack_amx: rounded to bf16 at load) run as BF16 ones; F32,
+//             F16 and F8E4M3 without one run the Avx512 kernels.
+//   Amx:      Avx512Bf16 + AMX-TILE + AMX-INT8 + AMX-BF16 (and the kernel's permission to use the
+//             tiles): the same as Avx512Bf16 on AMX tiles (TDPBF16PS, TDPBSSD). Its I8 results are
+//             Avx512Bf16's bits; its BF16 sums run in the tile unit's order.
+//   Avx512Bf16 and Amx change the numerics (bf16 / int8 activations), so they are used only when
+//   asked for (MOEMESH_ISA=avx512bf16|amx or force_isa), never by default.
 // For a given ISA, every op computes the same sums in the same order whatever the number of
 // tokens in a call, so a token's results do not depend on the batch it is in; across ISAs only
-// the order of float32 accumulation differs (and, on Amx, the bf16 rounding of activations).
-enum class Isa : uint8_t { Baseline, Avx2, Avx512, Amx };
+// the order of float32 accumulation differs (and, on Avx512Bf16 and Amx, the activations' dtype).
+enum class Isa : uint8_t { Baseline, Avx2, Avx512, Avx512Bf16, Amx };
 
 // The best ISA of this CPU (and operating system), found once by cpuid.
 Isa detected_isa();
 
 // The ISA the kernels use: detected_isa() capped at Avx512, unless the environment variable
-// MOEMESH_ISA (baseline | avx2 | avx512 | amx, read once at the first call of any ISA function) or
-// force_isa() asks for another one the CPU supports. A MOEMESH_ISA naming no ISA, or one above
-// detected_isa(), is ignored (isa_env_rejected() says so, for the caller to report).
+// MOEMESH_ISA (baseline | avx2 | avx512 | avx512bf16 | amx, read once at the first call of any
+// ISA function) or force_isa() asks for another one the CPU supports. A MOEMESH_ISA naming no ISA,
+// or one above detected_isa(), is ignored (isa_env_rejected() says so, for the caller to report).
 Isa active_isa();
 
-// "baseline", "avx2", "avx512" or "amx".
+// "baseline", "avx2", "avx512", "avx512bf16" or "amx".
 const char* isa_name(Isa isa);
 
 // Makes the kernels use `isa` from now on (for tests and benchmarks). Refuses, returning false

@@ -25,16 +25,19 @@ Isa detect() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (!avx512) return Isa::Avx2;
-  // AMX: AMX-TILE and AMX-BF16 (cpuid 7.0 edx bits 24, 22), AVX512-BF16 (7.1 eax bit 5) for
-  // the conversions, the tile state enabled in XCR0 (bits 17, 18), and the kernel's permission.
-  const bool amx_cpu = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 24)) != 0 &&
-                       (edx & (1u << 22)) != 0;
+  // AVX512-BF16 (cpuid 7.1 eax bit 5) and AVX512-VNNI (7.0 ecx bit 11).
   const bool bf16_cpu = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5)) != 0;
-  if (!amx_cpu || !bf16_cpu) return Isa::Avx512;
+  const bool vnni_cpu = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11)) != 0;
+  if (!bf16_cpu || !vnni_cpu) return Isa::Avx512;
+  // AMX: AMX-TILE, AMX-INT8 and AMX-BF16 (cpuid 7.0 edx bits 24, 25, 22), the tile state enabled
+  // in XCR0 (bits 17, 18), and the kernel's permission.
+  const bool amx_cpu =
+      (edx & (1u << 24)) != 0 && (edx & (1u << 25)) != 0 && (edx & (1u << 22)) != 0;
+  if (!amx_cpu) return Isa::Avx512Bf16;
   unsigned xcr0_lo = 0, xcr0_hi = 0;
   __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return Isa::Avx512;
-  return detail::amx_request_permission() ? Isa::Amx : Isa::Avx512;
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return Isa::Avx512Bf16;
+  return detail::amx_request_permission() ? Isa::Amx : Isa::Avx512Bf16;
 #else
   return Isa::Baseline;
 #endif
@@ -52,7 +55,7 @@ IsaState& state() {
   static IsaState* s = [] {
     auto* st = new IsaState;  // never destroyed: kernels may run during static destruction
     st->detected = detect();
-    // Amx changes the numerics (activations rounded to bf16): only chosen when asked for.
+    // Avx512Bf16 and Amx change the numerics (bf16 / int8 activations): only chosen when asked.
     Isa chosen = std::min(st->detected, Isa::Avx512);
     if (const char* env = std::getenv("MOEMESH_ISA"); env != nullptr && *env != '\0') {
       bool known = true;
@@ -63,6 +66,8 @@ IsaState& state() {
         wanted = Isa::Avx2;
       else if (std::strcmp(env, "avx512") == 0)
         wanted = Isa::Avx512;
+      else if (std::strcmp(env, "avx512bf16") == 0)
+        wanted = Isa::Avx512Bf16;
       else if (std::strcmp(env, "amx") == 0)
         wanted = Isa::Amx;
       else
@@ -96,6 +101,8 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Bf16:
+      return "avx512bf16";
     case Isa::Amx:
       return "amx";
   }

@@ -57,8 +57,8 @@ void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* 
   if (n_tokens <= 0 || w.rows <= 0) return;
   // Read once per call, so that every chunk of one call uses the same kernel.
   const Isa isa = active_isa();
-  if (isa == Isa::Amx && (w.dtype == DType::BF16 || w.dtype == DType::I8 ||
-                          (w.dtype == DType::F8E4M3 && w.packed != nullptr))) {
+  if (isa >= Isa::Avx512Bf16 && (w.dtype == DType::BF16 || w.dtype == DType::I8 ||
+                                 (w.dtype == DType::F8E4M3 && w.packed != nullptr))) {
     // Tokens are prepared once (rounded to bf16, or for int8 weights quantized to int8 with a scale
     // each), then
     // every thread runs panels of 32 rows.
@@ -74,14 +74,19 @@ void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* 
     });
     constexpr int64_t kPanel = 32;
     parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
-      detail::linear_rows_amx(xq_data, scales, n_tokens, w, bias, y, begin * kPanel,
-                              std::min(end * kPanel, w.rows));
+      if (isa == Isa::Amx)
+        detail::linear_rows_amx(xq_data, scales, n_tokens, w, bias, y, begin * kPanel,
+                                std::min(end * kPanel, w.rows));
+      else
+        detail::linear_rows_avx512_bf16(xq_data, scales, n_tokens, w, bias, y, begin * kPanel,
+                                        std::min(end * kPanel, w.rows));
     });
     return;
   }
   parallel_for(pool, w.rows, 16, [&](int64_t begin, int64_t end) {
     switch (isa) {
       case Isa::Amx:  // F32, F16, and F8E4M3 weights without a packed copy
+      case Isa::Avx512Bf16:
       case Isa::Avx512:
         detail::linear_rows_avx512(x, n_tokens, w, bias, y, begin, end);
         break;

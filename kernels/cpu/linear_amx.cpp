@@ -387,6 +387,10 @@ MOEMESH_AMX void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64
   }
 }
 
+void pack_tile_panel(const WeightView& w, int64_t r0, uint32_t* packed) {
+  pack_panel(w, r0, column_tiles(w.dtype, w.cols), packed);
+}
+
 bool amx_request_permission() {
 #if defined(__x86_64__)
   // Linux hands out the tile state only to processes that ask (ARCH_REQ_XCOMP_PERM for

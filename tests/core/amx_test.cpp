@@ -1,7 +1,7 @@
-// The Amx kernels (MOEMESH_ISA=amx): BF16 checkpoints run with activations rounded to bf16 on AMX
-// tiles. Their logits stay within a stated bound of the default float32-activation path on the
-// BF16 fixtures, and the path keeps the engine's invariants: decode gives the prefill's bits.
-// Skipped on CPUs without AMX.
+// The kernels with bf16 / int8 activations (MOEMESH_ISA=avx512bf16 or amx): BF16 and FP8
+// matrices run with activations rounded to bf16, int8 ones with int8 activations. Their logits stay
+// within a stated bound of the default float32-activation path on the BF16 fixtures, and the path
+// keeps the engine's invariants: decode gives the prefill's bits. Skipped on CPUs with neither.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -48,8 +48,12 @@ double relative_error(const std::vector<float>& a, const std::vector<float>& b) 
   return std::sqrt(num / den);
 }
 
-bool have_amx() {
-  return kernels::detected_isa() >= kernels::Isa::Amx;
+// The paths with bf16 / int8 activations this CPU has.
+std::vector<kernels::Isa> reduced_precision_isas() {
+  std::vector<kernels::Isa> out;
+  for (kernels::Isa isa : {kernels::Isa::Avx512Bf16, kernels::Isa::Amx})
+    if (isa <= kernels::detected_isa()) out.push_back(isa);
+  return out;
 }
 
 // The logits of every position of the reference prompt of `prompt_of` (default: the fixture's own).
@@ -69,83 +73,92 @@ std::vector<float> prompt_logits(const char* name, kernels::Isa isa,
   return logits;
 }
 
-TEST(Amx, Bf16LogitsCloseToTheFloat32Path) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
-  for (const char* name : {"mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip", "glm4moe-bf16",
-                           "deepseek-v3-bf16", "dbrx-bf16-clip"}) {
-    const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
-    const std::vector<float> amx = prompt_logits(name, kernels::Isa::Amx);
-    ASSERT_EQ(plain.size(), amx.size()) << name;
-    EXPECT_NE(plain, amx) << name << ": bf16 activations should change the logits";
-    const double err = relative_error(amx, plain);
-    std::printf("[ amx ] %s logits relative error %.5f\n", name, err);
-    EXPECT_LT(err, kAmxLogitBound) << name;
+TEST(ReducedPrecision, Bf16LogitsCloseToTheFloat32Path) {
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  for (kernels::Isa isa : reduced_precision_isas()) {
+    for (const char* name : {"mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip", "glm4moe-bf16",
+                             "deepseek-v3-bf16", "dbrx-bf16-clip"}) {
+      const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
+      const std::vector<float> amx = prompt_logits(name, isa);
+      ASSERT_EQ(plain.size(), amx.size()) << name;
+      EXPECT_NE(plain, amx) << name << ": bf16 activations should change the logits";
+      const double err = relative_error(amx, plain);
+      std::printf("[ %s ] %s logits relative error %.5f\n", kernels::isa_name(isa), name, err);
+      EXPECT_LT(err, kAmxLogitBound) << name;
+    }
   }
 }
 
 // --quantization int8 on Amx: int8 weights (per-row scales) times int8 activations (a scale per
 // token), against the unquantized float32 path. Per-token activation scales add the rounding of
 // each activation to 1/127 of its row's largest value to int8's weight rounding.
-TEST(Amx, Int8LogitsCloseToTheFloat32Path) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
-  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16",
-                           "olmoe-bf16-clip", "olmoe-tiny", "qwen3moe-tiny", "deepseek-v3-tiny",
-                           "deepseek-v2-tiny", "glm4moe-bf16", "dbrx-tiny"}) {
-    const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
-    const std::vector<float> amx = prompt_logits(name, kernels::Isa::Amx, "int8");
-    ASSERT_EQ(plain.size(), amx.size()) << name;
-    const double err = relative_error(amx, plain);
-    std::printf("[ amx ] %s int8 logits relative error %.5f\n", name, err);
-    EXPECT_LT(err, kAmxInt8LogitBound) << name;
+TEST(ReducedPrecision, Int8LogitsCloseToTheFloat32Path) {
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  for (kernels::Isa isa : reduced_precision_isas()) {
+    for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16",
+                             "olmoe-bf16-clip", "olmoe-tiny", "qwen3moe-tiny", "deepseek-v3-tiny",
+                             "deepseek-v2-tiny", "glm4moe-bf16", "dbrx-tiny"}) {
+      const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
+      const std::vector<float> amx = prompt_logits(name, isa, "int8");
+      ASSERT_EQ(plain.size(), amx.size()) << name;
+      const double err = relative_error(amx, plain);
+      std::printf("[ %s ] %s int8 logits relative error %.5f\n", kernels::isa_name(isa), name, err);
+      EXPECT_LT(err, kAmxInt8LogitBound) << name;
+    }
   }
 }
 
 // FP8 weights on Amx (rounded to bf16 at load, then as BF16) against the float32 path of the same
 // checkpoint: FP8 checkpoints as they are, and BF16 ones quantized at load. Only the bf16
 // roundings of the dequantized weights and of the activations separate them.
-TEST(Amx, Fp8LogitsCloseToTheFloat32Path) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
-  struct Case {
-    const char* name;
-    const char* quantization;
-    const char* prompt_of;  // FP8 checkpoints use the prompt of the fixture they were made from
-  };
-  const Case cases[] = {{"mixtral-fp8", "none", "mixtral-bf16"},
-                        {"deepseek-v3-fp8", "none", "deepseek-v3-bf16"},
-                        {"qwen2moe-bf16", "fp8", "qwen2moe-bf16"}};
-  for (const auto& [name, quantization, prompt_of] : cases) {
-    const std::vector<float> plain =
-        prompt_logits(name, kernels::Isa::Avx512, quantization, prompt_of);
-    const std::vector<float> amx = prompt_logits(name, kernels::Isa::Amx, quantization, prompt_of);
-    ASSERT_EQ(plain.size(), amx.size()) << name;
-    EXPECT_NE(plain, amx) << name << ": the Amx path should run the FP8 matrices";
-    const double err = relative_error(amx, plain);
-    std::printf("[ amx ] %s (%s) fp8 logits relative error %.5f\n", name, quantization, err);
-    EXPECT_LT(err, kAmxFp8LogitBound) << name;
+TEST(ReducedPrecision, Fp8LogitsCloseToTheFloat32Path) {
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  for (kernels::Isa isa : reduced_precision_isas()) {
+    struct Case {
+      const char* name;
+      const char* quantization;
+      const char* prompt_of;  // FP8 checkpoints use the prompt of the fixture they were made from
+    };
+    const Case cases[] = {{"mixtral-fp8", "none", "mixtral-bf16"},
+                          {"deepseek-v3-fp8", "none", "deepseek-v3-bf16"},
+                          {"qwen2moe-bf16", "fp8", "qwen2moe-bf16"}};
+    for (const auto& [name, quantization, prompt_of] : cases) {
+      const std::vector<float> plain =
+          prompt_logits(name, kernels::Isa::Avx512, quantization, prompt_of);
+      const std::vector<float> amx = prompt_logits(name, isa, quantization, prompt_of);
+      ASSERT_EQ(plain.size(), amx.size()) << name;
+      EXPECT_NE(plain, amx) << name << ": the packed bf16 copy should run the FP8 matrices";
+      const double err = relative_error(amx, plain);
+      std::printf("[ %s ] %s (%s) fp8 logits relative error %.5f\n", kernels::isa_name(isa), name,
+                  quantization, err);
+      EXPECT_LT(err, kAmxFp8LogitBound) << name;
+    }
   }
 }
 
 // Token by token the Amx path gives the prefill's logits to the bit: its sums do not depend on
 // the tokens that share a call.
-TEST(Amx, DecodeMatchesPrefill) {
-  if (!have_amx()) GTEST_SKIP() << "this CPU has no AMX-BF16 (or the kernel refused the tiles)";
-  for (const char* quantization : {"none", "int8", "fp8"}) {
-    test::IsaGuard guard;
-    ASSERT_TRUE(kernels::force_isa(kernels::Isa::Amx));
-    Expected<std::unique_ptr<Model>> model =
-        Model::load(fixture("qwen2moe-bf16"), {.threads = 2, .quantization = quantization});
-    ASSERT_TRUE(model.ok()) << model.error().message();
-    const std::vector<int32_t> prompt = test::fixture_prompt("qwen2moe-bf16");
-    const auto n = static_cast<int64_t>(prompt.size());
-    const int64_t vocab = (*model)->config().vocab_size;
-    KVCache all = (*model)->new_cache(n), one = (*model)->new_cache(n);
-    std::vector<float> prefill, step;
-    ASSERT_TRUE((*model)->forward(all, prompt, Logits::All, prefill).ok());
-    for (int64_t t = 0; t < n; ++t) {
-      ASSERT_TRUE((*model)->forward(one, {prompt.data() + t, 1}, Logits::Last, step).ok());
-      for (int64_t v = 0; v < vocab; ++v)
-        ASSERT_EQ(step[v], prefill[t * vocab + v])
-            << quantization << " position " << t << " token " << v;
+TEST(ReducedPrecision, DecodeMatchesPrefill) {
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  for (kernels::Isa isa : reduced_precision_isas()) {
+    for (const char* quantization : {"none", "int8", "fp8"}) {
+      test::IsaGuard guard;
+      ASSERT_TRUE(kernels::force_isa(isa));
+      Expected<std::unique_ptr<Model>> model =
+          Model::load(fixture("qwen2moe-bf16"), {.threads = 2, .quantization = quantization});
+      ASSERT_TRUE(model.ok()) << model.error().message();
+      const std::vector<int32_t> prompt = test::fixture_prompt("qwen2moe-bf16");
+      const auto n = static_cast<int64_t>(prompt.size());
+      const int64_t vocab = (*model)->config().vocab_size;
+      KVCache all = (*model)->new_cache(n), one = (*model)->new_cache(n);
+      std::vector<float> prefill, step;
+      ASSERT_TRUE((*model)->forward(all, prompt, Logits::All, prefill).ok());
+      for (int64_t t = 0; t < n; ++t) {
+        ASSERT_TRUE((*model)->forward(one, {prompt.data() + t, 1}, Logits::Last, step).ok());
+        for (int64_t v = 0; v < vocab; ++v)
+          ASSERT_EQ(step[v], prefill[t * vocab + v])
+              << quantization << " position " << t << " token " << v;
+      }
     }
   }
 }

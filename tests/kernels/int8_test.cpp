@@ -62,10 +62,10 @@ TEST(Int8, DtypeBasics) {
   EXPECT_EQ(static_cast<const int8_t*>(w.row(1)), q + 2);
 }
 
-// Amx quantizes each token's activations to int8 (scale absmax / 127, round to nearest even) and
-// sums the int8 products exactly: the same computation here, in scalar code, gives the same
-// integers, and the float32 steps after them (fma(sum * token scale, row scale, bias)) the same
-// bits.
+// Avx512Bf16 and Amx quantize each token's activations to int8 (scale absmax / 127, round to
+// nearest even) and sums the int8 products exactly: the same computation here, in scalar code,
+// gives the same integers, and the float32 steps after them (fma(sum * token scale, row scale,
+// bias)) the same bits.
 void expect_amx_int8(const std::vector<float>& x, int64_t n, const Int8Matrix& w, const float* bias,
                      const std::vector<float>& y, const std::string& label) {
   const int64_t rows = w.view.rows, cols = w.view.cols;
@@ -96,8 +96,9 @@ TEST(Int8, LinearMatchesReferenceOnEveryIsa) {
   struct Shape {
     int64_t n, rows, cols;
   };
-  const Shape shapes[] = {{1, 1, 1},    {1, 7, 5},   {3, 13, 17},  {4, 6, 16},   {5, 9, 33},
-                          {7, 25, 100}, {8, 11, 47}, {9, 31, 130}, {17, 5, 515}, {70, 19, 1100}, {300, 9, 200}};
+  const Shape shapes[] = {{1, 1, 1},    {1, 7, 5},      {3, 13, 17},  {4, 6, 16},
+                          {5, 9, 33},   {7, 25, 100},   {8, 11, 47},  {9, 31, 130},
+                          {17, 5, 515}, {70, 19, 1100}, {300, 9, 200}};
   for (Isa isa : supported_isas()) {
     ASSERT_TRUE(force_isa(isa));
     for (const Shape& s : shapes) {
@@ -115,7 +116,7 @@ TEST(Int8, LinearMatchesReferenceOnEveryIsa) {
                   std::fabs(double(x[t * s.cols + c]) * w.values[r * s.cols + c]);
         std::vector<float> y(static_cast<std::size_t>(s.n * s.rows), -1.0f);
         linear(x.data(), s.n, w.view, b, y.data(), nullptr);
-        if (isa == Isa::Amx) {
+        if (isa >= Isa::Avx512Bf16) {
           expect_amx_int8(x, s.n, w, b, y,
                           " n=" + std::to_string(s.n) + " rows=" + std::to_string(s.rows) +
                               " cols=" + std::to_string(s.cols));
@@ -184,7 +185,7 @@ TEST(Int8, SameSumsAsFloatIntegers) {
   const WeightView f32{ints.data(), DType::F32, rows, cols};
   const std::vector<float> x = random_vector(n * cols, 4);
   for (Isa isa : supported_isas()) {
-    if (isa == Isa::Amx) continue;  // int8 activations there (LinearMatchesReferenceOnEveryIsa)
+    if (isa >= Isa::Avx512Bf16) continue;  // int8 activations (LinearMatchesReferenceOnEveryIsa)
     ASSERT_TRUE(force_isa(isa));
     for (int64_t m : {int64_t{1}, n}) {
       std::vector<float> yq(static_cast<std::size_t>(m * rows));

@@ -47,17 +47,23 @@ TEST(Isa, NamesAndDetection) {
   EXPECT_STREQ(isa_name(Isa::Baseline), "baseline");
   EXPECT_STREQ(isa_name(Isa::Avx2), "avx2");
   EXPECT_STREQ(isa_name(Isa::Avx512), "avx512");
+  EXPECT_STREQ(isa_name(Isa::Avx512Bf16), "avx512bf16");
   EXPECT_STREQ(isa_name(Isa::Amx), "amx");
   EXPECT_LE(active_isa(), detected_isa());
-  if (std::getenv("MOEMESH_ISA") == nullptr)
-    EXPECT_LE(active_isa(), Isa::Avx512) << "amx changes the numerics: never the default";
+  if (std::getenv("MOEMESH_ISA") == nullptr) {
+    EXPECT_LE(active_isa(), Isa::Avx512) << "bf16 / int8 activations: never the default";
+  }
 #if defined(__x86_64__)
   // Detection must agree with the compiler's own view of the CPU (every AVX2 + FMA CPU has F16C).
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     EXPECT_GE(detected_isa(), Isa::Avx512);
-    if (!__builtin_cpu_supports("avx512bf16")) EXPECT_EQ(detected_isa(), Isa::Avx512);
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512vnni")) {
+      EXPECT_EQ(detected_isa(), Isa::Avx512);
+    } else {
+      EXPECT_GE(detected_isa(), Isa::Avx512Bf16);
+    }
   } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     EXPECT_GE(detected_isa(), Isa::Avx2);
   }
@@ -71,7 +77,7 @@ TEST(Isa, ForceAcceptsSupportedAndRefusesHigher) {
     EXPECT_EQ(active_isa(), isa);
   }
   ASSERT_TRUE(force_isa(Isa::Baseline));
-  for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Amx}) {
+  for (Isa isa : {Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx}) {
     if (isa <= detected_isa()) continue;
     EXPECT_FALSE(force_isa(isa)) << isa_name(isa);
     EXPECT_EQ(active_isa(), Isa::Baseline) << "a refused force_isa changed the active ISA";
@@ -83,7 +89,8 @@ TEST(Isa, ForceAcceptsSupportedAndRefusesHigher) {
 
 // linear against a double-precision reference. The error is relative to sum |x w| + |bias|, the
 // scale of the rounding errors of a float32 sum (relative to |y| itself, cancellation would make
-// any float32 kernel fail). On Amx, BF16 weights multiply the activations rounded to bf16: the
+// any float32 kernel fail). On Avx512Bf16 and Amx, BF16 weights multiply the activations rounded
+// to bf16: the
 // reference rounds them too, and the bound is the same.
 TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
   IsaGuard guard;
@@ -107,7 +114,7 @@ TEST(Isa, LinearMatchesReferenceOnEveryIsa) {
               for (int64_t t = 0; t < n; ++t)
                 for (int64_t r = 0; r < rows; ++r) {
                   double ref = b ? b[r] : 0.0, scale = b ? std::abs(b[r]) : 0.0;
-                  const bool rounded = isa == Isa::Amx && dtype == DType::BF16;
+                  const bool rounded = isa >= Isa::Avx512Bf16 && dtype == DType::BF16;
                   for (int64_t c = 0; c < cols; ++c) {
                     const float xv =
                         rounded ? bf16_to_f32(f32_to_bf16(x[t * cols + c])) : x[t * cols + c];
@@ -207,108 +214,143 @@ TEST(Isa, LinearIsThreadInvariantOnEveryIsa) {
 }
 
 }  // namespace
-// Amx with more tokens than one of its token blocks (256) and columns that are not a multiple of
-// its column tiles: every token against the bf16-rounded reference, and the same bits as alone.
-TEST(Isa, AmxLinearWithManyTokens) {
-  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
+// Avx512Bf16 and Amx (Amx: more tokens than one of its token blocks, 256) and columns that are not
+// a multiple of its column tiles: every token against the bf16-rounded reference, and the same bits
+// as alone.
+TEST(Isa, Bf16ActivationPathsWithManyTokens) {
+  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
   IsaGuard guard;
-  ASSERT_TRUE(force_isa(Isa::Amx));
-  ThreadPool pool(2);
-  const int64_t n = 600, rows = 70, cols = 300;
-  const Matrix m = make_matrix(DType::BF16, rows, cols, 41);
-  const std::vector<float> bias = random_vector(rows, 42);
-  const std::vector<float> x = random_vector(n * cols, 43);
-  std::vector<float> y(static_cast<std::size_t>(n * rows));
-  linear(x.data(), n, m.view, bias.data(), y.data(), &pool);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t r = 0; r < rows; ++r) {
-      double ref = bias[r], scale = std::abs(bias[r]);
-      for (int64_t c = 0; c < cols; ++c) {
-        const double p =
-            double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) * double(m.values[r * cols + c]);
-        ref += p;
-        scale += std::abs(p);
-      }
-      ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / scale, 1e-5) << "t=" << t << " r=" << r;
-    }
-  expect_batches_match_alone(m.view, bias.data(), x, n, {{600, 0}, {300, 299}, {257, 1}}, &pool,
-                             "amx many tokens");
-}
-
-// Weights packed once (pack_amx, as the model loader does on Amx) give the bits of rows packed on
-// every call, for shapes with partial panels and column tiles.
-TEST(Isa, AmxPackedWeightsGiveTheSameBits) {
-  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
-  IsaGuard guard;
-  ASSERT_TRUE(force_isa(Isa::Amx));
-  ThreadPool pool(2);
-  for (DType dtype : {DType::BF16, DType::I8}) {
-    for (int64_t rows : {1, 37, 64, 100}) {
-      for (int64_t cols : {7, 64, 300}) {
-        Matrix m = make_matrix(DType::BF16, rows, cols, static_cast<uint32_t>(rows + cols));
-        std::vector<int8_t> q(static_cast<std::size_t>(rows * cols));
-        std::vector<float> scale(static_cast<std::size_t>(rows));
-        if (dtype == DType::I8) {
-          for (std::size_t i = 0; i < q.size(); ++i)
-            q[i] = static_cast<int8_t>(static_cast<int>(i * 37 % 255) - 127);
-          for (std::size_t r = 0; r < scale.size(); ++r) scale[r] = 0.01f * float(r + 1);
-          m.view = {q.data(), DType::I8, rows, cols, scale.data()};
-        }
-        std::vector<uint32_t> packed(static_cast<std::size_t>(amx_packed_words(dtype, rows, cols)));
-        pack_amx(m.view, packed.data(), &pool);
-        WeightView with = m.view;
-        with.packed = packed.data();
-        for (int64_t n : {1, 3, 40, 300}) {
-          const std::vector<float> x = random_vector(n * cols, 51);
-          std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
-          linear(x.data(), n, m.view, nullptr, a.data(), &pool);
-          linear(x.data(), n, with, nullptr, b.data(), &pool);
-          for (std::size_t i = 0; i < a.size(); ++i)
-            ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
-                << dtype_name(dtype) << " rows=" << rows << " cols=" << cols << " n=" << n
-                << " i=" << i;
-        }
-      }
-    }
-  }
-}
-
-// F8E4M3 with a packed copy on Amx: the weights dequantized and rounded to bf16 at load, the
-// activations rounded to bf16, against a double reference of exactly those values.
-TEST(Isa, AmxFp8PackedMatchesReference) {
-  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX-BF16";
-  IsaGuard guard;
-  ASSERT_TRUE(force_isa(Isa::Amx));
-  ThreadPool pool(2);
-  const int64_t rows = 150, cols = 260;
-  const Matrix m = make_matrix(DType::BF16, rows, cols, 61);
-  std::vector<uint8_t> codes(static_cast<std::size_t>(rows * cols));
-  std::vector<float> scale(static_cast<std::size_t>(fp8_blocks(rows) * fp8_blocks(cols)));
-  quantize_fp8_e4m3(m.view, codes.data(), scale.data(), &pool);
-  WeightView w{codes.data(), DType::F8E4M3, rows, cols, scale.data()};
-  std::vector<float> deq(static_cast<std::size_t>(rows * cols));
-  dequantize_rows(w, 0, rows, deq.data());
-  std::vector<uint32_t> packed(
-      static_cast<std::size_t>(amx_packed_words(DType::F8E4M3, rows, cols)));
-  pack_amx(w, packed.data(), &pool);
-  w.packed = packed.data();
-  for (int64_t n : {1, 5, 70}) {
-    const std::vector<float> x = random_vector(n * cols, 62);
+  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
+    if (isa > detected_isa()) continue;
+    ASSERT_TRUE(force_isa(isa));
+    ThreadPool pool(2);
+    const int64_t n = 600, rows = 70, cols = 300;
+    const Matrix m = make_matrix(DType::BF16, rows, cols, 41);
+    const std::vector<float> bias = random_vector(rows, 42);
+    const std::vector<float> x = random_vector(n * cols, 43);
     std::vector<float> y(static_cast<std::size_t>(n * rows));
-    linear(x.data(), n, w, nullptr, y.data(), &pool);
+    linear(x.data(), n, m.view, bias.data(), y.data(), &pool);
     for (int64_t t = 0; t < n; ++t)
       for (int64_t r = 0; r < rows; ++r) {
-        double ref = 0, mag = 0;
+        double ref = bias[r], scale = std::abs(bias[r]);
         for (int64_t c = 0; c < cols; ++c) {
-          const double p = double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) *
-                           double(bf16_to_f32(f32_to_bf16(deq[r * cols + c])));
+          const double p =
+              double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) * double(m.values[r * cols + c]);
           ref += p;
-          mag += std::abs(p);
+          scale += std::abs(p);
         }
-        ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / (mag + 1e-30), 1e-5)
-            << "n=" << n << " t=" << t << " r=" << r;
+        ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / scale, 1e-5)
+            << isa_name(isa) << " t=" << t << " r=" << r;
       }
+    expect_batches_match_alone(m.view, bias.data(), x, n, {{600, 0}, {300, 299}, {257, 1}}, &pool,
+                               std::string(isa_name(isa)) + " many tokens");
   }
+}
+
+// Weights packed once (pack_amx, as the model loader does on Avx512Bf16 and Amx) give the bits of
+// rows packed on every call, for shapes with partial panels and column tiles.
+TEST(Isa, PackedWeightsGiveTheSameBits) {
+  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  IsaGuard guard;
+  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
+    if (isa > detected_isa()) continue;
+    ASSERT_TRUE(force_isa(isa));
+    ThreadPool pool(2);
+    for (DType dtype : {DType::BF16, DType::I8}) {
+      for (int64_t rows : {1, 37, 64, 100}) {
+        for (int64_t cols : {7, 64, 300}) {
+          Matrix m = make_matrix(DType::BF16, rows, cols, static_cast<uint32_t>(rows + cols));
+          std::vector<int8_t> q(static_cast<std::size_t>(rows * cols));
+          std::vector<float> scale(static_cast<std::size_t>(rows));
+          if (dtype == DType::I8) {
+            for (std::size_t i = 0; i < q.size(); ++i)
+              q[i] = static_cast<int8_t>(static_cast<int>(i * 37 % 255) - 127);
+            for (std::size_t r = 0; r < scale.size(); ++r) scale[r] = 0.01f * float(r + 1);
+            m.view = {q.data(), DType::I8, rows, cols, scale.data()};
+          }
+          std::vector<uint32_t> packed(
+              static_cast<std::size_t>(amx_packed_words(dtype, rows, cols)));
+          pack_amx(m.view, packed.data(), &pool);
+          WeightView with = m.view;
+          with.packed = packed.data();
+          for (int64_t n : {1, 3, 40, 300}) {
+            const std::vector<float> x = random_vector(n * cols, 51);
+            std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
+            linear(x.data(), n, m.view, nullptr, a.data(), &pool);
+            linear(x.data(), n, with, nullptr, b.data(), &pool);
+            for (std::size_t i = 0; i < a.size(); ++i)
+              ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
+                  << isa_name(isa) << " " << dtype_name(dtype) << " rows=" << rows
+                  << " cols=" << cols << " n=" << n << " i=" << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+// F8E4M3 with a packed copy on Avx512Bf16 and Amx: the weights dequantized and rounded to bf16 at
+// load, the activations rounded to bf16, against a double reference of exactly those values.
+TEST(Isa, PackedFp8MatchesReference) {
+  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  IsaGuard guard;
+  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
+    if (isa > detected_isa()) continue;
+    ASSERT_TRUE(force_isa(isa));
+    ThreadPool pool(2);
+    const int64_t rows = 150, cols = 260;
+    const Matrix m = make_matrix(DType::BF16, rows, cols, 61);
+    std::vector<uint8_t> codes(static_cast<std::size_t>(rows * cols));
+    std::vector<float> scale(static_cast<std::size_t>(fp8_blocks(rows) * fp8_blocks(cols)));
+    quantize_fp8_e4m3(m.view, codes.data(), scale.data(), &pool);
+    WeightView w{codes.data(), DType::F8E4M3, rows, cols, scale.data()};
+    std::vector<float> deq(static_cast<std::size_t>(rows * cols));
+    dequantize_rows(w, 0, rows, deq.data());
+    std::vector<uint32_t> packed(
+        static_cast<std::size_t>(amx_packed_words(DType::F8E4M3, rows, cols)));
+    pack_amx(w, packed.data(), &pool);
+    w.packed = packed.data();
+    for (int64_t n : {1, 5, 70}) {
+      const std::vector<float> x = random_vector(n * cols, 62);
+      std::vector<float> y(static_cast<std::size_t>(n * rows));
+      linear(x.data(), n, w, nullptr, y.data(), &pool);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+          double ref = 0, mag = 0;
+          for (int64_t c = 0; c < cols; ++c) {
+            const double p = double(bf16_to_f32(f32_to_bf16(x[t * cols + c]))) *
+                             double(bf16_to_f32(f32_to_bf16(deq[r * cols + c])));
+            ref += p;
+            mag += std::abs(p);
+          }
+          ASSERT_LT(std::abs(double(y[t * rows + r]) - ref) / (mag + 1e-30), 1e-5)
+              << isa_name(isa) << " n=" << n << " t=" << t << " r=" << r;
+        }
+    }
+  }
+}
+
+// int8 sums are exact on both paths, and the steps after them the same: Avx512Bf16 and Amx give
+// the same bits for I8 weights.
+TEST(Isa, Int8ActivationPathsAgreeToTheBit) {
+  if (detected_isa() < Isa::Amx) GTEST_SKIP() << "this CPU has no AMX";
+  IsaGuard guard;
+  ThreadPool pool(2);
+  const int64_t rows = 70, cols = 333, n = 40;
+  std::vector<int8_t> q(static_cast<std::size_t>(rows * cols));
+  for (std::size_t i = 0; i < q.size(); ++i)
+    q[i] = static_cast<int8_t>(static_cast<int>(i * 53 % 255) - 127);
+  std::vector<float> scale(static_cast<std::size_t>(rows), 0.02f);
+  const WeightView w{q.data(), DType::I8, rows, cols, scale.data()};
+  const std::vector<float> x = random_vector(n * cols, 71);
+  const std::vector<float> bias = random_vector(rows, 72);
+  std::vector<float> a(static_cast<std::size_t>(n * rows)), b(a.size());
+  ASSERT_TRUE(force_isa(Isa::Avx512Bf16));
+  linear(x.data(), n, w, bias.data(), a.data(), &pool);
+  ASSERT_TRUE(force_isa(Isa::Amx));
+  linear(x.data(), n, w, bias.data(), b.data(), &pool);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i])) << "i=" << i;
 }
 
 }  // namespace moemesh::kernels

@@ -46,6 +46,16 @@ void linear_rows_amx(const uint8_t* xq, const float* token_scale, int64_t n_toke
                      const WeightView& w, const float* bias, float* y, int64_t row_begin,
                      int64_t row_end);
 bool amx_request_permission();
+// Packs rows [r0, r0 + 32) of w (BF16 or I8) as one panel of pack_amx's layout.
+void pack_tile_panel(const WeightView& w, int64_t r0, uint32_t* packed);
+
+// Isa::Avx512Bf16 (linear_avx512_bf16.cpp): the same prepared activations and packed layout as
+// linear_rows_amx, the same results for I8 (exact integer sums, then the same fma), and for BF16
+// and F8E4M3 the exact bf16 products summed in float32 by VDPBF16PS, column pair after column
+// pair (another order than the tile unit's, fixed by cols alone).
+void linear_rows_avx512_bf16(const uint8_t* xq, const float* token_scale, int64_t n_tokens,
+                             const WeightView& w, const float* bias, float* y, int64_t row_begin,
+                             int64_t row_end);
 // Panels [panel_begin, panel_end) of pack_amx's layout.
 void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64_t panel_end, uint32_t* out);
 
