@@ -3,8 +3,9 @@
 // (bf16, or int8 with a scale per token) and the weights in the same packed layout (panels of 32
 // rows, column tiles of 64 bytes, 32-bit words of a column pair / quad, 16 rows to a tile row), so
 // a 64-byte tile row is one vector of 16 output rows.
-//   BF16 (and F8E4M3 packed as bf16): acc[row] += VDPBF16PS(token pair, row pairs), pair after
-//   pair over the columns: exact bf16 products, float32 sums in an order fixed by cols.
+//   BF16 (and F8E4M3 packed as bf16): acc[row] += VDPBF16PS(token pair, row pairs) over the
+//   columns (even and odd column words of a tile in two accumulators, added at the end): exact
+//   bf16 products, float32 sums in an order fixed by cols.
 //   I8: VPDPBUSD takes unsigned activations, so it multiplies (q + 128) and the weights' own sum
 //   is taken away after: sum(q * w) = sum((q + 128) * w) - 128 * sum(w), exact in int32; then
 //   y = fma(float(sum) * token scale, row scale, bias), the bits of the Amx path.
@@ -45,39 +46,44 @@ MOEMESH_AVX512_BF16 inline __m512i broadcast_word(const uint8_t* p) {
 }
 
 // kT tokens (rows t0.. of xq) against one panel `b`: sums into out[t][0..32) (float32, or int32
-// for I8).
+// for I8). Each (token, row) has two accumulators, for the even and the odd column words of a
+// tile (two independent chains, so that one token alone does not wait on the dot product's
+// latency), added at the end: the order depends on cols only.
 template <bool kInt8, int kT>
 MOEMESH_AVX512_BF16 void panel_tokens(const uint8_t* xq, int64_t stride, const uint32_t* b,
                                       int64_t k_tiles, void* out) {
-  __m512i acc_i[kT][2];
-  __m512 acc_f[kT][2];
+  __m512i acc_i[2][kT][2];
+  __m512 acc_f[2][kT][2];
   __m512i row_sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-  for (int t = 0; t < kT; ++t)
-    for (int s = 0; s < 2; ++s) {
-      acc_i[t][s] = _mm512_setzero_si512();
-      acc_f[t][s] = _mm512_setzero_ps();
-    }
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < kT; ++t)
+      for (int s = 0; s < 2; ++s) {
+        acc_i[h][t][s] = _mm512_setzero_si512();
+        acc_f[h][t][s] = _mm512_setzero_ps();
+      }
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     const uint32_t* b0 = b + kt * kTileWords;
     const uint32_t* b1 = b + (k_tiles + kt) * kTileWords;
-    for (int p = 0; p < 16; ++p) {
-      const __m512i w0 = _mm512_loadu_si512(b0 + p * 16);
-      const __m512i w1 = _mm512_loadu_si512(b1 + p * 16);
-      if constexpr (kInt8) {
-        row_sum[0] = _mm512_dpbusd_epi32(row_sum[0], ones, w0);
-        row_sum[1] = _mm512_dpbusd_epi32(row_sum[1], ones, w1);
-      }
-      for (int t = 0; t < kT; ++t) {
-        const __m512i a = broadcast_word(xq + t * stride + kt * kTileBytes + p * 4);
+    for (int p = 0; p < 16; p += 2) {
+      for (int h = 0; h < 2; ++h) {
+        const __m512i w0 = _mm512_loadu_si512(b0 + (p + h) * 16);
+        const __m512i w1 = _mm512_loadu_si512(b1 + (p + h) * 16);
         if constexpr (kInt8) {
-          const __m512i au = _mm512_xor_si512(a, flip);  // q + 128 as unsigned bytes
-          acc_i[t][0] = _mm512_dpbusd_epi32(acc_i[t][0], au, w0);
-          acc_i[t][1] = _mm512_dpbusd_epi32(acc_i[t][1], au, w1);
-        } else {
-          acc_f[t][0] = _mm512_dpbf16_ps(acc_f[t][0], (__m512bh)a, (__m512bh)w0);
-          acc_f[t][1] = _mm512_dpbf16_ps(acc_f[t][1], (__m512bh)a, (__m512bh)w1);
+          row_sum[0] = _mm512_dpbusd_epi32(row_sum[0], ones, w0);
+          row_sum[1] = _mm512_dpbusd_epi32(row_sum[1], ones, w1);
+        }
+        for (int t = 0; t < kT; ++t) {
+          const __m512i a = broadcast_word(xq + t * stride + kt * kTileBytes + (p + h) * 4);
+          if constexpr (kInt8) {
+            const __m512i au = _mm512_xor_si512(a, flip);  // q + 128 as unsigned bytes
+            acc_i[h][t][0] = _mm512_dpbusd_epi32(acc_i[h][t][0], au, w0);
+            acc_i[h][t][1] = _mm512_dpbusd_epi32(acc_i[h][t][1], au, w1);
+          } else {
+            acc_f[h][t][0] = _mm512_dpbf16_ps(acc_f[h][t][0], (__m512bh)a, (__m512bh)w0);
+            acc_f[h][t][1] = _mm512_dpbf16_ps(acc_f[h][t][1], (__m512bh)a, (__m512bh)w1);
+          }
         }
       }
     }
@@ -85,10 +91,12 @@ MOEMESH_AVX512_BF16 void panel_tokens(const uint8_t* xq, int64_t stride, const u
   for (int t = 0; t < kT; ++t)
     for (int s = 0; s < 2; ++s) {
       if constexpr (kInt8) {
-        const __m512i sum = _mm512_sub_epi32(acc_i[t][s], _mm512_slli_epi32(row_sum[s], 7));
+        const __m512i total = _mm512_add_epi32(acc_i[0][t][s], acc_i[1][t][s]);
+        const __m512i sum = _mm512_sub_epi32(total, _mm512_slli_epi32(row_sum[s], 7));
         _mm512_storeu_si512(static_cast<int32_t*>(out) + t * kPanel + s * 16, sum);
       } else {
-        _mm512_storeu_ps(static_cast<float*>(out) + t * kPanel + s * 16, acc_f[t][s]);
+        _mm512_storeu_ps(static_cast<float*>(out) + t * kPanel + s * 16,
+                         _mm512_add_ps(acc_f[0][t][s], acc_f[1][t][s]));
       }
     }
 }

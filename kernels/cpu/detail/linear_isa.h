@@ -51,8 +51,8 @@ void pack_tile_panel(const WeightView& w, int64_t r0, uint32_t* packed);
 
 // Isa::Avx512Bf16 (linear_avx512_bf16.cpp): the same prepared activations and packed layout as
 // linear_rows_amx, the same results for I8 (exact integer sums, then the same fma), and for BF16
-// and F8E4M3 the exact bf16 products summed in float32 by VDPBF16PS, column pair after column
-// pair (another order than the tile unit's, fixed by cols alone).
+// and F8E4M3 the exact bf16 products summed in float32 by VDPBF16PS (another order than the tile
+// unit's, fixed by cols alone).
 void linear_rows_avx512_bf16(const uint8_t* xq, const float* token_scale, int64_t n_tokens,
                              const WeightView& w, const float* bias, float* y, int64_t row_begin,
                              int64_t row_end);
