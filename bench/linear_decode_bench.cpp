@@ -203,21 +203,16 @@ int main(int argc, char** argv) {
   for (WeightView& v : f8_views) v.scale = f8_scales.data();
 
   // Avx512Bf16 and Amx read BF16, I8 and FP8 matrices in the tile layout the model loader packs
-  // them into
-  // (FP8: as bf16, twice its bytes; the figure counts the FP8 bytes the matrix stands for).
-  std::vector<std::vector<uint32_t>> packed;
+  // them into (FP8: as bf16, twice its bytes; the figure counts the FP8 bytes the matrix stands
+  // for).
+  std::vector<moemesh::kernels::PackedWeights> packed;
   std::vector<WeightView> bf16_packed_views, i8_packed_views, f8_packed_views;
   if (moemesh::kernels::detected_isa() >= Isa::Avx512Bf16)
     for (const std::vector<WeightView>* from :
          std::initializer_list<const std::vector<WeightView>*>{&bf16_views, &i8_views, &f8_views})
       for (WeightView v : *from) {
-        packed.emplace_back(
-            static_cast<std::size_t>(moemesh::kernels::amx_packed_words(v.dtype, v.rows, v.cols)) +
-            16);
-        auto* at = reinterpret_cast<uint32_t*>(
-            (reinterpret_cast<std::uintptr_t>(packed.back().data()) + 63) & ~std::uintptr_t{63});
-        moemesh::kernels::pack_amx(v, at, &pool);
-        v.packed = at;
+        packed.push_back(moemesh::kernels::pack_amx(v, &pool));
+        v.packed = packed.back().data();
         (from == &bf16_views ? bf16_packed_views
          : from == &i8_views ? i8_packed_views
                              : f8_packed_views)

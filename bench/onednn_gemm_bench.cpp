@@ -193,16 +193,10 @@ int main(int argc, char** argv) {
       for (std::size_t i = 0; i < w.size(); ++i) w_bf16[i] = moemesh::kernels::f32_to_bf16(w[i]);
       WeightView view = bf16 ? WeightView{w_bf16.data(), DType::BF16, s.n, s.k}
                              : WeightView{w.data(), DType::F32, s.n, s.k};
-      std::vector<uint32_t> packed;
+      moemesh::kernels::PackedWeights packed;
       if (bf16 && moemesh::kernels::active_isa() >= moemesh::kernels::Isa::Avx512Bf16) {
-        // 64-byte aligned, as the model loader places it: tile rows are cache lines.
-        packed.resize(
-            static_cast<std::size_t>(moemesh::kernels::amx_packed_words(DType::BF16, s.n, s.k)) +
-            16);
-        auto* at = reinterpret_cast<uint32_t*>(
-            (reinterpret_cast<std::uintptr_t>(packed.data()) + 63) & ~std::uintptr_t{63});
-        moemesh::kernels::pack_amx(view, at, &pool);
-        view.packed = at;
+        packed = moemesh::kernels::pack_amx(view, &pool);
+        view.packed = packed.data();
       }
       for (const int64_t m : tokens) {
         const double flop = 2.0 * double(m) * double(s.n) * double(s.k);

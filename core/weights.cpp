@@ -273,7 +273,7 @@ int64_t QuantizedStore::bytes() const {
 
 int64_t QuantizedStore::packed_bytes() const {
   int64_t n = 0;
-  for (const auto& m : matrices) n += static_cast<int64_t>(m->packed.size() * sizeof(uint32_t));
+  for (const auto& m : matrices) n += m->packed.bytes();
   return n;
 }
 
@@ -359,13 +359,8 @@ void pack_one(WeightView& v, QuantizedStore& store, kernels::ThreadPool* pool) {
       v.dtype != kernels::DType::F8E4M3)
     return;
   auto m = std::make_unique<QuantizedStore::Matrix>();
-  // 64-byte aligned: a tile row is one cache line.
-  m->packed.resize(static_cast<std::size_t>(kernels::amx_packed_words(v.dtype, v.rows, v.cols)) +
-                   16);
-  auto* at = reinterpret_cast<uint32_t*>((reinterpret_cast<std::uintptr_t>(m->packed.data()) + 63) &
-                                         ~std::uintptr_t{63});
-  kernels::pack_amx(v, at, pool);
-  v.packed = at;
+  m->packed = kernels::pack_amx(v, pool);
+  v.packed = m->packed.data();
   store.matrices.push_back(std::move(m));
 }
 

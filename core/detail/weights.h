@@ -50,11 +50,11 @@ struct LayerWeights {
 // as the store moves.
 struct QuantizedStore {
   struct Matrix {
-    std::vector<int8_t> values;    // I8: [rows, cols]
-    std::vector<uint8_t> codes;    // F8E4M3: [rows, cols]
-    std::vector<float> scale;      // I8: [rows]; F8E4M3: [ceil(rows / 128), ceil(cols / 128)]
-    std::vector<float> dense;      // F32: [rows, cols]
-    std::vector<uint32_t> packed;  // the AMX tile layout (kernels::pack_amx)
+    std::vector<int8_t> values;     // I8: [rows, cols]
+    std::vector<uint8_t> codes;     // F8E4M3: [rows, cols]
+    std::vector<float> scale;       // I8: [rows]; F8E4M3: [ceil(rows / 128), ceil(cols / 128)]
+    std::vector<float> dense;       // F32: [rows, cols]
+    kernels::PackedWeights packed;  // the AMX tile layout (kernels::pack_amx)
   };
   std::vector<std::unique_ptr<Matrix>> matrices;
   int64_t bytes() const;         // of the values, codes, scales and float32 copies

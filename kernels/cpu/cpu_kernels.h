@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "kernels/cpu/thread_pool.h"
 
@@ -80,11 +81,23 @@ void dequantize_rows(const WeightView& w, int64_t row_begin, int64_t row_end, fl
 // strips of 16 rows, each strip the column tiles of 64 bytes of each row (zero past w.cols), each
 // tile 16 x 16 32-bit words (word p of each of the 16 rows: a column pair of bf16, a column quad of
 // int8). F8E4M3 is packed as bf16: each weight dequantized (code x block scale, in float32, as
-// dequantize_rows) and rounded to bf16. amx_packed_words gives the size in 32-bit words; pack_amx
-// writes it (parallel over panels on `pool`, may be null) at `out`, which should be 64-byte aligned
-// (a tile row is a cache line). Requires detected_isa() >= Isa::Avx512Bf16.
-int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols);
-void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool);
+// dequantize_rows) and rounded to bf16. pack_amx makes it (parallel over panels on `pool`, may be
+// null) in a 64-byte aligned buffer (a tile row is a cache line), to be set as WeightView::packed
+// for as long as the buffer lives. Requires detected_isa() >= Isa::Avx512Bf16.
+class PackedWeights {
+ public:
+  const uint32_t* data() const { return words_.get(); }
+  int64_t bytes() const { return n_words_ * static_cast<int64_t>(sizeof(uint32_t)); }
+
+ private:
+  friend PackedWeights pack_amx(const WeightView& w, ThreadPool* pool);
+  struct Free {
+    void operator()(uint32_t* p) const;
+  };
+  std::unique_ptr<uint32_t[], Free> words_;
+  int64_t n_words_ = 0;
+};
+PackedWeights pack_amx(const WeightView& w, ThreadPool* pool);
 
 // ---- Ops -------------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <new>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -42,14 +43,21 @@ void linear_rows_baseline(const float* x, int64_t n_tokens, const WeightView& w,
 
 }  // namespace
 
-int64_t amx_packed_words(DType dtype, int64_t rows, int64_t cols) {
-  return detail::amx_packed_words_of(dtype, rows, cols);
+void PackedWeights::Free::operator()(uint32_t* p) const {
+  ::operator delete (p, std::align_val_t{64});
 }
 
-void pack_amx(const WeightView& w, uint32_t* out, ThreadPool* pool) {
-  constexpr int64_t kPanel = 32;
-  parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1,
-               [&](int64_t begin, int64_t end) { detail::amx_pack_panels(w, begin, end, out); });
+PackedWeights pack_amx(const WeightView& w, ThreadPool* pool) {
+  constexpr int64_t kPanel = detail::kPackedPanelRows;
+  const int64_t panels = (w.rows + kPanel - 1) / kPanel;
+  PackedWeights out;
+  out.n_words_ = panels * detail::packed_panel_words(w.dtype, w.cols);
+  out.words_.reset(static_cast<uint32_t*>(::operator new (
+      static_cast<std::size_t>(out.n_words_) * sizeof(uint32_t), std::align_val_t{64})));
+  uint32_t* words = out.words_.get();
+  parallel_for(pool, panels, 1,
+               [&](int64_t begin, int64_t end) { detail::amx_pack_panels(w, begin, end, words); });
+  return out;
 }
 
 void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* bias, float* y,
@@ -59,9 +67,8 @@ void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* 
   const Isa isa = active_isa();
   if (isa >= Isa::Avx512Bf16 && (w.dtype == DType::BF16 || w.dtype == DType::I8 ||
                                  (w.dtype == DType::F8E4M3 && w.packed != nullptr))) {
-    // Tokens are prepared once (rounded to bf16, or for int8 weights quantized to int8 with a scale
-    // each), then
-    // every thread runs panels of 32 rows.
+    // Tokens are prepared once (rounded to bf16, or for int8 weights quantized to int8 with a
+    // scale each), then every thread runs panels of rows.
     thread_local std::vector<uint8_t> xq;
     thread_local std::vector<float> token_scale;
     const int64_t padded_tokens = detail::amx_padded_tokens(n_tokens);
@@ -72,7 +79,7 @@ void linear(const float* x, int64_t n_tokens, const WeightView& w, const float* 
     parallel_for(pool, padded_tokens, 16, [&](int64_t begin, int64_t end) {
       detail::amx_prepare_activations(x, n_tokens, w.cols, w.dtype, begin, end, xq_data, scales);
     });
-    constexpr int64_t kPanel = 32;
+    constexpr int64_t kPanel = detail::kPackedPanelRows;
     parallel_for(pool, (w.rows + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
       if (isa == Isa::Amx)
         detail::linear_rows_amx(xq_data, scales, n_tokens, w, bias, y, begin * kPanel,

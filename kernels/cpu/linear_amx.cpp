@@ -54,19 +54,10 @@ struct AlignedAllocator {
   bool operator==(const AlignedAllocator&) const { return true; }
 };
 
-constexpr int64_t kTileRows = 16;   // tokens of an A tile, output rows of a B tile
-constexpr int64_t kTileBytes = 64;  // bytes of a tile row: 32 bf16 or 64 int8 columns
+constexpr int64_t kTileRows = 16;                 // tokens of an A tile, output rows of a B tile
+constexpr int64_t kTileBytes = kPackedTileBytes;  // bytes of a tile row: 32 bf16 or 64 int8
 constexpr int64_t kTileWords = kTileRows * kTileBytes / 4;  // 32-bit words of a tile
-constexpr int64_t kPanel = 32;                              // output rows packed together
-
-// Bytes of a packed element: int8, else bf16 (F8E4M3 weights are packed as bf16).
-int64_t element_bytes(DType t) {
-  return t == DType::I8 ? 1 : 2;
-}
-// Column tiles of a row of `cols` elements.
-int64_t column_tiles(DType t, int64_t cols) {
-  return (cols * element_bytes(t) + kTileBytes - 1) / kTileBytes;
-}
+constexpr int64_t kPanel = kPackedPanelRows;                // output rows packed together
 
 // The tile configuration of the 2 x 2 kernel: tiles 0-3 accumulators (16 x 16 float32 or int32),
 // 4-5 A (16 tokens x 64 bytes), 6-7 B (16 words x 16 rows). Every tile is 16 rows of 64 bytes.
@@ -118,7 +109,7 @@ MOEMESH_AMX inline void transpose16(const __m512i in[16], __m512i out[16]) {
 // transposes 16 x 16 32-bit words: word (p, lane n) of tile kt is word kt * 16 + p of row n.
 MOEMESH_AMX void pack_panel(const WeightView& w, int64_t r0, int64_t k_tiles, uint32_t* packed) {
   const auto* base = static_cast<const uint8_t*>(w.data);
-  const int64_t row_bytes = w.cols * element_bytes(w.dtype);
+  const int64_t row_bytes = w.cols * (w.dtype == DType::I8 ? 1 : 2);
   const int64_t rows = std::min(kPanel, w.rows - r0);
   for (int64_t s = 0; s < kPanel / kTileRows; ++s) {
     const int64_t strip_rows = std::clamp<int64_t>(rows - s * kTileRows, 0, kTileRows);
@@ -239,11 +230,7 @@ int64_t amx_padded_tokens(int64_t n_tokens) {
 int64_t amx_row_stride(DType dtype, int64_t cols) {
   // One cache line more than the padded columns: rows of a power-of-two length would otherwise
   // map the 16 rows of an A tile to the same L1 set.
-  return (column_tiles(dtype, cols) + 1) * kTileBytes;
-}
-
-int64_t amx_packed_words_of(DType dtype, int64_t rows, int64_t cols) {
-  return (rows + kPanel - 1) / kPanel * kPanel * column_tiles(dtype, cols) * kTileBytes / 4;
+  return (packed_column_tiles(dtype, cols) + 1) * kTileBytes;
 }
 
 MOEMESH_AMX void amx_prepare_activations(const float* x, int64_t n_tokens, int64_t cols,
@@ -277,8 +264,9 @@ MOEMESH_AMX void amx_prepare_activations(const float* x, int64_t n_tokens, int64
       vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(in + c)));
     float absmax = _mm512_reduce_max_ps(vmax);
     for (; c < cols; ++c) absmax = std::max(absmax, std::fabs(in[c]));
-    const float inv = absmax > 0.0f && std::isfinite(absmax) ? 127.0f / absmax : 0.0f;
-    token_scale[t] = absmax > 0.0f && std::isfinite(absmax) ? absmax / 127.0f : 0.0f;
+    const bool usable = absmax > 0.0f && std::isfinite(absmax);
+    const float inv = usable ? 127.0f / absmax : 0.0f;
+    token_scale[t] = usable ? absmax / 127.0f : 0.0f;
     auto* o = reinterpret_cast<int8_t*>(out);
     const __m512 vinv = _mm512_set1_ps(inv);
     c = 0;
@@ -296,8 +284,11 @@ MOEMESH_AMX void linear_rows_amx(const uint8_t* xq, const float* token_scale, in
                                  const WeightView& w, const float* bias, float* y,
                                  int64_t row_begin, int64_t row_end) {
   const bool int8 = w.dtype == DType::I8;
-  const int64_t k_tiles = column_tiles(w.dtype, w.cols);
+  const int64_t k_tiles = packed_column_tiles(w.dtype, w.cols);
   const int64_t a_stride = amx_row_stride(w.dtype, w.cols);
+  // The tile programs: 2 x 2 tiles, or 1 x 2 for a last block of 16 tokens.
+  const auto run_two = int8 ? &run_2x2<true> : &run_2x2<false>;
+  const auto run_one = int8 ? &run_1x2<true> : &run_1x2<false>;
   const int64_t padded_tokens = amx_padded_tokens(n_tokens);
   // Per thread: the packed panel (32 rows x all columns) when w has none, and the panel's running
   // sums for a block of tokens. The columns go in chunks whose two B strips (16 KiB) stay in L1
@@ -307,7 +298,7 @@ MOEMESH_AMX void linear_rows_amx(const uint8_t* xq, const float* token_scale, in
   // Tokens in blocks whose activations (1 MiB of bf16 at 2,048 columns) stay in L2 while every
   // panel runs past them; a panel not packed at load is packed again for each block.
   constexpr int64_t kTokenBlock = 256;
-  const int64_t panel_words = kPanel * k_tiles * kTileBytes / 4;
+  const int64_t panel_words = packed_panel_words(w.dtype, w.cols);
   thread_local std::vector<uint32_t, AlignedAllocator<uint32_t>> packed;
   thread_local std::vector<float, AlignedAllocator<float>> sums;
   if (w.packed == nullptr) packed.resize(static_cast<std::size_t>(panel_words));
@@ -328,18 +319,7 @@ MOEMESH_AMX void linear_rows_amx(const uint8_t* xq, const float* token_scale, in
         for (int64_t t0 = m0; t0 < m1; t0 += 2 * kTileRows) {
           const uint8_t* a = xq + t0 * a_stride;
           float* c = sums.data() + (t0 - m0) * kPanel;
-          const bool two = t0 + kTileRows < m1;
-          if (int8) {
-            if (two)
-              run_2x2<true>(a, a_stride, b, k_tiles, k0, k1, k0 == 0, c);
-            else
-              run_1x2<true>(a, a_stride, b, k_tiles, k0, k1, k0 == 0, c);
-          } else {
-            if (two)
-              run_2x2<false>(a, a_stride, b, k_tiles, k0, k1, k0 == 0, c);
-            else
-              run_1x2<false>(a, a_stride, b, k_tiles, k0, k1, k0 == 0, c);
-          }
+          (t0 + kTileRows < m1 ? run_two : run_one)(a, a_stride, b, k_tiles, k0, k1, k0 == 0, c);
         }
       }
       const int64_t rows = std::min(kPanel, row_end - r0);
@@ -366,8 +346,8 @@ MOEMESH_AMX void linear_rows_amx(const uint8_t* xq, const float* token_scale, in
 
 MOEMESH_AMX void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64_t panel_end,
                                  uint32_t* out) {
-  const int64_t k_tiles = column_tiles(w.dtype, w.cols);
-  const int64_t panel_words = kPanel * k_tiles * kTileBytes / 4;
+  const int64_t k_tiles = packed_column_tiles(w.dtype, w.cols);
+  const int64_t panel_words = packed_panel_words(w.dtype, w.cols);
   // F8E4M3: a panel's rows dequantized (code x block scale, in float32), rounded to bf16, then
   // packed as BF16 rows.
   std::vector<float> dequantized;
@@ -388,7 +368,7 @@ MOEMESH_AMX void amx_pack_panels(const WeightView& w, int64_t panel_begin, int64
 }
 
 void pack_tile_panel(const WeightView& w, int64_t r0, uint32_t* packed) {
-  pack_panel(w, r0, column_tiles(w.dtype, w.cols), packed);
+  pack_panel(w, r0, packed_column_tiles(w.dtype, w.cols), packed);
 }
 
 bool amx_request_permission() {

@@ -30,6 +30,19 @@ void linear_rows_fp8_avx2(const float* x, int64_t n_tokens, const WeightView& w,
 void linear_rows_fp8_avx512(const float* x, int64_t n_tokens, const WeightView& w,
                             const float* bias, float* y, int64_t row_begin, int64_t row_end);
 
+// The packed layout (pack_amx) of linear_amx.cpp and linear_avx512_bf16.cpp: panels of
+// kPackedPanelRows rows, column tiles of kPackedTileBytes bytes a row (int8, else bf16: F8E4M3 is
+// packed as bf16).
+constexpr int64_t kPackedPanelRows = 32;
+constexpr int64_t kPackedTileBytes = 64;
+inline int64_t packed_column_tiles(DType dtype, int64_t cols) {
+  return (cols * (dtype == DType::I8 ? 1 : 2) + kPackedTileBytes - 1) / kPackedTileBytes;
+}
+// 32-bit words of one packed panel.
+inline int64_t packed_panel_words(DType dtype, int64_t cols) {
+  return kPackedPanelRows * packed_column_tiles(dtype, cols) * kPackedTileBytes / 4;
+}
+
 // Isa::Amx, BF16 and I8 weights (linear_amx.cpp). The activations are first prepared into xq:
 // amx_padded_tokens(n_tokens) rows of amx_row_stride(dtype, cols) bytes, zero past n_tokens and
 // cols; BF16: rounded to bf16 (subnormal values become zero, as the tile unit reads them); I8:
@@ -39,7 +52,6 @@ void linear_rows_fp8_avx512(const float* x, int64_t n_tokens, const WeightView& 
 // The calling thread must hold the tile permission (amx_request_permission, once per process).
 int64_t amx_padded_tokens(int64_t n_tokens);
 int64_t amx_row_stride(DType dtype, int64_t cols);
-int64_t amx_packed_words_of(DType dtype, int64_t rows, int64_t cols);
 void amx_prepare_activations(const float* x, int64_t n_tokens, int64_t cols, DType dtype,
                              int64_t t_begin, int64_t t_end, uint8_t* xq, float* token_scale);
 void linear_rows_amx(const uint8_t* xq, const float* token_scale, int64_t n_tokens,
