@@ -19,6 +19,8 @@ namespace moemesh {
 namespace {
 
 using test::fixture;
+using test::reduced_precision_isas;
+using test::relative_error;
 
 // Relative norm error of all logits of the reference prompt, Amx against Avx512. Rounding an
 // activation to bf16 moves it by at most 2^-9 relative (RMS ~2^-9 / sqrt(3) ~ 0.11%), once per
@@ -39,23 +41,6 @@ constexpr double kAmxInt8LogitBound = 0.12;
 // weights' rounding to bf16 on top). The bound is 4x the worst.
 constexpr double kAmxFp8LogitBound = 0.03;
 
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// The paths with bf16 / int8 activations this CPU has.
-std::vector<kernels::Isa> reduced_precision_isas() {
-  std::vector<kernels::Isa> out;
-  for (kernels::Isa isa : {kernels::Isa::Avx512Bf16, kernels::Isa::Amx})
-    if (isa <= kernels::detected_isa()) out.push_back(isa);
-  return out;
-}
-
 // The logits of every position of the reference prompt of `prompt_of` (default: the fixture's own).
 std::vector<float> prompt_logits(const char* name, kernels::Isa isa,
                                  const char* quantization = "none",
@@ -73,19 +58,30 @@ std::vector<float> prompt_logits(const char* name, kernels::Isa isa,
   return logits;
 }
 
+// The relative error of `isa`'s logits of fixture `name` against `float32`, the default path's
+// (printed); with must_differ, the logits must not be the same.
+double error_against(const std::vector<float>& float32, kernels::Isa isa, const char* name,
+                     const char* quantization = "none", const char* prompt_of = nullptr,
+                     bool must_differ = true) {
+  const std::vector<float> reduced = prompt_logits(name, isa, quantization, prompt_of);
+  EXPECT_EQ(float32.size(), reduced.size()) << name;
+  if (float32.size() != reduced.size()) return HUGE_VAL;
+  if (must_differ) {
+    EXPECT_NE(float32, reduced) << name << ": the reduced path did not run";
+  }
+  const double err = relative_error(reduced, float32);
+  std::printf("[ %s ] %s (quantization %s) logits relative error %.5f\n", kernels::isa_name(isa),
+              name, quantization, err);
+  return err;
+}
+
 TEST(ReducedPrecision, Bf16LogitsCloseToTheFloat32Path) {
   if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
-  for (kernels::Isa isa : reduced_precision_isas()) {
-    for (const char* name : {"mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip", "glm4moe-bf16",
-                             "deepseek-v3-bf16", "dbrx-bf16-clip"}) {
-      const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
-      const std::vector<float> amx = prompt_logits(name, isa);
-      ASSERT_EQ(plain.size(), amx.size()) << name;
-      EXPECT_NE(plain, amx) << name << ": bf16 activations should change the logits";
-      const double err = relative_error(amx, plain);
-      std::printf("[ %s ] %s logits relative error %.5f\n", kernels::isa_name(isa), name, err);
-      EXPECT_LT(err, kAmxLogitBound) << name;
-    }
+  for (const char* name : {"mixtral-bf16", "qwen2moe-bf16", "olmoe-bf16-clip", "glm4moe-bf16",
+                           "deepseek-v3-bf16", "dbrx-bf16-clip"}) {
+    const std::vector<float> float32 = prompt_logits(name, kernels::Isa::Avx512);
+    for (kernels::Isa isa : reduced_precision_isas())
+      EXPECT_LT(error_against(float32, isa, name), kAmxLogitBound) << name;
   }
 }
 
@@ -94,17 +90,14 @@ TEST(ReducedPrecision, Bf16LogitsCloseToTheFloat32Path) {
 // each activation to 1/127 of its row's largest value to int8's weight rounding.
 TEST(ReducedPrecision, Int8LogitsCloseToTheFloat32Path) {
   if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
-  for (kernels::Isa isa : reduced_precision_isas()) {
-    for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16",
-                             "olmoe-bf16-clip", "olmoe-tiny", "qwen3moe-tiny", "deepseek-v3-tiny",
-                             "deepseek-v2-tiny", "glm4moe-bf16", "dbrx-tiny"}) {
-      const std::vector<float> plain = prompt_logits(name, kernels::Isa::Avx512);
-      const std::vector<float> amx = prompt_logits(name, isa, "int8");
-      ASSERT_EQ(plain.size(), amx.size()) << name;
-      const double err = relative_error(amx, plain);
-      std::printf("[ %s ] %s int8 logits relative error %.5f\n", kernels::isa_name(isa), name, err);
-      EXPECT_LT(err, kAmxInt8LogitBound) << name;
-    }
+  for (const char* name : {"mixtral-tiny", "mixtral-bf16", "qwen2moe-tiny", "qwen2moe-bf16",
+                           "olmoe-bf16-clip", "olmoe-tiny", "qwen3moe-tiny", "deepseek-v3-tiny",
+                           "deepseek-v2-tiny", "glm4moe-bf16", "dbrx-tiny"}) {
+    const std::vector<float> float32 = prompt_logits(name, kernels::Isa::Avx512);
+    for (kernels::Isa isa : reduced_precision_isas())
+      EXPECT_LT(error_against(float32, isa, name, "int8", nullptr, /*must_differ=*/false),
+                kAmxInt8LogitBound)
+          << name;
   }
 }
 
@@ -113,26 +106,20 @@ TEST(ReducedPrecision, Int8LogitsCloseToTheFloat32Path) {
 // roundings of the dequantized weights and of the activations separate them.
 TEST(ReducedPrecision, Fp8LogitsCloseToTheFloat32Path) {
   if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
-  for (kernels::Isa isa : reduced_precision_isas()) {
-    struct Case {
-      const char* name;
-      const char* quantization;
-      const char* prompt_of;  // FP8 checkpoints use the prompt of the fixture they were made from
-    };
-    const Case cases[] = {{"mixtral-fp8", "none", "mixtral-bf16"},
-                          {"deepseek-v3-fp8", "none", "deepseek-v3-bf16"},
-                          {"qwen2moe-bf16", "fp8", "qwen2moe-bf16"}};
-    for (const auto& [name, quantization, prompt_of] : cases) {
-      const std::vector<float> plain =
-          prompt_logits(name, kernels::Isa::Avx512, quantization, prompt_of);
-      const std::vector<float> amx = prompt_logits(name, isa, quantization, prompt_of);
-      ASSERT_EQ(plain.size(), amx.size()) << name;
-      EXPECT_NE(plain, amx) << name << ": the packed bf16 copy should run the FP8 matrices";
-      const double err = relative_error(amx, plain);
-      std::printf("[ %s ] %s (%s) fp8 logits relative error %.5f\n", kernels::isa_name(isa), name,
-                  quantization, err);
-      EXPECT_LT(err, kAmxFp8LogitBound) << name;
-    }
+  struct Case {
+    const char* name;
+    const char* quantization;
+    const char* prompt_of;  // FP8 checkpoints use the prompt of the fixture they were made from
+  };
+  const Case cases[] = {{"mixtral-fp8", "none", "mixtral-bf16"},
+                        {"deepseek-v3-fp8", "none", "deepseek-v3-bf16"},
+                        {"qwen2moe-bf16", "fp8", "qwen2moe-bf16"}};
+  for (const auto& [name, quantization, prompt_of] : cases) {
+    const std::vector<float> float32 =
+        prompt_logits(name, kernels::Isa::Avx512, quantization, prompt_of);
+    for (kernels::Isa isa : reduced_precision_isas())
+      EXPECT_LT(error_against(float32, isa, name, quantization, prompt_of), kAmxFp8LogitBound)
+          << name;
   }
 }
 

@@ -25,6 +25,7 @@ namespace moemesh {
 namespace {
 
 using test::fixture;
+using test::relative_error;
 
 // Bounds of the relative (norm) errors of int8 against the checkpoint's dtypes; see the tests.
 constexpr double kInt8LogitBound = 0.06;
@@ -37,16 +38,6 @@ constexpr double kInt8ExpertBound = 0.05;
 constexpr double kFp8LogitBound = 0.25;
 constexpr double kFp8LogitBoundRoutingFlips = 0.6;
 constexpr double kFp8ExpertBound = 0.15;
-
-// ||a - b|| / ||b||.
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
 
 TEST(Quantization, Int8PerRowScaleAndRounding) {
   // Row 0: max |v| = 2.54 -> scale 0.02; row 1 all zero -> scale 1; row 2 has ties at .5.

@@ -34,6 +34,14 @@ inline std::vector<kernels::Isa> supported_isas() {
   return out;
 }
 
+// The ISAs with bf16 / int8 activations (Avx512Bf16, Amx) this machine runs.
+inline std::vector<kernels::Isa> reduced_precision_isas() {
+  std::vector<kernels::Isa> out;
+  for (kernels::Isa isa : {kernels::Isa::Avx512Bf16, kernels::Isa::Amx})
+    if (isa <= kernels::detected_isa()) out.push_back(isa);
+  return out;
+}
+
 // Batch invariance of linear(): for each {n, first} of `batches`, the outputs of tokens
 // x[first, first + n) computed in one call (on `pool`) are the same bits as each token computed
 // alone (single-threaded). x holds `tokens` rows of w.cols values; `label` names the case.

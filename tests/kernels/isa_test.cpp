@@ -19,6 +19,7 @@ namespace {
 using test::expect_batches_match_alone;
 using test::IsaGuard;
 using test::random_vector;
+using test::reduced_precision_isas;
 using test::supported_isas;
 
 // A weight matrix in `dtype` and the float32 values it holds.
@@ -218,10 +219,9 @@ TEST(Isa, LinearIsThreadInvariantOnEveryIsa) {
 // a multiple of its column tiles: every token against the bf16-rounded reference, and the same bits
 // as alone.
 TEST(Isa, Bf16ActivationPathsWithManyTokens) {
-  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
   IsaGuard guard;
-  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
-    if (isa > detected_isa()) continue;
+  for (Isa isa : reduced_precision_isas()) {
     ASSERT_TRUE(force_isa(isa));
     ThreadPool pool(2);
     const int64_t n = 600, rows = 70, cols = 300;
@@ -250,10 +250,9 @@ TEST(Isa, Bf16ActivationPathsWithManyTokens) {
 // Weights packed once (pack_amx, as the model loader does on Avx512Bf16 and Amx) give the bits of
 // rows packed on every call, for shapes with partial panels and column tiles.
 TEST(Isa, PackedWeightsGiveTheSameBits) {
-  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
   IsaGuard guard;
-  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
-    if (isa > detected_isa()) continue;
+  for (Isa isa : reduced_precision_isas()) {
     ASSERT_TRUE(force_isa(isa));
     ThreadPool pool(2);
     for (DType dtype : {DType::BF16, DType::I8}) {
@@ -268,9 +267,7 @@ TEST(Isa, PackedWeightsGiveTheSameBits) {
             for (std::size_t r = 0; r < scale.size(); ++r) scale[r] = 0.01f * float(r + 1);
             m.view = {q.data(), DType::I8, rows, cols, scale.data()};
           }
-          std::vector<uint32_t> packed(
-              static_cast<std::size_t>(amx_packed_words(dtype, rows, cols)));
-          pack_amx(m.view, packed.data(), &pool);
+          const PackedWeights packed = pack_amx(m.view, &pool);
           WeightView with = m.view;
           with.packed = packed.data();
           for (int64_t n : {1, 3, 40, 300}) {
@@ -292,10 +289,9 @@ TEST(Isa, PackedWeightsGiveTheSameBits) {
 // F8E4M3 with a packed copy on Avx512Bf16 and Amx: the weights dequantized and rounded to bf16 at
 // load, the activations rounded to bf16, against a double reference of exactly those values.
 TEST(Isa, PackedFp8MatchesReference) {
-  if (detected_isa() < Isa::Avx512Bf16) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
+  if (reduced_precision_isas().empty()) GTEST_SKIP() << "this CPU has neither AVX512-BF16 nor AMX";
   IsaGuard guard;
-  for (Isa isa : {Isa::Avx512Bf16, Isa::Amx}) {
-    if (isa > detected_isa()) continue;
+  for (Isa isa : reduced_precision_isas()) {
     ASSERT_TRUE(force_isa(isa));
     ThreadPool pool(2);
     const int64_t rows = 150, cols = 260;
@@ -306,9 +302,7 @@ TEST(Isa, PackedFp8MatchesReference) {
     WeightView w{codes.data(), DType::F8E4M3, rows, cols, scale.data()};
     std::vector<float> deq(static_cast<std::size_t>(rows * cols));
     dequantize_rows(w, 0, rows, deq.data());
-    std::vector<uint32_t> packed(
-        static_cast<std::size_t>(amx_packed_words(DType::F8E4M3, rows, cols)));
-    pack_amx(w, packed.data(), &pool);
+    const PackedWeights packed = pack_amx(w, &pool);
     w.packed = packed.data();
     for (int64_t n : {1, 5, 70}) {
       const std::vector<float> x = random_vector(n * cols, 62);
