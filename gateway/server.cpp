@@ -847,6 +847,14 @@ void Gateway::shutdown(std::chrono::milliseconds grace) {
   impl_->ioc.stop();
   for (auto& t : impl_->threads) t.join();
   impl_->threads.clear();
+  // Handlers still queued when the I/O threads stopped (a session's abort and its cancelled reads
+  // and writes, the accept loop's cancellation) own their sessions, and every session owns the
+  // Impl: left in the io_context they would keep it, the model and the tokenizer alive for ever.
+  // Run them to completion here, on this thread; every socket is closed by now, so each round
+  // only finishes operations and the loop ends.
+  impl_->ioc.restart();
+  for (int round = 0; round < 64 && impl_->ioc.poll() > 0; ++round) {
+  }
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
     if (impl_->stats_actor)
