@@ -29,11 +29,14 @@ int run_attention(const AttentionFlags& f) {
     std::cerr << "moemesh attention: error: " << message << "\n";
     return 1;
   };
+  Expected<CpuList> cpus = bind_process_cpus(f.worker.cpus);
+  if (!cpus) return fail(cpus.error().message());
   const sigset_t signals = block_stop_signals();
   const auto model_dir = model_dir_or_demo(f.worker.model);
 
   ModelOptions mo;
   mo.threads = f.worker.threads;
+  mo.cpus = *cpus;
   mo.routed_experts = false;
   f.device.apply(mo, f.engine.options().kv_cache_bytes);
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);

@@ -111,11 +111,14 @@ int run_expert(const ExpertFlags& f) {
     std::cerr << "moemesh expert: error: " << message << "\n";
     return 1;
   };
+  Expected<CpuList> cpus = bind_process_cpus(f.worker.cpus);
+  if (!cpus) return fail(cpus.error().message());
   const sigset_t signals = block_stop_signals();
   const auto model_dir = model_dir_or_demo(f.worker.model);
 
   ExpertWorkerOptions wo;
   wo.threads = f.worker.threads;
+  wo.cpus = *cpus;
   wo.device = f.device;
   wo.quantization = f.quantization;
   wo.data_plane.transports = f.worker.transports;

@@ -22,6 +22,12 @@
 
 namespace moemesh::apps {
 
+inline void add_cpus_flag(CLI::App& app, std::string& cpus) {
+  app.add_option("--cpus", cpus,
+                 "CPUs to run on, as taskset -c takes them (e.g. 0-3,8): the process is bound to "
+                 "them and its compute threads pinned one per CPU (default: not bound)");
+}
+
 struct WorkerFlags {
   std::string model;
   std::string join;
@@ -30,6 +36,7 @@ struct WorkerFlags {
   uint16_t control_port = 0;
   double join_timeout_s = 60;
   int threads = 0;
+  std::string cpus;
   std::string transports;
   std::string net_devices;
   std::string name;
@@ -47,8 +54,11 @@ struct WorkerFlags {
     app.add_option("--join-timeout", join_timeout_s, "Seconds to keep trying to reach the router")
         ->check(CLI::Range(0.0, 3600.0))
         ->capture_default_str();
-    app.add_option("--threads", threads, "Compute threads (0: one per hardware thread)")
+    app.add_option(
+           "--threads", threads,
+           "Compute threads (0: one per CPU of --cpus, else one per CPU the process may use)")
         ->check(CLI::Range(0, 4096));
+    add_cpus_flag(app, cpus);
     app.add_option("--transports", transports,
                    "UCX transports of the data plane (UCX_TLS), e.g. tcp or sm,self (default: "
                    "UCX's choice)");

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "apps/commands.h"
+#include "apps/flags.h"
 #include "core/core.h"
 
 namespace moemesh::apps {
@@ -35,6 +36,7 @@ struct GenerateFlags {
   bool json = false;
   bool ignore_eos = false;
   int threads = 0;
+  std::string cpus;
   std::string device = "cpu";
   std::string grouped_gemm = "auto";
   std::string quantization = "none";
@@ -70,6 +72,8 @@ int run_generate(const GenerateFlags& f) {
     std::cerr << "moemesh generate: error: " << message << "\n";
     return 1;
   };
+  Expected<CpuList> cpus = bind_process_cpus(f.cpus);
+  if (!cpus) return fail(cpus.error().message());
   // The checkpoint's tokenizer, when it has one: --prompt needs it, and it decodes the output.
   const std::filesystem::path tokenizer_path = std::filesystem::path(f.model) / "tokenizer.json";
   std::shared_ptr<const Tokenizer> tokenizer;
@@ -111,6 +115,7 @@ int run_generate(const GenerateFlags& f) {
 
   ModelOptions options;
   options.threads = f.threads;
+  options.cpus = *cpus;
   options.device = f.device;
   options.grouped_gemm = f.grouped_gemm;
   options.quantization = f.quantization;
@@ -211,9 +216,11 @@ Runner add_generate(CLI::App& app) {
                "Print one JSON object: prompt_ids, output_ids, text, finish_reason (logprobs), "
                "timing (prefill and decode seconds)");
   app.add_flag("--ignore-eos", f->ignore_eos, "Do not stop at end-of-sequence tokens");
-  app.add_option("--threads", f->threads, "Compute threads (0: one per hardware thread)")
+  app.add_option("--threads", f->threads,
+                 "Compute threads (0: one per CPU of --cpus, else one per CPU the process may use)")
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
+  add_cpus_flag(app, f->cpus);
   app.add_option("--device", f->device, "cpu, or cuda / cuda:N (a GPU; needs the CUDA backend)")
       ->capture_default_str();
   app.add_option(

@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <ctime>
 
+#include "kernels/cpu/thread_pool.h"
+
 namespace moemesh::apps {
 
 namespace fs = std::filesystem;
@@ -22,6 +24,16 @@ fs::path demo_model_dir() {
       if (fs::exists(dir / "models/demo/config.json")) return dir / "models/demo";
   }
   return "models/demo";
+}
+
+Expected<CpuList> bind_process_cpus(const std::string& flag) {
+  if (flag.empty()) return CpuList{};
+  Expected<CpuList> cpus = parse_cpu_list(flag, kernels::allowed_cpus());
+  if (!cpus) return cpus.error();
+  if (!kernels::bind_current_thread(*cpus))
+    return Error(fmt::format("--cpus {}: the system refused to bind this process to them",
+                             format_cpu_list(*cpus)));
+  return cpus;
 }
 
 fs::path model_dir_or_demo(const std::string& flag) {

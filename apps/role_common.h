@@ -33,6 +33,10 @@ sigset_t block_stop_signals();
 bool wait_for_stop(caf::actor_system& system, const sigset_t& signals, const caf::actor& watched,
                    const std::string& what, int* received = nullptr);
 
+// --cpus of a process: binds this process to the list (call before it starts any thread, so that
+// every thread inherits it) and returns it for the compute pool; an empty flag binds nothing.
+Expected<CpuList> bind_process_cpus(const std::string& flag);
+
 // "ROLE-PID@HOST"
 std::string node_name(const std::string& role);
 std::string host_name();

@@ -17,6 +17,7 @@
 #include "apps/flags.h"
 #include "apps/role_common.h"
 #include "attention_worker/engine_actor.h"
+#include "kernels/cpu/thread_pool.h"
 #include "proto/cluster.pb.h"
 
 namespace moemesh::apps {
@@ -32,6 +33,7 @@ struct ServeFlags {
   RemoteExpertFlags remote;
   DeviceFlags device;
   int threads = 0;
+  std::string cpus = "auto";
   double shutdown_grace_s = 30;
   bool single_process = false;
   int attention_workers = 1;
@@ -64,7 +66,8 @@ void drain(Gateway& gw, int sig, double grace_s) {
   gw.shutdown(std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
 }
 
-int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& signals) {
+int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& signals,
+                       const CpuList& cpus) {
   caf::actor_system_config cfg;
   cfg.set("scheduler.max-threads", 2);
   caf::actor_system system{cfg};
@@ -76,6 +79,7 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
 
   ModelOptions mo;
   mo.threads = f.threads;
+  mo.cpus = cpus;
   f.device.apply(mo, f.engine.options().kv_cache_bytes);
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
@@ -101,6 +105,10 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
 }
 
 int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals) {
+  // The CPUs of each role: attention workers first, then expert workers (empty: not bound).
+  Expected<std::vector<CpuList>> placement =
+      plan_role_cpus(f.cpus, kernels::allowed_cpus(), f.attention_workers, f.expert_workers);
+  if (!placement) return fail(placement.error().message());
   Expected<ModelConfig> config = load_model_config(model_dir);
   if (!config) return fail(config.error().message());
   Expected<gateway::ServedModel> served =
@@ -140,23 +148,31 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
   const std::map<std::string, std::string> env = {{"MOEMESH_CLUSTER_TOKEN", token}};
   std::string level(spdlog::level::to_string_view(spdlog::get_level()).data());
   if (level == "warning") level = "warn";  // the flag's spelling
-  auto common = [&](const std::string& role, int threads) {
+  auto role_cpus = [&](int role) {
+    return placement->empty() ? std::string() : format_cpu_list((*placement)[role]);
+  };
+  auto common = [&](const std::string& role, int threads, const std::string& cpus) {
     // The role comes first, so `ps` shows `moemesh expert ...`.
     std::vector<std::string> a = {role,      "--log-level",     level, "--join", router->join,
                                   "--model", model_dir.string()};
     a.insert(a.end(), {"--threads", std::to_string(threads)});
+    if (!cpus.empty()) a.insert(a.end(), {"--cpus", cpus});
     if (!f.transports.empty()) a.insert(a.end(), {"--transports", f.transports});
     if (!f.net_devices.empty()) a.insert(a.end(), {"--net-devices", f.net_devices});
     return a;
   };
   for (int i = 0; i < f.expert_workers; ++i) {
-    auto a = common("expert", f.expert_threads);
+    const std::string cpus = role_cpus(f.attention_workers + i);
+    spdlog::info("role placement role=expert-{} cpus={}", i, cpus.empty() ? "any" : cpus);
+    auto a = common("expert", f.expert_threads, cpus);
     a.insert(a.end(), {"--name", fmt::format("expert-{}", i), "--device", f.device.device,
                        "--quantization", f.device.quantization});
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());
   }
   for (int i = 0; i < f.attention_workers; ++i) {
-    auto a = common("attention", f.threads);
+    const std::string cpus = role_cpus(i);
+    spdlog::info("role placement role=attention-{} cpus={}", i, cpus.empty() ? "any" : cpus);
+    auto a = common("attention", f.threads, cpus);
     a.insert(a.end(),
              {"--name", fmt::format("attention-{}", i), "--wire-dtype", f.remote.wire_dtype,
               "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
@@ -212,9 +228,15 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
 
 int run_serve(ServeFlags f) {
   const fs::path model_dir = model_dir_or_demo(f.model);
+  CpuList cpus;  // --single-process: bound only to an explicit list, before any thread starts
+  if (f.single_process && f.cpus != "auto" && f.cpus != "nobind") {
+    Expected<CpuList> bound = bind_process_cpus(f.cpus);
+    if (!bound) return fail(bound.error().message());
+    cpus = std::move(*bound);
+  }
   // SIGTERM and SIGINT are taken by sigwait(); block them before any thread starts.
   const sigset_t signals = block_stop_signals();
-  return f.single_process ? run_single_process(std::move(f), model_dir, signals)
+  return f.single_process ? run_single_process(std::move(f), model_dir, signals, cpus)
                           : run_cluster(std::move(f), model_dir, signals);
 }
 
@@ -246,8 +268,8 @@ Runner add_serve(CLI::App& app) {
       ->capture_default_str();
   f->elastic.add(app);
   app.add_option("--expert-threads", f->expert_threads,
-                 "Compute threads of each expert worker (0: one per hardware thread; the attention "
-                 "and expert phases of a step alternate, so they seldom compete)")
+                 "Compute threads of each expert worker (0: one per CPU it is bound to, see "
+                 "--cpus, else one per CPU the process may use)")
       ->check(CLI::Range(0, 4096))
       ->capture_default_str();
   app.add_option("--cluster-token", f->cluster_token,
@@ -264,8 +286,16 @@ Runner add_serve(CLI::App& app) {
   f->engine.add(app);
   f->device.add(app);
   app.add_option("--threads", f->threads,
-                 "Compute threads of the engine (0: one per hardware thread)")
+                 "Compute threads of the engine, or of each attention worker (0: one per CPU the "
+                 "process is bound to, else one per CPU the process may use)")
       ->check(CLI::Range(0, 4096));
+  app.add_option("--cpus", f->cpus,
+                 "How the role processes share this machine's CPUs: auto (each its own block of "
+                 "CPUs, its compute threads pinned one per CPU), nobind (every role on every CPU), "
+                 "or one taskset-style list per role separated by '|', attention workers first "
+                 "(e.g. \"0-7|8-11|12-15\"). With --single-process: a CPU list binds the process, "
+                 "auto and nobind leave it unbound")
+      ->capture_default_str();
   app.add_option("--shutdown-grace", f->shutdown_grace_s,
                  "Seconds SIGTERM waits for requests in flight")
       ->check(CLI::Range(0.0, 3600.0))

@@ -205,8 +205,8 @@ int RemoteExperts::Impl::pick(const std::vector<int>& r, uint64_t key, int exclu
   // every step of its back-off.
   for (const bool last_resort : {false, true}) {
     auto usable = [&](int w) {
-      const Worker& x = workers[w];
-      return w != exclude && !x.bad && (last_resort ? x.lost && x.peer >= 0 : !x.lost);
+      const Worker& wk = workers[w];
+      return w != exclude && !wk.bad && (last_resort ? wk.lost && wk.peer >= 0 : !wk.lost);
     };
     const auto live = static_cast<uint64_t>(std::count_if(r.begin(), r.end(), usable));
     if (live == 0) continue;

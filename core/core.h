@@ -14,6 +14,7 @@
 //   generate.h    offline prefill + decode for one sequence
 //   npy.h         float32 .npy files (logit dumps, test fixtures)
 //   plan.h        the memory and parallelism planner of `moemesh plan` (any supported config.json)
+//   cpus.h        CPU lists (`--cpus`) and their split among role processes sharing a machine
 //
 // Every fallible call returns Expected<T> or Status (error.h); messages name the file, tensor,
 // field or flag that is wrong and say what was expected. Nothing in core throws across its API
@@ -23,6 +24,7 @@
 #include "core/chat_template.h"
 #include "core/checkpoint.h"
 #include "core/config.h"
+#include "core/cpus.h"
 #include "core/error.h"
 #include "core/expert_shard.h"
 #include "core/generate.h"

@@ -9,6 +9,7 @@
 #include <system_error>
 
 #include "core/checkpoint.h"
+#include "core/cpus.h"
 #include "core/detail/fp8_config.h"
 #include "core/detail/weights.h"
 #if MOEMESH_HAVE_CUDA
@@ -158,13 +159,14 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
         options.device));
 #endif
   }
-  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
+  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads, options.cpus);
   if (Status s = impl->bind(experts); !s) return s.error();
   spdlog::info(
       "loaded expert shard dir={} arch={} experts={} weight_bytes={} quantization={} threads={} "
-      "device={} isa={}",
+      "cpus={} device={} isa={}",
       dir.string(), arch_name(impl->config.arch), impl->held.size(), impl->weight_bytes(),
-      detail::quantization_name(impl->quantization), impl->pool->size(), options.device,
+      detail::quantization_name(impl->quantization), impl->pool->size(),
+      options.cpus.empty() ? std::string("any") : format_cpu_list(options.cpus), options.device,
       options.device == "cpu" ? kernels::isa_name(kernels::active_isa()) : "-");
   return std::unique_ptr<ExpertShard>(new ExpertShard(std::move(impl)));
 }

@@ -42,7 +42,9 @@ struct ExpertRef {
 };
 
 struct ExpertShardOptions {
-  int threads = 0;  // compute threads of run(); 0 = one per hardware thread
+  int threads = 0;  // compute threads of run(); 0 = one per CPU of `cpus`, else one per CPU the
+                    // process may use
+  std::vector<int> cpus = {};  // CPUs the compute threads are pinned to (as ModelOptions::cpus)
   // "cpu", or "cuda" / "cuda:N": held experts are uploaded to that GPU as bf16 when bound, and
   // run() computes there (host x and y, staged through pinned buffers).
   std::string device = "cpu";

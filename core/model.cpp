@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "core/checkpoint.h"
+#include "core/cpus.h"
 #include "core/detail/fp8_config.h"
 #include "core/detail/local_experts.h"
 #include "core/detail/model_impl.h"
@@ -55,7 +56,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   auto impl = std::make_unique<Impl>();
   impl->config = std::move(*config);
   impl->weights = std::move(*weights);
-  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads);
+  impl->pool = std::make_unique<kernels::ThreadPool>(options.threads, options.cpus);
   if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
   if (quant == detail::Quantization::Fp8) detail::quantize_fp8(impl->weights, impl->pool.get());
   if (options.device == "cpu") detail::pack_for_amx(impl->weights, impl->pool.get());
@@ -112,11 +113,12 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   spdlog::info(
       "loaded model dir={} arch={} layers={} moe_layers={} experts={} top_k={} "
       "routed_experts={} tensors={} quantization={} quantized_bytes={} amx_packed_bytes={} "
-      "threads={} device={} isa={} ms={:.1f}",
+      "threads={} cpus={} device={} isa={} ms={:.1f}",
       dir.string(), arch_name(c.arch), c.num_layers, c.num_moe_layers(), c.num_experts, c.top_k,
       options.routed_experts, impl->weights.checkpoint->names().size(),
       detail::quantization_name(quant), impl->weights.quantized.bytes(),
       impl->weights.quantized.packed_bytes(), impl->pool->size(),
+      options.cpus.empty() ? std::string("any") : format_cpu_list(options.cpus),
       cuda ? "cuda:" + std::to_string(device) : std::string("cpu"),
       kernels::isa_name(kernels::active_isa()), ms);
   if (kernels::isa_env_rejected())

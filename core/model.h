@@ -115,7 +115,11 @@ class KVCache {
 };
 
 struct ModelOptions {
-  int threads = 0;  // compute threads; 0 = one per hardware thread
+  int threads =
+      0;  // compute threads; 0 = one per CPU of `cpus`, else one per CPU the process may use
+  // CPUs the compute threads are pinned to, one worker each (kernels::ThreadPool); empty: not
+  // pinned. The caller binds its process to them first (kernels::bind_current_thread).
+  std::vector<int> cpus = {};
   // false: bind no routed-expert tensors (an attention worker, whose experts live in expert
   // workers). Everything else (embeddings, attention, norms, routers, shared experts, dense MLPs,
   // LM head) is still bound and checked. Such a model needs set_expert_backend() before forward().

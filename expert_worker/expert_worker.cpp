@@ -75,7 +75,7 @@ Expected<std::unique_ptr<ExpertWorker>> ExpertWorker::start(const std::filesyste
                                                             const ExpertWorkerOptions& options) {
   if (options.threads < 0)
     return Error(
-        fmt::format("expert worker: threads must be >= 0 (0: one per hardware thread), "
+        fmt::format("expert worker: threads must be >= 0 (0: one per CPU the process may use), "
                     "got {}",
                     options.threads));
   if (!(options.window_seconds > 0) || !std::isfinite(options.window_seconds))
@@ -89,6 +89,7 @@ Expected<std::unique_ptr<ExpertWorker>> ExpertWorker::start(const std::filesyste
   Expected<std::unique_ptr<ExpertShard>> shard =
       ExpertShard::load(model_dir, {},
                         ExpertShardOptions{.threads = options.threads,
+                                           .cpus = options.cpus,
                                            .device = options.device,
                                            .quantization = options.quantization});
   if (!shard) return Error("expert worker: " + shard.error().message());

@@ -43,8 +43,9 @@
 namespace moemesh {
 
 struct ExpertWorkerOptions {
-  int threads = 0;                    // compute threads (0: one per hardware thread)
-  std::string device = "cpu";         // where the experts compute: cpu, cuda or cuda:N
+  int threads = 0;             // compute threads (0: one per CPU the process may use)
+  std::vector<int> cpus = {};  // CPUs the compute threads are pinned to (ExpertShardOptions::cpus)
+  std::string device = "cpu";  // where the experts compute: cpu, cuda or cuda:N
   std::string quantization = "none";  // the experts' weights: none or int8 (ExpertShardOptions)
   transport::DataPlaneOptions data_plane;
   double capacity_factor = 0;  // 0: no limit, no token ever rejected

@@ -1,16 +1,54 @@
 #include "kernels/cpu/thread_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 
 namespace moemesh::kernels {
 namespace {
 thread_local bool t_inside_chunk = false;
+
+bool to_cpu_set(const std::vector<int>& cpus, cpu_set_t* set) {
+  CPU_ZERO(set);
+  for (int c : cpus) {
+    if (c < 0 || c >= CPU_SETSIZE) return false;
+    CPU_SET(c, set);
+  }
+  return !cpus.empty();
+}
+}  // namespace
+
+std::vector<int> allowed_cpus() {
+  std::vector<int> out;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  return out;
 }
 
-ThreadPool::ThreadPool(int threads) {
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+bool bind_current_thread(const std::vector<int>& cpus) {
+  cpu_set_t set;
+  return to_cpu_set(cpus, &set) && sched_setaffinity(0, sizeof(set), &set) == 0;
+}
+
+ThreadPool::ThreadPool(int threads, std::vector<int> cpus) : cpus_(std::move(cpus)) {
+  if (threads <= 0) {
+    // The CPUs this process may use (taskset, a container's cpuset), not every CPU of the host.
+    const std::size_t usable = cpus_.empty() ? allowed_cpus().size() : cpus_.size();
+    threads = usable > 0 ? static_cast<int>(usable)
+                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
   workers_.reserve(threads - 1);
-  for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 1; i < threads; ++i) {
+    workers_.emplace_back([this] { worker_loop(); });
+    if (cpus_.empty()) continue;
+    cpu_set_t set;
+    if (to_cpu_set({cpus_[i % cpus_.size()]}, &set) &&
+        pthread_setaffinity_np(workers_.back().native_handle(), sizeof(set), &set) == 0)
+      ++pinned_;
+  }
 }
 
 ThreadPool::~ThreadPool() {

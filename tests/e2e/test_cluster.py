@@ -95,6 +95,32 @@ def test_cluster_greedy_output_equals_the_reference(binary, tmp_path, name, tran
         assert s.stop() == 0
 
 
+def auto_placement(cpus, roles):
+    """What `serve --cpus auto` gives each role (attention workers first): contiguous blocks, the
+    remainder to the first roles; with fewer CPUs than roles, one CPU each in turn."""
+    cpus = sorted(cpus)
+    if len(cpus) < roles:
+        return [{cpus[r % len(cpus)]} for r in range(roles)]
+    share, extra = divmod(len(cpus), roles)
+    out, at = [], 0
+    for r in range(roles):
+        take = share + (1 if r < extra else 0)
+        out.append(set(cpus[at:at + take]))
+        at += take
+    return out
+
+
+def allowed_cpus(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            cpus = set()
+            for part in line.split(":", 1)[1].strip().split(","):
+                first, _, last = part.partition("-")
+                cpus.update(range(int(first), int(last or first) + 1))
+            return cpus
+    raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
+
+
 def test_roles_run_as_separate_processes_in_serves_group(binary):
     s = start(binary, DEMO)
     try:
@@ -102,6 +128,7 @@ def test_roles_run_as_separate_processes_in_serves_group(binary):
         for m in cluster(s)["members"]:
             pids[m["role"]].append(int(m["pid"]))
         assert len(pids["expert"]) == 2 and len(pids["attention"]) == 1
+        names = {}
         for role, ps in pids.items():
             for pid in ps:
                 argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -109,6 +136,11 @@ def test_roles_run_as_separate_processes_in_serves_group(binary):
                 assert os.getpgid(pid) == os.getpgid(s.proc.pid)
                 env = pathlib.Path(f"/proc/{pid}/cmdline").read_text()
                 assert TOKEN not in env, "the cluster token is not on the command line"
+                names[argv[argv.index(b"--name") + 1].decode()] = pid
+        # --cpus auto: every role is bound to its share of the CPUs serve may use.
+        want = auto_placement(os.sched_getaffinity(s.proc.pid), 3)
+        got = [allowed_cpus(names[n]) for n in ("attention-0", "expert-0", "expert-1")]
+        assert got == want, f"role CPUs {got}, expected {want}"
         snap = cluster(s)
         assert snap["ready"] and snap["join"].startswith("127.0.0.1:")
     finally:
@@ -283,6 +315,24 @@ def test_a_role_that_cannot_start_ends_serve_with_its_reason(binary):
     assert p.returncode == 1
     assert "failed before the cluster was ready" in p.stderr, p.stderr
     assert "UCX_TLS=no-such-transport" in p.stderr, p.stderr
+
+
+def test_role_cpus_are_checked_before_anything_starts(binary):
+    cpus = sorted(os.sched_getaffinity(0))
+    p = subprocess.run([str(binary), "serve", "--model", str(DEMO), "--port", "0", "--cpus",
+                        f"{cpus[0]}|{cpus[-1]}"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "2 CPU lists for 3 role processes" in p.stderr, p.stderr
+    outside = max(cpus) + 1
+    p = subprocess.run([str(binary), "serve", "--model", str(DEMO), "--port", "0", "--cpus",
+                        f"{cpus[0]}|{cpus[0]}|{outside}"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1
+    assert f"CPU {outside} is not one this process may use" in p.stderr, p.stderr
+    p = subprocess.run([str(binary), "expert", "--join", "127.0.0.1:1", "--model", str(DEMO),
+                        "--cpus", "0-"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert "--cpus '0-'" in p.stderr, p.stderr
 
 
 def test_a_worker_that_cannot_reach_the_router_says_so(binary):

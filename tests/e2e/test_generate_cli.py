@@ -167,3 +167,19 @@ def test_prompt_text_uses_the_checkpoint_tokenizer(binary):
 def test_prompt_text_without_tokenizer_is_a_clear_error(binary):
     p = run(binary, "generate", "--model", FIXTURES / "olmoe-tiny", "--prompt", "hello")
     assert p.returncode == 1 and "tokenizer.json" in p.stderr and "--prompt-ids" in p.stderr
+
+
+def test_cpus_binds_the_process_and_sizes_its_pool(binary):
+    import os
+    ref, _ = reference(MODELS[0])
+    prompt = ",".join(map(str, ref["prompt_ids"]))
+    cpu = max(os.sched_getaffinity(0))
+    p = run(binary, "--log-level", "info", "generate", "--model", FIXTURES / MODELS[0],
+            "--prompt-ids", prompt, "--max-tokens", 16, "--ignore-eos", "--json", "--cpus", cpu)
+    assert p.returncode == 0, p.stderr
+    assert f"threads=1 cpus={cpu} " in p.stderr, p.stderr  # --threads 0: one per CPU
+    assert json.loads(p.stdout.strip().splitlines()[-1])["output_ids"] == ref["output_ids"]
+    p = run(binary, "generate", "--model", FIXTURES / MODELS[0], "--prompt-ids", prompt,
+            "--cpus", max(os.sched_getaffinity(0)) + 1)
+    assert p.returncode == 1
+    assert "is not one this process may use" in p.stderr, p.stderr
