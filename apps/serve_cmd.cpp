@@ -291,7 +291,8 @@ Runner add_serve(CLI::App& app) {
       ->check(CLI::Range(0, 4096));
   app.add_option("--cpus", f->cpus,
                  "How the role processes share this machine's CPUs: auto (each its own block of "
-                 "CPUs, its compute threads pinned one per CPU), nobind (every role on every CPU), "
+                 "CPUs, its compute threads pinned one per CPU; with fewer CPUs than roles, as "
+                 "nobind), nobind (every role on every CPU), "
                  "or one taskset-style list per role separated by '|', attention workers first "
                  "(e.g. \"0-7|8-11|12-15\"). With --single-process: a CPU list binds the process, "
                  "auto and nobind leave it unbound")

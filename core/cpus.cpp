@@ -78,10 +78,9 @@ Expected<std::vector<CpuList>> plan_role_cpus(std::string_view spec, const CpuLi
   std::vector<CpuList> out(roles);
   if (spec == "auto") {
     const int n = static_cast<int>(allowed.size());
-    if (n < roles) {
-      for (int r = 0; r < roles; ++r) out[r] = {allowed[r % n]};
-      return out;
-    }
+    // Fewer CPUs than roles: they cannot have CPUs of their own, and the OS balances processes
+    // that share CPUs better than fixed shares do (also when other work runs on the machine).
+    if (n < roles) return std::vector<CpuList>{};
     const int share = n / roles;
     const int extra = n % roles;  // one more for each of the first `extra` roles (attention first)
     int next = 0;

@@ -25,16 +25,13 @@ Expected<CpuList> parse_cpu_list(std::string_view text, const CpuList& allowed,
 std::string format_cpu_list(const CpuList& cpus);
 
 // How `moemesh serve` binds its role processes (attention workers first, then expert workers):
-//   "auto"    every role gets its own contiguous block of CPUs: an even share, one more CPU for
-//   each of
-//             the first roles while the remainder lasts (attention workers first: they run every
-//             step's serial part). With fewer CPUs than
-//             roles, roles take one CPU each in turn, so processes share CPUs but no CPU runs
-//             more compute threads than the roles placed on it.
-//   "nobind"  no binding: every role may use every CPU (the phases of a step alternate, so on a
-//             machine with few cores this can be faster; several expert workers then compete).
+//   "auto"     each role gets its own contiguous block of CPUs: an even share, one more CPU for
+//              each of the first roles while the remainder lasts (attention workers first: they
+//              run every step's serial part). With fewer CPUs than roles, as "nobind": no role
+//              can have CPUs of its own, and the OS balances processes that share CPUs.
+//   "nobind"   no binding: every role may use every CPU.
 //   "L0|L1|.." one CPU list per role, in role order (as vLLM's VLLM_CPU_OMP_THREADS_BIND).
-// Returns one list per role, or an empty vector for "nobind".
+// Returns one list per role, or an empty vector when nothing is bound.
 Expected<std::vector<CpuList>> plan_role_cpus(std::string_view spec, const CpuList& allowed,
                                               int attention_workers, int expert_workers);
 

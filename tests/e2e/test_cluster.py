@@ -97,10 +97,10 @@ def test_cluster_greedy_output_equals_the_reference(binary, tmp_path, name, tran
 
 def auto_placement(cpus, roles):
     """What `serve --cpus auto` gives each role (attention workers first): contiguous blocks, the
-    remainder to the first roles; with fewer CPUs than roles, one CPU each in turn."""
+    remainder to the first roles; with fewer CPUs than roles, every CPU to every role."""
     cpus = sorted(cpus)
     if len(cpus) < roles:
-        return [{cpus[r % len(cpus)]} for r in range(roles)]
+        return [set(cpus)] * roles
     share, extra = divmod(len(cpus), roles)
     out, at = [], 0
     for r in range(roles):
@@ -315,6 +315,20 @@ def test_a_role_that_cannot_start_ends_serve_with_its_reason(binary):
     assert p.returncode == 1
     assert "failed before the cluster was ready" in p.stderr, p.stderr
     assert "UCX_TLS=no-such-transport" in p.stderr, p.stderr
+
+
+def test_explicit_role_cpus_bind_each_role_and_the_cluster_serves(binary):
+    cpus = sorted(os.sched_getaffinity(0))
+    want = [{cpus[0]}, {cpus[-1]}, {cpus[0]}]  # attention-0, expert-0, expert-1
+    s = start(binary, DEMO, "--cpus", "|".join(str(min(c)) for c in want))
+    try:
+        names = {m["name"]: int(m["pid"]) for m in cluster(s)["members"]
+                 if m["role"] in ("attention", "expert")}
+        got = [allowed_cpus(names[n]) for n in ("attention-0", "expert-0", "expert-1")]
+        assert got == want, f"role CPUs {got}, expected {want}"
+        assert len(completion_ids(s, [1, 7, 42, 99], 8)) == 8
+    finally:
+        assert s.stop() == 0
 
 
 def test_role_cpus_are_checked_before_anything_starts(binary):
