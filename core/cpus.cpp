@@ -25,7 +25,6 @@ bool to_int(std::string_view s, int* out) {
 
 Expected<CpuList> parse_cpu_list(std::string_view text, const CpuList& allowed,
                                  std::string_view flag) {
-  const std::string allowed_text = format_cpu_list(allowed);
   CpuList out;
   std::string_view rest = text;
   while (true) {
@@ -46,7 +45,7 @@ Expected<CpuList> parse_cpu_list(std::string_view text, const CpuList& allowed,
     for (int c = first; c <= last; ++c) {
       if (!std::binary_search(allowed.begin(), allowed.end(), c))
         return Error(fmt::format("{} '{}': CPU {} is not one this process may use ({})", flag, text,
-                                 c, allowed_text));
+                                 c, format_cpu_list(allowed)));
       out.push_back(c);
     }
     if (comma == std::string_view::npos) break;

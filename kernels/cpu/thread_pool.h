@@ -35,7 +35,7 @@ class ThreadPool {
   // The CPUs the workers were asked to run on (empty: not pinned), and how many workers the OS
   // let the pool pin (a CPU outside the process's cgroup or affinity is refused).
   const std::vector<int>& cpus() const { return cpus_; }
-  int pinned_workers() const { return pinned_.load(); }
+  int pinned_workers() const { return pinned_; }
 
   // fn(begin, end) for consecutive ranges covering [0, n); no range is shorter than min_chunk
   // except the last. With a null pool, or n <= min_chunk, runs fn(0, n) inline.
@@ -47,7 +47,7 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::vector<int> cpus_;
-  std::atomic<int> pinned_{0};
+  int pinned_ = 0;      // set by the constructor only
   std::mutex call_mu_;  // serialises parallel_for callers
 
   std::mutex mu_;  // guards the fields below
@@ -62,7 +62,8 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
 };
 
-// The CPUs this process may run on (its affinity mask), ascending.
+// The CPUs the calling thread may run on (its affinity mask), ascending: the process's, when
+// called from a thread nothing has pinned (e.g. before bind_current_thread or a pinned pool).
 std::vector<int> allowed_cpus();
 
 // Binds the calling thread, and every thread it starts afterwards, to `cpus`. False (and nothing

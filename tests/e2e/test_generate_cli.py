@@ -1,6 +1,7 @@
 """`moemesh generate` as users call it: the DESIGN.md contract, parity through the CLI, and
 clear errors for broken input."""
 import json
+import os
 import shutil
 import subprocess
 
@@ -170,7 +171,6 @@ def test_prompt_text_without_tokenizer_is_a_clear_error(binary):
 
 
 def test_cpus_binds_the_process_and_sizes_its_pool(binary):
-    import os
     ref, _ = reference(MODELS[0])
     prompt = ",".join(map(str, ref["prompt_ids"]))
     cpu = max(os.sched_getaffinity(0))
