@@ -1,9 +1,11 @@
 """Secrets and listening addresses, from outside the process: the API key, the admin token and the
 cluster token never appear in any role's output even at --log-level debug; keys that differ only
 in length or in their last byte are refused; the HTTP port listens on --host and the router's
-control port on loopback, as docs/security.md states."""
+control port on loopback, as docs/security.md states; a data-plane peer without the cluster token
+is refused by a real expert worker."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -167,6 +169,54 @@ def test_every_role_listens_on_loopback_only(cluster):
             seen += 1
             assert addr == LOOPBACK or addr in LOOPBACK6, (pid, addr, port)
     assert seen >= 2  # at least the HTTP and the control port
+
+
+def metric(port, name, label):
+    _, raw = request(port, "GET", "/metrics")
+    for line in raw.decode().splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} with {label} is not in /metrics")
+
+
+def probe(address, *args):
+    exe = os.environ.get("MOEMESH_PROBE")
+    assert exe and os.path.exists(exe), "MOEMESH_PROBE must name the built dataplane_probe"
+    hidden = json.loads((DEMO / "config.json").read_text())["hidden_size"]
+    return subprocess.run([exe, "--address", address, "--hidden", str(hidden), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_data_plane_peer_without_the_cluster_token_is_refused(cluster):
+    """A process outside the cluster that reaches an expert worker's data plane (here with the
+    address the worker logs at debug level) gets an error for a dispatch without the token or with
+    a wrong one; the worker counts it, and one with the token is served."""
+    port = cluster["port"]
+    wait_until = time.time() + 30
+    while True:
+        text = open(cluster["log"], "rb").read().decode(errors="replace")
+        addresses = re.findall(r"event=data_plane_listening address=([0-9a-f]+)", text)
+        if len(addresses) >= 2 or time.time() > wait_until:
+            break
+        time.sleep(0.2)
+    assert len(addresses) == 2, "the two expert workers log their data-plane address"
+    before = metric(port, "moemesh_dataplane_auth_failures_total", 'side="expert"')
+    for args in ((), ("--token", CLUSTER_TOKEN[:-1] + "x"), ("--token", "wrong")):
+        p = probe(addresses[0], *args)
+        assert p.returncode == 3, (args, p.stdout, p.stderr)
+        assert "authentication" in p.stdout and "--cluster-token" in p.stdout, p.stdout
+    p = probe(addresses[0], "--token", CLUSTER_TOKEN)
+    assert p.returncode == 0 and p.stdout.strip() == "served", (p.stdout, p.stderr)
+    # The router polls the workers' counters every 500 ms.
+    deadline = time.time() + 10
+    while metric(port, "moemesh_dataplane_auth_failures_total", 'side="expert"') < before + 3:
+        assert time.time() < deadline, "the refused dispatches are not counted in /metrics"
+        time.sleep(0.2)
+    # The cluster still serves.
+    body = {"model": "demo", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    status, raw = request(port, "POST", "/v1/completions", body,
+                          {"Authorization": "Bearer " + API_KEY})
+    assert status == 200, raw
 
 
 def test_no_secret_in_any_output_at_debug_level(cluster):
