@@ -240,6 +240,18 @@ void DispatchServer::Impl::shutdown() {
     if (in->request != nullptr) ucp_request_cancel(ucx_->worker(), in->request);
   const auto deadline = Clock::now() + kDrain;
   while (busy_ > 0 && Clock::now() < deadline) ucp_worker_progress(ucx_->worker());
+  if (busy_ > 0) {
+    // Requests UCX could not cancel (a rendezvous reply whose client is gone never completes):
+    // closing their endpoints by force completes them, which UCX requires before the worker goes.
+    std::vector<ucp_ep_h> closed;
+    for (auto& in : all_) {
+      if (in->request == nullptr || in->reply_ep == nullptr ||
+          std::find(closed.begin(), closed.end(), in->reply_ep) != closed.end())
+        continue;
+      closed.push_back(in->reply_ep);
+      ucx_->close_endpoint(in->reply_ep, kDrain);
+    }
+  }
   for (auto& in : all_) {
     if (in->am_data != nullptr) ucp_am_data_release(ucx_->worker(), in->am_data);
     in->am_data = nullptr;
@@ -644,10 +656,11 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
       return;
     }
   }
-  void* req = ucp_am_send_nbx(in.reply_ep, detail::kReplyAmId, in.reply_header.data(),
-                              in.reply_header.size(), payload, count, &p);
+  // Counted first: the client may have the reply before ucp_am_send_nbx returns here.
   replies_.fetch_add(1, std::memory_order_relaxed);
   bytes_out_.fetch_add(bytes, std::memory_order_relaxed);
+  void* req = ucp_am_send_nbx(in.reply_ep, detail::kReplyAmId, in.reply_header.data(),
+                              in.reply_header.size(), payload, count, &p);
   if (req == nullptr) {
     release(&in);
   } else if (UCS_PTR_IS_ERR(req)) {
