@@ -17,7 +17,18 @@
 //
 //   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--hidden 2048,7168]
 //                            [--tokens 1,16,64,256] [--dtype bf16|f32] [--perftest PATH]
-//                            [--no-perftest] [--token TOKEN]
+//                            [--no-perftest] [--token TOKEN] [--cpus A,B|none]
+//                            [--handler copy|none]
+//
+// --handler copy (default): the server's handler copies x into the partial sums, the least work
+// of any expert. --handler none: it leaves the partial sums as the server hands them over (zero),
+// so the round trip is the data plane's alone (the same bytes still travel both ways), which is
+// what ucx_perftest measures.
+//
+// --cpus binds the client (this process) to CPU A and the server to CPU B, and ucx_perftest's
+// client and server likewise (its -c). Default: the first two CPUs this process may use, when it
+// may use two or more; "none" binds nothing. Both sides busy-poll: on a shared CPU a round trip
+// waits for the scheduler, for moemesh and ucx_perftest alike.
 //
 // --token authenticates every header with that cluster token on both sides (HMAC-SHA256, see
 // transport/detail/auth.h); without it nothing is signed or checked, so the two runs show what
@@ -27,6 +38,7 @@
 // "sm;posix,sysv,cma").
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
@@ -94,13 +106,36 @@ std::string from_hex(const std::string& hex) {
   return out;
 }
 
+// Binds the calling process (its threads started later too) to one CPU; -1: leaves it.
+void bind_to(int cpu) {
+  if (cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  if (sched_setaffinity(0, sizeof(set), &set) != 0)
+    spdlog::warn("dispatch_bench: cannot bind to CPU {}", cpu);
+}
+
+// The first two CPUs this process may use, or {-1, -1} with fewer.
+std::pair<int, int> default_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return {-1, -1};
+  std::vector<int> cpus;
+  for (int c = 0; c < CPU_SETSIZE && cpus.size() < 2; ++c)
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  return cpus.size() == 2 ? std::pair<int, int>{cpus[0], cpus[1]} : std::pair<int, int>{-1, -1};
+}
+
 // --serve: the expert-worker process. Prints its address in hex on stdout, serves until stdin
 // closes. The handler copies x into partial: the reply has the bytes of the request's x.
-int serve(const std::string& transports, const std::string& token) {
+int serve(const std::string& transports, const std::string& token, int cpu, bool copy) {
+  bind_to(cpu);
   DataPlaneOptions o;
   o.transports = transports;
   o.token = token;
-  auto server = DispatchServer::start(o, [](std::span<Dispatch> batch) {
+  auto server = DispatchServer::start(o, [copy](std::span<Dispatch> batch) {
+    if (!copy) return;
     for (Dispatch& d : batch)
       std::memcpy(d.partial, d.x, static_cast<size_t>(d.n_tokens * d.hidden) * sizeof(float));
   });
@@ -225,11 +260,13 @@ double median(std::vector<double> v) {
 // it failed (the reason is logged). With error_handling, endpoints are created as moemesh creates
 // them (`-e`: peer error handling).
 double perftest_round_trip(const std::string& perftest, const std::string& tls, size_t bytes,
-                           int iterations, bool error_handling) {
+                           int iterations, bool error_handling, std::pair<int, int> cpus) {
   for (int attempt = 0; attempt < 3; ++attempt) {
     const std::string port = std::to_string(free_port());
     std::vector<std::string> server_args = {perftest, "-p", port};
     if (error_handling) server_args.push_back("-e");
+    if (cpus.second >= 0)
+      server_args.insert(server_args.end(), {"-c", std::to_string(cpus.second)});
     Child server = spawn(server_args, tls, error_handling);
     std::string out;
     int rc = -1;
@@ -244,6 +281,8 @@ double perftest_round_trip(const std::string& perftest, const std::string& tls, 
           "-w",     std::to_string(std::max(10, iterations / 10)),
           "-f",     "-v"};
       if (error_handling) client_args.push_back("-e");
+      if (cpus.first >= 0)
+        client_args.insert(client_args.end(), {"-c", std::to_string(cpus.first)});
       Child client = spawn(client_args, tls, error_handling);
       close(client.in);
       out = read_all(client.out);
@@ -297,6 +336,9 @@ int main(int argc, char** argv) {
   WireDtype dtype = WireDtype::BF16;
   bool run_perftest = true;
   std::string token;
+  std::pair<int, int> cpus = default_cpus();
+  int serve_cpu = -1;
+  bool copy_handler = true;
   auto int_list = [](const std::string& s) {
     std::vector<int64_t> out;
     for (const std::string& v : split(s, ',')) out.push_back(std::max<int64_t>(1, std::stoll(v)));
@@ -320,24 +362,42 @@ int main(int argc, char** argv) {
       dtype = std::string(argv[++i]) == "f32" ? WireDtype::F32 : WireDtype::BF16;
     } else if (flag == "--token" && has_value) {
       token = argv[++i];
+    } else if (flag == "--cpus" && has_value) {
+      const std::string v = argv[++i];
+      const auto parts = split(v, ',');
+      if (v == "none") {
+        cpus = {-1, -1};
+      } else if (parts.size() == 2) {
+        cpus = {std::stoi(parts[0]), std::stoi(parts[1])};
+      } else {
+        std::fprintf(stderr, "dispatch_bench: --cpus takes A,B (two CPU numbers) or none\n");
+        return 2;
+      }
+    } else if (flag == "--handler" && has_value &&
+               (std::string(argv[i + 1]) == "copy" || std::string(argv[i + 1]) == "none")) {
+      copy_handler = std::string(argv[++i]) == "copy";
+    } else if (flag == "--serve-cpu" && has_value) {  // internal: the --serve process's CPU
+      serve_cpu = std::stoi(argv[++i]);
     } else if (flag == "--no-perftest") {
       run_perftest = false;
     } else if (flag == "--serve" && has_value) {
       serving = true;
       serve_tls = argv[++i];
     } else {
-      std::fprintf(stderr,
-                   "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
-                   "default \"sm;tcp\") --iterations N (default 200) --hidden LIST (default "
-                   "2048,7168) --tokens LIST (default 1,16,64,256) --dtype bf16|f32 (default "
-                   "bf16) --perftest PATH --no-perftest --token TOKEN\n",
-                   flag.c_str());
+      std::fprintf(
+          stderr,
+          "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
+          "default \"sm;tcp\") --iterations N (default 200) --hidden LIST (default "
+          "2048,7168) --tokens LIST (default 1,16,64,256) --dtype bf16|f32 (default "
+          "bf16) --perftest PATH --no-perftest --token TOKEN --cpus A,B|none --handler copy|none\n",
+          flag.c_str());
       return 2;
     }
   }
-  if (serving) return serve(serve_tls, token);
+  if (serving) return serve(serve_tls, token, serve_cpu, copy_handler);
   signal(SIGPIPE, SIG_IGN);
 
+  bind_to(cpus.first);
   const int warmup = std::max(5, iterations / 10);
   std::vector<Row> rows;
   char self[4096];
@@ -351,6 +411,9 @@ int main(int argc, char** argv) {
   for (const std::string& tls : split(transports, ';')) {
     std::vector<std::string> server_args = {self, "--serve", tls};
     if (!token.empty()) server_args.insert(server_args.end(), {"--token", token});
+    if (cpus.second >= 0)
+      server_args.insert(server_args.end(), {"--serve-cpu", std::to_string(cpus.second)});
+    if (!copy_handler) server_args.insert(server_args.end(), {"--handler", "none"});
     Child server = spawn(server_args, "");
     const std::string address = read_address(server.out);
     if (address.empty()) {
@@ -408,8 +471,8 @@ int main(int argc, char** argv) {
         r.moemesh_us = median(us);
         r.timeouts = (*client)->stats().timeouts - timeouts_before;
         if (run_perftest) {
-          r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations, false);
-          r.perftest_e_us = perftest_round_trip(perftest, tls, r.bytes, iterations, true);
+          r.perftest_us = perftest_round_trip(perftest, tls, r.bytes, iterations, false, cpus);
+          r.perftest_e_us = perftest_round_trip(perftest, tls, r.bytes, iterations, true, cpus);
         }
         rows.push_back(r);
         spdlog::info("dispatch_bench: UCX_TLS={} hidden={} tokens={} done", tls, hidden, n);
@@ -434,6 +497,12 @@ int main(int argc, char** argv) {
       "latency; perftest_e_us: the same with -e (peer error handling, as moemesh endpoints);\n"
       "ratio = moemesh / perftest, ratio_e = moemesh / perftest -e\n",
       dtype == WireDtype::BF16 ? "BF16" : "F32", iterations, kSlots);
+  std::printf("handler: %s\n", copy_handler ? "copies x into the partial sums (--handler copy)"
+                                            : "touches no data (--handler none)");
+  if (cpus.first >= 0)
+    std::printf("clients on CPU %d, servers on CPU %d (--cpus)\n", cpus.first, cpus.second);
+  else
+    std::printf("processes not bound to CPUs\n");
   int width = 7;
   for (const Row& r : rows) width = std::max(width, static_cast<int>(r.transports.size()));
   std::printf("%-*s %7s %7s %10s %11s %12s %14s %6s %8s %9s\n", width, "UCX_TLS", "hidden",
