@@ -69,10 +69,17 @@ class DispatchClient::Impl {
   // One dispatch in flight on the wire; lives until UCX completes the send.
   struct SendSlot {
     Impl* self = nullptr;
-    ByteBuffer payload;
+    ByteBuffer payload;  // the whole payload, or only its routing section when lazy
     std::string header;
     void* request = nullptr;
     uint64_t seq = 0;
+    // Lazy (shared memory): UCX packs the rows from the caller's x (msg) while it sends; if the
+    // round ends before the send completes, the rows are copied into `own` first (wait()).
+    bool lazy = false;
+    bool detached = false;  // no longer reads the caller's x (copied, or received whole)
+    detail::GatherMessage msg;
+    std::vector<int32_t> rows;
+    ByteBuffer own;
   };
   // One reply being received or waiting to be delivered.
   struct ReplyBuf {
@@ -97,6 +104,7 @@ class DispatchClient::Impl {
     WireDtype dtype = WireDtype::F32;
     State state = State::kWaiting;
     ReplyBuf* reply = nullptr;
+    bool answered = false;  // delivered without an error: the server had received every byte
   };
 
   static void on_peer_error(void* arg, ucp_ep_h ep, ucs_status_t status);
@@ -116,9 +124,12 @@ class DispatchClient::Impl {
   void release_slot(SendSlot* s);
   ReplyBuf* acquire_reply(size_t bytes);
   void release_reply(ReplyBuf* r);
+  void materialize_unanswered();
 
   const DataPlaneOptions options_;
   const bool fused_ = detail::bf16_fused_ok(options_.transports);
+  // Rows packed by UCX straight from the caller's x (no gathered copy), where UCX copies anyway.
+  const bool lazy_ = fused_ && detail::gather_message_datatype() != 0;
   std::unique_ptr<detail::UcxWorker> ucx_;
   std::unique_ptr<detail::HeaderAuth> auth_;
   std::unique_ptr<detail::FaultInjector> faults_;  // null unless a fault spec was given
@@ -155,6 +166,9 @@ Status DispatchClient::Impl::init() {
 
 DispatchClient::Impl::~Impl() {
   if (!ucx_) return;
+  // Sends of a round that was never waited for may point at arrays the caller has freed.
+  for (auto& s : all_slots_)
+    if (s->request != nullptr && s->lazy && !s->detached) s->msg.x = nullptr;
   for (auto& p : peers_)
     if (p->connected) ucx_->close_endpoint(p->ep, kCloseTimeout);
   for (auto& s : all_slots_)
@@ -176,8 +190,11 @@ DispatchClient::Impl::~Impl() {
 }
 
 Expected<int> DispatchClient::Impl::connect(std::string_view address) {
-  auto raw = detail::unframe_address(address);
-  if (!raw.ok()) return Error("DispatchClient::connect: " + raw.error().message());
+  auto framed = detail::unframe_address(address);
+  if (!framed.ok()) return Error("DispatchClient::connect: " + framed.error().message());
+  if (Status same = detail::check_shared_memory_profile(framed->shm_profile, ucx_->shm_profile());
+      !same.ok())
+    return Error("DispatchClient::connect: " + same.error().message());
   std::string key(address);
   if (auto it = by_address_.find(key); it != by_address_.end()) return it->second;
 
@@ -187,7 +204,7 @@ Expected<int> DispatchClient::Impl::connect(std::string_view address) {
   ucp_ep_params_t ep{};
   ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  ep.address = reinterpret_cast<const ucp_address_t*>(raw->data());
+  ep.address = reinterpret_cast<const ucp_address_t*>(framed->raw.data());
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = &on_peer_error;
   ep.err_handler.arg = peer.get();
@@ -320,21 +337,31 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
       return Error("DispatchClient::send: tokens[" + std::to_string(i) +
                    "] = " + std::to_string(tokens[i]) + " is negative");
 
-  SendSlot* s = acquire_slot(layout->total);
-  if (s->payload.reserve(layout->total)) ++stats_.buffers;
+  const bool lazy = lazy_ && n > 0;
+  const size_t own_bytes = lazy ? layout->x : layout->total;  // what the slot's payload holds
+  SendSlot* s = acquire_slot(own_bytes);
+  if (s->payload.reserve(own_bytes)) ++stats_.buffers;
   std::byte* out = s->payload.data();
   const size_t routing = static_cast<size_t>(n) * static_cast<size_t>(slots) * 4;
   if (routing > 0) {
     std::memcpy(out + layout->experts, experts, routing);
     std::memcpy(out + layout->weights, weights, routing);
   }
+  s->lazy = lazy;
+  s->detached = false;
   const size_t row = static_cast<size_t>(hidden);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* src = x + static_cast<size_t>(tokens[i]) * row;
-    if (options_.dtype == WireDtype::BF16)
-      detail::f32_to_bf16_n(src, out + layout->x + static_cast<size_t>(i) * row * 2, row);
-    else
-      std::memcpy(out + layout->x + static_cast<size_t>(i) * row * 4, src, row * 4);
+  if (lazy) {
+    if (s->rows.capacity() < tokens.size()) ++stats_.buffers;
+    s->rows.assign(tokens.begin(), tokens.end());
+    s->msg = {out, layout->x, x, s->rows.data(), static_cast<size_t>(n), row, options_.dtype};
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* src = x + static_cast<size_t>(tokens[i]) * row;
+      if (options_.dtype == WireDtype::BF16)
+        detail::f32_to_bf16_n(src, out + layout->x + static_cast<size_t>(i) * row * 2, row);
+      else
+        std::memcpy(out + layout->x + static_cast<size_t>(i) * row * 4, src, row * 4);
+    }
   }
 
   const uint64_t seq = next_seq_;
@@ -370,11 +397,18 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   prm.flags = UCP_AM_SEND_FLAG_REPLY;
   prm.cb.send = &on_send_done;
   prm.user_data = s;
+  const void* buffer = layout->total > 0 ? out : nullptr;
+  size_t count = layout->total;
+  if (lazy) {
+    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    prm.datatype = detail::gather_message_datatype();
+    buffer = &s->msg;
+    count = 1;
+  }
   // A dropped dispatch is never posted; the caller sees it sent and unanswered.
-  void* req = fault.drop
-                  ? nullptr
-                  : ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(), s->header.size(),
-                                    layout->total > 0 ? out : nullptr, layout->total, &prm);
+  void* req = fault.drop ? nullptr
+                         : ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(),
+                                           s->header.size(), buffer, count, &prm);
   if (UCS_PTR_IS_ERR(req)) {
     release_slot(s);
     ++stats_.send_errors;
@@ -384,7 +418,7 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   ++next_seq_;
   if (pending_.capacity() == pending_.size()) ++stats_.buffers;
   pending_.push_back(Pending{peer, epoch, step, layer, micro_batch, slots, n, hidden,
-                             options_.dtype, State::kWaiting, nullptr});
+                             options_.dtype, State::kWaiting, nullptr, false});
   ++remaining_;
   ++stats_.dispatches;
   stats_.bytes_out += layout->total;
@@ -571,6 +605,7 @@ void DispatchClient::Impl::deliver(const std::function<void(const Reply&)>& on_r
       if (!r->converted)
         out.rejected = reinterpret_cast<const uint8_t*>(r->payload + layout->rejected);
       stats_.bytes_in += r->length;
+      p->answered = true;
     }
     ++stats_.replies;
     finish(*p, State::kDone);
@@ -604,6 +639,7 @@ std::vector<int> DispatchClient::Impl::wait(Clock::time_point deadline,
       sched_yield();  // spinning for a while: where cores are shared, let the expert workers run
   } while (remaining_ > 0 && now < deadline);
   if (!ready_.empty()) deliver(on_reply);
+  materialize_unanswered();
 
   std::vector<int> missing;
   for (Pending& p : pending_) {
@@ -620,6 +656,20 @@ std::vector<int> DispatchClient::Impl::wait(Clock::time_point deadline,
   round_base_ = next_seq_;
   if (callback_error_) std::rethrow_exception(std::exchange(callback_error_, nullptr));
   return missing;
+}
+
+// The round ends: x may change once wait() returns. A lazy send still in flight whose dispatch
+// was not answered may still be packed (the server has not pulled all of it), so its rows are
+// copied now. An answered one was received whole: UCX packs nothing more for it.
+void DispatchClient::Impl::materialize_unanswered() {
+  for (auto& slot : all_slots_) {
+    SendSlot& s = *slot;
+    if (s.request == nullptr || !s.lazy || s.detached) continue;
+    s.detached = true;  // every such slot belongs to this round
+    const Pending* p = pending_for(s.seq);
+    if (p != nullptr && p->answered) continue;
+    if (s.msg.materialize(s.own)) ++stats_.buffers;
+  }
 }
 
 DispatchClient::DispatchClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

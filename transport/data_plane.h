@@ -17,8 +17,12 @@
 // DispatchClient has no thread: it is used by one thread, the caller's, which does all progress
 // inside send() and wait() (wait() busy-polls: it is on the critical path of a step).
 //
-// Buffers. send() copies the rows it is given (converted to the wire dtype) into a reused
-// buffer, so the caller's arrays may change as soon as send() returns. Every view in Dispatch
+// Buffers. send() copies tokens, experts and weights. The rows of x it sends are gathered
+// (converted to the wire dtype) into a reused buffer, except where UCX copies every message
+// anyway (shared-memory transports only): there UCX packs them straight from x while it sends.
+// So x must not change between send() and the return of the wait() that follows; then it may,
+// even if a dispatch is still on its way (wait() copies the rows such a dispatch still needs
+// before it returns). Every view in Dispatch
 // is valid only during the handler call, every view in Reply only during the on_reply call.
 // Buffers and protobuf messages are pooled and kept at their high-water mark: in steady state no
 // heap allocation happens per message (ServerStats/ClientStats::buffers counts pool growth).
@@ -197,9 +201,9 @@ class DispatchClient {
   // opposed to one that is merely slow to answer. False for an unknown or disconnected peer.
   bool peer_failed(int peer) const;
 
-  // Queues one dispatch (sent immediately, non-blocking): rows tokens[i] of x ([*, hidden] f32)
-  // are gathered (and converted to the wire dtype) into a reused buffer; experts/weights are
-  // [tokens.size(), slots].
+  // Queues one dispatch (sent immediately, non-blocking): rows tokens[i] of x ([*, hidden] f32),
+  // converted to the wire dtype; experts/weights are [tokens.size(), slots]. x must hold still
+  // until the next wait() returns (see Buffers above).
   Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
               int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
               const int32_t* experts, const float* weights, int32_t slots);

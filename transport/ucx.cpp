@@ -1,6 +1,7 @@
 // UCP context/worker wrapper and worker address framing (see detail/ucx.h).
 #include "transport/detail/ucx.h"
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/epoll.h>
 #include <unistd.h>
@@ -8,6 +9,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 
 namespace moemesh::transport::detail {
@@ -15,8 +17,8 @@ namespace moemesh::transport::detail {
 namespace {
 
 constexpr char kAddressMagic[4] = {'M', 'M', 'D', 'P'};
-constexpr uint8_t kAddressVersion = 1;
-constexpr size_t kAddressHeader = 4 + 1 + 4 + 4;
+constexpr uint8_t kAddressVersion = 2;
+constexpr size_t kAddressHeader = 4 + 1 + 4 + 4 + 1;
 
 uint32_t fnv1a(const void* data, size_t n) {
   const auto* p = static_cast<const unsigned char*>(data);
@@ -44,15 +46,49 @@ bool may_use_shared_memory(const std::string& tls) {
 }
 
 // Peer error handling keeps shared memory only when the mm transports expose it
-// (notes/ucx-1.13.md, pitfall 2). Set only when shared memory may be used (UCX warns about unused
-// variables at exit otherwise); values the user already set win.
-void set_error_handling_env(const std::string& tls) {
+// (notes/ucx-1.13.md, pitfall 2); the segment size: see kSharedMemorySegSize. Set only when shared
+// memory may be used (UCX warns about unused variables at exit otherwise); values the user
+// already set win (a UCX_MM_SEG_SIZE of theirs applies to both mm transports).
+void set_shared_memory_env(const std::string& tls) {
   if (!may_use_shared_memory(tls)) return;
   static std::once_flag once;
   std::call_once(once, [] {
     setenv("UCX_POSIX_ERROR_HANDLING", "y", 0);
     setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
+    if (std::getenv("UCX_MM_SEG_SIZE") == nullptr) {
+      setenv("UCX_POSIX_SEG_SIZE", kSharedMemorySegSize, 0);
+      setenv("UCX_SYSV_SEG_SIZE", kSharedMemorySegSize, 0);
+    }
   });
+}
+
+std::string env_or(const char* name, const char* fallback_name, const char* fallback) {
+  if (const char* v = std::getenv(name)) return v;
+  if (const char* v = std::getenv(fallback_name)) return v;
+  return fallback;
+}
+
+// The machine: its boot id (shared by the containers of one kernel), else its host name.
+std::string machine_id() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  if (in && std::getline(in, id) && !id.empty()) return id;
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  return host;
+}
+
+// The value of `key` in a "k=v k=v" profile ("" when absent).
+std::string_view profile_field(std::string_view profile, std::string_view key) {
+  size_t at = 0;
+  while (at < profile.size()) {
+    const size_t end = std::min(profile.find(' ', at), profile.size());
+    const std::string_view item = profile.substr(at, end - at);
+    if (item.size() > key.size() && item.substr(0, key.size()) == key && item[key.size()] == '=')
+      return item.substr(key.size() + 1);
+    at = end + 1;
+  }
+  return {};
 }
 
 std::string or_default(const std::string& v) {
@@ -65,18 +101,45 @@ std::string ucs_text(ucs_status_t status) {
   return ucs_status_string(status);
 }
 
-std::string frame_address(const void* raw, size_t length) {
+std::string shared_memory_profile(const std::string& tls) {
+  if (!may_use_shared_memory(tls)) return {};
+  return "host=" + machine_id() +
+         " posix=" + env_or("UCX_POSIX_SEG_SIZE", "UCX_MM_SEG_SIZE", "default") +
+         " sysv=" + env_or("UCX_SYSV_SEG_SIZE", "UCX_MM_SEG_SIZE", "default");
+}
+
+Status check_shared_memory_profile(std::string_view peer, std::string_view local) {
+  if (peer.empty() || local.empty()) return {};
+  if (profile_field(peer, "host") != profile_field(local, "host")) return {};
+  for (std::string_view key : {"posix", "sysv"}) {
+    const std::string_view theirs = profile_field(peer, key), ours = profile_field(local, key);
+    if (theirs != ours)
+      return Error(fmt::format(
+          "the peer on this machine gives UCX's {} shared-memory transport segments of {} bytes, "
+          "this process {}: UCX 1.13 crashes when two shared-memory peers differ; give every "
+          "moemesh process on a machine the same UCX_POSIX_SEG_SIZE / UCX_SYSV_SEG_SIZE / "
+          "UCX_MM_SEG_SIZE (or none)",
+          key, theirs, ours));
+  }
+  return {};
+}
+
+std::string frame_address(const void* raw, size_t length, std::string_view shm_profile) {
+  shm_profile = shm_profile.substr(0, 255);
+  std::string body(shm_profile);
+  body.append(static_cast<const char*>(raw), length);
   std::string out;
-  out.reserve(kAddressHeader + length);
+  out.reserve(kAddressHeader + body.size());
   out.append(kAddressMagic, 4);
   out.push_back(static_cast<char>(kAddressVersion));
   put_u32(out, static_cast<uint32_t>(length));
-  put_u32(out, fnv1a(raw, length));
-  out.append(static_cast<const char*>(raw), length);
+  put_u32(out, fnv1a(body.data(), body.size()));
+  out.push_back(static_cast<char>(shm_profile.size()));
+  out += body;
   return out;
 }
 
-Expected<std::string_view> unframe_address(std::string_view framed) {
+Expected<UnframedAddress> unframe_address(std::string_view framed) {
   if (framed.size() < kAddressHeader || std::memcmp(framed.data(), kAddressMagic, 4) != 0)
     return Error("data-plane address (" + std::to_string(framed.size()) +
                  " bytes) does not start with the MMDP frame: pass the bytes of "
@@ -86,19 +149,21 @@ Expected<std::string_view> unframe_address(std::string_view framed) {
                  std::to_string(static_cast<uint8_t>(framed[4])) + ", this build reads version " +
                  std::to_string(kAddressVersion) + ": run the same moemesh version on both sides");
   const uint32_t length = get_u32(framed.data() + 5);
-  if (framed.size() - kAddressHeader != length)
+  const size_t profile = static_cast<uint8_t>(framed[13]);
+  if (framed.size() - kAddressHeader != size_t{length} + profile)
     return Error("data-plane address is truncated or padded: frame says " + std::to_string(length) +
-                 " bytes of UCX address, got " + std::to_string(framed.size() - kAddressHeader) +
+                 " + " + std::to_string(profile) + " bytes, got " +
+                 std::to_string(framed.size() - kAddressHeader) +
                  " (was it carried as a C string or cut?)");
-  const std::string_view raw = framed.substr(kAddressHeader);
-  if (fnv1a(raw.data(), raw.size()) != get_u32(framed.data() + 9))
+  const std::string_view body = framed.substr(kAddressHeader);
+  if (fnv1a(body.data(), body.size()) != get_u32(framed.data() + 9))
     return Error("data-plane address fails its checksum: the bytes were altered in transit");
-  return raw;
+  return UnframedAddress{body.substr(profile), body.substr(0, profile)};
 }
 
 Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& options,
                                                        const char* role, bool wakeup) {
-  set_error_handling_env(options.transports);
+  set_shared_memory_env(options.transports);
   std::unique_ptr<UcxWorker> w(new UcxWorker());
   w->describe_ = "UCX_TLS=" + or_default(options.transports) +
                  " UCX_NET_DEVICES=" + or_default(options.net_devices);
@@ -149,7 +214,8 @@ Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& o
   st = ucp_worker_get_address(w->worker_, &addr, &addr_len);
   if (st != UCS_OK)
     return Error("UCX could not report the worker address of the " + where + ": " + ucs_text(st));
-  w->address_ = frame_address(addr, addr_len);
+  w->shm_profile_ = shared_memory_profile(options.transports);
+  w->address_ = frame_address(addr, addr_len, w->shm_profile_);
   ucp_worker_release_address(w->worker_, addr);
 
   if (wakeup) {

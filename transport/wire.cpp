@@ -244,6 +244,92 @@ uint64_t bf16_message_datatype() {
   return dt;
 }
 
+namespace {
+
+// Wire bytes [from, from + n) of the body of `m` (rows back to back in m.dtype) into out.
+void pack_rows(const GatherMessage& m, size_t from, std::byte* out, size_t n) {
+  const size_t esize = dtype_size(m.dtype);
+  const size_t row_bytes = m.hidden * esize;
+  while (n > 0) {
+    const size_t r = from / row_bytes, within = from % row_bytes;
+    const size_t k = std::min(n, row_bytes - within);
+    if (m.x == nullptr) {
+      std::memset(out, 0, k);
+    } else {
+      const size_t row = m.rows != nullptr ? static_cast<size_t>(m.rows[r]) : r;
+      const float* src = m.x + row * m.hidden;
+      if (m.dtype == WireDtype::F32)
+        std::memcpy(out, reinterpret_cast<const std::byte*>(src) + within, k);
+      else
+        pack_body(src, within, out, k);
+    }
+    from += k;
+    out += k;
+    n -= k;
+  }
+}
+
+void* gather_start(void*, const void* buffer, size_t) {
+  return const_cast<void*>(buffer);  // the GatherMessage is the state
+}
+void* gather_start_unpack(void*, void*, size_t) {
+  return nullptr;  // send only
+}
+size_t gather_packed_size(void* state) {
+  return static_cast<const GatherMessage*>(state)->wire_bytes();
+}
+size_t gather_pack(void* state, size_t offset, void* dest, size_t max_length) {
+  return gather_message_pack(*static_cast<const GatherMessage*>(state), offset, dest, max_length);
+}
+ucs_status_t gather_unpack(void*, size_t, const void*, size_t) {
+  return UCS_ERR_UNSUPPORTED;
+}
+void gather_finish(void*) {}
+
+}  // namespace
+
+size_t gather_message_pack(const GatherMessage& m, size_t offset, void* dest, size_t max_length) {
+  const size_t total = m.wire_bytes();
+  const size_t n = std::min(max_length, total - std::min(offset, total));
+  auto* out = static_cast<std::byte*>(dest);
+  size_t done = 0;
+  if (offset < m.head_bytes && n > 0) {
+    done = std::min(n, m.head_bytes - offset);
+    std::memcpy(out, m.head + offset, done);
+  }
+  if (done < n) pack_rows(m, offset + done - m.head_bytes, out + done, n - done);
+  return n;
+}
+
+bool GatherMessage::materialize(ByteBuffer& own) {
+  const size_t row_bytes = hidden * sizeof(float);
+  const bool grew = own.reserve(n_rows * row_bytes);
+  auto* dst = reinterpret_cast<float*>(own.data());
+  if (x == nullptr) {
+    if (n_rows > 0) std::memset(dst, 0, n_rows * row_bytes);
+  } else {
+    for (size_t i = 0; i < n_rows; ++i) {
+      const size_t row = rows != nullptr ? static_cast<size_t>(rows[i]) : i;
+      std::memcpy(dst + i * hidden, x + row * hidden, row_bytes);
+    }
+  }
+  x = dst;
+  rows = nullptr;
+  return grew;
+}
+
+uint64_t gather_message_datatype() {
+  static const ucp_datatype_t dt = [] {
+    static const ucp_generic_dt_ops_t ops = {&gather_start,       &gather_start_unpack,
+                                             &gather_packed_size, &gather_pack,
+                                             &gather_unpack,      &gather_finish};
+    ucp_datatype_t out = 0;
+    if (ucp_dt_create_generic(&ops, nullptr, &out) != UCS_OK) return ucp_datatype_t{0};
+    return out;
+  }();
+  return dt;
+}
+
 bool bf16_fused_ok(const std::string& transports) {
   if (transports.empty() || bf16_message_datatype() == 0) return false;
   size_t begin = 0;

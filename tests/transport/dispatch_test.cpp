@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <functional>
@@ -209,6 +210,46 @@ TEST_P(Transport, SteadyStateAllocatesNoBuffers) {
   EXPECT_LE(client->stats().buffers - client_buffers, 10u);
   EXPECT_LE(server->stats().buffers - server_buffers, 10u);
   EXPECT_EQ(client->stats().replies, 80u);
+}
+
+// x may change as soon as wait() returns, even when a dispatch is still on its way: over shared
+// memory UCX packs the rows from x while it sends, so a round that ends first (here the server
+// stalls in its handler while 8 MiB wait to be received) copies the rows it still needs. The
+// server must get the rows as they were when sent.
+TEST_P(Transport, XMayChangeOnceWaitReturnsWithADispatchInFlight) {
+  const Batch stall = make_batch(1, 64, 2, 11);
+  const Batch big = make_batch(1024, 2048, 2, 12);  // 8 MiB of f32: more than UCX's buffers hold
+  std::atomic<bool> big_seen{false};
+  std::atomic<int64_t> big_mismatches{-1};
+  auto server = start_server(options(), [&](std::span<Dispatch> batch) {
+    for (Dispatch& d : batch) {
+      if (d.layer == 0) std::this_thread::sleep_for(500ms);
+      if (d.layer != 1) continue;
+      int64_t bad = 0;
+      for (int64_t t = 0; t < d.n_tokens; ++t) {
+        const float* want = &big.x[static_cast<size_t>(big.tokens[t] * big.hidden)];
+        for (int64_t j = 0; j < d.hidden; ++j) bad += d.x[t * d.hidden + j] != want[j];
+      }
+      big_mismatches = bad;
+      big_seen = true;
+    }
+  });
+  auto client = make_client(options());
+  ASSERT_TRUE(server && client);
+  const int p = client->connect(server->address()).value();
+  Batch mutable_big = big;  // the array the client sends from, overwritten below
+  ASSERT_TRUE(send_batch(*client, p, stall, 0).ok());
+  ASSERT_TRUE(send_batch(*client, p, mutable_big, 1).ok());
+  const uint64_t buffers = client->stats().buffers;
+  EXPECT_EQ(client->wait(Clock::now() + 100ms, nullptr), std::vector<int>{p});
+  if (options().transports == "sm") {  // the rows it still needed were copied
+    EXPECT_GT(client->stats().buffers, buffers);
+  }
+  std::fill(mutable_big.x.begin(), mutable_big.x.end(), -7.0f);
+  const auto deadline = Clock::now() + 10s;
+  while (!big_seen && Clock::now() < deadline) client->wait(Clock::now() + 20ms, nullptr);
+  ASSERT_TRUE(big_seen) << "the 8 MiB dispatch never reached the handler";
+  EXPECT_EQ(big_mismatches.load(), 0);
 }
 
 // The server hands the handler every dispatch complete at that moment, from several senders.

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
@@ -103,10 +105,17 @@ TEST(transportWire, LayoutsKeepSectionsAlignedAndRefuseBadShapes) {
 TEST(transportWire, AddressFrameRoundTripsAndDetectsDamage) {
   static const char kRaw[] = "\x01\x02some ucx address\x00\xff";
   const std::string raw(kRaw, sizeof(kRaw) - 1);
-  const std::string framed = frame_address(raw.data(), raw.size());
+  const std::string profile = "host=abc posix=32832 sysv=32832";
+  const std::string framed = frame_address(raw.data(), raw.size(), profile);
   auto back = unframe_address(framed);
   ASSERT_TRUE(back.ok()) << back.error().message();
-  EXPECT_EQ(*back, raw);
+  EXPECT_EQ(back->raw, raw);
+  EXPECT_EQ(back->shm_profile, profile);
+  const std::string bare_framed = frame_address(raw.data(), raw.size());
+  auto bare = unframe_address(bare_framed);  // views into bare_framed
+  ASSERT_TRUE(bare.ok()) << bare.error().message();
+  EXPECT_EQ(bare->raw, raw);
+  EXPECT_EQ(bare->shm_profile, "");
   EXPECT_FALSE(unframe_address(framed.substr(0, 8)).ok());
   EXPECT_FALSE(unframe_address(framed + "x").ok());
   std::string flipped = framed;
@@ -117,6 +126,50 @@ TEST(transportWire, AddressFrameRoundTripsAndDetectsDamage) {
   std::string version = framed;
   version[4] = 9;
   EXPECT_FALSE(unframe_address(version).ok());
+  std::string profile_flipped = framed;
+  profile_flipped[15] ^= 1;  // inside the profile: covered by the checksum too
+  EXPECT_FALSE(unframe_address(profile_flipped).ok());
+}
+
+// UCX 1.13 crashes when two shared-memory peers use different segment sizes: connect() refuses
+// such a peer on the same machine with a message naming the variables.
+TEST(transportWire, SharedMemoryProfilesMustMatchOnOneMachine) {
+  const std::string ours = "host=m1 posix=32832 sysv=32832";
+  EXPECT_TRUE(check_shared_memory_profile(ours, ours).ok());
+  EXPECT_TRUE(check_shared_memory_profile("", ours).ok());  // the peer cannot use shared memory
+  EXPECT_TRUE(check_shared_memory_profile(ours, "").ok());
+  // Another machine: shared memory is not used between them.
+  EXPECT_TRUE(check_shared_memory_profile("host=m2 posix=8256 sysv=8256", ours).ok());
+  const Status posix = check_shared_memory_profile("host=m1 posix=8256 sysv=32832", ours);
+  ASSERT_FALSE(posix.ok());
+  EXPECT_NE(posix.error().message().find("posix"), std::string::npos) << posix.error().message();
+  EXPECT_NE(posix.error().message().find("8256"), std::string::npos);
+  EXPECT_NE(posix.error().message().find("UCX_POSIX_SEG_SIZE"), std::string::npos);
+  EXPECT_FALSE(check_shared_memory_profile("host=m1 posix=32832 sysv=default", ours).ok());
+}
+
+// The profile of this process names this machine and the sizes moemesh sets by default.
+TEST(transportWire, SharedMemoryProfileOfThisProcess) {
+  // Creating a worker sets the defaults (when the environment has none).
+  DataPlaneOptions o;
+  o.transports = "sm";
+  auto w = UcxWorker::create(o, "client", false);
+  ASSERT_TRUE(w.ok()) << w.error().message();
+  const std::string profile = shared_memory_profile("sm");
+  EXPECT_EQ(profile, (*w)->shm_profile());
+  EXPECT_NE(profile.find("host="), std::string::npos);
+  if (std::getenv("UCX_MM_SEG_SIZE") == nullptr) {
+    // Set by UcxWorker::create() unless the environment had a value already.
+    const char* posix = std::getenv("UCX_POSIX_SEG_SIZE");
+    const char* sysv = std::getenv("UCX_SYSV_SEG_SIZE");
+    ASSERT_TRUE(posix != nullptr && sysv != nullptr);
+    EXPECT_NE(profile.find(std::string("posix=") + posix), std::string::npos) << profile;
+    EXPECT_NE(profile.find(std::string("sysv=") + sysv), std::string::npos) << profile;
+  }
+  EXPECT_EQ(shared_memory_profile("tcp"), "");
+  auto back = unframe_address((*w)->address());
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->shm_profile, profile);
 }
 
 }  // namespace

@@ -17,10 +17,32 @@ namespace moemesh::transport::detail {
 // "UCS_ERR_..." text of a status.
 std::string ucs_text(ucs_status_t status);
 
-// Frames raw ucp worker address bytes: magic "MMDP", version byte, u32 length, u32 FNV-1a checksum.
-std::string frame_address(const void* raw, size_t length);
-// The raw ucp address inside a framed address, or an error naming what is wrong with it.
-Expected<std::string_view> unframe_address(std::string_view framed);
+// Shared-memory segment size moemesh gives UCX's posix and sysv transports unless the
+// environment sets one (UCX_POSIX_SEG_SIZE, UCX_SYSV_SEG_SIZE, UCX_MM_SEG_SIZE): 32 KiB + 64.
+// UCX's 8256 splits a hidden-2048 f32 token (8 KiB plus routing and header) into several
+// fragments, and with peer error handling every larger message crosses shared memory in
+// fragments of this size. Sizes from 64 KiB on hang or crash UCX 1.13.
+inline constexpr const char* kSharedMemorySegSize = "32832";
+
+// What two processes on one machine must agree on for UCX's shared-memory transports, e.g.
+// "host=BOOT_ID posix=32832 sysv=32832"; empty when `tls` rules shared memory out. Read after
+// the first UcxWorker::create() (which sets the defaults).
+std::string shared_memory_profile(const std::string& tls);
+// An error when `peer` and `local` (shared_memory_profile() of each side) are on the same machine
+// with different segment sizes: UCX 1.13 crashes when two shared-memory peers disagree. OK when
+// either is empty or the machines differ.
+Status check_shared_memory_profile(std::string_view peer, std::string_view local);
+
+// Frames raw ucp worker address bytes: magic "MMDP", version byte (2), u32 length of the raw
+// address, u32 FNV-1a checksum of what follows, u8 length of the shared-memory profile, the
+// profile, the raw address.
+std::string frame_address(const void* raw, size_t length, std::string_view shm_profile = {});
+struct UnframedAddress {
+  std::string_view raw;          // the ucp address
+  std::string_view shm_profile;  // the side's shared_memory_profile()
+};
+// The parts of a framed address, or an error naming what is wrong with it.
+Expected<UnframedAddress> unframe_address(std::string_view framed);
 
 class UcxWorker {
  public:
@@ -34,6 +56,7 @@ class UcxWorker {
 
   ucp_worker_h worker() const { return worker_; }
   const std::string& address() const { return address_; }  // framed
+  const std::string& shm_profile() const { return shm_profile_; }
   // A short description of the options for messages: "UCX_TLS=tcp UCX_NET_DEVICES=<default>".
   const std::string& describe() const { return describe_; }
 
@@ -63,6 +86,7 @@ class UcxWorker {
   ucp_worker_h worker_ = nullptr;
   int epoll_fd_ = -1;
   std::string address_;
+  std::string shm_profile_;
   std::string describe_;
 };
 

@@ -131,6 +131,28 @@ class ByteBuffer {
   size_t capacity_ = 0;
 };
 
+// A dispatch whose wire form is `head` bytes | rows x[rows[i]] of [*, hidden] f32 in `dtype`,
+// gathered (and converted) only when UCX packs them: as a UCX generic datatype
+// (gather_message_datatype(), count 1, the GatherMessage as buffer) the rows go from the caller's
+// array straight into UCX's send buffers, without a gathered copy of their own. Only where UCX
+// copies anyway (bf16_fused_ok()). x must hold still until the operation completes or the
+// message is redirected with materialize() to a copy of its rows. x null: the rows pack as zeros.
+struct GatherMessage {
+  const std::byte* head = nullptr;
+  size_t head_bytes = 0;
+  const float* x = nullptr;
+  const int32_t* rows = nullptr;  // null: row i is x's row i
+  size_t n_rows = 0;
+  size_t hidden = 0;
+  WireDtype dtype = WireDtype::F32;
+  size_t wire_bytes() const { return head_bytes + n_rows * hidden * dtype_size(dtype); }
+  // Copies the rows into `own` (n_rows x hidden f32) and packs from there from now on.
+  // Returns true when `own` had to grow.
+  bool materialize(ByteBuffer& own);
+};
+size_t gather_message_pack(const GatherMessage& m, size_t offset, void* dest, size_t max_length);
+uint64_t gather_message_datatype();
+
 // Serializes a protobuf message into a reused string (no allocation once it is large enough;
 // room is kept for the seal, see seal_header()).
 template <class Message>
