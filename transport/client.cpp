@@ -127,9 +127,10 @@ class DispatchClient::Impl {
   void materialize_unanswered();
 
   const DataPlaneOptions options_;
-  const bool fused_ = detail::bf16_fused_ok(options_.transports);
+  // Set by init() once UCX's settings are in place (see detail::fused_ok()).
+  bool fused_ = false;
   // Rows packed by UCX straight from the caller's x (no gathered copy), where UCX copies anyway.
-  const bool lazy_ = fused_ && detail::gather_message_datatype() != 0;
+  bool lazy_ = false;
   std::unique_ptr<detail::UcxWorker> ucx_;
   std::unique_ptr<detail::HeaderAuth> auth_;
   std::unique_ptr<detail::FaultInjector> faults_;  // null unless a fault spec was given
@@ -161,6 +162,8 @@ Status DispatchClient::Impl::init() {
   auto created = detail::UcxWorker::create(options_, "client", /*wakeup=*/false);
   if (!created.ok()) return created.error();
   ucx_ = std::move(created.value());
+  fused_ = detail::fused_ok(options_.transports);
+  lazy_ = fused_ && detail::gather_message_datatype() != 0;
   return ucx_->set_am_handler(detail::kReplyAmId, &on_reply_am, this);
 }
 
@@ -192,9 +195,8 @@ DispatchClient::Impl::~Impl() {
 Expected<int> DispatchClient::Impl::connect(std::string_view address) {
   auto framed = detail::unframe_address(address);
   if (!framed.ok()) return Error("DispatchClient::connect: " + framed.error().message());
-  if (Status same = detail::check_shared_memory_profile(framed->shm_profile, ucx_->shm_profile());
-      !same.ok())
-    return Error("DispatchClient::connect: " + same.error().message());
+  if (Status fits = detail::check_transport_profile(framed->profile, ucx_->profile()); !fits.ok())
+    return Error("DispatchClient::connect: " + fits.error().message());
   std::string key(address);
   if (auto it = by_address_.find(key); it != by_address_.end()) return it->second;
 

@@ -19,7 +19,8 @@
 //
 // Buffers. send() copies tokens, experts and weights. The rows of x it sends are gathered
 // (converted to the wire dtype) into a reused buffer, except where UCX copies every message
-// anyway (shared-memory transports only): there UCX packs them straight from x while it sends.
+// anyway (transports lists only shared memory and tcp, see detail::fused_ok()): there UCX packs
+// them straight from x while it sends.
 // So x must not change between send() and the return of the wait() that follows; then it may,
 // even if a dispatch is still on its way (wait() copies the rows such a dispatch still needs
 // before it returns). Every view in Dispatch

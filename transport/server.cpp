@@ -115,7 +115,7 @@ class DispatchServer::Impl {
   }
 
   const DataPlaneOptions options_;
-  const bool fused_ = detail::bf16_fused_ok(options_.transports);
+  bool fused_ = false;  // set by run() once UCX's settings are in place (see detail::fused_ok())
   const Handler handler_;
   std::unique_ptr<detail::HeaderAuth> auth_;       // used by the server thread only
   std::unique_ptr<detail::FaultInjector> faults_;  // server thread only; null without a spec
@@ -197,6 +197,7 @@ void DispatchServer::Impl::run(std::promise<Status>* ready) {
     return;
   }
   ucx_ = std::move(created.value());
+  fused_ = detail::fused_ok(options_.transports);
   if (Status st = ucx_->set_am_handler(detail::kDispatchAmId, &on_dispatch_am, this); !st.ok()) {
     ucx_.reset();
     ready->set_value(st);

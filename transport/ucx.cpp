@@ -45,21 +45,36 @@ bool may_use_shared_memory(const std::string& tls) {
   return false;
 }
 
+// Whether UCX_TLS may select the tcp transport.
+bool may_use_tcp(const std::string& tls) {
+  if (tls.empty() || tls[0] == '^') return true;
+  return tls.find("tcp") != std::string::npos || tls.find("all") != std::string::npos;
+}
+
 // Peer error handling keeps shared memory only when the mm transports expose it
-// (notes/ucx-1.13.md, pitfall 2); the segment size: see kSharedMemorySegSize. Set only when shared
-// memory may be used (UCX warns about unused variables at exit otherwise); values the user
-// already set win (a UCX_MM_SEG_SIZE of theirs applies to both mm transports).
-void set_shared_memory_env(const std::string& tls) {
-  if (!may_use_shared_memory(tls)) return;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    setenv("UCX_POSIX_ERROR_HANDLING", "y", 0);
-    setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
-    if (std::getenv("UCX_MM_SEG_SIZE") == nullptr) {
-      setenv("UCX_POSIX_SEG_SIZE", kSharedMemorySegSize, 0);
-      setenv("UCX_SYSV_SEG_SIZE", kSharedMemorySegSize, 0);
-    }
-  });
+// (notes/ucx-1.13.md, pitfall 2); the segment sizes: see kSharedMemorySegSize and kTcpTxSegSize.
+// Set only for transports that may be used (UCX warns about unused variables at exit
+// otherwise); values the user already set win (a UCX_MM_SEG_SIZE of theirs applies to both mm
+// transports; a UCX_TCP_RX_SEG_SIZE of theirs keeps UCX's send segment, which must fit it).
+void set_env_defaults(const std::string& tls) {
+  if (may_use_shared_memory(tls)) {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      setenv("UCX_POSIX_ERROR_HANDLING", "y", 0);
+      setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
+      if (std::getenv("UCX_MM_SEG_SIZE") == nullptr) {
+        setenv("UCX_POSIX_SEG_SIZE", kSharedMemorySegSize, 0);
+        setenv("UCX_SYSV_SEG_SIZE", kSharedMemorySegSize, 0);
+      }
+    });
+  }
+  if (may_use_tcp(tls)) {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      if (std::getenv("UCX_TCP_RX_SEG_SIZE") == nullptr)
+        setenv("UCX_TCP_TX_SEG_SIZE", kTcpTxSegSize, 0);
+    });
+  }
 }
 
 std::string env_or(const char* name, const char* fallback_name, const char* fallback) {
@@ -101,32 +116,81 @@ std::string ucs_text(ucs_status_t status) {
   return ucs_status_string(status);
 }
 
-std::string shared_memory_profile(const std::string& tls) {
-  if (!may_use_shared_memory(tls)) return {};
-  return "host=" + machine_id() +
-         " posix=" + env_or("UCX_POSIX_SEG_SIZE", "UCX_MM_SEG_SIZE", "default") +
-         " sysv=" + env_or("UCX_SYSV_SEG_SIZE", "UCX_MM_SEG_SIZE", "default");
+std::optional<uint64_t> parse_memunits(std::string_view text) {
+  uint64_t value = 0;
+  size_t i = 0;
+  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+    if (value > (uint64_t{1} << 40)) return std::nullopt;
+    value = value * 10 + static_cast<uint64_t>(text[i] - '0');
+  }
+  if (i == 0) return std::nullopt;
+  std::string_view unit = text.substr(i);
+  if (!unit.empty() && (unit.back() == 'b' || unit.back() == 'B')) unit.remove_suffix(1);
+  if (unit.empty()) return value;
+  if (unit.size() != 1) return std::nullopt;
+  switch (unit[0]) {
+    case 'k':
+    case 'K':
+      return value << 10;
+    case 'm':
+    case 'M':
+      return value << 20;
+    case 'g':
+    case 'G':
+      return value << 30;
+    default:
+      return std::nullopt;
+  }
 }
 
-Status check_shared_memory_profile(std::string_view peer, std::string_view local) {
-  if (peer.empty() || local.empty()) return {};
-  if (profile_field(peer, "host") != profile_field(local, "host")) return {};
-  for (std::string_view key : {"posix", "sysv"}) {
-    const std::string_view theirs = profile_field(peer, key), ours = profile_field(local, key);
-    if (theirs != ours)
-      return Error(fmt::format(
-          "the peer on this machine gives UCX's {} shared-memory transport segments of {} bytes, "
-          "this process {}: UCX 1.13 crashes when two shared-memory peers differ; give every "
-          "moemesh process on a machine the same UCX_POSIX_SEG_SIZE / UCX_SYSV_SEG_SIZE / "
-          "UCX_MM_SEG_SIZE (or none)",
-          key, theirs, ours));
+std::string transport_profile(const std::string& tls) {
+  std::string out;
+  if (may_use_shared_memory(tls))
+    out = "host=" + machine_id() +
+          " posix=" + env_or("UCX_POSIX_SEG_SIZE", "UCX_MM_SEG_SIZE", "default") +
+          " sysv=" + env_or("UCX_SYSV_SEG_SIZE", "UCX_MM_SEG_SIZE", "default");
+  if (may_use_tcp(tls)) {
+    if (!out.empty()) out += ' ';
+    // UCX 1.13's defaults: 8k to send, 64k to receive.
+    out += "tcp_tx=" + env_or("UCX_TCP_TX_SEG_SIZE", "UCX_TCP_TX_SEG_SIZE", "8k") +
+           " tcp_rx=" + env_or("UCX_TCP_RX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE", "64k");
   }
+  return out;
+}
+
+Status check_transport_profile(std::string_view peer, std::string_view local) {
+  const std::string_view peer_host = profile_field(peer, "host");
+  if (!peer_host.empty() && peer_host == profile_field(local, "host")) {
+    for (std::string_view key : {"posix", "sysv"}) {
+      const std::string_view theirs = profile_field(peer, key), ours = profile_field(local, key);
+      if (theirs != ours)
+        return Error(fmt::format(
+            "the peer on this machine gives UCX's {} shared-memory transport segments of {} "
+            "bytes, this process {}: UCX 1.13 crashes when two shared-memory peers differ; give "
+            "every moemesh process on a machine the same UCX_POSIX_SEG_SIZE / UCX_SYSV_SEG_SIZE / "
+            "UCX_MM_SEG_SIZE (or none)",
+            key, theirs, ours));
+    }
+  }
+  // Over tcp each side's send segments must fit the other's receive segments (UCX 1.13 aborts
+  // the receiver otherwise).
+  const auto tx_peer = parse_memunits(profile_field(peer, "tcp_tx"));
+  const auto rx_peer = parse_memunits(profile_field(peer, "tcp_rx"));
+  const auto tx_ours = parse_memunits(profile_field(local, "tcp_tx"));
+  const auto rx_ours = parse_memunits(profile_field(local, "tcp_rx"));
+  if (tx_peer && rx_peer && tx_ours && rx_ours && (*tx_ours > *rx_peer || *tx_peer > *rx_ours))
+    return Error(fmt::format(
+        "UCX tcp segments do not fit: the peer sends up to {} and receives up to {} bytes, this "
+        "process sends up to {} and receives up to {}; UCX 1.13 aborts when a segment is larger "
+        "than the receiver's: give every moemesh process the same UCX_TCP_TX_SEG_SIZE and "
+        "UCX_TCP_RX_SEG_SIZE (or none), with the send size at most the receive size",
+        *tx_peer, *rx_peer, *tx_ours, *rx_ours));
   return {};
 }
 
-std::string frame_address(const void* raw, size_t length, std::string_view shm_profile) {
-  shm_profile = shm_profile.substr(0, 255);
-  std::string body(shm_profile);
+std::string frame_address(const void* raw, size_t length, std::string_view profile) {
+  profile = profile.substr(0, 255);
+  std::string body(profile);
   body.append(static_cast<const char*>(raw), length);
   std::string out;
   out.reserve(kAddressHeader + body.size());
@@ -134,7 +198,7 @@ std::string frame_address(const void* raw, size_t length, std::string_view shm_p
   out.push_back(static_cast<char>(kAddressVersion));
   put_u32(out, static_cast<uint32_t>(length));
   put_u32(out, fnv1a(body.data(), body.size()));
-  out.push_back(static_cast<char>(shm_profile.size()));
+  out.push_back(static_cast<char>(profile.size()));
   out += body;
   return out;
 }
@@ -163,7 +227,7 @@ Expected<UnframedAddress> unframe_address(std::string_view framed) {
 
 Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& options,
                                                        const char* role, bool wakeup) {
-  set_shared_memory_env(options.transports);
+  set_env_defaults(options.transports);
   std::unique_ptr<UcxWorker> w(new UcxWorker());
   w->describe_ = "UCX_TLS=" + or_default(options.transports) +
                  " UCX_NET_DEVICES=" + or_default(options.net_devices);
@@ -214,8 +278,8 @@ Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& o
   st = ucp_worker_get_address(w->worker_, &addr, &addr_len);
   if (st != UCS_OK)
     return Error("UCX could not report the worker address of the " + where + ": " + ucs_text(st));
-  w->shm_profile_ = shared_memory_profile(options.transports);
-  w->address_ = frame_address(addr, addr_len, w->shm_profile_);
+  w->profile_ = transport_profile(options.transports);
+  w->address_ = frame_address(addr, addr_len, w->profile_);
   ucp_worker_release_address(w->worker_, addr);
 
   if (wakeup) {

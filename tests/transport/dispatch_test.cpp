@@ -213,8 +213,8 @@ TEST_P(Transport, SteadyStateAllocatesNoBuffers) {
 }
 
 // x may change as soon as wait() returns, even when a dispatch is still on its way: over shared
-// memory UCX packs the rows from x while it sends, so a round that ends first (here the server
-// stalls in its handler while 8 MiB wait to be received) copies the rows it still needs. The
+// memory and tcp UCX packs the rows from x while it sends, so a round that ends first (here the
+// server stalls in its handler while 8 MiB wait to be received) copies the rows it still needs. The
 // server must get the rows as they were when sent.
 TEST_P(Transport, XMayChangeOnceWaitReturnsWithADispatchInFlight) {
   const Batch stall = make_batch(1, 64, 2, 11);

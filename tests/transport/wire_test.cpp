@@ -110,12 +110,12 @@ TEST(transportWire, AddressFrameRoundTripsAndDetectsDamage) {
   auto back = unframe_address(framed);
   ASSERT_TRUE(back.ok()) << back.error().message();
   EXPECT_EQ(back->raw, raw);
-  EXPECT_EQ(back->shm_profile, profile);
+  EXPECT_EQ(back->profile, profile);
   const std::string bare_framed = frame_address(raw.data(), raw.size());
   auto bare = unframe_address(bare_framed);  // views into bare_framed
   ASSERT_TRUE(bare.ok()) << bare.error().message();
   EXPECT_EQ(bare->raw, raw);
-  EXPECT_EQ(bare->shm_profile, "");
+  EXPECT_EQ(bare->profile, "");
   EXPECT_FALSE(unframe_address(framed.substr(0, 8)).ok());
   EXPECT_FALSE(unframe_address(framed + "x").ok());
   std::string flipped = framed;
@@ -131,45 +131,73 @@ TEST(transportWire, AddressFrameRoundTripsAndDetectsDamage) {
   EXPECT_FALSE(unframe_address(profile_flipped).ok());
 }
 
-// UCX 1.13 crashes when two shared-memory peers use different segment sizes: connect() refuses
-// such a peer on the same machine with a message naming the variables.
-TEST(transportWire, SharedMemoryProfilesMustMatchOnOneMachine) {
-  const std::string ours = "host=m1 posix=32832 sysv=32832";
-  EXPECT_TRUE(check_shared_memory_profile(ours, ours).ok());
-  EXPECT_TRUE(check_shared_memory_profile("", ours).ok());  // the peer cannot use shared memory
-  EXPECT_TRUE(check_shared_memory_profile(ours, "").ok());
+// UCX 1.13 crashes when two shared-memory peers use different segment sizes, or when a tcp
+// segment is larger than its receiver's: connect() refuses such a peer with a message naming the
+// variables.
+TEST(transportWire, TransportProfilesThatWouldCrashUcxAreRefused) {
+  const std::string ours = "host=m1 posix=32832 sysv=32832 tcp_tx=64k tcp_rx=64k";
+  EXPECT_TRUE(check_transport_profile(ours, ours).ok());
+  EXPECT_TRUE(check_transport_profile("", ours).ok());
+  EXPECT_TRUE(check_transport_profile(ours, "").ok());
   // Another machine: shared memory is not used between them.
-  EXPECT_TRUE(check_shared_memory_profile("host=m2 posix=8256 sysv=8256", ours).ok());
-  const Status posix = check_shared_memory_profile("host=m1 posix=8256 sysv=32832", ours);
+  EXPECT_TRUE(check_transport_profile("host=m2 posix=8256 sysv=8256", ours).ok());
+  const Status posix = check_transport_profile("host=m1 posix=8256 sysv=32832", ours);
   ASSERT_FALSE(posix.ok());
   EXPECT_NE(posix.error().message().find("posix"), std::string::npos) << posix.error().message();
   EXPECT_NE(posix.error().message().find("8256"), std::string::npos);
   EXPECT_NE(posix.error().message().find("UCX_POSIX_SEG_SIZE"), std::string::npos);
-  EXPECT_FALSE(check_shared_memory_profile("host=m1 posix=32832 sysv=default", ours).ok());
+  EXPECT_FALSE(check_transport_profile("host=m1 posix=32832 sysv=default", ours).ok());
+  // Tcp: UCX's defaults (8k out, 64k in) fit 64k segments; a receiver of 16k does not.
+  EXPECT_TRUE(check_transport_profile("tcp_tx=8k tcp_rx=64k", ours).ok());
+  EXPECT_TRUE(
+      check_transport_profile("host=m2 posix=8256 sysv=8256 tcp_tx=65536 tcp_rx=65536", ours).ok());
+  const Status small_rx = check_transport_profile("tcp_tx=8k tcp_rx=16k", ours);
+  ASSERT_FALSE(small_rx.ok());
+  EXPECT_NE(small_rx.error().message().find("UCX_TCP_RX_SEG_SIZE"), std::string::npos)
+      << small_rx.error().message();
+  EXPECT_FALSE(check_transport_profile("tcp_tx=128k tcp_rx=128k", ours).ok());
+  // A value that is not a size is not judged.
+  EXPECT_TRUE(check_transport_profile("tcp_tx=auto tcp_rx=64k", ours).ok());
 }
 
-// The profile of this process names this machine and the sizes moemesh sets by default.
-TEST(transportWire, SharedMemoryProfileOfThisProcess) {
-  // Creating a worker sets the defaults (when the environment has none).
+TEST(transportWire, MemoryUnitsParseLikeUcx) {
+  EXPECT_EQ(parse_memunits("65536"), 65536u);
+  EXPECT_EQ(parse_memunits("64k"), 65536u);
+  EXPECT_EQ(parse_memunits("8K"), 8192u);
+  EXPECT_EQ(parse_memunits("64kb"), 65536u);
+  EXPECT_EQ(parse_memunits("1m"), 1048576u);
+  EXPECT_FALSE(parse_memunits(""));
+  EXPECT_FALSE(parse_memunits("auto"));
+  EXPECT_FALSE(parse_memunits("12q"));
+}
+
+// The profile of this process names this machine and the sizes in effect (the defaults moemesh
+// sets unless the environment has values).
+TEST(transportWire, TransportProfileOfThisProcess) {
   DataPlaneOptions o;
-  o.transports = "sm";
+  o.transports = "sm,tcp";
   auto w = UcxWorker::create(o, "client", false);
   ASSERT_TRUE(w.ok()) << w.error().message();
-  const std::string profile = shared_memory_profile("sm");
-  EXPECT_EQ(profile, (*w)->shm_profile());
+  const std::string profile = transport_profile("sm,tcp");
+  EXPECT_EQ(profile, (*w)->profile());
   EXPECT_NE(profile.find("host="), std::string::npos);
   if (std::getenv("UCX_MM_SEG_SIZE") == nullptr) {
-    // Set by UcxWorker::create() unless the environment had a value already.
     const char* posix = std::getenv("UCX_POSIX_SEG_SIZE");
     const char* sysv = std::getenv("UCX_SYSV_SEG_SIZE");
     ASSERT_TRUE(posix != nullptr && sysv != nullptr);
     EXPECT_NE(profile.find(std::string("posix=") + posix), std::string::npos) << profile;
     EXPECT_NE(profile.find(std::string("sysv=") + sysv), std::string::npos) << profile;
   }
-  EXPECT_EQ(shared_memory_profile("tcp"), "");
+  if (std::getenv("UCX_TCP_RX_SEG_SIZE") == nullptr) {
+    const char* tx = std::getenv("UCX_TCP_TX_SEG_SIZE");
+    ASSERT_TRUE(tx != nullptr);
+    EXPECT_NE(profile.find(std::string("tcp_tx=") + tx), std::string::npos) << profile;
+  }
+  EXPECT_EQ(transport_profile("tcp").find("host="), std::string::npos);
+  EXPECT_EQ(transport_profile("sm").find("tcp_tx="), std::string::npos);
   auto back = unframe_address((*w)->address());
   ASSERT_TRUE(back.ok());
-  EXPECT_EQ(back->shm_profile, profile);
+  EXPECT_EQ(back->profile, profile);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -17,29 +18,35 @@ namespace moemesh::transport::detail {
 // "UCS_ERR_..." text of a status.
 std::string ucs_text(ucs_status_t status);
 
-// Shared-memory segment size moemesh gives UCX's posix and sysv transports unless the
-// environment sets one (UCX_POSIX_SEG_SIZE, UCX_SYSV_SEG_SIZE, UCX_MM_SEG_SIZE): 32 KiB + 64.
-// UCX's 8256 splits a hidden-2048 f32 token (8 KiB plus routing and header) into several
-// fragments, and with peer error handling every larger message crosses shared memory in
-// fragments of this size. Sizes from 64 KiB on hang or crash UCX 1.13.
+// Segment sizes moemesh gives UCX unless the environment sets them. Shared memory (posix and
+// sysv, unless UCX_POSIX_SEG_SIZE, UCX_SYSV_SEG_SIZE or UCX_MM_SEG_SIZE is set): 32 KiB + 64;
+// UCX's 8256 splits a hidden-2048 f32 token (8 KiB plus routing and header) in two, and with
+// peer error handling every larger message crosses shared memory in fragments of this size.
+// Sizes from 64 KiB on hang or crash UCX 1.13. Tcp send segments (unless UCX_TCP_TX_SEG_SIZE or
+// UCX_TCP_RX_SEG_SIZE is set): 64 KiB instead of 8, which is UCX's default receive segment, so
+// peers that keep UCX's defaults still fit.
 inline constexpr const char* kSharedMemorySegSize = "32832";
+inline constexpr const char* kTcpTxSegSize = "64k";
 
-// What two processes on one machine must agree on for UCX's shared-memory transports, e.g.
-// "host=BOOT_ID posix=32832 sysv=32832"; empty when `tls` rules shared memory out. Read after
-// the first UcxWorker::create() (which sets the defaults).
-std::string shared_memory_profile(const std::string& tls);
-// An error when `peer` and `local` (shared_memory_profile() of each side) are on the same machine
-// with different segment sizes: UCX 1.13 crashes when two shared-memory peers disagree. OK when
-// either is empty or the machines differ.
-Status check_shared_memory_profile(std::string_view peer, std::string_view local);
+// What a peer must agree with for UCX not to crash: for shared memory, the machine (its boot id)
+// and the posix/sysv segment sizes; for tcp, the send and receive segment sizes. E.g.
+// "host=BOOT_ID posix=32832 sysv=32832 tcp_tx=64k tcp_rx=64k"; the parts `tls` rules out are
+// left out. Read after the first UcxWorker::create() (which sets the defaults).
+std::string transport_profile(const std::string& tls);
+// An error naming the variables when `peer` and `local` (transport_profile() of each side) would
+// crash UCX 1.13: shared-memory segment sizes that differ on one machine, or a tcp send segment
+// larger than the other side's receive segment.
+Status check_transport_profile(std::string_view peer, std::string_view local);
+// UCX's memory units ("65536", "64k", "8K", "1m"); nullopt for anything else.
+std::optional<uint64_t> parse_memunits(std::string_view text);
 
 // Frames raw ucp worker address bytes: magic "MMDP", version byte (2), u32 length of the raw
-// address, u32 FNV-1a checksum of what follows, u8 length of the shared-memory profile, the
-// profile, the raw address.
-std::string frame_address(const void* raw, size_t length, std::string_view shm_profile = {});
+// address, u32 FNV-1a checksum of what follows, u8 length of the transport profile, the profile,
+// the raw address.
+std::string frame_address(const void* raw, size_t length, std::string_view profile = {});
 struct UnframedAddress {
-  std::string_view raw;          // the ucp address
-  std::string_view shm_profile;  // the side's shared_memory_profile()
+  std::string_view raw;      // the ucp address
+  std::string_view profile;  // the side's transport_profile()
 };
 // The parts of a framed address, or an error naming what is wrong with it.
 Expected<UnframedAddress> unframe_address(std::string_view framed);
@@ -56,7 +63,7 @@ class UcxWorker {
 
   ucp_worker_h worker() const { return worker_; }
   const std::string& address() const { return address_; }  // framed
-  const std::string& shm_profile() const { return shm_profile_; }
+  const std::string& profile() const { return profile_; }  // transport_profile()
   // A short description of the options for messages: "UCX_TLS=tcp UCX_NET_DEVICES=<default>".
   const std::string& describe() const { return describe_; }
 
@@ -86,7 +93,7 @@ class UcxWorker {
   ucp_worker_h worker_ = nullptr;
   int epoll_fd_ = -1;
   std::string address_;
-  std::string shm_profile_;
+  std::string profile_;
   std::string describe_;
 };
 

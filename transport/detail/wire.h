@@ -94,7 +94,7 @@ void f32_to_bf16_in_place(void* buf, size_t n);
 // bf16 into UCX's send buffers, unpack writes the f32 body straight from UCX's receive buffers.
 // That saves the separate conversion pass and a copy through a staging buffer. Fragments may
 // start and end at any byte. Generic datatypes rule out zero-copy rendezvous, so they are used
-// only where UCX copies anyway (see bf16_fused_ok()). The Bf16Message must live until the
+// only where UCX copies anyway (see fused_ok()). The Bf16Message must live until the
 // operation completes.
 struct Bf16Message {
   std::byte* head = nullptr;
@@ -111,11 +111,13 @@ size_t bf16_message_pack(const Bf16Message& m, size_t offset, void* dest, size_t
 bool bf16_message_unpack(const Bf16Message& m, size_t offset, const void* src, size_t length);
 // The generic datatype (created on first use, lives as long as the process).
 uint64_t bf16_message_datatype();
-// Whether UCX_TLS names only shared-memory transports: with peer error handling UCX 1.13 moves
-// their rendezvous data through bounce buffers (no memory invalidation for zero copy), so a
-// generic datatype costs nothing there. False for the default, tcp and RDMA transports, which
-// may send zero-copy.
-bool bf16_fused_ok(const std::string& transports);
+// Whether UCX copies every message anyway with these UCX_TLS, so that generic datatypes (which
+// rule out zero-copy) cost nothing and save a pass: shared memory (with peer error handling UCX
+// 1.13 moves rendezvous data through bounce buffers) and tcp with send segments of 32 KiB or more
+// (its bcopy path; with UCX's 8 KiB segments it is slower than zero-copy). False for the default
+// and for RDMA transports, which send zero-copy. Call after UCX's settings are in place
+// (UcxWorker::create()).
+bool fused_ok(const std::string& transports);
 
 // A growable byte buffer that never shrinks and never zero-fills (16-byte aligned).
 class ByteBuffer {
@@ -135,7 +137,7 @@ class ByteBuffer {
 // gathered (and converted) only when UCX packs them: as a UCX generic datatype
 // (gather_message_datatype(), count 1, the GatherMessage as buffer) the rows go from the caller's
 // array straight into UCX's send buffers, without a gathered copy of their own. Only where UCX
-// copies anyway (bf16_fused_ok()). x must hold still until the operation completes or the
+// copies anyway (fused_ok()). x must hold still until the operation completes or the
 // message is redirected with materialize() to a copy of its rows. x null: the rows pack as zeros.
 struct GatherMessage {
   const std::byte* head = nullptr;
