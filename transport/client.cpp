@@ -73,8 +73,9 @@ class DispatchClient::Impl {
     std::string header;
     void* request = nullptr;
     uint64_t seq = 0;
-    // Lazy (shared memory): UCX packs the rows from the caller's x (msg) while it sends; if the
-    // round ends before the send completes, the rows are copied into `own` first (wait()).
+    // Lazy (copying transports, see detail::fused_ok()): UCX packs the rows from the caller's x
+    // (msg) while it sends; if the round ends before the send completes, the rows are copied into
+    // `own` first (wait()).
     bool lazy = false;
     bool detached = false;  // no longer reads the caller's x (copied, or received whole)
     detail::GatherMessage msg;

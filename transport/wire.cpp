@@ -1,8 +1,6 @@
 // Wire format helpers of the data plane (see detail/wire.h).
 #include "transport/detail/wire.h"
 
-#include "transport/detail/ucx.h"
-
 #include <ucp/api/ucp.h>
 #include <zlib.h>
 
@@ -10,6 +8,8 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+
+#include "transport/detail/ucx.h"
 
 namespace moemesh::transport::detail {
 

@@ -252,6 +252,19 @@ def wire_seeds():
     out(t, "reply-bf16", msg(1 | 2 * 3, r, bytes(range(16)) + b"\0\1\0\0"))
     out(t, "reply-error", msg(1, protoc_encode("ReplyHeader", 'version: 2 error: "expert 3 is not held"'), b""))
 
+    def address(raw, profile):
+        # A framed data-plane address (transport/detail/ucx.h): magic, version 2, raw length,
+        # FNV-1a of profile + raw, profile length, profile, raw.
+        body = profile + raw
+        h = 2166136261
+        for b in body:
+            h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+        return b"MMDP" + bytes([2]) + struct.pack("<II", len(raw), h) + bytes([len(profile)]) + body
+
+    out(t, "address-sm-tcp", address(bytes(range(40)),
+                                     b"host=0f3c posix=32832 sysv=32832 tcp_tx=64k tcp_rx=64k"))
+    out(t, "address-small-rx", address(b"\x01\x02\x03", b"tcp_tx=8k tcp_rx=16k"))
+
 
 # --- control_messages ----------------------------------------------------------------------------
 def control_seeds():

@@ -3,7 +3,8 @@
 // against the bytes that arrived) and the ReplyHeader an attention worker receives
 // (transport/client.cpp), then the payload itself: routing sections, bf16 -> f32 conversion, and
 // the fused bf16 unpack that UCX calls with fragments cut anywhere, which must give the same
-// floats as the plain conversion.
+// floats as the plain conversion. The same input is also read as a framed data-plane address
+// (transport/detail/ucx.h) with its transport profile.
 //
 // Input: byte 0: bit 0 reply (else dispatch), bits 1-7 the fragment size of the fused unpack;
 // bytes 1-2: the header length H (little endian); H bytes of sealed header (the serialized
@@ -13,10 +14,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "proto/dataplane.pb.h"
 #include "tests/fuzz/fuzz_common.h"
+#include "transport/detail/ucx.h"
 #include "transport/detail/wire.h"
 
 namespace detail = moemesh::transport::detail;
@@ -123,7 +126,21 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   return 0;
 }
 
+// The whole input as a framed data-plane address (it travels inside control messages from other
+// nodes): unframing never reads outside it, a frame that unframes frames back to the same bytes,
+// and the peer's transport profile is judged against a local one without crashing.
+void address(const uint8_t* data, size_t size) {
+  const std::string_view input(reinterpret_cast<const char*>(data), size);
+  const auto a = detail::unframe_address(input);
+  if (!a.ok()) return;
+  if (detail::frame_address(a->raw.data(), a->raw.size(), a->profile) != input) __builtin_trap();
+  (void)detail::check_transport_profile(a->profile,
+                                        "host=h posix=32832 sysv=32832 tcp_tx=64k tcp_rx=64k");
+  (void)detail::check_transport_profile("tcp_tx=8k tcp_rx=64k", a->profile);
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  address(data, size);
   if (size < 3) return 0;
   const bool is_reply = data[0] & 1;
   const size_t frag = (data[0] >> 1) + 1;
