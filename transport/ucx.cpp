@@ -77,9 +77,11 @@ void set_env_defaults(const std::string& tls) {
   }
 }
 
-std::string env_or(const char* name, const char* fallback_name, const char* fallback) {
+// The value of variable `name`, else of `inherited` (the UCX variable it inherits from; null:
+// none), else `fallback`.
+std::string env_or(const char* name, const char* inherited, const char* fallback) {
   if (const char* v = std::getenv(name)) return v;
-  if (const char* v = std::getenv(fallback_name)) return v;
+  if (const char* v = inherited != nullptr ? std::getenv(inherited) : nullptr) return v;
   return fallback;
 }
 
@@ -152,8 +154,8 @@ std::string transport_profile(const std::string& tls) {
   if (may_use_tcp(tls)) {
     if (!out.empty()) out += ' ';
     // UCX 1.13's defaults: 8k to send, 64k to receive.
-    out += "tcp_tx=" + env_or("UCX_TCP_TX_SEG_SIZE", "UCX_TCP_TX_SEG_SIZE", "8k") +
-           " tcp_rx=" + env_or("UCX_TCP_RX_SEG_SIZE", "UCX_TCP_RX_SEG_SIZE", "64k");
+    out += "tcp_tx=" + env_or("UCX_TCP_TX_SEG_SIZE", nullptr, "8k") +
+           " tcp_rx=" + env_or("UCX_TCP_RX_SEG_SIZE", nullptr, "64k");
   }
   return out;
 }
