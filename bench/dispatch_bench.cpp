@@ -52,6 +52,7 @@ extern char** environ;
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -76,33 +77,6 @@ std::vector<std::string> split(const std::string& s, char sep) {
   std::stringstream in(s);
   for (std::string item; std::getline(in, item, sep);)
     if (!item.empty()) out.push_back(item);
-  return out;
-}
-
-std::string to_hex(const std::string& bytes) {
-  static const char* digits = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : bytes) {
-    out.push_back(digits[c >> 4]);
-    out.push_back(digits[c & 15]);
-  }
-  return out;
-}
-
-// The bytes of a hex string; empty when it is not one.
-std::string from_hex(const std::string& hex) {
-  auto digit = [](char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return -1;
-  };
-  std::string out;
-  if (hex.size() % 2 != 0) return {};
-  for (size_t i = 0; i < hex.size(); i += 2) {
-    const int hi = digit(hex[i]), lo = digit(hex[i + 1]);
-    if (hi < 0 || lo < 0) return {};
-    out.push_back(static_cast<char>(hi * 16 + lo));
-  }
   return out;
 }
 
@@ -143,7 +117,7 @@ int serve(const std::string& transports, const std::string& token, int cpu, bool
     std::fprintf(stderr, "dispatch_bench --serve: %s\n", server.error().message().c_str());
     return 1;
   }
-  std::printf("%s\n", to_hex((*server)->address()).c_str());
+  std::printf("%s\n", moemesh::transport::address_to_hex((*server)->address()).c_str());
   std::fflush(stdout);
   char buf[64];
   while (read(STDIN_FILENO, buf, sizeof(buf)) > 0) {
@@ -216,8 +190,8 @@ bool read_line(int fd, std::string& line) {
 // The --serve process's address: the first hex line on its stdout (UCX may log there first).
 std::string read_address(int fd) {
   for (std::string line; read_line(fd, line);) {
-    std::string bytes = from_hex(line);
-    if (bytes.size() > 4 && bytes.compare(0, 4, "MMDP") == 0) return bytes;
+    const std::optional<std::string> bytes = moemesh::transport::address_from_hex(line);
+    if (bytes && bytes->size() > 4 && bytes->compare(0, 4, "MMDP") == 0) return *bytes;
     std::fprintf(stderr, "%s\n", line.c_str());
   }
   return {};

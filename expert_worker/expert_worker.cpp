@@ -5,7 +5,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <iterator>
 #include <mutex>
 #include <vector>
 
@@ -106,14 +105,9 @@ Expected<std::unique_ptr<ExpertWorker>> ExpertWorker::start(const std::filesyste
       options.data_plane, [raw](std::span<transport::Dispatch> batch) { raw->handle(batch); });
   if (!server) return Error("expert worker: data plane: " + server.error().message());
   impl->server = std::move(*server);
-  if (spdlog::should_log(spdlog::level::debug)) {
-    // The framed address, for tools that reach the data plane from outside (dataplane_probe).
-    std::string hex;
-    hex.reserve(impl->server->address().size() * 2);
-    for (unsigned char b : impl->server->address())
-      fmt::format_to(std::back_inserter(hex), "{:02x}", b);
-    spdlog::debug("expert_worker event=data_plane_listening address={}", hex);
-  }
+  if (spdlog::should_log(spdlog::level::debug))  // for tools that reach it from outside
+    spdlog::debug("expert_worker event=data_plane_listening address={}",
+                  transport::address_to_hex(impl->server->address()));
   const ModelConfig& c = impl->shard->config();
   spdlog::info("expert_worker started model={} arch={} layers={} experts={} capacity_factor={}",
                model_dir.string(), c.model_type, c.num_layers, c.num_experts,

@@ -74,6 +74,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -225,6 +226,12 @@ class DispatchClient {
   explicit DispatchClient(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// An address (DispatchServer::address()) as lower-case hex, for logs and tools that reach a
+// worker's data plane from outside (tests/transport/dataplane_probe.cpp), and back; nullopt when
+// `text` is not hex.
+std::string address_to_hex(std::string_view address);
+std::optional<std::string> address_from_hex(std::string_view text);
 
 // Whether this build can inject data-plane faults (-DMOEMESH_FAULT_INJECTION=ON, test builds).
 bool fault_injection_available();

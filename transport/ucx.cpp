@@ -227,6 +227,43 @@ Expected<UnframedAddress> unframe_address(std::string_view framed) {
   return UnframedAddress{body.substr(profile), body.substr(0, profile)};
 }
 
+}  // namespace moemesh::transport::detail
+
+namespace moemesh::transport {
+
+std::string address_to_hex(std::string_view address) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * address.size());
+  for (unsigned char c : address) {
+    out.push_back(kDigits[c >> 4]);
+    out.push_back(kDigits[c & 15]);
+  }
+  return out;
+}
+
+std::optional<std::string> address_from_hex(std::string_view text) {
+  auto nibble = [](char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  if (text.size() % 2 != 0) return std::nullopt;
+  std::string out;
+  out.reserve(text.size() / 2);
+  for (size_t i = 0; i < text.size(); i += 2) {
+    const int hi = nibble(text[i]), lo = nibble(text[i + 1]);
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out.push_back(static_cast<char>(hi * 16 + lo));
+  }
+  return out;
+}
+
+}  // namespace moemesh::transport
+
+namespace moemesh::transport::detail {
+
 Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& options,
                                                        const char* role, bool wakeup) {
   set_env_defaults(options.transports);

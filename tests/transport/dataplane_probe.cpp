@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -30,23 +31,6 @@ int usage(const std::string& why) {
                "[--hidden N] [--layer L] [--transports TLS]\n",
                why.c_str());
   return 2;
-}
-
-bool from_hex(std::string_view hex, std::string& out) {
-  if (hex.size() % 2 != 0) return false;
-  auto nibble = [](char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-  };
-  out.clear();
-  for (size_t i = 0; i < hex.size(); i += 2) {
-    const int hi = nibble(hex[i]), lo = nibble(hex[i + 1]);
-    if (hi < 0 || lo < 0) return false;
-    out.push_back(static_cast<char>(hi * 16 + lo));
-  }
-  return true;
 }
 
 }  // namespace
@@ -72,14 +56,14 @@ int main(int argc, char** argv) {
     else
       return usage("unknown option " + arg);
   }
-  std::string address;
-  if (address_hex.empty() || !from_hex(address_hex, address))
+  const std::optional<std::string> address = moemesh::transport::address_from_hex(address_hex);
+  if (address_hex.empty() || !address)
     return usage("--address must be the worker's address in hex");
   if (hidden <= 0) return usage("--hidden must be positive");
 
   auto client = DispatchClient::create(options);
   if (!client) return usage("cannot create a data-plane client: " + client.error().message());
-  auto peer = (*client)->connect(address);
+  auto peer = (*client)->connect(*address);
   if (!peer) return usage("cannot connect: " + peer.error().message());
 
   constexpr int32_t kSlots = 2;

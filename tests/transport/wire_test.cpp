@@ -131,6 +131,20 @@ TEST(transportWire, AddressFrameRoundTripsAndDetectsDamage) {
   EXPECT_FALSE(unframe_address(profile_flipped).ok());
 }
 
+TEST(transportWire, AddressHexRoundTripsAndRefusesWhatIsNotHex) {
+  static const char kRaw[] = "MMDP\x02\x00\xff\x10";
+  const std::string raw(kRaw, sizeof(kRaw) - 1);
+  const std::string hex = address_to_hex(raw);
+  EXPECT_EQ(hex,
+            "4d4d445002"
+            "00ff10");
+  EXPECT_EQ(address_from_hex(hex), raw);
+  EXPECT_EQ(address_from_hex("4D4d"), std::string("MM"));
+  EXPECT_FALSE(address_from_hex("abc"));  // odd length
+  EXPECT_FALSE(address_from_hex("zz"));
+  EXPECT_EQ(address_from_hex(""), std::string());
+}
+
 // UCX 1.13 crashes when two shared-memory peers use different segment sizes, or when a tcp
 // segment is larger than its receiver's: connect() refuses such a peer with a message naming the
 // variables.
