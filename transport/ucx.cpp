@@ -19,6 +19,9 @@ namespace {
 constexpr char kAddressMagic[4] = {'M', 'M', 'D', 'P'};
 constexpr uint8_t kAddressVersion = 2;
 constexpr size_t kAddressHeader = 4 + 1 + 4 + 4 + 1;
+// UCX 1.13's tcp segments when the environment sets none: 8k to send, 64k to receive.
+constexpr const char* kUcxTcpTxDefault = "8k";
+constexpr const char* kUcxTcpRxDefault = "64k";
 
 uint32_t fnv1a(const void* data, size_t n) {
   const auto* p = static_cast<const unsigned char*>(data);
@@ -145,6 +148,10 @@ std::optional<uint64_t> parse_memunits(std::string_view text) {
   }
 }
 
+std::optional<uint64_t> tcp_send_segment_bytes() {
+  return parse_memunits(env_or("UCX_TCP_TX_SEG_SIZE", nullptr, kUcxTcpTxDefault));
+}
+
 std::string transport_profile(const std::string& tls) {
   std::string out;
   if (may_use_shared_memory(tls))
@@ -153,9 +160,8 @@ std::string transport_profile(const std::string& tls) {
           " sysv=" + env_or("UCX_SYSV_SEG_SIZE", "UCX_MM_SEG_SIZE", "default");
   if (may_use_tcp(tls)) {
     if (!out.empty()) out += ' ';
-    // UCX 1.13's defaults: 8k to send, 64k to receive.
-    out += "tcp_tx=" + env_or("UCX_TCP_TX_SEG_SIZE", nullptr, "8k") +
-           " tcp_rx=" + env_or("UCX_TCP_RX_SEG_SIZE", nullptr, "64k");
+    out += "tcp_tx=" + env_or("UCX_TCP_TX_SEG_SIZE", nullptr, kUcxTcpTxDefault) +
+           " tcp_rx=" + env_or("UCX_TCP_RX_SEG_SIZE", nullptr, kUcxTcpRxDefault);
   }
   return out;
 }

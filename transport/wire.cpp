@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 #include <cstring>
 
 #include "transport/detail/ucx.h"
@@ -342,8 +341,7 @@ bool fused_ok(const std::string& transports) {
     const std::string name = transports.substr(begin, end - begin);
     static const char* const kCopying[] = {"sm", "shm", "posix", "sysv", "cma", "self"};
     if (name == "tcp") {
-      const char* tx = std::getenv("UCX_TCP_TX_SEG_SIZE");
-      const auto bytes = parse_memunits(tx != nullptr ? tx : "8k");
+      const auto bytes = tcp_send_segment_bytes();
       if (!bytes || *bytes < 32 * 1024) return false;
     } else if (std::find(std::begin(kCopying), std::end(kCopying), name) == std::end(kCopying)) {
       return false;

@@ -39,6 +39,9 @@ std::string transport_profile(const std::string& tls);
 Status check_transport_profile(std::string_view peer, std::string_view local);
 // UCX's memory units ("65536", "64k", "8K", "1m"); nullopt for anything else.
 std::optional<uint64_t> parse_memunits(std::string_view text);
+// The tcp send segment in effect: UCX_TCP_TX_SEG_SIZE, else UCX 1.13's 8k; nullopt when the
+// variable is not a size.
+std::optional<uint64_t> tcp_send_segment_bytes();
 
 // Frames raw ucp worker address bytes: magic "MMDP", version byte (2), u32 length of the raw
 // address, u32 FNV-1a checksum of what follows, u8 length of the transport profile, the profile,
