@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "tests/transport/test_util.h"
+#include "transport/detail/ucx.h"
 
 namespace moemesh::transport::testing {
 namespace {
@@ -220,6 +221,32 @@ TEST(transportOptions, BadAddressesAreRefused) {
   altered.back() = static_cast<char>(altered.back() ^ 0x5a);
   EXPECT_FALSE(client->connect(altered).ok());
   EXPECT_FALSE(send_batch(*client, 3, make_batch(1, 8, 1, 1), 0).ok());  // never connected
+}
+
+// A worker whose UCX segments would crash this one (or be crashed by it) is refused at connect,
+// with the variables to set named: here its address says it receives tcp segments of 16 KiB,
+// smaller than the 64 KiB this client sends.
+TEST(transportOptions, APeerWhoseUcxSegmentsDoNotFitIsRefused) {
+  DataPlaneOptions o;
+  o.transports = "tcp";
+  auto server = start_server(o);
+  auto client = make_client(o);
+  ASSERT_TRUE(server && client);
+  const auto tx = detail::tcp_send_segment_bytes();
+  if (!tx || *tx <= 16 * 1024)
+    GTEST_SKIP()
+        << "the environment sets a tcp send segment of 16 KiB or less (UCX_TCP_TX_SEG_SIZE)";
+  auto parts = detail::unframe_address(server->address());
+  ASSERT_TRUE(parts.ok());
+  const std::string raw(parts->raw);
+  const std::string small_rx =
+      detail::frame_address(raw.data(), raw.size(), "tcp_tx=8k tcp_rx=16k");
+  auto refused = client->connect(small_rx);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message().find("UCX_TCP_RX_SEG_SIZE"), std::string::npos)
+      << refused.error().message();
+  // The same address with the profile it really has connects.
+  EXPECT_TRUE(client->connect(server->address()).ok());
 }
 
 TEST(transportOptions, BadShapesAreRefusedBeforeSending) {
