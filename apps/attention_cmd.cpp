@@ -49,6 +49,7 @@ int run_attention(const AttentionFlags& f) {
   ro.data_plane.token = actors::cluster_token_from(f.worker.cluster_token);
   ro.data_plane.faults = fault_spec_from_environment();
   ro.data_plane.node_name = f.worker.name;
+  ro.data_plane.bf16_views = true;  // a bf16 wire's bits reach the worker unconverted
   ro.data_plane.dtype =
       f.remote.wire_dtype == "bf16" ? transport::WireDtype::BF16 : transport::WireDtype::F32;
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(f.remote.dispatch_timeout_ms));

@@ -126,6 +126,7 @@ int run_expert(const ExpertFlags& f) {
   wo.data_plane.token = actors::cluster_token_from(f.worker.cluster_token);
   wo.data_plane.faults = fault_spec_from_environment();
   wo.data_plane.node_name = f.worker.name;
+  wo.data_plane.bf16_views = true;  // a bf16 wire's bits reach the worker unconverted
   wo.window_seconds = f.window_s;
   Expected<std::unique_ptr<ExpertWorker>> worker = ExpertWorker::start(model_dir, wo);
   if (!worker) return fail(worker.error().message());

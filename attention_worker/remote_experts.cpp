@@ -288,7 +288,12 @@ void RemoteExperts::Impl::take_reply(const transport::Reply& r) {
                           r.n_tokens, r.slots, r.hidden, rows, k, H);
     return;
   }
-  w.partial.assign(r.partial, r.partial + rows * H);
+  if (r.partial_bf16 != nullptr) {  // bf16 views: converted while copied (no pass of its own)
+    w.partial.resize(static_cast<std::size_t>(rows * H));
+    transport::bf16_to_f32(r.partial_bf16, w.partial.data(), w.partial.size());
+  } else {
+    w.partial.assign(r.partial, r.partial + rows * H);
+  }
   w.rejected.assign(r.rejected, r.rejected + rows * k);
   w.status = RoundState::Answered;
 }

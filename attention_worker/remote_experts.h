@@ -51,6 +51,8 @@
 namespace moemesh {
 
 struct RemoteExpertsOptions {
+  // bf16_views may be set (as `moemesh attention` does): bf16 partial sums are then converted as
+  // they are copied out of the reply, with the same result.
   transport::DataPlaneOptions data_plane;
   std::chrono::milliseconds timeout{1000};  // deadline of one dispatch round
 };

@@ -10,15 +10,20 @@
 // crash the attention worker), ucx_perftest does not. In UCX 1.13 peer error handling requires
 // memory invalidation for rendezvous lanes, which cma lacks, so large moemesh messages over shared
 // memory go through the AM bcopy pipeline (two copies), as with ucx_perftest -e. moemesh also
-// gathers rows into its send buffer, hands f32 to both sides (with BF16, converting on each side;
-// over shared memory the conversions happen inside UCX's copies, see transport/detail/wire.h),
-// zeroes the partial sums and runs the handler; ucx_perftest touches no data. The bench's handler
-// does what any expert handler must at least do: read x and write the partial sums (a copy).
+// gathers rows into its send buffer, zeroes the partial sums and runs the handler; ucx_perftest
+// touches no data. The bench's handler does what any expert handler must at least do: read x and
+// write the partial sums (a copy).
 //
 //   build/bin/dispatch_bench [--transports "sm;tcp"] [--iterations N] [--hidden 2048,7168]
-//                            [--tokens 1,16,64,256] [--dtype bf16|f32] [--perftest PATH]
-//                            [--no-perftest] [--token TOKEN] [--cpus A,B|none]
+//                            [--tokens 1,16,64,256] [--dtype bf16|f32] [--caller-dtype bf16|f32]
+//                            [--perftest PATH] [--no-perftest] [--token TOKEN] [--cpus A,B|none]
 //                            [--handler copy|none]
+//
+// --dtype is the wire's; --caller-dtype what both sides' callers hold (default: the wire's). With
+// a bf16 wire and bf16 callers (the default) nothing is converted: bf16 rows go out with
+// send_bf16() and arrive as bf16 views (DataPlaneOptions::bf16_views), as for a model whose hidden
+// states are bf16. --caller-dtype f32 measures f32 callers on a bf16 wire: each side converts
+// (over copying transports inside UCX's copies, see transport/detail/wire.h).
 //
 // --handler copy (default): the server's handler copies x into the partial sums, the least work
 // of any expert. --handler none: it leaves the partial sums as the server hands them over (zero),
@@ -103,15 +108,22 @@ std::pair<int, int> default_cpus() {
 
 // --serve: the expert-worker process. Prints its address in hex on stdout, serves until stdin
 // closes. The handler copies x into partial: the reply has the bytes of the request's x.
-int serve(const std::string& transports, const std::string& token, int cpu, bool copy) {
+int serve(const std::string& transports, const std::string& token, int cpu, bool copy,
+          bool bf16_views) {
   bind_to(cpu);
   DataPlaneOptions o;
   o.transports = transports;
   o.token = token;
+  o.bf16_views = bf16_views;
   auto server = DispatchServer::start(o, [copy](std::span<Dispatch> batch) {
     if (!copy) return;
-    for (Dispatch& d : batch)
-      std::memcpy(d.partial, d.x, static_cast<size_t>(d.n_tokens * d.hidden) * sizeof(float));
+    for (Dispatch& d : batch) {
+      const auto elems = static_cast<size_t>(d.n_tokens * d.hidden);
+      if (d.x_bf16 != nullptr)
+        std::memcpy(d.partial_bf16, d.x_bf16, elems * sizeof(uint16_t));
+      else
+        std::memcpy(d.partial, d.x, elems * sizeof(float));
+    }
   });
   if (!server.ok()) {
     std::fprintf(stderr, "dispatch_bench --serve: %s\n", server.error().message().c_str());
@@ -308,6 +320,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> hiddens = {2048, 7168};
   std::vector<int64_t> token_counts = {1, 16, 64, 256};
   WireDtype dtype = WireDtype::BF16;
+  std::optional<WireDtype> caller_dtype;
   bool run_perftest = true;
   std::string token;
   std::pair<int, int> cpus = default_cpus();
@@ -334,6 +347,9 @@ int main(int argc, char** argv) {
     } else if (flag == "--dtype" && has_value &&
                (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "f32")) {
       dtype = std::string(argv[++i]) == "f32" ? WireDtype::F32 : WireDtype::BF16;
+    } else if (flag == "--caller-dtype" && has_value &&
+               (std::string(argv[i + 1]) == "bf16" || std::string(argv[i + 1]) == "f32")) {
+      caller_dtype = std::string(argv[++i]) == "f32" ? WireDtype::F32 : WireDtype::BF16;
     } else if (flag == "--token" && has_value) {
       token = argv[++i];
     } else if (flag == "--cpus" && has_value) {
@@ -363,12 +379,19 @@ int main(int argc, char** argv) {
           "unknown flag %s; flags: --transports LIST (UCX_TLS values separated by ';', "
           "default \"sm;tcp\") --iterations N (default 200) --hidden LIST (default "
           "2048,7168) --tokens LIST (default 1,16,64,256) --dtype bf16|f32 (default "
-          "bf16) --perftest PATH --no-perftest --token TOKEN --cpus A,B|none --handler copy|none\n",
+          "bf16) --caller-dtype bf16|f32 (default: --dtype) --perftest PATH --no-perftest --token "
+          "TOKEN --cpus A,B|none --handler copy|none\n",
           flag.c_str());
       return 2;
     }
   }
-  if (serving) return serve(serve_tls, token, serve_cpu, copy_handler);
+  if (!caller_dtype) caller_dtype = dtype;
+  if (*caller_dtype == WireDtype::BF16 && dtype == WireDtype::F32) {
+    std::fprintf(stderr, "dispatch_bench: --caller-dtype bf16 needs a bf16 wire (--dtype bf16)\n");
+    return 2;
+  }
+  const bool bf16_views = *caller_dtype == WireDtype::BF16;
+  if (serving) return serve(serve_tls, token, serve_cpu, copy_handler, bf16_views);
   signal(SIGPIPE, SIG_IGN);
 
   bind_to(cpus.first);
@@ -388,6 +411,7 @@ int main(int argc, char** argv) {
     if (cpus.second >= 0)
       server_args.insert(server_args.end(), {"--serve-cpu", std::to_string(cpus.second)});
     if (!copy_handler) server_args.insert(server_args.end(), {"--handler", "none"});
+    if (bf16_views) server_args.insert(server_args.end(), {"--caller-dtype", "bf16"});
     Child server = spawn(server_args, "");
     const std::string address = read_address(server.out);
     if (address.empty()) {
@@ -400,6 +424,7 @@ int main(int argc, char** argv) {
     o.transports = tls;
     o.dtype = dtype;
     o.token = token;
+    o.bf16_views = bf16_views;
     auto client = DispatchClient::create(o);
     if (!client.ok()) {
       std::fprintf(stderr, "dispatch_bench: %s\n", client.error().message().c_str());
@@ -417,6 +442,8 @@ int main(int argc, char** argv) {
         std::vector<float> x(static_cast<size_t>(n * hidden));
         std::normal_distribution<float> dist(0.0f, 1.0f);
         for (float& v : x) v = dist(rng);
+        std::vector<uint16_t> x_bf16(bf16_views ? x.size() : 0);
+        if (bf16_views) moemesh::transport::f32_to_bf16(x.data(), x_bf16.data(), x.size());
         std::vector<int32_t> tokens(static_cast<size_t>(n)),
             experts(static_cast<size_t>(n) * kSlots);
         std::vector<float> weights(experts.size(), 0.125f);
@@ -426,9 +453,12 @@ int main(int argc, char** argv) {
         std::vector<double> us;
         for (int it = 0; it < warmup + iterations; ++it) {
           const auto t0 = Clock::now();
+          const auto step = static_cast<uint64_t>(it);
           const moemesh::Status st =
-              (*client)->send(*peer, 1, static_cast<uint64_t>(it), 0, 0, n, x.data(), hidden,
-                              tokens, experts.data(), weights.data(), kSlots);
+              bf16_views ? (*client)->send_bf16(*peer, 1, step, 0, 0, n, x_bf16.data(), hidden,
+                                                tokens, experts.data(), weights.data(), kSlots)
+                         : (*client)->send(*peer, 1, step, 0, 0, n, x.data(), hidden, tokens,
+                                           experts.data(), weights.data(), kSlots);
           if (!st.ok()) {
             std::fprintf(stderr, "dispatch_bench: %s\n", st.error().message().c_str());
             return 1;
@@ -466,11 +496,12 @@ int main(int argc, char** argv) {
         "alike\n",
         load[0], cores);
   std::printf(
-      "dispatch+combine round trip, %s hidden states, %d iterations (median), top-k %d routing "
-      "sent along\nucx_perftest: -t ucp_am_lat -s BYTES, round trip = 2 x its median one-way "
+      "dispatch+combine round trip, %s hidden states on the wire, %s at both callers, %d "
+      "iterations (median), top-k %d routing sent along\nucx_perftest: -t ucp_am_lat -s BYTES, "
+      "round trip = 2 x its median one-way "
       "latency; perftest_e_us: the same with -e (peer error handling, as moemesh endpoints);\n"
       "ratio = moemesh / perftest, ratio_e = moemesh / perftest -e\n",
-      dtype == WireDtype::BF16 ? "BF16" : "F32", iterations, kSlots);
+      dtype == WireDtype::BF16 ? "BF16" : "F32", bf16_views ? "BF16" : "F32", iterations, kSlots);
   std::printf("handler: %s\n", copy_handler ? "copies x into the partial sums (--handler copy)"
                                             : "touches no data (--handler none)");
   if (cpus.first >= 0)

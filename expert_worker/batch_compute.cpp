@@ -33,6 +33,12 @@ std::string BatchCompute::validate(const transport::Dispatch& d, const ExpertSha
   if (d.slots < 1 || d.n_tokens < 0)
     return fmt::format("the dispatch for layer {} has {} tokens and {} slots per token", d.layer,
                        d.n_tokens, d.slots);
+  if ((d.x == nullptr && d.x_bf16 == nullptr) ||
+      (d.partial == nullptr && d.partial_bf16 == nullptr))
+    return fmt::format(
+        "the dispatch for layer {} has no hidden states or no room for the partial "
+        "sums",
+        d.layer);
   const int64_t total = d.n_tokens * d.slots;
   for (int64_t i = 0; i < total; ++i) {
     const int32_t e = d.experts[i];
@@ -52,10 +58,13 @@ std::string BatchCompute::validate(const transport::Dispatch& d, const ExpertSha
 void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
                        double capacity_factor, std::vector<ExpertRun>& runs) {
   order_.clear();
+  if (sums_.size() < batch.size()) sums_.resize(batch.size());
   for (std::size_t i = 0; i < batch.size(); ++i) {
     std::string why = validate(batch[i], shard);
     if (why.empty()) {
       order_.push_back(static_cast<int32_t>(i));
+      if (batch[i].partial == nullptr)
+        sums_[i].assign(static_cast<std::size_t>(batch[i].n_tokens * batch[i].hidden), 0.0f);
     } else if (batch[i].error != nullptr) {
       *batch[i].error = std::move(why);
     }
@@ -68,6 +77,11 @@ void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
     run_layer(batch, std::span<const int32_t>(order_).subspan(begin, end - begin), shard,
               capacity_factor, runs);
     begin = end;
+  }
+  for (int32_t i : order_) {
+    transport::Dispatch& d = batch[i];
+    if (d.partial == nullptr && d.partial_bf16 != nullptr)
+      transport::f32_to_bf16(sums_[i].data(), d.partial_bf16, sums_[i].size());
   }
 }
 
@@ -124,8 +138,12 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     for (int64_t r = 0; r < kept; ++r) {
       const Slot& s = slots_[begin + r];
       const transport::Dispatch& d = batch[s.dispatch];
-      const float* row = d.x + (s.slot / d.slots) * H;
-      std::copy(row, row + H, gathered_.begin() + r * H);
+      const int64_t at = (s.slot / d.slots) * H;
+      float* dst = gathered_.data() + r * H;
+      if (d.x != nullptr)
+        std::copy(d.x + at, d.x + at + H, dst);
+      else
+        transport::bf16_to_f32(d.x_bf16 + at, dst, static_cast<std::size_t>(H));
     }
     const Clock::time_point started = Clock::now();
     // Slots are grouped by dispatch (arrival order), so each contributing dispatch counts once.
@@ -149,10 +167,10 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     }
     for (int64_t r = 0; r < kept; ++r) {
       const Slot& sl = slots_[begin + r];
-      const transport::Dispatch& d = batch[sl.dispatch];
+      transport::Dispatch& d = batch[sl.dispatch];
       const float w = d.weights[sl.slot];
       const float* y = result_.data() + r * H;
-      float* out = d.partial + (sl.slot / d.slots) * H;
+      float* out = sums_of(d, static_cast<std::size_t>(sl.dispatch)) + (sl.slot / d.slots) * H;
       for (int64_t k = 0; k < H; ++k) out[k] += w * y[k];
     }
     runs.push_back(run);

@@ -46,9 +46,11 @@ class DispatchClient::Impl {
     return peer >= 0 && peer < static_cast<int>(peers_.size()) && peers_[peer]->connected &&
            peers_[peer]->failure != UCS_OK;
   }
+  // x holds rows of `source` (F32, or BF16 for send_bf16()).
   Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
-              int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
-              const int32_t* experts, const float* weights, int32_t slots);
+              int64_t step_tokens, const std::byte* x, WireDtype source, int64_t hidden,
+              std::span<const int32_t> tokens, const int32_t* experts, const float* weights,
+              int32_t slots);
   std::vector<int> wait(Clock::time_point deadline,
                         const std::function<void(const Reply&)>& on_reply);
   ClientStats stats() const {
@@ -312,11 +314,15 @@ void DispatchClient::Impl::drop_late(ReplyBuf* r) {
 }
 
 Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32_t layer,
-                                  int32_t micro_batch, int64_t step_tokens, const float* x,
-                                  int64_t hidden, std::span<const int32_t> tokens,
+                                  int32_t micro_batch, int64_t step_tokens, const std::byte* x,
+                                  WireDtype source, int64_t hidden, std::span<const int32_t> tokens,
                                   const int32_t* experts, const float* weights, int32_t slots) {
   if (in_callback_)
     return Error("DispatchClient::send called from inside on_reply; send after wait() returns");
+  if (source == WireDtype::BF16 && options_.dtype != WireDtype::BF16)
+    return Error(
+        "DispatchClient::send_bf16: this client puts f32 on the wire; create it with dtype BF16 "
+        "to send bf16 rows, or send() f32 rows");
   if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !peers_[peer]->connected)
     return Error("DispatchClient::send: peer " + std::to_string(peer) +
                  " is not connected (connect() the expert worker's address first)");
@@ -356,14 +362,18 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   if (lazy) {
     if (s->rows.capacity() < tokens.size()) ++stats_.buffers;
     s->rows.assign(tokens.begin(), tokens.end());
-    s->msg = {out, layout->x, x, s->rows.data(), static_cast<size_t>(n), row, options_.dtype};
+    s->msg = {out, layout->x,      x,     s->rows.data(), static_cast<size_t>(n),
+              row, options_.dtype, source};
   } else {
+    const size_t src_row = row * detail::dtype_size(source);
+    const size_t wire_row = row * detail::dtype_size(options_.dtype);
     for (int64_t i = 0; i < n; ++i) {
-      const float* src = x + static_cast<size_t>(tokens[i]) * row;
-      if (options_.dtype == WireDtype::BF16)
-        detail::f32_to_bf16_n(src, out + layout->x + static_cast<size_t>(i) * row * 2, row);
+      const std::byte* src = x + static_cast<size_t>(tokens[i]) * src_row;
+      std::byte* dst = out + layout->x + static_cast<size_t>(i) * wire_row;
+      if (source != options_.dtype)
+        detail::f32_to_bf16_n(reinterpret_cast<const float*>(src), dst, row);
       else
-        std::memcpy(out + layout->x + static_cast<size_t>(i) * row * 4, src, row * 4);
+        std::memcpy(dst, src, wire_row);
     }
   }
 
@@ -513,7 +523,7 @@ ucs_status_t DispatchClient::Impl::on_reply(const void* header, size_t header_le
     prm.user_data = r;
     void* buffer = nullptr;
     size_t count = length;
-    if (fused_ && p->dtype == WireDtype::BF16) {
+    if (fused_ && p->dtype == WireDtype::BF16 && !options_.bf16_views) {
       // partial lands in buf as f32 straight from UCX's buffers, then rejected.
       const size_t elems = static_cast<size_t>(p->n_tokens * p->hidden);
       const size_t rejected = length - 2 * elems;
@@ -598,6 +608,8 @@ void DispatchClient::Impl::deliver(const std::function<void(const Reply&)>& on_r
       if (r->converted) {
         out.partial = reinterpret_cast<const float*>(r->payload);
         out.rejected = reinterpret_cast<const uint8_t*>(r->payload + elems * 4);
+      } else if (p->dtype == WireDtype::BF16 && options_.bf16_views) {
+        out.partial_bf16 = reinterpret_cast<const uint16_t*>(r->payload);
       } else if (p->dtype == WireDtype::BF16) {
         if (partial_f32_.reserve(elems * 4)) ++stats_.buffers;
         detail::bf16_to_f32_n(r->payload, reinterpret_cast<float*>(partial_f32_.data()), elems);
@@ -697,8 +709,17 @@ Status DispatchClient::send(int peer, uint64_t epoch, uint64_t step, int32_t lay
                             int32_t micro_batch, int64_t step_tokens, const float* x,
                             int64_t hidden, std::span<const int32_t> tokens, const int32_t* experts,
                             const float* weights, int32_t slots) {
-  return impl_->send(peer, epoch, step, layer, micro_batch, step_tokens, x, hidden, tokens, experts,
+  return impl_->send(peer, epoch, step, layer, micro_batch, step_tokens,
+                     reinterpret_cast<const std::byte*>(x), WireDtype::F32, hidden, tokens, experts,
                      weights, slots);
+}
+Status DispatchClient::send_bf16(int peer, uint64_t epoch, uint64_t step, int32_t layer,
+                                 int32_t micro_batch, int64_t step_tokens, const uint16_t* x_bf16,
+                                 int64_t hidden, std::span<const int32_t> tokens,
+                                 const int32_t* experts, const float* weights, int32_t slots) {
+  return impl_->send(peer, epoch, step, layer, micro_batch, step_tokens,
+                     reinterpret_cast<const std::byte*>(x_bf16), WireDtype::BF16, hidden, tokens,
+                     experts, weights, slots);
 }
 std::vector<int> DispatchClient::wait(std::chrono::steady_clock::time_point deadline,
                                       const std::function<void(const Reply&)>& on_reply) {

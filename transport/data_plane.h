@@ -17,16 +17,15 @@
 // DispatchClient has no thread: it is used by one thread, the caller's, which does all progress
 // inside send() and wait() (wait() busy-polls: it is on the critical path of a step).
 //
-// Buffers. send() copies tokens, experts and weights. The rows of x it sends are gathered
-// (converted to the wire dtype) into a reused buffer, except where UCX copies every message
-// anyway (transports lists only shared memory and tcp, see detail::fused_ok()): there UCX packs
-// them straight from x while it sends.
-// So x must not change between send() and the return of the wait() that follows; then it may,
-// even if a dispatch is still on its way (wait() copies the rows such a dispatch still needs
-// before it returns). Every view in Dispatch
-// is valid only during the handler call, every view in Reply only during the on_reply call.
-// Buffers and protobuf messages are pooled and kept at their high-water mark: in steady state no
-// heap allocation happens per message (ServerStats/ClientStats::buffers counts pool growth).
+// Buffers. send() and send_bf16() copy tokens, experts and weights. The rows of x they send are
+// gathered (converted to the wire dtype) into a reused buffer, except where UCX copies every
+// message anyway (transports lists only shared memory and tcp, see detail::fused_ok()): there UCX
+// packs them straight from x while it sends. So x must not change between send() and the return of
+// the wait() that follows; then it may, even if a dispatch is still on its way (wait() copies the
+// rows such a dispatch still needs before it returns). Every view in Dispatch is valid only during
+// the handler call, every view in Reply only during the on_reply call. Buffers and protobuf
+// messages are pooled and kept at their high-water mark: in steady state no heap allocation happens
+// per message (ServerStats/ClientStats::buffers counts pool growth).
 //
 // Epochs, steps and deadlines. Every message carries the sender's epoch and step id and a
 // sequence number; a reply is delivered only to the wait() that covers its dispatch, with the
@@ -45,7 +44,10 @@
 // transports that may include shared memory sets UCX_POSIX_ERROR_HANDLING=y and
 // UCX_SYSV_ERROR_HANDLING=y in the process environment, unless they are already set.
 // `dtype` is what a client puts on the wire for hidden states; a server replies in the dtype it
-// received, and both sides hand f32 to their callers.
+// received. Callers hand and take f32 (converted to and from a bf16 wire as UCX copies), unless
+// `bf16_views` is set: then a bf16 message reaches the caller as it is on the wire, bf16 bits
+// (Dispatch::x_bf16 and partial_bf16, Reply::partial_bf16), with no conversion in the data plane;
+// DispatchClient::send_bf16() sends rows that are bf16 already. f32 messages keep f32 views.
 //
 // Authentication. With a `token` (the cluster token), every dispatch and reply header carries an
 // HMAC-SHA256 tag of its fields under a key derived from the token (transport/detail/auth.h).
@@ -94,6 +96,7 @@ struct DataPlaneOptions {
   std::string token;      // the cluster token: authenticates every header ("" = no authentication)
   std::string faults;     // fault-injection spec (test builds only, see detail/faults.h)
   std::string node_name;  // this process's node name: fault rules prefixed NAME/ apply if equal
+  bool bf16_views = false;  // bf16 messages reach the caller as bf16 (see Options above)
 };
 
 // Faults this side injected (always zero outside fault-injection builds).
@@ -114,13 +117,19 @@ struct Dispatch {
   int32_t slots = 0;        // expert slots per token (top_k)
   int64_t step_tokens = 0;  // tokens of the sender's whole step for this layer
   int64_t hidden = 0;
-  const float* x = nullptr;          // [n_tokens, hidden], f32 even if the wire was bf16
+  // x as f32 [n_tokens, hidden] (converted if the wire was bf16), or, with bf16_views and a bf16
+  // wire, x_bf16 (bf16 bits as on the wire) and x null. Exactly one is set.
+  const float* x = nullptr;
+  const uint16_t* x_bf16 = nullptr;
   const int32_t* experts = nullptr;  // [n_tokens, slots]: expert id in the layer, -1 = not here
   const float* weights = nullptr;    // [n_tokens, slots]: gate weights
   // Filled by the handler (zero-initialised by the server before the call):
-  float* partial = nullptr;     // [n_tokens, hidden]: sum over this worker's slots of w * expert(x)
-  uint8_t* rejected = nullptr;  // [n_tokens, slots]: 1 = slot not computed (over capacity)
-  std::string* error = nullptr;                    // set non-empty to answer with an error instead
+  // [n_tokens, hidden]: sum over this worker's slots of w * expert(x); partial_bf16 (bf16 bits,
+  // sent as they are) when x_bf16 is set, else partial.
+  float* partial = nullptr;
+  uint16_t* partial_bf16 = nullptr;
+  uint8_t* rejected = nullptr;   // [n_tokens, slots]: 1 = slot not computed (over capacity)
+  std::string* error = nullptr;  // set non-empty to answer with an error instead
   std::chrono::steady_clock::time_point received;  // when the message arrived (for queue time)
 };
 
@@ -167,7 +176,10 @@ struct Reply {
   int64_t n_tokens = 0;
   int32_t slots = 0;
   int64_t hidden = 0;
-  const float* partial = nullptr;     // [n_tokens, hidden] f32 (null with an error)
+  // [n_tokens, hidden]: partial (f32), or partial_bf16 (bf16 bits as on the wire) with
+  // bf16_views and a bf16 wire; both null with an error.
+  const float* partial = nullptr;
+  const uint16_t* partial_bf16 = nullptr;
   const uint8_t* rejected = nullptr;  // [n_tokens, slots] (null with an error)
   std::string_view error;             // non-empty: the server answered with an error
 };
@@ -209,6 +221,12 @@ class DispatchClient {
   Status send(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
               int64_t step_tokens, const float* x, int64_t hidden, std::span<const int32_t> tokens,
               const int32_t* experts, const float* weights, int32_t slots);
+  // The same with rows of bf16 hidden states (x_bf16: bf16 bits, [*, hidden]), which go on the
+  // wire as they are; needs dtype BF16 (refused otherwise).
+  Status send_bf16(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
+                   int64_t step_tokens, const uint16_t* x_bf16, int64_t hidden,
+                   std::span<const int32_t> tokens, const int32_t* experts, const float* weights,
+                   int32_t slots);
 
   // Progresses until every dispatch sent since the last wait() has a reply or `deadline` passes
   // (at least one progress call, so an empty round drains late replies). Calls on_reply (may be
@@ -232,6 +250,11 @@ class DispatchClient {
 // `text` is not hex.
 std::string address_to_hex(std::string_view address);
 std::optional<std::string> address_from_hex(std::string_view text);
+
+// bf16 bits <-> f32 as the data plane converts (round to nearest even, NaN stays NaN),
+// vectorised; for callers with bf16 views.
+void bf16_to_f32(const uint16_t* src, float* dst, size_t n);
+void f32_to_bf16(const float* src, uint16_t* dst, size_t n);
 
 // Whether this build can inject data-plane faults (-DMOEMESH_FAULT_INJECTION=ON, test builds).
 bool fault_injection_available();

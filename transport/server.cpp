@@ -67,6 +67,7 @@ class DispatchServer::Impl {
     int32_t layer = 0, micro_batch = 0, slots = 0;
     int64_t n_tokens = 0, step_tokens = 0, hidden = 0;
     WireDtype dtype = WireDtype::F32;
+    bool views_bf16 = false;  // handed to the handler as on the wire (bf16_views, bf16 wire)
     detail::DispatchLayout layout;
     ucp_ep_h reply_ep = nullptr;
     Clock::time_point received;
@@ -77,7 +78,8 @@ class DispatchServer::Impl {
     void* request = nullptr;   // receive or reply send in flight
     ByteBuffer x_f32;          // x converted from bf16
     bool x_converted = false;  // the receive already filled x_f32 (fused, see Bf16Message)
-    ByteBuffer reply;          // partial f32 [n, hidden] then rejected [n, slots]
+    ByteBuffer
+        reply;  // partial [n, hidden] (f32, or bf16 with views_bf16) then rejected [n, slots]
     // Bytes [0, zeroed) of `reply` are zero, and so are bytes from dirty_end on (no dirty bytes
     // when both are 0).
     size_t zeroed = 0, dirty_end = 0;
@@ -403,6 +405,7 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
     return UCS_OK;
   }
   in->dtype = *dtype;
+  in->views_bf16 = options_.bf16_views && in->dtype == WireDtype::BF16;
   const auto layout = detail::dispatch_layout(in->n_tokens, in->slots, in->hidden, in->dtype);
   if (!layout || layout->total != length) {
     reject(in, "dispatch payload of " + std::to_string(length) +
@@ -421,7 +424,7 @@ ucs_status_t DispatchServer::Impl::on_dispatch(const void* header, size_t header
     p.user_data = in;
     void* buffer = nullptr;
     size_t count = length;
-    if (fused_ && in->dtype == WireDtype::BF16) {
+    if (fused_ && in->dtype == WireDtype::BF16 && !in->views_bf16) {
       // Routing lands in payload_buf, x straight in x_f32 as f32 (no staging copy, no pass).
       const size_t x_elems = (length - layout->x) / 2;
       count_buffer(in->payload_buf.reserve(layout->x));
@@ -506,11 +509,12 @@ void DispatchServer::Impl::on_send_done(void* request, ucs_status_t status, void
   self->release(in);
 }
 
-// Points the view at the payload, converting x to f32 when the wire was bf16, and zeroes the
-// outputs (mostly done already by zero_some() while the server was idle). Returns false (with
-// in.error set) when the reply buffer cannot be laid out.
+// Points the view at the payload, converting x to f32 when the wire was bf16 (unless the handler
+// takes bf16 views), and zeroes the outputs (mostly done already by zero_some() while the server
+// was idle). Returns false (with in.error set) when the reply buffer cannot be laid out.
 bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
-  const auto rl = detail::reply_layout(in.n_tokens, in.slots, in.hidden, WireDtype::F32);
+  const auto rl = detail::reply_layout(in.n_tokens, in.slots, in.hidden,
+                                       in.views_bf16 ? WireDtype::BF16 : WireDtype::F32);
   if (!rl) {
     in.error = "reply of n_tokens=" + std::to_string(in.n_tokens) +
                " hidden=" + std::to_string(in.hidden) + " is too large";
@@ -529,7 +533,9 @@ bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
   d.received = in.received;
   d.experts = reinterpret_cast<const int32_t*>(in.payload + in.layout.experts);
   d.weights = reinterpret_cast<const float*>(in.payload + in.layout.weights);
-  if (in.x_converted) {
+  if (in.views_bf16) {
+    d.x_bf16 = reinterpret_cast<const uint16_t*>(in.payload + in.layout.x);
+  } else if (in.x_converted) {
     d.x = reinterpret_cast<const float*>(in.x_f32.data());
   } else if (in.dtype == WireDtype::BF16) {
     count_buffer(in.x_f32.reserve(x_elems * 4));
@@ -550,7 +556,10 @@ bool DispatchServer::Impl::prepare(Inbound& in, Dispatch& d) {
   // The handler (and an in-place bf16 conversion) may write all of [0, total).
   in.dirty_end = std::max(in.dirty_end, rl->total);
   in.zeroed = 0;
-  d.partial = reinterpret_cast<float*>(in.reply.data());
+  if (in.views_bf16)
+    d.partial_bf16 = reinterpret_cast<uint16_t*>(in.reply.data());
+  else
+    d.partial = reinterpret_cast<float*>(in.reply.data());
   d.rejected = reinterpret_cast<uint8_t*>(in.reply.data() + rl->rejected);
   d.error = &in.error;
   return true;
@@ -622,7 +631,9 @@ void DispatchServer::Impl::send_reply(Inbound& in) {
     bytes = partial_elems * detail::dtype_size(in.dtype) + rejected_bytes;
     payload = in.reply.data();
     count = bytes;
-    if (in.dtype == WireDtype::BF16 && fused_) {
+    if (in.views_bf16) {
+      // The handler wrote bf16: sent as it is.
+    } else if (in.dtype == WireDtype::BF16 && fused_) {
       // UCX's copy into its send buffers converts (no pass of our own).
       in.wire = {nullptr,
                  0,

@@ -259,11 +259,11 @@ void pack_rows(const GatherMessage& m, size_t from, std::byte* out, size_t n) {
       std::memset(out, 0, k);
     } else {
       const size_t row = m.rows != nullptr ? static_cast<size_t>(m.rows[r]) : r;
-      const float* src = m.x + row * m.hidden;
-      if (m.dtype == WireDtype::F32)
-        std::memcpy(out, reinterpret_cast<const std::byte*>(src) + within, k);
+      const std::byte* src = m.x + row * m.hidden * dtype_size(m.source);
+      if (m.dtype == m.source)
+        std::memcpy(out, src + within, k);
       else
-        pack_body(src, within, out, k);
+        pack_body(reinterpret_cast<const float*>(src), within, out, k);
     }
     from += k;
     out += k;
@@ -304,15 +304,15 @@ size_t gather_message_pack(const GatherMessage& m, size_t offset, void* dest, si
 }
 
 bool GatherMessage::materialize(ByteBuffer& own) {
-  const size_t row_bytes = hidden * sizeof(float);
+  const size_t row_bytes = hidden * dtype_size(source);
   const bool grew = own.reserve(n_rows * row_bytes);
-  auto* dst = reinterpret_cast<float*>(own.data());
+  std::byte* dst = own.data();
   if (x == nullptr) {
     if (n_rows > 0) std::memset(dst, 0, n_rows * row_bytes);
   } else {
     for (size_t i = 0; i < n_rows; ++i) {
       const size_t row = rows != nullptr ? static_cast<size_t>(rows[i]) : i;
-      std::memcpy(dst + i * hidden, x + row * hidden, row_bytes);
+      std::memcpy(dst + i * row_bytes, x + row * row_bytes, row_bytes);
     }
   }
   x = dst;
@@ -360,3 +360,14 @@ bool ByteBuffer::reserve(size_t n) {
 }
 
 }  // namespace moemesh::transport::detail
+
+namespace moemesh::transport {
+
+void bf16_to_f32(const uint16_t* src, float* dst, size_t n) {
+  detail::bf16_to_f32_n(src, dst, n);
+}
+void f32_to_bf16(const float* src, uint16_t* dst, size_t n) {
+  detail::f32_to_bf16_n(src, dst, n);
+}
+
+}  // namespace moemesh::transport

@@ -43,6 +43,14 @@ class BatchCompute {
   std::vector<Slot> slots_;      // the layer's slots grouped by expert, arrival order within
   std::vector<float> gathered_;  // [m, hidden]
   std::vector<float> result_;    // [m, hidden]
+  // Per dispatch of the batch that takes bf16 partial sums (Dispatch::partial_bf16): its f32
+  // sums [n_tokens, hidden], rounded to bf16 once when the batch is done (as the data plane would
+  // round f32 partial sums for a bf16 wire). Empty for the others.
+  std::vector<std::vector<float>> sums_;
+  // Where dispatch i's f32 sums go: its partial or its entry of sums_.
+  float* sums_of(transport::Dispatch& d, std::size_t i) {
+    return d.partial != nullptr ? d.partial : sums_[i].data();
+  }
 };
 
 }  // namespace moemesh::detail

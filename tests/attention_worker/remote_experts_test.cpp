@@ -39,10 +39,17 @@ std::vector<int32_t> prompt_of(const std::string& name) {
   return nlohmann::json::parse(in).at("prompt_ids").get<std::vector<int32_t>>();
 }
 
-transport::DataPlaneOptions data_plane() {
-  transport::DataPlaneOptions o;
-  o.transports = "tcp";
+// What every worker and client of a test uses (tests that change it put it back).
+transport::DataPlaneOptions& data_plane_options() {
+  static transport::DataPlaneOptions o = [] {
+    transport::DataPlaneOptions d;
+    d.transports = "tcp";
+    return d;
+  }();
   return o;
+}
+transport::DataPlaneOptions data_plane() {
+  return data_plane_options();
 }
 
 std::unique_ptr<Model> load_model(const fs::path& dir, bool routed_experts) {
@@ -440,6 +447,43 @@ TEST_F(RemoteExpertsTest, CapacityWithReplicasReroutesFirst) {
   const proto::DispatchStats st = remote_->stats();
   EXPECT_GT(st.rerouted_slots_total(), 0u);
   EXPECT_EQ(st.failed_steps_total(), 0u);
+}
+
+// A bf16 wire: hidden states and partial sums rounded to bf16 on the way, so logits stay near
+// the local model's, and bf16 views (bits handed over unconverted, as the role processes run)
+// give exactly what f32 views of the same wire give.
+TEST_F(RemoteExpertsTest, Bf16WireGivesTheSameLogitsWithAndWithoutBf16Views) {
+  const transport::DataPlaneOptions saved = data_plane_options();
+  std::vector<std::vector<float>> runs[2];
+  std::vector<float> local;
+  for (const bool views : {false, true}) {
+    data_plane_options().dtype = transport::WireDtype::BF16;
+    data_plane_options().bf16_views = views;
+    open("qwen2moe-tiny");
+    ASSERT_TRUE(cluster_->start() && cluster_->start());
+    remote_->set_placement(cluster_->place(1, {1, 2}, split()));
+    std::vector<int32_t> tokens = prompt_;
+    for (int i = 0; i < 3; ++i) {
+      std::vector<float> got;
+      Status s = attention_->forward(cache_, tokens, Logits::All, got);
+      ASSERT_TRUE(s.ok()) << s.error().message();
+      if (!views) {  // the local model, fed the same tokens
+        s = full_->forward(full_cache_, tokens, Logits::All, local);
+        ASSERT_TRUE(s.ok()) << s.error().message();
+        const float d = max_abs_diff(local, got);
+        EXPECT_GT(d, 0.0f) << "a bf16 wire that rounds nothing";
+        EXPECT_LT(d, 0.05f) << "step " << i;
+      }
+      runs[views].push_back(got);
+      tokens = {argmax_last(got, vocab_)};
+    }
+    EXPECT_EQ(remote_->stats().failed_steps_total(), 0u);
+    attention_->set_expert_backend(nullptr);
+  }
+  data_plane_options() = saved;
+  ASSERT_EQ(runs[0].size(), runs[1].size());
+  for (std::size_t i = 0; i < runs[0].size(); ++i)
+    EXPECT_EQ(runs[0][i], runs[1][i]) << "step " << i;
 }
 
 }  // namespace

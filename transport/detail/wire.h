@@ -133,7 +133,8 @@ class ByteBuffer {
   size_t capacity_ = 0;
 };
 
-// A dispatch whose wire form is `head` bytes | rows x[rows[i]] of [*, hidden] f32 in `dtype`,
+// A dispatch whose wire form is `head` bytes | rows x[rows[i]] of [*, hidden] `source` in `dtype`
+// (source BF16 needs dtype BF16: the rows go as they are),
 // gathered (and converted) only when UCX packs them: as a UCX generic datatype
 // (gather_message_datatype(), count 1, the GatherMessage as buffer) the rows go from the caller's
 // array straight into UCX's send buffers, without a gathered copy of their own. Only where UCX
@@ -142,13 +143,14 @@ class ByteBuffer {
 struct GatherMessage {
   const std::byte* head = nullptr;
   size_t head_bytes = 0;
-  const float* x = nullptr;
+  const std::byte* x = nullptr;
   const int32_t* rows = nullptr;  // null: row i is x's row i
   size_t n_rows = 0;
   size_t hidden = 0;
   WireDtype dtype = WireDtype::F32;
+  WireDtype source = WireDtype::F32;  // what x holds
   size_t wire_bytes() const { return head_bytes + n_rows * hidden * dtype_size(dtype); }
-  // Copies the rows into `own` (n_rows x hidden f32) and packs from there from now on.
+  // Copies the rows into `own` (n_rows x hidden in `source`) and packs from there from now on.
   // Returns true when `own` had to grow.
   bool materialize(ByteBuffer& own);
 };
