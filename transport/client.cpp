@@ -362,8 +362,14 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   if (lazy) {
     if (s->rows.capacity() < tokens.size()) ++stats_.buffers;
     s->rows.assign(tokens.begin(), tokens.end());
-    s->msg = {out, layout->x,      x,     s->rows.data(), static_cast<size_t>(n),
-              row, options_.dtype, source};
+    s->msg = detail::GatherMessage{.head = out,
+                                   .head_bytes = layout->x,
+                                   .x = x,
+                                   .rows = s->rows.data(),
+                                   .n_rows = static_cast<size_t>(n),
+                                   .hidden = row,
+                                   .dtype = options_.dtype,
+                                   .source = source};
   } else {
     const size_t src_row = row * detail::dtype_size(source);
     const size_t wire_row = row * detail::dtype_size(options_.dtype);

@@ -78,8 +78,8 @@ class DispatchServer::Impl {
     void* request = nullptr;   // receive or reply send in flight
     ByteBuffer x_f32;          // x converted from bf16
     bool x_converted = false;  // the receive already filled x_f32 (fused, see Bf16Message)
-    ByteBuffer
-        reply;  // partial [n, hidden] (f32, or bf16 with views_bf16) then rejected [n, slots]
+    // partial [n, hidden] (f32, or bf16 with views_bf16) then rejected [n, slots]
+    ByteBuffer reply;
     // Bytes [0, zeroed) of `reply` are zero, and so are bytes from dirty_end on (no dirty bytes
     // when both are 0).
     size_t zeroed = 0, dirty_end = 0;
