@@ -110,38 +110,17 @@ TEST_P(Bf16Views, BitsTravelUnchangedBothWays) {
 TEST_P(Bf16Views, ViewsOnOneSideOnlyGiveTheSameResults) {
   const Batch b = make_batch(GetParam().n_tokens, 2048, 4, 22);
   {
-    // Server with views: the reference handler, on bits, is the bf16-rounded product.
+    // Server with views: the reference handler computes on the bits.
     auto server = start_server(options(), [](std::span<Dispatch> batch) {
-      for (Dispatch& d : batch) {
-        ASSERT_NE(d.x_bf16, nullptr);
-        for (int64_t t = 0; t < d.n_tokens; ++t) {
-          float s = 0;
-          for (int32_t k = 0; k < d.slots; ++k) {
-            const int32_t e = d.experts[t * d.slots + k];
-            if (e == kRejectedExpert)
-              d.rejected[t * d.slots + k] = 1;
-            else if (e >= 0)
-              s += d.weights[t * d.slots + k];
-          }
-          for (int64_t j = 0; j < d.hidden; ++j)
-            d.partial_bf16[t * d.hidden + j] =
-                detail::f32_to_bf16(s * detail::bf16_to_f32(d.x_bf16[t * d.hidden + j]));
-        }
-      }
+      for (const Dispatch& d : batch) ASSERT_NE(d.x_bf16, nullptr);
+      reference_handler(batch);
     });
     auto client = make_client(options(/*views=*/false));
     ASSERT_TRUE(server && client);
     const int peer = client->connect(server->address()).value();
-    ASSERT_TRUE(send_batch(*client, peer, b, 0).ok());
-    int replies = 0;
-    EXPECT_TRUE(client
-                    ->wait(Clock::now() + 5s,
-                           [&](const Reply& r) {
-                             ++replies;
-                             expect_reply_matches(r, b, WireDtype::BF16);
-                           })
-                    .empty());
-    EXPECT_EQ(replies, 1);
+    EXPECT_EQ(round_trip(*client, peer, b,
+                         [&](const Reply& r) { expect_reply_matches(r, b, WireDtype::BF16); }),
+              1);
   }
   {
     // Client with views, f32 rows sent (converted as UCX copies), server without views.
@@ -149,22 +128,17 @@ TEST_P(Bf16Views, ViewsOnOneSideOnlyGiveTheSameResults) {
     auto client = make_client(options());
     ASSERT_TRUE(server && client);
     const int peer = client->connect(server->address()).value();
-    ASSERT_TRUE(send_batch(*client, peer, b, 0).ok());
-    int replies = 0;
-    EXPECT_TRUE(client
-                    ->wait(Clock::now() + 5s,
-                           [&](const Reply& r) {
-                             ++replies;
-                             ASSERT_TRUE(r.error.empty()) << r.error;
-                             ASSERT_NE(r.partial_bf16, nullptr);
-                             std::vector<float> as_f32(static_cast<size_t>(r.n_tokens * r.hidden));
-                             bf16_to_f32(r.partial_bf16, as_f32.data(), as_f32.size());
-                             Reply converted = r;
-                             converted.partial = as_f32.data();
-                             expect_reply_matches(converted, b, WireDtype::BF16);
-                           })
-                    .empty());
-    EXPECT_EQ(replies, 1);
+    EXPECT_EQ(round_trip(*client, peer, b,
+                         [&](const Reply& r) {
+                           ASSERT_TRUE(r.error.empty()) << r.error;
+                           ASSERT_NE(r.partial_bf16, nullptr);
+                           std::vector<float> as_f32(static_cast<size_t>(r.n_tokens * r.hidden));
+                           bf16_to_f32(r.partial_bf16, as_f32.data(), as_f32.size());
+                           Reply converted = r;
+                           converted.partial = as_f32.data();
+                           expect_reply_matches(converted, b, WireDtype::BF16);
+                         }),
+              1);
   }
 }
 
@@ -177,16 +151,9 @@ TEST_P(Bf16Views, F32DispatchesKeepF32Views) {
   ASSERT_TRUE(server && client);
   const int peer = client->connect(server->address()).value();
   const Batch b = make_batch(GetParam().n_tokens, 2048, 4, 23);
-  ASSERT_TRUE(send_batch(*client, peer, b, 0).ok());
-  int replies = 0;
-  EXPECT_TRUE(client
-                  ->wait(Clock::now() + 5s,
-                         [&](const Reply& r) {
-                           ++replies;
-                           expect_reply_matches(r, b, WireDtype::F32);
-                         })
-                  .empty());
-  EXPECT_EQ(replies, 1);
+  EXPECT_EQ(round_trip(*client, peer, b,
+                       [&](const Reply& r) { expect_reply_matches(r, b, WireDtype::F32); }),
+            1);
   // And send_bf16 is refused by a client that puts f32 on the wire, naming the fix.
   const std::vector<uint16_t> x = bf16_rows(b);
   const Status s = client->send_bf16(peer, 1, 1, 0, 0, 1, x.data(), b.hidden, b.tokens,

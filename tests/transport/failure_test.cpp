@@ -173,16 +173,9 @@ TEST(transportOptions, NetDevicesSelectTheInterface) {
   ASSERT_TRUE(server && client);
   const int p = client->connect(server->address()).value();
   const Batch b = make_batch(3, 64, 2, 2);
-  ASSERT_TRUE(send_batch(*client, p, b, 0).ok());
-  int replies = 0;
-  EXPECT_TRUE(client
-                  ->wait(Clock::now() + 5s,
-                         [&](const Reply& r) {
-                           ++replies;
-                           expect_reply_matches(r, b, WireDtype::F32);
-                         })
-                  .empty());
-  EXPECT_EQ(replies, 1);
+  EXPECT_EQ(round_trip(*client, p, b,
+                       [&](const Reply& r) { expect_reply_matches(r, b, WireDtype::F32); }),
+            1);
 
   o.net_devices = "no_such_nic0";
   auto bad = DispatchClient::create(o);

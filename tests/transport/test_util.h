@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,7 +21,8 @@ using namespace std::chrono_literals;
 inline constexpr int32_t kRejectedExpert = 7;
 
 // The "expert": partial = (sum of weights of slots with expert >= 0, expert != 7) * x; slots whose
-// expert is 7 are rejected (over capacity).
+// expert is 7 are rejected (over capacity). With bf16 views: the product of the bf16 x, rounded
+// to bf16 (what a server converting to and from f32 replies).
 inline void reference_handler(std::span<Dispatch> batch) {
   for (Dispatch& d : batch) {
     for (int64_t t = 0; t < d.n_tokens; ++t) {
@@ -32,8 +34,13 @@ inline void reference_handler(std::span<Dispatch> batch) {
         else if (e >= 0)
           s += d.weights[t * d.slots + k];
       }
-      for (int64_t j = 0; j < d.hidden; ++j)
-        d.partial[t * d.hidden + j] = s * d.x[t * d.hidden + j];
+      for (int64_t j = 0; j < d.hidden; ++j) {
+        const int64_t i = t * d.hidden + j;
+        if (d.x_bf16 != nullptr)
+          d.partial_bf16[i] = detail::f32_to_bf16(s * detail::bf16_to_f32(d.x_bf16[i]));
+        else
+          d.partial[i] = s * d.x[i];
+      }
     }
   }
 }
@@ -100,6 +107,21 @@ inline Status send_batch(DispatchClient& c, int peer, const Batch& b, int32_t la
                          uint64_t epoch = 1, uint64_t step = 1) {
   return c.send(peer, epoch, step, layer, /*micro_batch=*/0, static_cast<int64_t>(b.tokens.size()),
                 b.x.data(), b.hidden, b.tokens, b.experts.data(), b.weights.data(), b.slots);
+}
+
+// Sends `b` (layer 0) and waits for its reply, handing it to `check`; expects no peer to be
+// missing. Returns the number of replies (1 when all went well).
+inline int round_trip(DispatchClient& c, int peer, const Batch& b,
+                      const std::function<void(const Reply&)>& check) {
+  const Status sent = send_batch(c, peer, b, 0);
+  EXPECT_TRUE(sent.ok()) << sent.error().message();
+  if (!sent.ok()) return 0;
+  int replies = 0;
+  EXPECT_TRUE(c.wait(Clock::now() + 5s, [&](const Reply& r) {
+                 ++replies;
+                 check(r);
+               }).empty());
+  return replies;
 }
 
 inline std::unique_ptr<DispatchServer> start_server(const DataPlaneOptions& o,
