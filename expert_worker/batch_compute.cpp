@@ -33,12 +33,6 @@ std::string BatchCompute::validate(const transport::Dispatch& d, const ExpertSha
   if (d.slots < 1 || d.n_tokens < 0)
     return fmt::format("the dispatch for layer {} has {} tokens and {} slots per token", d.layer,
                        d.n_tokens, d.slots);
-  if ((d.x == nullptr && d.x_bf16 == nullptr) ||
-      (d.partial == nullptr && d.partial_bf16 == nullptr))
-    return fmt::format(
-        "the dispatch for layer {} has no hidden states or no room for the partial "
-        "sums",
-        d.layer);
   const int64_t total = d.n_tokens * d.slots;
   for (int64_t i = 0; i < total; ++i) {
     const int32_t e = d.experts[i];
