@@ -128,6 +128,15 @@ void embedding(const uint16_t* table, int64_t hidden, const int32_t* ids, int64_
 void rmsnorm(float* x, const float* residual, const float* weight, int64_t n, int64_t dim,
              float eps, float* y_f32, uint16_t* y_bf16, Stream stream);
 
+// An RMSNorm split over the ranks of a tensor-parallel group, each holding `dim` of a row's
+// total_dim features: out[t] = sum of x[t, i]^2 over i < dim for t < n (the rank's part of the
+// sum) ...
+void row_sum_squares(const float* x, int64_t n, int64_t dim, float* out, Stream stream);
+// ... and, once the parts are summed over the ranks (Collective::all_reduce_sum), in place
+// x[t, i] = x[t, i] / sqrt(sum_squares[t] / total_dim + eps) * weight[i] for t < n, i < dim. With
+// one rank (total_dim == dim) the two compute rmsnorm(x, nullptr, weight, n, dim, eps, x, ...).
+void rmsnorm_apply(float* x, const float* sum_squares, int64_t total_dim, const float* weight,
+                   int64_t n, int64_t dim, float eps, Stream stream);
 // x[i] += d[i] for i < n.
 void add(float* x, const float* d, int64_t n, Stream stream);
 
@@ -256,6 +265,35 @@ void sample(const float* logits, int64_t n, int64_t vocab, const SamplingBatch& 
 
 // ids[t] = argmax of row t of logits [n, vocab] (ties to the lower id).
 void argmax(const float* logits, int64_t n, int64_t vocab, int32_t* ids, Stream stream);
+
+// ---- Collectives (tensor parallelism) ----------------------------------------------------------
+// One rank of a group whose ranks sum float32 arrays together. Each rank is driven by its own
+// thread with its GPU current; every rank makes the same calls in the same order, and a call
+// returns once the sum is enqueued on (or done before) the rank's stream. Every rank receives the
+// same bits.
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* kind() const = 0;  // "nccl" or "one-gpu"
+  // data[i] = the sum over the ranks of their data[i], for i < count. Returns an error or "".
+  virtual std::string all_reduce_sum(float* data, int64_t count, Stream stream) = 0;
+  // After an error on one rank: releases the others from sums they wait in (those return an
+  // error, as does every later call). Any thread.
+  virtual void abort() = 0;
+};
+
+// NCCL communicators for ranks on `devices` (distinct GPUs of this process), created together
+// (ncclCommInitAll); rank r runs on devices[r]. NCCL (libnccl.so.2) is loaded on the first call,
+// so a process that never asks for it runs without it. Empty, with *error set, when NCCL is
+// missing or refuses the devices.
+std::vector<std::unique_ptr<Collective>> nccl_group(const std::vector<int>& devices,
+                                                    std::string* error);
+// `size` ranks that all run on one GPU and sum through device memory and host barriers: the
+// arithmetic of tensor parallelism on a machine with one GPU (NCCL refuses two ranks on one
+// device). No speed-up: it is for checking results.
+std::vector<std::unique_ptr<Collective>> one_gpu_group(int size);
 
 // ---- Matrix products (cuBLAS) ------------------------------------------------------------------
 

@@ -73,6 +73,33 @@ __global__ void rmsnorm_kernel(float* x, const float* __restrict__ residual,
   }
 }
 
+// One block per row (grid-stride): out[r] = sum of x[r, :]^2.
+__global__ void row_sum_squares_kernel(const float* __restrict__ x, int64_t n, int64_t dim,
+                                       float* __restrict__ out) {
+  __shared__ float scratch[32];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    float ss = 0.0f;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float v = x[r * dim + i];
+      ss += v * v;
+    }
+    ss = detail::block_sum(ss, scratch);
+    if (threadIdx.x == 0) out[r] = ss;
+  }
+}
+
+// x[t, i] *= weight[i] / sqrt(sum_squares[t] / total_dim + eps), grid-stride over n * dim.
+__global__ void rmsnorm_apply_kernel(float* __restrict__ x, const float* __restrict__ sum_squares,
+                                     float total_dim, const float* __restrict__ weight, int64_t n,
+                                     int64_t dim, float eps) {
+  const int64_t size = n * dim;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < size;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float inv = 1.0f / sqrtf(sum_squares[i / dim] / total_dim + eps);
+    x[i] = weight[i % dim] * (x[i] * inv);
+  }
+}
+
 bool aligned(const void* p, std::uintptr_t bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
@@ -94,6 +121,27 @@ void rmsnorm(float* x, const float* residual, const float* weight, int64_t n, in
   else
     rmsnorm_kernel<false>
         <<<blocks, threads, 0, stream>>>(x, residual, weight, n, dim, eps, y_f32, y_bf16);
+}
+
+void row_sum_squares(const float* x, int64_t n, int64_t dim, float* out, Stream stream) {
+  if (n <= 0) return;
+  if (dim <= 0) {
+    fill_bytes(out, 0, static_cast<std::size_t>(n) * sizeof(float), stream);
+    return;
+  }
+  const int threads = dim >= 512 ? 512 : static_cast<int>((dim + 31) / 32 * 32);
+  const auto blocks = static_cast<unsigned>(n < kMaxBlocks ? n : kMaxBlocks);
+  row_sum_squares_kernel<<<blocks, threads, 0, stream>>>(x, n, dim, out);
+}
+
+void rmsnorm_apply(float* x, const float* sum_squares, int64_t total_dim, const float* weight,
+                   int64_t n, int64_t dim, float eps, Stream stream) {
+  if (n <= 0 || dim <= 0) return;
+  constexpr int kThreads = 256;
+  const int64_t blocks = (n * dim + kThreads - 1) / kThreads;
+  rmsnorm_apply_kernel<<<static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads,
+                         0, stream>>>(x, sum_squares, static_cast<float>(total_dim), weight, n, dim,
+                                      eps);
 }
 
 }  // namespace moemesh::kernels::cuda

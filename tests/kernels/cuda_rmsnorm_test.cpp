@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -116,6 +118,56 @@ TEST(CudaRmsNorm, InPlaceOutputOverTheResidualStream) {
             nullptr, nullptr);
     ASSERT_EQ(synchronize(nullptr, "rmsnorm"), "");
     expect_close(ct::download<float>(d_x, n * dim), ref, "in place");
+  }
+}
+
+// An RMSNorm whose features are split over ranks: each part's sum of squares, added up, then
+// each part normalised with its piece of the weight, gives the whole row's RMSNorm.
+TEST(CudaRmsNorm, SplitOverRanksMatchesTheWholeRow) {
+  MOEMESH_REQUIRE_GPU();
+  const float eps = 1e-6f;
+  for (const auto [n, dim, parts] : {std::tuple<int64_t, int64_t, int64_t>{1, 96, 1},
+                                     {5, 96, 2},
+                                     {5, 96, 3},
+                                     {300, 4096, 4},
+                                     {3, 2048, 8}}) {
+    const std::string what =
+        std::to_string(n) + "x" + std::to_string(dim) + " in " + std::to_string(parts);
+    const std::vector<float> x = ct::random_floats(n * dim, 21, -3.0f, 3.0f);
+    const std::vector<float> weight = ct::random_floats(dim, 22, 0.5f, 1.5f);
+    std::vector<float> ref(x.size());
+    kernels::rmsnorm(x.data(), weight.data(), n, dim, eps, ref.data());
+    const int64_t d = dim / parts;
+    std::vector<std::vector<float>> xs(parts), ws(parts);
+    std::vector<float> total(n, 0.0f);
+    for (int64_t p = 0; p < parts; ++p) {
+      for (int64_t t = 0; t < n; ++t)
+        xs[p].insert(xs[p].end(), x.begin() + t * dim + p * d, x.begin() + t * dim + (p + 1) * d);
+      ws[p].assign(weight.begin() + p * d, weight.begin() + (p + 1) * d);
+      DeviceBuffer d_x = ct::upload(xs[p]);
+      DeviceBuffer d_ss = ct::poisoned<float>(n);
+      row_sum_squares(d_x.as<float>(), n, d, d_ss.as<float>(), nullptr);
+      const std::vector<float> ss = ct::download<float>(d_ss, n);
+      for (int64_t t = 0; t < n; ++t) {
+        double want = 0;
+        for (float v : std::vector<float>(xs[p].begin() + t * d, xs[p].begin() + (t + 1) * d))
+          want += double(v) * v;
+        EXPECT_NEAR(ss[t], want, 1e-4 * want) << what << " part " << p << " row " << t;
+        total[t] += ss[t];
+      }
+    }
+    std::vector<float> got(x.size());
+    DeviceBuffer d_total = ct::upload(total);
+    for (int64_t p = 0; p < parts; ++p) {
+      DeviceBuffer d_x = ct::upload(xs[p]);
+      DeviceBuffer d_w = ct::upload(ws[p]);
+      rmsnorm_apply(d_x.as<float>(), d_total.as<float>(), dim, d_w.as<float>(), n, d, eps, nullptr);
+      const std::vector<float> y = ct::download<float>(d_x, n * d);
+      for (int64_t t = 0; t < n; ++t)
+        std::copy(y.begin() + t * d, y.begin() + (t + 1) * d, got.begin() + t * dim + p * d);
+    }
+    ASSERT_EQ(check("split rmsnorm"), "");
+    EXPECT_LT(ct::rel_error(got, ref), 1e-5) << what;
   }
 }
 
