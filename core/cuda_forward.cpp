@@ -9,8 +9,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include "core/detail/cuda_context.h"
+#include "core/detail/tensor_parallel.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
@@ -44,12 +46,6 @@ Status parse_device(const std::string& text, bool* cuda, int* device) {
 
 namespace {
 
-// A weight matrix as bf16 bits, converted on the host when the checkpoint stores another dtype.
-void to_bf16_rows(const kernels::WeightView& w, std::vector<uint16_t>& out) {
-  out.resize(static_cast<std::size_t>(w.rows * w.cols));
-  weight_to_bf16(w, out.data());
-}
-
 cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
   *ok = true;
   if (s == "loop") return cu::GroupedMethod::Loop;
@@ -63,9 +59,14 @@ cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
 
 }  // namespace
 
+// One rank of the forward pass: the whole model on one GPU, or (tensor parallelism) one rank's
+// shard of it (core/detail/tensor_parallel.h) on its GPU. Driven by one thread at a time.
 struct CudaForward::Impl : CudaContext {
-  ModelConfig c;
+  ModelConfig c;  // what this rank holds: heads, KV heads and MLP widths divided by `ranks`
   CudaOptions options;
+  int rank = 0, ranks = 1;
+  kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
+  int64_t qd_total = 0, kvd_total = 0;         // the whole model's q and k widths
   std::unique_ptr<cu::GroupedGemm> grouped;
 
   // Weights (device).
@@ -102,7 +103,7 @@ struct CudaForward::Impl : CudaContext {
   // Scratch, grown on demand.
   cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
       counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
-      logits;
+      logits, sum_squares;
   cu::PinnedBuffer counts_host, stage_x, stage_ids, stage_w, stage_out;
   std::vector<int32_t> meta_host;
   std::vector<int64_t> rows, offs;
@@ -117,99 +118,128 @@ struct CudaForward::Impl : CudaContext {
     if (values.empty()) return {};
     return upload(dst, values.data(), values.size() * sizeof(float));
   }
-  Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w,
-                       std::vector<uint16_t>& staging) {
-    to_bf16_rows(w, staging);
-    Status s = upload(dst, staging.data(), staging.size() * 2);
-    // The copy reads `staging` on the stream: finish it before the buffer is reused.
+  Status upload_bf16(cu::DeviceBuffer& dst, const std::vector<uint16_t>& values) {
+    Status s = upload(dst, values.data(), values.size() * 2);
+    // The copy reads `values` on the stream: finish it before the caller frees them.
     if (s) s = from(cu::synchronize(stream, "uploading weights"));
     return s;
   }
-  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w, std::vector<uint16_t>& staging) {
-    f.inter = w.gate.rows;
-    std::vector<uint16_t> up;
-    to_bf16_rows(w.gate, staging);
-    to_bf16_rows(w.up, up);
-    staging.insert(staging.end(), up.begin(), up.end());
-    if (Status s = upload(f.gate_up, staging.data(), staging.size() * 2); !s) return s;
-    if (Status s = from(cu::synchronize(stream, "uploading weights")); !s) return s;
-    return upload_matrix(f.down, w.down, staging);
+  // This rank's rows or columns of w (all of it with one rank).
+  Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w, Split split) {
+    return upload_bf16(dst, shard_bf16(w, split, rank, ranks));
+  }
+  // All of w, on every rank.
+  Status upload_whole(cu::DeviceBuffer& dst, const kernels::WeightView& w) {
+    return upload_bf16(dst, shard_bf16(w, Split::Rows, 0, 1));
+  }
+  // gate and up: this rank's rows, one [2 * inter, hidden] tensor; down: the matching columns.
+  static std::vector<uint16_t> gate_up_rows(const kernels::FfnWeights& w, int rank, int ranks) {
+    std::vector<uint16_t> gu = shard_bf16(w.gate, Split::Rows, rank, ranks);
+    const std::vector<uint16_t> up = shard_bf16(w.up, Split::Rows, rank, ranks);
+    gu.insert(gu.end(), up.begin(), up.end());
+    return gu;
+  }
+  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w) {
+    f.inter = w.gate.rows / ranks;
+    if (Status s = upload_bf16(f.gate_up, gate_up_rows(w, rank, ranks)); !s) return s;
+    return upload_matrix(f.down, w.down, Split::Cols);
   }
 
   Status load(const ModelWeights& w);
   Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
-  Status ffn(int64_t l, int64_t n, ExpertBackend* external);
+  Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
   Status ffn_dense(const Ffn& f, int64_t n, float* out);
+  // Sums `count` floats at `data` over the ranks (nothing with one rank).
+  Status all_reduce(float* data, int64_t count) {
+    return group ? from(group->all_reduce_sum(data, count, stream)) : Status{};
+  }
+  // q and k normalised over all of their features (QkNorm::Full), each rank holding a part.
+  void full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s);
 };
 
-CudaForward::CudaForward(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CudaForward::CudaForward(std::vector<std::unique_ptr<Impl>> ranks,
+                         std::vector<std::unique_ptr<kernels::cuda::Collective>> group)
+    : group_(std::move(group)), ranks_(std::move(ranks)) {}
 CudaForward::~CudaForward() = default;
 
 int64_t CudaForward::block_size() const {
-  return impl_->options.block_size;
+  return ranks_[0]->options.block_size;
 }
 
 int64_t CudaForward::free_blocks() const {
-  std::lock_guard lock(impl_->pool->mu);
-  return static_cast<int64_t>(impl_->pool->free.size());
+  std::lock_guard lock(ranks_[0]->pool->mu);
+  return static_cast<int64_t>(ranks_[0]->pool->free.size());
 }
 
 std::string CudaForward::description() const {
-  return fmt::format("{} weights={:.2f}GiB kv_blocks={} block_size={} grouped_gemm={}",
-                     cu::device_description(impl_->options.device),
-                     static_cast<double>(impl_->weight_bytes) / (1 << 30), impl_->num_blocks,
-                     impl_->options.block_size,
-                     impl_->grouped ? cu::grouped_method_name(impl_->grouped->method()) : "-");
+  const Impl& m = *ranks_[0];
+  std::string tp;
+  if (ranks_.size() > 1 || !group_.empty()) {
+    tp = fmt::format(" tensor_parallel={} collective={} devices=", ranks_.size(),
+                     group_.front()->kind());
+    for (std::size_t r = 0; r < ranks_.size(); ++r)
+      tp += fmt::format("{}{}", r ? "," : "", ranks_[r]->device);
+  }
+  return fmt::format("{} weights={:.2f}GiB kv_blocks={} block_size={} grouped_gemm={}{}",
+                     cu::device_description(m.device),
+                     static_cast<double>(m.weight_bytes) / (1 << 30), m.num_blocks,
+                     m.options.block_size,
+                     m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
 }
 
 std::shared_ptr<DeviceKv> CudaForward::allocate(int64_t capacity) {
-  const int64_t bs = impl_->options.block_size;
+  const Impl& m = *ranks_[0];
+  const int64_t bs = m.options.block_size;
   const int64_t need = std::max<int64_t>(1, (capacity + bs - 1) / bs);
   auto kv = std::make_shared<DeviceKv>();
-  std::lock_guard lock(impl_->pool->mu);
-  auto& free = impl_->pool->free;
+  std::lock_guard lock(m.pool->mu);
+  auto& free = m.pool->free;
   if (static_cast<int64_t>(free.size()) < need) return nullptr;
   kv->blocks.assign(free.end() - need, free.end());
   free.resize(free.size() - static_cast<std::size_t>(need));
-  kv->pool = impl_->pool;
+  kv->pool = m.pool;
   return kv;
 }
 
 int64_t CudaForward::num_blocks() const {
-  return impl_->num_blocks;
+  return ranks_[0]->num_blocks;
 }
 
 bool CudaForward::grow(DeviceKv& kv, int64_t capacity) {
-  const int64_t bs = impl_->options.block_size;
+  const Impl& m = *ranks_[0];
+  const int64_t bs = m.options.block_size;
   const int64_t need = (capacity + bs - 1) / bs - static_cast<int64_t>(kv.blocks.size());
   if (need <= 0) return true;
-  std::lock_guard lock(impl_->pool->mu);
-  auto& free = impl_->pool->free;
+  std::lock_guard lock(m.pool->mu);
+  auto& free = m.pool->free;
   if (static_cast<int64_t>(free.size()) < need) return false;
   kv.blocks.insert(kv.blocks.end(), free.end() - need, free.end());
   free.resize(free.size() - static_cast<std::size_t>(need));
-  if (!kv.pool) kv.pool = impl_->pool;
+  if (!kv.pool) kv.pool = m.pool;
   return true;
 }
 
 std::shared_ptr<DeviceKv> CudaForward::fork(const DeviceKv& kv, int64_t length) {
-  Impl& m = *impl_;
-  const int64_t bs = m.options.block_size;
+  const int64_t bs = ranks_[0]->options.block_size;
   std::shared_ptr<DeviceKv> copy = allocate(static_cast<int64_t>(kv.blocks.size()) * bs);
   if (!copy) return nullptr;
-  const ModelConfig& c = m.c;
-  const int64_t kvd = c.num_kv_heads * c.head_dim;
-  const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
-  const int64_t layer_stride = m.num_blocks * bs * kvd;
-  const int64_t used = (length + bs - 1) / bs;
-  if (!cu::set_device(m.options.device).empty()) return nullptr;
-  for (int64_t l = 0; l < 2 * c.num_layers; ++l)
-    for (int64_t b = 0; b < used; ++b) {
-      uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
-      cu::copy(base + copy->blocks[b] * bs * kvd, base + kv.blocks[b] * bs * kvd, block_bytes,
-               m.stream);
-    }
-  if (!cu::synchronize(m.stream, "copying a sequence's KV blocks").empty()) return nullptr;
+  // Every rank holds its KV heads of the same blocks.
+  for (const auto& rank : ranks_) {
+    Impl& m = *rank;
+    const ModelConfig& c = m.c;
+    const int64_t kvd = c.num_kv_heads * c.head_dim;
+    const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
+    const int64_t layer_stride = m.num_blocks * bs * kvd;
+    const int64_t used = (length + bs - 1) / bs;
+    if (!cu::set_device(m.device).empty()) return nullptr;
+    for (int64_t l = 0; l < 2 * c.num_layers; ++l)
+      for (int64_t b = 0; b < used; ++b) {
+        uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
+        cu::copy(base + copy->blocks[b] * bs * kvd, base + kv.blocks[b] * bs * kvd, block_bytes,
+                 m.stream);
+      }
+    if (!cu::synchronize(m.stream, "copying a sequence's KV blocks").empty()) return nullptr;
+  }
   return copy;
 }
 
@@ -224,55 +254,105 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
     return Error(
         fmt::format("grouped GEMM method '{}' is not one of auto, loop, streams, batched, wmma",
                     options.grouped_gemm));
-  auto impl = std::make_unique<Impl>();
-  if (Status st = impl->open(options.device); !st) return st.error();
-  impl->c = config;
-  impl->options = options;
-  std::string e;
-  impl->grouped =
-      cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
-  if (!impl->grouped) return Error(e);
-  if (Status s = impl->load(weights); !s) return s.error();
+  const int N = options.tensor_parallel;
+  if (Status s = check_tensor_parallel(config, N); !s) return s.error();
+  if (options.collective != "auto" && options.collective != "nccl" &&
+      options.collective != "one-gpu")
+    return Error(
+        fmt::format("collective '{}' is not one of auto, nccl, one-gpu", options.collective));
+  const bool one_gpu = options.collective == "one-gpu";
+  std::vector<int> devices;
+  for (int r = 0; r < N; ++r) devices.push_back(one_gpu ? options.device : options.device + r);
+  if (N > 1 && cu::device_count() > 0 && devices.back() >= cu::device_count())
+    return Error(fmt::format(
+        "--tensor-parallel-size {} from cuda:{} needs GPUs {}..{}, and this machine has {}: "
+        "lower the size or the first device",
+        N, options.device, options.device, devices.back(), cu::device_count()));
 
-  // The KV pool: the bytes asked for, or half of what the weights left free.
-  const ModelConfig& c = config;
-  const int64_t kv_dim = c.num_kv_heads * c.head_dim;
-  const int64_t block_bytes = c.num_layers * 2 * options.block_size * kv_dim * 2;
+  // The group first (NCCL is loaded only when asked for), then each rank's shard.
+  std::vector<std::unique_ptr<cu::Collective>> group;
+  if (one_gpu) {
+    group = cu::one_gpu_group(N);
+  } else if (N > 1 || options.collective == "nccl") {
+    if (cu::device_count() == 0)
+      return Error(
+          "--device cuda: no CUDA device is usable on this machine (no GPU, or no driver); use "
+          "--device cpu");
+    std::string e;
+    group = cu::nccl_group(devices, &e);
+    if (group.empty()) return Error(e);
+  }
+  std::vector<std::unique_ptr<Impl>> ranks;
+  const ModelConfig local = rank_config(config, N);
+  for (int r = 0; r < N; ++r) {
+    auto impl = std::make_unique<Impl>();
+    if (Status st = impl->open(devices[r]); !st) return st.error();
+    impl->c = local;
+    impl->options = options;
+    impl->rank = r;
+    impl->ranks = N;
+    impl->group = group.empty() ? nullptr : group[r].get();
+    impl->qd_total = config.num_heads * config.head_dim;
+    impl->kvd_total = config.num_kv_heads * config.head_dim;
+    if (r > 0) impl->pool = ranks[0]->pool;  // one block table for all ranks
+    std::string e;
+    impl->grouped =
+        cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
+    if (!impl->grouped) return Error(e);
+    if (N > 1) spdlog::info("loading tensor-parallel rank {} of {} on cuda:{}", r, N, devices[r]);
+    if (Status s = impl->load(weights); !s) return s.error();
+    ranks.push_back(std::move(impl));
+  }
+
+  // The KV pool: the bytes asked for, or half of what the weights left free, on each GPU (the
+  // least of them: every rank holds the same blocks).
+  const int64_t kv_dim = local.num_kv_heads * local.head_dim;
+  const int64_t block_bytes = local.num_layers * 2 * options.block_size * kv_dim * 2;
   int64_t budget = options.kv_cache_bytes;
   if (budget <= 0) {
-    int64_t free_bytes = 0, total = 0;
-    if (std::string err = cu::memory_info(&free_bytes, &total); !err.empty()) return Error(err);
-    budget = free_bytes / 2;
+    budget = INT64_MAX;
+    for (const auto& m : ranks) {
+      if (Status s = from(cu::set_device(m->device)); !s) return s.error();
+      int64_t free_bytes = 0, total = 0;
+      if (std::string err = cu::memory_info(&free_bytes, &total); !err.empty()) return Error(err);
+      // Ranks that share a GPU (one-gpu) share what it has free.
+      budget = std::min(budget, free_bytes / 2 / (one_gpu ? N : 1));
+    }
   }
-  impl->num_blocks = budget / block_bytes;
-  if (impl->num_blocks < 1)
+  const int64_t num_blocks = budget / block_bytes;
+  if (num_blocks < 1)
     return Error(fmt::format(
         "the GPU KV cache budget of {} bytes holds no block of {} bytes: give more memory", budget,
         block_bytes));
-  if (std::string err; (impl->kv = cu::DeviceBuffer::allocate(
-                            static_cast<std::size_t>(impl->num_blocks * block_bytes), &err)),
-                       !impl->kv.data())
-    return Error(err + " (the KV cache pool; lower its size)");
-  impl->pool->free.resize(static_cast<std::size_t>(impl->num_blocks));
-  for (int64_t b = 0; b < impl->num_blocks; ++b)
-    impl->pool->free[b] = static_cast<int32_t>(impl->num_blocks - 1 - b);
-  if (std::string err = cu::synchronize(impl->stream, "loading the model onto the GPU");
-      !err.empty())
-    return Error(err);
+  for (const auto& m : ranks) {
+    if (Status s = from(cu::set_device(m->device)); !s) return s.error();
+    m->num_blocks = num_blocks;
+    if (std::string err; (m->kv = cu::DeviceBuffer::allocate(
+                              static_cast<std::size_t>(num_blocks * block_bytes), &err)),
+                         !m->kv.data())
+      return Error(err + " (the KV cache pool; lower its size)");
+    if (std::string err = cu::synchronize(m->stream, "loading the model onto the GPU");
+        !err.empty())
+      return Error(err);
+  }
+  auto& free = ranks[0]->pool->free;
+  free.resize(static_cast<std::size_t>(num_blocks));
+  for (int64_t b = 0; b < num_blocks; ++b) free[b] = static_cast<int32_t>(num_blocks - 1 - b);
   const auto ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  auto fwd = std::unique_ptr<CudaForward>(new CudaForward(std::move(impl)));
+  auto fwd = std::unique_ptr<CudaForward>(new CudaForward(std::move(ranks), std::move(group)));
   spdlog::info("gpu model ready {} ms={:.0f}", fwd->description(), ms);
   return fwd;
 }
 
 Status CudaForward::Impl::load(const ModelWeights& w) {
-  std::vector<uint16_t> staging;
-  if (Status s = upload_matrix(embed, w.embed, staging); !s) return s;
+  // What every rank holds whole: embeddings, norms, routers, the shared expert's gate; the LM
+  // head only where logits are computed (rank 0).
+  if (Status s = upload_whole(embed, w.embed); !s) return s;
   if (w.lm_head.data == w.embed.data) {
     lm_head = embed.as<uint16_t>();
-  } else {
-    if (Status s = upload_matrix(lm_head_own, w.lm_head, staging); !s) return s;
+  } else if (rank == 0) {
+    if (Status s = upload_whole(lm_head_own, w.lm_head); !s) return s;
     lm_head = lm_head_own.as<uint16_t>();
   }
   if (Status s = upload_f32(final_norm, w.final_norm); !s) return s;
@@ -280,53 +360,54 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
   kernels::rope_inv_freq(c.rope_theta, c.head_dim, freq.data());
   if (Status s = upload_f32(inv_freq, freq); !s) return s;
 
+  // Vectors over the q and k features: this rank's part (per-head q/k norm weights are whole).
+  const bool split_qk_norm = c.qk_norm == QkNorm::Full;
   layers.resize(w.layers.size());
   int64_t last_percent = -1;
   for (std::size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& L = w.layers[l];
     Layer& D = layers[l];
-    for (auto [dst, src] : {std::pair{&D.input_norm, &L.input_norm},
-                            {&D.post_norm, &L.post_attention_norm},
-                            {&D.q_bias, &L.attn.q_bias},
-                            {&D.k_bias, &L.attn.k_bias},
-                            {&D.v_bias, &L.attn.v_bias},
-                            {&D.o_bias, &L.attn.o_bias},
-                            {&D.q_norm, &L.attn.q_norm},
-                            {&D.k_norm, &L.attn.k_norm}})
-      if (Status s = upload_f32(*dst, *src); !s) return s;
-    for (auto [dst, src] :
-         {std::pair{&D.q, &L.attn.q}, {&D.k, &L.attn.k}, {&D.v, &L.attn.v}, {&D.o, &L.attn.o}})
-      if (Status s = upload_matrix(*dst, *src, staging); !s) return s;
+    for (auto [dst, src, split] : {std::tuple{&D.input_norm, &L.input_norm, false},
+                                   {&D.post_norm, &L.post_attention_norm, false},
+                                   {&D.q_bias, &L.attn.q_bias, true},
+                                   {&D.k_bias, &L.attn.k_bias, true},
+                                   {&D.v_bias, &L.attn.v_bias, true},
+                                   {&D.o_bias, &L.attn.o_bias, false},
+                                   {&D.q_norm, &L.attn.q_norm, split_qk_norm},
+                                   {&D.k_norm, &L.attn.k_norm, split_qk_norm}})
+      if (Status s = upload_f32(*dst, split ? shard_vector(*src, rank, ranks) : *src); !s) return s;
+    for (auto [dst, src, split] : {std::tuple{&D.q, &L.attn.q, Split::Rows},
+                                   {&D.k, &L.attn.k, Split::Rows},
+                                   {&D.v, &L.attn.v, Split::Rows},
+                                   {&D.o, &L.attn.o, Split::Cols}})
+      if (Status s = upload_matrix(*dst, *src, split); !s) return s;
     D.moe = L.moe;
     if (!L.moe) {
-      if (Status s = upload_ffn(D.mlp, L.mlp, staging); !s) return s;
+      if (Status s = upload_ffn(D.mlp, L.mlp); !s) return s;
     } else {
-      if (Status s = upload_matrix(D.router, L.router, staging); !s) return s;
+      if (Status s = upload_whole(D.router, L.router); !s) return s;
       D.shared = L.has_shared_expert;
       if (D.shared) {
-        if (Status s = upload_ffn(D.shared_expert, L.shared_expert, staging); !s) return s;
+        if (Status s = upload_ffn(D.shared_expert, L.shared_expert); !s) return s;
         if (!L.shared_expert_gate.empty())
-          if (Status s = upload_matrix(D.shared_gate, L.shared_expert_gate, staging); !s) return s;
+          if (Status s = upload_whole(D.shared_gate, L.shared_expert_gate); !s) return s;
       }
       if (!L.experts.empty()) {
         routed_experts = true;
         const int64_t E = static_cast<int64_t>(L.experts.size());
-        const int64_t I = L.experts[0].gate.rows;
+        const int64_t I = L.experts[0].gate.rows / ranks;
         const int64_t H = c.hidden_size;
         const std::size_t gu_bytes = static_cast<std::size_t>(2 * I * H * 2);
         const std::size_t d_bytes = static_cast<std::size_t>(H * I * 2);
         if (Status s = ensure(D.experts_gate_up, gu_bytes * E); !s) return s;
         if (Status s = ensure(D.experts_down, d_bytes * E); !s) return s;
-        std::vector<uint16_t> up;
         for (int64_t e = 0; e < E; ++e) {
-          to_bf16_rows(L.experts[e].gate, staging);
-          to_bf16_rows(L.experts[e].up, up);
-          char* gate_up = static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes;
-          cu::copy(gate_up, staging.data(), gu_bytes / 2, stream);
-          cu::copy(gate_up + gu_bytes / 2, up.data(), gu_bytes / 2, stream);
-          if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
-          to_bf16_rows(L.experts[e].down, staging);
-          cu::copy(static_cast<char*>(D.experts_down.data()) + e * d_bytes, staging.data(), d_bytes,
+          const std::vector<uint16_t> gate_up = gate_up_rows(L.experts[e], rank, ranks);
+          cu::copy(static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, gate_up.data(),
+                   gu_bytes, stream);
+          const std::vector<uint16_t> down =
+              shard_bf16(L.experts[e].down, Split::Cols, rank, ranks);
+          cu::copy(static_cast<char*>(D.experts_down.data()) + e * d_bytes, down.data(), d_bytes,
                    stream);
           if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
           D.gate_up_groups.push_back(
@@ -381,7 +462,8 @@ Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t ma
                             {&ye, slots * H * f},
                             {&shared_out, n * H * f},
                             {&shared_gate_out, n * f},
-                            {&meta, (4 * n + segments * max_blocks) * 4}})
+                            {&meta, (4 * n + segments * max_blocks) * 4},
+                            {&sum_squares, 2 * n * f}})
     if (Status s = ensure(*buf, static_cast<std::size_t>(bytes)); !s) return s;
   if (Status s = ensure(counts_host, static_cast<std::size_t>(E * 4)); !s) return s;
   if (staged)
@@ -403,7 +485,8 @@ Status CudaForward::Impl::ffn_dense(const Ffn& f, int64_t n, float* out) {
   return from(blas->gemm(act.as<uint16_t>(), f.down.as<uint16_t>(), out, n, H, f.inter));
 }
 
-Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
+Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote,
+                              Status& deferred) {
   const Layer& D = layers[l];
   const int64_t H = c.hidden_size;
   float* out = delta.as<float>();
@@ -423,7 +506,10 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
   cu::route_topk(router_logits.as<float>(), nullptr, n, spec, ids.as<int32_t>(), wts.as<float>(),
                  stream);
 
-  if (external) {
+  if (remote && !external) {
+    // Another rank's backend computes the routed experts: this rank adds its shared expert part.
+    cu::fill_bytes(out, 0, static_cast<std::size_t>(n * H * 4), stream);
+  } else if (external) {
     // Remote experts: stage through pinned host memory; the shared expert overlaps the backend.
     cu::copy(stage_x.data(), xn_f32.data(), static_cast<std::size_t>(n * H * 4), stream);
     cu::copy(stage_ids.data(), ids.data(), static_cast<std::size_t>(slots * 4), stream);
@@ -432,14 +518,18 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
       return s;
     float* host_out = stage_out.as<float>();
     std::fill(host_out, host_out + n * H, 0.0f);
-    if (Status s = external->start(l, stage_x.as<float>(), n, stage_ids.as<int32_t>(),
-                                   stage_w.as<float>(), K, host_out);
-        !s)
-      return s;
+    Status started = external->start(l, stage_x.as<float>(), n, stage_ids.as<int32_t>(),
+                                     stage_w.as<float>(), K, host_out);
     Status shared_status;
     if (D.shared) shared_status = ffn_dense(D.shared_expert, n, shared_out.as<float>());
-    if (Status s = external->finish(); !s) return s;
+    Status backend = started ? external->finish() : started;
     if (!shared_status) return shared_status;
+    if (!backend) {
+      // With other ranks the step goes on (they wait in its sums) and fails at its end.
+      if (!group) return backend;
+      if (deferred) deferred = backend;
+      std::fill(host_out, host_out + n * H, 0.0f);
+    }
     cu::copy(out, host_out, static_cast<std::size_t>(n * H * 4), stream);
   } else {
     if (!routed_experts)
@@ -493,17 +583,71 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external) {
   return {};
 }
 
+void CudaForward::Impl::full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s) {
+  const int64_t qd = c.num_heads * c.head_dim;
+  const int64_t kvd = c.num_kv_heads * c.head_dim;
+  if (!group) {
+    cu::rmsnorm(qs, nullptr, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, qs, nullptr, stream);
+    cu::rmsnorm(ks, nullptr, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, ks, nullptr, stream);
+    return;
+  }
+  // Each rank holds some of the features: the sums of squares are added over the ranks first.
+  float* ss = sum_squares.as<float>();
+  cu::row_sum_squares(qs, n, qd, ss, stream);
+  cu::row_sum_squares(ks, n, kvd, ss + n, stream);
+  if (s = all_reduce(ss, 2 * n); !s) return;
+  cu::rmsnorm_apply(qs, ss, qd_total, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, stream);
+  cu::rmsnorm_apply(ks, ss + n, kvd_total, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, stream);
+}
+
 Status CudaForward::forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
                             ExpertBackend* external, std::span<const int64_t> logit_rows,
                             std::vector<float>& logits) {
-  Impl& m = *impl_;
+  const bool remote = external != nullptr;
+  if (ranks_.size() == 1) {
+    Status s = run_rank(*ranks_[0], segments, tokens, external, remote, logit_rows, logits);
+    if (!s && !group_.empty()) group_[0]->abort();
+    return s;
+  }
+  // Scratch on every GPU before any rank starts (a rank that stops early would leave the others
+  // waiting in a sum).
+  int64_t max_blocks = 1;
+  for (const Segment& s : segments)
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(s.kv->blocks.size()));
+  for (const auto& m : ranks_) {
+    if (Status s = from(cu::set_device(m->device)); !s) return s;
+    if (Status s = m->ensure_scratch(static_cast<int64_t>(tokens.size()),
+                                     static_cast<int64_t>(segments.size()), max_blocks, remote);
+        !s)
+      return s;
+  }
+  // One thread per rank (rank 0 on the caller's); a rank that fails releases the others.
+  std::vector<Status> status(ranks_.size());
+  std::vector<std::vector<float>> unused(ranks_.size());
+  std::vector<std::thread> threads;
+  for (std::size_t r = 1; r < ranks_.size(); ++r)
+    threads.emplace_back([&, r] {
+      status[r] = run_rank(*ranks_[r], segments, tokens, nullptr, remote, {}, unused[r]);
+      if (!status[r]) group_[r]->abort();
+    });
+  status[0] = run_rank(*ranks_[0], segments, tokens, external, remote, logit_rows, logits);
+  if (!status[0]) group_[0]->abort();
+  for (std::thread& t : threads) t.join();
+  for (Status& s : status)
+    if (!s) return s;
+  return {};
+}
+
+Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
+                             std::span<const int32_t> tokens, ExpertBackend* external, bool remote,
+                             std::span<const int64_t> logit_rows, std::vector<float>& logits) {
   const ModelConfig& c = m.c;
   const auto n = static_cast<int64_t>(tokens.size());
   const int64_t H = c.hidden_size;
   const int64_t qd = c.num_heads * c.head_dim;
   const int64_t kvd = c.num_kv_heads * c.head_dim;
   const int64_t bs = m.options.block_size;
-  if (std::string e = cu::set_device(m.options.device); !e.empty()) return Error(e);
+  if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
 
   int64_t max_blocks = 1;
   for (const Segment& s : segments)
@@ -544,6 +688,7 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
   float* delta = m.delta.as<float>();
   uint16_t* xn = m.xn.as<uint16_t>();
   float* xn_f32 = external ? m.xn_f32.as<float>() : nullptr;
+  Status deferred;  // the expert backend's error, with other ranks (reported at the step's end)
   cu::embedding(m.embed.as<uint16_t>(), H, d_tok, n, x, m.stream);
 
   const int64_t layer_stride = m.num_blocks * bs * kvd;  // elements of one layer's k (or v)
@@ -563,8 +708,9 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
       if (b->data()) cu::add_bias(out, b->as<float>(), n, dim, m.stream);
     }
     if (c.qk_norm == QkNorm::Full) {
-      cu::rmsnorm(q, nullptr, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, q, nullptr, m.stream);
-      cu::rmsnorm(k, nullptr, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, k, nullptr, m.stream);
+      Status s;
+      m.full_qk_norm(D, q, k, n, s);
+      if (!s) return s;
     } else if (c.qk_norm == QkNorm::PerHead) {
       cu::rmsnorm(q, nullptr, D.q_norm.as<float>(), n * c.num_heads, c.head_dim, c.rms_norm_eps, q,
                   nullptr, m.stream);
@@ -600,13 +746,19 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
             from(m.blas->gemm(m.attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), delta, n, H, qd));
         !s)
       return s;
-    if (D.o_bias.data()) cu::add_bias(delta, D.o_bias.as<float>(), n, H, m.stream);
+    if (D.o_bias.data() && m.rank == 0) cu::add_bias(delta, D.o_bias.as<float>(), n, H, m.stream);
+    if (Status s = m.all_reduce(delta, n * H); !s) return s;
     // ... then x += ffn(norm(x)).
     cu::rmsnorm(x, delta, D.post_norm.as<float>(), n, H, c.rms_norm_eps, xn_f32, xn, m.stream);
-    if (Status s = m.ffn(l, n, external); !s) return s;
+    if (Status s = m.ffn(l, n, external, remote, deferred); !s) return s;
+    if (Status s = m.all_reduce(delta, n * H); !s) return s;
+  }
+  if (!deferred) {
+    (void)cu::synchronize(m.stream, "forward pass");
+    return deferred;
   }
 
-  if (logit_rows.empty()) {
+  if (logit_rows.empty() || m.rank > 0) {
     logits.clear();
     return from(cu::synchronize(m.stream, "forward pass"));
   }

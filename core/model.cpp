@@ -71,6 +71,11 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
 
   bool cuda = false;
   int device = 0;
+  if (options.tensor_parallel_size != 1 && options.device == "cpu")
+    return Error(fmt::format(
+        "--tensor-parallel-size {} splits a model over GPUs: it needs --device cuda (on the CPU "
+        "use 1)",
+        options.tensor_parallel_size));
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
   if (cuda &&
@@ -86,6 +91,8 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
     co.device = device;
     co.kv_cache_bytes = options.gpu_kv_cache_bytes;
     co.grouped_gemm = options.grouped_gemm;
+    co.tensor_parallel = options.tensor_parallel_size;
+    co.collective = options.tensor_parallel_collective;
     Expected<std::unique_ptr<detail::CudaForward>> fwd =
         detail::CudaForward::create(impl->config, impl->weights, co);
     if (!fwd) return fwd.error();

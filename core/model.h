@@ -132,6 +132,13 @@ struct ModelOptions {
   // How the GPU issues a MoE layer's expert GEMMs: "auto", "loop", "streams", "batched" or
   // "wmma" (kernels/cuda/cuda_kernels.h GroupedMethod).
   std::string grouped_gemm = "auto";
+  // Tensor parallelism on GPUs: the attention heads and MLP widths split over this many GPUs
+  // (`device`'s index and the ones after it), which add their parts with NCCL. 1: one GPU.
+  // tensor_parallel_collective: "auto" (NCCL when the size is over 1), "nccl" (also for size 1),
+  // or "one-gpu" (every rank on `device`, adding through device memory: for checking results
+  // where one GPU is at hand).
+  int tensor_parallel_size = 1;
+  std::string tensor_parallel_collective = "auto";
   // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", "auto" =
   // the checkpoint's, or "fp8": e4m3 with a float32 scale per token and kv head), the most memory
   // it may take (0: it grows as sequences need it), and whether full blocks are shared between

@@ -11,6 +11,13 @@
 // states, expert ids and weights are staged through pinned host buffers, the backend runs while the
 // GPU computes the shared expert, and its result comes back the same way.
 //
+// Tensor parallelism (CudaOptions::tensor_parallel N > 1): N ranks each hold a shard of the model
+// (core/detail/tensor_parallel.h) on their own GPU (devices device .. device + N - 1) and add
+// their partial results with NCCL after each layer's attention and MLP; a forward call runs rank
+// 0 on the calling thread and the others on a thread each, and rank 0 computes the logits. The
+// KV pool's blocks are the same on every rank (each holds its KV heads of them). An expert backend
+// is driven by rank 0 alone.
+//
 // Threads: used by the model's one thread at a time; every call makes its device current.
 #pragma once
 
@@ -24,6 +31,7 @@
 #include "core/config.h"
 #include "core/detail/weights.h"
 #include "core/model.h"
+#include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
 
@@ -45,6 +53,11 @@ struct CudaOptions {
   int64_t kv_cache_bytes = 0;  // 0: half of the GPU memory free after the weights
   int64_t block_size = 16;
   std::string grouped_gemm = "auto";  // auto | loop | streams | batched | wmma
+  int tensor_parallel = 1;            // ranks; the model's heads and MLP widths must divide
+  // How ranks add their parts: "auto" (NCCL when there are several ranks), "nccl" (also for one
+  // rank: a one-rank communicator), or "one-gpu" (every rank on `device`, adding through device
+  // memory: tensor parallelism's arithmetic on a machine with one GPU; no speed-up).
+  std::string collective = "auto";
 };
 
 // Parses "cpu", "cuda" or "cuda:N"; sets *cuda and *device. Errors name the value.
@@ -85,8 +98,15 @@ class CudaForward {
   struct Impl;
 
  private:
-  explicit CudaForward(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  CudaForward(std::vector<std::unique_ptr<Impl>> ranks,
+              std::vector<std::unique_ptr<kernels::cuda::Collective>> group);
+  // The forward pass of one rank. `external`: the expert backend (rank 0 only); `remote`: the
+  // routed experts are computed elsewhere (by rank 0's backend).
+  static Status run_rank(Impl& m, std::span<const Segment> segments,
+                         std::span<const int32_t> tokens, ExpertBackend* external, bool remote,
+                         std::span<const int64_t> logit_rows, std::vector<float>& logits);
+  std::vector<std::unique_ptr<kernels::cuda::Collective>> group_;  // empty: no collective
+  std::vector<std::unique_ptr<Impl>> ranks_;                       // rank 0 first
 };
 
 }  // namespace moemesh::detail

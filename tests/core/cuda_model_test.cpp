@@ -1,6 +1,7 @@
 // The GPU forward pass (ModelOptions::device "cuda") against the CPU one on the stored fixtures:
-// prefill logits, chunked prefill, batched decode, remote experts through an outside backend, and
-// a full KV pool. Skips where no GPU is present, except the checks of refused devices.
+// prefill logits, chunked prefill, batched decode, remote experts through an outside backend, a
+// full KV pool, and tensor parallelism (ranks on one GPU, NCCL). Skips where no GPU is present,
+// except the checks of refused devices and sizes.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -204,6 +205,141 @@ TEST_P(CudaModel, EngineStyleCachesAndStepsAgreeOnTheGpu) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel,
                          ::testing::Values("mixtral-tiny", "olmoe-bf16-clip", "qwen2moe-bf16",
                                            "qwen3moe-tiny", "mixtral-odd-sharded"));
+
+// ---- Tensor parallelism ----------------------------------------------------------------------
+
+ModelOptions tp_options(int size, const char* collective) {
+  ModelOptions o = gpu_options();
+  o.tensor_parallel_size = size;
+  o.tensor_parallel_collective = collective;
+  return o;
+}
+
+// Sizes that do not divide the model are refused before any GPU is touched.
+TEST(CudaModelDevice, TensorParallelSizesThatDoNotDivideAreRefused) {
+  auto m = Model::load(fixture("mixtral-odd-sharded"), tp_options(2, "auto"));
+  ASSERT_FALSE(m);
+  EXPECT_NE(m.error().message().find("5 attention heads"), std::string::npos)
+      << m.error().message();
+  auto c = Model::load(fixture("qwen3moe-tiny"), tp_options(2, "mpi"));
+  ASSERT_FALSE(c);
+  EXPECT_NE(c.error().message().find("auto, nccl, one-gpu"), std::string::npos)
+      << c.error().message();
+}
+
+// What a sharded model computes, step by step, against the same model on one rank: a prompt's
+// logits, decode steps on caches grown block by block, a fork, and a step that mixes a decode
+// token with prompt chunks; with its own experts and with experts from an outside backend.
+void expect_same_as_one_rank(const char* name, Model& tp, Model& one) {
+  const auto V = static_cast<std::size_t>(one.config().vocab_size);
+  const std::vector<int32_t> prompt = fixture_prompt(name);
+  const auto n = static_cast<int64_t>(prompt.size());
+  KVCache a = tp.new_cache(0), ref = one.new_cache(0);
+  ASSERT_TRUE(tp.reserve(a, n));
+  ASSERT_TRUE(one.reserve(ref, n));
+  std::vector<float> got, want;
+  auto s = tp.forward(a, prompt, Logits::All, got);
+  ASSERT_TRUE(s) << s.error().message();
+  ASSERT_TRUE(one.forward(ref, prompt, Logits::All, want));
+  EXPECT_LT(rel_error(got, want), 1e-2) << name << " prompt";
+  for (int32_t t : {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21}) {
+    ASSERT_TRUE(tp.reserve(a, a.length() + 1));
+    ASSERT_TRUE(one.reserve(ref, ref.length() + 1));
+    ASSERT_TRUE(tp.forward(a, std::vector<int32_t>{t}, Logits::Last, got));
+    ASSERT_TRUE(one.forward(ref, std::vector<int32_t>{t}, Logits::Last, want));
+    EXPECT_LT(rel_error(got, want), 1e-2) << name << " token " << t;
+  }
+  Expected<KVCache> b = tp.fork(a);
+  ASSERT_TRUE(b) << b.error().message();
+  ASSERT_TRUE(tp.reserve(*b, b->length() + 1));
+  ASSERT_TRUE(one.reserve(ref, ref.length() + 1));
+  KVCache c = tp.new_cache(32), c1 = one.new_cache(32);
+  const std::vector<int32_t> tok = {4}, p = {9, 8, 7, 6, 5};
+  std::vector<Model::Chunk> chunks = {{&*b, tok, true}, {&c, p, true}};
+  std::vector<float> step, one_tok, one_p;
+  ASSERT_TRUE(tp.forward_step(chunks, step));
+  ASSERT_EQ(step.size(), 2 * V);
+  ASSERT_TRUE(one.forward(ref, tok, Logits::Last, one_tok));
+  ASSERT_TRUE(one.forward(c1, p, Logits::Last, one_p));
+  EXPECT_LT(rel_error(std::vector<float>(step.begin(), step.begin() + V), one_tok), 1e-2) << name;
+  EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.end()), one_p), 1e-2) << name;
+}
+
+class CudaModelTensorParallel : public ::testing::TestWithParam<const char*> {};
+
+// Two ranks on one GPU (the arithmetic of tensor parallelism where one GPU is at hand), and four
+// where the model divides by four.
+TEST_P(CudaModelTensorParallel, RanksOnOneGpuComputeWhatOneRankComputes) {
+  REQUIRE_GPU();
+  auto one = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(one) << one.error().message();
+  for (int size : {2, 4}) {
+    const ModelConfig& c = (*one)->config();
+    if (c.num_kv_heads % size || c.num_heads % size) continue;
+    auto tp = Model::load(fixture(GetParam()), tp_options(size, "one-gpu"));
+    ASSERT_TRUE(tp) << tp.error().message();
+    EXPECT_NE((*tp)->device_description().find("tensor_parallel=" + std::to_string(size)),
+              std::string::npos)
+        << (*tp)->device_description();
+    expect_same_as_one_rank(GetParam(), **tp, **one);
+  }
+}
+
+// Remote experts with two ranks: rank 0 drives the backend, rank 1 adds its shared-expert part.
+TEST_P(CudaModelTensorParallel, OutsideExpertBackendWithTwoRanks) {
+  REQUIRE_GPU();
+  auto one = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(one) << one.error().message();
+  ModelOptions ao = tp_options(2, "one-gpu");
+  ao.routed_experts = false;
+  auto attn = Model::load(fixture(GetParam()), ao);
+  ASSERT_TRUE(attn) << attn.error().message();
+  auto experts = Model::load(fixture(GetParam()));  // CPU experts stand in for remote ones
+  ASSERT_TRUE(experts) << experts.error().message();
+  (*attn)->set_expert_backend(&(*experts)->local_experts());
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  KVCache oc = (*one)->new_cache(64), ac = (*attn)->new_cache(64);
+  std::vector<float> ol, al;
+  ASSERT_TRUE((*one)->forward(oc, prompt, Logits::All, ol));
+  auto s = (*attn)->forward(ac, prompt, Logits::All, al);
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_LT(rel_error(al, ol), 3e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelTensorParallel,
+                         ::testing::Values("mixtral-tiny", "olmoe-bf16-clip", "qwen2moe-bf16",
+                                           "qwen3moe-tiny"));
+
+// NCCL with one rank (what --tensor-parallel-size 1 --device cuda runs through when NCCL is asked
+// for) gives exactly what no collective gives.
+TEST(CudaModelNccl, OneRankThroughNcclIsExact) {
+  REQUIRE_GPU();
+  auto plain = Model::load(fixture("qwen2moe-bf16"), gpu_options());
+  ASSERT_TRUE(plain) << plain.error().message();
+  auto nccl = Model::load(fixture("qwen2moe-bf16"), tp_options(1, "nccl"));
+  ASSERT_TRUE(nccl) << nccl.error().message();
+  EXPECT_NE((*nccl)->device_description().find("collective=nccl"), std::string::npos);
+  const std::vector<int32_t> prompt = fixture_prompt("qwen2moe-bf16");
+  KVCache a = (*plain)->new_cache(64), b = (*nccl)->new_cache(64);
+  std::vector<float> la, lb;
+  ASSERT_TRUE((*plain)->forward(a, prompt, Logits::All, la));
+  auto s = (*nccl)->forward(b, prompt, Logits::All, lb);
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_EQ(la, lb);
+}
+
+// Every GPU of the machine, one rank each, through NCCL.
+TEST(CudaModelNccl, RanksOnTwoOrMoreGpus) {
+  REQUIRE_GPU();
+  if (kernels::cuda::device_count() < 2) GTEST_SKIP() << "this machine has one GPU";
+  for (const char* name : {"qwen2moe-bf16", "olmoe-bf16-clip"}) {
+    auto one = Model::load(fixture(name), gpu_options());
+    ASSERT_TRUE(one) << one.error().message();
+    auto tp = Model::load(fixture(name), tp_options(2, "auto"));
+    ASSERT_TRUE(tp) << tp.error().message();
+    expect_same_as_one_rank(name, **tp, **one);
+  }
+}
 
 TEST(CudaModelPool, AFullPoolIsAnErrorNotACrash) {
   REQUIRE_GPU();

@@ -1,0 +1,41 @@
+// Internal: how a model's weights split over the ranks of a tensor-parallel group (the GPU
+// forward pass with ModelOptions::tensor_parallel_size > 1), Megatron style.
+//
+// Rank r of N holds attention heads [r * heads / N, (r + 1) * heads / N) with their KV heads (the
+// rows of q, k and v, their biases and a full-width q/k norm's weights) and the matching columns
+// of o; and, of every MLP (dense, shared expert, each routed expert), rows
+// [r * inter / N, (r + 1) * inter / N) of gate and up with the matching columns of down. Each
+// rank's o and down products are partial sums that the group adds (an all-reduce after
+// attention and one after the MLP of each layer). Embeddings, norms, routers, the shared
+// expert's gate and the LM head are whole on every rank. Everything here runs on the host and is
+// checked on the CPU (tests/core/tensor_parallel_test.cpp).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/config.h"
+#include "core/error.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace moemesh::detail {
+
+// Whether `c` splits over `ranks`; the error names the size that does not divide and what to do.
+Status check_tensor_parallel(const ModelConfig& c, int ranks);
+
+// What one rank holds of `c`: heads, KV heads and MLP widths divided by `ranks`.
+ModelConfig rank_config(const ModelConfig& c, int ranks);
+
+enum class Split : uint8_t {
+  Rows,  // output features (q, k, v, gate, up)
+  Cols,  // input features (o, down)
+};
+
+// Rank `rank`'s part of w, as bf16 bits (weight_to_bf16): rows or columns
+// [rank * n / ranks, (rank + 1) * n / ranks), row-major. w's split dimension divides by ranks.
+std::vector<uint16_t> shard_bf16(const kernels::WeightView& w, Split split, int rank, int ranks);
+
+// Rank `rank`'s part of a vector (a bias or norm weight over split features); empty stays empty.
+std::vector<float> shard_vector(const std::vector<float>& v, int rank, int ranks);
+
+}  // namespace moemesh::detail

@@ -1,0 +1,210 @@
+// How a model splits over the ranks of a tensor-parallel group (core/detail/tensor_parallel.h):
+// which sizes are refused, what each rank holds, and that the ranks' partial products add up to
+// the whole model's (MLP and attention output, and a q/k norm over split features), checked on
+// the CPU with the shards the GPU ranks upload.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/detail/tensor_parallel.h"
+#include "core/model.h"
+#include "tests/core/expert_shard_helpers.h"
+
+namespace moemesh::detail {
+namespace {
+
+using test::fixture;
+
+ModelConfig config_of(const char* name) {
+  auto c = load_model_config(fixture(name));
+  EXPECT_TRUE(c) << c.error().message();
+  return *c;
+}
+
+TEST(TensorParallel, SizesThatDoNotDivideAreRefusedWithTheReason) {
+  const ModelConfig odd = config_of("mixtral-odd-sharded");  // 5 heads, 1 KV head
+  EXPECT_TRUE(check_tensor_parallel(odd, 1));
+  Status s = check_tensor_parallel(odd, 5);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("1 key/value heads"), std::string::npos)
+      << s.error().message();
+  s = check_tensor_parallel(odd, 2);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("5 attention heads"), std::string::npos)
+      << s.error().message();
+  EXPECT_NE(s.error().message().find("--tensor-parallel-size 2"), std::string::npos);
+  EXPECT_FALSE(check_tensor_parallel(odd, 0));
+
+  const ModelConfig q2 = config_of("qwen2moe-bf16");  // 8 heads, 4 KV, experts 12, shared 24
+  EXPECT_TRUE(check_tensor_parallel(q2, 2));
+  EXPECT_TRUE(check_tensor_parallel(q2, 4));
+  s = check_tensor_parallel(q2, 8);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("key/value heads"), std::string::npos) << s.error().message();
+}
+
+TEST(TensorParallel, EachRankHoldsItsShareOfHeadsAndWidths) {
+  const ModelConfig c = config_of("qwen2moe-bf16");
+  const ModelConfig r = rank_config(c, 4);
+  EXPECT_EQ(r.num_heads, c.num_heads / 4);
+  EXPECT_EQ(r.num_kv_heads, c.num_kv_heads / 4);
+  EXPECT_EQ(r.moe_intermediate_size, c.moe_intermediate_size / 4);
+  EXPECT_EQ(r.shared_expert_intermediate_size, c.shared_expert_intermediate_size / 4);
+  EXPECT_EQ(r.intermediate_size, c.intermediate_size / 4);
+  EXPECT_EQ(r.hidden_size, c.hidden_size);
+  EXPECT_EQ(r.head_dim, c.head_dim);
+  EXPECT_EQ(r.num_experts, c.num_experts);
+  EXPECT_EQ(r.vocab_size, c.vocab_size);
+}
+
+// A float32 matrix with a WeightView over it.
+struct Matrix {
+  std::vector<float> v;
+  int64_t rows, cols;
+  kernels::WeightView view() const {
+    kernels::WeightView w;
+    w.data = v.data();
+    w.dtype = kernels::DType::F32;
+    w.rows = rows;
+    w.cols = cols;
+    return w;
+  }
+  // The value as the GPU holds it (bf16).
+  float at(int64_t r, int64_t c) const {
+    return kernels::bf16_to_f32(kernels::f32_to_bf16(v[r * cols + c]));
+  }
+};
+
+Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  Matrix m{std::vector<float>(static_cast<std::size_t>(rows * cols)), rows, cols};
+  for (float& x : m.v) x = d(rng);
+  return m;
+}
+
+TEST(TensorParallel, ShardsAreTheRowsOrColumnsOfTheRankInBf16) {
+  const Matrix m = random_matrix(12, 10, 7);
+  for (int ranks : {1, 2}) {
+    for (int rank = 0; rank < ranks; ++rank) {
+      const std::vector<uint16_t> rows = shard_bf16(m.view(), Split::Rows, rank, ranks);
+      const int64_t nr = m.rows / ranks;
+      ASSERT_EQ(rows.size(), static_cast<std::size_t>(nr * m.cols));
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < m.cols; ++c)
+          EXPECT_EQ(kernels::bf16_to_f32(rows[r * m.cols + c]), m.at(rank * nr + r, c));
+      const std::vector<uint16_t> cols = shard_bf16(m.view(), Split::Cols, rank, ranks);
+      const int64_t nc = m.cols / ranks;
+      ASSERT_EQ(cols.size(), static_cast<std::size_t>(m.rows * nc));
+      for (int64_t r = 0; r < m.rows; ++r)
+        for (int64_t c = 0; c < nc; ++c)
+          EXPECT_EQ(kernels::bf16_to_f32(cols[r * nc + c]), m.at(r, rank * nc + c));
+    }
+  }
+  const std::vector<float> v = {1, 2, 3, 4, 5, 6};
+  EXPECT_EQ(shard_vector(v, 1, 3), (std::vector<float>{3, 4}));
+  EXPECT_EQ(shard_vector(v, 0, 1), v);
+  EXPECT_TRUE(shard_vector({}, 1, 2).empty());
+}
+
+// y = x * w^T for a bf16 shard [n, k] as the GPU computes it (float32 accumulation).
+std::vector<float> times(const std::vector<float>& x, int64_t m, const std::vector<uint16_t>& w,
+                         int64_t n, int64_t k) {
+  std::vector<float> y(static_cast<std::size_t>(m * n), 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t t = 0; t < k; ++t)
+        s += double(x[i * k + t]) * kernels::bf16_to_f32(w[j * k + t]);
+      y[i * n + j] = static_cast<float>(s);
+    }
+  return y;
+}
+
+double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0, norm = 0;
+  for (float v : b) norm = std::max(norm, std::abs(double(v)));
+  for (std::size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, std::abs(double(a[i]) - b[i]) / std::max(norm, 1e-30));
+  return worst;
+}
+
+// The SwiGLU MLP of each rank (its rows of gate and up, its columns of down) adds up to the
+// whole MLP, for every group size that divides the width.
+TEST(TensorParallel, MlpShardsAddUpToTheWholeMlp) {
+  const int64_t H = 16, I = 12, T = 3;
+  const Matrix gate = random_matrix(I, H, 1), up = random_matrix(I, H, 2),
+               down = random_matrix(H, I, 3), x = random_matrix(T, H, 4);
+  auto mlp = [&](int rank, int ranks) {
+    const int64_t i = I / ranks;
+    const std::vector<float> g =
+        times(x.v, T, shard_bf16(gate.view(), Split::Rows, rank, ranks), i, H);
+    const std::vector<float> u =
+        times(x.v, T, shard_bf16(up.view(), Split::Rows, rank, ranks), i, H);
+    std::vector<float> a(g.size());
+    for (std::size_t j = 0; j < a.size(); ++j) a[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+    return times(a, T, shard_bf16(down.view(), Split::Cols, rank, ranks), H, i);
+  };
+  const std::vector<float> whole = mlp(0, 1);
+  for (int ranks : {2, 3, 4, 6}) {
+    std::vector<float> sum(whole.size(), 0.0f);
+    for (int r = 0; r < ranks; ++r) {
+      const std::vector<float> part = mlp(r, ranks);
+      for (std::size_t j = 0; j < sum.size(); ++j) sum[j] += part[j];
+    }
+    EXPECT_LT(max_rel(sum, whole), 1e-5) << ranks << " ranks";
+  }
+}
+
+// Attention's output projection: each rank's heads times its columns of o add up to o over all
+// heads; and a q norm over all features, computed from the ranks' sums of squares and their parts
+// of the norm weight, equals the whole norm.
+TEST(TensorParallel, OutputProjectionAndFullQkNormSplitByHeads) {
+  const int64_t heads = 4, hd = 6, H = 10, T = 2, qd = heads * hd;
+  const Matrix o = random_matrix(H, qd, 5), attn = random_matrix(T, qd, 6);
+  const std::vector<float> whole = times(attn.v, T, shard_bf16(o.view(), Split::Cols, 0, 1), H, qd);
+  const Matrix norm = random_matrix(1, qd, 8);
+  std::vector<float> normed(attn.v.size());
+  kernels::rmsnorm(attn.v.data(), norm.v.data(), T, qd, 1e-6f, normed.data());
+  for (int ranks : {2, 4}) {
+    const int64_t part = qd / ranks;
+    std::vector<float> sum(whole.size(), 0.0f), ss(T, 0.0f);
+    for (int r = 0; r < ranks; ++r) {
+      std::vector<float> a(static_cast<std::size_t>(T * part));
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < part; ++j) {
+          a[t * part + j] = attn.v[t * qd + r * part + j];
+          ss[t] += a[t * part + j] * a[t * part + j];
+        }
+      const std::vector<float> y =
+          times(a, T, shard_bf16(o.view(), Split::Cols, r, ranks), H, part);
+      for (std::size_t j = 0; j < sum.size(); ++j) sum[j] += y[j];
+    }
+    EXPECT_LT(max_rel(sum, whole), 1e-5) << ranks << " ranks";
+    for (int r = 0; r < ranks; ++r) {
+      const std::vector<float> weight = shard_vector(norm.v, r, ranks);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < part; ++j) {
+          const float inv = 1.0f / std::sqrt(ss[t] / static_cast<float>(qd) + 1e-6f);
+          const float got = weight[j] * (attn.v[t * qd + r * part + j] * inv);
+          EXPECT_NEAR(got, normed[t * qd + r * part + j], 1e-5f);
+        }
+    }
+  }
+}
+
+TEST(TensorParallel, TheCpuRefusesASizeOverOne) {
+  ModelOptions o;
+  o.tensor_parallel_size = 2;
+  auto m = Model::load(fixture("qwen3moe-tiny"), o);
+  ASSERT_FALSE(m);
+  EXPECT_NE(m.error().message().find("needs --device cuda"), std::string::npos)
+      << m.error().message();
+}
+
+}  // namespace
+}  // namespace moemesh::detail
