@@ -242,11 +242,22 @@ inline void add_quantization_flag(CLI::App& app, std::string& quantization) {
       ->capture_default_str();
 }
 
-// --device, --grouped-gemm, --quantization: where a model's forward pass runs, and on what weights.
+// --tensor-parallel-size: GPUs one model's forward pass splits over.
+inline void add_tensor_parallel_flag(CLI::App& app, int& size) {
+  app.add_option("--tensor-parallel-size", size,
+                 "GPUs the attention heads and MLP widths split over (--device cuda:N and the "
+                 "ones after it), adding their parts with NCCL; 1: one GPU")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+}
+
+// --device, --grouped-gemm, --tensor-parallel-size, --quantization: where a model's forward pass
+// runs, and on what weights.
 struct DeviceFlags {
   std::string device = "cpu";
   std::string grouped_gemm = "auto";
   std::string quantization = "none";
+  int tensor_parallel_size = 1;
 
   void add(CLI::App& app) {
     app.add_option("--device", device,
@@ -258,6 +269,7 @@ struct DeviceFlags {
            "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
         ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
         ->capture_default_str();
+    add_tensor_parallel_flag(app, tensor_parallel_size);
     add_quantization_flag(app, quantization);
   }
 
@@ -265,6 +277,7 @@ struct DeviceFlags {
   void apply(ModelOptions& o, int64_t kv_cache_bytes) const {
     o.device = device;
     o.grouped_gemm = grouped_gemm;
+    o.tensor_parallel_size = tensor_parallel_size;
     o.gpu_kv_cache_bytes = kv_cache_bytes;
     o.quantization = quantization;
   }

@@ -40,6 +40,7 @@ struct GenerateFlags {
   std::string device = "cpu";
   std::string grouped_gemm = "auto";
   std::string quantization = "none";
+  int tensor_parallel_size = 1;
 };
 
 // Token ids separated by commas; `flag` names the flag in the error message.
@@ -118,6 +119,7 @@ int run_generate(const GenerateFlags& f) {
   options.cpus = *cpus;
   options.device = f.device;
   options.grouped_gemm = f.grouped_gemm;
+  options.tensor_parallel_size = f.tensor_parallel_size;
   options.quantization = f.quantization;
   Expected<std::unique_ptr<Model>> model = Model::load(f.model, options);
   if (!model) return fail(model.error().message());
@@ -228,6 +230,7 @@ Runner add_generate(CLI::App& app) {
          "How a GPU issues a MoE layer's expert GEMMs: auto, loop, streams, batched or wmma")
       ->check(CLI::IsMember({"auto", "loop", "streams", "batched", "wmma"}))
       ->capture_default_str();
+  add_tensor_parallel_flag(app, f->tensor_parallel_size);
   app.add_option(
          "--quantization", f->quantization,
          "Weight quantization at load: none (the checkpoint's dtypes), int8 (weight-only, "

@@ -8,7 +8,12 @@
 // the same checkpoint, and scripts/gpu-check prints the ratio.
 //
 //   build/bin/cuda_decode_bench --model DIR [--batches 1,32,128] [--prompt-len 128] [--steps 32]
-//       [--grouped-gemm auto] [--device cuda:0]
+//       [--grouped-gemm auto] [--device cuda:0] [--tensor-parallel-size 1]
+//       [--collective auto|nccl|one-gpu]
+//
+// --tensor-parallel-size N splits the model over N GPUs (ModelOptions::tensor_parallel_size);
+// --collective one-gpu puts the N ranks on one GPU (checks the sharded pass on a real checkpoint;
+// not a speed figure), --collective nccl also runs one rank through NCCL.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -45,7 +50,8 @@ std::vector<int> parse_list(const std::string& s) {
 
 int main(int argc, char** argv) {
   std::string model_dir, batches = "1,32,128", method = "auto", device = "cuda:0";
-  int prompt_len = 128, steps = 32;
+  std::string collective = "auto";
+  int prompt_len = 128, steps = 32, tp = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -64,6 +70,10 @@ int main(int argc, char** argv) {
       method = next();
     else if (a == "--device")
       device = next();
+    else if (a == "--tensor-parallel-size")
+      tp = std::stoi(next());
+    else if (a == "--collective")
+      collective = next();
     else
       die("unknown argument " + a);
   }
@@ -76,6 +86,8 @@ int main(int argc, char** argv) {
   moemesh::ModelOptions o;
   o.device = device;
   o.grouped_gemm = method;
+  o.tensor_parallel_size = tp;
+  o.tensor_parallel_collective = collective;
   const auto t0 = std::chrono::steady_clock::now();
   auto loaded = moemesh::Model::load(model_dir, o);
   if (!loaded) die(loaded.error().message());
@@ -123,10 +135,11 @@ int main(int argc, char** argv) {
     const double median = sorted[sorted.size() / 2];
     std::printf(
         "{\"bench\":\"cuda_decode\",\"engine\":\"moemesh\",\"grouped_gemm\":\"%s\","
-        "\"batch\":%d,\"prompt_len\":%d,\"steps\":%d,\"step_ms_median\":%.3f,"
+        "\"tensor_parallel\":%d,\"collective\":\"%s\",\"batch\":%d,\"prompt_len\":%d,\"steps\":%d,"
+        "\"step_ms_median\":%.3f,"
         "\"step_ms_mean\":%.3f,\"tokens_per_s\":%.1f,\"device\":\"%s\"}\n",
-        method.c_str(), b, prompt_len, steps, median, mean, 1000.0 * b / median,
-        m.device_description().c_str());
+        method.c_str(), tp, collective.c_str(), b, prompt_len, steps, median, mean,
+        1000.0 * b / median, m.device_description().c_str());
     std::fflush(stdout);
   }
   (void)max_batch;
