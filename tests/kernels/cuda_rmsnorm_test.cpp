@@ -126,11 +126,11 @@ TEST(CudaRmsNorm, InPlaceOutputOverTheResidualStream) {
 TEST(CudaRmsNorm, SplitOverRanksMatchesTheWholeRow) {
   MOEMESH_REQUIRE_GPU();
   const float eps = 1e-6f;
-  for (const auto [n, dim, parts] : {std::tuple<int64_t, int64_t, int64_t>{1, 96, 1},
-                                     {5, 96, 2},
-                                     {5, 96, 3},
-                                     {300, 4096, 4},
-                                     {3, 2048, 8}}) {
+  for (const auto& [n, dim, parts] : {std::tuple<int64_t, int64_t, int64_t>{1, 96, 1},
+                                      {5, 96, 2},
+                                      {5, 96, 3},
+                                      {300, 4096, 4},
+                                      {3, 2048, 8}}) {
     const std::string what =
         std::to_string(n) + "x" + std::to_string(dim) + " in " + std::to_string(parts);
     const std::vector<float> x = ct::random_floats(n * dim, 21, -3.0f, 3.0f);
