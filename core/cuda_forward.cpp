@@ -19,12 +19,6 @@ namespace moemesh::detail {
 
 namespace cu = kernels::cuda;
 
-DeviceKv::~DeviceKv() {
-  if (!pool) return;
-  std::lock_guard lock(pool->mu);
-  pool->free.insert(pool->free.end(), blocks.begin(), blocks.end());
-}
-
 Status parse_device(const std::string& text, bool* cuda, int* device) {
   *cuda = false;
   *device = 0;
@@ -98,7 +92,6 @@ struct CudaForward::Impl : CudaContext {
   // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16.
   cu::DeviceBuffer kv;
   int64_t num_blocks = 0;
-  std::shared_ptr<KvBlockPool> pool = std::make_shared<KvBlockPool>();
 
   // Scratch, grown on demand.
   cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
@@ -166,11 +159,6 @@ int64_t CudaForward::block_size() const {
   return ranks_[0]->options.block_size;
 }
 
-int64_t CudaForward::free_blocks() const {
-  std::lock_guard lock(ranks_[0]->pool->mu);
-  return static_cast<int64_t>(ranks_[0]->pool->free.size());
-}
-
 std::string CudaForward::description() const {
   const Impl& m = *ranks_[0];
   std::string tp;
@@ -187,60 +175,27 @@ std::string CudaForward::description() const {
                      m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
 }
 
-std::shared_ptr<DeviceKv> CudaForward::allocate(int64_t capacity) {
-  const Impl& m = *ranks_[0];
-  const int64_t bs = m.options.block_size;
-  const int64_t need = std::max<int64_t>(1, (capacity + bs - 1) / bs);
-  auto kv = std::make_shared<DeviceKv>();
-  std::lock_guard lock(m.pool->mu);
-  auto& free = m.pool->free;
-  if (static_cast<int64_t>(free.size()) < need) return nullptr;
-  kv->blocks.assign(free.end() - need, free.end());
-  free.resize(free.size() - static_cast<std::size_t>(need));
-  kv->pool = m.pool;
-  return kv;
-}
-
 int64_t CudaForward::num_blocks() const {
   return ranks_[0]->num_blocks;
 }
 
-bool CudaForward::grow(DeviceKv& kv, int64_t capacity) {
-  const Impl& m = *ranks_[0];
-  const int64_t bs = m.options.block_size;
-  const int64_t need = (capacity + bs - 1) / bs - static_cast<int64_t>(kv.blocks.size());
-  if (need <= 0) return true;
-  std::lock_guard lock(m.pool->mu);
-  auto& free = m.pool->free;
-  if (static_cast<int64_t>(free.size()) < need) return false;
-  kv.blocks.insert(kv.blocks.end(), free.end() - need, free.end());
-  free.resize(free.size() - static_cast<std::size_t>(need));
-  if (!kv.pool) kv.pool = m.pool;
-  return true;
-}
-
-std::shared_ptr<DeviceKv> CudaForward::fork(const DeviceKv& kv, int64_t length) {
-  const int64_t bs = ranks_[0]->options.block_size;
-  std::shared_ptr<DeviceKv> copy = allocate(static_cast<int64_t>(kv.blocks.size()) * bs);
-  if (!copy) return nullptr;
+std::string CudaForward::copy_block(int32_t src, int32_t dst) {
   // Every rank holds its KV heads of the same blocks.
   for (const auto& rank : ranks_) {
     Impl& m = *rank;
     const ModelConfig& c = m.c;
+    const int64_t bs = m.options.block_size;
     const int64_t kvd = c.num_kv_heads * c.head_dim;
     const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
     const int64_t layer_stride = m.num_blocks * bs * kvd;
-    const int64_t used = (length + bs - 1) / bs;
-    if (!cu::set_device(m.device).empty()) return nullptr;
-    for (int64_t l = 0; l < 2 * c.num_layers; ++l)
-      for (int64_t b = 0; b < used; ++b) {
-        uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
-        cu::copy(base + copy->blocks[b] * bs * kvd, base + kv.blocks[b] * bs * kvd, block_bytes,
-                 m.stream);
-      }
-    if (!cu::synchronize(m.stream, "copying a sequence's KV blocks").empty()) return nullptr;
+    if (std::string e = cu::set_device(m.device); !e.empty()) return e;
+    for (int64_t l = 0; l < 2 * c.num_layers; ++l) {
+      uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
+      cu::copy(base + dst * bs * kvd, base + src * bs * kvd, block_bytes, m.stream);
+    }
+    if (std::string e = cu::synchronize(m.stream, "copying a KV block"); !e.empty()) return e;
   }
-  return copy;
+  return {};
 }
 
 Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& config,
@@ -294,7 +249,6 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
     impl->group = group.empty() ? nullptr : group[r].get();
     impl->qd_total = config.num_heads * config.head_dim;
     impl->kvd_total = config.num_kv_heads * config.head_dim;
-    if (r > 0) impl->pool = ranks[0]->pool;  // one block table for all ranks
     std::string e;
     impl->grouped =
         cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
@@ -335,9 +289,6 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
         !err.empty())
       return Error(err);
   }
-  auto& free = ranks[0]->pool->free;
-  free.resize(static_cast<std::size_t>(num_blocks));
-  for (int64_t b = 0; b < num_blocks; ++b) free[b] = static_cast<int32_t>(num_blocks - 1 - b);
   const auto ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   auto fwd = std::unique_ptr<CudaForward>(new CudaForward(std::move(ranks), std::move(group)));
@@ -612,8 +563,7 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
   // Scratch on every GPU before any rank starts (a rank that stops early would leave the others
   // waiting in a sum).
   int64_t max_blocks = 1;
-  for (const Segment& s : segments)
-    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(s.kv->blocks.size()));
+  for (const Segment& s : segments) max_blocks = std::max(max_blocks, s.n_blocks);
   for (const auto& m : ranks_) {
     if (Status s = from(cu::set_device(m->device)); !s) return s;
     if (Status s = m->ensure_scratch(static_cast<int64_t>(tokens.size()),
@@ -650,8 +600,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
 
   int64_t max_blocks = 1;
-  for (const Segment& s : segments)
-    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(s.kv->blocks.size()));
+  for (const Segment& s : segments) max_blocks = std::max(max_blocks, s.n_blocks);
   const auto n_seg = static_cast<int64_t>(segments.size());
   if (Status s = m.ensure_scratch(n, n_seg, max_blocks, external != nullptr); !s) return s;
 
@@ -665,8 +614,8 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   int64_t max_pos = 0;
   for (int64_t si = 0; si < n_seg; ++si) {
     const Segment& s = segments[si];
-    const std::vector<int32_t>& blocks = s.kv->blocks;
-    std::copy(blocks.begin(), blocks.end(), tables + si * max_blocks);
+    const int32_t* blocks = s.blocks;
+    std::copy(blocks, blocks + s.n_blocks, tables + si * max_blocks);
     for (int64_t t = 0; t < s.n; ++t) {
       const int64_t row = s.begin + t;
       const int64_t p = s.past + t;

@@ -1,4 +1,4 @@
-// The CPU paged KV cache store: lazily backed blocks, the block manager, per-layer views.
+// The paged KV cache store: lazily backed blocks (CPU models), the block manager, per-layer views.
 #include "core/detail/kv_store.h"
 
 #include <algorithm>
@@ -83,7 +83,7 @@ kernels::PagedKv KvStore::layer_view(int64_t layer) const {
 }
 
 void KvStore::back(int32_t block) {
-  if (block_ptr_[block]) return;
+  if (block_ptr_[block] || options_.device_copy) return;
   const auto chunk = static_cast<std::size_t>(block / kChunkBlocks);
   if (!chunks_[chunk]) {
     // Zeroed, so that a row never written reads as 0 (never NaN) should a bug ever read it.
@@ -132,6 +132,7 @@ uint64_t KvStore::cached_hash(int32_t block) const {
 
 void KvStore::copy_block(int32_t src, int32_t dst) {
   std::lock_guard lock(mu_);
+  if (options_.device_copy) return options_.device_copy(src, dst);
   std::memcpy(block_ptr_[dst], block_ptr_[src], static_cast<std::size_t>(block_bytes_));
 }
 

@@ -97,6 +97,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
         detail::CudaForward::create(impl->config, impl->weights, co);
     if (!fwd) return fwd.error();
     impl->cuda = std::move(*fwd);
+    impl->kv = impl->gpu_kv_store(options.prefix_caching);
   }
 #else
   if (options.device != "cpu")
@@ -294,11 +295,10 @@ Status Model::Impl::check_chunk(const KVCache& cache, std::span<const int32_t> t
           fmt::format("token id {} is out of range: the vocabulary has {} tokens (ids 0 "
                       "to {})",
                       id, c.vocab_size, c.vocab_size - 1));
-  const bool made_here = on_gpu() ? cache.device_ != nullptr || cache.capacity_ == 0
-                                  : cache.store_ == kv || cache.capacity_ == 0;
+  const bool made_here = cache.store_ == kv || cache.capacity_ == 0;
   if (cache.row_ != cache_row(c) || !made_here)
     return Error("the KV cache was not made by this model's new_cache()");
-  if (cache.capacity_ == 0 && !cache.device_ && !cache.store_)
+  if (cache.capacity_ == 0 && !cache.store_)
     return Error(
         "the KV cache pool had no room for this sequence when its cache was made: finish other "
         "sequences first, or give the pool more memory");
@@ -429,17 +429,38 @@ Status Model::Impl::forward_step(std::span<const Model::Chunk> chunks, std::vect
   return {};
 }
 
+std::shared_ptr<detail::KvStore> Model::Impl::gpu_kv_store(bool prefix_caching) {
+#if MOEMESH_HAVE_CUDA
+  detail::KvStoreOptions o;
+  o.dtype = kernels::KvDtype::BF16;
+  o.block_size = cuda->block_size();
+  o.max_tokens = cuda->num_blocks() * o.block_size;
+  o.prefix_caching = prefix_caching;
+  detail::CudaForward* gpu = cuda.get();
+  o.device_copy = [gpu](int32_t src, int32_t dst) {
+    // A failed copy leaves a CUDA error that the next forward pass reports.
+    if (std::string e = gpu->copy_block(src, dst); !e.empty())
+      spdlog::error("copying GPU KV block {} to {} failed: {}", src, dst, e);
+  };
+  return std::make_shared<detail::KvStore>(config, o);
+#else
+  (void)prefix_caching;
+  return nullptr;
+#endif
+}
+
 Status Model::Impl::forward_gpu(std::span<const Segment> segments, std::span<const int32_t> tokens,
                                 std::span<const int64_t> logit_rows, std::vector<float>& logits) {
 #if MOEMESH_HAVE_CUDA
   std::vector<detail::CudaForward::Segment> gpu;
   gpu.reserve(segments.size());
   for (const Segment& s : segments)
-    gpu.push_back({s.cache->device_.get(), s.cache->length_, s.begin, s.n});
+    gpu.push_back({s.cache->blocks_.data(), static_cast<int64_t>(s.cache->blocks_.size()),
+                   s.cache->length_, s.begin, s.n});
   // The model's own experts run on the GPU; any other backend gets staged host copies.
   ExpertBackend* external = experts == local.get() && routed_experts ? nullptr : experts;
   if (Status s = cuda->forward(gpu, tokens, external, logit_rows, logits); !s) return s;
-  for (const Segment& s : segments) s.cache->length_ += s.n;
+  advance(segments, tokens);
   return {};
 #else
   (void)segments, (void)tokens, (void)logit_rows, (void)logits;

@@ -75,12 +75,12 @@ class ExpertBackend {
 };
 
 namespace detail {
-struct DeviceKv;
 class KvStore;
 }  // namespace detail
 
 // The keys and values of one sequence, for every layer: blocks of the model's paged KV cache (on
-// the CPU, core/detail/kv_store.h; on a GPU, the device pool). A cache holds its blocks until it
+// the CPU, core/detail/kv_store.h; on a GPU, the device pool, whose blocks the same store manages).
+// A cache holds its blocks until it
 // is destroyed; it moves but does not copy (Model::fork makes a copy that shares full blocks).
 // With prefix caching on, the cache's full blocks are registered as they fill, and a later
 // sequence with the same prefix can start from them (Model::new_cache_from_prefix).
@@ -105,13 +105,12 @@ class KVCache {
 
   int64_t length_ = 0;
   int64_t capacity_ = 0;
-  int64_t row_ = 0;                         // values per token per layer (num_kv_heads * head_dim)
-  std::shared_ptr<detail::KvStore> store_;  // CPU models
-  std::vector<int32_t> blocks_;             // CPU: this sequence's blocks, in order
-  std::vector<int32_t> tokens_;             // CPU with prefix caching: the tokens cached
-  int64_t committed_ = 0;                   // full blocks registered for prefix reuse
-  uint64_t chain_hash_ = 0;                 // the last registered block's chain hash
-  std::shared_ptr<detail::DeviceKv> device_;  // GPU models
+  int64_t row_ = 0;  // values per token per layer (num_kv_heads * head_dim)
+  std::shared_ptr<detail::KvStore> store_;
+  std::vector<int32_t> blocks_;  // this sequence's blocks, in order
+  std::vector<int32_t> tokens_;  // with prefix caching: the tokens cached
+  int64_t committed_ = 0;        // full blocks registered for prefix reuse
+  uint64_t chain_hash_ = 0;      // the last registered block's chain hash
 };
 
 struct ModelOptions {

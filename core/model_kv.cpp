@@ -24,7 +24,6 @@ KVCache& KVCache::operator=(KVCache&& other) noexcept {
   tokens_ = std::move(other.tokens_);
   committed_ = std::exchange(other.committed_, 0);
   chain_hash_ = std::exchange(other.chain_hash_, 0);
-  device_ = std::move(other.device_);
   other.store_.reset();
   other.blocks_.clear();
   return *this;
@@ -37,7 +36,6 @@ KVCache::~KVCache() {
 void KVCache::release() {
   if (store_ && !blocks_.empty()) store_->release(blocks_);
   blocks_.clear();
-  device_.reset();
 }
 
 void KVCache::clear() {
@@ -63,14 +61,6 @@ KVCache Model::new_cache(int64_t capacity) const {
   KVCache cache;
   cache.row_ = Impl::cache_row(c);
   capacity = std::max<int64_t>(0, capacity);
-#if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    cache.capacity_ = capacity;
-    cache.device_ = impl_->cuda->allocate(capacity);
-    if (!cache.device_) cache.capacity_ = 0;
-    return cache;
-  }
-#endif
   cache.store_ = impl_->kv;
   const int64_t bs = impl_->kv->block_size();
   const int64_t need = (capacity + bs - 1) / bs;
@@ -87,7 +77,7 @@ KVCache Model::new_cache(int64_t capacity) const {
 KVCache Model::new_cache_from_prefix(std::span<const int32_t> prompt, int64_t* cached) {
   *cached = 0;
   KVCache cache = new_cache(0);
-  if (impl_->on_gpu() || !impl_->kv->prefix_caching() || prompt.size() < 2) return cache;
+  if (!impl_->kv->prefix_caching() || prompt.size() < 2) return cache;
   const int64_t bs = impl_->kv->block_size();
   // Leave at least the last prompt token to compute: its logits start the completion.
   const int64_t max_blocks = (static_cast<int64_t>(prompt.size()) - 1) / bs;
@@ -106,16 +96,6 @@ KVCache Model::new_cache_from_prefix(std::span<const int32_t> prompt, int64_t* c
 
 Status Model::reserve(KVCache& cache, int64_t capacity) {
   if (capacity <= cache.capacity_) return {};
-#if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    if (!cache.device_) cache.device_ = impl_->cuda->allocate(0);
-    if (!cache.device_ || !impl_->cuda->grow(*cache.device_, capacity))
-      return Error(fmt::format("the GPU KV cache pool has no room for {} more tokens",
-                               capacity - cache.capacity_));
-    cache.capacity_ = capacity;
-    return {};
-  }
-#endif
   if (!cache.store_) {
     if (!cache.blocks_.empty() || cache.length_ > 0)
       return Error("the KV cache was not made by this model's new_cache()");
@@ -140,14 +120,6 @@ Expected<KVCache> Model::fork(const KVCache& cache) {
   copy.row_ = cache.row_;
   copy.length_ = cache.length_;
   copy.capacity_ = cache.capacity_;
-#if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    if (!cache.device_) return Error("fork: the cache holds no GPU blocks");
-    copy.device_ = impl_->cuda->fork(*cache.device_, cache.length_);
-    if (!copy.device_) return Error("the GPU KV cache pool has no room to copy a sequence");
-    return copy;
-  }
-#endif
   if (!cache.store_) return copy;  // an empty cache
   const int64_t bs = impl_->kv->block_size();
   const int64_t full = cache.length_ / bs;
@@ -170,15 +142,6 @@ Expected<KVCache> Model::fork(const KVCache& cache) {
 
 KvCacheStats Model::kv_stats() const {
   KvCacheStats s;
-#if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    s.block_size = impl_->cuda->block_size();
-    s.num_blocks = impl_->cuda->num_blocks();
-    s.free_blocks = impl_->cuda->free_blocks();
-    s.usage = s.num_blocks ? 1.0 - static_cast<double>(s.free_blocks) / s.num_blocks : 0.0;
-    return s;
-  }
-#endif
   const KvBlockStats b = impl_->kv->stats();
   s.block_size = impl_->kv->block_size();
   s.num_blocks = b.num_blocks;
@@ -192,7 +155,14 @@ KvCacheStats Model::kv_stats() const {
 
 Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
                                  int64_t max_bytes, bool prefix_caching) {
-  if (impl_->on_gpu()) return {};
+  if (impl_->on_gpu()) {
+    // The GPU's pool was sized when the model loaded (bf16, its own block size): only prefix
+    // caching is taken from here.
+    if (impl_->kv->stats().used_blocks > 0)
+      return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
+    impl_->kv = impl_->gpu_kv_store(prefix_caching);
+    return {};
+  }
   Expected<detail::KvStoreOptions> o = detail::kv_store_options(
       dtype, impl_->weights.embed.dtype, block_size, max_tokens, max_bytes, prefix_caching);
   if (!o) return o.error();

@@ -3,8 +3,10 @@
 // CudaForward uploads the model's weights once, as bf16 (the routed experts of a layer as one
 // [experts, 2 * inter, hidden] gate/up tensor and one [experts, hidden, inter] down tensor), keeps
 // a paged bf16 KV cache pool on the device, and runs chunks of tokens of one or several sequences
-// through the model with the kernels of kernels/cuda. It computes what the CPU path computes,
-// with bf16 matrix operands and float32 accumulation.
+// through the model with the kernels of kernels/cuda. Which blocks of the pool a sequence holds
+// is the model's KvStore's business (core/detail/kv_store.h: the same block manager as on the
+// CPU, prefix cache included); a forward call gets each sequence's block table. It computes what
+// the CPU path computes, with bf16 matrix operands and float32 accumulation.
 //
 // Routed experts run on the GPU when the model holds them and no other backend is set; with an
 // outside ExpertBackend (an attention worker whose experts are remote) the normalised hidden
@@ -15,15 +17,14 @@
 // (core/detail/tensor_parallel.h) on their own GPU (devices device .. device + N - 1) and add
 // their partial results with NCCL after each layer's attention and MLP; a forward call runs rank
 // 0 on the calling thread and the others on a thread each, and rank 0 computes the logits. The
-// KV pool's blocks are the same on every rank (each holds its KV heads of them). An expert backend
-// is driven by rank 0 alone.
+// KV pool's block ids are the same on every rank (each holds its KV heads of a block). An expert
+// backend is driven by rank 0 alone.
 //
 // Threads: used by the model's one thread at a time; every call makes its device current.
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -34,19 +35,6 @@
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
-
-// The device blocks of a pool, shared by the pool and the caches that hold blocks of it.
-struct KvBlockPool {
-  std::mutex mu;
-  std::vector<int32_t> free;  // guarded by mu
-};
-
-// One sequence's blocks; they go back to the pool when the last KVCache copy holding them goes.
-struct DeviceKv {
-  std::shared_ptr<KvBlockPool> pool;
-  std::vector<int32_t> blocks;
-  ~DeviceKv();
-};
 
 struct CudaOptions {
   int device = 0;
@@ -70,21 +58,18 @@ class CudaForward {
                                                        const CudaOptions& options);
   ~CudaForward();
 
-  // Blocks for a sequence of up to `capacity` tokens; nullptr when the pool cannot hold them.
-  std::shared_ptr<DeviceKv> allocate(int64_t capacity);
-  // More blocks for `kv`, to hold `capacity` tokens; false (taking none) when the pool is short.
-  bool grow(DeviceKv& kv, int64_t capacity);
-  // A copy of the first `length` tokens of `kv` in blocks of its own (as many as kv holds);
-  // nullptr when the pool is short.
-  std::shared_ptr<DeviceKv> fork(const DeviceKv& kv, int64_t length);
   int64_t block_size() const;
-  int64_t num_blocks() const;
-  int64_t free_blocks() const;
+  int64_t num_blocks() const;  // blocks in the pool, ids 0 .. num_blocks() - 1
+  // Copies block `src`'s keys and values into block `dst` (every layer, every rank); returns an
+  // error message or "".
+  std::string copy_block(int32_t src, int32_t dst);
   std::string description() const;
 
-  // A chunk of one sequence: tokens [begin, begin + n) of the call, at positions past ...
+  // A chunk of one sequence: tokens [begin, begin + n) of the call, at positions past ..., whose
+  // cache is in blocks[0 .. n_blocks) of the pool (enough for past + n tokens).
   struct Segment {
-    const DeviceKv* kv;
+    const int32_t* blocks;
+    int64_t n_blocks;
     int64_t past;
     int64_t begin;
     int64_t n;

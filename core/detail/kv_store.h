@@ -1,4 +1,4 @@
-// Internal: the CPU paged KV cache of a model (the store behind its KVCaches).
+// Internal: the paged KV cache of a model (the store behind its KVCaches).
 //
 // Memory is a set of blocks, each holding block_size tokens of every layer's keys and values:
 // [layer][K | V][block_size][n_kv_heads][head_dim] values of the store's dtype, then for FP8 the
@@ -10,11 +10,15 @@
 // so a large limit costs nothing until used. Which blocks are free, shared or cached for prefix
 // reuse is the KvBlockManager's business (core/kv_blocks.h).
 //
+// A GPU model's store holds no memory (KvStoreOptions::device_copy set): its block ids index the
+// GPU's pool (core/detail/cuda_forward.h), and the store only manages them, prefix cache included.
+//
 // Threads: the model's thread uses the store; KVCache destructors may run on whichever thread
 // drops the cache, so every call takes the store's mutex.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,6 +41,9 @@ struct KvStoreOptions {
   int64_t max_tokens = 0;
   int64_t max_bytes = 0;
   bool prefix_caching = false;
+  // Set for blocks that live elsewhere (a GPU's pool): no host memory is backed, layer_view() is
+  // not to be used, and copy_block() calls this.
+  std::function<void(int32_t src, int32_t dst)> device_copy;
 };
 
 // Checked options from the user's settings: dtype "auto" (the checkpoint's: bf16 for a bf16

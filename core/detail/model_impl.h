@@ -26,10 +26,13 @@ struct Model::Impl {
   std::vector<float> inv_freq;  // rotary inverse frequencies (YaRN-scaled when config.yarn)
   float rope_scale = 1.0f;      // multiplies rotated features (YaRN's attention_factor)
   float mla_softmax_scale = 0;  // MLA: qk_head_dim^-0.5, times YaRN's mscale^2 when configured
-  std::shared_ptr<detail::KvStore> kv;  // the CPU KV cache (CPU models)
+  // The KV cache: its memory on the CPU, or the block ids of the GPU's pool.
+  std::shared_ptr<detail::KvStore> kv;
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaForward> cuda;  // set when the model runs on a GPU
 #endif
+  // A store for the GPU pool's blocks (on_gpu() only): bf16, the pool's block size and size.
+  std::shared_ptr<detail::KvStore> gpu_kv_store(bool prefix_caching);
   bool on_gpu() const {
 #if MOEMESH_HAVE_CUDA
     return cuda != nullptr;

@@ -369,6 +369,49 @@ TEST(CudaModelPool, AFullPoolIsAnErrorNotACrash) {
   EXPECT_TRUE((*m)->forward(c2, std::vector<int32_t>{1, 2}, Logits::Last, logits));
 }
 
+// Prefix caching on the GPU pool: a second sequence with the same prompt starts from the first
+// one's full blocks (shared, not copied) and computes only the rest, with the same logits; a fork
+// shares full blocks and copies the partly filled one on the device.
+TEST(CudaModelPool, PrefixCachingSharesBlocksOfTheGpuPool) {
+  REQUIRE_GPU();
+  ModelOptions o = gpu_options();
+  o.prefix_caching = true;
+  auto m = Model::load(fixture("qwen2moe-bf16"), o);
+  ASSERT_TRUE(m) << m.error().message();
+  Model& model = **m;
+  const int64_t bs = model.kv_stats().block_size;
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < 3 * bs + 5; ++i) prompt.push_back(1 + (i * 37) % 200);
+  const auto n = static_cast<int64_t>(prompt.size());
+  KVCache first = model.new_cache(n + 4);
+  std::vector<float> want, got;
+  ASSERT_TRUE(model.forward(first, prompt, Logits::Last, want));
+  const int64_t used = model.kv_stats().num_blocks - model.kv_stats().free_blocks;
+
+  int64_t cached = 0;
+  KVCache second = model.new_cache_from_prefix(prompt, &cached);
+  EXPECT_EQ(cached, 3 * bs);
+  EXPECT_EQ(second.length(), 3 * bs);
+  EXPECT_EQ(model.kv_stats().num_blocks - model.kv_stats().free_blocks, used)
+      << "the matched blocks are shared, not copied";
+  EXPECT_GT(model.kv_stats().prefix_hits_tokens, 0u);
+  ASSERT_TRUE(model.reserve(second, n + 4));
+  auto s =
+      model.forward(second, std::span<const int32_t>(prompt).subspan(3 * bs), Logits::Last, got);
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_LT(rel_error(got, want), 1e-2);
+
+  // Both go on alike; a fork of the second (partly filled last block) too.
+  Expected<KVCache> third = model.fork(second);
+  ASSERT_TRUE(third) << third.error().message();
+  std::vector<float> a, b, c;
+  ASSERT_TRUE(model.forward(first, std::vector<int32_t>{7}, Logits::Last, a));
+  ASSERT_TRUE(model.forward(second, std::vector<int32_t>{7}, Logits::Last, b));
+  ASSERT_TRUE(model.forward(*third, std::vector<int32_t>{7}, Logits::Last, c));
+  EXPECT_LT(rel_error(b, a), 1e-2);
+  EXPECT_LT(rel_error(c, b), 1e-3);
+}
+
 // An expert shard on the GPU computes what the same shard computes on the CPU.
 TEST(CudaExpertShard, RunMatchesTheCpuShard) {
   REQUIRE_GPU();
