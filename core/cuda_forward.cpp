@@ -460,6 +460,8 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
   if (remote && !external) {
     // Another rank's backend computes the routed experts: this rank adds its shared expert part.
     cu::fill_bytes(out, 0, static_cast<std::size_t>(n * H * 4), stream);
+    if (D.shared)
+      if (Status s = ffn_dense(D.shared_expert, n, shared_out.as<float>()); !s) return s;
   } else if (external) {
     // Remote experts: stage through pinned host memory; the shared expert overlaps the backend.
     cu::copy(stage_x.data(), xn_f32.data(), static_cast<std::size_t>(n * H * 4), stream);
