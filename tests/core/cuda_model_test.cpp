@@ -180,6 +180,7 @@ TEST_P(CudaModel, EngineStyleCachesAndStepsAgreeOnTheGpu) {
     ASSERT_TRUE(m.forward(ref, std::vector<int32_t>{t}, Logits::Last, whole));
     EXPECT_LT(rel_error(grown, whole), 1e-2) << "token " << t;
   }
+  ASSERT_TRUE(m.reserve(a, a.length() + 2));
   Expected<KVCache> b = m.fork(a);
   ASSERT_TRUE(b) << b.error().message();
   std::vector<float> la, lb;
