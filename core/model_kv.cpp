@@ -1,5 +1,6 @@
 // A model's KV caches: making, growing, forking and clearing them, and the pool's state.
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 
@@ -161,6 +162,12 @@ Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, i
     if (impl_->kv->stats().used_blocks > 0)
       return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
     impl_->kv = impl_->gpu_kv_store(prefix_caching);
+    const bool bf16 = dtype == "auto" || dtype == "bf16" || dtype == "bfloat16";
+    if (!bf16 || block_size != impl_->kv->block_size())
+      spdlog::warn(
+          "the GPU KV cache is bf16 in blocks of {} tokens: --kv-cache-dtype {} and --block-size "
+          "{} apply to CPU models only",
+          impl_->kv->block_size(), dtype, block_size);
     return {};
   }
   Expected<detail::KvStoreOptions> o = detail::kv_store_options(

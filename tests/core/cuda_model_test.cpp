@@ -413,6 +413,29 @@ TEST(CudaModelPool, PrefixCachingSharesBlocksOfTheGpuPool) {
   EXPECT_LT(rel_error(c, b), 1e-3);
 }
 
+// What the engine asks of a GPU model's KV cache when it starts: prefix caching is taken, the
+// pool's bf16 dtype and block size stay (a warning says so), and nothing changes while a
+// sequence holds blocks.
+TEST(CudaModelPool, TheEngineTurnsOnPrefixCachingOfTheGpuPool) {
+  REQUIRE_GPU();
+  auto m = Model::load(fixture("qwen3moe-tiny"), gpu_options());
+  ASSERT_TRUE(m) << m.error().message();
+  Model& model = **m;
+  const KvCacheStats before = model.kv_stats();
+  ASSERT_TRUE(model.configure_kv_cache("fp8", 32, 0, 0, true));
+  EXPECT_EQ(model.kv_stats().block_size, before.block_size);
+  EXPECT_EQ(model.kv_stats().num_blocks, before.num_blocks);
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < 2 * before.block_size + 3; ++i) prompt.push_back(3 + i);
+  KVCache a = model.new_cache(64);
+  std::vector<float> logits;
+  ASSERT_TRUE(model.forward(a, prompt, Logits::Last, logits));
+  int64_t cached = 0;
+  KVCache b = model.new_cache_from_prefix(prompt, &cached);
+  EXPECT_EQ(cached, 2 * before.block_size);
+  EXPECT_FALSE(model.configure_kv_cache("auto", 16, 0, 0, false));
+}
+
 // An expert shard on the GPU computes what the same shard computes on the CPU.
 TEST(CudaExpertShard, RunMatchesTheCpuShard) {
   REQUIRE_GPU();
