@@ -321,7 +321,10 @@ def test_sigterm_drains_requests_in_flight(binary):
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.3)
+    # SIGTERM once the request is in flight (a slow build may take a while to accept it).
+    deadline = time.time() + 30
+    while t.is_alive() and time.time() < deadline and s.metric("vllm:num_requests_running") < 1:
+        time.sleep(0.02)
     code = s.stop()
     t.join()
     assert code == 0
