@@ -57,9 +57,13 @@ class Server:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def stop(self, sig=signal.SIGTERM, timeout=30):
+    def stop(self, sig=signal.SIGTERM, timeout=30, group=True):
+        """Signals serve's process group (serve and its role processes), or serve alone."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                os.kill(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
