@@ -60,7 +60,6 @@ struct CudaForward::Impl : CudaContext {
   CudaOptions options;
   int rank = 0, ranks = 1;
   kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
-  int64_t qd_total = 0, kvd_total = 0;         // the whole model's q and k widths
   std::unique_ptr<cu::GroupedGemm> grouped;
 
   // Weights (device).
@@ -247,8 +246,6 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
     impl->rank = r;
     impl->ranks = N;
     impl->group = group.empty() ? nullptr : group[r].get();
-    impl->qd_total = config.num_heads * config.head_dim;
-    impl->kvd_total = config.num_kv_heads * config.head_dim;
     std::string e;
     impl->grouped =
         cu::GroupedGemm::create(impl->stream, parse_method(options.grouped_gemm, &ok), &e);
@@ -549,9 +546,21 @@ void CudaForward::Impl::full_qk_norm(const Layer& D, float* qs, float* ks, int64
   cu::row_sum_squares(qs, n, qd, ss, stream);
   cu::row_sum_squares(ks, n, kvd, ss + n, stream);
   if (s = all_reduce(ss, 2 * n); !s) return;
-  cu::rmsnorm_apply(qs, ss, qd_total, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, stream);
-  cu::rmsnorm_apply(ks, ss + n, kvd_total, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, stream);
+  // Every rank holds the same share: the whole widths are ranks times this rank's.
+  cu::rmsnorm_apply(qs, ss, qd * ranks, D.q_norm.as<float>(), n, qd, c.rms_norm_eps, stream);
+  cu::rmsnorm_apply(ks, ss + n, kvd * ranks, D.k_norm.as<float>(), n, kvd, c.rms_norm_eps, stream);
 }
+
+namespace {
+
+// The longest block table of a step's segments (at least 1): the width of its table array.
+int64_t max_blocks_of(std::span<const CudaForward::Segment> segments) {
+  int64_t most = 1;
+  for (const CudaForward::Segment& s : segments) most = std::max(most, s.n_blocks);
+  return most;
+}
+
+}  // namespace
 
 Status CudaForward::forward(std::span<const Segment> segments, std::span<const int32_t> tokens,
                             ExpertBackend* external, std::span<const int64_t> logit_rows,
@@ -564,8 +573,7 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
   }
   // Scratch on every GPU before any rank starts (a rank that stops early would leave the others
   // waiting in a sum).
-  int64_t max_blocks = 1;
-  for (const Segment& s : segments) max_blocks = std::max(max_blocks, s.n_blocks);
+  const int64_t max_blocks = max_blocks_of(segments);
   for (const auto& m : ranks_) {
     if (Status s = from(cu::set_device(m->device)); !s) return s;
     if (Status s = m->ensure_scratch(static_cast<int64_t>(tokens.size()),
@@ -601,8 +609,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   const int64_t bs = m.options.block_size;
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
 
-  int64_t max_blocks = 1;
-  for (const Segment& s : segments) max_blocks = std::max(max_blocks, s.n_blocks);
+  const int64_t max_blocks = max_blocks_of(segments);
   const auto n_seg = static_cast<int64_t>(segments.size());
   if (Status s = m.ensure_scratch(n, n_seg, max_blocks, external != nullptr); !s) return s;
 
