@@ -266,6 +266,17 @@ void expect_same_as_one_rank(const char* name, Model& tp, Model& one) {
   EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.end()), one_p), 1e-2) << name;
 }
 
+// Ranks past the machine's last GPU are refused with the GPUs needed and the fix.
+TEST(CudaModelDevice, MoreRanksThanGpusAreRefused) {
+  REQUIRE_GPU();
+  ModelOptions o = tp_options(2, "auto");
+  o.device = "cuda:" + std::to_string(kernels::cuda::device_count() - 1);
+  auto m = Model::load(fixture("qwen2moe-bf16"), o);
+  ASSERT_FALSE(m);
+  EXPECT_NE(m.error().message().find("lower the size or the first device"), std::string::npos)
+      << m.error().message();
+}
+
 class CudaModelTensorParallel : public ::testing::TestWithParam<const char*> {};
 
 // Two ranks on one GPU (the arithmetic of tensor parallelism where one GPU is at hand), and four
