@@ -50,15 +50,20 @@ Expected<pid_t> Children::start(const std::vector<std::string>& args,
   const pid_t pid = fork();
   if (pid < 0) return Error(fmt::format("cannot start a role process: fork: {}", strerror(errno)));
   if (pid == 0) {
-    // The child: default signal mask, SIGTERM when serve dies, then the role.
+    // The child: its own process group (see children.h), default signal mask, SIGINT when serve
+    // dies (nobody is left to drain for), then the role.
+    setpgid(0, 0);
     sigset_t none;
     sigemptyset(&none);
     pthread_sigmask(SIG_SETMASK, &none, nullptr);
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    prctl(PR_SET_PDEATHSIG, SIGINT);
     if (getppid() != parent) _exit(1);
     execve(exe, argv.data(), envp.data());
     _exit(127);
   }
+  // Also here, so that no signal to serve's group can reach the child before its own setpgid()
+  // (EACCES once it has exec'd: then it already has its group).
+  setpgid(pid, pid);
   std::string line;
   for (const auto& a : argv_s) line += (line.empty() ? "" : " ") + a;
   {

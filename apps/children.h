@@ -1,6 +1,8 @@
 // Role processes started by `moemesh serve`: this same binary re-executed with a role subcommand
-// (so `ps` shows `moemesh expert ...`), in serve's process group, with the cluster token in the
-// environment (never on the command line). A child also receives SIGTERM if serve dies.
+// (so `ps` shows `moemesh expert ...`), with the cluster token in the environment (never on the
+// command line). Each child leads its own process group, so a signal to serve's group (Ctrl-C in
+// a terminal, `kill -- -PGID`) reaches serve alone: serve drains its requests and then stops the
+// children itself. A child receives SIGINT (leave at once) if serve dies.
 //
 // Threads: one reaper thread waits for children and logs each exit; the rest is called from the
 // main thread.

@@ -7,9 +7,11 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <caf/io/all.hpp>
 #include <iostream>
 #include <random>
+#include <thread>
 
 #include "actors/node.h"
 #include "apps/children.h"
@@ -60,10 +62,31 @@ int fail(const std::string& message) {
   return 1;
 }
 
-void drain(Gateway& gw, int sig, double grace_s) {
-  std::cerr << fmt::format("moemesh serve: {} received, draining requests (up to {} s)\n",
-                           sig == SIGTERM ? "SIGTERM" : "SIGINT", grace_s);
+// Lets the requests in flight finish for up to grace_s; a second SIGINT or SIGTERM meanwhile
+// cancels them at once (as a second Ctrl-C does).
+void drain(Gateway& gw, const sigset_t& signals, int sig, double grace_s) {
+  std::cerr << fmt::format(
+      "moemesh serve: {} received, draining requests (up to {} s; a second signal cancels them)\n",
+      sig == SIGTERM ? "SIGTERM" : "SIGINT", grace_s);
+  std::atomic<bool> drained{false};
+  std::thread second([&] {
+    const timespec tick{0, 100'000'000};
+    while (!drained.load()) {
+      siginfo_t info;
+      const int got = sigtimedwait(&signals, &info, &tick);
+      if (got == SIGTERM || got == SIGINT) {
+        std::cerr << fmt::format(
+            "moemesh serve: {} received again, cancelling the requests in "
+            "flight\n",
+            got == SIGTERM ? "SIGTERM" : "SIGINT");
+        gw.end_grace();
+        return;
+      }
+    }
+  });
   gw.shutdown(std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
+  drained = true;
+  second.join();
 }
 
 int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& signals,
@@ -98,7 +121,7 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
 
   int sig = 0;
   sigwait(&signals, &sig);
-  drain(**gw, sig, f.shutdown_grace_s);
+  drain(**gw, signals, sig, f.shutdown_grace_s);
   caf::anon_send_exit(engine_actor, caf::exit_reason::user_shutdown);
   engine.reset();
   return 0;
@@ -221,7 +244,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
       std::cerr << fmt::format("moemesh serve: ready, serving {} on http://{}:{}\n",
                                model_dir.string(), f.gateway.host, (*gw)->port());
   }
-  drain(**gw, sig, f.shutdown_grace_s);
+  drain(**gw, signals, sig, f.shutdown_grace_s);
   children.stop_all(std::chrono::seconds(5));
   stop_router(system, *router);
   return 0;

@@ -77,6 +77,9 @@ class Gateway {
   // Stops accepting connections, lets requests in flight finish for up to `grace` (then cancels
   // them), and stops the I/O threads.
   void shutdown(std::chrono::milliseconds grace);
+  // Thread-safe: a shutdown() waiting for requests in flight stops waiting and cancels them now
+  // (serve calls it on a second stop signal). Before shutdown(), makes its grace zero.
+  void end_grace();
 
   struct Impl;
 

@@ -76,6 +76,7 @@ struct Gateway::Impl : std::enable_shared_from_this<Gateway::Impl> {
   std::mutex clients_mu;
   std::unordered_map<std::string, int> open_by_client;  // generation requests per client IP
   std::atomic<bool> stopping{false};
+  std::atomic<bool> grace_ended{false};  // end_grace(): shutdown() cancels what is in flight now
   actors::ActorCounters counters;  // only `started` is used: the gateway counts HTTP responses
 
   std::mutex sessions_mu;  // guards sessions
@@ -829,6 +830,10 @@ void Gateway::serve_model(gateway::ServedModel model, actors::engine_actor engin
   impl_->stats_actor = poller;
 }
 
+void Gateway::end_grace() {
+  impl_->grace_ended = true;
+}
+
 void Gateway::shutdown(std::chrono::milliseconds grace) {
   if (impl_->stopping.exchange(true)) return;
   net::post(impl_->ioc, [impl = impl_] {
@@ -836,7 +841,8 @@ void Gateway::shutdown(std::chrono::milliseconds grace) {
     impl->acceptor.close(ignored);
   });
   const auto deadline = std::chrono::steady_clock::now() + grace;
-  while (impl_->open_requests.load() > 0 && std::chrono::steady_clock::now() < deadline)
+  while (impl_->open_requests.load() > 0 && std::chrono::steady_clock::now() < deadline &&
+         !impl_->grace_ended.load())
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   {
     std::lock_guard<std::mutex> lock(impl_->sessions_mu);

@@ -136,7 +136,7 @@ def allowed_cpus(pid):
     raise AssertionError(f"no Cpus_allowed_list for pid {pid}")
 
 
-def test_roles_run_as_separate_processes_in_serves_group(binary):
+def test_roles_run_as_separate_processes_in_their_own_groups(binary):
     s = start(binary, DEMO)
     try:
         pids = {m["role"]: [] for m in cluster(s)["members"]}
@@ -148,7 +148,10 @@ def test_roles_run_as_separate_processes_in_serves_group(binary):
             for pid in ps:
                 argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 assert argv[:2] == [b"moemesh", role.encode()], argv
-                assert os.getpgid(pid) == os.getpgid(s.proc.pid)
+                # Each leads its own process group: a signal to serve's group reaches serve alone.
+                assert os.getpgid(pid) == pid
+                ppid = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                assert ppid == s.proc.pid
                 env = pathlib.Path(f"/proc/{pid}/cmdline").read_text()
                 assert TOKEN not in env, "the cluster token is not on the command line"
                 names[argv[argv.index(b"--name") + 1].decode()] = pid

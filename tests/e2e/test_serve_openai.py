@@ -14,6 +14,7 @@ from conftest import ROOT
 from server import Server
 
 import os
+import signal
 import pathlib
 
 # The served model: the built-in demo model unless MOEMESH_SERVE_MODEL names another checkpoint.
@@ -311,26 +312,89 @@ def test_api_key(binary):
         assert s.stop() == 0
 
 
-def test_sigterm_drains_requests_in_flight(binary):
+def role_pids(server):
+    """The role processes serve started (its children)."""
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_during_request(binary, stop, *args, n=8, max_tokens=200):
+    """Starts serve and a long completion, calls stop(server) once that request is running, and
+    returns (serve's exit code, the request's result, the role pids)."""
     import threading
-    s = Server(binary, "--model", DEMO)
+    s = Server(binary, "--model", DEMO, *args)
+    roles = role_pids(s)
+    assert len(roles) == 3, roles  # router in serve; 2 expert workers and 1 attention worker
     result = {}
 
     def long_request():
-        result["r"] = s.request("POST", "/v1/completions", {"model": NAME, "prompt": "Drain", "max_tokens": 40,
-                                                             "ignore_eos": True})
+        try:
+            result["r"] = s.request("POST", "/v1/completions", {"model": NAME, "prompt": "Drain", "n": n,
+                                                                 "max_tokens": max_tokens, "ignore_eos": True},
+                                    timeout=600)
+        except OSError as e:  # a cancelled request's connection is closed without a response
+            result["r"] = e
 
     t = threading.Thread(target=long_request)
+    running_before = s.metric("vllm:num_requests_running")
     t.start()
-    time.sleep(0.3)
-    # SIGTERM to serve, as a container runtime stops it: serve drains, then stops its roles.
-    code = s.stop(group=False)
+    deadline = time.time() + 30
+    while s.metric("vllm:num_requests_running") <= running_before and time.time() < deadline:
+        time.sleep(0.02)
+    code = stop(s)
     t.join()
+    return code, result["r"], roles
+
+
+def completion_tokens(result):
+    assert not isinstance(result, OSError), result
+    st, _, body = result
+    assert st == 200, body[:400]
+    return json.loads(body)["usage"]["completion_tokens"]
+
+
+def test_sigterm_drains_requests_in_flight(binary):
+    # SIGTERM to serve alone, as a container runtime stops it: serve drains, then stops its roles.
+    code, result, roles = stop_during_request(binary, lambda s: s.stop(group=False))
     assert code == 0
-    st, _, body = result["r"]
-    assert st == 200 and json.loads(body)["usage"]["completion_tokens"] == 40, body[:400]
-    # Every role process is gone with serve.
-    assert subprocess.run(["pgrep", "-g", str(s.proc.pid)], capture_output=True).stdout == b""
+    assert completion_tokens(result) == 8 * 200
+    assert not [p for p in roles if alive(p)]  # every role process is gone with serve
+
+
+def test_a_signal_to_the_process_group_drains_too(binary):
+    # Ctrl-C in a terminal signals serve's whole process group; the role processes lead their own
+    # groups, so only serve hears it, and it drains before it stops them.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        code, result, roles = stop_during_request(binary, lambda s: s.stop(sig=sig, group=True))
+        assert code == 0, sig
+        assert completion_tokens(result) == 8 * 200, sig
+        assert not [p for p in roles if alive(p)], sig
+
+
+def test_a_second_signal_cancels_the_requests_in_flight(binary):
+    # 16 x 1000 tokens take seconds (12 s on 2 vCPUs); the second SIGINT, 1 s into the drain,
+    # cancels them: serve exits 0 long before its grace runs out and the request comes back short.
+    def twice(s):
+        os.kill(s.proc.pid, signal.SIGINT)
+        time.sleep(1)
+        assert s.proc.poll() is None  # still draining
+        return s.stop(sig=signal.SIGINT, timeout=120, group=False)
+
+    code, result, roles = stop_during_request(binary, twice, "--shutdown-grace", "3000", n=16,
+                                              max_tokens=1000)
+    assert code == 0
+    if not isinstance(result, OSError):  # else: closed without a response, as cancelled requests are
+        st, _, body = result
+        assert st != 200 or json.loads(body)["usage"]["completion_tokens"] < 16000, body[:400]
+    assert not [p for p in roles if alive(p)]
 
 
 def test_many_concurrent_streams(server, model):
