@@ -235,9 +235,10 @@ inline void add_quantization_flag(CLI::App& app, std::string& quantization) {
   app.add_option(
          "--quantization", quantization,
          "Weight quantization at load: none (the checkpoint's dtypes), int8 (weight-only, "
-         "a float32 scale per output channel) or fp8 (weight-only E4M3, a float32 scale per "
-         "128x128 block); CPU only. Routers, embeddings and the LM head stay unquantized; "
-         "FP8 checkpoints load as FP8 without this flag")
+         "a float32 scale per output channel; CPU only) or fp8 (weight-only E4M3, a float32 "
+         "scale per 128x128 block; on a GPU the routed experts only, which stay FP8 there). "
+         "Routers, embeddings and the LM head stay unquantized; FP8 checkpoints load as FP8 "
+         "without this flag")
       ->check(CLI::IsMember({"none", "int8", "fp8"}))
       ->capture_default_str();
 }

@@ -1,4 +1,4 @@
-// An expert shard's experts on a GPU: bf16 weights uploaded once, one FFN per run() call.
+// An expert shard's experts on a GPU: weights uploaded once (FP8 or bf16), one FFN per run() call.
 #include "core/detail/cuda_experts.h"
 
 #include <fmt/format.h>
@@ -6,7 +6,10 @@
 #include <cstring>
 #include <vector>
 
+#include <spdlog/spdlog.h>
+
 #include "core/detail/cuda_context.h"
+#include "core/detail/tensor_parallel.h"
 #include "core/detail/weights.h"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -26,9 +29,14 @@ void to_bf16(const kernels::WeightView& w, std::vector<uint16_t>& out, std::size
 struct CudaExperts::Impl : CudaContext {
   int64_t hidden = 0;
   struct Expert {
-    cu::DeviceBuffer gate_up, down;
+    cu::DeviceBuffer gate_up, down;              // bf16, or FP8 codes
+    cu::DeviceBuffer gate_up_scale, down_scale;  // FP8 only: float32 per 128x128 block
     int64_t inter = 0;
+    bool fp8 = false;
   };
+  std::unique_ptr<cu::GroupedGemm> grouped;  // the FP8 products (one group)
+  bool fp8_fallback_logged = false;
+  Status add_fp8(Expert& x, const kernels::FfnWeights& w);
   std::map<ExpertRef, Expert> held;
   int64_t bytes = 0;
   // Scratch, grown on demand.
@@ -44,12 +52,44 @@ Expected<std::unique_ptr<CudaExperts>> CudaExperts::create(int device, int64_t h
   auto impl = std::make_unique<Impl>();
   if (Status s = impl->open(device); !s) return s.error();
   impl->hidden = hidden;
+  std::string e;
+  impl->grouped = cu::GroupedGemm::create(impl->stream, cu::GroupedMethod::Auto, &e);
+  if (!impl->grouped) return Error(e);
   return std::unique_ptr<CudaExperts>(new CudaExperts(std::move(impl)));
 }
 
 std::string CudaExperts::description() const {
-  return fmt::format("{} experts={} weights={:.2f}GiB", cu::device_description(impl_->device),
-                     impl_->held.size(), static_cast<double>(impl_->bytes) / (1 << 30));
+  return fmt::format("{} experts={} fp8_experts={} weights={:.2f}GiB",
+                     cu::device_description(impl_->device), impl_->held.size(), fp8_experts(),
+                     static_cast<double>(impl_->bytes) / (1 << 30));
+}
+
+int64_t CudaExperts::fp8_experts() const {
+  int64_t n = 0;
+  for (const auto& [ref, x] : impl_->held) n += x.fp8 ? 1 : 0;
+  return n;
+}
+
+Status CudaExperts::Impl::add_fp8(Expert& x, const kernels::FfnWeights& w) {
+  const Fp8Matrix gate_up = gate_up_fp8(w, 0, 1);
+  const Fp8Matrix down = shard_fp8(w.down, Split::Cols, 0, 1);
+  for (auto [buf, size] : {std::pair{&x.gate_up, gate_up.codes.size()},
+                           {&x.down, down.codes.size()},
+                           {&x.gate_up_scale, gate_up.scales.size() * 4},
+                           {&x.down_scale, down.scales.size() * 4}}) {
+    std::string e;
+    *buf = cu::DeviceBuffer::allocate(size, &e);
+    if (!buf->data()) return Error(e);
+  }
+  cu::copy(x.gate_up.data(), gate_up.codes.data(), gate_up.codes.size(), stream);
+  cu::copy(x.down.data(), down.codes.data(), down.codes.size(), stream);
+  cu::copy(x.gate_up_scale.data(), gate_up.scales.data(), gate_up.scales.size() * 4, stream);
+  cu::copy(x.down_scale.data(), down.scales.data(), down.scales.size() * 4, stream);
+  if (Status s = from(cu::synchronize(stream, "uploading an expert")); !s) return s;
+  x.fp8 = true;
+  bytes += static_cast<int64_t>(gate_up.codes.size() + down.codes.size() +
+                                (gate_up.scales.size() + down.scales.size()) * 4);
+  return {};
 }
 
 Status CudaExperts::add(const ExpertRef& ref, const kernels::FfnWeights& w) {
@@ -58,6 +98,14 @@ Status CudaExperts::add(const ExpertRef& ref, const kernels::FfnWeights& w) {
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
   Impl::Expert x;
   x.inter = w.gate.rows;
+  if (const std::string refusal = fp8_expert_refusal(w, 1); refusal.empty()) {
+    if (Status s = m.add_fp8(x, w); !s) return s;
+    m.held.emplace(ref, std::move(x));
+    return {};
+  } else if (w.gate.dtype == kernels::DType::F8E4M3 && !m.fp8_fallback_logged) {
+    spdlog::warn("experts uploaded as bf16 (twice the bytes of FP8): {}", refusal);
+    m.fp8_fallback_logged = true;
+  }
   std::string e;
   const std::size_t gu_elems = static_cast<std::size_t>(2 * x.inter * m.hidden);
   x.gate_up = cu::DeviceBuffer::allocate(gu_elems * 2, &e);
@@ -81,7 +129,9 @@ Status CudaExperts::add(const ExpertRef& ref, const kernels::FfnWeights& w) {
 void CudaExperts::release(const ExpertRef& ref) {
   auto it = impl_->held.find(ref);
   if (it == impl_->held.end()) return;
-  impl_->bytes -= static_cast<int64_t>(it->second.gate_up.size() + it->second.down.size());
+  const Impl::Expert& x = it->second;
+  impl_->bytes -= static_cast<int64_t>(x.gate_up.size() + x.down.size() + x.gate_up_scale.size() +
+                                       x.down_scale.size());
   impl_->held.erase(it);
 }
 
@@ -105,13 +155,19 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   std::memcpy(m.in.data(), x, rows_bytes);
   cu::copy(m.x32.data(), m.in.data(), rows_bytes, m.stream);
   cu::f32_to_bf16(m.x32.as<float>(), m_tokens * H, m.x16.as<uint16_t>(), m.stream);
-  if (Status s = from(m.blas->gemm(m.x16.as<uint16_t>(), w.gate_up.as<uint16_t>(), m.gu.as<float>(),
-                                   m_tokens, 2 * w.inter, H));
+  // x [m, k] times the expert's weight [n, k]^T into y [m, n].
+  auto product = [&](const uint16_t* in, const cu::DeviceBuffer& weight,
+                     const cu::DeviceBuffer& scale, int64_t n, int64_t k, float* out) {
+    if (!w.fp8) return from(m.blas->gemm(in, weight.as<uint16_t>(), out, m_tokens, n, k));
+    return from(m.grouped->run_fp8(in, {cu::GroupWeight{weight.data(), scale.as<float>()}},
+                                   {m_tokens}, {0}, n, k, out));
+  };
+  if (Status s = product(m.x16.as<uint16_t>(), w.gate_up, w.gate_up_scale, 2 * w.inter, H,
+                         m.gu.as<float>());
       !s)
     return s;
   cu::swiglu(m.gu.as<float>(), m_tokens, w.inter, m.act.as<uint16_t>(), m.stream);
-  if (Status s = from(m.blas->gemm(m.act.as<uint16_t>(), w.down.as<uint16_t>(), m.y.as<float>(),
-                                   m_tokens, H, w.inter));
+  if (Status s = product(m.act.as<uint16_t>(), w.down, w.down_scale, H, w.inter, m.y.as<float>());
       !s)
     return s;
   cu::copy(m.out.data(), m.y.data(), rows_bytes, m.stream);

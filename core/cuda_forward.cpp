@@ -74,8 +74,10 @@ struct CudaForward::Impl : CudaContext {
     cu::DeviceBuffer q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
     bool moe = false;
     cu::DeviceBuffer router;
-    cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden]
-    cu::DeviceBuffer experts_down;     // [E, hidden, inter]
+    cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden] bf16, or FP8 E4M3 codes
+    cu::DeviceBuffer experts_down;     // [E, hidden, inter] likewise
+    bool experts_fp8 = false;          // FP8 codes with 128x128 block scales (fp8_expert_refusal)
+    cu::DeviceBuffer experts_gate_up_scale, experts_down_scale;  // [E, blocks] float32 (FP8 only)
     std::vector<cu::GroupWeight> gate_up_groups, down_groups;
     bool shared = false;
     Ffn shared_expert;
@@ -138,6 +140,11 @@ struct CudaForward::Impl : CudaContext {
   }
 
   Status load(const ModelWeights& w);
+  // Layer l's routed experts, in FP8 when every one can stay FP8 (fp8_expert_refusal), else bf16.
+  Status upload_experts(Layer& D, const std::vector<kernels::FfnWeights>& experts, std::size_t l);
+  Status upload_experts_fp8(Layer& D, const std::vector<kernels::FfnWeights>& experts);
+  bool fp8_fallback_logged = false;
+
   Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
   Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
   Status ffn_dense(const Ffn& f, int64_t n, float* out);
@@ -167,11 +174,13 @@ std::string CudaForward::description() const {
     for (std::size_t r = 0; r < ranks_.size(); ++r)
       tp += fmt::format("{}{}", r ? "," : "", ranks_[r]->device);
   }
-  return fmt::format("{} weights={:.2f}GiB kv_blocks={} block_size={} grouped_gemm={}{}",
-                     cu::device_description(m.device),
-                     static_cast<double>(m.weight_bytes) / (1 << 30), m.num_blocks,
-                     m.options.block_size,
-                     m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
+  int64_t fp8_layers = 0;
+  for (const Impl::Layer& l : m.layers) fp8_layers += l.experts_fp8 ? 1 : 0;
+  return fmt::format(
+      "{} weights={:.2f}GiB fp8_expert_layers={} kv_blocks={} block_size={} grouped_gemm={}{}",
+      cu::device_description(m.device), static_cast<double>(m.weight_bytes) / (1 << 30), fp8_layers,
+      m.num_blocks, m.options.block_size,
+      m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
 }
 
 int64_t CudaForward::num_blocks() const {
@@ -342,28 +351,7 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
       }
       if (!L.experts.empty()) {
         routed_experts = true;
-        const int64_t E = static_cast<int64_t>(L.experts.size());
-        const int64_t I = L.experts[0].gate.rows / ranks;
-        const int64_t H = c.hidden_size;
-        const std::size_t gu_bytes = static_cast<std::size_t>(2 * I * H * 2);
-        const std::size_t d_bytes = static_cast<std::size_t>(H * I * 2);
-        if (Status s = ensure(D.experts_gate_up, gu_bytes * E); !s) return s;
-        if (Status s = ensure(D.experts_down, d_bytes * E); !s) return s;
-        for (int64_t e = 0; e < E; ++e) {
-          const std::vector<uint16_t> gate_up = gate_up_rows(L.experts[e], rank, ranks);
-          cu::copy(static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, gate_up.data(),
-                   gu_bytes, stream);
-          const std::vector<uint16_t> down =
-              shard_bf16(L.experts[e].down, Split::Cols, rank, ranks);
-          cu::copy(static_cast<char*>(D.experts_down.data()) + e * d_bytes, down.data(), d_bytes,
-                   stream);
-          if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
-          D.gate_up_groups.push_back(
-              {static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, nullptr});
-          D.down_groups.push_back(
-              {static_cast<char*>(D.experts_down.data()) + e * d_bytes, nullptr});
-        }
-        weight_bytes += static_cast<int64_t>((gu_bytes + d_bytes) * E);
+        if (Status s = upload_experts(D, L.experts, l); !s) return s;
       }
     }
     const int64_t percent = static_cast<int64_t>((l + 1) * 100 / w.layers.size());
@@ -373,6 +361,78 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
       last_percent = percent;
     }
   }
+  return {};
+}
+
+Status CudaForward::Impl::upload_experts(Layer& D, const std::vector<kernels::FfnWeights>& experts,
+                                         std::size_t l) {
+  std::string refusal;
+  for (const kernels::FfnWeights& e : experts)
+    if (refusal = fp8_expert_refusal(e, ranks); !refusal.empty()) break;
+  if (refusal.empty()) return upload_experts_fp8(D, experts);
+  if (experts[0].gate.dtype == kernels::DType::F8E4M3 && !fp8_fallback_logged) {
+    spdlog::warn(
+        "routed experts of layer {} are uploaded as bf16 (twice the bytes of FP8): {}; FP8 "
+        "experts stay FP8 on the GPU when each rank's expert width is a multiple of 128 and hidden "
+        "of 64",
+        l, refusal);
+    fp8_fallback_logged = true;
+  }
+  const int64_t E = static_cast<int64_t>(experts.size());
+  const int64_t I = experts[0].gate.rows / ranks;
+  const int64_t H = experts[0].gate.cols;
+  const std::size_t gu_bytes = static_cast<std::size_t>(2 * I * H * 2);
+  const std::size_t d_bytes = static_cast<std::size_t>(H * I * 2);
+  if (Status s = ensure(D.experts_gate_up, gu_bytes * E); !s) return s;
+  if (Status s = ensure(D.experts_down, d_bytes * E); !s) return s;
+  for (int64_t e = 0; e < E; ++e) {
+    const std::vector<uint16_t> gate_up = gate_up_rows(experts[e], rank, ranks);
+    cu::copy(static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, gate_up.data(), gu_bytes,
+             stream);
+    const std::vector<uint16_t> down = shard_bf16(experts[e].down, Split::Cols, rank, ranks);
+    cu::copy(static_cast<char*>(D.experts_down.data()) + e * d_bytes, down.data(), d_bytes, stream);
+    if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
+    D.gate_up_groups.push_back(
+        {static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes, nullptr});
+    D.down_groups.push_back({static_cast<char*>(D.experts_down.data()) + e * d_bytes, nullptr});
+  }
+  weight_bytes += static_cast<int64_t>((gu_bytes + d_bytes) * E);
+  return {};
+}
+
+Status CudaForward::Impl::upload_experts_fp8(Layer& D,
+                                             const std::vector<kernels::FfnWeights>& experts) {
+  const int64_t E = static_cast<int64_t>(experts.size());
+  const int64_t I = experts[0].gate.rows / ranks;
+  const int64_t H = experts[0].gate.cols;
+  const std::size_t gu_bytes = static_cast<std::size_t>(2 * I * H);  // one byte a weight
+  const std::size_t d_bytes = static_cast<std::size_t>(H * I);
+  const std::size_t gu_scales = static_cast<std::size_t>(2 * (I / 128) * kernels::fp8_blocks(H));
+  const std::size_t d_scales = static_cast<std::size_t>(kernels::fp8_blocks(H) * (I / 128));
+  if (Status s = ensure(D.experts_gate_up, gu_bytes * E); !s) return s;
+  if (Status s = ensure(D.experts_down, d_bytes * E); !s) return s;
+  if (Status s = ensure(D.experts_gate_up_scale, gu_scales * E * 4); !s) return s;
+  if (Status s = ensure(D.experts_down_scale, d_scales * E * 4); !s) return s;
+  for (int64_t e = 0; e < E; ++e) {
+    const Fp8Matrix gate_up = gate_up_fp8(experts[e], rank, ranks);
+    const Fp8Matrix down = shard_fp8(experts[e].down, Split::Cols, rank, ranks);
+    if (gate_up.codes.size() != gu_bytes || gate_up.scales.size() != gu_scales ||
+        down.codes.size() != d_bytes || down.scales.size() != d_scales)
+      return Error(fmt::format("expert {}: FP8 shard sizes do not match the layer's", e));
+    char* gu_w = static_cast<char*>(D.experts_gate_up.data()) + e * gu_bytes;
+    char* d_w = static_cast<char*>(D.experts_down.data()) + e * d_bytes;
+    float* gu_s = D.experts_gate_up_scale.as<float>() + e * gu_scales;
+    float* d_s = D.experts_down_scale.as<float>() + e * d_scales;
+    cu::copy(gu_w, gate_up.codes.data(), gu_bytes, stream);
+    cu::copy(d_w, down.codes.data(), d_bytes, stream);
+    cu::copy(gu_s, gate_up.scales.data(), gu_scales * 4, stream);
+    cu::copy(d_s, down.scales.data(), d_scales * 4, stream);
+    if (Status s = from(cu::synchronize(stream, "uploading experts")); !s) return s;
+    D.gate_up_groups.push_back({gu_w, gu_s});
+    D.down_groups.push_back({d_w, d_s});
+  }
+  D.experts_fp8 = true;
+  weight_bytes += static_cast<int64_t>((gu_bytes + d_bytes + (gu_scales + d_scales) * 4) * E);
   return {};
 }
 
@@ -505,15 +565,14 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
       return Error(
           fmt::format("layer {}: the expert counts add up to {}, not {} slots", l, total, slots));
     const int64_t I = c.moe_intermediate_size;
-    if (Status s = from(grouped->run_bf16(xe.as<uint16_t>(), D.gate_up_groups, rows, offs, 2 * I, H,
-                                          ge.as<float>()));
-        !s)
-      return s;
+    auto run = [&](const uint16_t* in, const std::vector<cu::GroupWeight>& w, int64_t n_out,
+                   int64_t k_in, float* y) {
+      return from(D.experts_fp8 ? grouped->run_fp8(in, w, rows, offs, n_out, k_in, y)
+                                : grouped->run_bf16(in, w, rows, offs, n_out, k_in, y));
+    };
+    if (Status s = run(xe.as<uint16_t>(), D.gate_up_groups, 2 * I, H, ge.as<float>()); !s) return s;
     cu::swiglu(ge.as<float>(), slots, I, ae.as<uint16_t>(), stream);
-    if (Status s = from(
-            grouped->run_bf16(ae.as<uint16_t>(), D.down_groups, rows, offs, H, I, ye.as<float>()));
-        !s)
-      return s;
+    if (Status s = run(ae.as<uint16_t>(), D.down_groups, H, I, ye.as<float>()); !s) return s;
     cu::moe_combine(ye.as<float>(), row_of_slot.as<int32_t>(), wts.as<float>(), n, K, H, false, out,
                     stream);
     if (D.shared)

@@ -136,10 +136,11 @@ Expected<std::unique_ptr<ExpertShard>> ExpertShard::load(const std::filesystem::
   impl->checkpoint = std::move(*ckpt);
   if (Status s = detail::parse_quantization(options.quantization, &impl->quantization); !s)
     return s.error();
-  if (impl->quantization != detail::Quantization::None && options.device != "cpu")
+  if (impl->quantization == detail::Quantization::Int8 && options.device != "cpu")
     return Error(fmt::format(
-        "quantization '{}' is not supported on device '{}' yet: it works with device cpu only",
-        options.quantization, options.device));
+        "quantization 'int8' is not supported on device '{}': it works with device cpu only (on a "
+        "GPU use fp8)",
+        options.device));
   if (options.device != "cpu") {
 #if MOEMESH_HAVE_CUDA
     int device = 0;

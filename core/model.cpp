@@ -45,10 +45,11 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   if (!ckpt) return ckpt.error();
   detail::Quantization quant = detail::Quantization::None;
   if (Status s = detail::parse_quantization(options.quantization, &quant); !s) return s.error();
-  if (quant != detail::Quantization::None && options.device != "cpu")
+  if (quant == detail::Quantization::Int8 && options.device != "cpu")
     return Error(fmt::format(
-        "quantization '{}' is not supported on device '{}' yet: it works with --device cpu only",
-        options.quantization, options.device));
+        "quantization 'int8' is not supported on device '{}': it works with --device cpu only "
+        "(on a GPU use fp8)",
+        options.device));
   Expected<detail::ModelWeights> weights =
       detail::bind_weights(*config, *ckpt, options.routed_experts);
   if (!weights) return weights.error();
@@ -58,7 +59,11 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->weights = std::move(*weights);
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads, options.cpus);
   if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
-  if (quant == detail::Quantization::Fp8) detail::quantize_fp8(impl->weights, impl->pool.get());
+  // On a GPU only the routed experts are quantized: they stay FP8 there, the rest goes up as bf16.
+  if (quant == detail::Quantization::Fp8 && options.device == "cpu")
+    detail::quantize_fp8(impl->weights, impl->pool.get());
+  else if (quant == detail::Quantization::Fp8)
+    detail::quantize_fp8_routed_experts(impl->weights, impl->pool.get());
   if (options.device == "cpu") detail::pack_for_amx(impl->weights, impl->pool.get());
   impl->routed_experts = options.routed_experts;
   if (options.routed_experts)

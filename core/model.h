@@ -146,11 +146,13 @@ struct ModelOptions {
   std::string kv_cache_dtype = "f32";
   int64_t kv_cache_bytes = 0;
   bool prefix_caching = false;
-  // Weight quantization at load (CPU only): "none" keeps the checkpoint dtypes; "int8" converts
+  // Weight quantization at load: "none" keeps the checkpoint dtypes; "int8" (CPU only) converts
   // the attention projections, dense MLPs, shared experts and routed experts to int8 with a
   // float32 scale per output row (routers, embeddings and the LM head stay as they are); "fp8"
-  // converts the same matrices to FP8 E4M3 with a float32 scale per 128x128 block. Checkpoints
-  // that ship FP8 weights (X.weight F8_E4M3 + X.weight_scale_inv) load as FP8 with any value.
+  // converts the same matrices to FP8 E4M3 with a float32 scale per 128x128 block (on a GPU: the
+  // routed experts only). Checkpoints that ship FP8 weights (X.weight F8_E4M3 +
+  // X.weight_scale_inv) load as FP8 with any value. On a GPU, FP8 routed experts stay FP8 where
+  // the FP8 grouped GEMM takes their shapes (docs/gpu.md), and everything else is bf16.
   std::string quantization = "none";
 };
 

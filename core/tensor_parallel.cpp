@@ -61,4 +61,53 @@ std::vector<float> shard_vector(const std::vector<float>& v, int rank, int ranks
   return {v.begin() + rank * n, v.begin() + (rank + 1) * n};
 }
 
+std::string fp8_expert_refusal(const kernels::FfnWeights& w, int ranks) {
+  for (const kernels::WeightView* m : {&w.gate, &w.up, &w.down})
+    if (m->dtype != kernels::DType::F8E4M3 || m->scale == nullptr)
+      return fmt::format("its weights are {}, not FP8 with block scales",
+                         kernels::dtype_name(m->dtype));
+  const int64_t inter = w.gate.rows, hidden = w.gate.cols;
+  if (inter % ranks != 0 || (inter / ranks) % 128 != 0)
+    return fmt::format("its width {} over {} rank(s) is not a multiple of 128", inter, ranks);
+  if (hidden % 64 != 0) return fmt::format("hidden {} is not a multiple of 64", hidden);
+  if (w.up.rows != inter || w.up.cols != hidden || w.down.rows != hidden || w.down.cols != inter)
+    return "gate, up and down do not have matching shapes";
+  return {};
+}
+
+Fp8Matrix shard_fp8(const kernels::WeightView& w, Split split, int rank, int ranks) {
+  const auto* codes = static_cast<const uint8_t*>(w.data);
+  const int64_t brows = kernels::fp8_blocks(w.rows), bcols = kernels::fp8_blocks(w.cols);
+  Fp8Matrix out;
+  if (split == Split::Rows) {
+    const int64_t n = w.rows / ranks, r0 = rank * n;
+    out.rows = n;
+    out.cols = w.cols;
+    out.codes.assign(codes + r0 * w.cols, codes + (r0 + n) * w.cols);
+    const int64_t b0 = ranks == 1 ? 0 : r0 / 128, nb = ranks == 1 ? brows : n / 128;
+    out.scales.assign(w.scale + b0 * bcols, w.scale + (b0 + nb) * bcols);
+    return out;
+  }
+  const int64_t n = w.cols / ranks, c0 = rank * n;
+  out.rows = w.rows;
+  out.cols = n;
+  out.codes.resize(static_cast<std::size_t>(w.rows * n));
+  for (int64_t r = 0; r < w.rows; ++r)
+    std::copy_n(codes + r * w.cols + c0, n, out.codes.begin() + r * n);
+  const int64_t b0 = ranks == 1 ? 0 : c0 / 128, nb = ranks == 1 ? bcols : n / 128;
+  out.scales.resize(static_cast<std::size_t>(brows * nb));
+  for (int64_t br = 0; br < brows; ++br)
+    std::copy_n(w.scale + br * bcols + b0, nb, out.scales.begin() + br * nb);
+  return out;
+}
+
+Fp8Matrix gate_up_fp8(const kernels::FfnWeights& w, int rank, int ranks) {
+  Fp8Matrix gu = shard_fp8(w.gate, Split::Rows, rank, ranks);
+  const Fp8Matrix up = shard_fp8(w.up, Split::Rows, rank, ranks);
+  gu.codes.insert(gu.codes.end(), up.codes.begin(), up.codes.end());
+  gu.scales.insert(gu.scales.end(), up.scales.begin(), up.scales.end());
+  gu.rows += up.rows;
+  return gu;
+}
+
 }  // namespace moemesh::detail

@@ -1,8 +1,10 @@
 // Internal: an expert shard's experts on a GPU (ExpertShardOptions::device "cuda[:N]").
 //
-// Each held expert is uploaded once as bf16 (gate and up fused into one [2 * inter, hidden]
-// matrix, down [hidden, inter]); run() copies a token batch in, computes the SwiGLU FFN with
-// cuBLAS and the kernels of kernels/cuda, and copies the result out, through pinned buffers.
+// Each held expert is uploaded once (gate and up fused into one [2 * inter, hidden] matrix, down
+// [hidden, inter]): as FP8 E4M3 with its 128x128 block scales when its weights are FP8 and its
+// shapes suit the FP8 grouped GEMM (fp8_expert_refusal in tensor_parallel.h), else as bf16.
+// run() copies a token batch in, computes the SwiGLU FFN (cuBLAS for bf16, the FP8 grouped GEMM
+// for FP8) and the kernels of kernels/cuda, and copies the result out, through pinned buffers.
 //
 // Threads: used by the shard's one thread at a time; every call makes its device current.
 #pragma once
@@ -26,6 +28,7 @@ class CudaExperts {
   // y[m, hidden] = down(silu(gate(x)) * up(x)) with expert `ref` (held), x and y on the host.
   Status run(const ExpertRef& ref, const float* x, int64_t m, float* y);
   std::string description() const;
+  int64_t fp8_experts() const;  // held experts kept in FP8
 
   struct Impl;
 

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/config.h"
@@ -37,5 +38,29 @@ std::vector<uint16_t> shard_bf16(const kernels::WeightView& w, Split split, int 
 
 // Rank `rank`'s part of a vector (a bias or norm weight over split features); empty stays empty.
 std::vector<float> shard_vector(const std::vector<float>& v, int rank, int ranks);
+
+// ---- Routed experts kept in FP8 on the GPU ----
+
+// An FP8 E4M3 matrix on the host with its float32 scales per 128x128 block, laid out as a
+// kernels::WeightView of dtype F8E4M3 (and as kernels::cuda::GroupWeight reads it).
+struct Fp8Matrix {
+  std::vector<uint8_t> codes;  // [rows, cols]
+  std::vector<float> scales;   // [fp8_blocks(rows), fp8_blocks(cols)], row-major
+  int64_t rows = 0, cols = 0;
+};
+
+// "" when a routed expert's FFN can stay FP8 on a GPU split over `ranks`, else why not: gate, up
+// and down must be F8E4M3 with block scales (an FP8 checkpoint, or --quantization fp8), each
+// rank's share of the expert width a multiple of 128 (shards and the fused gate|up matrix then
+// take whole scale blocks) and hidden a multiple of 64 (the tiles of the FP8 grouped GEMM).
+std::string fp8_expert_refusal(const kernels::FfnWeights& w, int ranks);
+
+// Rank `rank`'s rows or columns of an F8E4M3 w, codes and the scales of their blocks, as
+// shard_bf16 splits; the share must start and end on 128-blocks (whole w with one rank).
+Fp8Matrix shard_fp8(const kernels::WeightView& w, Split split, int rank, int ranks);
+
+// Rank `rank`'s rows of gate, then of up, as one [2 * inter / ranks, hidden] matrix, for an FFN
+// that fp8_expert_refusal() accepts.
+Fp8Matrix gate_up_fp8(const kernels::FfnWeights& w, int rank, int ranks);
 
 }  // namespace moemesh::detail

@@ -206,5 +206,98 @@ TEST(TensorParallel, TheCpuRefusesASizeOverOne) {
       << m.error().message();
 }
 
+// ---- FP8 shards (routed experts kept in FP8 on the GPU) ----
+
+struct Fp8Weight {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  kernels::WeightView view;
+};
+
+// A random [rows, cols] matrix block-quantized to FP8 (kernels::quantize_fp8_e4m3).
+Fp8Weight fp8_weight(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> dense(static_cast<std::size_t>(rows * cols));
+  for (std::size_t i = 0; i < dense.size(); ++i)
+    dense[i] = dist(rng) * (1.0f + static_cast<float>(i % 7));  // blocks get different scales
+  Fp8Weight w;
+  w.codes.resize(dense.size());
+  w.scales.resize(static_cast<std::size_t>(kernels::fp8_blocks(rows) * kernels::fp8_blocks(cols)));
+  kernels::quantize_fp8_e4m3({dense.data(), kernels::DType::F32, rows, cols}, w.codes.data(),
+                             w.scales.data(), nullptr);
+  w.view = {w.codes.data(), kernels::DType::F8E4M3, rows, cols, w.scales.data()};
+  return w;
+}
+
+std::vector<float> dequantized(const Fp8Matrix& m) {
+  std::vector<float> out(static_cast<std::size_t>(m.rows * m.cols));
+  kernels::dequantize_rows(
+      {m.codes.data(), kernels::DType::F8E4M3, m.rows, m.cols, m.scales.data()}, 0, m.rows,
+      out.data());
+  return out;
+}
+
+// Each rank's FP8 shard (codes and the scales of its blocks) dequantizes to that rank's rows or
+// columns of the whole matrix, for 1, 2 and 4 ranks; gate|up stacks gate's rows on up's.
+TEST(TensorParallel, Fp8ShardsAreTheRanksRowsAndColumnsWithTheirScales) {
+  const Fp8Weight w = fp8_weight(512, 320, 7);  // 4 x 3 blocks, the last columns partial
+  std::vector<float> whole(512 * 320);
+  kernels::dequantize_rows(w.view, 0, 512, whole.data());
+  for (int ranks : {1, 2, 4}) {
+    for (int r = 0; r < ranks; ++r) {
+      const Fp8Matrix rows = shard_fp8(w.view, Split::Rows, r, ranks);
+      ASSERT_EQ(rows.rows, 512 / ranks);
+      ASSERT_EQ(rows.cols, 320);
+      EXPECT_EQ(rows.scales.size(), static_cast<std::size_t>(kernels::fp8_blocks(rows.rows) * 3));
+      const std::vector<float> got = dequantized(rows);
+      EXPECT_TRUE(std::equal(got.begin(), got.end(), whole.begin() + r * rows.rows * 320))
+          << ranks << " ranks, rank " << r;
+    }
+  }
+  const Fp8Weight down = fp8_weight(192, 512, 8);  // [hidden, inter]: columns split
+  std::vector<float> dwhole(192 * 512);
+  kernels::dequantize_rows(down.view, 0, 192, dwhole.data());
+  for (int ranks : {1, 2, 4}) {
+    for (int r = 0; r < ranks; ++r) {
+      const Fp8Matrix cols = shard_fp8(down.view, Split::Cols, r, ranks);
+      ASSERT_EQ(cols.cols, 512 / ranks);
+      const std::vector<float> got = dequantized(cols);
+      for (int64_t i = 0; i < 192; ++i)
+        ASSERT_TRUE(std::equal(got.begin() + i * cols.cols, got.begin() + (i + 1) * cols.cols,
+                               dwhole.begin() + i * 512 + r * cols.cols))
+            << ranks << " ranks, rank " << r << ", row " << i;
+    }
+  }
+  const Fp8Weight gate = fp8_weight(256, 192, 9), up = fp8_weight(256, 192, 10);
+  const kernels::FfnWeights ffn{gate.view, up.view, fp8_weight(192, 256, 11).view};
+  const Fp8Matrix gu = gate_up_fp8(ffn, 1, 2);
+  ASSERT_EQ(gu.rows, 256);
+  const std::vector<float> got = dequantized(gu);
+  const Fp8Matrix g1 = shard_fp8(gate.view, Split::Rows, 1, 2),
+                  u1 = shard_fp8(up.view, Split::Rows, 1, 2);
+  std::vector<float> want = dequantized(g1);
+  const std::vector<float> want_up = dequantized(u1);
+  want.insert(want.end(), want_up.begin(), want_up.end());
+  EXPECT_EQ(got, want);
+}
+
+TEST(TensorParallel, Fp8ExpertsStayFp8OnlyOnWholeScaleBlocks) {
+  const Fp8Weight gate = fp8_weight(256, 128, 1), up = fp8_weight(256, 128, 2),
+                  down = fp8_weight(128, 256, 3);
+  const kernels::FfnWeights ffn{gate.view, up.view, down.view};
+  EXPECT_EQ(fp8_expert_refusal(ffn, 1), "");
+  EXPECT_EQ(fp8_expert_refusal(ffn, 2), "");  // 128 features a rank
+  EXPECT_EQ(fp8_expert_refusal(ffn, 4), "its width 256 over 4 rank(s) is not a multiple of 128");
+  const Fp8Weight narrow_gate = fp8_weight(256, 96, 4), narrow_up = fp8_weight(256, 96, 5),
+                  narrow_down = fp8_weight(96, 256, 6);
+  EXPECT_EQ(fp8_expert_refusal({narrow_gate.view, narrow_up.view, narrow_down.view}, 1),
+            "hidden 96 is not a multiple of 64");
+  std::vector<uint16_t> bits(256 * 128);
+  kernels::FfnWeights mixed = ffn;
+  mixed.up = {bits.data(), kernels::DType::BF16, 256, 128};
+  EXPECT_EQ(fp8_expert_refusal(mixed, 1), "its weights are BF16, not FP8 with block scales");
+}
+
 }  // namespace
 }  // namespace moemesh::detail

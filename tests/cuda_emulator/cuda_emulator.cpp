@@ -442,10 +442,25 @@ std::string GroupedGemm::run_bf16(const uint16_t* x, const std::vector<GroupWeig
   return {};
 }
 
-std::string GroupedGemm::run_fp8(const uint16_t*, const std::vector<GroupWeight>&,
-                                 const std::vector<int64_t>&, const std::vector<int64_t>&, int64_t,
-                                 int64_t, float*) {
-  return "run_fp8 is not emulated";
+std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeight>& weights,
+                                 const std::vector<int64_t>& rows,
+                                 const std::vector<int64_t>& offsets, int64_t n, int64_t k,
+                                 float* y) {
+  // As the kernel does: each weight dequantised with its block's scale and rounded to bf16, then
+  // a bf16 product with float32 accumulation.
+  std::vector<float> dense(static_cast<std::size_t>(n * k));
+  std::vector<uint16_t> w16(dense.size());
+  for (std::size_t g = 0; g < weights.size(); ++g) {
+    if (rows[g] <= 0) continue;
+    if (weights[g].block_scale == nullptr)
+      return "grouped GEMM (fp8): group " + std::to_string(g) + " has no block scales";
+    const kernels::WeightView view{weights[g].w, kernels::DType::F8E4M3, n, k,
+                                   weights[g].block_scale};
+    kernels::dequantize_rows(view, 0, n, dense.data());
+    for (std::size_t i = 0; i < dense.size(); ++i) w16[i] = to_bf(dense[i]);
+    gemm_host(x + offsets[g] * k, w16.data(), y + offsets[g] * n, rows[g], n, k, 0.0f);
+  }
+  return {};
 }
 
 // ---- Collectives -------------------------------------------------------------------------------

@@ -1,0 +1,296 @@
+// FP8 routed experts on the GPU: an FP8 checkpoint's experts (and those of --quantization fp8)
+// stay FP8 on the device, in the model's grouped GEMM and in a GPU expert shard, where their
+// shapes suit the FP8 kernel; elsewhere they go up as bf16. The checkpoints are written here:
+// qwen3_moe with hidden 64 and experts 256 wide (128 per rank with two ranks), once in bf16 and
+// once with the same weights' experts block-quantized to FP8 (kernels::quantize_fp8_e4m3, the
+// quantizer of --quantization fp8, so both hold the same codes). Skips where no GPU is present.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/expert_shard.h"
+#include "core/model.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "tests/core/test_checkpoint_writer.h"
+
+namespace moemesh {
+namespace {
+
+#define REQUIRE_GPU()                                                                       \
+  do {                                                                                      \
+    if (kernels::cuda::device_count() == 0)                                                 \
+      GTEST_SKIP() << "no CUDA device on this machine: GPU tests run in scripts/gpu-check"; \
+  } while (0)
+
+constexpr int64_t kHidden = 64, kInter = 256, kExperts = 4, kLayers = 2, kVocab = 96;
+constexpr int64_t kHeads = 4, kKvHeads = 2, kHeadDim = 16;
+
+double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size() || a.empty()) return INFINITY;
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// Deterministic values in [-scale, scale).
+std::vector<float> values(int64_t n, uint32_t seed, float scale) {
+  std::vector<float> v(static_cast<std::size_t>(n));
+  uint32_t s = seed * 2654435761u + 12345u;
+  for (float& x : v) {
+    s = s * 1664525u + 1013904223u;
+    x = scale * (static_cast<float>(s >> 8) / static_cast<float>(1u << 23) - 1.0f);
+  }
+  return v;
+}
+
+std::vector<uint16_t> bf16(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = kernels::f32_to_bf16(v[i]);
+  return out;
+}
+
+// Writes the checkpoint to `dir`: every matrix bf16, or with fp8_experts the routed experts as
+// F8_E4M3 codes plus F32 weight_scale_inv blocks of the same bf16 values.
+void write_checkpoint(const std::filesystem::path& dir, bool fp8_experts, int64_t inter) {
+  nlohmann::json config = {{"architectures", {"Qwen3MoeForCausalLM"}},
+                           {"model_type", "qwen3_moe"},
+                           {"hidden_size", kHidden},
+                           {"intermediate_size", 128},
+                           {"moe_intermediate_size", inter},
+                           {"num_hidden_layers", kLayers},
+                           {"num_attention_heads", kHeads},
+                           {"num_key_value_heads", kKvHeads},
+                           {"head_dim", kHeadDim},
+                           {"num_experts", kExperts},
+                           {"num_experts_per_tok", 2},
+                           {"norm_topk_prob", true},
+                           {"decoder_sparse_step", 1},
+                           {"mlp_only_layers", nlohmann::json::array()},
+                           {"max_position_embeddings", 256},
+                           {"rms_norm_eps", 1e-6},
+                           {"rope_theta", 1000000.0},
+                           {"tie_word_embeddings", false},
+                           {"vocab_size", kVocab},
+                           {"bos_token_id", 1},
+                           {"eos_token_id", 2},
+                           {"hidden_act", "silu"},
+                           {"attention_bias", false}};
+  if (fp8_experts)
+    config["quantization_config"] = {{"quant_method", "fp8"},
+                                     {"fmt", "e4m3"},
+                                     {"activation_scheme", "dynamic"},
+                                     {"weight_block_size", {128, 128}}};
+  test::write_file(dir / "config.json", config.dump(2));
+
+  test::SafetensorsWriter w;
+  uint32_t seed = 1;
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols, float scale) {
+    w.bf16_bits(name, {rows, cols}, bf16(values(rows * cols, seed++, scale)));
+  };
+  auto ones = [&](const std::string& name, int64_t n) {
+    w.f32(name, {n}, std::vector<float>(static_cast<std::size_t>(n), 1.0f));
+  };
+  auto expert_matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
+    const std::vector<uint16_t> bits = bf16(values(rows * cols, seed++, 0.08f));
+    if (!fp8_experts) return w.bf16_bits(name, {rows, cols}, bits), void();
+    const kernels::WeightView view{bits.data(), kernels::DType::BF16, rows, cols};
+    std::string codes(static_cast<std::size_t>(rows * cols), '\0');
+    std::vector<float> scales(
+        static_cast<std::size_t>(kernels::fp8_blocks(rows) * kernels::fp8_blocks(cols)));
+    kernels::quantize_fp8_e4m3(view, reinterpret_cast<uint8_t*>(codes.data()), scales.data(),
+                               nullptr);
+    w.raw(name, "F8_E4M3", {rows, cols}, codes);
+    w.f32(name + "_scale_inv", {kernels::fp8_blocks(rows), kernels::fp8_blocks(cols)}, scales);
+  };
+  matrix("model.embed_tokens.weight", kVocab, kHidden, 1.0f);
+  for (int64_t l = 0; l < kLayers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    ones(p + "input_layernorm.weight", kHidden);
+    ones(p + "post_attention_layernorm.weight", kHidden);
+    matrix(p + "self_attn.q_proj.weight", kHeads * kHeadDim, kHidden, 0.15f);
+    matrix(p + "self_attn.k_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f);
+    matrix(p + "self_attn.v_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f);
+    matrix(p + "self_attn.o_proj.weight", kHidden, kHeads * kHeadDim, 0.15f);
+    ones(p + "self_attn.q_norm.weight", kHeadDim);
+    ones(p + "self_attn.k_norm.weight", kHeadDim);
+    matrix(p + "mlp.gate.weight", kExperts, kHidden, 0.3f);
+    for (int64_t e = 0; e < kExperts; ++e) {
+      const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+      expert_matrix(x + "gate_proj.weight", inter, kHidden);
+      expert_matrix(x + "up_proj.weight", inter, kHidden);
+      expert_matrix(x + "down_proj.weight", kHidden, inter);
+    }
+  }
+  ones("model.norm.weight", kHidden);
+  matrix("lm_head.weight", kVocab, kHidden, 0.3f);
+  w.write(dir / "model.safetensors");
+}
+
+struct Checkpoints {
+  test::ScopedTempDir dir;
+  std::filesystem::path bf16 = dir / "bf16", fp8 = dir / "fp8";
+  explicit Checkpoints(int64_t inter = kInter) {
+    std::filesystem::create_directories(bf16);
+    std::filesystem::create_directories(fp8);
+    write_checkpoint(bf16, false, inter);
+    write_checkpoint(fp8, true, inter);
+  }
+};
+
+const std::vector<int32_t> kPrompt = {1, 17, 42, 5, 77, 9, 63, 30, 11, 88, 4, 51, 26};
+
+ModelOptions gpu_options(int ranks = 1, const char* quantization = "none") {
+  ModelOptions o;
+  o.device = "cuda:0";
+  o.gpu_kv_cache_bytes = 16 << 20;
+  o.tensor_parallel_size = ranks;
+  o.tensor_parallel_collective = ranks > 1 ? "one-gpu" : "auto";
+  o.quantization = quantization;
+  return o;
+}
+
+// Prompt logits at every position, then 6 greedy decode steps' logits.
+std::vector<float> run(Model& m) {
+  KVCache cache = m.new_cache(64);
+  std::vector<float> all, logits;
+  auto s = m.forward(cache, kPrompt, Logits::All, logits);
+  EXPECT_TRUE(s) << s.error().message();
+  all = logits;
+  const int64_t V = m.config().vocab_size;
+  for (int step = 0; step < 6; ++step) {
+    const auto last = logits.end() - V;
+    const auto next = static_cast<int32_t>(std::max_element(last, logits.end()) - last);
+    const std::vector<int32_t> one = {next};
+    s = m.forward(cache, one, Logits::Last, logits);
+    EXPECT_TRUE(s) << s.error().message();
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+int64_t fp8_layers(const Model& m) {
+  const std::string d = m.device_description();
+  const auto at = d.find("fp8_expert_layers=");
+  return at == std::string::npos ? -1 : std::stoll(d.substr(at + 18));
+}
+
+// The FP8 checkpoint's experts stay FP8 on the GPU (every MoE layer, under half the expert bytes
+// of bf16) and the logits follow the CPU's on the same FP8 weights as closely as bf16 weights
+// follow the CPU's (3% of their norm: bf16 activations and operands on the GPU).
+TEST(CudaFp8Experts, AnFp8CheckpointStaysFp8AndMatchesTheCpu) {
+  REQUIRE_GPU();
+  Checkpoints ck;
+  auto cpu = Model::load(ck.fp8);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  auto gpu = Model::load(ck.fp8, gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  EXPECT_EQ(fp8_layers(**gpu), kLayers) << (*gpu)->device_description();
+  const double err = rel_error(run(**gpu), run(**cpu));
+  std::printf("[ fp8 experts ] gpu vs cpu logits relative error %.5f\n", err);
+  EXPECT_LT(err, 3e-2);
+
+  auto plain = Model::load(ck.bf16, gpu_options());
+  ASSERT_TRUE(plain) << plain.error().message();
+  EXPECT_EQ(fp8_layers(**plain), 0) << (*plain)->device_description();
+}
+
+// --quantization fp8 on a GPU quantizes the routed experts at load to the codes an FP8
+// checkpoint of the same weights holds: the same logits as that checkpoint.
+TEST(CudaFp8Experts, QuantizationAtLoadEqualsTheFp8Checkpoint) {
+  REQUIRE_GPU();
+  Checkpoints ck;
+  auto at_load = Model::load(ck.bf16, gpu_options(1, "fp8"));
+  ASSERT_TRUE(at_load) << at_load.error().message();
+  EXPECT_EQ(fp8_layers(**at_load), kLayers) << (*at_load)->device_description();
+  auto stored = Model::load(ck.fp8, gpu_options());
+  ASSERT_TRUE(stored) << stored.error().message();
+  EXPECT_LT(rel_error(run(**at_load), run(**stored)), 1e-6);
+
+  ModelOptions int8 = gpu_options(1, "int8");
+  auto refused = Model::load(ck.bf16, int8);
+  ASSERT_FALSE(refused);
+  EXPECT_TRUE(test::Contains(refused.error().message(), "on a GPU use fp8"));
+}
+
+// Two ranks hold 128 of each expert's 256 features: still whole scale blocks, so FP8, and the
+// same logits as one rank.
+TEST(CudaFp8Experts, TensorParallelShardsKeepWholeScaleBlocks) {
+  REQUIRE_GPU();
+  Checkpoints ck;
+  auto one = Model::load(ck.fp8, gpu_options());
+  ASSERT_TRUE(one) << one.error().message();
+  auto two = Model::load(ck.fp8, gpu_options(2));
+  ASSERT_TRUE(two) << two.error().message();
+  EXPECT_EQ(fp8_layers(**two), kLayers) << (*two)->device_description();
+  EXPECT_LT(rel_error(run(**two), run(**one)), 1e-2);
+}
+
+// Experts 192 wide end inside a scale block: they go up as bf16 (every FP8 value is exact in
+// bf16) and still match the CPU; so does a GPU expert shard of them.
+TEST(CudaFp8Experts, ShapesTheFp8KernelDoesNotTakeGoUpAsBf16) {
+  REQUIRE_GPU();
+  Checkpoints ck(192);
+  auto cpu = Model::load(ck.fp8);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  auto gpu = Model::load(ck.fp8, gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  EXPECT_EQ(fp8_layers(**gpu), 0) << (*gpu)->device_description();
+  EXPECT_LT(rel_error(run(**gpu), run(**cpu)), 3e-2);
+  const std::vector<ExpertRef> refs = {{1, 1}};
+  ExpertShardOptions o;
+  o.device = "cuda:0";
+  auto shard = ExpertShard::load(ck.fp8, refs, o);
+  ASSERT_TRUE(shard) << shard.error().message();
+  EXPECT_TRUE(test::Contains((*shard)->device_description(), "fp8_experts=0"));
+  auto cpu_shard = ExpertShard::load(ck.fp8, refs);
+  ASSERT_TRUE(cpu_shard) << cpu_shard.error().message();
+  std::vector<float> x(static_cast<std::size_t>(3 * kHidden), 0.25f), yc(x.size()), yg(x.size());
+  ASSERT_TRUE((*cpu_shard)->run(1, 1, x.data(), 3, yc.data()));
+  ASSERT_TRUE((*shard)->run(1, 1, x.data(), 3, yg.data()));
+  EXPECT_LT(rel_error(yg, yc), 2e-2);
+}
+
+// A GPU expert shard keeps FP8 experts in FP8 and computes what the CPU shard computes.
+TEST(CudaFp8Experts, AnExpertShardOnTheGpuKeepsThemFp8) {
+  REQUIRE_GPU();
+  Checkpoints ck;
+  const std::vector<ExpertRef> refs = {{0, 0}, {0, 3}, {1, 2}};
+  auto cpu = ExpertShard::load(ck.fp8, refs);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  ExpertShardOptions o;
+  o.device = "cuda:0";
+  auto gpu = ExpertShard::load(ck.fp8, refs, o);
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  EXPECT_TRUE(test::Contains((*gpu)->device_description(), "fp8_experts=3"));
+  ExpertShardOptions q = o;
+  q.quantization = "fp8";
+  auto at_load = ExpertShard::load(ck.bf16, refs, q);
+  ASSERT_TRUE(at_load) << at_load.error().message();
+  EXPECT_TRUE(test::Contains((*at_load)->device_description(), "fp8_experts=3"));
+  for (int64_t m : {1, 7, 70}) {
+    std::vector<float> x(static_cast<std::size_t>(m * kHidden));
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i));
+    std::vector<float> yc(x.size()), yg(x.size(), NAN), yq(x.size(), NAN);
+    for (const ExpertRef& r : refs) {
+      ASSERT_TRUE((*cpu)->run(r.layer, r.expert, x.data(), m, yc.data()));
+      auto s = (*gpu)->run(r.layer, r.expert, x.data(), m, yg.data());
+      ASSERT_TRUE(s) << s.error().message();
+      EXPECT_LT(rel_error(yg, yc), 2e-2) << "m=" << m;
+      s = (*at_load)->run(r.layer, r.expert, x.data(), m, yq.data());
+      ASSERT_TRUE(s) << s.error().message();
+      EXPECT_LT(rel_error(yq, yg), 1e-6) << "m=" << m;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moemesh
