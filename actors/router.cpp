@@ -460,6 +460,7 @@ void add_dispatch_counters(const proto::DispatchStats& a, proto::DispatchStats* 
   sum->set_worker_retries_total(sum->worker_retries_total() + a.worker_retries_total());
   sum->set_error_replies_total(sum->error_replies_total() + a.error_replies_total());
   sum->set_buffers_total(sum->buffers_total() + a.buffers_total());
+  sum->set_device_dispatches_total(sum->device_dispatches_total() + a.device_dispatches_total());
   add_faults(a.faults(), sum->mutable_faults());
 }
 

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -75,6 +76,9 @@ struct RemoteExperts::Impl {
   // `exclude`; -1 when there is none.
   int pick(const std::vector<int>& reps, uint64_t key, int exclude) const;
   Status send_round(int round);
+  // Worker wi's dispatch of this round laid out in GPU memory (routing sections, then its rows)
+  // and sent from there.
+  Status send_device(int wi, int round);
   void take_reply(const transport::Reply& r);
   void wait_round();
   void retry_lost();
@@ -98,6 +102,9 @@ struct RemoteExperts::Impl {
   bool pending = false;
   int64_t layer = 0, n = 0, top_k = 0;
   const float* x = nullptr;
+  DeviceRows* device = nullptr;    // instead of x: the rows in GPU memory (start_device())
+  std::vector<std::byte> head;     // a device dispatch's routing sections, laid out on the host
+  uint64_t device_dispatches = 0;  // not yet published to stats
   const int32_t* ids = nullptr;
   const float* gate = nullptr;
   float* out = nullptr;
@@ -253,11 +260,14 @@ Status RemoteExperts::Impl::send_round(int r) {
     w.weights[at] = gate[i];
     state[i] = SlotState::Pending;
   }
-  for (Worker& w : workers) {
+  for (std::size_t wi = 0; wi < workers.size(); ++wi) {
+    Worker& w = workers[wi];
     if (w.tokens.empty()) continue;
-    Status s =
-        client->send(w.peer, epoch, calls, static_cast<int32_t>(layer), r, n, x, config.hidden_size,
-                     w.tokens, w.experts.data(), w.weights.data(), static_cast<int32_t>(k));
+    Status s = device != nullptr
+                   ? send_device(static_cast<int>(wi), r)
+                   : client->send(w.peer, epoch, calls, static_cast<int32_t>(layer), r, n, x,
+                                  config.hidden_size, w.tokens, w.experts.data(), w.weights.data(),
+                                  static_cast<int32_t>(k));
     if (s) {
       w.status = RoundState::Sent;
     } else {
@@ -266,6 +276,29 @@ Status RemoteExperts::Impl::send_round(int r) {
     }
   }
   return {};
+}
+
+Status RemoteExperts::Impl::send_device(int wi, int r) {
+  Worker& w = workers[static_cast<std::size_t>(wi)];
+  const auto rows = static_cast<int64_t>(w.tokens.size());
+  const auto k = static_cast<int32_t>(top_k);
+  const auto layout =
+      transport::dispatch_payload_layout(rows, k, config.hidden_size, options.data_plane.dtype);
+  if (!layout) return Error(fmt::format("a dispatch of {} tokens is too large", rows));
+  head.resize(layout->x);
+  const std::size_t routing = static_cast<std::size_t>(rows) * static_cast<std::size_t>(k) * 4;
+  std::memcpy(head.data() + layout->experts, w.experts.data(), routing);
+  std::memcpy(head.data() + layout->weights, w.weights.data(), routing);
+  Expected<const void*> payload =
+      device->assemble(wi, head.data(), head.size(), w.tokens,
+                       options.data_plane.dtype == transport::WireDtype::BF16);
+  if (!payload) return payload.error();
+  Status s = client->send_payload(
+      w.peer, epoch, calls, static_cast<int32_t>(layer), r, n, rows, k, config.hidden_size,
+      *payload,
+      device->cuda_memory() ? transport::PayloadMemory::Cuda : transport::PayloadMemory::Host);
+  if (s) ++device_dispatches;
+  return s;
 }
 
 void RemoteExperts::Impl::take_reply(const transport::Reply& r) {
@@ -403,6 +436,7 @@ void RemoteExperts::Impl::record_stats() {
   stats.set_buffers_total(c.buffers);
   stats.set_worker_retries_total(stats.worker_retries_total() + retries);
   stats.set_error_replies_total(stats.error_replies_total() + error_replies);
+  stats.set_device_dispatches_total(stats.device_dispatches_total() + device_dispatches);
   proto::FaultCounts* f = stats.mutable_faults();
   f->set_drops(c.faults.drops);
   f->set_delays(c.faults.delays);
@@ -411,7 +445,7 @@ void RemoteExperts::Impl::record_stats() {
   if (dropped > 0)
     for (int64_t i = 0; i < n * top_k; ++i)
       if (state[i] == SlotState::Dropped) ++drops[layer * config.num_experts + ids[i]];
-  rerouted = dropped = failed_steps = retries = error_replies = 0;
+  rerouted = dropped = failed_steps = retries = error_replies = device_dispatches = 0;
 }
 
 RemoteExperts::RemoteExperts(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -425,6 +459,11 @@ Expected<std::unique_ptr<RemoteExperts>> RemoteExperts::create(
   Expected<std::unique_ptr<transport::DispatchClient>> client =
       transport::DispatchClient::create(options.data_plane);
   if (!client) return Error("remote experts: data plane: " + client.error().message());
+  spdlog::info(
+      "remote experts: data plane UCX takes CUDA memory: {} (a model on a GPU sends its rows from "
+      "{})",
+      (*client)->cuda_memory() ? "yes" : "no",
+      (*client)->cuda_memory() && options.device_rows ? "GPU memory" : "pinned host memory");
   return std::unique_ptr<RemoteExperts>(
       new RemoteExperts(std::make_unique<Impl>(config, options, std::move(*client))));
 }
@@ -473,8 +512,26 @@ Status RemoteExperts::compute(int64_t layer, const float* x, int64_t n, const in
   return finish();
 }
 
+bool RemoteExperts::takes_device_rows(bool cuda_memory) const {
+  // Host "device" memory (the tests' emulated GPU) goes to UCX as host memory.
+  return impl_->options.device_rows && (!cuda_memory || impl_->client->cuda_memory());
+}
+
+Status RemoteExperts::start_device(int64_t layer, DeviceRows& x, int64_t n, const int32_t* ids,
+                                   const float* weights, int64_t top_k, float* out) {
+  if (!takes_device_rows(x.cuda_memory()))
+    return impl_->fail(
+        "remote experts: rows in GPU memory, but this data plane's UCX does not take CUDA memory");
+  return begin(layer, nullptr, &x, n, ids, weights, top_k, out);
+}
+
 Status RemoteExperts::start(int64_t layer, const float* x, int64_t n, const int32_t* ids,
                             const float* weights, int64_t top_k, float* out) {
+  return begin(layer, x, nullptr, n, ids, weights, top_k, out);
+}
+
+Status RemoteExperts::begin(int64_t layer, const float* x, DeviceRows* device, int64_t n,
+                            const int32_t* ids, const float* weights, int64_t top_k, float* out) {
   Impl& m = *impl_;
   {
     std::optional<proto::Placement> next;
@@ -496,6 +553,7 @@ Status RemoteExperts::start(int64_t layer, const float* x, int64_t n, const int3
         fmt::format("remote experts: {} tokens with top_k {} for layer {}", n, top_k, layer));
   m.layer = layer;
   m.x = x;
+  m.device = device;
   m.n = n;
   m.ids = ids;
   m.gate = weights;

@@ -27,6 +27,9 @@
 // message or a short stall then fails one step, not every step of a back-off), and fails each
 // step at once with "expert E of layer L has no live copy" when its worker's endpoint failed
 // (UCX saw it die).
+// Under a model on a GPU (start_device()), each worker's message is laid out in GPU memory and its
+// device pointer handed to the data plane where UCX takes CUDA memory (device_dispatches_total);
+// otherwise the model stages the rows through host memory and calls start().
 // A worker that answered with an error (a refused or corrupted dispatch) stays in use. The partial
 // sums are added into `out` in ascending worker id order (first round, then second), so the result
 // does not depend on the order replies arrive in.
@@ -55,6 +58,9 @@ struct RemoteExpertsOptions {
   // they are copied out of the reply, with the same result.
   transport::DataPlaneOptions data_plane;
   std::chrono::milliseconds timeout{1000};  // deadline of one dispatch round
+  // On a GPU: send the rows from device memory where UCX takes it, instead of staging them
+  // through host memory (see takes_device_rows()).
+  bool device_rows = true;
 };
 
 class RemoteExperts : public ExpertBackend {
@@ -79,10 +85,17 @@ class RemoteExperts : public ExpertBackend {
   Status start(int64_t layer, const float* x, int64_t n, const int32_t* ids, const float* weights,
                int64_t top_k, float* out) override;
   Status finish() override;
+  // Rows in GPU memory are sent from there (DispatchClient::send_payload) when options.device_rows
+  // is set and, for CUDA memory, this side's UCX takes it (DispatchClient::cuda_memory()).
+  bool takes_device_rows(bool cuda_memory) const override;
+  Status start_device(int64_t layer, DeviceRows& x, int64_t n, const int32_t* ids,
+                      const float* weights, int64_t top_k, float* out) override;
 
   struct Impl;
 
  private:
+  Status begin(int64_t layer, const float* x, DeviceRows* device, int64_t n, const int32_t* ids,
+               const float* weights, int64_t top_k, float* out);
   explicit RemoteExperts(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -145,6 +145,17 @@ struct CudaForward::Impl : CudaContext {
   Status upload_experts_fp8(Layer& D, const std::vector<kernels::FfnWeights>& experts);
   bool fp8_fallback_logged = false;
 
+  // The MoE layer's input rows (xn bf16, xn_f32) for a backend that sends them from device
+  // memory: one message buffer per destination slot, assembled on this rank's stream.
+  struct Rows : DeviceRows {
+    Impl* m = nullptr;
+    std::vector<cu::DeviceBuffer> messages;
+    cu::DeviceBuffer tokens;
+    cu::PinnedBuffer head_host, tokens_host;
+    Expected<const void*> assemble(int slot, const void* head, std::size_t head_bytes,
+                                   std::span<const int32_t> rows, bool bf16) override;
+    bool cuda_memory() const override { return !cu::device_memory_is_host(); }
+  } device_rows;
   Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
   Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
   Status ffn_dense(const Ffn& f, int64_t n, float* out);
@@ -436,6 +447,39 @@ Status CudaForward::Impl::upload_experts_fp8(Layer& D,
   return {};
 }
 
+Expected<const void*> CudaForward::Impl::Rows::assemble(int slot, const void* head,
+                                                        std::size_t head_bytes,
+                                                        std::span<const int32_t> rows, bool bf16) {
+  const int64_t H = m->c.hidden_size;
+  const auto n = static_cast<int64_t>(rows.size());
+  const std::size_t row_bytes = static_cast<std::size_t>(H) * (bf16 ? 2 : 4);
+  if (slot < 0) return Error("DeviceRows::assemble: negative slot");
+  if (messages.size() <= static_cast<std::size_t>(slot)) messages.resize(slot + 1);
+  cu::DeviceBuffer& out = messages[slot];
+  if (Status s = ensure(out, head_bytes + static_cast<std::size_t>(n) * row_bytes); !s)
+    return s.error();
+  if (head_bytes > 0) {
+    if (Status s = ensure(head_host, head_bytes); !s) return s.error();
+    std::memcpy(head_host.data(), head, head_bytes);
+    cu::copy(out.data(), head_host.data(), head_bytes, m->stream);
+  }
+  if (n > 0) {
+    const auto token_bytes = static_cast<std::size_t>(n) * 4;
+    if (Status s = ensure(tokens_host, token_bytes); !s) return s.error();
+    if (Status s = ensure(tokens, token_bytes); !s) return s.error();
+    std::memcpy(tokens_host.data(), rows.data(), token_bytes);
+    cu::copy(tokens.data(), tokens_host.data(), token_bytes, m->stream);
+    // A float32 row gathers as a bf16 row twice as wide: the same bytes.
+    const auto* x = bf16 ? m->xn.as<uint16_t>() : m->xn_f32.as<uint16_t>();
+    cu::moe_gather(x, tokens.as<int32_t>(), n, 1, bf16 ? H : 2 * H,
+                   reinterpret_cast<uint16_t*>(static_cast<char*>(out.data()) + head_bytes),
+                   m->stream);
+  }
+  if (Status s = from(cu::synchronize(m->stream, "assembling a dispatch on the GPU")); !s)
+    return s.error();
+  return static_cast<const void*>(out.data());
+}
+
 Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks,
                                          bool staged) {
   const int64_t H = c.hidden_size;
@@ -520,16 +564,23 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
     if (D.shared)
       if (Status s = ffn_dense(D.shared_expert, n, shared_out.as<float>()); !s) return s;
   } else if (external) {
-    // Remote experts: stage through pinned host memory; the shared expert overlaps the backend.
-    cu::copy(stage_x.data(), xn_f32.data(), static_cast<std::size_t>(n * H * 4), stream);
+    // Remote experts: the backend takes the rows from device memory where its transport can
+    // (takes_device_rows()), else they are staged through pinned host memory; ids, weights and
+    // the result go through the host. The shared expert overlaps the backend.
+    const bool on_device = external->takes_device_rows(device_rows.cuda_memory());
+    if (!on_device)
+      cu::copy(stage_x.data(), xn_f32.data(), static_cast<std::size_t>(n * H * 4), stream);
     cu::copy(stage_ids.data(), ids.data(), static_cast<std::size_t>(slots * 4), stream);
     cu::copy(stage_w.data(), wts.data(), static_cast<std::size_t>(slots * 4), stream);
     if (Status s = from(cu::synchronize(stream, "staging tokens for the expert backend")); !s)
       return s;
     float* host_out = stage_out.as<float>();
     std::fill(host_out, host_out + n * H, 0.0f);
-    Status started = external->start(l, stage_x.as<float>(), n, stage_ids.as<int32_t>(),
-                                     stage_w.as<float>(), K, host_out);
+    device_rows.m = this;
+    Status started = on_device ? external->start_device(l, device_rows, n, stage_ids.as<int32_t>(),
+                                                        stage_w.as<float>(), K, host_out)
+                               : external->start(l, stage_x.as<float>(), n, stage_ids.as<int32_t>(),
+                                                 stage_w.as<float>(), K, host_out);
     Status shared_status;
     if (D.shared) shared_status = ffn_dense(D.shared_expert, n, shared_out.as<float>());
     Status backend = started ? external->finish() : started;

@@ -28,6 +28,15 @@ Status ExpertBackend::finish() {
   return compute(p.layer, p.x, p.n, p.ids, p.weights, p.top_k, p.out);
 }
 
+bool ExpertBackend::takes_device_rows(bool) const {
+  return false;
+}
+
+Status ExpertBackend::start_device(int64_t, DeviceRows&, int64_t, const int32_t*, const float*,
+                                   int64_t, float*) {
+  return Error("this expert backend does not take rows in GPU memory (takes_device_rows())");
+}
+
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
 

@@ -30,6 +30,21 @@
 
 namespace moemesh {
 
+// A MoE layer's input rows in GPU memory, handed to ExpertBackend::start_device() by the GPU
+// forward pass. assemble() lays out one message for a destination on the device: `head` (host
+// bytes, e.g. routing sections) followed by rows `tokens` of the layer's input, as bf16 bits or as
+// float32 ([tokens.size(), hidden]), in memory kept for `slot` (one per destination; reused by the
+// next call with the same slot) and returns it once the copies are done. cuda_memory() says what
+// that memory is: CUDA device memory, or host memory (the emulated GPU of the tests). Valid, on
+// the thread that called start_device(), until the finish() that follows returns.
+class DeviceRows {
+ public:
+  virtual ~DeviceRows() = default;
+  virtual Expected<const void*> assemble(int slot, const void* head, std::size_t head_bytes,
+                                         std::span<const int32_t> tokens, bool bf16) = 0;
+  virtual bool cuda_memory() const = 0;
+};
+
 // Computes the routed experts of one MoE layer for a batch of tokens.
 //
 // The model drives a backend in two steps per MoE layer, so that work it does itself (the shared
@@ -43,6 +58,9 @@ namespace moemesh {
 // when either fails the forward pass fails with that error. The defaults make a synchronous
 // backend: start() remembers its arguments, finish() calls compute() with them. A backend that
 // overrides start() and finish() must still implement compute() (the same result, synchronously).
+//
+// On a GPU a backend may take the layer's input rows where they are, in device memory
+// (start_device()), so that its transport sends them from there instead of from a host copy.
 //
 // Threads: a backend is driven by the thread that runs Model::forward.
 class ExpertBackend {
@@ -60,6 +78,14 @@ class ExpertBackend {
   // Completes the computation the last start() began, adding into its `out`. Fails when no
   // start() is pending.
   virtual Status finish();
+
+  // Whether start_device() may be called with rows in memory of that kind (DeviceRows::
+  // cuda_memory()); the default takes none.
+  virtual bool takes_device_rows(bool cuda_memory) const;
+  // What start() does, with the input rows in GPU memory (x) instead of float32 host rows; ids,
+  // weights and out are host memory as in start(). finish() completes it. The default refuses.
+  virtual Status start_device(int64_t layer, DeviceRows& x, int64_t n, const int32_t* ids,
+                              const float* weights, int64_t top_k, float* out);
 
  private:
   struct Pending {

@@ -216,6 +216,10 @@ void Metrics::render_experts(std::string& out) const {
   const std::pair<const char*, std::pair<const char*, uint64_t>> counters[] = {
       {"moemesh_dataplane_dispatches_total",
        {"Dispatches attention workers sent.", d.dispatches_total()}},
+      {"moemesh_dataplane_device_dispatches_total",
+       {"Dispatches sent straight from GPU memory (UCX with CUDA support), not staged through "
+        "host memory.",
+        d.device_dispatches_total()}},
       {"moemesh_dataplane_timeouts_total",
        {"Dispatches without a reply within the dispatch timeout.", d.timeouts_total()}},
       {"moemesh_dataplane_late_replies_total",

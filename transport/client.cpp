@@ -6,6 +6,7 @@
 // A round is every dispatch sent since the last wait(). Its dispatches have consecutive sequence
 // numbers starting at round_base_, and pending_[seq - round_base_] tracks each one; a reply
 // whose seq falls outside the round, or whose dispatch already has a reply, is late.
+#include <fmt/format.h>
 #include <sched.h>
 #include <spdlog/spdlog.h>
 
@@ -51,6 +52,15 @@ class DispatchClient::Impl {
               int64_t step_tokens, const std::byte* x, WireDtype source, int64_t hidden,
               std::span<const int32_t> tokens, const int32_t* experts, const float* weights,
               int32_t slots);
+  Status send_payload(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
+                      int64_t step_tokens, int64_t n, int32_t slots, int64_t hidden,
+                      const void* payload, PayloadMemory memory);
+  bool cuda_memory() const { return ucx_->cuda_memory(); }
+  bool payload_in_flight(const void* payload) const {
+    for (const auto& s : all_slots_)
+      if (s->request != nullptr && s->external && s->external_payload == payload) return true;
+    return false;
+  }
   std::vector<int> wait(Clock::time_point deadline,
                         const std::function<void(const Reply&)>& on_reply);
   ClientStats stats() const {
@@ -80,6 +90,9 @@ class DispatchClient::Impl {
     // `own` first (wait()).
     bool lazy = false;
     bool detached = false;  // no longer reads the caller's x (copied, or received whole)
+    // The caller's own payload (send_payload()), which UCX reads until the send completes.
+    bool external = false;
+    const void* external_payload = nullptr;
     detail::GatherMessage msg;
     std::vector<int32_t> rows;
     ByteBuffer own;
@@ -128,6 +141,21 @@ class DispatchClient::Impl {
   ReplyBuf* acquire_reply(size_t bytes);
   void release_reply(ReplyBuf* r);
   void materialize_unanswered();
+  // The checks every send makes: the peer connected and not failed, the shape. `what` names the
+  // call in messages.
+  Expected<detail::DispatchLayout> check_send(const char* what, int peer, int64_t n, int32_t slots,
+                                              int64_t hidden);
+  // Fills the slot's header, applies injected faults and hands the message to UCX.
+  struct Post {
+    uint64_t epoch, step;
+    int32_t layer, micro_batch;
+    int64_t step_tokens, n;
+    int32_t slots;
+    int64_t hidden;
+    size_t total;  // payload bytes
+  };
+  Status post(int peer, SendSlot* s, const Post& f, const void* buffer, size_t count,
+              ucp_datatype_t datatype, ucs_memory_type_t memory, const char* what);
 
   const DataPlaneOptions options_;
   // Set by init() once UCX's settings are in place (see detail::fused_ok()).
@@ -323,21 +351,9 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
     return Error(
         "DispatchClient::send_bf16: this client puts f32 on the wire; create it with dtype BF16 "
         "to send bf16 rows, or send() f32 rows");
-  if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !peers_[peer]->connected)
-    return Error("DispatchClient::send: peer " + std::to_string(peer) +
-                 " is not connected (connect() the expert worker's address first)");
-  Peer& p = *peers_[peer];
-  if (p.failure != UCS_OK) {
-    ++stats_.send_errors;
-    return Error("DispatchClient::send: expert worker peer " + std::to_string(peer) + " failed (" +
-                 detail::ucs_text(p.failure) + "); disconnect() it and route its tokens elsewhere");
-  }
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const auto layout = detail::dispatch_layout(n, slots, hidden, options_.dtype);
-  if (!layout)
-    return Error("DispatchClient::send: bad shape tokens=" + std::to_string(n) +
-                 " slots=" + std::to_string(slots) + " hidden=" + std::to_string(hidden) +
-                 " (hidden must be > 0, slots >= 0, message below 4 GiB)");
+  const auto layout = check_send("send", peer, n, slots, hidden);
+  if (!layout) return layout.error();
   if (n > 0 && (x == nullptr || (slots > 0 && (experts == nullptr || weights == nullptr))))
     return Error("DispatchClient::send: x, experts and weights must be non-null for " +
                  std::to_string(n) + " tokens");
@@ -383,17 +399,83 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
     }
   }
 
+  s->external = false;
+  s->external_payload = nullptr;
+  const Post f{epoch, step, layer, micro_batch, step_tokens, n, slots, hidden, layout->total};
+  if (lazy)
+    return post(peer, s, f, &s->msg, 1, detail::gather_message_datatype(), UCS_MEMORY_TYPE_HOST,
+                "send");
+  return post(peer, s, f, layout->total > 0 ? out : nullptr, layout->total, ucp_dt_make_contig(1),
+              UCS_MEMORY_TYPE_HOST, "send");
+}
+
+Expected<detail::DispatchLayout> DispatchClient::Impl::check_send(const char* what, int peer,
+                                                                  int64_t n, int32_t slots,
+                                                                  int64_t hidden) {
+  if (peer < 0 || peer >= static_cast<int>(peers_.size()) || !peers_[peer]->connected)
+    return Error(fmt::format(
+        "DispatchClient::{}: peer {} is not connected (connect() the expert worker's address "
+        "first)",
+        what, peer));
+  const Peer& p = *peers_[peer];
+  if (p.failure != UCS_OK) {
+    ++stats_.send_errors;
+    return Error(fmt::format(
+        "DispatchClient::{}: expert worker peer {} failed ({}); disconnect() it and route its "
+        "tokens elsewhere",
+        what, peer, detail::ucs_text(p.failure)));
+  }
+  const auto layout = detail::dispatch_layout(n, slots, hidden, options_.dtype);
+  if (!layout)
+    return Error(fmt::format(
+        "DispatchClient::{}: bad shape tokens={} slots={} hidden={} (hidden must be > 0, slots >= "
+        "0, message below 4 GiB)",
+        what, n, slots, hidden));
+  return *layout;
+}
+
+Status DispatchClient::Impl::send_payload(int peer, uint64_t epoch, uint64_t step, int32_t layer,
+                                          int32_t micro_batch, int64_t step_tokens, int64_t n,
+                                          int32_t slots, int64_t hidden, const void* payload,
+                                          PayloadMemory memory) {
+  if (in_callback_)
+    return Error(
+        "DispatchClient::send_payload called from inside on_reply; send after wait() returns");
+  if (memory == PayloadMemory::Cuda && !ucx_->cuda_memory())
+    return Error(
+        "DispatchClient::send_payload: this UCX does not take CUDA device memory (built without "
+        "CUDA support, or no GPU); stage the payload through host memory");
+  const auto layout = check_send("send_payload", peer, n, slots, hidden);
+  if (!layout) return layout.error();
+  if (layout->total > 0 && payload == nullptr)
+    return Error("DispatchClient::send_payload: the payload of " + std::to_string(n) +
+                 " tokens is null");
+  SendSlot* s = acquire_slot(0);
+  s->lazy = false;
+  s->detached = false;
+  s->external = true;
+  s->external_payload = payload;
+  const Post f{epoch, step, layer, micro_batch, step_tokens, n, slots, hidden, layout->total};
+  return post(
+      peer, s, f, layout->total > 0 ? payload : nullptr, layout->total, ucp_dt_make_contig(1),
+      memory == PayloadMemory::Cuda ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST, "send_payload");
+}
+
+Status DispatchClient::Impl::post(int peer, SendSlot* s, const Post& f, const void* buffer,
+                                  size_t count, ucp_datatype_t datatype, ucs_memory_type_t memory,
+                                  const char* what) {
+  Peer& p = *peers_[peer];
   const uint64_t seq = next_seq_;
   out_header_.Clear();
   out_header_.set_version(detail::kWireVersion);
-  out_header_.set_epoch(epoch);
-  out_header_.set_step(step);
-  out_header_.set_layer(layer);
-  out_header_.set_micro_batch(micro_batch);
-  out_header_.set_n_tokens(n);
-  out_header_.set_slots(slots);
-  out_header_.set_step_tokens(step_tokens);
-  out_header_.set_hidden(hidden);
+  out_header_.set_epoch(f.epoch);
+  out_header_.set_step(f.step);
+  out_header_.set_layer(f.layer);
+  out_header_.set_micro_batch(f.micro_batch);
+  out_header_.set_n_tokens(f.n);
+  out_header_.set_slots(f.slots);
+  out_header_.set_step_tokens(f.step_tokens);
+  out_header_.set_hidden(f.hidden);
   out_header_.set_dtype(detail::to_proto(options_.dtype));
   out_header_.set_seq(seq);
   auth_->sign(out_header_);
@@ -411,19 +493,14 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   }
 
   ucp_request_param_t prm{};
-  prm.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                     UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_DATATYPE |
+                     UCP_OP_ATTR_FIELD_MEMORY_TYPE;
   prm.flags = UCP_AM_SEND_FLAG_REPLY;
   prm.cb.send = &on_send_done;
   prm.user_data = s;
-  const void* buffer = layout->total > 0 ? out : nullptr;
-  size_t count = layout->total;
-  if (lazy) {
-    prm.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
-    prm.datatype = detail::gather_message_datatype();
-    buffer = &s->msg;
-    count = 1;
-  }
+  prm.datatype = datatype;
+  prm.memory_type = memory;
   // A dropped dispatch is never posted; the caller sees it sent and unanswered.
   void* req = fault.drop ? nullptr
                          : ucp_am_send_nbx(p.ep, detail::kDispatchAmId, s->header.data(),
@@ -431,16 +508,16 @@ Status DispatchClient::Impl::send(int peer, uint64_t epoch, uint64_t step, int32
   if (UCS_PTR_IS_ERR(req)) {
     release_slot(s);
     ++stats_.send_errors;
-    return Error("DispatchClient::send: UCX refused the dispatch to peer " + std::to_string(peer) +
-                 ": " + detail::ucs_text(UCS_PTR_STATUS(req)));
+    return Error(fmt::format("DispatchClient::{}: UCX refused the dispatch to peer {}: {}", what,
+                             peer, detail::ucs_text(UCS_PTR_STATUS(req))));
   }
   ++next_seq_;
   if (pending_.capacity() == pending_.size()) ++stats_.buffers;
-  pending_.push_back(Pending{peer, epoch, step, layer, micro_batch, slots, n, hidden,
+  pending_.push_back(Pending{peer, f.epoch, f.step, f.layer, f.micro_batch, f.slots, f.n, f.hidden,
                              options_.dtype, State::kWaiting, nullptr, false});
   ++remaining_;
   ++stats_.dispatches;
-  stats_.bytes_out += layout->total;
+  stats_.bytes_out += f.total;
   if (req == nullptr) {
     release_slot(s);
   } else {
@@ -700,6 +777,29 @@ Expected<std::unique_ptr<DispatchClient>> DispatchClient::create(const DataPlane
   auto impl = std::make_unique<Impl>(options);
   if (Status st = impl->init(); !st.ok()) return st.error();
   return std::unique_ptr<DispatchClient>(new DispatchClient(std::move(impl)));
+}
+
+bool DispatchClient::cuda_memory() const {
+  return impl_->cuda_memory();
+}
+
+bool DispatchClient::payload_in_flight(const void* payload) const {
+  return impl_->payload_in_flight(payload);
+}
+
+Status DispatchClient::send_payload(int peer, uint64_t epoch, uint64_t step, int32_t layer,
+                                    int32_t micro_batch, int64_t step_tokens, int64_t n_tokens,
+                                    int32_t slots, int64_t hidden, const void* payload,
+                                    PayloadMemory memory) {
+  return impl_->send_payload(peer, epoch, step, layer, micro_batch, step_tokens, n_tokens, slots,
+                             hidden, payload, memory);
+}
+
+std::optional<PayloadLayout> dispatch_payload_layout(int64_t n_tokens, int32_t slots,
+                                                     int64_t hidden, WireDtype dtype) {
+  const auto l = detail::dispatch_layout(n_tokens, slots, hidden, dtype);
+  if (!l) return std::nullopt;
+  return PayloadLayout{l->experts, l->weights, l->x, l->total};
 }
 
 Expected<int> DispatchClient::connect(std::string_view address) {

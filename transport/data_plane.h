@@ -26,6 +26,9 @@
 // the handler call, every view in Reply only during the on_reply call. Buffers and protobuf
 // messages are pooled and kept at their high-water mark: in steady state no heap allocation happens
 // per message (ServerStats/ClientStats::buffers counts pool growth).
+// send_payload() sends a message the caller laid out itself, host or (where cuda_memory())
+// CUDA device memory, straight from there: UCX reads it until the send completes
+// (payload_in_flight()), possibly after the wait() that covers it.
 //
 // Epochs, steps and deadlines. Every message carries the sender's epoch and step id and a
 // sequence number; a reply is delivered only to the wait() that covers its dispatch, with the
@@ -88,6 +91,19 @@ namespace moemesh::transport {
 
 // Dtype of hidden states and partial sums on the wire.
 enum class WireDtype { F32, BF16 };
+
+// Where a payload handed to DispatchClient::send_payload() lives.
+enum class PayloadMemory { Host, Cuda };
+
+// Byte offsets of a dispatch payload's sections, in this order (each naturally aligned when the
+// payload starts 4-byte aligned): experts int32 [n_tokens, slots] | weights f32 [n_tokens, slots]
+// | x [n_tokens, hidden] in the wire dtype.
+struct PayloadLayout {
+  size_t experts = 0, weights = 0, x = 0, total = 0;
+};
+// nullopt when the shape is negative or the message would reach 4 GiB.
+std::optional<PayloadLayout> dispatch_payload_layout(int64_t n_tokens, int32_t slots,
+                                                     int64_t hidden, WireDtype dtype);
 
 struct DataPlaneOptions {
   std::string transports;   // value for UCX_TLS ("" = UCX default; e.g. "tcp", "sm", "self,sm")
@@ -227,6 +243,21 @@ class DispatchClient {
                    int64_t step_tokens, const uint16_t* x_bf16, int64_t hidden,
                    std::span<const int32_t> tokens, const int32_t* experts, const float* weights,
                    int32_t slots);
+
+  // Whether this side's UCX takes CUDA device memory (built with CUDA support, on a machine with a
+  // GPU): then send_payload() sends from device memory without a copy through the host (GPUDirect
+  // RDMA where the network has it, UCX's own CUDA copies otherwise).
+  bool cuda_memory() const;
+  // Queues one dispatch whose payload the caller laid out already (dispatch_payload_layout() in
+  // this client's wire dtype) in `memory` (Cuda only where cuda_memory()); UCX sends it from
+  // there, without a copy. UCX reads the payload until the send completes, which may be after the
+  // wait() that covers it (a peer that did not answer): the caller must neither change nor free
+  // it while payload_in_flight() says so. Otherwise as send().
+  Status send_payload(int peer, uint64_t epoch, uint64_t step, int32_t layer, int32_t micro_batch,
+                      int64_t step_tokens, int64_t n_tokens, int32_t slots, int64_t hidden,
+                      const void* payload, PayloadMemory memory);
+  // Whether a send_payload() of `payload` has not completed yet.
+  bool payload_in_flight(const void* payload) const;
 
   // Progresses until every dispatch sent since the last wait() has a reply or `deadline` passes
   // (at least one progress call, so an empty round drains late replies). Calls on_reply (may be

@@ -308,6 +308,13 @@ Expected<std::unique_ptr<UcxWorker>> UcxWorker::create(const DataPlaneOptions& o
                  "transports and devices that exist here (`ucx_info -d`)");
   }
 
+  // Whether UCX moves CUDA device memory itself (a UCX built with CUDA transports, with a GPU and
+  // driver present): then device pointers go to UCX as they are.
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(w->context_, &attr) == UCS_OK)
+    w->cuda_memory_ = (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;

@@ -32,6 +32,9 @@ using Stream = CUstream_st*;  // cudaStream_t; nullptr is the legacy default str
 
 // Number of usable CUDA devices; 0 when there is no GPU or no driver (never fails).
 int device_count();
+// Whether device memory is host memory: false here; true in the CPU stand-in of the tests
+// (tests/cuda_emulator), whose "device" pointers a transport must treat as host memory.
+bool device_memory_is_host();
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 79.1 GiB)"; empty when `device` does not exist.
 std::string device_description(int device);
 // Makes `device` current on the calling thread. Returns an error message or "".

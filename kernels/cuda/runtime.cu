@@ -18,6 +18,10 @@ std::string describe(cudaError_t e, const char* what) {
 
 }  // namespace
 
+bool device_memory_is_host() {
+  return false;
+}
+
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {

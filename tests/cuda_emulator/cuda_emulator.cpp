@@ -40,6 +40,10 @@ int device_count() {
   return kDevices;
 }
 
+bool device_memory_is_host() {
+  return true;
+}
+
 std::string device_description(int device) {
   if (device < 0 || device >= kDevices) return {};
   return "emulated GPU " + std::to_string(device) + " (host memory, for tests)";

@@ -91,6 +91,14 @@ def test_cluster_greedy_output_equals_the_reference(binary, tmp_path, name, tran
         experts = json.loads(s.request("GET", "/admin/experts")[2])
         held = {w for l in experts["layers"] for e in l["experts"] for w in e["workers"]}
         assert len(held) == 2, "both expert workers hold experts"
+        # Counted by the attention worker, summed by the router, served by the gateway (its poll
+        # lags): dispatches, none of them from GPU memory on a CPU cluster.
+        deadline = time.time() + 5
+        while s.metric("moemesh_dataplane_dispatches_total") == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert s.metric("moemesh_dataplane_dispatches_total") > 0
+        assert "moemesh_dataplane_device_dispatches_total{" in s.request("GET", "/metrics")[2].decode()
+        assert s.metric("moemesh_dataplane_device_dispatches_total") == 0
     finally:
         assert s.stop() == 0
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <ostream>
@@ -250,6 +251,101 @@ TEST_P(Transport, XMayChangeOnceWaitReturnsWithADispatchInFlight) {
   while (!big_seen && Clock::now() < deadline) client->wait(Clock::now() + 20ms, nullptr);
   ASSERT_TRUE(big_seen) << "the 8 MiB dispatch never reached the handler";
   EXPECT_EQ(big_mismatches.load(), 0);
+}
+
+// A payload the caller laid out itself (send_payload(): how an attention worker on a GPU sends
+// from device memory) gets the same reply as the same rows through send(), in both wire dtypes,
+// eager and rendezvous sizes.
+TEST_P(Transport, APayloadLaidOutByTheCallerGetsTheReplyOfTheSameRows) {
+  for (WireDtype dtype : {WireDtype::F32, WireDtype::BF16}) {
+    DataPlaneOptions o = options();
+    o.dtype = dtype;
+    auto server = start_server(o);
+    auto client = make_client(o);
+    ASSERT_TRUE(server && client);
+    const int p = client->connect(server->address()).value();
+    EXPECT_FALSE(client->cuda_memory());  // this UCX has no CUDA support
+    for (int64_t n : {1, 200}) {
+      const Batch b = make_batch(n, 1024, 3, 21);
+      const auto layout = dispatch_payload_layout(n, b.slots, b.hidden, dtype);
+      ASSERT_TRUE(layout);
+      EXPECT_EQ(layout->x, static_cast<size_t>(n * b.slots * 8));
+      std::vector<std::byte> payload(layout->total);
+      std::memcpy(payload.data() + layout->experts, b.experts.data(), b.experts.size() * 4);
+      std::memcpy(payload.data() + layout->weights, b.weights.data(), b.weights.size() * 4);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* row = &b.x[static_cast<size_t>(b.tokens[t] * b.hidden)];
+        std::byte* dst = payload.data() + layout->x +
+                         static_cast<size_t>(t * b.hidden) * detail::dtype_size(dtype);
+        if (dtype == WireDtype::F32)
+          std::memcpy(dst, row, static_cast<size_t>(b.hidden) * 4);
+        else
+          f32_to_bf16(row, reinterpret_cast<uint16_t*>(dst), static_cast<size_t>(b.hidden));
+      }
+      ASSERT_TRUE(client->send_payload(p, 1, 1, 2, 0, n, n, b.slots, b.hidden, payload.data(),
+                                       PayloadMemory::Host));
+      int replies = 0;
+      EXPECT_TRUE(client
+                      ->wait(Clock::now() + 5s,
+                             [&](const Reply& r) {
+                               ++replies;
+                               expect_reply_matches(r, b, dtype);
+                             })
+                      .empty());
+      EXPECT_EQ(replies, 1);
+    }
+    // Device memory only where UCX takes it.
+    const Batch b = make_batch(1, 64, 1, 1);
+    std::vector<std::byte> payload(dispatch_payload_layout(1, 1, 64, dtype)->total);
+    const Status refused =
+        client->send_payload(p, 1, 2, 0, 0, 1, 1, 1, 64, payload.data(), PayloadMemory::Cuda);
+    ASSERT_FALSE(refused);
+    EXPECT_NE(refused.error().message().find("does not take CUDA device memory"),
+              std::string::npos);
+    EXPECT_FALSE(client->send_payload(p, 1, 2, 0, 0, 1, 1, 1, 64, nullptr, PayloadMemory::Host));
+    EXPECT_FALSE(
+        client->send_payload(p + 7, 1, 2, 0, 0, 1, 1, 1, 64, payload.data(), PayloadMemory::Host));
+    EXPECT_EQ(client->stats().dispatches, 2u);
+  }
+}
+
+// A payload whose dispatch is still in flight when its wait() ends (its server stalls) stays
+// the server's to read until payload_in_flight() says it is done; overwritten only then, it
+// reaches the server whole.
+TEST_P(Transport, APayloadIsInFlightUntilItsSendCompletes) {
+  std::atomic<int> big_seen{0};
+  std::atomic<int64_t> bad_rows{0};
+  auto server = start_server(options(), [&](std::span<Dispatch> batch) {
+    for (Dispatch& d : batch) {
+      if (d.layer == 0) std::this_thread::sleep_for(500ms);
+      if (d.layer != 1) continue;
+      ++big_seen;
+      for (int64_t i = 0; i < d.n_tokens * d.hidden; ++i) bad_rows += d.x[i] != 0.5f;
+    }
+  });
+  auto client = make_client(options());
+  ASSERT_TRUE(server && client);
+  const int p = client->connect(server->address()).value();
+  const Batch stall = make_batch(1, 64, 2, 11);
+  ASSERT_TRUE(send_batch(*client, p, stall, 0).ok());
+  const int64_t n = 1024, hidden = 2048;  // 8 MiB: rendezvous
+  const auto layout = dispatch_payload_layout(n, 1, hidden, WireDtype::F32);
+  std::vector<float> payload(layout->total / 4, 0.5f);
+  std::fill_n(reinterpret_cast<int32_t*>(payload.data()), n, 0);
+  EXPECT_FALSE(client->payload_in_flight(payload.data()));
+  ASSERT_TRUE(
+      client->send_payload(p, 1, 1, 1, 0, n, n, 1, hidden, payload.data(), PayloadMemory::Host));
+  EXPECT_EQ(client->wait(Clock::now() + 100ms, nullptr), std::vector<int>{p});
+  const auto deadline = Clock::now() + 5s;
+  while (client->payload_in_flight(payload.data()) && Clock::now() < deadline)
+    client->wait(Clock::now() + 10ms, nullptr);
+  ASSERT_FALSE(client->payload_in_flight(payload.data()));
+  std::fill(payload.begin() + static_cast<std::ptrdiff_t>(layout->x / 4), payload.end(), -7.0f);
+  while (big_seen.load() == 0 && Clock::now() < deadline)
+    client->wait(Clock::now() + 10ms, nullptr);
+  EXPECT_EQ(big_seen.load(), 1);
+  EXPECT_EQ(bad_rows.load(), 0);
+  EXPECT_EQ(round_trip(*client, p, make_batch(3, 64, 2, 5), [](const Reply&) {}), 1);
 }
 
 // The server hands the handler every dispatch complete at that moment, from several senders.

@@ -69,6 +69,9 @@ class UcxWorker {
   const std::string& profile() const { return profile_; }  // transport_profile()
   // A short description of the options for messages: "UCX_TLS=tcp UCX_NET_DEVICES=<default>".
   const std::string& describe() const { return describe_; }
+  // Whether this UCX context takes CUDA device memory (UCS_MEMORY_TYPE_CUDA among the memory
+  // types it reports): a UCX built with CUDA support, on a machine with a GPU.
+  bool cuda_memory() const { return cuda_memory_; }
 
   Status set_am_handler(unsigned id, ucp_am_recv_callback_t cb, void* arg);
 
@@ -98,6 +101,7 @@ class UcxWorker {
   std::string address_;
   std::string profile_;
   std::string describe_;
+  bool cuda_memory_ = false;
 };
 
 }  // namespace moemesh::transport::detail
