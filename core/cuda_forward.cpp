@@ -56,7 +56,8 @@ cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
 // One rank of the forward pass: the whole model on one GPU, or (tensor parallelism) one rank's
 // shard of it (core/detail/tensor_parallel.h) on its GPU. Driven by one thread at a time.
 struct CudaForward::Impl : CudaContext {
-  ModelConfig c;  // what this rank holds: heads, KV heads and MLP widths divided by `ranks`
+  ModelConfig c;     // what this rank holds: heads, KV heads and MLP widths divided by `ranks`
+  ModelConfig full;  // the whole model's
   CudaOptions options;
   int rank = 0, ranks = 1;
   kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
@@ -262,6 +263,7 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
     auto impl = std::make_unique<Impl>();
     if (Status st = impl->open(devices[r]); !st) return st.error();
     impl->c = local;
+    impl->full = config;
     impl->options = options;
     impl->rank = r;
     impl->ranks = N;
@@ -338,17 +340,26 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
     for (auto [dst, src, split] : {std::tuple{&D.input_norm, &L.input_norm, false},
                                    {&D.post_norm, &L.post_attention_norm, false},
                                    {&D.q_bias, &L.attn.q_bias, true},
-                                   {&D.k_bias, &L.attn.k_bias, true},
-                                   {&D.v_bias, &L.attn.v_bias, true},
                                    {&D.o_bias, &L.attn.o_bias, false},
                                    {&D.q_norm, &L.attn.q_norm, split_qk_norm},
                                    {&D.k_norm, &L.attn.k_norm, split_qk_norm}})
       if (Status s = upload_f32(*dst, split ? shard_vector(*src, rank, ranks) : *src); !s) return s;
-    for (auto [dst, src, split] : {std::tuple{&D.q, &L.attn.q, Split::Rows},
-                                   {&D.k, &L.attn.k, Split::Rows},
-                                   {&D.v, &L.attn.v, Split::Rows},
-                                   {&D.o, &L.attn.o, Split::Cols}})
+    for (auto [dst, src, split] :
+         {std::tuple{&D.q, &L.attn.q, Split::Rows}, {&D.o, &L.attn.o, Split::Cols}})
       if (Status s = upload_matrix(*dst, *src, split); !s) return s;
+    // This rank's KV heads (replicated when the ranks outnumber them), with their biases.
+    const KvShare mine = kv_share(full, rank, ranks);
+    const int64_t hd = full.head_dim;
+    for (auto [dst, src, bias_dst, bias_src] :
+         {std::tuple{&D.k, &L.attn.k, &D.k_bias, &L.attn.k_bias},
+          {&D.v, &L.attn.v, &D.v_bias, &L.attn.v_bias}}) {
+      if (Status s = upload_bf16(*dst, rows_bf16(*src, mine.first * hd, mine.count * hd)); !s)
+        return s;
+      if (Status s =
+              upload_f32(*bias_dst, slice_vector(*bias_src, mine.first * hd, mine.count * hd));
+          !s)
+        return s;
+    }
     D.moe = L.moe;
     if (!L.moe) {
       if (Status s = upload_ffn(D.mlp, L.mlp); !s) return s;

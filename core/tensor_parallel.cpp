@@ -19,7 +19,20 @@ Status check_tensor_parallel(const ModelConfig& c, int ranks) {
                     ranks, c.model_type, n, what, ranks));
   };
   if (c.num_heads % ranks) return refuse("attention heads", c.num_heads);
-  if (c.num_kv_heads % ranks) return refuse("key/value heads", c.num_kv_heads);
+  if (c.num_kv_heads % ranks != 0) {
+    // More ranks than KV heads: each KV head is replicated over ranks / kv_heads ranks.
+    if (ranks % c.num_kv_heads != 0)
+      return Error(fmt::format(
+          "--tensor-parallel-size {}: {} has {} key/value heads, which neither divide into {} "
+          "equal parts nor replicate evenly over {} ranks; use a size that divides them or that "
+          "they divide",
+          ranks, c.model_type, c.num_kv_heads, ranks, ranks));
+    if (c.qk_norm == QkNorm::Full)
+      return Error(fmt::format(
+          "--tensor-parallel-size {}: {} normalises k over all of its {} key/value heads, which "
+          "cannot be replicated over {} ranks; use a size that divides {}",
+          ranks, c.model_type, c.num_kv_heads, ranks, c.num_kv_heads));
+  }
   if (c.intermediate_size % ranks)
     return refuse("MLP features (intermediate_size)", c.intermediate_size);
   if (c.moe_intermediate_size % ranks)
@@ -32,7 +45,7 @@ Status check_tensor_parallel(const ModelConfig& c, int ranks) {
 ModelConfig rank_config(const ModelConfig& c, int ranks) {
   ModelConfig r = c;
   r.num_heads /= ranks;
-  r.num_kv_heads /= ranks;
+  r.num_kv_heads = c.num_kv_heads >= ranks ? c.num_kv_heads / ranks : 1;
   r.intermediate_size /= ranks;
   r.moe_intermediate_size /= ranks;
   r.shared_expert_intermediate_size /= ranks;
@@ -53,6 +66,26 @@ std::vector<uint16_t> shard_bf16(const kernels::WeightView& w, Split split, int 
   for (int64_t r = 0; r < w.rows; ++r)
     std::copy_n(whole.begin() + r * w.cols + rank * n, n, part.begin() + r * n);
   return part;
+}
+
+KvShare kv_share(const ModelConfig& c, int rank, int ranks) {
+  if (c.num_kv_heads >= ranks) {
+    const int64_t n = c.num_kv_heads / ranks;
+    return {rank * n, n};
+  }
+  return {rank / (ranks / c.num_kv_heads), 1};
+}
+
+std::vector<uint16_t> rows_bf16(const kernels::WeightView& w, int64_t first, int64_t count) {
+  std::vector<uint16_t> whole(static_cast<std::size_t>(w.rows * w.cols));
+  weight_to_bf16(w, whole.data());
+  const auto begin = whole.begin() + first * w.cols;
+  return {begin, begin + count * w.cols};
+}
+
+std::vector<float> slice_vector(const std::vector<float>& v, int64_t first, int64_t count) {
+  if (v.empty()) return v;
+  return {v.begin() + first, v.begin() + first + count};
 }
 
 std::vector<float> shard_vector(const std::vector<float>& v, int rank, int ranks) {

@@ -3,7 +3,9 @@
 //
 // Rank r of N holds attention heads [r * heads / N, (r + 1) * heads / N) with their KV heads (the
 // rows of q, k and v, their biases and a full-width q/k norm's weights) and the matching columns
-// of o; and, of every MLP (dense, shared expert, each routed expert), rows
+// of o. When N exceeds the KV heads (a multiple of them, as Qwen3-MoE's 4 KV heads under 8 ranks),
+// each KV head is replicated: rank r holds KV head r / (N / kv_heads), the one its q heads read.
+// And, of every MLP (dense, shared expert, each routed expert), rows
 // [r * inter / N, (r + 1) * inter / N) of gate and up with the matching columns of down. Each
 // rank's o and down products are partial sums that the group adds (an all-reduce after
 // attention and one after the MLP of each layer). Embeddings, norms, routers, the shared
@@ -24,8 +26,15 @@ namespace moemesh::detail {
 // Whether `c` splits over `ranks`; the error names the size that does not divide and what to do.
 Status check_tensor_parallel(const ModelConfig& c, int ranks);
 
-// What one rank holds of `c`: heads, KV heads and MLP widths divided by `ranks`.
+// What one rank holds of `c`: heads, KV heads and MLP widths divided by `ranks` (one KV head when
+// they are replicated).
 ModelConfig rank_config(const ModelConfig& c, int ranks);
+
+// The KV heads rank `rank` holds: [first, first + count).
+struct KvShare {
+  int64_t first = 0, count = 0;
+};
+KvShare kv_share(const ModelConfig& c, int rank, int ranks);
 
 enum class Split : uint8_t {
   Rows,  // output features (q, k, v, gate, up)
@@ -38,6 +47,11 @@ std::vector<uint16_t> shard_bf16(const kernels::WeightView& w, Split split, int 
 
 // Rank `rank`'s part of a vector (a bias or norm weight over split features); empty stays empty.
 std::vector<float> shard_vector(const std::vector<float>& v, int rank, int ranks);
+
+// Rows [first, first + count) of w as bf16 bits, and elements [first, first + count) of v (empty
+// stays empty): a rank's KV heads of k or v (rows first * head_dim ...) and of their biases.
+std::vector<uint16_t> rows_bf16(const kernels::WeightView& w, int64_t first, int64_t count);
+std::vector<float> slice_vector(const std::vector<float>& v, int64_t first, int64_t count);
 
 // ---- Routed experts kept in FP8 on the GPU ----
 

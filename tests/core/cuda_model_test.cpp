@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/detail/tensor_parallel.h"
 #include "core/expert_shard.h"
 #include "core/model.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -280,14 +281,15 @@ TEST(CudaModelDevice, MoreRanksThanGpusAreRefused) {
 class CudaModelTensorParallel : public ::testing::TestWithParam<const char*> {};
 
 // Two ranks on one GPU (the arithmetic of tensor parallelism where one GPU is at hand), and four
-// where the model divides by four.
+// where the model splits into four (replicating its KV heads where it has fewer).
 TEST_P(CudaModelTensorParallel, RanksOnOneGpuComputeWhatOneRankComputes) {
   REQUIRE_GPU();
   auto one = Model::load(fixture(GetParam()), gpu_options());
   ASSERT_TRUE(one) << one.error().message();
   for (int size : {2, 4}) {
     const ModelConfig& c = (*one)->config();
-    if (c.num_kv_heads % size || c.num_heads % size) continue;
+    // The sizes the model splits into; 4 ranks replicate 2 KV heads.
+    if (!detail::check_tensor_parallel(c, size)) continue;
     auto tp = Model::load(fixture(GetParam()), tp_options(size, "one-gpu"));
     ASSERT_TRUE(tp) << tp.error().message();
     EXPECT_NE((*tp)->device_description().find("tensor_parallel=" + std::to_string(size)),

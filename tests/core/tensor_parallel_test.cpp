@@ -26,12 +26,11 @@ ModelConfig config_of(const char* name) {
 }
 
 TEST(TensorParallel, SizesThatDoNotDivideAreRefusedWithTheReason) {
-  const ModelConfig odd = config_of("mixtral-odd-sharded");  // 5 heads, 1 KV head
+  const ModelConfig odd = config_of("mixtral-odd-sharded");  // 5 heads, 1 KV head, MLP 23
   EXPECT_TRUE(check_tensor_parallel(odd, 1));
-  Status s = check_tensor_parallel(odd, 5);
+  Status s = check_tensor_parallel(odd, 5);  // the KV head replicates; the MLP does not divide
   ASSERT_FALSE(s);
-  EXPECT_NE(s.error().message().find("1 key/value heads"), std::string::npos)
-      << s.error().message();
+  EXPECT_NE(s.error().message().find("23 MLP features"), std::string::npos) << s.error().message();
   s = check_tensor_parallel(odd, 2);
   ASSERT_FALSE(s);
   EXPECT_NE(s.error().message().find("5 attention heads"), std::string::npos)
@@ -42,9 +41,30 @@ TEST(TensorParallel, SizesThatDoNotDivideAreRefusedWithTheReason) {
   const ModelConfig q2 = config_of("qwen2moe-bf16");  // 8 heads, 4 KV, experts 12, shared 24
   EXPECT_TRUE(check_tensor_parallel(q2, 2));
   EXPECT_TRUE(check_tensor_parallel(q2, 4));
-  s = check_tensor_parallel(q2, 8);
+  s = check_tensor_parallel(q2, 8);  // 8 ranks replicate the 4 KV heads; the MLP does not split
   ASSERT_FALSE(s);
-  EXPECT_NE(s.error().message().find("key/value heads"), std::string::npos) << s.error().message();
+  EXPECT_NE(s.error().message().find("36 MLP features"), std::string::npos)
+      << s.error().message();
+
+  // KV heads that neither divide nor replicate evenly: 6 ranks over 4.
+  ModelConfig six = q2;
+  six.num_heads = 12;
+  six.moe_intermediate_size = six.intermediate_size = six.shared_expert_intermediate_size = 36;
+  s = check_tensor_parallel(six, 6);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("4 key/value heads, which neither divide"), std::string::npos)
+      << s.error().message();
+  // A k norm over all KV heads (OLMoE) cannot be replicated.
+  const ModelConfig olmoe = config_of("olmoe-bf16-clip");  // 6 heads, 2 KV heads, full q/k norm
+  ASSERT_EQ(olmoe.qk_norm, QkNorm::Full);
+  EXPECT_TRUE(check_tensor_parallel(olmoe, 2));
+  ModelConfig wide = olmoe;
+  wide.num_heads = 8;
+  wide.intermediate_size = 40;
+  s = check_tensor_parallel(wide, 4);
+  ASSERT_FALSE(s);
+  EXPECT_NE(s.error().message().find("cannot be replicated"), std::string::npos)
+      << s.error().message();
 }
 
 TEST(TensorParallel, EachRankHoldsItsShareOfHeadsAndWidths) {
@@ -109,6 +129,34 @@ TEST(TensorParallel, ShardsAreTheRowsOrColumnsOfTheRankInBf16) {
   EXPECT_EQ(shard_vector(v, 1, 3), (std::vector<float>{3, 4}));
   EXPECT_EQ(shard_vector(v, 0, 1), v);
   EXPECT_TRUE(shard_vector({}, 1, 2).empty());
+}
+
+// Ranks beyond the KV heads each hold one, the KV head their q heads read: rank r of N holds
+// KV head r / (N / kv_heads), and its rows of k and v.
+TEST(TensorParallel, KvHeadsReplicateOverRanksThatOutnumberThem) {
+  const ModelConfig c = config_of("qwen3moe-tiny");  // 4 heads, 2 KV heads of 16
+  ASSERT_TRUE(check_tensor_parallel(c, 4));
+  const ModelConfig r = rank_config(c, 4);
+  EXPECT_EQ(r.num_heads, 1);
+  EXPECT_EQ(r.num_kv_heads, 1);
+  for (int rank = 0; rank < 4; ++rank) {
+    const KvShare share = kv_share(c, rank, 4);
+    EXPECT_EQ(share.count, 1);
+    EXPECT_EQ(share.first, rank / 2);
+    // The q head this rank holds reads that KV head in the whole model (GQA: heads / kv_heads
+    // q heads per KV head).
+    EXPECT_EQ(rank / (c.num_heads / c.num_kv_heads), share.first);
+  }
+  EXPECT_EQ(kv_share(c, 1, 2).first, 1);  // dividing: one each
+  EXPECT_EQ(kv_share(c, 0, 1).count, 2);  // one rank: all
+  const Matrix k = random_matrix(2 * 16, 8, 9);
+  const std::vector<uint16_t> rows = rows_bf16(k.view(), 16, 16);
+  ASSERT_EQ(rows.size(), 16u * 8);
+  for (int64_t i = 0; i < 16; ++i)
+    for (int64_t j = 0; j < 8; ++j)
+      EXPECT_EQ(kernels::bf16_to_f32(rows[i * 8 + j]), k.at(16 + i, j));
+  EXPECT_EQ(slice_vector({1, 2, 3, 4}, 1, 2), (std::vector<float>{2, 3}));
+  EXPECT_TRUE(slice_vector({}, 1, 2).empty());
 }
 
 // y = x * w^T for a bf16 shard [n, k] as the GPU computes it (float32 accumulation).
