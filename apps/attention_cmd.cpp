@@ -53,6 +53,7 @@ int run_attention(const AttentionFlags& f) {
   ro.data_plane.dtype =
       f.remote.wire_dtype == "bf16" ? transport::WireDtype::BF16 : transport::WireDtype::F32;
   ro.timeout = std::chrono::milliseconds(static_cast<int64_t>(f.remote.dispatch_timeout_ms));
+  ro.device_rows = f.remote.from_gpu_memory == "auto";
   Expected<std::unique_ptr<RemoteExperts>> remote = RemoteExperts::create(config, ro);
   if (!remote) return fail(remote.error().message());
   (*model)->set_expert_backend(remote->get());

@@ -284,10 +284,11 @@ struct DeviceFlags {
   }
 };
 
-// --dispatch-timeout-ms, --wire-dtype.
+// --dispatch-timeout-ms, --wire-dtype, --dispatch-from-gpu-memory.
 struct RemoteExpertFlags {
   double dispatch_timeout_ms = 1000;
   std::string wire_dtype = "f32";
+  std::string from_gpu_memory = "auto";
 
   void add(CLI::App& app) {
     app.add_option("--dispatch-timeout-ms", dispatch_timeout_ms,
@@ -297,6 +298,12 @@ struct RemoteExpertFlags {
     app.add_option("--wire-dtype", wire_dtype,
                    "Hidden states on the data plane: f32 (exact) or bf16 (half the bytes)")
         ->check(CLI::IsMember({"f32", "bf16"}))
+        ->capture_default_str();
+    app.add_option("--dispatch-from-gpu-memory", from_gpu_memory,
+                   "With --device cuda: auto sends hidden states to the expert workers straight "
+                   "from GPU memory when UCX takes CUDA memory (GPUDirect RDMA or UCX's own "
+                   "copies), off always stages them through pinned host memory")
+        ->check(CLI::IsMember({"auto", "off"}))
         ->capture_default_str();
   }
 };

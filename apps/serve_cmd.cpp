@@ -196,12 +196,12 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
     const std::string cpus = role_cpus(i);
     spdlog::info("role placement role=attention-{} cpus={}", i, cpus.empty() ? "any" : cpus);
     auto a = common("attention", f.threads, cpus);
-    a.insert(
-        a.end(),
-        {"--name", fmt::format("attention-{}", i), "--wire-dtype", f.remote.wire_dtype,
-         "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms), "--device",
-         f.device.device, "--grouped-gemm", f.device.grouped_gemm, "--tensor-parallel-size",
-         std::to_string(f.device.tensor_parallel_size), "--quantization", f.device.quantization});
+    a.insert(a.end(), {"--name", fmt::format("attention-{}", i), "--wire-dtype",
+                       f.remote.wire_dtype, "--dispatch-from-gpu-memory", f.remote.from_gpu_memory,
+                       "--dispatch-timeout-ms", fmt::format("{}", f.remote.dispatch_timeout_ms),
+                       "--device", f.device.device, "--grouped-gemm", f.device.grouped_gemm,
+                       "--tensor-parallel-size", std::to_string(f.device.tensor_parallel_size),
+                       "--quantization", f.device.quantization});
     const std::vector<std::string> engine_args = f.engine.args();
     a.insert(a.end(), engine_args.begin(), engine_args.end());
     if (Expected<pid_t> pid = children.start(a, env); !pid) return fail(pid.error().message());

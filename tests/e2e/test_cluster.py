@@ -163,6 +163,8 @@ def test_roles_run_as_separate_processes_in_their_own_groups(binary):
                 env = pathlib.Path(f"/proc/{pid}/cmdline").read_text()
                 assert TOKEN not in env, "the cluster token is not on the command line"
                 names[argv[argv.index(b"--name") + 1].decode()] = pid
+                if role == "attention":  # serve's data-plane settings are passed on
+                    assert argv[argv.index(b"--dispatch-from-gpu-memory") + 1] == b"auto", argv
         # --cpus auto: every role is bound to its share of the CPUs serve may use.
         want = auto_placement(os.sched_getaffinity(s.proc.pid), 3)
         got = [allowed_cpus(names[n]) for n in ("attention-0", "expert-0", "expert-1")]
