@@ -328,8 +328,11 @@ def alive(pid):
 
 def stop_during_request(binary, stop, *args, n=8, max_tokens=200):
     """Starts serve and a long completion, calls stop(server) once that request is running, and
-    returns (serve's exit code, the request's result, the role pids)."""
+    returns (serve's exit code, the request's result, the role pids). The grace (unless args set
+    one) and the stops' timeouts leave room for slow builds (sanitizers)."""
     import threading
+    if "--shutdown-grace" not in args:
+        args = (*args, "--shutdown-grace", "300")
     s = Server(binary, "--model", DEMO, *args)
     roles = role_pids(s)
     assert len(roles) == 3, roles  # router in serve; 2 expert workers and 1 attention worker
@@ -363,7 +366,7 @@ def completion_tokens(result):
 
 def test_sigterm_drains_requests_in_flight(binary):
     # SIGTERM to serve alone, as a container runtime stops it: serve drains, then stops its roles.
-    code, result, roles = stop_during_request(binary, lambda s: s.stop(group=False))
+    code, result, roles = stop_during_request(binary, lambda s: s.stop(group=False, timeout=300))
     assert code == 0
     assert completion_tokens(result) == 8 * 200
     assert not [p for p in roles if alive(p)]  # every role process is gone with serve
@@ -373,7 +376,8 @@ def test_a_signal_to_the_process_group_drains_too(binary):
     # Ctrl-C in a terminal signals serve's whole process group; the role processes lead their own
     # groups, so only serve hears it, and it drains before it stops them.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        code, result, roles = stop_during_request(binary, lambda s: s.stop(sig=sig, group=True))
+        code, result, roles = stop_during_request(
+            binary, lambda s: s.stop(sig=sig, group=True, timeout=300))
         assert code == 0, sig
         assert completion_tokens(result) == 8 * 200, sig
         assert not [p for p in roles if alive(p)], sig
