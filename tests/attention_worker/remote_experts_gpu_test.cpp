@@ -31,6 +31,12 @@ namespace fs = std::filesystem;
 
 using test::fixture;
 
+// UCX_TLS of every data-plane side here. On a real GPU UCX moves CUDA memory only with a CUDA
+// transport among its selected ones (cuda_copy; a UCX without it warns and ignores the name).
+std::string transports() {
+  return kernels::cuda::device_memory_is_host() ? "tcp" : "tcp,cuda_copy";
+}
+
 std::vector<int32_t> prompt_of(const std::string& name) {
   std::ifstream in(fixture(name) / "reference.json");
   return nlohmann::json::parse(in).at("prompt_ids").get<std::vector<int32_t>>();
@@ -52,7 +58,7 @@ struct Worker {
     EXPECT_TRUE(s) << s.error().message();
     shard = std::move(*s);
     transport::DataPlaneOptions o;
-    o.transports = "tcp";
+    o.transports = transports();
     auto started = transport::DispatchServer::start(
         o, [this](std::span<transport::Dispatch> batch) { handle(batch); });
     EXPECT_TRUE(started) << started.error().message();
@@ -95,7 +101,7 @@ Result run(const std::string& name, Worker& worker, bool device_rows, transport:
   EXPECT_TRUE(model) << model.error().message();
   if (!model) return out;
   RemoteExpertsOptions ro;
-  ro.data_plane.transports = "tcp";
+  ro.data_plane.transports = transports();
   ro.data_plane.dtype = dtype;
   ro.device_rows = device_rows;
   ro.timeout = std::chrono::milliseconds(5000);
@@ -143,7 +149,7 @@ Result run(const std::string& name, Worker& worker, bool device_rows, transport:
 bool device_rows_expected() {
   if (kernels::cuda::device_memory_is_host()) return true;
   transport::DataPlaneOptions o;
-  o.transports = "tcp";
+  o.transports = transports();
   auto c = transport::DispatchClient::create(o);
   return c && (*c)->cuda_memory();
 }
