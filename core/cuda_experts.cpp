@@ -35,6 +35,9 @@ struct CudaExperts::Impl : CudaContext {
     bool fp8 = false;
   };
   std::unique_ptr<cu::GroupedGemm> grouped;  // the FP8 products (one group)
+  // That one group's arguments, reused by every run() (no allocation per product).
+  std::vector<cu::GroupWeight> group{cu::GroupWeight{}};
+  std::vector<int64_t> group_rows{0}, group_offset{0};
   bool fp8_fallback_logged = false;
   Status add_fp8(Expert& x, const kernels::FfnWeights& w);
   std::map<ExpertRef, Expert> held;
@@ -159,8 +162,9 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   auto product = [&](const uint16_t* in, const cu::DeviceBuffer& weight,
                      const cu::DeviceBuffer& scale, int64_t n, int64_t k, float* out) {
     if (!w.fp8) return from(m.blas->gemm(in, weight.as<uint16_t>(), out, m_tokens, n, k));
-    return from(m.grouped->run_fp8(in, {cu::GroupWeight{weight.data(), scale.as<float>()}},
-                                   {m_tokens}, {0}, n, k, out));
+    m.group[0] = {weight.data(), scale.as<float>()};
+    m.group_rows[0] = m_tokens;
+    return from(m.grouped->run_fp8(in, m.group, m.group_rows, m.group_offset, n, k, out));
   };
   if (Status s = product(m.x16.as<uint16_t>(), w.gate_up, w.gate_up_scale, 2 * w.inter, H,
                          m.gu.as<float>());
