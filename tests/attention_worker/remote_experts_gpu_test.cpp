@@ -22,6 +22,7 @@
 #include "core/model.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "tests/core/expert_shard_helpers.h"
+#include "tests/kernels/cuda_test_util.h"
 #include "transport/data_plane.h"
 
 namespace moemesh {
@@ -138,12 +139,6 @@ Result run(const std::string& name, Worker& worker, bool device_rows, transport:
   return out;
 }
 
-#define REQUIRE_GPU()                                                                       \
-  do {                                                                                      \
-    if (kernels::cuda::device_count() == 0)                                                 \
-      GTEST_SKIP() << "no CUDA device on this machine: GPU tests run in scripts/gpu-check"; \
-  } while (0)
-
 // Whether rows in this build's device memory go to UCX as they are: always on the emulated GPU
 // (host memory), on a real one where UCX takes CUDA memory.
 bool device_rows_expected() {
@@ -155,7 +150,7 @@ bool device_rows_expected() {
 }
 
 TEST(RemoteExpertsOnGpu, RowsSentFromDeviceMemoryGiveTheStagedResult) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   const bool expected = device_rows_expected();
   for (const char* name : {"qwen2moe-bf16", "mixtral-tiny"}) {
     const ModelConfig c = *load_model_config(fixture(name));
@@ -184,7 +179,7 @@ TEST(RemoteExpertsOnGpu, RowsSentFromDeviceMemoryGiveTheStagedResult) {
 // The rows sent from device memory where UCX takes them, else staged; the experts computed by the
 // model itself: remote and local agree (f32 wire).
 TEST(RemoteExpertsOnGpu, DeviceRowsMatchTheModelsOwnExperts) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   const std::string name = "qwen3moe-tiny";
   const ModelConfig c = *load_model_config(fixture(name));
   Worker worker(fixture(name), c);
@@ -205,13 +200,8 @@ TEST(RemoteExpertsOnGpu, DeviceRowsMatchTheModelsOwnExperts) {
     tokens = {static_cast<int32_t>(std::max_element(last, logits.end()) - last)};
   }
   ASSERT_EQ(device.logits.size(), want.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    num += (double(device.logits[i]) - want[i]) * (double(device.logits[i]) - want[i]);
-    den += double(want[i]) * want[i];
-  }
   // The GPU's own experts run on bf16 operands, the worker's on the CPU in f32.
-  EXPECT_LT(std::sqrt(num / den), 3e-2);
+  EXPECT_LT(kernels::cuda::testing::rel_error(device.logits, want), 3e-2);
   EXPECT_GT(worker.dispatches.load(), 0);
 }
 

@@ -17,29 +17,15 @@
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "tests/core/test_checkpoint_writer.h"
+#include "tests/kernels/cuda_test_util.h"
 
 namespace moemesh {
 namespace {
 
-#define REQUIRE_GPU()                                                                       \
-  do {                                                                                      \
-    if (kernels::cuda::device_count() == 0)                                                 \
-      GTEST_SKIP() << "no CUDA device on this machine: GPU tests run in scripts/gpu-check"; \
-  } while (0)
+using kernels::cuda::testing::rel_error;
 
 constexpr int64_t kHidden = 64, kInter = 256, kExperts = 4, kLayers = 2, kVocab = 96;
 constexpr int64_t kHeads = 4, kKvHeads = 2, kHeadDim = 16;
-
-double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size() || a.empty()) return INFINITY;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
 
 // Deterministic values in [-scale, scale).
 std::vector<float> values(int64_t n, uint32_t seed, float scale) {
@@ -187,7 +173,7 @@ int64_t fp8_layers(const Model& m) {
 // of bf16) and the logits follow the CPU's on the same FP8 weights as closely as bf16 weights
 // follow the CPU's (3% of their norm: bf16 activations and operands on the GPU).
 TEST(CudaFp8Experts, AnFp8CheckpointStaysFp8AndMatchesTheCpu) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
   auto cpu = Model::load(ck.fp8);
   ASSERT_TRUE(cpu) << cpu.error().message();
@@ -206,7 +192,7 @@ TEST(CudaFp8Experts, AnFp8CheckpointStaysFp8AndMatchesTheCpu) {
 // --quantization fp8 on a GPU quantizes the routed experts at load to the codes an FP8
 // checkpoint of the same weights holds: the same logits as that checkpoint.
 TEST(CudaFp8Experts, QuantizationAtLoadEqualsTheFp8Checkpoint) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
   auto at_load = Model::load(ck.bf16, gpu_options(1, "fp8"));
   ASSERT_TRUE(at_load) << at_load.error().message();
@@ -224,7 +210,7 @@ TEST(CudaFp8Experts, QuantizationAtLoadEqualsTheFp8Checkpoint) {
 // Two ranks hold 128 of each expert's 256 features: still whole scale blocks, so FP8, and the
 // same logits as one rank.
 TEST(CudaFp8Experts, TensorParallelShardsKeepWholeScaleBlocks) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
   auto one = Model::load(ck.fp8, gpu_options());
   ASSERT_TRUE(one) << one.error().message();
@@ -237,7 +223,7 @@ TEST(CudaFp8Experts, TensorParallelShardsKeepWholeScaleBlocks) {
 // Experts 192 wide end inside a scale block: they go up as bf16 (every FP8 value is exact in
 // bf16) and still match the CPU; so does a GPU expert shard of them.
 TEST(CudaFp8Experts, ShapesTheFp8KernelDoesNotTakeGoUpAsBf16) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   Checkpoints ck(192);
   auto cpu = Model::load(ck.fp8);
   ASSERT_TRUE(cpu) << cpu.error().message();
@@ -261,7 +247,7 @@ TEST(CudaFp8Experts, ShapesTheFp8KernelDoesNotTakeGoUpAsBf16) {
 
 // A GPU expert shard keeps FP8 experts in FP8 and computes what the CPU shard computes.
 TEST(CudaFp8Experts, AnExpertShardOnTheGpuKeepsThemFp8) {
-  REQUIRE_GPU();
+  MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
   const std::vector<ExpertRef> refs = {{0, 0}, {0, 3}, {1, 2}};
   auto cpu = ExpertShard::load(ck.fp8, refs);

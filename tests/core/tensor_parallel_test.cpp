@@ -43,8 +43,7 @@ TEST(TensorParallel, SizesThatDoNotDivideAreRefusedWithTheReason) {
   EXPECT_TRUE(check_tensor_parallel(q2, 4));
   s = check_tensor_parallel(q2, 8);  // 8 ranks replicate the 4 KV heads; the MLP does not split
   ASSERT_FALSE(s);
-  EXPECT_NE(s.error().message().find("36 MLP features"), std::string::npos)
-      << s.error().message();
+  EXPECT_NE(s.error().message().find("36 MLP features"), std::string::npos) << s.error().message();
 
   // KV heads that neither divide nor replicate evenly: 6 ranks over 4.
   ModelConfig six = q2;
