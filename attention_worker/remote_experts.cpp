@@ -102,8 +102,11 @@ struct RemoteExperts::Impl {
   bool pending = false;
   int64_t layer = 0, n = 0, top_k = 0;
   const float* x = nullptr;
-  DeviceRows* device = nullptr;    // instead of x: the rows in GPU memory (start_device())
-  std::vector<std::byte> head;     // a device dispatch's routing sections, laid out on the host
+  DeviceRows* device = nullptr;  // instead of x: the rows in GPU memory (start_device())
+  std::vector<std::byte> head;   // a device dispatch's routing sections, laid out on the host
+  // What DeviceRows::assemble() returned for each slot (slots wi, wi + workers, ... are worker
+  // wi's), to tell which buffers UCX may still read.
+  std::vector<const void*> slot_payloads;
   uint64_t device_dispatches = 0;  // not yet published to stats
   const int32_t* ids = nullptr;
   const float* gate = nullptr;
@@ -289,10 +292,18 @@ Status RemoteExperts::Impl::send_device(int wi, int r) {
   const std::size_t routing = static_cast<std::size_t>(rows) * static_cast<std::size_t>(k) * 4;
   std::memcpy(head.data() + layout->experts, w.experts.data(), routing);
   std::memcpy(head.data() + layout->weights, w.weights.data(), routing);
+  // A buffer UCX may still read (a worker that has not taken its last message yet) is neither
+  // rewritten nor reallocated: the message goes to the next slot of this worker instead.
+  std::size_t slot = static_cast<std::size_t>(wi);
+  while (slot < slot_payloads.size() && slot_payloads[slot] != nullptr &&
+         client->payload_in_flight(slot_payloads[slot]))
+    slot += workers.size();
   Expected<const void*> payload =
-      device->assemble(wi, head.data(), head.size(), w.tokens,
+      device->assemble(static_cast<int>(slot), head.data(), head.size(), w.tokens,
                        options.data_plane.dtype == transport::WireDtype::BF16);
   if (!payload) return payload.error();
+  if (slot_payloads.size() <= slot) slot_payloads.resize(slot + 1, nullptr);
+  slot_payloads[slot] = *payload;
   Status s = client->send_payload(
       w.peer, epoch, calls, static_cast<int32_t>(layer), r, n, rows, k, config.hidden_size,
       *payload,
