@@ -11,13 +11,11 @@
 #include <cstring>
 #include <thread>
 
-#include "core/detail/cuda_context.h"
+#include "core/detail/cuda_forward_impl.h"
 #include "core/detail/tensor_parallel.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace moemesh::detail {
-
-namespace cu = kernels::cuda;
 
 Status parse_device(const std::string& text, bool* cuda, int* device) {
   *cuda = false;
@@ -52,121 +50,6 @@ cu::GroupedMethod parse_method(const std::string& s, bool* ok) {
 }
 
 }  // namespace
-
-// One rank of the forward pass: the whole model on one GPU, or (tensor parallelism) one rank's
-// shard of it (core/detail/tensor_parallel.h) on its GPU. Driven by one thread at a time.
-struct CudaForward::Impl : CudaContext {
-  ModelConfig c;     // what this rank holds: heads, KV heads and MLP widths divided by `ranks`
-  ModelConfig full;  // the whole model's
-  CudaOptions options;
-  int rank = 0, ranks = 1;
-  kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
-  std::unique_ptr<cu::GroupedGemm> grouped;
-
-  // Weights (device).
-  struct Ffn {
-    cu::DeviceBuffer gate_up;  // [2 * inter, hidden]
-    cu::DeviceBuffer down;     // [hidden, inter]
-    int64_t inter = 0;
-  };
-  struct Layer {
-    cu::DeviceBuffer input_norm, post_norm;
-    cu::DeviceBuffer q, k, v, o;
-    cu::DeviceBuffer q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
-    bool moe = false;
-    cu::DeviceBuffer router;
-    cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden] bf16, or FP8 E4M3 codes
-    cu::DeviceBuffer experts_down;     // [E, hidden, inter] likewise
-    bool experts_fp8 = false;          // FP8 codes with 128x128 block scales (fp8_expert_refusal)
-    cu::DeviceBuffer experts_gate_up_scale, experts_down_scale;  // [E, blocks] float32 (FP8 only)
-    std::vector<cu::GroupWeight> gate_up_groups, down_groups;
-    bool shared = false;
-    Ffn shared_expert;
-    cu::DeviceBuffer shared_gate;  // [1, hidden]
-    Ffn mlp;
-  };
-  cu::DeviceBuffer embed, lm_head_own, final_norm, inv_freq;
-  const uint16_t* lm_head = nullptr;
-  std::vector<Layer> layers;
-  bool routed_experts = false;
-  int64_t weight_bytes = 0;
-
-  // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16.
-  cu::DeviceBuffer kv;
-  int64_t num_blocks = 0;
-
-  // Scratch, grown on demand.
-  cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
-      counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
-      logits, sum_squares;
-  cu::PinnedBuffer counts_host, stage_x, stage_ids, stage_w, stage_out;
-  std::vector<int32_t> meta_host;
-  std::vector<int64_t> rows, offs;
-
-  Status upload(cu::DeviceBuffer& dst, const void* src, std::size_t bytes) {
-    if (Status s = ensure(dst, bytes); !s) return s;
-    cu::copy(dst.data(), src, bytes, stream);
-    weight_bytes += static_cast<int64_t>(bytes);
-    return {};
-  }
-  Status upload_f32(cu::DeviceBuffer& dst, const std::vector<float>& values) {
-    if (values.empty()) return {};
-    return upload(dst, values.data(), values.size() * sizeof(float));
-  }
-  Status upload_bf16(cu::DeviceBuffer& dst, const std::vector<uint16_t>& values) {
-    Status s = upload(dst, values.data(), values.size() * 2);
-    // The copy reads `values` on the stream: finish it before the caller frees them.
-    if (s) s = from(cu::synchronize(stream, "uploading weights"));
-    return s;
-  }
-  // This rank's rows or columns of w (all of it with one rank).
-  Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w, Split split) {
-    return upload_bf16(dst, shard_bf16(w, split, rank, ranks));
-  }
-  // All of w, on every rank.
-  Status upload_whole(cu::DeviceBuffer& dst, const kernels::WeightView& w) {
-    return upload_bf16(dst, shard_bf16(w, Split::Rows, 0, 1));
-  }
-  // gate and up: this rank's rows, one [2 * inter, hidden] tensor; down: the matching columns.
-  static std::vector<uint16_t> gate_up_rows(const kernels::FfnWeights& w, int rank, int ranks) {
-    std::vector<uint16_t> gu = shard_bf16(w.gate, Split::Rows, rank, ranks);
-    const std::vector<uint16_t> up = shard_bf16(w.up, Split::Rows, rank, ranks);
-    gu.insert(gu.end(), up.begin(), up.end());
-    return gu;
-  }
-  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w) {
-    f.inter = w.gate.rows / ranks;
-    if (Status s = upload_bf16(f.gate_up, gate_up_rows(w, rank, ranks)); !s) return s;
-    return upload_matrix(f.down, w.down, Split::Cols);
-  }
-
-  Status load(const ModelWeights& w);
-  // Layer l's routed experts, in FP8 when every one can stay FP8 (fp8_expert_refusal), else bf16.
-  Status upload_experts(Layer& D, const std::vector<kernels::FfnWeights>& experts, std::size_t l);
-  Status upload_experts_fp8(Layer& D, const std::vector<kernels::FfnWeights>& experts);
-  bool fp8_fallback_logged = false;
-
-  // The MoE layer's input rows (xn bf16, xn_f32) for a backend that sends them from device
-  // memory: one message buffer per destination slot, assembled on this rank's stream.
-  struct Rows : DeviceRows {
-    Impl* m = nullptr;
-    std::vector<cu::DeviceBuffer> messages;
-    cu::DeviceBuffer tokens;
-    cu::PinnedBuffer head_host, tokens_host;
-    Expected<const void*> assemble(int slot, const void* head, std::size_t head_bytes,
-                                   std::span<const int32_t> rows, bool bf16) override;
-    bool cuda_memory() const override { return !cu::device_memory_is_host(); }
-  } device_rows;
-  Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
-  Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
-  Status ffn_dense(const Ffn& f, int64_t n, float* out);
-  // Sums `count` floats at `data` over the ranks (nothing with one rank).
-  Status all_reduce(float* data, int64_t count) {
-    return group ? from(group->all_reduce_sum(data, count, stream)) : Status{};
-  }
-  // q and k normalised over all of their features (QkNorm::Full), each rank holding a part.
-  void full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s);
-};
 
 CudaForward::CudaForward(std::vector<std::unique_ptr<Impl>> ranks,
                          std::vector<std::unique_ptr<kernels::cuda::Collective>> group)
@@ -205,11 +88,11 @@ std::string CudaForward::copy_block(int32_t src, int32_t dst) {
     Impl& m = *rank;
     const ModelConfig& c = m.c;
     const int64_t bs = m.options.block_size;
-    const int64_t kvd = c.num_kv_heads * c.head_dim;
+    const int64_t kvd = m.kv_row();
     const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
     const int64_t layer_stride = m.num_blocks * bs * kvd;
     if (std::string e = cu::set_device(m.device); !e.empty()) return e;
-    for (int64_t l = 0; l < 2 * c.num_layers; ++l) {
+    for (int64_t l = 0; l < m.kv_planes() * c.num_layers; ++l) {
       uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
       cu::copy(base + dst * bs * kvd, base + src * bs * kvd, block_bytes, m.stream);
     }
@@ -279,8 +162,8 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
 
   // The KV pool: the bytes asked for, or half of what the weights left free, on each GPU (the
   // least of them: every rank holds the same blocks).
-  const int64_t kv_dim = local.num_kv_heads * local.head_dim;
-  const int64_t block_bytes = local.num_layers * 2 * options.block_size * kv_dim * 2;
+  const int64_t block_bytes =
+      local.num_layers * ranks[0]->kv_planes() * options.block_size * ranks[0]->kv_row() * 2;
   int64_t budget = options.kv_cache_bytes;
   if (budget <= 0) {
     budget = INT64_MAX;
@@ -326,8 +209,11 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
     lm_head = lm_head_own.as<uint16_t>();
   }
   if (Status s = upload_f32(final_norm, w.final_norm); !s) return s;
-  std::vector<float> freq(static_cast<std::size_t>(c.head_dim / 2));
-  kernels::rope_inv_freq(c.rope_theta, c.head_dim, freq.data());
+  std::vector<float> freq = options.inv_freq;
+  if (freq.empty()) {
+    freq.resize(static_cast<std::size_t>(c.rotary_dim / 2));
+    kernels::rope_inv_freq(c.rope_theta, c.rotary_dim, freq.data());
+  }
   if (Status s = upload_f32(inv_freq, freq); !s) return s;
 
   // Vectors over the q and k features: this rank's part (per-head q/k norm weights are whole).
@@ -344,27 +230,32 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
                                    {&D.q_norm, &L.attn.q_norm, split_qk_norm},
                                    {&D.k_norm, &L.attn.k_norm, split_qk_norm}})
       if (Status s = upload_f32(*dst, split ? shard_vector(*src, rank, ranks) : *src); !s) return s;
-    for (auto [dst, src, split] :
-         {std::tuple{&D.q, &L.attn.q, Split::Rows}, {&D.o, &L.attn.o, Split::Cols}})
-      if (Status s = upload_matrix(*dst, *src, split); !s) return s;
+    if (Status s = upload_matrix(D.o, L.attn.o, Split::Cols); !s) return s;
+    if (c.mla) {
+      if (Status s = load_mla(D, L); !s) return s;
+    } else if (Status s = upload_matrix(D.q, L.attn.q, Split::Rows); !s) {
+      return s;
+    }
     // This rank's KV heads (replicated when the ranks outnumber them), with their biases.
     const KvShare mine = kv_share(full, rank, ranks);
     const int64_t hd = full.head_dim;
-    for (auto [dst, src, bias_dst, bias_src] :
-         {std::tuple{&D.k, &L.attn.k, &D.k_bias, &L.attn.k_bias},
-          {&D.v, &L.attn.v, &D.v_bias, &L.attn.v_bias}}) {
-      if (Status s = upload_bf16(*dst, rows_bf16(*src, mine.first * hd, mine.count * hd)); !s)
-        return s;
-      if (Status s =
-              upload_f32(*bias_dst, slice_vector(*bias_src, mine.first * hd, mine.count * hd));
-          !s)
-        return s;
-    }
+    if (!c.mla)
+      for (auto [dst, src, bias_dst, bias_src] :
+           {std::tuple{&D.k, &L.attn.k, &D.k_bias, &L.attn.k_bias},
+            {&D.v, &L.attn.v, &D.v_bias, &L.attn.v_bias}}) {
+        if (Status s = upload_bf16(*dst, rows_bf16(*src, mine.first * hd, mine.count * hd)); !s)
+          return s;
+        if (Status s =
+                upload_f32(*bias_dst, slice_vector(*bias_src, mine.first * hd, mine.count * hd));
+            !s)
+          return s;
+      }
     D.moe = L.moe;
     if (!L.moe) {
       if (Status s = upload_ffn(D.mlp, L.mlp); !s) return s;
     } else {
       if (Status s = upload_whole(D.router, L.router); !s) return s;
+      if (Status s = upload_f32(D.router_bias, L.router_bias); !s) return s;
       D.shared = L.has_shared_expert;
       if (D.shared) {
         if (Status s = upload_ffn(D.shared_expert, L.shared_expert); !s) return s;
@@ -494,7 +385,8 @@ Expected<const void*> CudaForward::Impl::Rows::assemble(int slot, const void* he
 Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks,
                                          bool staged) {
   const int64_t H = c.hidden_size;
-  const int64_t qd = c.num_heads * c.head_dim;
+  const int64_t qd = q_width();
+  const int64_t ad = attn_width();
   const int64_t kvd = c.num_kv_heads * c.head_dim;
   const int64_t slots = n * std::max<int64_t>(1, c.top_k);
   const int64_t E = std::max<int64_t>(1, c.num_experts);
@@ -508,8 +400,8 @@ Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t ma
                             {&q, n * qd * f},
                             {&k, n * kvd * f},
                             {&v, n * kvd * f},
-                            {&attn, n * qd * f},
-                            {&attn_bf16, n * qd * 2},
+                            {&attn, n * std::max(qd, ad) * f},
+                            {&attn_bf16, n * std::max(qd, ad) * 2},
                             {&gu, n * 2 * I * f},
                             {&act, n * I * 2},
                             {&router_logits, n * E * f},
@@ -528,6 +420,21 @@ Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t ma
                             {&meta, (4 * n + segments * max_blocks) * 4},
                             {&sum_squares, 2 * n * f}})
     if (Status s = ensure(*buf, static_cast<std::size_t>(bytes)); !s) return s;
+  if (c.mla) {
+    // Latent attention: q's low-rank input, the new latent rows, the absorbed queries [n, heads,
+    // row] and their attention outputs, and bf16 copies of the per-head products' inputs.
+    const MlaConfig& a = *c.mla;
+    const int64_t row = a.cache_row();
+    const int64_t hr = c.num_heads * row;
+    for (auto [buf, bytes] : {std::pair{&mla_qa, n * a.q_lora_rank * f},
+                              {&mla_qa_bf16, n * a.q_lora_rank * 2},
+                              {&mla_ckv, n * row * f},
+                              {&mla_latent, n * a.kv_lora_rank * f},
+                              {&mla_q_abs, n * hr * f},
+                              {&mla_lat, n * hr * f},
+                              {&mla_bf16, n * std::max(hr, qd) * 2}})
+      if (Status s = ensure(*buf, static_cast<std::size_t>(bytes)); !s) return s;
+  }
   if (Status s = ensure(counts_host, static_cast<std::size_t>(E * 4)); !s) return s;
   if (staged)
     for (auto [buf, bytes] : {std::pair{&stage_x, n * H * f},
@@ -562,12 +469,22 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
                                  router_logits.as<float>(), n, E, H));
       !s)
     return s;
+  // The router of model.cpp's ffn_block: softmax top-k, or the grouped router (sigmoid scores,
+  // the correction bias, expert groups, routed_scaling_factor) of the deepseek families.
   cu::RouterSpec spec;
   spec.n_experts = E;
   spec.top_k = K;
   spec.renormalize = c.norm_topk_prob;
-  cu::route_topk(router_logits.as<float>(), nullptr, n, spec, ids.as<int32_t>(), wts.as<float>(),
-                 stream);
+  if (c.grouped_router) {
+    spec.scoring =
+        c.scoring == RouterScoring::Sigmoid ? cu::Scoring::Sigmoid : cu::Scoring::Softmax;
+    spec.scaling = c.routed_scaling_factor;
+    spec.n_groups = c.n_group;
+    spec.topk_groups = c.topk_group;
+    spec.group_score = c.group_top2_sum ? cu::GroupScore::Top2Sum : cu::GroupScore::Max;
+  }
+  cu::route_topk(router_logits.as<float>(), D.router_bias.as<float>(), n, spec, ids.as<int32_t>(),
+                 wts.as<float>(), stream);
 
   if (remote && !external) {
     // Another rank's backend computes the routed experts: this rank adds its shared expert part.
@@ -654,6 +571,57 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
   return {};
 }
 
+Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, float* out) {
+  const Layer& D = layers[l];
+  const int64_t H = c.hidden_size;
+  const int64_t qd = c.num_heads * c.head_dim;
+  const int64_t kvd = c.num_kv_heads * c.head_dim;
+  const int64_t bs = options.block_size;
+  const uint16_t* xin = xn.as<uint16_t>();
+  float* qs = q.as<float>();
+  float* ks = k.as<float>();
+  float* vs = v.as<float>();
+  for (auto [w, b, y, dim] : {std::tuple{&D.q, &D.q_bias, qs, qd},
+                              {&D.k, &D.k_bias, ks, kvd},
+                              {&D.v, &D.v_bias, vs, kvd}}) {
+    if (Status s = from(blas->gemm(xin, w->as<uint16_t>(), y, n, dim, H)); !s) return s;
+    if (b->data()) cu::add_bias(y, b->as<float>(), n, dim, stream);
+  }
+  if (c.qk_norm == QkNorm::Full) {
+    Status s;
+    full_qk_norm(D, qs, ks, n, s);
+    if (!s) return s;
+  } else if (c.qk_norm == QkNorm::PerHead) {
+    cu::rmsnorm(qs, nullptr, D.q_norm.as<float>(), n * c.num_heads, c.head_dim, c.rms_norm_eps, qs,
+                nullptr, stream);
+    cu::rmsnorm(ks, nullptr, D.k_norm.as<float>(), n * c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                ks, nullptr, stream);
+  }
+  if (c.clip_qkv) {
+    cu::clamp(qs, n * qd, *c.clip_qkv, stream);
+    cu::clamp(ks, n * kvd, *c.clip_qkv, stream);
+    cu::clamp(vs, n * kvd, *c.clip_qkv, stream);
+  }
+  // The first rotary_dim features of each head rotate (all of them but with a partial factor).
+  cu::rope(qs, n, qd, c.num_heads, c.head_dim, c.rotary_dim, step.pos, inv_freq.as<float>(),
+           stream);
+  cu::rope(ks, n, kvd, c.num_kv_heads, c.head_dim, c.rotary_dim, step.pos, inv_freq.as<float>(),
+           stream);
+  const int64_t layer_stride = num_blocks * bs * kvd;  // elements of one layer's k (or v)
+  cu::PagedKv cache;
+  cache.k = kv.as<uint16_t>() + (2 * l) * layer_stride;
+  cache.v = kv.as<uint16_t>() + (2 * l + 1) * layer_stride;
+  cache.block_size = bs;
+  cache.n_kv_heads = c.num_kv_heads;
+  cache.head_dim = c.head_dim;
+  cu::paged_kv_write(ks, vs, n, step.slot, cache, stream);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  cu::paged_attention(qs, n, cache, step.batch, c.num_heads, scale, c.layer_window[l],
+                      attn.as<float>(), stream);
+  cu::f32_to_bf16(attn.as<float>(), n * qd, attn_bf16.as<uint16_t>(), stream);
+  return from(blas->gemm(attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), out, n, H, qd));
+}
+
 void CudaForward::Impl::full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s) {
   const int64_t qd = c.num_heads * c.head_dim;
   const int64_t kvd = c.num_kv_heads * c.head_dim;
@@ -725,8 +693,6 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   const ModelConfig& c = m.c;
   const auto n = static_cast<int64_t>(tokens.size());
   const int64_t H = c.hidden_size;
-  const int64_t qd = c.num_heads * c.head_dim;
-  const int64_t kvd = c.num_kv_heads * c.head_dim;
   const int64_t bs = m.options.block_size;
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
 
@@ -770,61 +736,24 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   Status deferred;  // the expert backend's error, with other ranks (reported at the step's end)
   cu::embedding(m.embed.as<uint16_t>(), H, d_tok, n, x, m.stream);
 
-  const int64_t layer_stride = m.num_blocks * bs * kvd;  // elements of one layer's k (or v)
-  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  Impl::Step step;
+  step.pos = d_pos;
+  step.slot = d_slot;
+  step.batch.seq = d_seq;
+  step.batch.pos = d_pos;
+  step.batch.block_tables = d_tables;
+  step.batch.max_blocks = max_blocks;
+  step.batch.max_pos = max_pos;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Impl::Layer& D = m.layers[l];
     // Attention: x += o(attn(norm(x))) ...
     cu::rmsnorm(x, l == 0 ? nullptr : delta, D.input_norm.as<float>(), n, H, c.rms_norm_eps,
                 nullptr, xn, m.stream);
-    float* q = m.q.as<float>();
-    float* k = m.k.as<float>();
-    float* v = m.v.as<float>();
-    for (auto [w, b, out, dim] : {std::tuple{&D.q, &D.q_bias, q, qd},
-                                  {&D.k, &D.k_bias, k, kvd},
-                                  {&D.v, &D.v_bias, v, kvd}}) {
-      if (Status s = from(m.blas->gemm(xn, w->as<uint16_t>(), out, n, dim, H)); !s) return s;
-      if (b->data()) cu::add_bias(out, b->as<float>(), n, dim, m.stream);
-    }
-    if (c.qk_norm == QkNorm::Full) {
-      Status s;
-      m.full_qk_norm(D, q, k, n, s);
-      if (!s) return s;
-    } else if (c.qk_norm == QkNorm::PerHead) {
-      cu::rmsnorm(q, nullptr, D.q_norm.as<float>(), n * c.num_heads, c.head_dim, c.rms_norm_eps, q,
-                  nullptr, m.stream);
-      cu::rmsnorm(k, nullptr, D.k_norm.as<float>(), n * c.num_kv_heads, c.head_dim, c.rms_norm_eps,
-                  k, nullptr, m.stream);
-    }
-    if (c.clip_qkv) {
-      cu::clamp(q, n * qd, *c.clip_qkv, m.stream);
-      cu::clamp(k, n * kvd, *c.clip_qkv, m.stream);
-      cu::clamp(v, n * kvd, *c.clip_qkv, m.stream);
-    }
-    cu::rope(q, n, qd, c.num_heads, c.head_dim, c.head_dim, d_pos, m.inv_freq.as<float>(),
-             m.stream);
-    cu::rope(k, n, kvd, c.num_kv_heads, c.head_dim, c.head_dim, d_pos, m.inv_freq.as<float>(),
-             m.stream);
-    cu::PagedKv cache;
-    cache.k = m.kv.as<uint16_t>() + (2 * l) * layer_stride;
-    cache.v = m.kv.as<uint16_t>() + (2 * l + 1) * layer_stride;
-    cache.block_size = bs;
-    cache.n_kv_heads = c.num_kv_heads;
-    cache.head_dim = c.head_dim;
-    cu::paged_kv_write(k, v, n, d_slot, cache, m.stream);
-    cu::AttentionBatch batch;
-    batch.seq = d_seq;
-    batch.pos = d_pos;
-    batch.block_tables = d_tables;
-    batch.max_blocks = max_blocks;
-    batch.max_pos = max_pos;
-    cu::paged_attention(q, n, cache, batch, c.num_heads, scale, c.layer_window[l],
-                        m.attn.as<float>(), m.stream);
-    cu::f32_to_bf16(m.attn.as<float>(), n * qd, m.attn_bf16.as<uint16_t>(), m.stream);
-    if (Status s =
-            from(m.blas->gemm(m.attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), delta, n, H, qd));
-        !s)
+    if (c.mla) {
+      if (Status s = m.mla_attention(l, n, step, delta); !s) return s;
+    } else if (Status s = m.attention(l, n, step, delta); !s) {
       return s;
+    }
     if (D.o_bias.data() && m.rank == 0) cu::add_bias(delta, D.o_bias.as<float>(), n, H, m.stream);
     if (Status s = m.all_reduce(delta, n * H); !s) return s;
     // ... then x += ffn(norm(x)).

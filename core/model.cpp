@@ -92,13 +92,10 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
         options.tensor_parallel_size));
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
-  if (cuda &&
-      (impl->config.mla || impl->config.grouped_router || impl->config.layer_norm ||
-       impl->config.expert_weights_norm_p || impl->config.rotary_dim != impl->config.head_dim))
+  if (cuda && (impl->config.layer_norm || impl->config.expert_weights_norm_p))
     return Error(fmt::format(
-        "{} is not supported on --device cuda yet (multi-head latent attention, grouped "
-        "routing, LayerNorm, p-norm routing and partial rotary embeddings run on the CPU only): "
-        "use --device cpu",
+        "{} is not supported on --device cuda yet (LayerNorm and p-norm routing run on the CPU "
+        "only): use --device cpu",
         impl->config.model_type));
   if (cuda) {
     detail::CudaOptions co;
@@ -107,6 +104,9 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
     co.grouped_gemm = options.grouped_gemm;
     co.tensor_parallel = options.tensor_parallel_size;
     co.collective = options.tensor_parallel_collective;
+    co.inv_freq = impl->inv_freq;
+    co.rope_scale = impl->rope_scale;
+    co.mla_softmax_scale = impl->mla_softmax_scale;
     Expected<std::unique_ptr<detail::CudaForward>> fwd =
         detail::CudaForward::create(impl->config, impl->weights, co);
     if (!fwd) return fwd.error();

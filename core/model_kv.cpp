@@ -183,7 +183,7 @@ int64_t Model::kv_bytes_per_token() const {
 #if MOEMESH_HAVE_CUDA
   if (impl_->cuda) {
     const ModelConfig& c = impl_->config;
-    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2;  // bf16 on the GPU
+    return c.num_layers * c.kv_values_per_token_layer() * 2;  // bf16 on the GPU
   }
 #endif
   return impl_->kv->block_bytes() / impl_->kv->block_size();

@@ -46,6 +46,13 @@ struct CudaOptions {
   // rank: a one-rank communicator), or "one-gpu" (every rank on `device`, adding through device
   // memory: tensor parallelism's arithmetic on a machine with one GPU; no speed-up).
   std::string collective = "auto";
+  // Rotary embeddings as the CPU forward pass computes them (Model::Impl::init_rope): inverse
+  // frequencies over the rotary width (YaRN-scaled where the config asks), the factor the rotated
+  // features are multiplied by, and multi-head latent attention's softmax scale. Empty inv_freq:
+  // plain rotary tables over config.rotary_dim.
+  std::vector<float> inv_freq;
+  float rope_scale = 1.0f;
+  float mla_softmax_scale = 0.0f;
 };
 
 // Parses "cpu", "cuda" or "cuda:N"; sets *cuda and *device. Errors name the value.

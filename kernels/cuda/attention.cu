@@ -507,6 +507,162 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
+// ---- paged_attention: heads wider than 256 ------------------------------------------------------
+// Multi-head latent attention attends with one 576-wide kv head (DeepSeek-V2/V3's latent and
+// rotary key; the value is the same row). One block of kWideThreads per (query, kv head, group
+// of up to kWideRows q heads), walking the keys in chunks of kWideKeys held in shared memory:
+//   1. scores: thread (r, j) takes q head r and key j of the chunk, a whole dot product;
+//   2. softmax: the kWideKeys threads of a q head are one half-warp, reducing by shuffles;
+//   3. values: thread i accumulates dims 2 * (i + kWideThreads * u) + {0, 1} of every q head.
+// When k and v are the same array (MLA) the chunk loaded for the scores serves the values too.
+// No key splits: long decode contexts run one block per (query, head group).
+constexpr int kWideThreads = 128;
+constexpr int kWideRows = 8;
+constexpr int kWideKeys = kWideThreads / kWideRows;  // 16: a half-warp per q head
+constexpr int kWideMaxDim = 640;
+constexpr int kWideQStride = kWideMaxDim + 4;      // floats; spreads q rows over banks
+constexpr int kWideKvWords = kWideMaxDim / 2 + 1;  // 32-bit words per key row; odd: no conflicts
+constexpr int kWidePairs =
+    (kWideMaxDim / 2 + kWideThreads - 1) / kWideThreads;  // dim pairs a thread owns
+static_assert(kWideKeys == 16, "the softmax reduces over a half-warp");
+
+__global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const AttnParams p) {
+  __shared__ __align__(16) float q_sh[kWideRows * kWideQStride];
+  __shared__ uint32_t kv_sh[kWideKeys * kWideKvWords];
+  __shared__ float p_sh[kWideRows * kWideKeys];
+  __shared__ float alpha_sh[kWideRows];
+  __shared__ float l_sh[kWideRows];
+  __shared__ int32_t slot_sh[kWideKeys];
+
+  const int t = blockIdx.x;
+  const int kvh = blockIdx.y / p.row_chunks;
+  const int row_chunk = blockIdx.y % p.row_chunks;
+  const int h0 = kvh * p.group + row_chunk * kWideRows;
+  const int rows = min(kWideRows, p.group - row_chunk * kWideRows);
+  const int head_dim = p.head_dim;
+  const int words = head_dim / 2;
+  const int qpos = p.pos[t];
+  const int first_key = p.window > 0 ? max(0, qpos - p.window + 1) : 0;
+  const int tid = threadIdx.x;
+  const int my_row = tid / kWideKeys;
+  const int my_key = tid % kWideKeys;
+  const bool shared_kv = p.k == p.v;
+
+  for (int i = tid; i < kWideRows * kWideQStride; i += kWideThreads) {
+    const int r = i / kWideQStride;
+    const int d = i % kWideQStride;
+    q_sh[i] = r < rows && d < head_dim
+                  ? p.q[(static_cast<int64_t>(t) * p.n_heads + h0 + r) * head_dim + d] * p.q_scale
+                  : 0.0f;
+  }
+  const int32_t* table = p.tables + static_cast<int64_t>(p.seq[t]) * p.max_blocks;
+  const int64_t head_offset = static_cast<int64_t>(kvh) * head_dim;
+
+  // Loads the chunk's rows of `base` (k or v) into kv_sh.
+  auto load_chunk = [&](const uint16_t* base, int n) {
+    for (int i = tid; i < n * words; i += kWideThreads) {
+      const int j = i / words;
+      const int w = i % words;
+      const uint16_t* row = base + static_cast<int64_t>(slot_sh[j]) * p.kv_stride + head_offset;
+      kv_sh[j * kWideKvWords + w] = __ldg(reinterpret_cast<const unsigned int*>(row) + w);
+    }
+  };
+
+  float m = -INFINITY, l = 0.0f;  // the running max and sum of my_row (same in its half-warp)
+  float acc[kWideRows][kWidePairs][2];
+#pragma unroll
+  for (int r = 0; r < kWideRows; ++r)
+#pragma unroll
+    for (int u = 0; u < kWidePairs; ++u) acc[r][u][0] = acc[r][u][1] = 0.0f;
+
+  for (int c0 = first_key; c0 <= qpos; c0 += kWideKeys) {
+    const int n = min(kWideKeys, qpos + 1 - c0);
+    if (tid < n) {
+      const int key = c0 + tid;
+      slot_sh[tid] = table[key / p.block_size] * p.block_size + key % p.block_size;
+    }
+    __syncthreads();  // slots ready; also: the previous chunk's values are no longer read
+    load_chunk(p.k, n);
+    __syncthreads();
+
+    // 1. Score of (my_row, my_key), in log2 units.
+    float s = -INFINITY;
+    if (my_key < n) {
+      const float* qrow = q_sh + my_row * kWideQStride;
+      const uint32_t* krow = kv_sh + my_key * kWideKvWords;
+      float dot = 0.0f;
+      for (int w = 0; w < words; ++w) {
+        const uint32_t x = krow[w];
+        dot = fmaf(qrow[2 * w], __uint_as_float(x << 16), dot);
+        dot = fmaf(qrow[2 * w + 1], __uint_as_float(x & 0xffff0000u), dot);
+      }
+      s = dot;
+    }
+    // 2. Online softmax over the half-warp of my_row.
+    float mx = s;
+#pragma unroll
+    for (int o = kWideKeys / 2; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float m_new = fmaxf(m, mx);  // finite: the chunk has at least one key
+    const float e = my_key < n ? exp2f(s - m_new) : 0.0f;
+    float sum = e;
+#pragma unroll
+    for (int o = kWideKeys / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float alpha = exp2f(m - m_new);  // 0 on the first chunk (m = -inf)
+    l = l * alpha + sum;
+    m = m_new;
+    p_sh[my_row * kWideKeys + my_key] = e;
+    if (my_key == 0) alpha_sh[my_row] = alpha;
+    if (!shared_kv) {
+      __syncthreads();  // every score has read the keys
+      load_chunk(p.v, n);
+    }
+    __syncthreads();
+
+    // 3. acc = acc * alpha + p * v over the chunk's keys.
+#pragma unroll
+    for (int r = 0; r < kWideRows; ++r) {
+      const float a = alpha_sh[r];
+#pragma unroll
+      for (int u = 0; u < kWidePairs; ++u) acc[r][u][0] *= a, acc[r][u][1] *= a;
+    }
+    for (int j = 0; j < n; ++j) {
+      float v[kWidePairs][2];
+#pragma unroll
+      for (int u = 0; u < kWidePairs; ++u) {
+        const int w = tid + kWideThreads * u;
+        const uint32_t x = w < words ? kv_sh[j * kWideKvWords + w] : 0u;
+        v[u][0] = __uint_as_float(x << 16);
+        v[u][1] = __uint_as_float(x & 0xffff0000u);
+      }
+#pragma unroll
+      for (int r = 0; r < kWideRows; ++r) {
+        const float pr = p_sh[r * kWideKeys + j];
+#pragma unroll
+        for (int u = 0; u < kWidePairs; ++u) {
+          acc[r][u][0] = fmaf(pr, v[u][0], acc[r][u][0]);
+          acc[r][u][1] = fmaf(pr, v[u][1], acc[r][u][1]);
+        }
+      }
+    }
+  }
+  if (my_key == 0) l_sh[my_row] = l;  // >= 1: the max key contributes exp2(0)
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kWideRows; ++r) {
+    if (r >= rows) break;
+    const float inv = 1.0f / l_sh[r];
+    float* o = p.out + (static_cast<int64_t>(t) * p.n_heads + h0 + r) * head_dim;
+#pragma unroll
+    for (int u = 0; u < kWidePairs; ++u) {
+      const int w = tid + kWideThreads * u;
+      if (w < words) {
+        o[2 * w] = acc[r][u][0] * inv;
+        o[2 * w + 1] = acc[r][u][1] * inv;
+      }
+    }
+  }
+}
+
 // The scratch area owned by `stream`, or -1 when all are taken.
 int scratch_slot(Stream stream) {
   // One handle naming a different stream on each thread: it cannot own an area.
@@ -575,12 +731,36 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   if (n_q <= 0) return;
   const int64_t head_dim = cache.head_dim;
   const int64_t n_kv = cache.n_kv_heads;
-  if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 256 || n_kv <= 0 || n_heads <= 0 ||
+  if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > kWideMaxDim || n_kv <= 0 || n_heads <= 0 ||
       n_heads % n_kv != 0 || n_heads > INT_MAX / n_q || cache.block_size <= 0 ||
       cache.block_size > INT_MAX || batch.max_pos < 0 || batch.max_pos >= INT_MAX ||
       !aligned(cache.k, 4) || !aligned(cache.v, 4))
     return report_unsupported_shape(stream);
   const int64_t group = n_heads / n_kv;
+  if (head_dim > 256) {
+    const int64_t chunks = (group + kWideRows - 1) / kWideRows;
+    if (n_kv * chunks > 65535) return report_unsupported_shape(stream);
+    AttnParams p{};
+    p.q = q;
+    p.out = out;
+    p.k = cache.k;
+    p.v = cache.v;
+    p.seq = batch.seq;
+    p.pos = batch.pos;
+    p.tables = batch.block_tables;
+    p.max_blocks = batch.max_blocks;
+    p.kv_stride = n_kv * head_dim;
+    p.n_heads = static_cast<int>(n_heads);
+    p.group = static_cast<int>(group);
+    p.row_chunks = static_cast<int>(chunks);
+    p.head_dim = static_cast<int>(head_dim);
+    p.block_size = static_cast<int>(cache.block_size);
+    p.window = window > 0 && window < INT_MAX ? static_cast<int>(window) : 0;
+    p.q_scale = scale * 1.4426950408889634f;  // log2(e): scores in log2 units
+    const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * chunks));
+    wide_attention_kernel<<<grid, kWideThreads, 0, stream>>>(p);
+    return;
+  }
   const int rows = group >= 5 ? 8 : group >= 3 ? 4 : static_cast<int>(group);
   const int64_t row_chunks = (group + rows - 1) / rows;
   if (n_kv * row_chunks > 65535) return report_unsupported_shape(stream);

@@ -77,6 +77,21 @@ std::string Blas::gemm_bf16_out(const uint16_t* x, const uint16_t* w, uint16_t* 
   return impl_->handle.gemm(x, w, y, CUDA_R_16BF, m, n, k, 0.0f);
 }
 
+std::string Blas::gemm_strided_batched(const StridedBatch& b, int64_t m, int64_t n, int64_t k,
+                                       int64_t batch) {
+  if (m == 0 || batch == 0) return {};
+  const float alpha = 1.0f, beta = 0.0f;
+  // Row-major y_b = x_b w_b^T is the column-major y_b^T = w_b^T' x_b^T: w as [n, k] row-major is
+  // column-major k x n (transposed by the op); as [k, n] it is column-major n x k already.
+  const cublasStatus_t s = cublasGemmStridedBatchedEx(
+      impl_->handle.get(), b.w_k_major ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N,
+      static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b.w, CUDA_R_16BF,
+      static_cast<int>(b.ldw), b.w_stride, b.x, CUDA_R_16BF, static_cast<int>(b.ldx), b.x_stride,
+      &beta, b.y, CUDA_R_32F, static_cast<int>(b.ldy), b.y_stride, static_cast<int>(batch),
+      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return detail::blas_error(s, "cublasGemmStridedBatchedEx");
+}
+
 Stream Blas::stream() const {
   return impl_->handle.stream();
 }

@@ -92,6 +92,10 @@ using PinnedBuffer = Buffer<PinnedMemory>;
 
 // Asynchronous copies on `stream` (cudaMemcpyAsync); direction inferred from the pointers.
 void copy(void* dst, const void* src, std::size_t bytes, Stream stream);
+// `rows` rows of `width` bytes, src_pitch bytes apart at src, to dst_pitch bytes apart at dst
+// (cudaMemcpy2DAsync): a column range of a row-major matrix into another's.
+void copy_rows(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+               std::size_t width, std::size_t rows, Stream stream);
 // Fills `bytes` bytes at dst with `value` (cudaMemsetAsync).
 void fill_bytes(void* dst, int value, std::size_t bytes, Stream stream);
 
@@ -237,7 +241,8 @@ void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* sl
 // block_tables is [n_seqs, max_blocks] (row seq[t]). q and out are [n_q, n_heads * head_dim]
 // float32; query head h reads kv head h / (n_heads / n_kv_heads); scores scaled by `scale`;
 // softmax in float32. Covers decode (one query per sequence) and prefill (a chunk of queries per
-// sequence) alike.
+// sequence) alike. head_dim: even, at most 640 (above 256 a simpler kernel without key splits
+// runs: multi-head latent attention's 576-wide rows); k and v may be the same array.
 struct AttentionBatch {
   const int32_t* seq = nullptr;
   const int32_t* pos = nullptr;
@@ -311,6 +316,23 @@ class Blas {
   // The same with a bf16 output.
   std::string gemm_bf16_out(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n,
                             int64_t k);
+  // `batch` products of equal shapes at fixed distances (cublasGemmStridedBatchedEx): for
+  // b < batch, y_b[m, n] = x_b[m, k] * w_b^T with x_b = x + b * x_stride (rows ldx apart),
+  // y_b = y + b * y_stride (rows ldy apart) and w_b = w + b * w_stride, laid out [n, k] (rows
+  // ldw apart: an nn.Linear weight) or, with w_k_major, [k, n] (rows ldw apart: its transpose).
+  // bf16 operands, float32 accumulation and output. Multi-head latent attention's per-head
+  // products with kv_b_proj use it.
+  struct StridedBatch {
+    const uint16_t* x = nullptr;
+    int64_t ldx = 0, x_stride = 0;
+    const uint16_t* w = nullptr;
+    int64_t ldw = 0, w_stride = 0;
+    bool w_k_major = false;
+    float* y = nullptr;
+    int64_t ldy = 0, y_stride = 0;
+  };
+  std::string gemm_strided_batched(const StridedBatch& b, int64_t m, int64_t n, int64_t k,
+                                   int64_t batch);
   Stream stream() const;
 
   struct Impl;

@@ -158,6 +158,12 @@ void copy(void* dst, const void* src, std::size_t bytes, Stream stream) {
   if (bytes) cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream);
 }
 
+void copy_rows(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+               std::size_t width, std::size_t rows, Stream stream) {
+  if (width && rows)
+    cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDefault, stream);
+}
+
 void fill_bytes(void* dst, int value, std::size_t bytes, Stream stream) {
   if (bytes) cudaMemsetAsync(dst, value, bytes, stream);
 }

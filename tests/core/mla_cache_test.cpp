@@ -70,15 +70,6 @@ TEST(MlaCacheSize, DeepseekV3ShapedConfigCachesTheLatentOnly) {
   }
 }
 
-// The GPU backend has no latent attention or grouped routing: a deepseek model asks for the CPU
-// (or, in a build without CUDA, for a CUDA build) instead of loading.
-TEST(MlaDevice, CudaIsRefusedWithAClearError) {
-  Expected<std::unique_ptr<Model>> m = Model::load(fixture("deepseek-v3-tiny"), {.device = "cuda"});
-  ASSERT_FALSE(m);
-  EXPECT_NE(m.error().message().find("cuda"), std::string::npos) << m.error().message();
-  EXPECT_NE(m.error().message().find("--device cpu"), std::string::npos) << m.error().message();
-}
-
 class MlaCache : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(MlaCache, HoldsTheLatentNotExpandedKeysAndValues) {

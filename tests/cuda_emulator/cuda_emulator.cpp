@@ -104,6 +104,13 @@ void copy(void* dst, const void* src, std::size_t bytes, Stream) {
   if (bytes) std::memmove(dst, src, bytes);
 }
 
+void copy_rows(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+               std::size_t width, std::size_t rows, Stream) {
+  for (std::size_t r = 0; r < rows; ++r)
+    std::memmove(static_cast<char*>(dst) + r * dst_pitch,
+                 static_cast<const char*>(src) + r * src_pitch, width);
+}
+
 void fill_bytes(void* dst, int value, std::size_t bytes, Stream) {
   if (bytes) std::memset(dst, value, bytes);
 }
@@ -395,6 +402,23 @@ std::string Blas::gemm_bf16_out(const uint16_t* x, const uint16_t* w, uint16_t* 
   std::vector<float> f(static_cast<std::size_t>(m * n));
   gemm_host(x, w, f.data(), m, n, k, 0.0f);
   for (std::size_t i = 0; i < f.size(); ++i) y[i] = to_bf(f[i]);
+  return {};
+}
+
+std::string Blas::gemm_strided_batched(const StridedBatch& b, int64_t m, int64_t n, int64_t k,
+                                       int64_t batch) {
+  for (int64_t g = 0; g < batch; ++g) {
+    const uint16_t* x = b.x + g * b.x_stride;
+    const uint16_t* w = b.w + g * b.w_stride;
+    float* y = b.y + g * b.y_stride;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        float acc = 0;
+        for (int64_t t = 0; t < k; ++t)
+          acc += bf(x[i * b.ldx + t]) * bf(b.w_k_major ? w[t * b.ldw + j] : w[j * b.ldw + t]);
+        y[i * b.ldy + j] = acc;
+      }
+  }
   return {};
 }
 

@@ -2,8 +2,9 @@
 // with shuffled block tables (every unused slot NaN, so a read outside a sequence shows), and
 // compares every query with the CPU kernel run on that sequence's bf16-rounded keys and values in
 // contiguous order. Covers decode batches of mixed lengths, chunked prefill mixed with decode,
-// GQA ratios 1 to 16, head_dim 6 to 256, block sizes 1 to 32, sliding windows and long contexts
-// (the split path), and shapes no kernel supports.
+// GQA ratios 1 to 16, head_dim 6 to 576, block sizes 1 to 32, sliding windows and long contexts
+// (the split path), keys that are also the values (multi-head latent attention), and shapes no
+// kernel supports.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -51,7 +52,9 @@ struct PagedCache {
   std::vector<uint16_t> cache_k, cache_v;
 };
 
-PagedCache make_cache(const Layout& l, const std::vector<int64_t>& lens, uint32_t seed) {
+// shared_kv: the values are the keys (one array), as multi-head latent attention caches them.
+PagedCache make_cache(const Layout& l, const std::vector<int64_t>& lens, uint32_t seed,
+                      bool shared_kv = false) {
   PagedCache c;
   c.row = l.n_kv * l.head_dim;
   int64_t used_blocks = 0;
@@ -77,7 +80,9 @@ PagedCache make_cache(const Layout& l, const std::vector<int64_t>& lens, uint32_
     for (int64_t b = 0; b * l.block_size < len; ++b) table[b] = physical[next++];
     const auto n = static_cast<std::size_t>(len * c.row);
     c.k.push_back(bf16_round(random_floats(n, seed + 101 * static_cast<uint32_t>(s) + 1)));
-    c.v.push_back(bf16_round(random_floats(n, seed + 101 * static_cast<uint32_t>(s) + 2)));
+    c.v.push_back(shared_kv
+                      ? c.k.back()
+                      : bf16_round(random_floats(n, seed + 101 * static_cast<uint32_t>(s) + 2)));
     for (int64_t p = 0; p < len; ++p) {
       const int64_t slot = int64_t{table[p / l.block_size]} * l.block_size + p % l.block_size;
       for (int64_t i = 0; i < c.row; ++i) {
@@ -100,9 +105,9 @@ struct Query {
 // with kernels::attention. max_pos_slack loosens the host bound max_pos above the largest pos.
 void expect_matches_cpu(const Layout& l, const std::vector<int64_t>& lens,
                         const std::vector<Query>& queries, int64_t window, uint32_t seed,
-                        int64_t max_pos_slack = 0) {
+                        int64_t max_pos_slack = 0, bool shared_kv = false) {
   SCOPED_TRACE(describe(l) + " window=" + std::to_string(window));
-  const PagedCache c = make_cache(l, lens, seed);
+  const PagedCache c = make_cache(l, lens, seed, shared_kv);
   const auto n_q = static_cast<int64_t>(queries.size());
   const int64_t q_row = l.n_heads * l.head_dim;
   const auto q = random_floats(static_cast<std::size_t>(n_q * q_row), seed + 7, -3.0f, 3.0f);
@@ -131,7 +136,8 @@ void expect_matches_cpu(const Layout& l, const std::vector<int64_t>& lens,
   const DeviceBuffer d_pos = upload(pos);
   const DeviceBuffer d_tables = upload(c.tables);
   const DeviceBuffer d_out = poisoned<float>(want.size());
-  const PagedKv cache{d_k.as<uint16_t>(), d_v.as<uint16_t>(), l.block_size, l.n_kv, l.head_dim};
+  const PagedKv cache{d_k.as<uint16_t>(), shared_kv ? d_k.as<uint16_t>() : d_v.as<uint16_t>(),
+                      l.block_size, l.n_kv, l.head_dim};
   AttentionBatch batch;
   batch.seq = d_seq.as<int32_t>();
   batch.pos = d_pos.as<int32_t>();
@@ -204,8 +210,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Layout{16, 1, 64, 16},   // MQA: 16 q heads in two blocks
                       Layout{12, 4, 96, 16},   // GQA 3: a padded row block; generic head_dim
                       Layout{24, 2, 80, 7},    // GQA 12: 8 + 4 q heads; odd block size
-                      Layout{8, 2, 256, 16},   // widest head
-                      Layout{6, 3, 6, 3}),     // tiny head
+                      Layout{8, 2, 256, 16},   // widest head of the main kernel
+                      Layout{6, 3, 6, 3},      // tiny head
+                      Layout{16, 1, 576, 16},  // the wide kernel: MLA's latent row
+                      Layout{20, 2, 320, 7}),  // the wide kernel: GQA 10 (8 + 2 q heads)
     [](const ::testing::TestParamInfo<Layout>& param_info) {
       const Layout& l = param_info.param;
       std::string name = "h";
@@ -222,6 +230,19 @@ TEST(CudaPagedAttention, LongDecodeSplitsTheKeys) {
   expect_matches_cpu({8, 1, 64, 16}, {32000, 5000}, {{1, 4999}, {0, 31999}}, 0, 43);
   // A loose max_pos: most splits of the short sequences see no keys.
   expect_matches_cpu({32, 8, 128, 16}, {3000, 40}, {{0, 2999}, {1, 39}}, 0, 44, 20000);
+}
+
+// Multi-head latent attention's shape: one kv head whose 576-wide rows are keys and values (one
+// array), 16 and 128 q heads (DeepSeek-V3 has 128), decode and a prefill chunk; and the narrow
+// kernel with one array for both.
+TEST(CudaPagedAttention, KeysThatAreTheValues) {
+  MOEMESH_REQUIRE_GPU();
+  const std::vector<int64_t> lens = {5, 700, 33};
+  std::vector<Query> qs = decode_queries(lens, {1, 2, 0});
+  for (int32_t p = 10; p < 33; ++p) qs.push_back({2, p});
+  expect_matches_cpu({16, 1, 576, 16}, lens, qs, 0, 61, 0, true);
+  expect_matches_cpu({128, 1, 576, 64}, lens, decode_queries(lens, {0, 1, 2}), 0, 62, 0, true);
+  expect_matches_cpu({16, 1, 128, 16}, lens, qs, 0, 63, 0, true);
 }
 
 // Enough (query, kv head) pairs to fill the GPU without splitting: each block walks several
@@ -340,7 +361,7 @@ TEST(CudaPagedAttention, UnsupportedShapesAreReported) {
   batch.pos = d_zero.as<int32_t>();
   batch.block_tables = d_zero.as<int32_t>();
   batch.max_blocks = 1;
-  for (const PagedKv& cache : {PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 1, 258},
+  for (const PagedKv& cache : {PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 1, 642},
                                PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 1, 7},
                                PagedKv{buf.as<uint16_t>(), buf.as<uint16_t>(), 16, 3, 64}}) {
     paged_attention(buf.as<float>(), 1, cache, batch, 4, 1.0f, 0, buf.as<float>(), nullptr);

@@ -84,6 +84,52 @@ TEST(CudaBlas, GemmMatchesLinear) {
   }
 }
 
+// Per-head products as multi-head latent attention issues them: x's heads interleaved in rows of
+// tokens, w's heads stacked rows of one matrix, read as [n, k] or as its transpose [k, n].
+TEST(CudaBlas, StridedBatchedGemmMatchesPerHeadLinear) {
+  MOEMESH_REQUIRE_GPU();
+  std::string error;
+  auto blas = Blas::create(nullptr, &error);
+  ASSERT_TRUE(blas) << error;
+  const int64_t m = 5, heads = 3, k = 24, n = 40, pad = 8;  // x rows: heads * (pad + k)
+  const int64_t x_row = heads * (pad + k);
+  const auto x = testing::bf16_round(random_floats(m * x_row, 3));
+  const auto w = to_bf16(random_floats(heads * n * k, 4));  // head h: rows h * n .. [n, k]
+  auto dx = upload(to_bf16(x));
+  auto dw = upload(w);
+  for (bool k_major : {false, true}) {
+    auto dy = poisoned<float>(m * heads * n);
+    Blas::StridedBatch b;
+    b.x = dx.as<uint16_t>() + pad;
+    b.ldx = x_row;
+    b.x_stride = pad + k;
+    b.w = dw.as<uint16_t>();
+    b.ldw = k_major ? n : k;
+    b.w_stride = n * k;
+    b.w_k_major = k_major;
+    b.y = dy.as<float>();
+    b.ldy = heads * n;
+    b.y_stride = n;
+    ASSERT_EQ(blas->gemm_strided_batched(b, m, n, k, heads), "");
+    const auto y = download<float>(dy, m * heads * n);
+    for (int64_t h = 0; h < heads; ++h) {
+      std::vector<float> xh(static_cast<std::size_t>(m * k));
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t i = 0; i < k; ++i) xh[t * k + i] = x[t * x_row + h * (pad + k) + pad + i];
+      // The head's weight as [n, k]: its block read as such, or the transpose of its [k, n] view.
+      std::vector<uint16_t> wh(static_cast<std::size_t>(n * k));
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = 0; i < k; ++i)
+          wh[j * k + i] = k_major ? w[h * n * k + i * n + j] : w[h * n * k + j * k + i];
+      const auto ref = cpu_linear(xh, m, wh, n, k);
+      std::vector<float> yh(static_cast<std::size_t>(m * n));
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = 0; j < n; ++j) yh[t * n + j] = y[t * heads * n + h * n + j];
+      EXPECT_LT(rel_error(yh, ref), 1e-4) << "head " << h << " k_major " << k_major;
+    }
+  }
+}
+
 struct Groups {
   std::vector<int64_t> rows, offsets;
   int64_t total = 0;

@@ -1,0 +1,158 @@
+// Internal: one rank of the GPU forward pass (core/detail/cuda_forward.h), shared by the files
+// that implement it: cuda_forward.cpp (loading, the layer loop, the MoE layer) and cuda_mla.cpp
+// (multi-head latent attention).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/detail/cuda_context.h"
+#include "core/detail/cuda_forward.h"
+#include "core/detail/tensor_parallel.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace moemesh::detail {
+
+namespace cu = kernels::cuda;
+
+// One rank of the forward pass: the whole model on one GPU, or (tensor parallelism) one rank's
+// shard of it (core/detail/tensor_parallel.h) on its GPU. Driven by one thread at a time.
+struct CudaForward::Impl : CudaContext {
+  ModelConfig c;     // what this rank holds: heads, KV heads and MLP widths divided by `ranks`
+  ModelConfig full;  // the whole model's
+  CudaOptions options;
+  int rank = 0, ranks = 1;
+  kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
+  std::unique_ptr<cu::GroupedGemm> grouped;
+
+  // Weights (device).
+  struct Ffn {
+    cu::DeviceBuffer gate_up;  // [2 * inter, hidden]
+    cu::DeviceBuffer down;     // [hidden, inter]
+    int64_t inter = 0;
+  };
+  struct Layer {
+    cu::DeviceBuffer input_norm, post_norm;
+    cu::DeviceBuffer q, k, v, o;
+    cu::DeviceBuffer q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
+    // Multi-head latent attention (c.mla): q holds q_proj, or q_a -> q_a_norm -> q_b; kv_a is
+    // kv_a_proj_with_mqa, kv_b this rank's heads of kv_b_proj. The rotary rows of q / q_b and
+    // kv_a are de-interleaved (rope_interleave) and scaled by the YaRN attention factor at upload.
+    cu::DeviceBuffer q_a, q_a_bias, q_a_norm, q_b, kv_a, kv_a_bias, kv_a_norm, kv_b;
+    bool moe = false;
+    cu::DeviceBuffer router, router_bias;
+    cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden] bf16, or FP8 E4M3 codes
+    cu::DeviceBuffer experts_down;     // [E, hidden, inter] likewise
+    bool experts_fp8 = false;          // FP8 codes with 128x128 block scales (fp8_expert_refusal)
+    cu::DeviceBuffer experts_gate_up_scale, experts_down_scale;  // [E, blocks] float32 (FP8 only)
+    std::vector<cu::GroupWeight> gate_up_groups, down_groups;
+    bool shared = false;
+    Ffn shared_expert;
+    cu::DeviceBuffer shared_gate;  // [1, hidden]
+    Ffn mlp;
+  };
+  cu::DeviceBuffer embed, lm_head_own, final_norm, inv_freq;
+  const uint16_t* lm_head = nullptr;
+  std::vector<Layer> layers;
+  bool routed_experts = false;
+  int64_t weight_bytes = 0;
+
+  // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16; with multi-head latent
+  // attention one plane per layer, [layers][blocks][block_size][latent + rotary key].
+  cu::DeviceBuffer kv;
+  int64_t num_blocks = 0;
+  int64_t kv_planes() const { return c.mla ? 1 : 2; }
+  int64_t kv_row() const { return c.mla ? c.mla->cache_row() : c.num_kv_heads * c.head_dim; }
+  // Widths of a token's queries and attention output over this rank's heads.
+  int64_t q_width() const { return c.num_heads * (c.mla ? c.mla->qk_head_dim() : c.head_dim); }
+  int64_t attn_width() const { return c.num_heads * (c.mla ? c.mla->v_head_dim : c.head_dim); }
+
+  // Scratch, grown on demand.
+  cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
+      counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
+      logits, sum_squares;
+  cu::DeviceBuffer mla_qa, mla_qa_bf16, mla_ckv, mla_latent, mla_q_abs, mla_lat, mla_bf16;
+  cu::PinnedBuffer counts_host, stage_x, stage_ids, stage_w, stage_out;
+  std::vector<int32_t> meta_host;
+  std::vector<int64_t> rows, offs;
+
+  Status upload(cu::DeviceBuffer& dst, const void* src, std::size_t bytes) {
+    if (Status s = ensure(dst, bytes); !s) return s;
+    cu::copy(dst.data(), src, bytes, stream);
+    weight_bytes += static_cast<int64_t>(bytes);
+    return {};
+  }
+  Status upload_f32(cu::DeviceBuffer& dst, const std::vector<float>& values) {
+    if (values.empty()) return {};
+    return upload(dst, values.data(), values.size() * sizeof(float));
+  }
+  Status upload_bf16(cu::DeviceBuffer& dst, const std::vector<uint16_t>& values) {
+    Status s = upload(dst, values.data(), values.size() * 2);
+    // The copy reads `values` on the stream: finish it before the caller frees them.
+    if (s) s = from(cu::synchronize(stream, "uploading weights"));
+    return s;
+  }
+  // This rank's rows or columns of w (all of it with one rank).
+  Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w, Split split) {
+    return upload_bf16(dst, shard_bf16(w, split, rank, ranks));
+  }
+  // All of w, on every rank.
+  Status upload_whole(cu::DeviceBuffer& dst, const kernels::WeightView& w) {
+    return upload_bf16(dst, shard_bf16(w, Split::Rows, 0, 1));
+  }
+  // gate and up: this rank's rows, one [2 * inter, hidden] tensor; down: the matching columns.
+  static std::vector<uint16_t> gate_up_rows(const kernels::FfnWeights& w, int rank, int ranks) {
+    std::vector<uint16_t> gu = shard_bf16(w.gate, Split::Rows, rank, ranks);
+    const std::vector<uint16_t> up = shard_bf16(w.up, Split::Rows, rank, ranks);
+    gu.insert(gu.end(), up.begin(), up.end());
+    return gu;
+  }
+  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w) {
+    f.inter = w.gate.rows / ranks;
+    if (Status s = upload_bf16(f.gate_up, gate_up_rows(w, rank, ranks)); !s) return s;
+    return upload_matrix(f.down, w.down, Split::Cols);
+  }
+
+  Status load(const ModelWeights& w);
+  // Multi-head latent attention's weights of layer L into D (cuda_mla.cpp).
+  Status load_mla(Layer& D, const LayerWeights& L);
+  struct Step {
+    const int32_t* pos;   // device [n]
+    const int32_t* slot;  // device [n]
+    cu::AttentionBatch batch;
+  };
+  // The attention of n tokens (xn bf16 in, this rank's part of o's product into `out`), caching
+  // their keys and values: grouped-query attention here, multi-head latent attention there.
+  Status attention(int64_t l, int64_t n, const Step& step, float* out);
+  Status mla_attention(int64_t l, int64_t n, const Step& step, float* out);
+  // Layer l's routed experts, in FP8 when every one can stay FP8 (fp8_expert_refusal), else bf16.
+  Status upload_experts(Layer& D, const std::vector<kernels::FfnWeights>& experts, std::size_t l);
+  Status upload_experts_fp8(Layer& D, const std::vector<kernels::FfnWeights>& experts);
+  bool fp8_fallback_logged = false;
+
+  // The MoE layer's input rows (xn bf16, xn_f32) for a backend that sends them from device
+  // memory: one message buffer per destination slot, assembled on this rank's stream.
+  struct Rows : DeviceRows {
+    Impl* m = nullptr;
+    std::vector<cu::DeviceBuffer> messages;
+    cu::DeviceBuffer tokens;
+    cu::PinnedBuffer head_host, tokens_host;
+    Expected<const void*> assemble(int slot, const void* head, std::size_t head_bytes,
+                                   std::span<const int32_t> rows, bool bf16) override;
+    bool cuda_memory() const override { return !cu::device_memory_is_host(); }
+  } device_rows;
+  Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
+  Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
+  Status ffn_dense(const Ffn& f, int64_t n, float* out);
+  // Sums `count` floats at `data` over the ranks (nothing with one rank).
+  Status all_reduce(float* data, int64_t count) {
+    return group ? from(group->all_reduce_sum(data, count, stream)) : Status{};
+  }
+  // q and k normalised over all of their features (QkNorm::Full), each rank holding a part.
+  void full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s);
+};
+
+}  // namespace moemesh::detail
