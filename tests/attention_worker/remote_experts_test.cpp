@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -484,6 +485,104 @@ TEST_F(RemoteExpertsTest, Bf16WireGivesTheSameLogitsWithAndWithoutBf16Views) {
   ASSERT_EQ(runs[0].size(), runs[1].size());
   for (std::size_t i = 0; i < runs[0].size(); ++i)
     EXPECT_EQ(runs[0][i], runs[1][i]) << "step " << i;
+}
+
+// Rows laid out by the model where they are (RemoteExperts::start_device): host memory here, one
+// buffer per slot, rewritten in place when big enough (as the GPU forward pass reuses its
+// buffers) and grown otherwise (freeing the old one). Every row value is `value`.
+struct SlotRows : DeviceRows {
+  int64_t hidden = 0;
+  float value = 0.0f;
+  std::vector<int> slots;  // asked for, in order
+  std::vector<std::vector<char>> buffers;
+  Expected<const void*> assemble(int slot, const void* head, std::size_t head_bytes,
+                                 std::span<const int32_t> tokens, bool bf16) override {
+    EXPECT_FALSE(bf16);
+    slots.push_back(slot);
+    if (buffers.size() <= static_cast<std::size_t>(slot)) buffers.resize(slot + 1);
+    std::vector<char>& b = buffers[static_cast<std::size_t>(slot)];
+    const std::size_t bytes = head_bytes + tokens.size() * static_cast<std::size_t>(hidden) * 4;
+    if (b.size() < bytes) b = std::vector<char>(bytes);
+    std::memcpy(b.data(), head, head_bytes);
+    std::fill_n(reinterpret_cast<float*>(b.data() + head_bytes),
+                tokens.size() * static_cast<std::size_t>(hidden), value);
+    return static_cast<const void*>(b.data());
+  }
+  bool cuda_memory() const override { return false; }
+};
+
+// A message the data plane may still be reading is not rewritten: a worker that stalls leaves a
+// large (rendezvous) message in flight after its round timed out, and the next message to it goes
+// to another buffer; each arrives whole once the worker reads again.
+TEST(RemoteExpertsDeviceRows, AMessageInFlightIsNotRewritten) {
+  ModelConfig c;
+  c.hidden_size = 2048;
+  c.num_layers = 3;
+  c.layer_is_moe = {true, true, true};
+  c.num_experts = 2;
+  c.top_k = 1;
+  std::atomic<bool> first{true};
+  std::atomic<int> seen[3] = {0, 0, 0};
+  std::atomic<int64_t> bad[3] = {0, 0, 0};
+  auto server =
+      transport::DispatchServer::start(data_plane(), [&](std::span<transport::Dispatch> batch) {
+        for (transport::Dispatch& d : batch) {
+          // The first message stalls the worker: it reads nothing for 1.5 s.
+          if (first.exchange(false)) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+          const float want = static_cast<float>(d.layer + 1);
+          for (int64_t i = 0; i < d.n_tokens * d.hidden; ++i) bad[d.layer] += d.x[i] != want;
+          ++seen[d.layer];
+        }
+      });
+  ASSERT_TRUE(server) << server.error().message();
+  RemoteExpertsOptions o;
+  o.data_plane = data_plane();
+  o.timeout = std::chrono::milliseconds(300);
+  auto remote = RemoteExperts::create(c, o);
+  ASSERT_TRUE(remote) << remote.error().message();
+  ASSERT_TRUE((*remote)->takes_device_rows(false));
+  proto::Placement p;
+  p.set_version(1);
+  proto::ExpertWorkerAddress* a = p.add_workers();
+  a->set_worker_id(1);
+  a->set_name("expert-1");
+  a->set_data_address((*server)->address());
+  for (int32_t l = 0; l < 3; ++l) {
+    proto::LayerPlacement* lp = p.add_layers();
+    lp->set_layer(l);
+    for (int e = 0; e < 2; ++e) lp->add_experts()->add_workers(1);
+  }
+  (*remote)->set_placement(p);
+
+  SlotRows rows;
+  rows.hidden = c.hidden_size;
+  // Layer l's rows are all l + 1. One token stalls the worker; then 1024 tokens (8 MiB:
+  // rendezvous, which waits for the worker) twice. Each round times out.
+  auto round = [&](int64_t layer, int64_t n) {
+    rows.value = static_cast<float>(layer + 1);
+    const std::vector<int32_t> ids(static_cast<std::size_t>(n), 0);
+    const std::vector<float> w(static_cast<std::size_t>(n), 1.0f);
+    std::vector<float> out(static_cast<std::size_t>(n * c.hidden_size));
+    Status s = (*remote)->start_device(layer, rows, n, ids.data(), w.data(), 1, out.data());
+    return s ? (*remote)->finish() : s;
+  };
+  EXPECT_FALSE(round(0, 1));
+  EXPECT_FALSE(round(1, 1024));
+  EXPECT_FALSE(round(2, 1024));
+  // The first message had been read: its buffer took the second; the second was still in
+  // flight: the third took another buffer.
+  EXPECT_EQ(rows.slots, (std::vector<int>{0, 0, 1}));
+
+  // Once the worker reads again, both large messages arrive as they were sent (small rounds keep
+  // the client's sends moving).
+  const auto deadline = Clock::now() + std::chrono::seconds(15);
+  while ((seen[1] == 0 || seen[2] == 0) && Clock::now() < deadline) (void)round(0, 1);
+  EXPECT_EQ(seen[1].load(), 1);
+  EXPECT_EQ(seen[2].load(), 1);
+  EXPECT_EQ(bad[1].load(), 0);
+  EXPECT_EQ(bad[2].load(), 0);
+  EXPECT_EQ(bad[0].load(), 0);
+  EXPECT_GT((*remote)->stats().device_dispatches_total(), 3u);
 }
 
 }  // namespace
