@@ -152,7 +152,8 @@ bool device_rows_expected() {
 TEST(RemoteExpertsOnGpu, RowsSentFromDeviceMemoryGiveTheStagedResult) {
   MOEMESH_REQUIRE_GPU();
   const bool expected = device_rows_expected();
-  for (const char* name : {"qwen2moe-bf16", "mixtral-tiny"}) {
+  // deepseek-v3-bf16: latent attention and the grouped router in front of the remote experts.
+  for (const char* name : {"qwen2moe-bf16", "mixtral-tiny", "deepseek-v3-bf16"}) {
     const ModelConfig c = *load_model_config(fixture(name));
     Worker worker(fixture(name), c);
     ASSERT_TRUE(worker.server);
