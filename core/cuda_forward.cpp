@@ -64,8 +64,9 @@ std::string CudaForward::description() const {
   const Impl& m = *ranks_[0];
   std::string tp;
   if (ranks_.size() > 1 || !group_.empty()) {
-    tp = fmt::format(" tensor_parallel={} collective={} devices=", ranks_.size(),
-                     group_.front()->kind());
+    tp = fmt::format(" tensor_parallel={} collective={} lm_head={} devices=", ranks_.size(),
+                     group_.front()->kind(),
+                     m.vocab_count == m.c.vocab_size ? "rank0" : "vocab-parallel");
     for (std::size_t r = 0; r < ranks_.size(); ++r)
       tp += fmt::format("{}{}", r ? "," : "", ranks_[r]->device);
   }
@@ -199,13 +200,19 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
 }
 
 Status CudaForward::Impl::load(const ModelWeights& w) {
-  // What every rank holds whole: embeddings, norms, routers, the shared expert's gate; the LM
-  // head only where logits are computed (rank 0).
+  // What every rank holds whole: embeddings, norms, routers, the shared expert's gate. The LM
+  // head's rows are split over the ranks when they divide the vocabulary (vocab_first,
+  // vocab_count), else rank 0 holds all of them.
   if (Status s = upload_whole(embed, w.embed); !s) return s;
+  const int64_t V = c.vocab_size;
+  const int64_t H = c.hidden_size;
+  vocab_count = ranks > 1 && V % ranks == 0 ? V / ranks : rank == 0 ? V : 0;
+  vocab_first = vocab_count == V ? 0 : rank * vocab_count;
   if (w.lm_head.data == w.embed.data) {
-    lm_head = embed.as<uint16_t>();
-  } else if (rank == 0) {
-    if (Status s = upload_whole(lm_head_own, w.lm_head); !s) return s;
+    lm_head = embed.as<uint16_t>() + vocab_first * H;
+  } else if (vocab_count > 0) {
+    if (Status s = upload_bf16(lm_head_own, rows_bf16(w.lm_head, vocab_first, vocab_count)); !s)
+      return s;
     lm_head = lm_head_own.as<uint16_t>();
   }
   if (Status s = upload_f32(final_norm, w.final_norm); !s) return s;
@@ -676,7 +683,7 @@ Status CudaForward::forward(std::span<const Segment> segments, std::span<const i
   std::vector<std::thread> threads;
   for (std::size_t r = 1; r < ranks_.size(); ++r)
     threads.emplace_back([&, r] {
-      status[r] = run_rank(*ranks_[r], segments, tokens, nullptr, remote, {}, unused[r]);
+      status[r] = run_rank(*ranks_[r], segments, tokens, nullptr, remote, logit_rows, unused[r]);
       if (!status[r]) group_[r]->abort();
     });
   status[0] = run_rank(*ranks_[0], segments, tokens, external, remote, logit_rows, logits);
@@ -766,7 +773,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
     return deferred;
   }
 
-  if (logit_rows.empty() || m.rank > 0) {
+  if (logit_rows.empty() || m.vocab_count == 0) {
     logits.clear();
     return from(cu::synchronize(m.stream, "forward pass"));
   }
@@ -782,12 +789,29 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
     cu::moe_gather(xn, m.row_of_slot.as<int32_t>(), rows, 1, H, m.xe.as<uint16_t>(), m.stream);
     head_in = m.xe.as<uint16_t>();
   }
-  if (Status s = ensure(m.logits, static_cast<std::size_t>(rows * c.vocab_size * 4)); !s) return s;
-  if (Status s =
-          from(m.blas->gemm(head_in, m.lm_head, m.logits.as<float>(), rows, c.vocab_size, H));
-      !s)
-    return s;
-  logits.resize(static_cast<std::size_t>(rows * c.vocab_size));
+  const int64_t V = c.vocab_size;
+  if (Status s = ensure(m.logits, static_cast<std::size_t>(rows * V * 4)); !s) return s;
+  if (m.vocab_count == V) {
+    if (Status s = from(m.blas->gemm(head_in, m.lm_head, m.logits.as<float>(), rows, V, H)); !s)
+      return s;
+  } else {
+    // Vocabulary-parallel: this rank's columns of zeroed [rows, V] logits, summed over the ranks.
+    cu::fill_bytes(m.logits.data(), 0, static_cast<std::size_t>(rows * V * 4), m.stream);
+    cu::Blas::StridedBatch b;
+    b.x = head_in;
+    b.ldx = H;
+    b.w = m.lm_head;
+    b.ldw = H;
+    b.y = m.logits.as<float>() + m.vocab_first;
+    b.ldy = V;
+    if (Status s = from(m.blas->gemm_strided_batched(b, rows, m.vocab_count, H, 1)); !s) return s;
+    if (Status s = m.all_reduce(m.logits.as<float>(), rows * V); !s) return s;
+    if (m.rank > 0) {
+      logits.clear();
+      return from(cu::synchronize(m.stream, "forward pass"));
+    }
+  }
+  logits.resize(static_cast<std::size_t>(rows * V));
   cu::copy(logits.data(), m.logits.data(), logits.size() * 4, m.stream);
   return from(cu::synchronize(m.stream, "forward pass"));
 }

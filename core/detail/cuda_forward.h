@@ -16,7 +16,9 @@
 // Tensor parallelism (CudaOptions::tensor_parallel N > 1): N ranks each hold a shard of the model
 // (core/detail/tensor_parallel.h) on their own GPU (devices device .. device + N - 1) and add
 // their partial results with NCCL after each layer's attention and MLP; a forward call runs rank
-// 0 on the calling thread and the others on a thread each, and rank 0 computes the logits. The
+// 0 on the calling thread and the others on a thread each; each rank computes the logits of its
+// rows of the LM head when the ranks divide the vocabulary (an all-reduce assembles them on rank
+// 0), else rank 0 computes all of them. The
 // KV pool's block ids are the same on every rank (each holds its KV heads of a block). An expert
 // backend is driven by rank 0 alone.
 //

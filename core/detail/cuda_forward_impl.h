@@ -55,7 +55,8 @@ struct CudaForward::Impl : CudaContext {
     Ffn mlp;
   };
   cu::DeviceBuffer embed, lm_head_own, final_norm, inv_freq;
-  const uint16_t* lm_head = nullptr;
+  const uint16_t* lm_head = nullptr;  // this rank's rows of it: [vocab_first, + vocab_count)
+  int64_t vocab_first = 0, vocab_count = 0;
   std::vector<Layer> layers;
   bool routed_experts = false;
   int64_t weight_bytes = 0;

@@ -365,6 +365,11 @@ TEST_P(CudaModelTensorParallel, RanksOnOneGpuComputeWhatOneRankComputes) {
     EXPECT_NE((*tp)->device_description().find("tensor_parallel=" + std::to_string(size)),
               std::string::npos)
         << (*tp)->device_description();
+    // The LM head is split by vocabulary rows where the ranks divide the vocabulary.
+    const bool split = c.vocab_size % size == 0;
+    EXPECT_NE((*tp)->device_description().find(split ? "lm_head=vocab-parallel" : "lm_head=rank0"),
+              std::string::npos)
+        << (*tp)->device_description();
     expect_same_as_one_rank(GetParam(), **tp, **one);
   }
 }
