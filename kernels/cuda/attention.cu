@@ -515,7 +515,8 @@ __global__ void __launch_bounds__(kMergeThreads)
 //   2. softmax: the kWideKeys threads of a q head are one half-warp, reducing by shuffles;
 //   3. values: thread i accumulates dims 2 * (i + kWideThreads * u) + {0, 1} of every q head.
 // When k and v are the same array (MLA) the chunk loaded for the scores serves the values too.
-// No key splits: long decode contexts run one block per (query, head group).
+// Few blocks (decode at small batches) split the keys as the main kernel does: each split writes
+// its unnormalised partial to the same scratch and merge_splits_kernel combines them.
 constexpr int kWideThreads = 128;
 constexpr int kWideRows = 8;
 constexpr int kWideKeys = kWideThreads / kWideRows;  // 16: a half-warp per q head
@@ -532,17 +533,24 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
   __shared__ float p_sh[kWideRows * kWideKeys];
   __shared__ float alpha_sh[kWideRows];
   __shared__ float l_sh[kWideRows];
+  __shared__ float m_sh[kWideRows];
   __shared__ int32_t slot_sh[kWideKeys];
 
   const int t = blockIdx.x;
   const int kvh = blockIdx.y / p.row_chunks;
   const int row_chunk = blockIdx.y % p.row_chunks;
+  const int split = blockIdx.z;
   const int h0 = kvh * p.group + row_chunk * kWideRows;
   const int rows = min(kWideRows, p.group - row_chunk * kWideRows);
   const int head_dim = p.head_dim;
   const int words = head_dim / 2;
   const int qpos = p.pos[t];
   const int first_key = p.window > 0 ? max(0, qpos - p.window + 1) : 0;
+  const int kb = first_key + split * p.split_len;
+  if (kb > qpos) return;  // a split past this query's keys (block-uniform, before any barrier)
+  // The last split also takes any keys beyond splits * split_len.
+  const int ke =
+      (split == p.splits - 1 || qpos + 1 - kb <= p.split_len) ? qpos + 1 : kb + p.split_len;
   const int tid = threadIdx.x;
   const int my_row = tid / kWideKeys;
   const int my_key = tid % kWideKeys;
@@ -575,8 +583,8 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
 #pragma unroll
     for (int u = 0; u < kWidePairs; ++u) acc[r][u][0] = acc[r][u][1] = 0.0f;
 
-  for (int c0 = first_key; c0 <= qpos; c0 += kWideKeys) {
-    const int n = min(kWideKeys, qpos + 1 - c0);
+  for (int c0 = kb; c0 < ke; c0 += kWideKeys) {
+    const int n = min(kWideKeys, ke - c0);
     if (tid < n) {
       const int key = c0 + tid;
       slot_sh[tid] = table[key / p.block_size] * p.block_size + key % p.block_size;
@@ -645,13 +653,19 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
       }
     }
   }
-  if (my_key == 0) l_sh[my_row] = l;  // >= 1: the max key contributes exp2(0)
+  if (my_key == 0) {
+    l_sh[my_row] = l;  // >= 1: the max key contributes exp2(0)
+    m_sh[my_row] = m;
+  }
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r) {
     if (r >= rows) break;
-    const float inv = 1.0f / l_sh[r];
-    float* o = p.out + (static_cast<int64_t>(t) * p.n_heads + h0 + r) * head_dim;
+    const int64_t row = static_cast<int64_t>(t) * p.n_heads + h0 + r;
+    // One split: the output. Several: this split's unnormalised sums and its (max, sum).
+    const float inv = p.splits == 1 ? 1.0f / l_sh[r] : 1.0f;
+    float* o = p.splits == 1 ? p.out + row * head_dim
+                             : g_split_acc[p.slot] + (row * p.splits + split) * head_dim;
 #pragma unroll
     for (int u = 0; u < kWidePairs; ++u) {
       const int w = tid + kWideThreads * u;
@@ -660,6 +674,8 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
         o[2 * w + 1] = acc[r][u][1] * inv;
       }
     }
+    if (p.splits > 1 && tid == 0)
+      g_split_ml[p.slot][row * p.splits + split] = make_float2(m_sh[r], l_sh[r]);
   }
 }
 
@@ -687,6 +703,27 @@ int sm_count() {
     return 108;
   }
   return sms;
+}
+
+// How many key splits `blocks` blocks of q_rows query rows take (1 when they fill the GPU, the
+// keys are few, or no scratch area is free), their length, and the scratch area they write.
+void plan_splits(int64_t blocks, int64_t q_rows, int64_t head_dim, int64_t window, int64_t max_pos,
+                 Stream stream, int64_t* splits, int64_t* split_len, int* slot) {
+  const int64_t max_len = window > 0 ? std::min(max_pos + 1, window) : max_pos + 1;
+  const int64_t target = int64_t{4} * sm_count();
+  *splits = 1;
+  *split_len = INT_MAX;
+  *slot = -1;
+  if (blocks >= target || max_len < 2 * kMinSplitKeys) return;
+  int64_t n =
+      std::min<int64_t>({(target + blocks - 1) / blocks, max_len / kMinSplitKeys, kMaxSplits,
+                         kSlotRows / q_rows, kSlotFloats / (q_rows * head_dim)});
+  if (n >= 2) *slot = scratch_slot(stream);
+  if (*slot < 0) return;
+  int64_t len = (max_len + n - 1) / n;
+  len = (len + 31) / 32 * 32;
+  *splits = (max_len + len - 1) / len;
+  *split_len = len;
 }
 
 template <int kHeadDim, int kRows>
@@ -740,6 +777,11 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   if (head_dim > 256) {
     const int64_t chunks = (group + kWideRows - 1) / kWideRows;
     if (n_kv * chunks > 65535) return report_unsupported_shape(stream);
+    int64_t splits = 1;
+    int64_t split_len = INT_MAX;
+    int slot = -1;
+    plan_splits(n_q * n_kv * chunks, n_q * n_heads, head_dim, window, batch.max_pos, stream,
+                &splits, &split_len, &slot);
     AttnParams p{};
     p.q = q;
     p.out = out;
@@ -757,8 +799,15 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
     p.block_size = static_cast<int>(cache.block_size);
     p.window = window > 0 && window < INT_MAX ? static_cast<int>(window) : 0;
     p.q_scale = scale * 1.4426950408889634f;  // log2(e): scores in log2 units
-    const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * chunks));
+    p.splits = static_cast<int>(splits);
+    p.split_len = static_cast<int>(split_len);
+    p.slot = slot;
+    const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * chunks),
+                    static_cast<unsigned>(splits));
     wide_attention_kernel<<<grid, kWideThreads, 0, stream>>>(p);
+    if (splits > 1)
+      merge_splits_kernel<<<static_cast<unsigned>(n_q * n_heads), kMergeThreads, 0, stream>>>(
+          batch.pos, p.n_heads, p.head_dim, p.window, p.splits, p.split_len, slot, out);
     return;
   }
   const int rows = group >= 5 ? 8 : group >= 3 ? 4 : static_cast<int>(group);
@@ -766,24 +815,12 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   if (n_kv * row_chunks > 65535) return report_unsupported_shape(stream);
 
   // Split the keys when the (query, kv head, row chunk) blocks alone cannot fill the GPU.
-  const int64_t max_len = window > 0 ? std::min(batch.max_pos + 1, window) : batch.max_pos + 1;
-  const int64_t blocks = n_q * n_kv * row_chunks;
-  const int64_t target = int64_t{4} * sm_count();
   const int64_t q_rows = n_q * n_heads;
   int64_t splits = 1;
   int64_t split_len = INT_MAX;
   int slot = -1;
-  if (blocks < target && max_len >= 2 * kMinSplitKeys) {
-    splits = std::min<int64_t>({(target + blocks - 1) / blocks, max_len / kMinSplitKeys, kMaxSplits,
-                                kSlotRows / q_rows, kSlotFloats / (q_rows * head_dim)});
-    if (splits >= 2) slot = scratch_slot(stream);
-    if (slot < 0) splits = 1;
-  }
-  if (splits > 1) {
-    split_len = (max_len + splits - 1) / splits;
-    split_len = (split_len + 31) / 32 * 32;
-    splits = (max_len + split_len - 1) / split_len;
-  }
+  plan_splits(n_q * n_kv * row_chunks, q_rows, head_dim, window, batch.max_pos, stream, &splits,
+              &split_len, &slot);
 
   AttnParams p{};
   p.q = q;

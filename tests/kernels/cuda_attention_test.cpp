@@ -230,6 +230,10 @@ TEST(CudaPagedAttention, LongDecodeSplitsTheKeys) {
   expect_matches_cpu({8, 1, 64, 16}, {32000, 5000}, {{1, 4999}, {0, 31999}}, 0, 43);
   // A loose max_pos: most splits of the short sequences see no keys.
   expect_matches_cpu({32, 8, 128, 16}, {3000, 40}, {{0, 2999}, {1, 39}}, 0, 44, 20000);
+  // The wide kernel (latent attention's rows, keys that are the values) splits too.
+  expect_matches_cpu({16, 1, 576, 16}, {8192}, {{0, 8191}}, 0, 45, 0, true);
+  expect_matches_cpu({128, 1, 576, 64}, {3000, 40}, {{0, 2999}, {1, 39}}, 0, 46, 20000, true);
+  expect_matches_cpu({20, 2, 320, 16}, {5000}, {{0, 4999}}, 700, 47);
 }
 
 // Multi-head latent attention's shape: one kv head whose 576-wide rows are keys and values (one
