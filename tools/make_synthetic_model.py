@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes a synthetic qwen3_moe checkpoint of a chosen shape (random BF16 weights) for benchmarks.
+"""Writes a synthetic qwen3_moe (or deepseek_v2) checkpoint of a chosen shape (random BF16 weights).
 
 The weights are random (seeded), so the text is gibberish; the shapes, tensor names and file
 layout are those of a Hugging Face qwen3_moe checkpoint, and the demo model's tokenizer is copied
@@ -8,13 +8,19 @@ other model. Needs only numpy (the project's .venv); with --generator torch the 
 come from PyTorch (on the GPU when there is one), which writes the 13.8 GB olmoe preset in seconds
 where numpy takes minutes.
 
-    .venv/bin/python tools/make_synthetic_model.py OUT_DIR [--preset olmoe|medium|small]
+    .venv/bin/python tools/make_synthetic_model.py OUT_DIR
+        [--preset olmoe|medium|small|deepseek-v2-lite]
         [--hidden N] [--layers N] [--experts N] [--top-k N] [--moe-intermediate N] [--heads N]
         [--kv-heads N] [--seed S] [--generator numpy|torch]
 
 Presets: olmoe (OLMoE-1B-7B shapes: hidden 2048, 16 layers, 64 experts, top 8, expert width
 1024 -- 6.9 B parameters, 13.8 GB), medium (hidden 1024, 8 layers, 32 experts, top 4, width 512 --
-about 0.4 B parameters), small (hidden 512, 4 layers, 16 experts, top 2, width 512).
+about 0.4 B parameters), small (hidden 512, 4 layers, 16 experts, top 2, width 512), and
+deepseek-v2-lite (a deepseek_v2 checkpoint of DeepSeek-V2-Lite's shapes: hidden 2048, 27 layers of
+which the first is dense, 16 heads of multi-head latent attention with a 512-wide latent and 64-wide
+rotary key, no low-rank q, 64 experts of width 1408, top 6, 2 shared experts, YaRN rotary scaling;
+15.3 B parameters with the demo vocabulary, 30.6 GB at 27 layers, 3.7 GB at 4, 1.17 GB per MoE
+layer).
 """
 import argparse
 import json
@@ -35,7 +41,33 @@ PRESETS = {
                    kv_heads=4),
     "small": dict(hidden=512, layers=4, experts=16, top_k=2, moe_intermediate=512, heads=8,
                   kv_heads=4),
+    "deepseek-v2-lite": dict(hidden=2048, layers=27, experts=64, top_k=6, moe_intermediate=1408,
+                             heads=16, kv_heads=16, family="deepseek_v2", kv_lora=512, rope=64,
+                             nope=128, v_head=128, shared=2, dense_intermediate=10944),
 }
+
+
+def deepseek_config(shape, vocab, demo):
+    """config.json of a deepseek_v2 model of `shape` (DeepSeek-V2-Lite's settings otherwise)."""
+    return {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "vocab_size": vocab, "hidden_size": shape["hidden"], "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"], "num_key_value_heads": shape["heads"],
+        "head_dim": shape["rope"], "q_lora_rank": None, "kv_lora_rank": shape["kv_lora"],
+        "qk_nope_head_dim": shape["nope"], "qk_rope_head_dim": shape["rope"],
+        "v_head_dim": shape["v_head"], "intermediate_size": shape["dense_intermediate"],
+        "moe_intermediate_size": shape["moe_intermediate"], "n_routed_experts": shape["experts"],
+        "num_experts_per_tok": shape["top_k"], "n_shared_experts": shape["shared"],
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "n_group": 1,
+        "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax", "attention_bias": False, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 163840, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                         "mscale_all_dim": 0.707},
+        "tie_word_embeddings": False, "bos_token_id": demo.get("bos_token_id"),
+        "eos_token_id": demo.get("eos_token_id"),
+    }
 
 
 def bf16_bytes(a):
@@ -43,6 +75,35 @@ def bf16_bytes(a):
     u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
     return rounded.astype(np.uint16).tobytes()
+
+
+def add_deepseek_layers(shape, add):
+    """The tensors of deepseek_v2's layers: latent attention, a dense first layer, then MoE."""
+    H, heads = shape["hidden"], shape["heads"]
+    lora, rope, nope, vd = shape["kv_lora"], shape["rope"], shape["nope"], shape["v_head"]
+    E, I, S = shape["experts"], shape["moe_intermediate"], shape["shared"]
+
+    def ffn(prefix, inter):
+        add(prefix + "gate_proj.weight", [inter, H], H ** -0.5)
+        add(prefix + "up_proj.weight", [inter, H], H ** -0.5)
+        add(prefix + "down_proj.weight", [H, inter], inter ** -0.5)
+
+    for l in range(shape["layers"]):
+        p = f"model.layers.{l}."
+        add(p + "input_layernorm.weight", [H], None)
+        add(p + "post_attention_layernorm.weight", [H], None)
+        add(p + "self_attn.q_proj.weight", [heads * (nope + rope), H], H ** -0.5)
+        add(p + "self_attn.kv_a_proj_with_mqa.weight", [lora + rope, H], H ** -0.5)
+        add(p + "self_attn.kv_a_layernorm.weight", [lora], None)
+        add(p + "self_attn.kv_b_proj.weight", [heads * (nope + vd), lora], lora ** -0.5)
+        add(p + "self_attn.o_proj.weight", [H, heads * vd], (heads * vd) ** -0.5)
+        if l == 0:
+            ffn(p + "mlp.", shape["dense_intermediate"])
+            continue
+        add(p + "mlp.gate.weight", [E, H], H ** -0.5)
+        for e in range(E):
+            ffn(f"{p}mlp.experts.{e}.", I)
+        ffn(p + "mlp.shared_experts.", S * I)
 
 
 def main():
@@ -56,7 +117,7 @@ def main():
     a = ap.parse_args()
     shape = dict(PRESETS[a.preset])
     for k in shape:
-        if getattr(a, k) is not None:
+        if getattr(a, k, None) is not None:
             shape[k] = getattr(a, k)
     H, L, E, I = shape["hidden"], shape["layers"], shape["experts"], shape["moe_intermediate"]
     heads, kv_heads = shape["heads"], shape["kv_heads"]
@@ -64,12 +125,16 @@ def main():
 
     config = json.loads((DEMO / "config.json").read_text())
     vocab = config["vocab_size"]
-    config.update({
+    deepseek = shape.get("family") == "deepseek_v2"
+    if deepseek:
+        config = deepseek_config(shape, vocab, config)
+    else:
+      config.update({
         "hidden_size": H, "num_hidden_layers": L, "num_local_experts": E,
         "num_experts_per_tok": shape["top_k"], "moe_intermediate_size": I,
         "intermediate_size": 2 * I, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "max_position_embeddings": 4096,
-    })
+      })
 
     rng = np.random.default_rng(a.seed)
     if a.generator == "torch":
@@ -89,7 +154,10 @@ def main():
 
     add("model.embed_tokens.weight", [vocab, H], 0.02)
     add("model.norm.weight", [H], None)
-    for l in range(L):
+    if deepseek:
+        add_deepseek_layers(shape, add)
+        add("lm_head.weight", [vocab, H], H ** -0.5)
+    for l in range(0 if deepseek else L):
         p = f"model.layers.{l}."
         add(p + "input_layernorm.weight", [H], None)
         add(p + "post_attention_layernorm.weight", [H], None)
