@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,3 +184,29 @@ def test_cpus_binds_the_process_and_sizes_its_pool(binary):
             "--cpus", max(os.sched_getaffinity(0)) + 1)
     assert p.returncode == 1
     assert "is not one this process may use" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("preset", ["small", "deepseek-v2-lite"])
+def test_synthetic_checkpoints_load_and_generate(binary, tmp_path, preset):
+    # tools/make_synthetic_model.py, shrunk: what the benchmarks and scripts/gpu-check write.
+    tool = FIXTURES.parents[2] / "tools" / "make_synthetic_model.py"
+    out = tmp_path / preset
+    p = subprocess.run([sys.executable, str(tool), str(out), "--preset", preset, "--layers", "3",
+                        "--hidden", "256", "--experts", "8", "--moe-intermediate", "128"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    config = json.loads((out / "config.json").read_text())
+    if preset == "deepseek-v2-lite":
+        assert config["model_type"] == "deepseek_v2"
+        assert (config["kv_lora_rank"], config["qk_rope_head_dim"], config["q_lora_rank"]) == (512, 64, None)
+        assert config["rope_scaling"]["type"] == "yarn"
+    else:
+        assert config["model_type"] == "qwen3_moe"
+    logits = tmp_path / "logits.npy"
+    g = run(binary, "generate", "--model", out, "--prompt-ids", "3,40,500,7", "--max-tokens", 4,
+            "--ignore-eos", "--json", "--logits-out", logits)
+    assert g.returncode == 0, g.stderr
+    js = json.loads(g.stdout.strip().splitlines()[-1])
+    assert len(js["output_ids"]) == 4
+    lg = np.load(logits)
+    assert lg.shape == (4, config["vocab_size"]) and np.isfinite(lg).all()
