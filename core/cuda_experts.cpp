@@ -46,7 +46,39 @@ struct CudaExperts::Impl : CudaContext {
   cu::DeviceBuffer x32, x16, gu, act, y;
   cu::PinnedBuffer in, out;
   std::vector<uint16_t> staging;
+  // run_layer(): the groups' experts and one kind's grouped-GEMM arguments, reused.
+  std::vector<const Expert*> layer_experts;
+  std::vector<cu::GroupWeight> gate_up_w, down_w;
+  std::vector<int64_t> rows, offsets;
+  // Grows the scratch for m rows of experts `inter` wide; copies x [m, hidden] in as bf16.
+  Status stage_in(const float* x, int64_t m, int64_t inter);
+  // Copies y [m, hidden] out and waits for the stream.
+  Status stage_out(float* dst, int64_t m, const char* what);
 };
+
+Status CudaExperts::Impl::stage_in(const float* x, int64_t m, int64_t inter) {
+  const auto rows_bytes = static_cast<std::size_t>(m * hidden * 4);
+  for (auto [buf, size] : {std::pair{&x32, rows_bytes},
+                           {&x16, rows_bytes / 2},
+                           {&gu, static_cast<std::size_t>(m * 2 * inter * 4)},
+                           {&act, static_cast<std::size_t>(m * inter * 2)},
+                           {&y, rows_bytes}})
+    if (Status s = ensure(*buf, size); !s) return s;
+  for (auto* buf : {&in, &out})
+    if (Status s = ensure(*buf, rows_bytes); !s) return s;
+  std::memcpy(in.data(), x, rows_bytes);
+  cu::copy(x32.data(), in.data(), rows_bytes, stream);
+  cu::f32_to_bf16(x32.as<float>(), m * hidden, x16.as<uint16_t>(), stream);
+  return {};
+}
+
+Status CudaExperts::Impl::stage_out(float* dst, int64_t m, const char* what) {
+  const auto rows_bytes = static_cast<std::size_t>(m * hidden * 4);
+  cu::copy(out.data(), y.data(), rows_bytes, stream);
+  if (Status s = from(cu::synchronize(stream, what)); !s) return s;
+  std::memcpy(dst, out.data(), rows_bytes);
+  return {};
+}
 
 CudaExperts::CudaExperts(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaExperts::~CudaExperts() = default;
@@ -146,18 +178,7 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
   const Impl::Expert& w = it->second;
   const int64_t H = m.hidden;
-  const auto rows_bytes = static_cast<std::size_t>(m_tokens * H * 4);
-  for (auto [buf, bytes] : {std::pair{&m.x32, rows_bytes},
-                            {&m.x16, rows_bytes / 2},
-                            {&m.gu, static_cast<std::size_t>(m_tokens * 2 * w.inter * 4)},
-                            {&m.act, static_cast<std::size_t>(m_tokens * w.inter * 2)},
-                            {&m.y, rows_bytes}})
-    if (Status s = ensure(*buf, bytes); !s) return s;
-  for (auto* buf : {&m.in, &m.out})
-    if (Status s = ensure(*buf, rows_bytes); !s) return s;
-  std::memcpy(m.in.data(), x, rows_bytes);
-  cu::copy(m.x32.data(), m.in.data(), rows_bytes, m.stream);
-  cu::f32_to_bf16(m.x32.as<float>(), m_tokens * H, m.x16.as<uint16_t>(), m.stream);
+  if (Status s = m.stage_in(x, m_tokens, w.inter); !s) return s;
   // x [m, k] times the expert's weight [n, k]^T into y [m, n].
   auto product = [&](const uint16_t* in, const cu::DeviceBuffer& weight,
                      const cu::DeviceBuffer& scale, int64_t n, int64_t k, float* out) {
@@ -174,10 +195,56 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   if (Status s = product(m.act.as<uint16_t>(), w.down, w.down_scale, H, w.inter, m.y.as<float>());
       !s)
     return s;
-  cu::copy(m.out.data(), m.y.data(), rows_bytes, m.stream);
-  if (Status s = from(cu::synchronize(m.stream, "an expert on the GPU")); !s) return s;
-  std::memcpy(y, m.out.data(), rows_bytes);
-  return {};
+  return m.stage_out(y, m_tokens, "an expert on the GPU");
+}
+
+Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                              int64_t total, float* y) {
+  Impl& m = *impl_;
+  if (total == 0 || groups.empty()) return {};
+  if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
+  m.layer_experts.clear();
+  int64_t inter = -1;
+  for (const ExpertRows& g : groups) {
+    auto it = m.held.find(ExpertRef{layer, g.expert});
+    if (it == m.held.end())
+      return Error(fmt::format("expert {} of layer {} is not on the GPU", g.expert, layer));
+    if (inter >= 0 && it->second.inter != inter)
+      return Error(fmt::format("the experts of layer {} differ in width ({} and {})", layer, inter,
+                               it->second.inter));
+    inter = it->second.inter;
+    m.layer_experts.push_back(&it->second);
+  }
+  const int64_t H = m.hidden;
+  if (Status s = m.stage_in(x, total, inter); !s) return s;
+  // bf16 experts, then FP8 ones (a layer's experts are normally all of one kind): gate|up of
+  // their rows, SwiGLU, down.
+  for (bool fp8 : {false, true}) {
+    m.gate_up_w.clear();
+    m.down_w.clear();
+    m.rows.clear();
+    m.offsets.clear();
+    for (std::size_t i = 0; i < groups.size(); ++i) {
+      const Impl::Expert& w = *m.layer_experts[i];
+      if (w.fp8 != fp8 || groups[i].rows == 0) continue;
+      m.gate_up_w.push_back({w.gate_up.data(), fp8 ? w.gate_up_scale.as<float>() : nullptr});
+      m.down_w.push_back({w.down.data(), fp8 ? w.down_scale.as<float>() : nullptr});
+      m.rows.push_back(groups[i].rows);
+      m.offsets.push_back(groups[i].offset);
+    }
+    if (m.rows.empty()) continue;
+    auto product = [&](const uint16_t* in, const std::vector<cu::GroupWeight>& w, int64_t n,
+                       int64_t k, float* out) {
+      return from(fp8 ? m.grouped->run_fp8(in, w, m.rows, m.offsets, n, k, out)
+                      : m.grouped->run_bf16(in, w, m.rows, m.offsets, n, k, out));
+    };
+    if (Status s = product(m.x16.as<uint16_t>(), m.gate_up_w, 2 * inter, H, m.gu.as<float>()); !s)
+      return s;
+    cu::swiglu(m.gu.as<float>(), total, inter, m.act.as<uint16_t>(), m.stream);
+    if (Status s = product(m.act.as<uint16_t>(), m.down_w, H, inter, m.y.as<float>()); !s)
+      return s;
+  }
+  return m.stage_out(y, total, "a layer's experts on the GPU");
 }
 
 }  // namespace moemesh::detail

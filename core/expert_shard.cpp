@@ -225,6 +225,26 @@ Status ExpertShard::run(int32_t layer, int32_t expert, const float* x, int64_t m
   return {};
 }
 
+Status ExpertShard::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                              int64_t total_rows, float* y) {
+  for (const ExpertRows& g : groups) {
+    if (!impl_->held.contains(ExpertRef{layer, g.expert}))
+      return Error(fmt::format("expert {} of layer {} is not held by this expert shard of {}",
+                               g.expert, layer, impl_->dir.string()));
+    if (g.offset < 0 || g.rows < 0 || g.offset + g.rows > total_rows)
+      return Error(fmt::format(
+          "ExpertShard::run_layer: rows [{}, {}) of expert {} are outside the batch's {} rows",
+          g.offset, g.offset + g.rows, g.expert, total_rows));
+  }
+#if MOEMESH_HAVE_CUDA
+  if (impl_->gpu) return impl_->gpu->run_layer(layer, groups, x, total_rows, y);
+#endif
+  const int64_t H = impl_->config.hidden_size;
+  for (const ExpertRows& g : groups)
+    if (Status s = run(layer, g.expert, x + g.offset * H, g.rows, y + g.offset * H); !s) return s;
+  return {};
+}
+
 int64_t ExpertShard::weight_bytes() const {
   return impl_->weight_bytes();
 }

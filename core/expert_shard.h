@@ -41,6 +41,14 @@ struct ExpertRef {
   friend auto operator<=>(const ExpertRef&, const ExpertRef&) = default;
 };
 
+// One expert's rows in a batch of one layer (ExpertShard::run_layer): rows [offset, offset + rows)
+// of x and y.
+struct ExpertRows {
+  int32_t expert = 0;
+  int64_t offset = 0;
+  int64_t rows = 0;
+};
+
 struct ExpertShardOptions {
   int threads = 0;  // compute threads of run(); 0 = one per CPU of `cpus`, else one per CPU the
                     // process may use
@@ -83,6 +91,14 @@ class ExpertShard {
   // expert `expert` of layer `layer`. m == 0 does nothing. Fails when the expert is not held or
   // m < 0. x and y must not overlap.
   Status run(int32_t layer, int32_t expert, const float* x, int64_t m, float* y);
+  // run() for several held experts of one layer at once: for every group g, rows [g.offset,
+  // g.offset + g.rows) of y = expert g.expert of the same rows of x (x and y [total_rows,
+  // hidden_size]; groups must not overlap; y's rows outside every group are unspecified). On a
+  // GPU the rows go up and come back in one copy each and the experts multiply in grouped GEMMs,
+  // with one synchronisation for the layer; on the CPU it is run() per group. Fails, computing
+  // nothing, when an expert is not held or a group is not within [0, total_rows).
+  Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                   int64_t total_rows, float* y);
 
   // Bytes of the held experts' weights in their dtype (int8, fp8: with the scales), for statistics
   // and logs.

@@ -109,66 +109,82 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     capacity = std::max<int64_t>(
         1, static_cast<int64_t>(std::ceil(capacity_factor * step_slots / n_experts)));
 
+  // Every expert's kept rows, gathered in expert order into one batch (over-capacity slots are
+  // rejected), then computed by the shard in one call: a GPU shard moves the layer's rows once
+  // each way and multiplies them in grouped GEMMs.
+  groups_.clear();
+  group_runs_.clear();
+  int64_t total = 0;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t begin = count_[e];
-    const int64_t m = count_[e + 1] - begin;
+    const int64_t m = count_[e + 1] - count_[e];
     if (m == 0) continue;
     ExpertRun run;
     run.ref = {layer, static_cast<int32_t>(e)};
     const int64_t kept = std::min(m, capacity);
     for (int64_t r = kept; r < m; ++r) {
-      const Slot& s = slots_[begin + r];
+      const Slot& s = slots_[count_[e] + r];
       batch[s.dispatch].rejected[s.slot] = 1;
     }
     run.overflows = static_cast<uint64_t>(m - kept);
     run.tokens = static_cast<uint64_t>(kept);
-    if (kept == 0) {
-      runs.push_back(run);
-      continue;
-    }
-
-    gathered_.resize(static_cast<std::size_t>(kept * H));
-    result_.resize(static_cast<std::size_t>(kept * H));
-    for (int64_t r = 0; r < kept; ++r) {
-      const Slot& s = slots_[begin + r];
+    runs.push_back(run);
+    if (kept == 0) continue;
+    groups_.push_back({static_cast<int32_t>(e), total, kept});
+    group_runs_.push_back(runs.size() - 1);
+    total += kept;
+  }
+  if (groups_.empty()) return;
+  gathered_.resize(static_cast<std::size_t>(total * H));
+  result_.resize(static_cast<std::size_t>(total * H));
+  for (const ExpertRows& g : groups_)
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const Slot& s = slots_[count_[g.expert] + r];
       const transport::Dispatch& d = batch[s.dispatch];
       const int64_t at = (s.slot / d.slots) * H;
-      float* dst = gathered_.data() + r * H;
+      float* dst = gathered_.data() + (g.offset + r) * H;
       if (d.x != nullptr)
         std::copy(d.x + at, d.x + at + H, dst);
       else
         transport::bf16_to_f32(d.x_bf16 + at, dst, static_cast<std::size_t>(H));
     }
-    const Clock::time_point started = Clock::now();
-    // Slots are grouped by dispatch (arrival order), so each contributing dispatch counts once.
-    for (int64_t r = 0; r < kept; ++r)
+  const Clock::time_point started = Clock::now();
+  // Slots are grouped by dispatch (arrival order), so each contributing dispatch counts once.
+  for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+    const int64_t begin = count_[groups_[gi].expert];
+    for (int64_t r = 0; r < groups_[gi].rows; ++r)
       if (r == 0 || slots_[begin + r].dispatch != slots_[begin + r - 1].dispatch)
-        run.queue_seconds +=
+        runs[group_runs_[gi]].queue_seconds +=
             std::max(0.0, seconds(started - batch[slots_[begin + r].dispatch].received));
-    Status s = shard.run(layer, static_cast<int32_t>(e), gathered_.data(), kept, result_.data());
-    run.compute_seconds = seconds(Clock::now() - started);
-    if (!s) {
-      // Validation checked that the expert is held, so this is unexpected: fail the dispatches
-      // that needed it rather than answer with a partial sum that lacks it.
-      for (int64_t r = 0; r < m; ++r) {
-        transport::Dispatch& d = batch[slots_[begin + r].dispatch];
+  }
+  Status s = shard.run_layer(layer, groups_, gathered_.data(), total, result_.data());
+  // The layer's compute time, shared among its experts by their rows.
+  const double compute = seconds(Clock::now() - started);
+  for (std::size_t gi = 0; gi < groups_.size(); ++gi)
+    runs[group_runs_[gi]].compute_seconds =
+        compute * static_cast<double>(groups_[gi].rows) / static_cast<double>(total);
+  if (!s) {
+    // Validation checked that the experts are held, so this is unexpected: fail the dispatches
+    // that needed them rather than answer with partial sums that lack them.
+    for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+      const int32_t e = groups_[gi].expert;
+      for (int64_t r = count_[e]; r < count_[e + 1]; ++r) {
+        transport::Dispatch& d = batch[slots_[r].dispatch];
         if (d.error != nullptr && d.error->empty())
           *d.error = fmt::format("expert {} of layer {} failed: {}", e, layer, s.error().message());
       }
-      run.tokens = 0;
-      runs.push_back(run);
-      continue;
+      runs[group_runs_[gi]].tokens = 0;
     }
-    for (int64_t r = 0; r < kept; ++r) {
-      const Slot& sl = slots_[begin + r];
+    return;
+  }
+  for (const ExpertRows& g : groups_)
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const Slot& sl = slots_[count_[g.expert] + r];
       transport::Dispatch& d = batch[sl.dispatch];
       const float w = d.weights[sl.slot];
-      const float* y = result_.data() + r * H;
+      const float* y = result_.data() + (g.offset + r) * H;
       float* out = sums_of(d, static_cast<std::size_t>(sl.dispatch)) + (sl.slot / d.slots) * H;
       for (int64_t k = 0; k < H; ++k) out[k] += w * y[k];
     }
-    runs.push_back(run);
-  }
 }
 
 }  // namespace moemesh::detail

@@ -8,8 +8,9 @@
 // Every batch the server hands over (the dispatches complete at that moment, from any number of
 // attention workers and layers) is computed as follows. Per layer, for each held expert in
 // ascending id order, the rows of all the batch's dispatches whose slots name that expert are
-// gathered and the expert runs once over them; w * E(x) is added into each dispatch's partial
-// rows, so a token's partial sums its experts in ascending id order. With bf16 views
+// gathered, and one ExpertShard::run_layer call computes every expert over its rows (on a GPU:
+// one copy each way and grouped GEMMs for the whole layer); w * E(x) is added into each
+// dispatch's partial rows, so a token's partial sums its experts in ascending id order. With bf16 views
 // (data_plane.bf16_views, as `moemesh expert` runs) and a bf16 wire, rows are converted to f32 as
 // they are gathered and the f32 sums rounded to bf16 once per dispatch: the same bits as the data
 // plane's own conversions give. A dispatch that names an
@@ -24,8 +25,9 @@
 //
 // Statistics per (layer, expert) held at some point: token-slots computed (total and in a sliding
 // window of window_seconds, kept in 30 buckets, so the window is exact to 1/30 of its length),
-// overflows, compute seconds, and queue seconds (arrival of a dispatch to the start of the
-// expert's computation, summed over dispatches). Worker totals come from the server.
+// overflows, compute seconds (the layer's compute time shared among its experts by their rows),
+// and queue seconds (arrival of a dispatch to the start of the layer's computation, summed over
+// dispatches). Worker totals come from the server.
 //
 // Threads: the data-plane server thread computes every batch. assign(), set_capacity_factor() and
 // stats() may be called from any thread: the shard (and the set of held experts) is guarded by

@@ -4,7 +4,8 @@
 // [hidden, inter]): as FP8 E4M3 with its 128x128 block scales when its weights are FP8 and its
 // shapes suit the FP8 grouped GEMM (fp8_expert_refusal in tensor_parallel.h), else as bf16.
 // run() copies a token batch in, computes the SwiGLU FFN (cuBLAS for bf16, the FP8 grouped GEMM
-// for FP8) and the kernels of kernels/cuda, and copies the result out, through pinned buffers.
+// for FP8) and the kernels of kernels/cuda, and copies the result out, through pinned buffers;
+// run_layer() does the same for the token batches of several experts of a layer at once.
 //
 // Threads: used by the shard's one thread at a time; every call makes its device current.
 #pragma once
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <span>
 
 #include "core/error.h"
 #include "core/expert_shard.h"
@@ -27,6 +29,10 @@ class CudaExperts {
   void release(const ExpertRef& ref);
   // y[m, hidden] = down(silu(gate(x)) * up(x)) with expert `ref` (held), x and y on the host.
   Status run(const ExpertRef& ref, const float* x, int64_t m, float* y);
+  // ExpertShard::run_layer (groups checked by the caller): one copy in, grouped products of every
+  // group's expert (FP8 ones by the FP8 grouped GEMM, bf16 ones by the bf16 one), one copy out.
+  Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                   int64_t total_rows, float* y);
   std::string description() const;
   int64_t fp8_experts() const;  // held experts kept in FP8
 

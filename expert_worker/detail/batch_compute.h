@@ -41,8 +41,10 @@ class BatchCompute {
   std::vector<int64_t> count_;   // per expert + 1: counting-sort offsets
   std::vector<int64_t> fill_;    // per expert: next free position
   std::vector<Slot> slots_;      // the layer's slots grouped by expert, arrival order within
-  std::vector<float> gathered_;  // [m, hidden]
-  std::vector<float> result_;    // [m, hidden]
+  std::vector<ExpertRows> groups_;        // the layer's experts with kept rows, in gathered_
+  std::vector<std::size_t> group_runs_;  // per group: its entry of `runs`
+  std::vector<float> gathered_;          // [kept rows of the layer, hidden], expert order
+  std::vector<float> result_;            // [kept rows of the layer, hidden]
   // Per dispatch of the batch that takes bf16 partial sums (Dispatch::partial_bf16): its f32
   // sums [n_tokens, hidden], rounded to bf16 once when the batch is done (as the data plane would
   // round f32 partial sums for a bf16 wire). Empty for the others.

@@ -278,5 +278,28 @@ TEST(CudaFp8Experts, AnExpertShardOnTheGpuKeepsThemFp8) {
   }
 }
 
+// FP8 experts of a layer at once (run_layer: the FP8 grouped GEMM over every group).
+TEST(CudaFp8Experts, RunLayerOfFp8ExpertsMatchesTheCpu) {
+  MOEMESH_REQUIRE_GPU();
+  Checkpoints ck;
+  const std::vector<ExpertRef> refs = {{0, 0}, {0, 1}, {0, 3}};
+  auto cpu = ExpertShard::load(ck.fp8, refs);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  ExpertShardOptions o;
+  o.device = "cuda:0";
+  auto gpu = ExpertShard::load(ck.fp8, refs, o);
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  EXPECT_TRUE(test::Contains((*gpu)->device_description(), "fp8_experts=3"));
+  const std::vector<ExpertRows> groups = {{3, 0, 4}, {0, 4, 9}, {1, 13, 2}};
+  const int64_t total = 15;
+  std::vector<float> x(static_cast<std::size_t>(total * kHidden));
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.29f * static_cast<float>(i));
+  std::vector<float> yc(x.size(), NAN), yg(x.size(), NAN);
+  ASSERT_TRUE((*cpu)->run_layer(0, groups, x.data(), total, yc.data()));
+  auto s = (*gpu)->run_layer(0, groups, x.data(), total, yg.data());
+  ASSERT_TRUE(s) << s.error().message();
+  EXPECT_LT(rel_error(yg, yc), 2e-2);
+}
+
 }  // namespace
 }  // namespace moemesh

@@ -4,6 +4,7 @@
 // except the checks of refused devices and sizes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -556,6 +557,60 @@ TEST(CudaExpertShard, RunMatchesTheCpuShard) {
     (*gpu)->release(std::span<const ExpertRef>(&gone, 1));
     std::vector<float> x(static_cast<std::size_t>(H), 0.5f), y(x.size());
     EXPECT_FALSE((*gpu)->run(gone.layer, gone.expert, x.data(), 1, y.data()));
+  }
+}
+
+// A layer's experts at once (run_layer: one copy each way, grouped GEMMs) compute what each
+// expert computes alone, on the GPU and on the CPU; a group of no rows and experts in any order
+// are fine; an expert not held or rows outside the batch are errors.
+TEST(CudaExpertShard, RunLayerMatchesRunPerExpert) {
+  REQUIRE_GPU();
+  for (const char* name : {"qwen2moe-bf16", "mixtral-tiny"}) {
+    auto config = load_model_config(fixture(name));
+    ASSERT_TRUE(config);
+    const std::vector<ExpertRef> refs = test::experts_with_parity(*config, 1);
+    auto cpu = ExpertShard::load(fixture(name), refs);
+    ASSERT_TRUE(cpu) << cpu.error().message();
+    ExpertShardOptions o;
+    o.device = "cuda:0";
+    auto gpu = ExpertShard::load(fixture(name), refs, o);
+    ASSERT_TRUE(gpu) << gpu.error().message();
+    const int32_t layer = refs.front().layer;
+    std::vector<int32_t> held;
+    for (const ExpertRef& r : refs)
+      if (r.layer == layer) held.push_back(r.expert);
+    ASSERT_GE(held.size(), 3u);
+    const std::vector<ExpertRows> groups = {
+        {held[2], 0, 3}, {held[0], 3, 0}, {held[1], 3, 5}, {held[0], 8, 1}};
+    const int64_t total = 9, H = config->hidden_size;
+    std::vector<float> x(static_cast<std::size_t>(total * H));
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.21f * static_cast<float>(i));
+    std::vector<float> want(x.size()), yc(x.size(), NAN), yg(x.size(), NAN);
+    for (const ExpertRows& g : groups)
+      ASSERT_TRUE((*cpu)->run(layer, g.expert, x.data() + g.offset * H, g.rows,
+                              want.data() + g.offset * H));
+    ASSERT_TRUE((*cpu)->run_layer(layer, groups, x.data(), total, yc.data()));
+    EXPECT_EQ(yc, want) << name;
+    auto s = (*gpu)->run_layer(layer, groups, x.data(), total, yg.data());
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_LT(rel_error(yg, want), 2e-2) << name;
+    // Each group's rows on their own, too (not only the whole).
+    for (const ExpertRows& g : groups) {
+      if (g.rows == 0) continue;
+      const auto at = static_cast<std::ptrdiff_t>(g.offset * H);
+      const auto end = at + static_cast<std::ptrdiff_t>(g.rows * H);
+      EXPECT_LT(rel_error(std::vector<float>(yg.begin() + at, yg.begin() + end),
+                          std::vector<float>(want.begin() + at, want.begin() + end)),
+                2e-2)
+          << name << " expert " << g.expert;
+    }
+    int32_t missing = 0;
+    while (std::find(held.begin(), held.end(), missing) != held.end()) ++missing;
+    const std::vector<ExpertRows> bad = {{missing, 0, 1}};
+    EXPECT_FALSE((*gpu)->run_layer(layer, bad, x.data(), total, yg.data()));
+    const std::vector<ExpertRows> outside = {{held[0], 7, 3}};
+    EXPECT_FALSE((*gpu)->run_layer(layer, outside, x.data(), total, yg.data()));
+    EXPECT_FALSE((*cpu)->run_layer(layer, outside, x.data(), total, yc.data()));
   }
 }
 
