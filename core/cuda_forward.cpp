@@ -751,6 +751,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   step.batch.block_tables = d_tables;
   step.batch.max_blocks = max_blocks;
   step.batch.max_pos = max_pos;
+  step.segments = segments;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Impl::Layer& D = m.layers[l];
     // Attention: x += o(attn(norm(x))) ...

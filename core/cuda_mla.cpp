@@ -9,12 +9,20 @@
 // uploaded (W_uk[h] as its transpose). Under tensor parallelism a rank holds its heads of q / q_b,
 // kv_b and o, and all of q_a and kv_a: every rank caches the same latent rows.
 //
+// A sequence's chunk of many new tokens (prefill; ModelOptions::mla_expanded_min_tokens) attends in
+// the expanded form instead: the sequence's cached rows are gathered, each head's keys
+// [k_nope ; k_pe] and values expanded from them (strided batched GEMMs), and the main attention
+// kernel runs over those with the chunk's queries: per key and head a dot product of qk_head_dim
+// (192 for DeepSeek-V3) instead of kv_lora_rank + rope (576), at the cost of expanding the
+// sequence's keys once per layer. Chunks whose expansion would exceed 1 GiB stay absorbed.
+//
 // The rotary rows of q (or q_b) and kv_a are de-interleaved at upload where the model pairs
 // features (2i, 2i + 1) (rope_interleave), and multiplied by the YaRN attention factor when it is
 // not 1: both are linear in those outputs, so permuting and scaling the rows that produce them
 // gives what the CPU gets by permuting and scaling the outputs.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -96,7 +104,120 @@ Status CudaForward::Impl::load_mla(Layer& D, const LayerWeights& L) {
       !s)
     return s;
   if (Status s = upload_f32(D.kv_a_norm, L.attn.kv_a_norm); !s) return s;
+  if (!mla_identity.data()) {
+    // The rope x rope identity that copies the rotary key into every head (mla_expanded).
+    std::vector<uint16_t> eye(static_cast<std::size_t>(rope * rope), 0);
+    for (int64_t i = 0; i < rope; ++i) eye[static_cast<std::size_t>(i * rope + i)] = 0x3F80;  // 1
+    if (Status s = upload_bf16(mla_identity, eye); !s) return s;
+  }
   return upload_matrix(D.kv_b, L.attn.kv_b, Split::Rows);
+}
+
+bool CudaForward::Impl::mla_expands(const Segment& s) const {
+  const int64_t min = options.mla_expanded_min_tokens;
+  if (min <= 0 || s.n < min) return false;
+  const MlaConfig& a = *c.mla;
+  const int64_t hd = std::max(a.qk_head_dim(), a.v_head_dim);
+  const int64_t len = s.past + s.n;
+  // The main attention kernel's head widths; keys and values (f32 and bf16) within 1 GiB.
+  return hd % 2 == 0 && hd <= 256 && len * c.num_heads * hd * 12 <= (int64_t{1} << 30);
+}
+
+Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& step,
+                                       const cu::PagedKv& cache) {
+  const Layer& D = layers[l];
+  const MlaConfig& a = *c.mla;
+  const int64_t heads = c.num_heads;
+  const int64_t nope = a.qk_nope_head_dim;
+  const int64_t rope = a.qk_rope_head_dim;
+  const int64_t qk = a.qk_head_dim();
+  const int64_t lora = a.kv_lora_rank;
+  const int64_t vd = a.v_head_dim;
+  const int64_t row = a.cache_row();
+  const int64_t hd = std::max(qk, vd);
+  const int64_t len = s.past + s.n;
+  const int64_t bs = options.block_size;
+  const std::size_t f = sizeof(float);
+  const auto kv_elems = static_cast<std::size_t>(len * heads * hd);
+  for (auto [buf, bytes] : {std::pair{&mla_slots, static_cast<std::size_t>(len) * 4},
+                            {&mla_rows, static_cast<std::size_t>(len * row) * 2},
+                            {&mla_k, kv_elems * f},
+                            {&mla_v, kv_elems * f},
+                            {&mla_k16, kv_elems * 2},
+                            {&mla_v16, kv_elems * 2},
+                            {&mla_q, static_cast<std::size_t>(s.n * heads * hd) * f},
+                            {&mla_out, static_cast<std::size_t>(s.n * heads * hd) * f},
+                            {&mla_zeros, static_cast<std::size_t>(s.n) * 4}})
+    if (Status st = ensure(*buf, bytes); !st) return st;
+
+  // The sequence's cached rows, positions 0 .. len - 1 in order: [len, row] bf16.
+  mla_slots_host.resize(static_cast<std::size_t>(len));
+  for (int64_t j = 0; j < len; ++j)
+    mla_slots_host[static_cast<std::size_t>(j)] =
+        static_cast<int32_t>(s.blocks[j / bs] * bs + j % bs);
+  cu::copy(mla_slots.data(), mla_slots_host.data(), static_cast<std::size_t>(len) * 4, stream);
+  uint16_t* cached = mla_rows.as<uint16_t>();
+  cu::moe_gather(cache.k, mla_slots.as<int32_t>(), len, 1, row, cached, stream);
+
+  // Keys [len, heads, hd]: k_nope = W_uk[h] c, then k_pe (the same for every head, copied by an
+  // identity product); values [len, heads, hd]: W_uv[h] c. Zero past qk and vd.
+  if (hd > qk) cu::fill_bytes(mla_k.data(), 0, kv_elems * f, stream);
+  if (hd > vd) cu::fill_bytes(mla_v.data(), 0, kv_elems * f, stream);
+  cu::Blas::StridedBatch b;
+  b.x = cached;
+  b.ldx = row;
+  b.x_stride = 0;
+  b.w = D.kv_b.as<uint16_t>();
+  b.ldw = lora;
+  b.w_stride = (nope + vd) * lora;
+  b.y = mla_k.as<float>();
+  b.ldy = heads * hd;
+  b.y_stride = hd;
+  if (Status st = from(blas->gemm_strided_batched(b, len, nope, lora, heads)); !st) return st;
+  cu::Blas::StridedBatch pe = b;
+  pe.x = cached + lora;
+  pe.w = mla_identity.as<uint16_t>();
+  pe.ldw = rope;
+  pe.w_stride = 0;
+  pe.y = mla_k.as<float>() + nope;
+  if (Status st = from(blas->gemm_strided_batched(pe, len, rope, rope, heads)); !st) return st;
+  cu::Blas::StridedBatch val = b;
+  val.w = D.kv_b.as<uint16_t>() + nope * lora;
+  val.y = mla_v.as<float>();
+  if (Status st = from(blas->gemm_strided_batched(val, len, vd, lora, heads)); !st) return st;
+  cu::f32_to_bf16(mla_k.as<float>(), static_cast<int64_t>(kv_elems), mla_k16.as<uint16_t>(),
+                  stream);
+  cu::f32_to_bf16(mla_v.as<float>(), static_cast<int64_t>(kv_elems), mla_v16.as<uint16_t>(),
+                  stream);
+
+  // The chunk's queries [n, heads, hd] (rotated already; zero past qk).
+  const float* qs = q.as<float>() + s.begin * heads * qk;
+  if (hd > qk) {
+    cu::fill_bytes(mla_q.data(), 0, static_cast<std::size_t>(s.n * heads * hd) * f, stream);
+    cu::copy_rows(mla_q.data(), hd * f, qs, qk * f, qk * f, s.n * heads, stream);
+    qs = mla_q.as<float>();
+  }
+
+  // Attention over the expanded keys, as one block of len positions; the chunk's output rows.
+  cu::PagedKv ex;
+  ex.k = mla_k16.as<uint16_t>();
+  ex.v = mla_v16.as<uint16_t>();
+  ex.block_size = len;
+  ex.n_kv_heads = heads;
+  ex.head_dim = hd;
+  cu::fill_bytes(mla_zeros.data(), 0, static_cast<std::size_t>(s.n) * 4, stream);
+  cu::AttentionBatch batch;
+  batch.seq = mla_zeros.as<int32_t>();  // every query of sequence 0 ...
+  batch.pos = step.pos + s.begin;
+  batch.block_tables = mla_zeros.as<int32_t>();  // ... whose one block is block 0
+  batch.max_blocks = 1;
+  batch.max_pos = len - 1;
+  const float scale = options.mla_softmax_scale > 0.0f ? options.mla_softmax_scale
+                                                       : 1.0f / std::sqrt(static_cast<float>(qk));
+  cu::paged_attention(qs, s.n, ex, batch, heads, scale, 0, mla_out.as<float>(), stream);
+  cu::copy_rows(attn.as<float>() + s.begin * heads * vd, vd * f, mla_out.as<float>(), hd * f,
+                vd * f, s.n * heads, stream);
+  return {};
 }
 
 Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, float* out) {
@@ -170,7 +291,29 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   const float scale = options.mla_softmax_scale > 0.0f ? options.mla_softmax_scale
                                                        : 1.0f / std::sqrt(static_cast<float>(qk));
   float* lat = mla_lat.as<float>();
-  cu::paged_attention(q_abs, n, cache, step.batch, heads, scale, 0, lat, stream);
+  // The absorbed form for every chunk that is not expanded (below): runs of consecutive tokens.
+  const std::span<const Segment> segs = step.segments;
+  bool expanded = false;
+  for (const Segment& sg : segs) expanded = expanded || mla_expands(sg);
+  if (!expanded) {
+    cu::paged_attention(q_abs, n, cache, step.batch, heads, scale, 0, lat, stream);
+  } else {
+    for (std::size_t i = 0; i < segs.size();) {
+      if (mla_expands(segs[i])) {
+        ++i;
+        continue;
+      }
+      const int64_t begin = segs[i].begin;
+      int64_t end = begin + segs[i].n;
+      for (++i; i < segs.size() && !mla_expands(segs[i]) && segs[i].begin == end; ++i)
+        end += segs[i].n;
+      cu::AttentionBatch part = step.batch;
+      part.seq += begin;
+      part.pos += begin;
+      cu::paged_attention(q_abs + begin * heads * row, end - begin, cache, part, heads, scale, 0,
+                          lat + begin * heads * row, stream);
+    }
+  }
 
   // Values [n, heads, vd]: W_uv[h] (kv_b's next vd rows, [vd, lora]) times the first kv_lora_rank
   // features of head h's output; then o.
@@ -186,6 +329,11 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   uv.ldy = heads * vd;
   uv.y_stride = vd;
   if (Status s = from(blas->gemm_strided_batched(uv, n, vd, lora, heads)); !s) return s;
+  // Expanded chunks write their rows of the output over what the product left there.
+  if (expanded)
+    for (const Segment& sg : segs)
+      if (mla_expands(sg))
+        if (Status s = mla_expanded(l, sg, step, cache); !s) return s;
   cu::f32_to_bf16(attn.as<float>(), n * heads * vd, attn_bf16.as<uint16_t>(), stream);
   return from(blas->gemm(attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), out, n, H, heads * vd));
 }

@@ -107,6 +107,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
     co.inv_freq = impl->inv_freq;
     co.rope_scale = impl->rope_scale;
     co.mla_softmax_scale = impl->mla_softmax_scale;
+    co.mla_expanded_min_tokens = options.mla_expanded_min_tokens;
     Expected<std::unique_ptr<detail::CudaForward>> fwd =
         detail::CudaForward::create(impl->config, impl->weights, co);
     if (!fwd) return fwd.error();

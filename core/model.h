@@ -164,6 +164,10 @@ struct ModelOptions {
   // where one GPU is at hand).
   int tensor_parallel_size = 1;
   std::string tensor_parallel_collective = "auto";
+  // Multi-head latent attention on a GPU: a sequence's chunk of at least this many new tokens
+  // attends with keys and values expanded from the latent (prefill; fewer FLOPs per key), shorter
+  // ones (decode) in the absorbed form over the latent cache. 0 keeps every chunk absorbed.
+  int64_t mla_expanded_min_tokens = 64;
   // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", "auto" =
   // the checkpoint's, or "fp8": e4m3 with a float32 scale per token and kv head), the most memory
   // it may take (0: it grows as sequences need it), and whether full blocks are shared between

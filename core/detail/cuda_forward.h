@@ -55,6 +55,7 @@ struct CudaOptions {
   std::vector<float> inv_freq;
   float rope_scale = 1.0f;
   float mla_softmax_scale = 0.0f;
+  int64_t mla_expanded_min_tokens = 64;  // ModelOptions::mla_expanded_min_tokens
 };
 
 // Parses "cpu", "cuda" or "cuda:N"; sets *cuda and *device. Errors name the value.

@@ -76,6 +76,12 @@ struct CudaForward::Impl : CudaContext {
       counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
       logits, sum_squares;
   cu::DeviceBuffer mla_qa, mla_qa_bf16, mla_ckv, mla_latent, mla_q_abs, mla_lat, mla_bf16;
+  // The expanded form of latent attention (cuda_mla.cpp, mla_expanded): a sequence's cached rows,
+  // its keys and values per head, the chunk's queries and output, and an identity matrix.
+  cu::DeviceBuffer mla_rows, mla_k, mla_v, mla_k16, mla_v16, mla_q, mla_out, mla_zeros,
+      mla_identity, mla_slots;
+  std::vector<int32_t> mla_slots_host;
+
   cu::PinnedBuffer counts_host, stage_x, stage_ids, stage_w, stage_out;
   std::vector<int32_t> meta_host;
   std::vector<int64_t> rows, offs;
@@ -124,11 +130,15 @@ struct CudaForward::Impl : CudaContext {
     const int32_t* pos;   // device [n]
     const int32_t* slot;  // device [n]
     cu::AttentionBatch batch;
+    std::span<const Segment> segments;  // host: the sequences' chunks of the n tokens
   };
   // The attention of n tokens (xn bf16 in, this rank's part of o's product into `out`), caching
   // their keys and values: grouped-query attention here, multi-head latent attention there.
   Status attention(int64_t l, int64_t n, const Step& step, float* out);
   Status mla_attention(int64_t l, int64_t n, const Step& step, float* out);
+  // Whether a sequence's chunk attends in the expanded form, and that form (cuda_mla.cpp).
+  bool mla_expands(const Segment& s) const;
+  Status mla_expanded(int64_t l, const Segment& s, const Step& step, const cu::PagedKv& cache);
   // Layer l's routed experts, in FP8 when every one can stay FP8 (fp8_expert_refusal), else bf16.
   Status upload_experts(Layer& D, const std::vector<kernels::FfnWeights>& experts, std::size_t l);
   Status upload_experts_fp8(Layer& D, const std::vector<kernels::FfnWeights>& experts);

@@ -268,6 +268,74 @@ TEST(CudaModelMla, YarnScalingMatchesTheCpu) {
   EXPECT_GT(rel_error(pl, cl), 3 * rel_error(gl, cl));
 }
 
+// Latent attention's expanded form (a chunk of many tokens: keys and values expanded from the
+// cached latent rows) gives what the absorbed form gives, and the CPU: a whole prompt, a prompt in
+// two chunks (the second over cached rows), decode steps, and a step that mixes an expanded chunk
+// with absorbed ones of other sequences.
+TEST(CudaModelMla, ExpandedPrefillEqualsTheAbsorbedForm) {
+  REQUIRE_GPU();
+  // Each form is within 1% of the CPU's logits here, rounding differently (the expanded keys and
+  // values are rounded to bf16 too): they differ by up to about 1.5%.
+  constexpr double kForms = 2.5e-2;
+  for (const char* name : {"deepseek-v2-tiny", "deepseek-v2-bf16", "deepseek-v3-bf16"}) {
+    SCOPED_TRACE(name);
+    ModelOptions absorbed_o = gpu_options(), expanded_o = gpu_options(), mixed_o = gpu_options();
+    absorbed_o.mla_expanded_min_tokens = 0;
+    expanded_o.mla_expanded_min_tokens = 1;  // every chunk, decode tokens too
+    mixed_o.mla_expanded_min_tokens = 4;
+    auto absorbed = Model::load(fixture(name), absorbed_o);
+    auto expanded = Model::load(fixture(name), expanded_o);
+    auto mixed = Model::load(fixture(name), mixed_o);
+    auto cpu = Model::load(fixture(name));
+    ASSERT_TRUE(absorbed && expanded && mixed && cpu);
+    const std::vector<int32_t> prompt = fixture_prompt(name);
+    const auto half = static_cast<std::ptrdiff_t>(prompt.size() / 2);
+    const int64_t V = (*cpu)->config().vocab_size;
+    KVCache ac = (*absorbed)->new_cache(64), ec = (*expanded)->new_cache(64),
+            cc = (*cpu)->new_cache(64), two = (*expanded)->new_cache(64);
+    std::vector<float> al, el, cl, first, second;
+    ASSERT_TRUE((*absorbed)->forward(ac, prompt, Logits::All, al));
+    auto st = (*expanded)->forward(ec, prompt, Logits::All, el);
+    ASSERT_TRUE(st) << st.error().message();
+    ASSERT_TRUE((*cpu)->forward(cc, prompt, Logits::All, cl));
+    EXPECT_LT(rel_error(el, al), kForms);
+    EXPECT_LT(rel_error(el, cl), 3e-2);
+    ASSERT_TRUE((*expanded)->forward(
+        two, std::vector<int32_t>(prompt.begin(), prompt.begin() + half), Logits::All, first));
+    ASSERT_TRUE((*expanded)->forward(two, std::vector<int32_t>(prompt.begin() + half, prompt.end()),
+                                     Logits::All, second));
+    first.insert(first.end(), second.begin(), second.end());
+    EXPECT_LT(rel_error(first, al), kForms) << "two chunks";
+    std::vector<float> a1, e1;
+    for (int32_t t : {3, 9, 27}) {
+      ASSERT_TRUE((*absorbed)->forward(ac, std::vector<int32_t>{t}, Logits::Last, a1));
+      ASSERT_TRUE((*expanded)->forward(ec, std::vector<int32_t>{t}, Logits::Last, e1));
+      EXPECT_LT(rel_error(e1, a1), kForms) << "decode " << t;
+    }
+
+    // One step: a decode token (absorbed), a 5-token prompt (expanded), a 2-token prompt
+    // (absorbed), against each sequence alone in the absorbed model.
+    KVCache d = (*mixed)->new_cache(64), p5 = (*mixed)->new_cache(64), p2 = (*mixed)->new_cache(64);
+    KVCache rd = (*absorbed)->new_cache(64), r5 = (*absorbed)->new_cache(64),
+            r2 = (*absorbed)->new_cache(64);
+    std::vector<float> unused;
+    ASSERT_TRUE((*mixed)->forward(d, prompt, Logits::Last, unused));
+    ASSERT_TRUE((*absorbed)->forward(rd, prompt, Logits::Last, unused));
+    const std::vector<int32_t> tok = {11}, five = {5, 6, 7, 8, 9}, pair = {4, 2};
+    std::vector<Model::Chunk> chunks = {{&d, tok, true}, {&p5, five, true}, {&p2, pair, true}};
+    std::vector<float> step, w1, w5, w2;
+    st = (*mixed)->forward_step(chunks, step);
+    ASSERT_TRUE(st) << st.error().message();
+    ASSERT_EQ(step.size(), static_cast<std::size_t>(3 * V));
+    ASSERT_TRUE((*absorbed)->forward(rd, tok, Logits::Last, w1));
+    ASSERT_TRUE((*absorbed)->forward(r5, five, Logits::Last, w5));
+    ASSERT_TRUE((*absorbed)->forward(r2, pair, Logits::Last, w2));
+    EXPECT_LT(rel_error(std::vector<float>(step.begin(), step.begin() + V), w1), kForms);
+    EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.begin() + 2 * V), w5), kForms);
+    EXPECT_LT(rel_error(std::vector<float>(step.begin() + 2 * V, step.end()), w2), kForms);
+  }
+}
+
 // A latent cache's blocks hold one row per token and layer: the pool reports MLA's bytes per
 // token (the latent and the rotary key, bf16), not keys and values per head.
 TEST(CudaModelMla, KvBytesPerTokenAreTheLatentRows) {
