@@ -218,7 +218,8 @@ Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups,
   const int64_t H = m.hidden;
   if (Status s = m.stage_in(x, total, inter); !s) return s;
   // bf16 experts, then FP8 ones (a layer's experts are normally all of one kind): gate|up of
-  // their rows, SwiGLU, down.
+  // their rows, SwiGLU, down. In this order: the batched bf16 product may write every row below
+  // its last group (it widens its bf16 result over them), the FP8 one only its groups' rows.
   for (bool fp8 : {false, true}) {
     m.gate_up_w.clear();
     m.down_w.clear();
