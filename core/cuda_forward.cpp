@@ -492,6 +492,8 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
   }
   cu::route_topk(router_logits.as<float>(), D.router_bias.as<float>(), n, spec, ids.as<int32_t>(),
                  wts.as<float>(), stream);
+  if (c.expert_weights_norm_p)  // dbrx
+    cu::divide_by_p_norm(wts.as<float>(), n, K, *c.expert_weights_norm_p, stream);
 
   if (remote && !external) {
     // Another rank's backend computes the routed experts: this rank adds its shared expert part.
@@ -755,8 +757,8 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Impl::Layer& D = m.layers[l];
     // Attention: x += o(attn(norm(x))) ...
-    cu::rmsnorm(x, l == 0 ? nullptr : delta, D.input_norm.as<float>(), n, H, c.rms_norm_eps,
-                nullptr, xn, m.stream);
+    m.norm(x, l == 0 ? nullptr : delta, D.input_norm.as<float>(), n, H, c.rms_norm_eps, nullptr, xn,
+           m.stream);
     if (c.mla) {
       if (Status s = m.mla_attention(l, n, step, delta); !s) return s;
     } else if (Status s = m.attention(l, n, step, delta); !s) {
@@ -765,7 +767,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
     if (D.o_bias.data() && m.rank == 0) cu::add_bias(delta, D.o_bias.as<float>(), n, H, m.stream);
     if (Status s = m.all_reduce(delta, n * H); !s) return s;
     // ... then x += ffn(norm(x)).
-    cu::rmsnorm(x, delta, D.post_norm.as<float>(), n, H, c.rms_norm_eps, xn_f32, xn, m.stream);
+    m.norm(x, delta, D.post_norm.as<float>(), n, H, c.rms_norm_eps, xn_f32, xn, m.stream);
     if (Status s = m.ffn(l, n, external, remote, deferred); !s) return s;
     if (Status s = m.all_reduce(delta, n * H); !s) return s;
   }
@@ -779,7 +781,7 @@ Status CudaForward::run_rank(Impl& m, std::span<const Segment> segments,
     return from(cu::synchronize(m.stream, "forward pass"));
   }
   const auto rows = static_cast<int64_t>(logit_rows.size());
-  cu::rmsnorm(x, delta, m.final_norm.as<float>(), n, H, c.rms_norm_eps, nullptr, xn, m.stream);
+  m.norm(x, delta, m.final_norm.as<float>(), n, H, c.rms_norm_eps, nullptr, xn, m.stream);
   // The rows asked for: a contiguous run at the end (one sequence's logits, or a decode batch)
   // is used in place; others are gathered first.
   const uint16_t* head_in = xn + logit_rows.front() * H;

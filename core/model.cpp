@@ -92,11 +92,6 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
         options.tensor_parallel_size));
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
-  if (cuda && (impl->config.layer_norm || impl->config.expert_weights_norm_p))
-    return Error(fmt::format(
-        "{} is not supported on --device cuda yet (LayerNorm and p-norm routing run on the CPU "
-        "only): use --device cpu",
-        impl->config.model_type));
   if (cuda) {
     detail::CudaOptions co;
     co.device = device;

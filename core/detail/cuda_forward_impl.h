@@ -158,6 +158,15 @@ struct CudaForward::Impl : CudaContext {
   Status ensure_scratch(int64_t n, int64_t segments, int64_t max_blocks, bool staged);
   Status ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote, Status& deferred);
   Status ffn_dense(const Ffn& f, int64_t n, float* out);
+  // The model's norm of the residual stream: RMSNorm, or LayerNorm without bias (dbrx), with
+  // cu::rmsnorm's arguments.
+  void norm(float* stream_rows, const float* residual, const float* weight, int64_t n, int64_t dim,
+            float eps, float* y_f32, uint16_t* y_bf16, cu::Stream s) const {
+    if (c.layer_norm)
+      cu::layernorm(stream_rows, residual, weight, n, dim, eps, y_f32, y_bf16, s);
+    else
+      cu::rmsnorm(stream_rows, residual, weight, n, dim, eps, y_f32, y_bf16, s);
+  }
   // Sums `count` floats at `data` over the ranks (nothing with one rank).
   Status all_reduce(float* data, int64_t count) {
     return group ? from(group->all_reduce_sum(data, count, stream)) : Status{};

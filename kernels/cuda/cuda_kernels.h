@@ -135,6 +135,11 @@ void embedding(const uint16_t* table, int64_t hidden, const int32_t* ids, int64_
 void rmsnorm(float* x, const float* residual, const float* weight, int64_t n, int64_t dim,
              float eps, float* y_f32, uint16_t* y_bf16, Stream stream);
 
+// LayerNorm without bias (dbrx; nn.LayerNorm(bias=False)): y = (x - mean) / sqrt(var + eps) *
+// weight with the biased variance, otherwise as rmsnorm (the fused residual add, the outputs).
+void layernorm(float* x, const float* residual, const float* weight, int64_t n, int64_t dim,
+               float eps, float* y_f32, uint16_t* y_bf16, Stream stream);
+
 // An RMSNorm split over the ranks of a tensor-parallel group, each holding `dim` of a row's
 // total_dim features: out[t] = sum of x[t, i]^2 over i < dim for t < n (the rank's part of the
 // sum) ...
@@ -196,6 +201,10 @@ struct RouterSpec {
 // scaled).
 void route_topk(const float* logits, const float* bias, int64_t n, const RouterSpec& spec,
                 int32_t* ids, float* weights, Stream stream);
+
+// weights[t, :] /= p-norm of weights[t, :] (sum |w|^p)^(1/p), for n rows of k (dbrx's
+// moe_normalize_expert_weights; sums in double as the CPU's).
+void divide_by_p_norm(float* weights, int64_t n, int64_t k, double p, Stream stream);
 
 // Token permutation by expert. For n_slots = n_tokens * top_k routing slots with expert ids
 // `ids` (< n_experts): counts[e] = slots routed to e; offsets[e] = sum of counts before e

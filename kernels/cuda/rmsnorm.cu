@@ -73,6 +73,38 @@ __global__ void rmsnorm_kernel(float* x, const float* __restrict__ residual,
   }
 }
 
+// One block per row (grid-stride): LayerNorm without bias, two passes over the row (mean, then
+// the variance of the deviations, as the CPU's). As rmsnorm_kernel, x and y_f32 may alias.
+__global__ void layernorm_kernel(float* x, const float* __restrict__ residual,
+                                 const float* __restrict__ weight, int64_t n, int64_t dim,
+                                 float eps, float* y_f32, uint16_t* __restrict__ y_bf16) {
+  __shared__ float scratch[32];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    float* xr = x + r * dim;
+    float sum = 0.0f;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+      float v = xr[i];
+      if (residual) {
+        v += residual[r * dim + i];
+        xr[i] = v;
+      }
+      sum += v;
+    }
+    const float mean = detail::block_sum(sum, scratch) / static_cast<float>(dim);
+    float sq = 0.0f;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float d = xr[i] - mean;
+      sq += d * d;
+    }
+    const float inv = 1.0f / sqrtf(detail::block_sum(sq, scratch) / static_cast<float>(dim) + eps);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float y = weight[i] * ((xr[i] - mean) * inv);
+      if (y_f32) y_f32[r * dim + i] = y;
+      if (y_bf16) y_bf16[r * dim + i] = detail::f32_to_bf16_bits(y);
+    }
+  }
+}
+
 // One block per row (grid-stride): out[r] = sum of x[r, :]^2.
 __global__ void row_sum_squares_kernel(const float* __restrict__ x, int64_t n, int64_t dim,
                                        float* __restrict__ out) {
@@ -121,6 +153,14 @@ void rmsnorm(float* x, const float* residual, const float* weight, int64_t n, in
   else
     rmsnorm_kernel<false>
         <<<blocks, threads, 0, stream>>>(x, residual, weight, n, dim, eps, y_f32, y_bf16);
+}
+
+void layernorm(float* x, const float* residual, const float* weight, int64_t n, int64_t dim,
+               float eps, float* y_f32, uint16_t* y_bf16, Stream stream) {
+  if (n <= 0 || dim <= 0) return;
+  const int threads = dim >= 512 ? 512 : static_cast<int>((dim + 31) / 32 * 32);
+  const auto blocks = static_cast<unsigned>(n < kMaxBlocks ? n : kMaxBlocks);
+  layernorm_kernel<<<blocks, threads, 0, stream>>>(x, residual, weight, n, dim, eps, y_f32, y_bf16);
 }
 
 void row_sum_squares(const float* x, int64_t n, int64_t dim, float* out, Stream stream) {

@@ -132,7 +132,34 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// One thread per row of k weights (grid-stride over the rows).
+__global__ void p_norm_kernel(float* __restrict__ w, int64_t n, int k, double p) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float* row = w + t * k;
+    double acc = 0;
+    for (int j = 0; j < k; ++j) {
+      const double a = fabs(static_cast<double>(row[j]));
+      acc += p == 1.0 ? a : p == 2.0 ? a * a : pow(a, p);
+    }
+    const double norm = p == 1.0 ? acc : p == 2.0 ? sqrt(acc) : pow(acc, 1.0 / p);
+    const auto d = static_cast<float>(norm);
+    for (int j = 0; j < k; ++j) row[j] = row[j] / d;
+  }
+}
+
 }  // namespace
+
+void divide_by_p_norm(float* weights, int64_t n, int64_t k, double p, Stream stream) {
+  if (n <= 0) return;
+  constexpr int kThreads = 128;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  // As route_topk: an empty grid fails the launch for rows wider than any router's top k.
+  const unsigned grid = k >= 1 && k <= kMaxTopK
+                            ? static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks)
+                            : 0u;
+  p_norm_kernel<<<grid, kThreads, 0, stream>>>(weights, n, static_cast<int>(k), p);
+}
 
 void route_topk(const float* logits, const float* bias, int64_t n, const RouterSpec& spec,
                 int32_t* ids, float* weights, Stream stream) {

@@ -212,7 +212,8 @@ TEST_P(CudaModel, EngineStyleCachesAndStepsAgreeOnTheGpu) {
 // The deepseek fixtures run multi-head latent attention (with and without q's low rank, with
 // interleaved rotary features and without, attention biases) and the grouped router (softmax and
 // sigmoid scoring, group max and top-2 sums, the correction bias); the glm4moe ones partial
-// rotary embeddings with the sigmoid router. (deepseek-v3-tiny is not compared with the CPU: at
+// rotary embeddings with the sigmoid router; dbrx-bf16-clip LayerNorm, clip_qkv and p-norm
+// routing (p = 2). (deepseek-v3-tiny is not compared with the CPU: at
 // its third prompt token one router's second choice is a near-tie that bf16 operands flip, 6 vs
 // 7 on the CPU and 4 here in layer 2, so that one position's logits differ by 24%; it runs under
 // tensor parallelism.)
@@ -220,7 +221,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel,
                          ::testing::Values("mixtral-tiny", "olmoe-bf16-clip", "qwen2moe-bf16",
                                            "qwen3moe-tiny", "mixtral-odd-sharded",
                                            "deepseek-v3-bf16", "deepseek-v2-tiny",
-                                           "deepseek-v2-bf16", "glm4moe-tiny", "glm4moe-bf16"));
+                                           "deepseek-v2-bf16", "glm4moe-tiny", "glm4moe-bf16",
+                                           "dbrx-bf16-clip"));
 
 // YaRN rotary scaling of the deepseek families: scaled inverse frequencies, the attention factor
 // that multiplies the rotated features (folded into the rotary rows of q and kv_a at upload) and

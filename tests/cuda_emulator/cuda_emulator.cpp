@@ -170,6 +170,26 @@ void rmsnorm(float* x, const float* residual, const float* weight, int64_t n, in
   }
 }
 
+void layernorm(float* x, const float* residual, const float* weight, int64_t n, int64_t dim,
+               float eps, float* y_f32, uint16_t* y_bf16, Stream) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* xr = x + t * dim;
+    if (residual)
+      for (int64_t i = 0; i < dim; ++i) xr[i] += residual[t * dim + i];
+    double sum = 0;
+    for (int64_t i = 0; i < dim; ++i) sum += xr[i];
+    const double mean = sum / static_cast<double>(dim);
+    double sq = 0;
+    for (int64_t i = 0; i < dim; ++i) sq += (xr[i] - mean) * (xr[i] - mean);
+    const double inv = 1.0 / std::sqrt(sq / static_cast<double>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) {
+      const auto y = static_cast<float>(weight[i] * ((xr[i] - mean) * inv));
+      if (y_f32) y_f32[t * dim + i] = y;
+      if (y_bf16) y_bf16[t * dim + i] = to_bf(y);
+    }
+  }
+}
+
 void row_sum_squares(const float* x, int64_t n, int64_t dim, float* out, Stream) {
   for (int64_t t = 0; t < n; ++t) {
     double ss = 0;
@@ -276,6 +296,16 @@ void route_topk(const float* logits, const float* bias, int64_t n, const RouterS
       ids[t * spec.top_k + j] = static_cast<int32_t>(order[j]);
       weights[t * spec.top_k + j] = w * spec.scaling;
     }
+  }
+}
+
+void divide_by_p_norm(float* weights, int64_t n, int64_t k, double p, Stream) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* w = weights + t * k;
+    double acc = 0;
+    for (int64_t j = 0; j < k; ++j) acc += std::pow(std::fabs(static_cast<double>(w[j])), p);
+    const auto d = static_cast<float>(std::pow(acc, 1.0 / p));
+    for (int64_t j = 0; j < k; ++j) w[j] /= d;
   }
 }
 

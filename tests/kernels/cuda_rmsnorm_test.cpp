@@ -171,5 +171,49 @@ TEST(CudaRmsNorm, SplitOverRanksMatchesTheWholeRow) {
   }
 }
 
+// LayerNorm without bias (dbrx) against a double-precision reference (the CPU model's norm):
+// with and without the fused residual add, f32 and bf16 outputs, rows of 1 to 5000 values.
+TEST(CudaLayerNorm, MatchesTheReferenceWithAndWithoutResidual) {
+  MOEMESH_REQUIRE_GPU();
+  const float eps = 1e-5f;
+  for (auto [n, dim] : {std::pair<int64_t, int64_t>{1, 40}, {7, 2048}, {3, 5000}, {300, 96}}) {
+    // An offset mean: a one-pass variance would lose the deviations to it.
+    auto x = ct::random_floats(static_cast<std::size_t>(n * dim), 91, 10.0f, 12.0f);
+    const auto residual = ct::random_floats(x.size(), 92);
+    const auto weight = ct::random_floats(static_cast<std::size_t>(dim), 93, 0.5f, 1.5f);
+    for (bool with_residual : {false, true}) {
+      std::vector<float> stream = x, ref(x.size());
+      if (with_residual)
+        for (std::size_t i = 0; i < stream.size(); ++i) stream[i] += residual[i];
+      for (int64_t t = 0; t < n; ++t) {
+        const float* r = stream.data() + t * dim;
+        double sum = 0, sq = 0;
+        for (int64_t i = 0; i < dim; ++i) sum += r[i];
+        const double mean = sum / static_cast<double>(dim);
+        for (int64_t i = 0; i < dim; ++i) sq += (r[i] - mean) * (r[i] - mean);
+        const double inv = 1.0 / std::sqrt(sq / static_cast<double>(dim) + eps);
+        for (int64_t i = 0; i < dim; ++i)
+          ref[t * dim + i] = static_cast<float>(weight[i] * ((r[i] - mean) * inv));
+      }
+      auto d_x = ct::upload(x);
+      auto d_r = ct::upload(residual);
+      auto d_w = ct::upload(weight);
+      auto d_y = ct::poisoned<float>(x.size());
+      auto d_b = ct::poisoned<uint16_t>(x.size());
+      layernorm(d_x.as<float>(), with_residual ? d_r.as<float>() : nullptr, d_w.as<float>(), n, dim,
+                eps, d_y.as<float>(), d_b.as<uint16_t>(), nullptr);
+      ASSERT_EQ(synchronize(nullptr, "layernorm"), "");
+      const std::string what = "n=" + std::to_string(n) + " dim=" + std::to_string(dim) +
+                               (with_residual ? " residual" : "");
+      EXPECT_LT(ct::rel_error(ct::download<float>(d_y, x.size()), ref), 1e-4) << what;
+      EXPECT_EQ(ct::download<float>(d_x, x.size()), stream) << what;  // the residual stream
+      const auto b = ct::download<uint16_t>(d_b, x.size());
+      std::vector<float> bf(b.size());
+      for (std::size_t i = 0; i < b.size(); ++i) bf[i] = kernels::bf16_to_f32(b[i]);
+      EXPECT_LT(ct::rel_error(bf, ref), 8e-3) << what;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moemesh::kernels::cuda

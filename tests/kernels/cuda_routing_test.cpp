@@ -240,5 +240,32 @@ TEST(CudaRouting, UnsupportedShapesFailTheLaunch) {
   EXPECT_EQ(synchronize(nullptr, "after"), "");
 }
 
+// dbrx's router weights divided by their p-norm, p = 1, 2 and 3, against the formula in double.
+TEST(CudaRouting, DivideByPNorm) {
+  MOEMESH_REQUIRE_GPU();
+  const int64_t n = 1000, k = 4;
+  const auto w = ct::random_floats(static_cast<std::size_t>(n * k), 17, 0.01f, 1.0f);
+  for (double p : {1.0, 2.0, 3.0}) {
+    std::vector<float> want(w.size());
+    for (int64_t t = 0; t < n; ++t) {
+      double acc = 0;
+      for (int64_t j = 0; j < k; ++j) acc += std::pow(std::fabs(double{w[t * k + j]}), p);
+      const double norm = std::pow(acc, 1.0 / p);
+      for (int64_t j = 0; j < k; ++j)
+        want[t * k + j] = static_cast<float>(w[t * k + j] / static_cast<float>(norm));
+    }
+    auto d = ct::upload(w);
+    divide_by_p_norm(d.as<float>(), n, k, p, nullptr);
+    ASSERT_EQ(synchronize(nullptr, "divide_by_p_norm"), "");
+    EXPECT_LT(ct::rel_error(ct::download<float>(d, w.size()), want), 1e-6) << "p=" << p;
+  }
+  // Rows wider than any router's top k fail the launch.
+  ASSERT_EQ(check("before"), "");
+  auto d = ct::upload(w);
+  divide_by_p_norm(d.as<float>(), 1, 33, 1.0, nullptr);
+  EXPECT_NE(check("divide_by_p_norm"), "");
+  EXPECT_EQ(synchronize(nullptr, "after"), "");
+}
+
 }  // namespace
 }  // namespace moemesh::kernels::cuda
