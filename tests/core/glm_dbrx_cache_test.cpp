@@ -142,15 +142,6 @@ TEST_P(FamilyCache, Bf16AndFp8CachesStayCloseToFloat32) {
   RecordProperty("fp8_rel_error", std::to_string(e_fp8));
 }
 
-// The GPU backend has no partial rotary embeddings, grouped routing, LayerNorm or p-norm routing:
-// these families ask for the CPU (or, in a build without CUDA, for a CUDA build).
-TEST_P(FamilyCache, CudaIsRefusedWithAClearError) {
-  Expected<std::unique_ptr<Model>> m = Model::load(fixture(GetParam()), {.device = "cuda"});
-  ASSERT_FALSE(m);
-  EXPECT_NE(m.error().message().find("cuda"), std::string::npos) << m.error().message();
-  EXPECT_NE(m.error().message().find("--device cpu"), std::string::npos) << m.error().message();
-}
-
 INSTANTIATE_TEST_SUITE_P(Fixtures, FamilyCache,
                          ::testing::Values("glm4moe-tiny", "glm4moe-bf16", "dbrx-tiny",
                                            "dbrx-bf16-clip"),
