@@ -561,10 +561,24 @@ std::string DecodeStream::step(int32_t id) {
   std::string text = tokenizer_->decode(ids_, skip_special_tokens_);
   if (text.size() <= prefix_.size() || holds_back(text) || !text.starts_with(prefix_)) return {};
   std::string new_text = text.substr(prefix_.size());
-  const std::size_t new_prefix_index = ids_.size() - prefix_index_;
-  ids_.erase(ids_.begin(), ids_.begin() + static_cast<std::ptrdiff_t>(prefix_index_));
+  // Every token is context now; the window drops the old context's tokens unless the rest would
+  // decode differently on its own than as the tail of the window (a Strip decoder that removes
+  // more than one leading character, or a Replace of a pattern of several characters, decodes a
+  // window that starts inside a run of spaces otherwise): then it keeps as many more as needed,
+  // all of them at worst.
+  std::size_t cut = prefix_index_;
+  for (; cut > 0; --cut) {
+    const std::string head =
+        cut == prefix_index_ ? prefix_
+                             : tokenizer_->decode(std::span(ids_).first(cut), skip_special_tokens_);
+    if (text.starts_with(head) &&
+        tokenizer_->decode(std::span(ids_).subspan(cut), skip_special_tokens_) ==
+            std::string_view(text).substr(head.size()))
+      break;
+  }
+  ids_.erase(ids_.begin(), ids_.begin() + static_cast<std::ptrdiff_t>(cut));
   prefix_ = tokenizer_->decode(ids_, skip_special_tokens_);
-  prefix_index_ = new_prefix_index;
+  prefix_index_ = ids_.size();
   return new_text;
 }
 

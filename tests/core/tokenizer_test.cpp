@@ -172,6 +172,25 @@ TEST_P(TokenizerStyle, DecodeStreamReproducesDecodeOfRandomIds) {
   }
 }
 
+// misc_split decodes with Replace("  " -> " ") and Strip(" ", start 2): a window of the stream
+// that starts inside a run of spaces would decode it differently from the whole text (its spaces
+// stripped, or paired differently). Runs of spaces after text, at the start and between text.
+TEST(DecodeStream, RunsOfSpacesUnderStripAndReplaceDecoders) {
+  auto tok = Tokenizer::load(kFixtures / "misc_split" / "tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.error().message();
+  const int32_t bang = *(*tok)->token_to_id("!");
+  const int32_t space = *(*tok)->token_to_id("\xC4\xA0");  // byte-level space
+  const std::vector<std::vector<int32_t>> lists = {
+      {bang, bang, bang, space, space, 18432, space, space, 15198},  // the fuzzer's case
+      {bang, space, space, space, space, space, bang},
+      {space, space, space, bang, space, space, space},
+      {space, space, space, space, space, space, space}};
+  for (const auto& ids : lists)
+    for (bool skip : {true, false})
+      EXPECT_EQ(stream_decode(*tok, ids, skip), (*tok)->decode(ids, skip))
+          << "ids " << json(ids).dump();
+}
+
 TEST_P(TokenizerStyle, DecodeStreamContinuesAPrompt) {
   for (const json& c : cases_.at("cases")) {
     const std::vector<int32_t> all = ids_of(c.at("ids"));
