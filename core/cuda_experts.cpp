@@ -242,8 +242,7 @@ Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups,
     if (Status s = product(m.x16.as<uint16_t>(), m.gate_up_w, 2 * inter, H, m.gu.as<float>()); !s)
       return s;
     cu::swiglu(m.gu.as<float>(), total, inter, m.act.as<uint16_t>(), m.stream);
-    if (Status s = product(m.act.as<uint16_t>(), m.down_w, H, inter, m.y.as<float>()); !s)
-      return s;
+    if (Status s = product(m.act.as<uint16_t>(), m.down_w, H, inter, m.y.as<float>()); !s) return s;
   }
   return m.stage_out(y, total, "a layer's experts on the GPU");
 }

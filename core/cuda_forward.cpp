@@ -222,6 +222,8 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
     kernels::rope_inv_freq(c.rope_theta, c.rotary_dim, freq.data());
   }
   if (Status s = upload_f32(inv_freq, freq); !s) return s;
+  if (c.mla && options.mla_softmax_scale <= 0.0f)  // not given: qk_head_dim^-0.5, no YaRN mscale
+    options.mla_softmax_scale = 1.0f / std::sqrt(static_cast<float>(c.mla->qk_head_dim()));
 
   // Vectors over the q and k features: this rank's part (per-head q/k norm weights are whole).
   const bool split_qk_norm = c.qk_norm == QkNorm::Full;

@@ -34,6 +34,23 @@ namespace {
 // The epsilon of q_a_layernorm and kv_a_layernorm (model_mla.cpp's kLatentNormEps).
 constexpr float kLatentNormEps = 1e-6f;
 
+// The feature that de-interleaving puts at rotary position j of `rope` (model_mla.cpp's
+// deinterleave: evens, then odds), or j itself when the features are not interleaved.
+int64_t rotary_source(int64_t j, int64_t rope, bool interleaved) {
+  const int64_t half = rope / 2;
+  return !interleaved ? j : j < half ? 2 * j : 2 * (j - half) + 1;
+}
+
+// The dimensions of one rank's latent attention.
+struct Dims {
+  int64_t heads, nope, rope, qk, lora, vd, row;
+};
+Dims dims_of(const ModelConfig& c) {
+  const MlaConfig& a = *c.mla;
+  return {c.num_heads,    a.qk_nope_head_dim, a.qk_rope_head_dim, a.qk_head_dim(),
+          a.kv_lora_rank, a.v_head_dim,       a.cache_row()};
+}
+
 // All of w as bf16 rows, where in every `period` rows the rope rows from `first` are reordered as
 // model_mla.cpp's deinterleave reorders features (evens, then odds) when `interleaved`, and
 // multiplied by `scale`.
@@ -41,13 +58,12 @@ std::vector<uint16_t> rotary_rows_bf16(const kernels::WeightView& w, int64_t per
                                        int64_t rope, bool interleaved, float scale) {
   std::vector<uint16_t> all = shard_bf16(w, Split::Rows, 0, 1);
   const int64_t cols = w.cols;
-  const int64_t half = rope / 2;
   std::vector<uint16_t> block(static_cast<std::size_t>(rope * cols));
   for (int64_t g = 0; g < w.rows / period; ++g) {
     uint16_t* rows = all.data() + (g * period + first) * cols;
     std::copy_n(rows, rope * cols, block.begin());
     for (int64_t j = 0; j < rope; ++j) {
-      const int64_t from = !interleaved ? j : j < half ? 2 * j : 2 * (j - half) + 1;
+      const int64_t from = rotary_source(j, rope, interleaved);
       uint16_t* dst = rows + j * cols;
       std::copy_n(block.begin() + from * cols, cols, dst);
       if (scale != 1.0f)
@@ -61,12 +77,10 @@ std::vector<uint16_t> rotary_rows_bf16(const kernels::WeightView& w, int64_t per
 // The same reordering and scaling of a bias over those rows (empty stays empty).
 std::vector<float> rotary_vector(std::vector<float> v, int64_t period, int64_t first, int64_t rope,
                                  bool interleaved, float scale) {
-  const int64_t half = rope / 2;
   for (int64_t g = 0; g * period < static_cast<int64_t>(v.size()); ++g) {
     float* x = v.data() + g * period + first;
     const std::vector<float> block(x, x + rope);
-    for (int64_t j = 0; j < rope; ++j)
-      x[j] = scale * block[!interleaved ? j : j < half ? 2 * j : 2 * (j - half) + 1];
+    for (int64_t j = 0; j < rope; ++j) x[j] = scale * block[rotary_source(j, rope, interleaved)];
   }
   return v;
 }
@@ -126,14 +140,7 @@ bool CudaForward::Impl::mla_expands(const Segment& s) const {
 Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& step,
                                        const cu::PagedKv& cache) {
   const Layer& D = layers[l];
-  const MlaConfig& a = *c.mla;
-  const int64_t heads = c.num_heads;
-  const int64_t nope = a.qk_nope_head_dim;
-  const int64_t rope = a.qk_rope_head_dim;
-  const int64_t qk = a.qk_head_dim();
-  const int64_t lora = a.kv_lora_rank;
-  const int64_t vd = a.v_head_dim;
-  const int64_t row = a.cache_row();
+  const auto [heads, nope, rope, qk, lora, vd, row] = dims_of(c);
   const int64_t hd = std::max(qk, vd);
   const int64_t len = s.past + s.n;
   const int64_t bs = options.block_size;
@@ -212,9 +219,8 @@ Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& 
   batch.block_tables = mla_zeros.as<int32_t>();  // ... whose one block is block 0
   batch.max_blocks = 1;
   batch.max_pos = len - 1;
-  const float scale = options.mla_softmax_scale > 0.0f ? options.mla_softmax_scale
-                                                       : 1.0f / std::sqrt(static_cast<float>(qk));
-  cu::paged_attention(qs, s.n, ex, batch, heads, scale, 0, mla_out.as<float>(), stream);
+  cu::paged_attention(qs, s.n, ex, batch, heads, options.mla_softmax_scale, 0, mla_out.as<float>(),
+                      stream);
   cu::copy_rows(attn.as<float>() + s.begin * heads * vd, vd * f, mla_out.as<float>(), hd * f,
                 vd * f, s.n * heads, stream);
   return {};
@@ -224,13 +230,7 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   const Layer& D = layers[l];
   const MlaConfig& a = *c.mla;
   const int64_t H = c.hidden_size;
-  const int64_t heads = c.num_heads;
-  const int64_t nope = a.qk_nope_head_dim;
-  const int64_t rope = a.qk_rope_head_dim;
-  const int64_t qk = a.qk_head_dim();
-  const int64_t lora = a.kv_lora_rank;
-  const int64_t vd = a.v_head_dim;
-  const int64_t row = a.cache_row();
+  const auto [heads, nope, rope, qk, lora, vd, row] = dims_of(c);
   const std::size_t f = sizeof(float);
   const uint16_t* xin = xn.as<uint16_t>();
 
@@ -262,78 +262,72 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   cu::rope(qs + nope, n, heads * qk, heads, qk, rope, step.pos, inv_freq.as<float>(), stream);
   cu::rope(ckv + lora, n, row, 1, row, rope, step.pos, inv_freq.as<float>(), stream);
 
-  // Absorbed queries [n, heads, row]: W_uk[h]^T q_nope (kv_b's rows h * (nope + vd) .. + nope,
-  // read as [k = nope, n = kv_lora_rank]), then q_pe.
-  float* q_abs = mla_q_abs.as<float>();
-  uint16_t* tmp = mla_bf16.as<uint16_t>();
-  cu::f32_to_bf16(qs, n * heads * qk, tmp, stream);
-  cu::Blas::StridedBatch uk;
-  uk.x = tmp;
-  uk.ldx = heads * qk;
-  uk.x_stride = qk;
-  uk.w = D.kv_b.as<uint16_t>();
-  uk.ldw = lora;
-  uk.w_stride = (nope + vd) * lora;
-  uk.w_k_major = true;
-  uk.y = q_abs;
-  uk.ldy = heads * row;
-  uk.y_stride = row;
-  if (Status s = from(blas->gemm_strided_batched(uk, n, lora, nope, heads)); !s) return s;
-  cu::copy_rows(q_abs + lora, row * f, qs + nope, qk * f, rope * f, n * heads, stream);
-
-  // Cache the rows and attend: one kv head whose rows are keys and values.
+  // Cache the rows: one kv head whose rows are keys and values.
   cu::PagedKv cache;
   cache.k = cache.v = kv.as<uint16_t>() + l * num_blocks * options.block_size * row;
   cache.block_size = options.block_size;
   cache.n_kv_heads = 1;
   cache.head_dim = row;
   cu::paged_kv_write(ckv, ckv, n, step.slot, cache, stream);
-  const float scale = options.mla_softmax_scale > 0.0f ? options.mla_softmax_scale
-                                                       : 1.0f / std::sqrt(static_cast<float>(qk));
-  float* lat = mla_lat.as<float>();
-  // The absorbed form for every chunk that is not expanded (below): runs of consecutive tokens.
-  const std::span<const Segment> segs = step.segments;
-  bool expanded = false;
-  for (const Segment& sg : segs) expanded = expanded || mla_expands(sg);
-  if (!expanded) {
-    cu::paged_attention(q_abs, n, cache, step.batch, heads, scale, 0, lat, stream);
-  } else {
-    for (std::size_t i = 0; i < segs.size();) {
-      if (mla_expands(segs[i])) {
-        ++i;
-        continue;
-      }
-      const int64_t begin = segs[i].begin;
-      int64_t end = begin + segs[i].n;
-      for (++i; i < segs.size() && !mla_expands(segs[i]) && segs[i].begin == end; ++i)
-        end += segs[i].n;
-      cu::AttentionBatch part = step.batch;
-      part.seq += begin;
-      part.pos += begin;
-      cu::paged_attention(q_abs + begin * heads * row, end - begin, cache, part, heads, scale, 0,
-                          lat + begin * heads * row, stream);
-    }
-  }
 
-  // Values [n, heads, vd]: W_uv[h] (kv_b's next vd rows, [vd, lora]) times the first kv_lora_rank
-  // features of head h's output; then o.
-  cu::f32_to_bf16(lat, n * heads * row, tmp, stream);
-  cu::Blas::StridedBatch uv;
-  uv.x = tmp;
-  uv.ldx = heads * row;
-  uv.x_stride = row;
-  uv.w = D.kv_b.as<uint16_t>() + nope * lora;
-  uv.ldw = lora;
-  uv.w_stride = (nope + vd) * lora;
-  uv.y = attn.as<float>();
-  uv.ldy = heads * vd;
-  uv.y_stride = vd;
-  if (Status s = from(blas->gemm_strided_batched(uv, n, vd, lora, heads)); !s) return s;
-  // Expanded chunks write their rows of the output over what the product left there.
-  if (expanded)
-    for (const Segment& sg : segs)
-      if (mla_expands(sg))
-        if (Status s = mla_expanded(l, sg, step, cache); !s) return s;
+  // The absorbed form for the tokens [begin, end) into their rows of attn [n, heads * vd].
+  float* q_abs = mla_q_abs.as<float>();
+  float* lat = mla_lat.as<float>();
+  uint16_t* tmp = mla_bf16.as<uint16_t>();
+  auto absorbed = [&](int64_t begin, int64_t end) -> Status {
+    const int64_t m = end - begin;
+    // Queries [m, heads, row]: W_uk[h]^T q_nope (kv_b's rows h * (nope + vd) .. + nope, read as
+    // [k = nope, n = kv_lora_rank]), then q_pe.
+    cu::f32_to_bf16(qs + begin * heads * qk, m * heads * qk, tmp, stream);
+    cu::Blas::StridedBatch uk;
+    uk.x = tmp;
+    uk.ldx = heads * qk;
+    uk.x_stride = qk;
+    uk.w = D.kv_b.as<uint16_t>();
+    uk.ldw = lora;
+    uk.w_stride = (nope + vd) * lora;
+    uk.w_k_major = true;
+    uk.y = q_abs;
+    uk.ldy = heads * row;
+    uk.y_stride = row;
+    if (Status s = from(blas->gemm_strided_batched(uk, m, lora, nope, heads)); !s) return s;
+    cu::copy_rows(q_abs + lora, row * f, qs + begin * heads * qk + nope, qk * f, rope * f,
+                  m * heads, stream);
+    cu::AttentionBatch part = step.batch;
+    part.seq += begin;
+    part.pos += begin;
+    cu::paged_attention(q_abs, m, cache, part, heads, options.mla_softmax_scale, 0, lat, stream);
+    // Values [m, heads, vd]: W_uv[h] (kv_b's next vd rows, [vd, lora]) times the first
+    // kv_lora_rank features of head h's output.
+    cu::f32_to_bf16(lat, m * heads * row, tmp, stream);
+    cu::Blas::StridedBatch uv;
+    uv.x = tmp;
+    uv.ldx = heads * row;
+    uv.x_stride = row;
+    uv.w = D.kv_b.as<uint16_t>() + nope * lora;
+    uv.ldw = lora;
+    uv.w_stride = (nope + vd) * lora;
+    uv.y = attn.as<float>() + begin * heads * vd;
+    uv.ldy = heads * vd;
+    uv.y_stride = vd;
+    return from(blas->gemm_strided_batched(uv, m, vd, lora, heads));
+  };
+  // Expanded chunks on their own; runs of consecutive absorbed ones together (every token at once
+  // when nothing expands, as in decode).
+  const std::span<const Segment> segs = step.segments;
+  for (std::size_t i = 0; i < segs.size();) {
+    if (mla_expands(segs[i])) {
+      if (Status s = mla_expanded(l, segs[i], step, cache); !s) return s;
+      ++i;
+      continue;
+    }
+    const int64_t begin = segs[i].begin;
+    int64_t end = begin + segs[i].n;
+    for (++i; i < segs.size() && !mla_expands(segs[i]) && segs[i].begin == end; ++i)
+      end += segs[i].n;
+    if (Status s = absorbed(begin, end); !s) return s;
+  }
+  // Then o.
   cu::f32_to_bf16(attn.as<float>(), n * heads * vd, attn_bf16.as<uint16_t>(), stream);
   return from(blas->gemm(attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), out, n, H, heads * vd));
 }

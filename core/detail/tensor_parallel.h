@@ -10,8 +10,8 @@
 // rank's o and down products are partial sums that the group adds (an all-reduce after
 // attention and one after the MLP of each layer). Embeddings, norms, routers and the shared
 // expert's gate are whole on every rank; the LM head's rows are split when the ranks divide the
-// vocabulary (the GPU forward pass sums the ranks' columns of the logits), else rank 0 holds it. Everything here runs on the host and is
-// checked on the CPU (tests/core/tensor_parallel_test.cpp).
+// vocabulary (the GPU forward pass sums the ranks' columns of the logits), else rank 0 holds it.
+// Everything here runs on the host and is checked on the CPU (tests/core/tensor_parallel_test.cpp).
 #pragma once
 
 #include <cstdint>

@@ -37,11 +37,11 @@ class BatchCompute {
   };
 
   const ModelConfig& config_;
-  std::vector<int32_t> order_;   // valid dispatches, grouped by layer (arrival order within)
-  std::vector<int64_t> count_;   // per expert + 1: counting-sort offsets
-  std::vector<int64_t> fill_;    // per expert: next free position
-  std::vector<Slot> slots_;      // the layer's slots grouped by expert, arrival order within
-  std::vector<ExpertRows> groups_;        // the layer's experts with kept rows, in gathered_
+  std::vector<int32_t> order_;      // valid dispatches, grouped by layer (arrival order within)
+  std::vector<int64_t> count_;      // per expert + 1: counting-sort offsets
+  std::vector<int64_t> fill_;       // per expert: next free position
+  std::vector<Slot> slots_;         // the layer's slots grouped by expert, arrival order within
+  std::vector<ExpertRows> groups_;  // the layer's experts with kept rows, in gathered_
   std::vector<std::size_t> group_runs_;  // per group: its entry of `runs`
   std::vector<float> gathered_;          // [kept rows of the layer, hidden], expert order
   std::vector<float> result_;            // [kept rows of the layer, hidden]

@@ -774,43 +774,12 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
       !aligned(cache.k, 4) || !aligned(cache.v, 4))
     return report_unsupported_shape(stream);
   const int64_t group = n_heads / n_kv;
-  if (head_dim > 256) {
-    const int64_t chunks = (group + kWideRows - 1) / kWideRows;
-    if (n_kv * chunks > 65535) return report_unsupported_shape(stream);
-    int64_t splits = 1;
-    int64_t split_len = INT_MAX;
-    int slot = -1;
-    plan_splits(n_q * n_kv * chunks, n_q * n_heads, head_dim, window, batch.max_pos, stream,
-                &splits, &split_len, &slot);
-    AttnParams p{};
-    p.q = q;
-    p.out = out;
-    p.k = cache.k;
-    p.v = cache.v;
-    p.seq = batch.seq;
-    p.pos = batch.pos;
-    p.tables = batch.block_tables;
-    p.max_blocks = batch.max_blocks;
-    p.kv_stride = n_kv * head_dim;
-    p.n_heads = static_cast<int>(n_heads);
-    p.group = static_cast<int>(group);
-    p.row_chunks = static_cast<int>(chunks);
-    p.head_dim = static_cast<int>(head_dim);
-    p.block_size = static_cast<int>(cache.block_size);
-    p.window = window > 0 && window < INT_MAX ? static_cast<int>(window) : 0;
-    p.q_scale = scale * 1.4426950408889634f;  // log2(e): scores in log2 units
-    p.splits = static_cast<int>(splits);
-    p.split_len = static_cast<int>(split_len);
-    p.slot = slot;
-    const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * chunks),
-                    static_cast<unsigned>(splits));
-    wide_attention_kernel<<<grid, kWideThreads, 0, stream>>>(p);
-    if (splits > 1)
-      merge_splits_kernel<<<static_cast<unsigned>(n_q * n_heads), kMergeThreads, 0, stream>>>(
-          batch.pos, p.n_heads, p.head_dim, p.window, p.splits, p.split_len, slot, out);
-    return;
-  }
-  const int rows = group >= 5 ? 8 : group >= 3 ? 4 : static_cast<int>(group);
+  // Heads wider than 256 take the wide kernel (kWideRows q heads a block), the others the main one.
+  const bool wide_heads = head_dim > 256;
+  const int rows = wide_heads   ? kWideRows
+                   : group >= 5 ? 8
+                   : group >= 3 ? 4
+                                : static_cast<int>(group);
   const int64_t row_chunks = (group + rows - 1) / rows;
   if (n_kv * row_chunks > 65535) return report_unsupported_shape(stream);
 
@@ -845,12 +814,14 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
 
   const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * row_chunks),
                   static_cast<unsigned>(splits));
-  const bool wide = aligned(cache.k, 16) && aligned(cache.v, 16);
-  if (wide && head_dim == 64) {
+  const bool vec16 = aligned(cache.k, 16) && aligned(cache.v, 16);
+  if (wide_heads) {
+    wide_attention_kernel<<<grid, kWideThreads, 0, stream>>>(p);
+  } else if (vec16 && head_dim == 64) {
     launch_rows<64>(rows, p, grid, stream);
-  } else if (wide && head_dim == 128) {
+  } else if (vec16 && head_dim == 128) {
     launch_rows<128>(rows, p, grid, stream);
-  } else if (wide && head_dim == 256) {
+  } else if (vec16 && head_dim == 256) {
     launch_rows<256>(rows, p, grid, stream);
   } else {
     launch_rows<0>(rows, p, grid, stream);
