@@ -29,6 +29,7 @@ int run_attention(const AttentionFlags& f) {
     std::cerr << "moemesh attention: error: " << message << "\n";
     return 1;
   };
+  if (std::string e = f.device.conflict(f.engine.options()); !e.empty()) return fail(e);
   Expected<CpuList> cpus = bind_process_cpus(f.worker.cpus);
   if (!cpus) return fail(cpus.error().message());
   const sigset_t signals = block_stop_signals();
@@ -38,7 +39,7 @@ int run_attention(const AttentionFlags& f) {
   mo.threads = f.worker.threads;
   mo.cpus = *cpus;
   mo.routed_experts = false;
-  f.device.apply(mo, f.engine.options().kv_cache_bytes);
+  f.device.apply(mo, f.engine.options());
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
   const ModelConfig config = (*model)->config();

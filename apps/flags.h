@@ -274,13 +274,25 @@ struct DeviceFlags {
     add_quantization_flag(app, quantization);
   }
 
-  // kv_cache_bytes sizes the GPU's pool (0: half the GPU memory left by the weights).
-  void apply(ModelOptions& o, int64_t kv_cache_bytes) const {
+  // The engine's KV cache flags make a GPU's pool at load: its bytes (0: half the GPU memory left
+  // by the weights), dtype and block size.
+  void apply(ModelOptions& o, const EngineOptions& engine) const {
     o.device = device;
     o.grouped_gemm = grouped_gemm;
     o.tensor_parallel_size = tensor_parallel_size;
-    o.gpu_kv_cache_bytes = kv_cache_bytes;
+    o.gpu_kv_cache_bytes = engine.kv_cache_bytes;
+    o.kv_cache_dtype = engine.kv_cache_dtype;
+    o.kv_block_size = engine.block_size;
     o.quantization = quantization;
+  }
+  // Flag combinations that cannot work: an error message, or "".
+  std::string conflict(const EngineOptions& engine) const {
+    if (device != "cpu" && engine.kv_cache_dtype == "f32")
+      return fmt::format(
+          "--kv-cache-dtype f32 needs --device cpu: a GPU's KV cache holds bf16 or fp8 values "
+          "(--device {})",
+          device);
+    return {};
   }
 };
 

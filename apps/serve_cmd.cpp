@@ -103,7 +103,7 @@ int run_single_process(ServeFlags f, const fs::path& model_dir, const sigset_t& 
   ModelOptions mo;
   mo.threads = f.threads;
   mo.cpus = cpus;
-  f.device.apply(mo, f.engine.options().kv_cache_bytes);
+  f.device.apply(mo, f.engine.options());
   Expected<std::unique_ptr<Model>> model = Model::load(model_dir, mo);
   if (!model) return fail(model.error().message());
   Expected<gateway::ServedModel> served =
@@ -252,6 +252,7 @@ int run_cluster(ServeFlags f, const fs::path& model_dir, const sigset_t& signals
 
 int run_serve(ServeFlags f) {
   const fs::path model_dir = model_dir_or_demo(f.model);
+  if (std::string e = f.device.conflict(f.engine.options()); !e.empty()) return fail(e);
   CpuList cpus;  // --single-process: bound only to an explicit list, before any thread starts
   if (f.single_process && f.cpus != "auto" && f.cpus != "nobind") {
     Expected<CpuList> bound = bind_process_cpus(f.cpus);

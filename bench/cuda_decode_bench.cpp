@@ -9,12 +9,14 @@
 //
 //   build/bin/cuda_decode_bench --model DIR [--batches 1,32,128] [--prompt-len 128] [--steps 32]
 //       [--grouped-gemm auto] [--device cuda:0] [--tensor-parallel-size 1]
-//       [--collective auto|nccl|one-gpu] [--quantization none|fp8]
+//       [--collective auto|nccl|one-gpu] [--quantization none|fp8] [--kv-cache-dtype bf16|fp8]
 //
 // --tensor-parallel-size N splits the model over N GPUs (ModelOptions::tensor_parallel_size);
 // --collective one-gpu puts the N ranks on one GPU (checks the sharded pass on a real checkpoint;
 // not a speed figure), --collective nccl also runs one rank through NCCL. --quantization fp8
 // quantizes the routed experts at load; they stay FP8 on the GPU (the FP8 grouped GEMM).
+// --kv-cache-dtype fp8 keeps the KV cache in FP8 (half the bytes attention reads per step: with
+// long --prompt-len the difference shows).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -52,7 +54,7 @@ std::vector<int> parse_list(const std::string& s) {
 int main(int argc, char** argv) {
   std::string model_dir, batches = "1,32,128", method = "auto", device = "cuda:0";
   std::string collective = "auto";
-  std::string quantization = "none";
+  std::string quantization = "none", kv_dtype = "bf16";
   int prompt_len = 128, steps = 32, tp = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -78,6 +80,8 @@ int main(int argc, char** argv) {
       collective = next();
     else if (a == "--quantization")
       quantization = next();
+    else if (a == "--kv-cache-dtype")
+      kv_dtype = next();
     else
       die("unknown argument " + a);
   }
@@ -93,6 +97,7 @@ int main(int argc, char** argv) {
   o.tensor_parallel_size = tp;
   o.tensor_parallel_collective = collective;
   o.quantization = quantization;
+  o.kv_cache_dtype = kv_dtype;
   const auto t0 = std::chrono::steady_clock::now();
   auto loaded = moemesh::Model::load(model_dir, o);
   if (!loaded) die(loaded.error().message());
@@ -140,12 +145,12 @@ int main(int argc, char** argv) {
     const double median = sorted[sorted.size() / 2];
     std::printf(
         "{\"bench\":\"cuda_decode\",\"engine\":\"moemesh\",\"grouped_gemm\":\"%s\","
-        "\"tensor_parallel\":%d,\"collective\":\"%s\",\"quantization\":\"%s\",\"batch\":%d,"
-        "\"prompt_len\":%d,\"steps\":%d,"
+        "\"tensor_parallel\":%d,\"collective\":\"%s\",\"quantization\":\"%s\","
+        "\"kv_cache_dtype\":\"%s\",\"batch\":%d,\"prompt_len\":%d,\"steps\":%d,"
         "\"step_ms_median\":%.3f,"
         "\"step_ms_mean\":%.3f,\"tokens_per_s\":%.1f,\"device\":\"%s\"}\n",
-        method.c_str(), tp, collective.c_str(), quantization.c_str(), b, prompt_len, steps, median,
-        mean, 1000.0 * b / median, m.device_description().c_str());
+        method.c_str(), tp, collective.c_str(), quantization.c_str(), kv_dtype.c_str(), b,
+        prompt_len, steps, median, mean, 1000.0 * b / median, m.device_description().c_str());
     std::fflush(stdout);
   }
   (void)max_batch;

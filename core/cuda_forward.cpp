@@ -73,14 +73,43 @@ std::string CudaForward::description() const {
   int64_t fp8_layers = 0;
   for (const Impl::Layer& l : m.layers) fp8_layers += l.experts_fp8 ? 1 : 0;
   return fmt::format(
-      "{} weights={:.2f}GiB fp8_expert_layers={} kv_blocks={} block_size={} grouped_gemm={}{}",
+      "{} weights={:.2f}GiB fp8_expert_layers={} kv_blocks={} block_size={} kv_dtype={} "
+      "grouped_gemm={}{}",
       cu::device_description(m.device), static_cast<double>(m.weight_bytes) / (1 << 30), fp8_layers,
-      m.num_blocks, m.options.block_size,
+      m.num_blocks, m.options.block_size, m.options.kv_fp8 ? "fp8" : "bf16",
       m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
 }
 
 int64_t CudaForward::num_blocks() const {
   return ranks_[0]->num_blocks;
+}
+
+bool CudaForward::kv_fp8() const {
+  return ranks_[0]->options.kv_fp8;
+}
+
+int64_t CudaForward::kv_bytes_per_token() const {
+  return ranks_[0]->kv_slot_bytes();
+}
+
+cu::PagedKv CudaForward::Impl::layer_cache(int64_t l) const {
+  const int64_t slots = num_blocks * options.block_size;
+  const int64_t plane = slots * kv_row() * kv_value_bytes();  // bytes of one layer's k (or v)
+  const int64_t scale_plane = slots * kv_heads();             // floats of its scales
+  const int64_t first = kv_planes() * l;                      // the layer's k plane
+  const int64_t second = first + kv_planes() - 1;             // its v plane (k under MLA)
+  cu::PagedKv cache;
+  cache.k = kv.as<char>() + first * plane;
+  cache.v = kv.as<char>() + second * plane;
+  cache.block_size = options.block_size;
+  cache.n_kv_heads = kv_heads();
+  cache.head_dim = c.mla ? kv_row() : c.head_dim;
+  if (options.kv_fp8) {
+    cache.fp8 = true;
+    cache.k_scale = kv_scale.as<float>() + first * scale_plane;
+    cache.v_scale = kv_scale.as<float>() + second * scale_plane;
+  }
+  return cache;
 }
 
 std::string CudaForward::copy_block(int32_t src, int32_t dst) {
@@ -89,13 +118,19 @@ std::string CudaForward::copy_block(int32_t src, int32_t dst) {
     Impl& m = *rank;
     const ModelConfig& c = m.c;
     const int64_t bs = m.options.block_size;
-    const int64_t kvd = m.kv_row();
-    const auto block_bytes = static_cast<std::size_t>(bs * kvd * 2);
-    const int64_t layer_stride = m.num_blocks * bs * kvd;
+    const auto block_bytes = static_cast<std::size_t>(bs * m.kv_row() * m.kv_value_bytes());
+    const auto block_scales = static_cast<std::size_t>(bs * m.kv_heads());
     if (std::string e = cu::set_device(m.device); !e.empty()) return e;
-    for (int64_t l = 0; l < m.kv_planes() * c.num_layers; ++l) {
-      uint16_t* base = m.kv.as<uint16_t>() + l * layer_stride;
-      cu::copy(base + dst * bs * kvd, base + src * bs * kvd, block_bytes, m.stream);
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      const cu::PagedKv cache = m.layer_cache(l);
+      for (int plane = 0; plane < m.kv_planes(); ++plane) {
+        char* values = static_cast<char*>(plane ? cache.v : cache.k);
+        cu::copy(values + dst * block_bytes, values + src * block_bytes, block_bytes, m.stream);
+        if (!cache.fp8) continue;
+        float* scales = plane ? cache.v_scale : cache.k_scale;
+        cu::copy(scales + dst * block_scales, scales + src * block_scales, block_scales * 4,
+                 m.stream);
+      }
     }
     if (std::string e = cu::synchronize(m.stream, "copying a KV block"); !e.empty()) return e;
   }
@@ -163,8 +198,7 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
 
   // The KV pool: the bytes asked for, or half of what the weights left free, on each GPU (the
   // least of them: every rank holds the same blocks).
-  const int64_t block_bytes =
-      local.num_layers * ranks[0]->kv_planes() * options.block_size * ranks[0]->kv_row() * 2;
+  const int64_t block_bytes = options.block_size * ranks[0]->kv_slot_bytes();
   int64_t budget = options.kv_cache_bytes;
   if (budget <= 0) {
     budget = INT64_MAX;
@@ -184,10 +218,20 @@ Expected<std::unique_ptr<CudaForward>> CudaForward::create(const ModelConfig& co
   for (const auto& m : ranks) {
     if (Status s = from(cu::set_device(m->device)); !s) return s.error();
     m->num_blocks = num_blocks;
-    if (std::string err; (m->kv = cu::DeviceBuffer::allocate(
-                              static_cast<std::size_t>(num_blocks * block_bytes), &err)),
-                         !m->kv.data())
+    const int64_t slots = num_blocks * options.block_size;
+    const int64_t planes = local.num_layers * m->kv_planes();
+    if (std::string err;
+        (m->kv = cu::DeviceBuffer::allocate(
+             static_cast<std::size_t>(planes * slots * m->kv_row() * m->kv_value_bytes()), &err)),
+        !m->kv.data())
       return Error(err + " (the KV cache pool; lower its size)");
+    if (options.kv_fp8) {
+      if (std::string err;
+          (m->kv_scale = cu::DeviceBuffer::allocate(
+               static_cast<std::size_t>(planes * slots * m->kv_heads() * 4), &err)),
+          !m->kv_scale.data())
+        return Error(err + " (the KV cache pool's FP8 scales; lower its size)");
+    }
     if (std::string err = cu::synchronize(m->stream, "loading the model onto the GPU");
         !err.empty())
       return Error(err);
@@ -587,7 +631,6 @@ Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, floa
   const int64_t H = c.hidden_size;
   const int64_t qd = c.num_heads * c.head_dim;
   const int64_t kvd = c.num_kv_heads * c.head_dim;
-  const int64_t bs = options.block_size;
   const uint16_t* xin = xn.as<uint16_t>();
   float* qs = q.as<float>();
   float* ks = k.as<float>();
@@ -618,13 +661,7 @@ Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, floa
            stream);
   cu::rope(ks, n, kvd, c.num_kv_heads, c.head_dim, c.rotary_dim, step.pos, inv_freq.as<float>(),
            stream);
-  const int64_t layer_stride = num_blocks * bs * kvd;  // elements of one layer's k (or v)
-  cu::PagedKv cache;
-  cache.k = kv.as<uint16_t>() + (2 * l) * layer_stride;
-  cache.v = kv.as<uint16_t>() + (2 * l + 1) * layer_stride;
-  cache.block_size = bs;
-  cache.n_kv_heads = c.num_kv_heads;
-  cache.head_dim = c.head_dim;
+  const cu::PagedKv cache = layer_cache(l);
   cu::paged_kv_write(ks, vs, n, step.slot, cache, stream);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   cu::paged_attention(qs, n, cache, step.batch, c.num_heads, scale, c.layer_window[l],

@@ -164,7 +164,11 @@ Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& 
         static_cast<int32_t>(s.blocks[j / bs] * bs + j % bs);
   cu::copy(mla_slots.data(), mla_slots_host.data(), static_cast<std::size_t>(len) * 4, stream);
   uint16_t* cached = mla_rows.as<uint16_t>();
-  cu::moe_gather(cache.k, mla_slots.as<int32_t>(), len, 1, row, cached, stream);
+  if (cache.fp8)
+    cu::paged_kv_read_bf16(cache, false, mla_slots.as<int32_t>(), len, cached, stream);
+  else
+    cu::moe_gather(static_cast<const uint16_t*>(cache.k), mla_slots.as<int32_t>(), len, 1, row,
+                   cached, stream);
 
   // Keys [len, heads, hd]: k_nope = W_uk[h] c, then k_pe (the same for every head, copied by an
   // identity product); values [len, heads, hd]: W_uv[h] c. Zero past qk and vd.
@@ -263,11 +267,7 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   cu::rope(ckv + lora, n, row, 1, row, rope, step.pos, inv_freq.as<float>(), stream);
 
   // Cache the rows: one kv head whose rows are keys and values.
-  cu::PagedKv cache;
-  cache.k = cache.v = kv.as<uint16_t>() + l * num_blocks * options.block_size * row;
-  cache.block_size = options.block_size;
-  cache.n_kv_heads = 1;
-  cache.head_dim = row;
+  const cu::PagedKv cache = layer_cache(l);
   cu::paged_kv_write(ckv, ckv, n, step.slot, cache, stream);
 
   // The absorbed form for the tokens [begin, end) into their rows of attn [n, heads * vd].

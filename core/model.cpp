@@ -93,9 +93,16 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
 #if MOEMESH_HAVE_CUDA
   if (Status s = detail::parse_device(options.device, &cuda, &device); !s) return s.error();
   if (cuda) {
+    // The pool's values: FP8 for "fp8", else bf16 (f32 values are the CPU's only).
+    Expected<detail::KvStoreOptions> ko =
+        detail::kv_store_options(options.kv_cache_dtype, impl->weights.embed.dtype,
+                                 options.kv_block_size, 0, 0, options.prefix_caching);
+    if (!ko) return ko.error();
     detail::CudaOptions co;
     co.device = device;
     co.kv_cache_bytes = options.gpu_kv_cache_bytes;
+    co.block_size = ko->block_size;
+    co.kv_fp8 = ko->dtype == kernels::KvDtype::FP8;
     co.grouped_gemm = options.grouped_gemm;
     co.tensor_parallel = options.tensor_parallel_size;
     co.collective = options.tensor_parallel_collective;
@@ -442,7 +449,7 @@ Status Model::Impl::forward_step(std::span<const Model::Chunk> chunks, std::vect
 std::shared_ptr<detail::KvStore> Model::Impl::gpu_kv_store(bool prefix_caching) {
 #if MOEMESH_HAVE_CUDA
   detail::KvStoreOptions o;
-  o.dtype = kernels::KvDtype::BF16;
+  o.dtype = cuda->kv_fp8() ? kernels::KvDtype::FP8 : kernels::KvDtype::BF16;
   o.block_size = cuda->block_size();
   o.max_tokens = cuda->num_blocks() * o.block_size;
   o.prefix_caching = prefix_caching;

@@ -168,10 +168,11 @@ struct ModelOptions {
   // attends with keys and values expanded from the latent (prefill; fewer FLOPs per key), shorter
   // ones (decode) in the absorbed form over the latent cache. 0 keeps every chunk absorbed.
   int64_t mla_expanded_min_tokens = 64;
-  // The CPU KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", "auto" =
+  // The KV cache: tokens per block, the dtype its values are stored in ("f32", "bf16", "auto" =
   // the checkpoint's, or "fp8": e4m3 with a float32 scale per token and kv head), the most memory
-  // it may take (0: it grows as sequences need it), and whether full blocks are shared between
-  // sequences with the same prefix.
+  // it may take on the CPU (0: it grows as sequences need it), and whether full blocks are shared
+  // between sequences with the same prefix. On a GPU the pool is made at load with this block
+  // size and dtype, where "fp8" stores FP8 and the others bf16 (f32 values are the CPU's only).
   int64_t kv_block_size = 16;
   std::string kv_cache_dtype = "f32";
   int64_t kv_cache_bytes = 0;
@@ -230,7 +231,8 @@ class Model {
   // Replaces the CPU KV cache pool; no cache may hold blocks of the old one. dtype "auto" (the
   // checkpoint's: bf16 for a bf16 checkpoint, else f32), "f32", "bf16" or "fp8"; a limit in
   // tokens, or in bytes when max_tokens is 0 (both 0: grows as needed). A GPU model keeps the pool
-  // it loaded with (and has no prefix caching): this succeeds and changes nothing there.
+  // it loaded with (its dtype and block size; a warning names any other asked for here) and
+  // takes only prefix_caching.
   Status configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
                             int64_t max_bytes, bool prefix_caching);
   // Bytes of one cached token (every layer's keys and values, with FP8 scales).

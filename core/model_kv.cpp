@@ -157,17 +157,19 @@ KvCacheStats Model::kv_stats() const {
 Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, int64_t max_tokens,
                                  int64_t max_bytes, bool prefix_caching) {
   if (impl_->on_gpu()) {
-    // The GPU's pool was sized when the model loaded (bf16, its own block size): only prefix
-    // caching is taken from here.
+    // The GPU's pool was made when the model loaded (ModelOptions::kv_cache_dtype and
+    // kv_block_size): only prefix caching is taken from here.
     if (impl_->kv->stats().used_blocks > 0)
       return Error("the KV cache cannot be reconfigured while sequences hold blocks of it");
     impl_->kv = impl_->gpu_kv_store(prefix_caching);
-    const bool bf16 = dtype == "auto" || dtype == "bf16" || dtype == "bfloat16";
-    if (!bf16 || block_size != impl_->kv->block_size())
+    const bool fp8 = impl_->kv->dtype() == kernels::KvDtype::FP8;
+    const bool same = fp8 ? (dtype == "fp8" || dtype == "fp8_e4m3")
+                          : (dtype == "auto" || dtype == "bf16" || dtype == "bfloat16");
+    if (!same || block_size != impl_->kv->block_size())
       spdlog::warn(
-          "the GPU KV cache is bf16 in blocks of {} tokens: --kv-cache-dtype {} and --block-size "
-          "{} apply to CPU models only",
-          impl_->kv->block_size(), dtype, block_size);
+          "the GPU KV cache was made at load, {} in blocks of {} tokens: --kv-cache-dtype {} and "
+          "--block-size {} do not change it",
+          fp8 ? "fp8" : "bf16", impl_->kv->block_size(), dtype, block_size);
     return {};
   }
   Expected<detail::KvStoreOptions> o = detail::kv_store_options(
@@ -181,10 +183,7 @@ Status Model::configure_kv_cache(const std::string& dtype, int64_t block_size, i
 
 int64_t Model::kv_bytes_per_token() const {
 #if MOEMESH_HAVE_CUDA
-  if (impl_->cuda) {
-    const ModelConfig& c = impl_->config;
-    return c.num_layers * c.kv_values_per_token_layer() * 2;  // bf16 on the GPU
-  }
+  if (impl_->cuda) return impl_->cuda->kv_bytes_per_token();
 #endif
   return impl_->kv->block_bytes() / impl_->kv->block_size();
 }

@@ -2,7 +2,8 @@
 //
 // CudaForward uploads the model's weights once, as bf16 (the routed experts of a layer as one
 // [experts, 2 * inter, hidden] gate/up tensor and one [experts, hidden, inter] down tensor), keeps
-// a paged bf16 KV cache pool on the device, and runs chunks of tokens of one or several sequences
+// a paged KV cache pool on the device (bf16 values, or FP8 E4M3 ones with a float32 scale per
+// token and kv head: CudaOptions::kv_fp8), and runs chunks of tokens of one or several sequences
 // through the model with the kernels of kernels/cuda. Which blocks of the pool a sequence holds
 // is the model's KvStore's business (core/detail/kv_store.h: the same block manager as on the
 // CPU, prefix cache included); a forward call gets each sequence's block table. It computes what
@@ -42,6 +43,9 @@ struct CudaOptions {
   int device = 0;
   int64_t kv_cache_bytes = 0;  // 0: half of the GPU memory free after the weights
   int64_t block_size = 16;
+  // The pool's values: bf16, or (true) FP8 E4M3 codes with a float32 scale per stored row (one
+  // token, one kv head; latent attention: one token's row), as the CPU's FP8 cache stores them.
+  bool kv_fp8 = false;
   std::string grouped_gemm = "auto";  // auto | loop | streams | batched | wmma
   int tensor_parallel = 1;            // ranks; the model's heads and MLP widths must divide
   // How ranks add their parts: "auto" (NCCL when there are several ranks), "nccl" (also for one
@@ -70,6 +74,9 @@ class CudaForward {
 
   int64_t block_size() const;
   int64_t num_blocks() const;  // blocks in the pool, ids 0 .. num_blocks() - 1
+  bool kv_fp8() const;         // CudaOptions::kv_fp8
+  // Bytes of one cached token on each rank (every layer's values, FP8 scales included).
+  int64_t kv_bytes_per_token() const;
   // Copies block `src`'s keys and values into block `dst` (every layer, every rank); returns an
   // error message or "".
   std::string copy_block(int32_t src, int32_t dst);

@@ -61,12 +61,23 @@ struct CudaForward::Impl : CudaContext {
   bool routed_experts = false;
   int64_t weight_bytes = 0;
 
-  // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16; with multi-head latent
-  // attention one plane per layer, [layers][blocks][block_size][latent + rotary key].
-  cu::DeviceBuffer kv;
+  // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16, or FP8 codes (options.kv_fp8)
+  // with their scales in kv_scale, [layers][k|v][blocks][block_size][kv heads] float32; with
+  // multi-head latent attention one plane per layer, [layers][blocks][block_size][latent + rotary
+  // key], and one scale per row.
+  cu::DeviceBuffer kv, kv_scale;
   int64_t num_blocks = 0;
   int64_t kv_planes() const { return c.mla ? 1 : 2; }
+  int64_t kv_heads() const { return c.mla ? 1 : c.num_kv_heads; }  // rows (and scales) per slot
   int64_t kv_row() const { return c.mla ? c.mla->cache_row() : c.num_kv_heads * c.head_dim; }
+  int64_t kv_value_bytes() const { return options.kv_fp8 ? 1 : 2; }
+  // Bytes of one slot (a token of every layer and plane), scales included.
+  int64_t kv_slot_bytes() const {
+    return c.num_layers * kv_planes() *
+           (kv_row() * kv_value_bytes() + (options.kv_fp8 ? kv_heads() * 4 : 0));
+  }
+  // Layer l's view of the pool (k and v the same plane under latent attention).
+  cu::PagedKv layer_cache(int64_t l) const;
   // Widths of a token's queries and attention output over this rank's heads.
   int64_t q_width() const { return c.num_heads * (c.mla ? c.mla->qk_head_dim() : c.head_dim); }
   int64_t attn_width() const { return c.num_heads * (c.mla ? c.mla->v_head_dim : c.head_dim); }

@@ -22,6 +22,8 @@
 // one stream never overlaps, so a stream owns its area). The bound per area: rows * splits <=
 // kSlotRows and rows * splits * head_dim <= kSlotFloats (rows = n_q * n_heads), splits <=
 // kMaxSplits; beyond it, or on a stream without an area, every block takes a whole key range.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,6 +61,59 @@ __global__ void kv_write_vec_kernel(const float4* __restrict__ k, const float4* 
   for (int64_t i = threadIdx.x; i < row4; i += blockDim.x) {
     ck[dst + i] = pack_bf16x4(k[src + i]);
     cv[dst + i] = pack_bf16x4(v[src + i]);
+  }
+}
+
+// FP8: one block per token, a warp per (kv head, plane): the row's max |value| gives its scale
+// (max / 448, 1 for a row of zeros), each value / scale its code (round to nearest even,
+// saturating), as the CPU's FP8 cache computes them. One plane when k and v are the same.
+__global__ void kv_write_fp8_kernel(const float* __restrict__ k, const float* __restrict__ v,
+                                    const int32_t* __restrict__ slots, int n_kv, int head_dim,
+                                    int planes, uint8_t* ck, uint8_t* cv, float* ks, float* vs) {
+  const int64_t t = blockIdx.x;
+  const int32_t slot = slots[t];
+  if (slot < 0) return;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(n_kv) * head_dim;
+  for (int i = warp; i < n_kv * planes; i += blockDim.x / 32) {
+    const int h = i / planes;
+    const bool value = i % planes == 1;
+    const float* src = (value ? v : k) + t * row + static_cast<int64_t>(h) * head_dim;
+    uint8_t* dst = (value ? cv : ck) + slot * row + static_cast<int64_t>(h) * head_dim;
+    float amax = 0.0f;
+    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(src[d]));
+    amax = detail::warp_max(amax);
+    float scale = amax / 448.0f;
+    if (!(scale > 0.0f)) scale = 1.0f;
+    for (int d = lane; d < head_dim; d += 32)
+      dst[d] = __nv_cvt_float_to_fp8(src[d] / scale, __NV_SATFINITE, __NV_E4M3);
+    if (lane == 0) (value ? vs : ks)[static_cast<int64_t>(slot) * n_kv + h] = scale;
+  }
+}
+
+// Two FP8 E4M3 codes (the one at the lower address in the low byte) as floats; exact.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+  return __half22float2(__half2(h));
+}
+
+// paged_kv_read_bf16: one block per slot; bf16 rows are copied, fp8 ones decoded and scaled.
+__global__ void kv_read_kernel(const void* __restrict__ cache, const float* __restrict__ scales,
+                               bool fp8, const int32_t* __restrict__ slots, int n_kv, int head_dim,
+                               uint16_t* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(n_kv) * head_dim;
+  const int64_t slot = slots[r];
+  for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
+    if (fp8) {
+      const uint8_t code = static_cast<const uint8_t*>(cache)[slot * row + i];
+      const float s = scales[slot * n_kv + i / head_dim];
+      out[r * row + i] = detail::f32_to_bf16_bits(fp8x2_to_float2(code).x * s);
+    } else {
+      out[r * row + i] = static_cast<const uint16_t*>(cache)[slot * row + i];
+    }
   }
 }
 
@@ -127,8 +182,11 @@ struct HeadCfg {
 struct AttnParams {
   const float* q;
   float* out;
-  const uint16_t* k;
-  const uint16_t* v;
+  const void* k;  // bf16 bits, or FP8 codes with a float32 scale per stored row
+  const void* v;
+  const float* k_scale;  // FP8: [slots, n_kv]
+  const float* v_scale;
+  int n_kv;
   const int32_t* seq;
   const int32_t* pos;
   const int32_t* tables;
@@ -178,6 +236,46 @@ __device__ __forceinline__ void unpack_bf16(const uint32_t (&w)[kWords], float (
   for (int m = 0; m < kWords; ++m) {
     f[2 * m] = __uint_as_float(w[m] << 16);
     f[2 * m + 1] = __uint_as_float(w[m] & 0xffff0000u);
+  }
+}
+
+// A lane's 8 dims (lane_dim) of the K or V row of `slot` as floats, zero past head_dim or when
+// !valid: bf16 bits, or FP8 codes times the row's scale. `base` and `scales` point at the block's
+// kv head (element kvh * head_dim, scale kvh).
+template <class C, bool kFp8>
+__device__ __forceinline__ void load_kv(const void* base, const float* scales, int slot,
+                                        const AttnParams& p, int li, bool valid,
+                                        float (&f)[C::kDims]) {
+  if constexpr (!kFp8) {
+    uint32_t w[C::kWords] = {};
+    if (valid)
+      load_row<C>(static_cast<const uint16_t*>(base) + slot * p.kv_stride, li, p.head_dim, w);
+    unpack_bf16(w, f);
+  } else {
+#pragma unroll
+    for (int e = 0; e < C::kDims; ++e) f[e] = 0.0f;
+    if (!valid) return;
+    const uint8_t* row = static_cast<const uint8_t*>(base) + slot * p.kv_stride;
+    const float s = __ldg(scales + static_cast<int64_t>(slot) * p.n_kv);
+    if constexpr (C::kGeneric) {
+#pragma unroll
+      for (int i = 0; i < C::kLoads; ++i) {
+        const int d = (i * C::kLanes + li) * C::kVec;
+        if (d < p.head_dim) {
+          const float2 x = fp8x2_to_float2(__ldg(reinterpret_cast<const unsigned short*>(row + d)));
+          f[2 * i] = x.x * s;
+          f[2 * i + 1] = x.y * s;
+        }
+      }
+    } else {
+      const uint2 x = __ldg(reinterpret_cast<const uint2*>(row + li * C::kVec));
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const float2 a = fp8x2_to_float2((m < 2 ? x.x : x.y) >> (16 * (m % 2)));
+        f[2 * m] = a.x * s;
+        f[2 * m + 1] = a.y * s;
+      }
+    }
   }
 }
 
@@ -245,7 +343,7 @@ __device__ __forceinline__ int group_reduce_scatter(float (&x)[N], int li) {
 
 // ---- paged_attention: kernels ------------------------------------------------------------------
 
-template <int kHeadDim, int kRows>
+template <int kHeadDim, int kRows, bool kFp8>
 __global__ void __launch_bounds__(kThreads, kRows >= 8 ? 3 : 4)
     paged_attention_kernel(const AttnParams p) {
   using C = HeadCfg<kHeadDim>;
@@ -297,8 +395,11 @@ __global__ void __launch_bounds__(kThreads, kRows >= 8 ? 3 : 4)
   }
 
   const int32_t* table = p.tables + static_cast<int64_t>(p.seq[t]) * p.max_blocks;
-  const uint16_t* kbase = p.k + static_cast<int64_t>(kvh) * head_dim;
-  const uint16_t* vbase = p.v + static_cast<int64_t>(kvh) * head_dim;
+  constexpr int kElem = kFp8 ? 1 : 2;  // bytes per stored value
+  const void* kbase = static_cast<const char*>(p.k) + static_cast<int64_t>(kvh) * head_dim * kElem;
+  const void* vbase = static_cast<const char*>(p.v) + static_cast<int64_t>(kvh) * head_dim * kElem;
+  const float* kscale = kFp8 ? p.k_scale + kvh : nullptr;
+  const float* vscale = kFp8 ? p.v_scale + kvh : nullptr;
 
   float acc[kRows][C::kDims];
 #pragma unroll
@@ -323,9 +424,8 @@ __global__ void __launch_bounds__(kThreads, kRows >= 8 ? 3 : 4)
       float kf[kKeysPerGroup][C::kDims];
 #pragma unroll
       for (int u = 0; u < kKeysPerGroup; ++u) {
-        uint32_t w[C::kWords] = {};
-        if (j0 + u < n) load_row<C>(kbase + slot_sh[j0 + u] * p.kv_stride, li, head_dim, w);
-        unpack_bf16(w, kf[u]);
+        const bool valid = j0 + u < n;
+        load_kv<C, kFp8>(kbase, kscale, valid ? slot_sh[j0 + u] : 0, p, li, valid, kf[u]);
       }
 #pragma unroll
       for (int rb = 0; rb < kRows; rb += kRowBlock) {
@@ -392,9 +492,8 @@ __global__ void __launch_bounds__(kThreads, kRows >= 8 ? 3 : 4)
       float vf[kKeysPerGroup][C::kDims];
 #pragma unroll
       for (int u = 0; u < kKeysPerGroup; ++u) {
-        uint32_t w[C::kWords] = {};
-        if (j0 + u < n) load_row<C>(vbase + slot_sh[j0 + u] * p.kv_stride, li, head_dim, w);
-        unpack_bf16(w, vf[u]);
+        const bool valid = j0 + u < n;
+        load_kv<C, kFp8>(vbase, vscale, valid ? slot_sh[j0 + u] : 0, p, li, valid, vf[u]);
       }
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
@@ -510,10 +609,11 @@ __global__ void __launch_bounds__(kMergeThreads)
 // ---- paged_attention: heads wider than 256 ------------------------------------------------------
 // Multi-head latent attention attends with one 576-wide kv head (DeepSeek-V2/V3's latent and
 // rotary key; the value is the same row). One block of kWideThreads per (query, kv head, group
-// of up to kWideRows q heads), walking the keys in chunks of kWideKeys held in shared memory:
+// of up to kWideRows q heads), walking the keys in chunks of kWideKeys held in shared memory as
+// stored (32-bit words of 2 bf16 or 4 FP8 codes; FP8 rows' scales beside them):
 //   1. scores: thread (r, j) takes q head r and key j of the chunk, a whole dot product;
 //   2. softmax: the kWideKeys threads of a q head are one half-warp, reducing by shuffles;
-//   3. values: thread i accumulates dims 2 * (i + kWideThreads * u) + {0, 1} of every q head.
+//   3. values: thread i accumulates the dims of words i + kWideThreads * u of every q head.
 // When k and v are the same array (MLA) the chunk loaded for the scores serves the values too.
 // Few blocks (decode at small batches) split the keys as the main kernel does: each split writes
 // its unnormalised partial to the same scratch and merge_splits_kernel combines them.
@@ -523,14 +623,30 @@ constexpr int kWideKeys = kWideThreads / kWideRows;  // 16: a half-warp per q he
 constexpr int kWideMaxDim = 640;
 constexpr int kWideQStride = kWideMaxDim + 4;      // floats; spreads q rows over banks
 constexpr int kWideKvWords = kWideMaxDim / 2 + 1;  // 32-bit words per key row; odd: no conflicts
-constexpr int kWidePairs =
-    (kWideMaxDim / 2 + kWideThreads - 1) / kWideThreads;  // dim pairs a thread owns
 static_assert(kWideKeys == 16, "the softmax reduces over a half-warp");
 
+// The kPer values of one stored word (bf16 pairs or FP8 quads; the lower address first).
+template <bool kFp8>
+__device__ __forceinline__ void unpack_word(uint32_t x, float (&f)[kFp8 ? 4 : 2]) {
+  if constexpr (kFp8) {
+    const float2 a = fp8x2_to_float2(x);
+    const float2 b = fp8x2_to_float2(x >> 16);
+    f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+  } else {
+    f[0] = __uint_as_float(x << 16);
+    f[1] = __uint_as_float(x & 0xffff0000u);
+  }
+}
+
+template <bool kFp8>
 __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const AttnParams p) {
+  constexpr int kPer = kFp8 ? 4 : 2;  // values per 32-bit word
+  constexpr int kUnits =              // words of a row a thread accumulates
+      (kWideMaxDim / kPer + kWideThreads - 1) / kWideThreads;
   __shared__ __align__(16) float q_sh[kWideRows * kWideQStride];
   __shared__ uint32_t kv_sh[kWideKeys * kWideKvWords];
   __shared__ float p_sh[kWideRows * kWideKeys];
+  __shared__ float scale_sh[kWideKeys];  // FP8: the chunk's rows' scales (keys, then values)
   __shared__ float alpha_sh[kWideRows];
   __shared__ float l_sh[kWideRows];
   __shared__ float m_sh[kWideRows];
@@ -543,7 +659,7 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
   const int h0 = kvh * p.group + row_chunk * kWideRows;
   const int rows = min(kWideRows, p.group - row_chunk * kWideRows);
   const int head_dim = p.head_dim;
-  const int words = head_dim / 2;
+  const int words = head_dim / kPer;
   const int qpos = p.pos[t];
   const int first_key = p.window > 0 ? max(0, qpos - p.window + 1) : 0;
   const int kb = first_key + split * p.split_len;
@@ -554,7 +670,7 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
   const int tid = threadIdx.x;
   const int my_row = tid / kWideKeys;
   const int my_key = tid % kWideKeys;
-  const bool shared_kv = p.k == p.v;
+  const bool shared_kv = p.k == p.v && p.k_scale == p.v_scale;
 
   for (int i = tid; i < kWideRows * kWideQStride; i += kWideThreads) {
     const int r = i / kWideQStride;
@@ -564,24 +680,30 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
                   : 0.0f;
   }
   const int32_t* table = p.tables + static_cast<int64_t>(p.seq[t]) * p.max_blocks;
-  const int64_t head_offset = static_cast<int64_t>(kvh) * head_dim;
+  // Bytes from a slot's row to this kv head's values.
+  const int64_t head_offset = static_cast<int64_t>(kvh) * head_dim * (kFp8 ? 1 : 2);
+  const int64_t row_bytes = p.kv_stride * (kFp8 ? 1 : 2);
 
-  // Loads the chunk's rows of `base` (k or v) into kv_sh.
-  auto load_chunk = [&](const uint16_t* base, int n) {
+  // Loads the chunk's rows of `base` (k or v) into kv_sh, and their scales (FP8).
+  auto load_chunk = [&](const void* base, const float* scales, int n) {
     for (int i = tid; i < n * words; i += kWideThreads) {
       const int j = i / words;
       const int w = i % words;
-      const uint16_t* row = base + static_cast<int64_t>(slot_sh[j]) * p.kv_stride + head_offset;
+      const char* row = static_cast<const char*>(base) + slot_sh[j] * row_bytes + head_offset;
       kv_sh[j * kWideKvWords + w] = __ldg(reinterpret_cast<const unsigned int*>(row) + w);
     }
+    if (kFp8 && tid < n)
+      scale_sh[tid] = __ldg(scales + static_cast<int64_t>(slot_sh[tid]) * p.n_kv + kvh);
   };
 
   float m = -INFINITY, l = 0.0f;  // the running max and sum of my_row (same in its half-warp)
-  float acc[kWideRows][kWidePairs][2];
+  float acc[kWideRows][kUnits][kPer];
 #pragma unroll
   for (int r = 0; r < kWideRows; ++r)
 #pragma unroll
-    for (int u = 0; u < kWidePairs; ++u) acc[r][u][0] = acc[r][u][1] = 0.0f;
+    for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) acc[r][u][e] = 0.0f;
 
   for (int c0 = kb; c0 < ke; c0 += kWideKeys) {
     const int n = min(kWideKeys, ke - c0);
@@ -590,7 +712,7 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
       slot_sh[tid] = table[key / p.block_size] * p.block_size + key % p.block_size;
     }
     __syncthreads();  // slots ready; also: the previous chunk's values are no longer read
-    load_chunk(p.k, n);
+    load_chunk(p.k, p.k_scale, n);
     __syncthreads();
 
     // 1. Score of (my_row, my_key), in log2 units.
@@ -600,11 +722,12 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
       const uint32_t* krow = kv_sh + my_key * kWideKvWords;
       float dot = 0.0f;
       for (int w = 0; w < words; ++w) {
-        const uint32_t x = krow[w];
-        dot = fmaf(qrow[2 * w], __uint_as_float(x << 16), dot);
-        dot = fmaf(qrow[2 * w + 1], __uint_as_float(x & 0xffff0000u), dot);
+        float f[kPer];
+        unpack_word<kFp8>(krow[w], f);
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) dot = fmaf(qrow[kPer * w + e], f[e], dot);
       }
-      s = dot;
+      s = kFp8 ? dot * scale_sh[my_key] : dot;
     }
     // 2. Online softmax over the half-warp of my_row.
     float mx = s;
@@ -621,8 +744,8 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
     p_sh[my_row * kWideKeys + my_key] = e;
     if (my_key == 0) alpha_sh[my_row] = alpha;
     if (!shared_kv) {
-      __syncthreads();  // every score has read the keys
-      load_chunk(p.v, n);
+      __syncthreads();  // every score has read the keys and their scales
+      load_chunk(p.v, p.v_scale, n);
     }
     __syncthreads();
 
@@ -631,25 +754,25 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
     for (int r = 0; r < kWideRows; ++r) {
       const float a = alpha_sh[r];
 #pragma unroll
-      for (int u = 0; u < kWidePairs; ++u) acc[r][u][0] *= a, acc[r][u][1] *= a;
+      for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) acc[r][u][e] *= a;
     }
     for (int j = 0; j < n; ++j) {
-      float v[kWidePairs][2];
+      float v[kUnits][kPer];
 #pragma unroll
-      for (int u = 0; u < kWidePairs; ++u) {
+      for (int u = 0; u < kUnits; ++u) {
         const int w = tid + kWideThreads * u;
-        const uint32_t x = w < words ? kv_sh[j * kWideKvWords + w] : 0u;
-        v[u][0] = __uint_as_float(x << 16);
-        v[u][1] = __uint_as_float(x & 0xffff0000u);
+        unpack_word<kFp8>(w < words ? kv_sh[j * kWideKvWords + w] : 0u, v[u]);
       }
+      const float vs = kFp8 ? scale_sh[j] : 1.0f;
 #pragma unroll
       for (int r = 0; r < kWideRows; ++r) {
-        const float pr = p_sh[r * kWideKeys + j];
+        const float pr = p_sh[r * kWideKeys + j] * vs;
 #pragma unroll
-        for (int u = 0; u < kWidePairs; ++u) {
-          acc[r][u][0] = fmaf(pr, v[u][0], acc[r][u][0]);
-          acc[r][u][1] = fmaf(pr, v[u][1], acc[r][u][1]);
-        }
+        for (int u = 0; u < kUnits; ++u)
+#pragma unroll
+          for (int e = 0; e < kPer; ++e) acc[r][u][e] = fmaf(pr, v[u][e], acc[r][u][e]);
       }
     }
   }
@@ -667,11 +790,11 @@ __global__ void __launch_bounds__(kWideThreads) wide_attention_kernel(const Attn
     float* o = p.splits == 1 ? p.out + row * head_dim
                              : g_split_acc[p.slot] + (row * p.splits + split) * head_dim;
 #pragma unroll
-    for (int u = 0; u < kWidePairs; ++u) {
+    for (int u = 0; u < kUnits; ++u) {
       const int w = tid + kWideThreads * u;
       if (w < words) {
-        o[2 * w] = acc[r][u][0] * inv;
-        o[2 * w + 1] = acc[r][u][1] * inv;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) o[kPer * w + e] = acc[r][u][e] * inv;
       }
     }
     if (p.splits > 1 && tid == 0)
@@ -726,22 +849,38 @@ void plan_splits(int64_t blocks, int64_t q_rows, int64_t head_dim, int64_t windo
   *split_len = len;
 }
 
-template <int kHeadDim, int kRows>
+template <int kHeadDim, int kRows, bool kFp8>
 void launch_attention(const AttnParams& p, dim3 grid, Stream stream) {
-  paged_attention_kernel<kHeadDim, kRows><<<grid, kThreads, 0, stream>>>(p);
+  paged_attention_kernel<kHeadDim, kRows, kFp8><<<grid, kThreads, 0, stream>>>(p);
 }
 
-template <int kHeadDim>
+template <int kHeadDim, bool kFp8>
 void launch_rows(int rows, const AttnParams& p, dim3 grid, Stream stream) {
   switch (rows) {
     case 1:
-      return launch_attention<kHeadDim, 1>(p, grid, stream);
+      return launch_attention<kHeadDim, 1, kFp8>(p, grid, stream);
     case 2:
-      return launch_attention<kHeadDim, 2>(p, grid, stream);
+      return launch_attention<kHeadDim, 2, kFp8>(p, grid, stream);
     case 4:
-      return launch_attention<kHeadDim, 4>(p, grid, stream);
+      return launch_attention<kHeadDim, 4, kFp8>(p, grid, stream);
     default:
-      return launch_attention<kHeadDim, 8>(p, grid, stream);
+      return launch_attention<kHeadDim, 8, kFp8>(p, grid, stream);
+  }
+}
+
+template <bool kFp8>
+void launch_head_dim(int64_t head_dim, bool vec, int rows, const AttnParams& p, dim3 grid,
+                     Stream stream) {
+  if (head_dim > 256) {
+    wide_attention_kernel<kFp8><<<grid, kWideThreads, 0, stream>>>(p);
+  } else if (vec && head_dim == 64) {
+    launch_rows<64, kFp8>(rows, p, grid, stream);
+  } else if (vec && head_dim == 128) {
+    launch_rows<128, kFp8>(rows, p, grid, stream);
+  } else if (vec && head_dim == 256) {
+    launch_rows<256, kFp8>(rows, p, grid, stream);
+  } else {
+    launch_rows<0, kFp8>(rows, p, grid, stream);
   }
 }
 
@@ -752,15 +891,37 @@ void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* sl
   if (n <= 0) return;
   const int64_t row = cache.n_kv_heads * cache.head_dim;
   if (row <= 0 || n > INT_MAX) return report_unsupported_shape(stream);
+  if (cache.fp8) {
+    if (!cache.k_scale || !cache.v_scale || cache.n_kv_heads > INT_MAX || cache.head_dim > INT_MAX)
+      return report_unsupported_shape(stream);
+    const bool one_plane = k == v && cache.k == cache.v && cache.k_scale == cache.v_scale;
+    kv_write_fp8_kernel<<<static_cast<unsigned>(n), kWriteThreads, 0, stream>>>(
+        k, v, slots, static_cast<int>(cache.n_kv_heads), static_cast<int>(cache.head_dim),
+        one_plane ? 1 : 2, static_cast<uint8_t*>(cache.k), static_cast<uint8_t*>(cache.v),
+        cache.k_scale, cache.v_scale);
+    return;
+  }
   if (row % 4 == 0 && aligned(k, 16) && aligned(v, 16) && aligned(cache.k, 8) &&
       aligned(cache.v, 8)) {
     kv_write_vec_kernel<<<static_cast<unsigned>(n), kWriteThreads, 0, stream>>>(
         reinterpret_cast<const float4*>(k), reinterpret_cast<const float4*>(v), slots, row / 4,
-        reinterpret_cast<uint2*>(cache.k), reinterpret_cast<uint2*>(cache.v));
+        static_cast<uint2*>(cache.k), static_cast<uint2*>(cache.v));
   } else {
-    kv_write_kernel<<<static_cast<unsigned>(n), kWriteThreads, 0, stream>>>(k, v, slots, row,
-                                                                            cache.k, cache.v);
+    kv_write_kernel<<<static_cast<unsigned>(n), kWriteThreads, 0, stream>>>(
+        k, v, slots, row, static_cast<uint16_t*>(cache.k), static_cast<uint16_t*>(cache.v));
   }
+}
+
+void paged_kv_read_bf16(const PagedKv& cache, bool values, const int32_t* slots, int64_t n,
+                        uint16_t* out, Stream stream) {
+  if (n <= 0) return;
+  if (cache.n_kv_heads <= 0 || cache.head_dim <= 0 || n > INT_MAX ||
+      cache.n_kv_heads * cache.head_dim > INT_MAX || (cache.fp8 && !cache.k_scale) ||
+      (cache.fp8 && !cache.v_scale))
+    return report_unsupported_shape(stream);
+  kv_read_kernel<<<static_cast<unsigned>(n), kWriteThreads, 0, stream>>>(
+      values ? cache.v : cache.k, values ? cache.v_scale : cache.k_scale, cache.fp8, slots,
+      static_cast<int>(cache.n_kv_heads), static_cast<int>(cache.head_dim), out);
 }
 
 void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const AttentionBatch& batch,
@@ -771,7 +932,8 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > kWideMaxDim || n_kv <= 0 || n_heads <= 0 ||
       n_heads % n_kv != 0 || n_heads > INT_MAX / n_q || cache.block_size <= 0 ||
       cache.block_size > INT_MAX || batch.max_pos < 0 || batch.max_pos >= INT_MAX ||
-      !aligned(cache.k, 4) || !aligned(cache.v, 4))
+      !aligned(cache.k, 4) || !aligned(cache.v, 4) ||
+      (cache.fp8 && (!cache.k_scale || !cache.v_scale || (head_dim > 256 && head_dim % 4 != 0))))
     return report_unsupported_shape(stream);
   const int64_t group = n_heads / n_kv;
   // Heads wider than 256 take the wide kernel (kWideRows q heads a block), the others the main one.
@@ -796,6 +958,9 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   p.out = out;
   p.k = cache.k;
   p.v = cache.v;
+  p.k_scale = cache.k_scale;
+  p.v_scale = cache.v_scale;
+  p.n_kv = static_cast<int>(n_kv);
   p.seq = batch.seq;
   p.pos = batch.pos;
   p.tables = batch.block_tables;
@@ -814,18 +979,13 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
 
   const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(n_kv * row_chunks),
                   static_cast<unsigned>(splits));
-  const bool vec16 = aligned(cache.k, 16) && aligned(cache.v, 16);
-  if (wide_heads) {
-    wide_attention_kernel<<<grid, kWideThreads, 0, stream>>>(p);
-  } else if (vec16 && head_dim == 64) {
-    launch_rows<64>(rows, p, grid, stream);
-  } else if (vec16 && head_dim == 128) {
-    launch_rows<128>(rows, p, grid, stream);
-  } else if (vec16 && head_dim == 256) {
-    launch_rows<256>(rows, p, grid, stream);
-  } else {
-    launch_rows<0>(rows, p, grid, stream);
-  }
+  // A lane's 8 dims are one 16-byte load of bf16 values, one 8-byte load of FP8 codes.
+  const std::uintptr_t vec_bytes = cache.fp8 ? 8 : 16;
+  const bool vec = aligned(cache.k, vec_bytes) && aligned(cache.v, vec_bytes);
+  if (cache.fp8)
+    launch_head_dim<true>(head_dim, vec, rows, p, grid, stream);
+  else
+    launch_head_dim<false>(head_dim, vec, rows, p, grid, stream);
   if (splits > 1) {
     merge_splits_kernel<<<static_cast<unsigned>(q_rows), kMergeThreads, 0, stream>>>(
         batch.pos, p.n_heads, p.head_dim, p.window, p.splits, p.split_len, slot, out);

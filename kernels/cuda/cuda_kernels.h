@@ -228,21 +228,35 @@ void moe_combine(const float* y, const int32_t* row_of_slot, const float* weight
 
 // ---- Paged KV cache and attention --------------------------------------------------------------
 
-// A paged KV cache of one layer: k and v are [num_blocks, block_size, n_kv_heads, head_dim] bf16.
-// A sequence's token at position p lives in block block_table[p / block_size], offset
-// p % block_size; its slot is that block * block_size + offset.
+// A paged KV cache of one layer: k and v are [num_blocks, block_size, n_kv_heads, head_dim]
+// values, bf16 (uint16_t bits), or with fp8 FP8 E4M3 codes (one byte each) whose stored rows
+// (one token, one kv head) each have a float32 scale in k_scale / v_scale
+// [num_blocks, block_size, n_kv_heads]: value = fp8 * scale, as the CPU's FP8 cache stores them
+// (kernels::PagedKv, KvDtype::FP8). A sequence's token at position p lives in block
+// block_table[p / block_size], offset p % block_size; its slot is that block * block_size +
+// offset.
 struct PagedKv {
-  uint16_t* k = nullptr;
-  uint16_t* v = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
   int64_t block_size = 16;
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
+  bool fp8 = false;
+  float* k_scale = nullptr;  // fp8 only
+  float* v_scale = nullptr;
 };
 
-// Writes n tokens' keys and values (float32 [n, n_kv_heads * head_dim], rounded to bf16) into
-// their slots (slots[t] < num_blocks * block_size).
+// Writes n tokens' keys and values (float32 [n, n_kv_heads * head_dim]) into their slots
+// (slots[t] < num_blocks * block_size; negative: skipped): rounded to bf16, or with fp8 each row
+// scaled by max |value| / 448 (1 for a row of zeros) and rounded to the nearest E4M3 code, the
+// bits the CPU's FP8 cache stores. k and v may be the same cache (one plane: latent attention).
 void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* slots,
                     const PagedKv& cache, Stream stream);
+
+// out[r, :] = the stored keys (values: false) or values (true) of slot slots[r], every kv head,
+// as bf16 [n, n_kv_heads * head_dim]: a bf16 cache's bits, an fp8 one's code * scale rounded.
+void paged_kv_read_bf16(const PagedKv& cache, bool values, const int32_t* slots, int64_t n,
+                        uint16_t* out, Stream stream);
 
 // Causal grouped-query attention of n_q queries over a paged cache (attention): query t belongs
 // to sequence seq[t] and sits at position pos[t]; it sees that sequence's keys at positions
@@ -250,8 +264,9 @@ void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* sl
 // block_tables is [n_seqs, max_blocks] (row seq[t]). q and out are [n_q, n_heads * head_dim]
 // float32; query head h reads kv head h / (n_heads / n_kv_heads); scores scaled by `scale`;
 // softmax in float32. Covers decode (one query per sequence) and prefill (a chunk of queries per
-// sequence) alike. head_dim: even, at most 640 (above 256 a simpler kernel without key splits
-// runs: multi-head latent attention's 576-wide rows); k and v may be the same array.
+// sequence) alike. head_dim: even (fp8 above 256: a multiple of 4), at most 640 (above 256 a
+// second kernel runs: multi-head latent attention's 576-wide rows); k and v may be the same array
+// (and then, with fp8, k_scale and v_scale too).
 struct AttentionBatch {
   const int32_t* seq = nullptr;
   const int32_t* pos = nullptr;

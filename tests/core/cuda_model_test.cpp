@@ -270,6 +270,123 @@ TEST(CudaModelMla, YarnScalingMatchesTheCpu) {
   EXPECT_GT(rel_error(pl, cl), 3 * rel_error(gl, cl));
 }
 
+// The median over rows of [rows, width] logits of each row's relative error.
+double median_row_error(const std::vector<float>& a, const std::vector<float>& b, int64_t width) {
+  if (a.size() != b.size() || a.empty() || a.size() % static_cast<std::size_t>(width) != 0)
+    return INFINITY;
+  std::vector<double> errors;
+  for (std::size_t at = 0; at < a.size(); at += static_cast<std::size_t>(width))
+    errors.push_back(rel_error(std::vector<float>(a.begin() + at, a.begin() + at + width),
+                               std::vector<float>(b.begin() + at, b.begin() + at + width)));
+  std::sort(errors.begin(), errors.end());
+  return errors[errors.size() / 2];
+}
+
+// An FP8 KV cache on the GPU (--kv-cache-dtype fp8: E4M3 values with a float32 scale per token
+// and kv head, latent attention's rows one scale each) gives the CPU's FP8 logits: the prompt at
+// every position, decode steps, and a fork, whose partly filled block is copied with its scales.
+// It is not the bf16 pool's arithmetic (its logits differ from those), and its bytes per token
+// count the scales.
+//
+// The bound is per position, as a median: the GPU's keys and values differ from the CPU's by
+// bf16 rounding, and where one lies near the midpoint of two E4M3 codes the two caches store
+// neighbouring codes, 6-12% apart. On these small fixtures that puts positions 0.3-7% apart (a
+// router's near-tie that flips: 50%), medians 1-4.7%. Caches that read the keys' scales for the
+// values, or every layer's scales from one plane, were 15-74% off (medians), and a fork without
+// its scales gives non-finite logits.
+class CudaModelFp8Kv : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(CudaModelFp8Kv, LogitsMatchTheCpusFp8Cache) {
+  REQUIRE_GPU();
+  constexpr double kMedian = 7.5e-2;
+  ModelOptions cpu_o, gpu_o = gpu_options();
+  cpu_o.kv_cache_dtype = gpu_o.kv_cache_dtype = "fp8";
+  auto cpu = Model::load(fixture(GetParam()), cpu_o);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  auto gpu = Model::load(fixture(GetParam()), gpu_o);
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  auto bf16 = Model::load(fixture(GetParam()), gpu_options());
+  ASSERT_TRUE(bf16) << bf16.error().message();
+  Model& m = **gpu;
+  EXPECT_NE(m.device_description().find("kv_dtype=fp8"), std::string::npos)
+      << m.device_description();
+  const ModelConfig& c = m.config();
+  const int64_t per_layer = c.mla ? c.mla->kv_lora_rank + c.mla->qk_rope_head_dim + 4
+                                  : 2 * c.num_kv_heads * (c.head_dim + 4);
+  EXPECT_EQ(m.kv_bytes_per_token(), c.num_layers * per_layer);
+
+  const int64_t V = c.vocab_size;
+  const std::vector<int32_t> prompt = fixture_prompt(GetParam());
+  KVCache cc = (*cpu)->new_cache(64), gc = m.new_cache(64), bc = (*bf16)->new_cache(64);
+  std::vector<float> cl, gl, bl;
+  ASSERT_TRUE((*cpu)->forward(cc, prompt, Logits::All, cl));
+  auto s = m.forward(gc, prompt, Logits::All, gl);
+  ASSERT_TRUE(s) << s.error().message();
+  ASSERT_TRUE((*bf16)->forward(bc, prompt, Logits::All, bl));
+  EXPECT_LT(median_row_error(gl, cl, V), kMedian);
+  EXPECT_GT(rel_error(gl, bl), 1e-3) << "the FP8 pool computes what the bf16 one does";
+
+  // Decode steps (both fed the CPU's greedy tokens).
+  std::vector<float> last_c(cl.end() - V, cl.end()), steps_c, steps_g;
+  for (int step = 0; step < 6; ++step) {
+    const int32_t next = test::argmax(last_c.data(), V);
+    ASSERT_TRUE((*cpu)->forward(cc, std::vector<int32_t>{next}, Logits::Last, last_c));
+    ASSERT_TRUE(m.forward(gc, std::vector<int32_t>{next}, Logits::Last, gl));
+    steps_c.insert(steps_c.end(), last_c.begin(), last_c.end());
+    steps_g.insert(steps_g.end(), gl.begin(), gl.end());
+  }
+  EXPECT_LT(median_row_error(steps_g, steps_c, V), kMedian) << "decode steps";
+  ASSERT_TRUE(m.reserve(gc, gc.length() + 2));
+  Expected<KVCache> fork = m.fork(gc);
+  ASSERT_TRUE(fork) << fork.error().message();
+  std::vector<float> la, lb;
+  ASSERT_TRUE(m.forward(gc, std::vector<int32_t>{3}, Logits::Last, la));
+  ASSERT_TRUE(m.forward(*fork, std::vector<int32_t>{3}, Logits::Last, lb));
+  EXPECT_LT(rel_error(lb, la), 1e-3) << "a fork of the FP8 cache";
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFp8Kv,
+                         ::testing::Values("qwen3moe-tiny", "olmoe-bf16-clip",
+                                           "mixtral-odd-sharded", "glm4moe-bf16",
+                                           "deepseek-v2-bf16", "deepseek-v3-bf16"));
+
+// Latent attention's expanded form reads an FP8 cache's rows as bf16 (code * scale): a prompt in
+// two chunks, the second over rows the first cached in FP8, gives what the absorbed form over the
+// same cache gives, and the CPU's FP8 logits (per position, as above).
+TEST(CudaModelFp8Kv, ExpandedPrefillOverAnFp8LatentCache) {
+  REQUIRE_GPU();
+  for (const char* name : {"deepseek-v2-bf16", "deepseek-v3-bf16"}) {
+    SCOPED_TRACE(name);
+    ModelOptions cpu_o, absorbed_o = gpu_options(), expanded_o = gpu_options();
+    cpu_o.kv_cache_dtype = absorbed_o.kv_cache_dtype = expanded_o.kv_cache_dtype = "fp8";
+    absorbed_o.mla_expanded_min_tokens = 0;
+    expanded_o.mla_expanded_min_tokens = 1;
+    auto cpu = Model::load(fixture(name), cpu_o);
+    auto absorbed = Model::load(fixture(name), absorbed_o);
+    auto expanded = Model::load(fixture(name), expanded_o);
+    ASSERT_TRUE(cpu && absorbed && expanded);
+    const int64_t V = (*cpu)->config().vocab_size;
+    const std::vector<int32_t> prompt = fixture_prompt(name);
+    const auto half = static_cast<std::ptrdiff_t>(prompt.size() / 2);
+    KVCache cc = (*cpu)->new_cache(64), ac = (*absorbed)->new_cache(64),
+            ec = (*expanded)->new_cache(64);
+    std::vector<float> cl, al, el, tail;
+    for (auto [model, cache, out] : {std::tuple{cpu->get(), &cc, &cl},
+                                     {absorbed->get(), &ac, &al},
+                                     {expanded->get(), &ec, &el}}) {
+      ASSERT_TRUE(model->forward(
+          *cache, std::vector<int32_t>(prompt.begin(), prompt.begin() + half), Logits::All, *out));
+      auto st = model->forward(*cache, std::vector<int32_t>(prompt.begin() + half, prompt.end()),
+                               Logits::All, tail);
+      ASSERT_TRUE(st) << st.error().message();
+      out->insert(out->end(), tail.begin(), tail.end());
+    }
+    EXPECT_LT(median_row_error(el, al, V), 7.5e-2);
+    EXPECT_LT(median_row_error(el, cl, V), 7.5e-2);
+    EXPECT_LT(median_row_error(al, cl, V), 7.5e-2);
+  }
+}
+
 // Latent attention's expanded form (a chunk of many tokens: keys and values expanded from the
 // cached latent rows) gives what the absorbed form gives, and the CPU: a whole prompt, a prompt in
 // two chunks (the second over cached rows), decode steps, and a step that mixes an expanded chunk

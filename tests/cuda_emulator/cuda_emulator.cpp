@@ -343,14 +343,56 @@ void moe_combine(const float* y, const int32_t* row_of_slot, const float* weight
 
 // ---- Paged KV cache and attention --------------------------------------------------------------
 
+namespace {
+
+// Element i of a stored row at `slot` (one plane): bf16 bits, or an FP8 code times its row's
+// scale (rows of head_dim values, n_kv_heads per slot).
+float stored(const void* plane, const float* scales, bool fp8, int64_t slot, int64_t row,
+             int64_t head_dim, int64_t i) {
+  if (!fp8) return bf(static_cast<const uint16_t*>(plane)[slot * row + i]);
+  const int64_t n_kv = row / head_dim;
+  return kernels::fp8_e4m3_to_f32(static_cast<const uint8_t*>(plane)[slot * row + i]) *
+         scales[slot * n_kv + i / head_dim];
+}
+
+}  // namespace
+
 void paged_kv_write(const float* k, const float* v, int64_t n, const int32_t* slots,
                     const PagedKv& cache, Stream) {
-  const int64_t row = cache.n_kv_heads * cache.head_dim;
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < row; ++i) {
-      cache.k[slots[t] * row + i] = to_bf(k[t * row + i]);
-      cache.v[slots[t] * row + i] = to_bf(v[t * row + i]);
+  const int64_t hd = cache.head_dim;
+  const int64_t row = cache.n_kv_heads * hd;
+  for (int64_t t = 0; t < n; ++t) {
+    if (slots[t] < 0) continue;
+    for (int plane = 0; plane < 2; ++plane) {
+      const float* src = (plane ? v : k) + t * row;
+      void* dst = plane ? cache.v : cache.k;
+      if (!cache.fp8) {
+        for (int64_t i = 0; i < row; ++i)
+          static_cast<uint16_t*>(dst)[slots[t] * row + i] = to_bf(src[i]);
+        continue;
+      }
+      for (int64_t h = 0; h < cache.n_kv_heads; ++h) {
+        float amax = 0;
+        for (int64_t d = 0; d < hd; ++d) amax = std::max(amax, std::fabs(src[h * hd + d]));
+        float scale = amax / 448.0f;
+        if (!(scale > 0)) scale = 1.0f;
+        for (int64_t d = 0; d < hd; ++d)
+          static_cast<uint8_t*>(dst)[slots[t] * row + h * hd + d] =
+              kernels::f32_to_fp8_e4m3(src[h * hd + d] / scale);
+        (plane ? cache.v_scale : cache.k_scale)[slots[t] * cache.n_kv_heads + h] = scale;
+      }
     }
+  }
+}
+
+void paged_kv_read_bf16(const PagedKv& cache, bool values, const int32_t* slots, int64_t n,
+                        uint16_t* out, Stream) {
+  const int64_t row = cache.n_kv_heads * cache.head_dim;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < row; ++i)
+      out[r * row + i] =
+          to_bf(stored(values ? cache.v : cache.k, values ? cache.v_scale : cache.k_scale,
+                       cache.fp8, slots[r], row, cache.head_dim, i));
 }
 
 void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const AttentionBatch& batch,
@@ -359,6 +401,12 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
   const int64_t row = cache.n_kv_heads * hd;
   const int64_t group = n_heads / cache.n_kv_heads;
   const int64_t bs = cache.block_size;
+  auto key = [&](int64_t slot, int64_t i) {
+    return stored(cache.k, cache.k_scale, cache.fp8, slot, row, hd, i);
+  };
+  auto value = [&](int64_t slot, int64_t i) {
+    return stored(cache.v, cache.v_scale, cache.fp8, slot, row, hd, i);
+  };
   for (int64_t t = 0; t < n_q; ++t) {
     const int64_t pos = batch.pos[t];
     const int32_t* table = batch.block_tables + batch.seq[t] * batch.max_blocks;
@@ -370,7 +418,7 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
       for (int64_t j = first; j <= pos; ++j) {
         const int64_t slot = table[j / bs] * bs + j % bs;
         float dot = 0;
-        for (int64_t d = 0; d < hd; ++d) dot += qh[d] * bf(cache.k[slot * row + kvh * hd + d]);
+        for (int64_t d = 0; d < hd; ++d) dot += qh[d] * key(slot, kvh * hd + d);
         s.push_back(dot * scale);
       }
       const float mx = *std::max_element(s.begin(), s.end());
@@ -381,7 +429,7 @@ void paged_attention(const float* q, int64_t n_q, const PagedKv& cache, const At
       for (int64_t j = first; j <= pos; ++j) {
         const int64_t slot = table[j / bs] * bs + j % bs;
         const auto p = static_cast<float>(s[j - first] / sum);
-        for (int64_t d = 0; d < hd; ++d) o[d] += p * bf(cache.v[slot * row + kvh * hd + d]);
+        for (int64_t d = 0; d < hd; ++d) o[d] += p * value(slot, kvh * hd + d);
       }
     }
   }

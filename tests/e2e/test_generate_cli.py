@@ -98,6 +98,8 @@ def test_eos_from_config_stops_generation(binary, tmp_path):
     (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1", "--max-tokens", "-3"], "max-tokens"),
     (["generate", "--model", FIXTURES / "olmoe-tiny", "--prompt-ids", "1", "--max-tokens", "100000"],
      "maximum context length"),
+    (["serve", "--single-process", "--device", "cuda", "--kv-cache-dtype", "f32", "--model",
+      FIXTURES / "olmoe-tiny"], "--kv-cache-dtype f32 needs --device cpu"),
     (["nonsense"], "nonsense"),
     (["nonsense", "--help"], "nonsense"),
 ])
