@@ -588,6 +588,42 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelTensorParallel,
                                            "qwen3moe-tiny", "deepseek-v3-tiny", "deepseek-v2-bf16",
                                            "glm4moe-tiny"));
 
+// An FP8 KV cache under tensor parallelism: each rank quantizes the rows of its own kv heads
+// (replicated ones too; under latent attention every rank the same rows), so two and four ranks
+// give one rank's FP8 logits, prompt and decode steps, up to the neighbouring-code noise of
+// CudaModelFp8Kv (medians per position).
+TEST(CudaModelFp8Kv, TensorParallelRanksKeepTheirKvHeadsInFp8) {
+  REQUIRE_GPU();
+  for (const char* name : {"qwen3moe-tiny", "olmoe-bf16-clip", "deepseek-v2-bf16"}) {
+    SCOPED_TRACE(name);
+    ModelOptions one_o = gpu_options();
+    one_o.kv_cache_dtype = "fp8";
+    auto one = Model::load(fixture(name), one_o);
+    ASSERT_TRUE(one) << one.error().message();
+    const int64_t V = (*one)->config().vocab_size;
+    for (int size : {2, 4}) {
+      if (!detail::check_tensor_parallel((*one)->config(), size)) continue;
+      ModelOptions o = tp_options(size, "one-gpu");
+      o.kv_cache_dtype = "fp8";
+      auto tp = Model::load(fixture(name), o);
+      ASSERT_TRUE(tp) << tp.error().message();
+      const std::vector<int32_t> prompt = fixture_prompt(name);
+      KVCache a = (*tp)->new_cache(64), ref = (*one)->new_cache(64);
+      std::vector<float> got, want, steps_got, steps_want;
+      ASSERT_TRUE((*tp)->forward(a, prompt, Logits::All, got));
+      ASSERT_TRUE((*one)->forward(ref, prompt, Logits::All, want));
+      EXPECT_LT(median_row_error(got, want, V), 7.5e-2) << size << " ranks, prompt";
+      for (int32_t t : {5, 6, 7, 8, 9, 10}) {
+        ASSERT_TRUE((*tp)->forward(a, std::vector<int32_t>{t}, Logits::Last, got));
+        ASSERT_TRUE((*one)->forward(ref, std::vector<int32_t>{t}, Logits::Last, want));
+        steps_got.insert(steps_got.end(), got.begin(), got.end());
+        steps_want.insert(steps_want.end(), want.begin(), want.end());
+      }
+      EXPECT_LT(median_row_error(steps_got, steps_want, V), 7.5e-2) << size << " ranks, decode";
+    }
+  }
+}
+
 // NCCL with one rank (what --tensor-parallel-size 1 --device cuda runs through when NCCL is asked
 // for) gives exactly what no collective gives.
 TEST(CudaModelNccl, OneRankThroughNcclIsExact) {
