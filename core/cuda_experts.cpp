@@ -50,15 +50,19 @@ struct CudaExperts::Impl : CudaContext {
   std::vector<const Expert*> layer_experts;
   std::vector<cu::GroupWeight> gate_up_w, down_w;
   std::vector<int64_t> rows, offsets;
-  // Grows the scratch for m rows of experts `inter` wide; copies x [m, hidden] in as bf16.
-  Status stage_in(const float* x, int64_t m, int64_t inter);
+  // Grows the scratch for m rows of experts `inter` wide; copies x [m, hidden] (float32, or bf16
+  // bits when x_bf16 is set) in as bf16.
+  Status stage_in(const float* x, const uint16_t* x_bf16, int64_t m, int64_t inter);
+  Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                   const uint16_t* x_bf16, int64_t total, float* y);
   // Copies y [m, hidden] out and waits for the stream.
   Status stage_out(float* dst, int64_t m, const char* what);
 };
 
-Status CudaExperts::Impl::stage_in(const float* x, int64_t m, int64_t inter) {
+Status CudaExperts::Impl::stage_in(const float* x, const uint16_t* x_bf16, int64_t m,
+                                   int64_t inter) {
   const auto rows_bytes = static_cast<std::size_t>(m * hidden * 4);
-  for (auto [buf, size] : {std::pair{&x32, rows_bytes},
+  for (auto [buf, size] : {std::pair{&x32, x_bf16 ? std::size_t{0} : rows_bytes},
                            {&x16, rows_bytes / 2},
                            {&gu, static_cast<std::size_t>(m * 2 * inter * 4)},
                            {&act, static_cast<std::size_t>(m * inter * 2)},
@@ -66,6 +70,11 @@ Status CudaExperts::Impl::stage_in(const float* x, int64_t m, int64_t inter) {
     if (Status s = ensure(*buf, size); !s) return s;
   for (auto* buf : {&in, &out})
     if (Status s = ensure(*buf, rows_bytes); !s) return s;
+  if (x_bf16) {
+    std::memcpy(in.data(), x_bf16, rows_bytes / 2);
+    cu::copy(x16.data(), in.data(), rows_bytes / 2, stream);
+    return {};
+  }
   std::memcpy(in.data(), x, rows_bytes);
   cu::copy(x32.data(), in.data(), rows_bytes, stream);
   cu::f32_to_bf16(x32.as<float>(), m * hidden, x16.as<uint16_t>(), stream);
@@ -178,7 +187,7 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
   const Impl::Expert& w = it->second;
   const int64_t H = m.hidden;
-  if (Status s = m.stage_in(x, m_tokens, w.inter); !s) return s;
+  if (Status s = m.stage_in(x, nullptr, m_tokens, w.inter); !s) return s;
   // x [m, k] times the expert's weight [n, k]^T into y [m, n].
   auto product = [&](const uint16_t* in, const cu::DeviceBuffer& weight,
                      const cu::DeviceBuffer& scale, int64_t n, int64_t k, float* out) {
@@ -200,7 +209,18 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
 
 Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
                               int64_t total, float* y) {
-  Impl& m = *impl_;
+  return impl_->run_layer(layer, groups, x, nullptr, total, y);
+}
+
+Status CudaExperts::run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups,
+                                   const uint16_t* x, int64_t total, float* y) {
+  return impl_->run_layer(layer, groups, nullptr, x, total, y);
+}
+
+Status CudaExperts::Impl::run_layer(int32_t layer, std::span<const ExpertRows> groups,
+                                    const float* x, const uint16_t* x_bf16, int64_t total,
+                                    float* result) {
+  Impl& m = *this;
   if (total == 0 || groups.empty()) return {};
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
   m.layer_experts.clear();
@@ -216,7 +236,7 @@ Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups,
     m.layer_experts.push_back(&it->second);
   }
   const int64_t H = m.hidden;
-  if (Status s = m.stage_in(x, total, inter); !s) return s;
+  if (Status s = m.stage_in(x, x_bf16, total, inter); !s) return s;
   // bf16 experts, then FP8 ones (a layer's experts are normally all of one kind): gate|up of
   // their rows, SwiGLU, down. In this order: the batched bf16 product may write every row below
   // its last group (it widens its bf16 result over them), the FP8 one only its groups' rows.
@@ -234,17 +254,17 @@ Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups,
       m.offsets.push_back(groups[i].offset);
     }
     if (m.rows.empty()) continue;
-    auto product = [&](const uint16_t* in, const std::vector<cu::GroupWeight>& w, int64_t n,
-                       int64_t k, float* out) {
-      return from(fp8 ? m.grouped->run_fp8(in, w, m.rows, m.offsets, n, k, out)
-                      : m.grouped->run_bf16(in, w, m.rows, m.offsets, n, k, out));
+    auto product = [&](const uint16_t* src, const std::vector<cu::GroupWeight>& w, int64_t n,
+                       int64_t k, float* dst) {
+      return from(fp8 ? m.grouped->run_fp8(src, w, m.rows, m.offsets, n, k, dst)
+                      : m.grouped->run_bf16(src, w, m.rows, m.offsets, n, k, dst));
     };
     if (Status s = product(m.x16.as<uint16_t>(), m.gate_up_w, 2 * inter, H, m.gu.as<float>()); !s)
       return s;
     cu::swiglu(m.gu.as<float>(), total, inter, m.act.as<uint16_t>(), m.stream);
     if (Status s = product(m.act.as<uint16_t>(), m.down_w, H, inter, m.y.as<float>()); !s) return s;
   }
-  return m.stage_out(y, total, "a layer's experts on the GPU");
+  return m.stage_out(result, total, "a layer's experts on the GPU");
 }
 
 }  // namespace moemesh::detail

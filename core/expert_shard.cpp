@@ -31,11 +31,14 @@ struct ExpertShard::Impl {
   // Each held expert's copies of matrices the checkpoint lays out otherwise (dbrx's w2).
   std::map<ExpertRef, detail::CopiedStore> copies;
   std::vector<float> scratch;  // run()'s, reused
+  std::vector<float> widened;  // run_layer_bf16()'s rows as float32 (CPU), reused
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaExperts> gpu;  // set when the shard computes on a GPU
 #endif
 
   Status check(const ExpertRef& r) const;
+  // run_layer()'s checks: every group's expert held, its rows within the batch.
+  Status check_groups(int32_t layer, std::span<const ExpertRows> groups, int64_t total_rows) const;
   int64_t weight_bytes() const {
     int64_t bytes = 0;
     for (const auto& [ref, w] : held) bytes += detail::ffn_bytes(w);
@@ -225,17 +228,40 @@ Status ExpertShard::run(int32_t layer, int32_t expert, const float* x, int64_t m
   return {};
 }
 
-Status ExpertShard::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
-                              int64_t total_rows, float* y) {
+Status ExpertShard::Impl::check_groups(int32_t layer, std::span<const ExpertRows> groups,
+                                       int64_t total_rows) const {
   for (const ExpertRows& g : groups) {
-    if (!impl_->held.contains(ExpertRef{layer, g.expert}))
+    if (!held.contains(ExpertRef{layer, g.expert}))
       return Error(fmt::format("expert {} of layer {} is not held by this expert shard of {}",
-                               g.expert, layer, impl_->dir.string()));
+                               g.expert, layer, dir.string()));
     if (g.offset < 0 || g.rows < 0 || g.offset + g.rows > total_rows)
       return Error(fmt::format(
           "ExpertShard::run_layer: rows [{}, {}) of expert {} are outside the batch's {} rows",
           g.offset, g.offset + g.rows, g.expert, total_rows));
   }
+  return {};
+}
+
+Status ExpertShard::run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups,
+                                   const uint16_t* x, int64_t total_rows, float* y) {
+  if (Status s = impl_->check_groups(layer, groups, total_rows); !s) return s;
+#if MOEMESH_HAVE_CUDA
+  if (impl_->gpu) return impl_->gpu->run_layer_bf16(layer, groups, x, total_rows, y);
+#endif
+  const int64_t H = impl_->config.hidden_size;
+  std::vector<float>& w = impl_->widened;
+  w.resize(static_cast<std::size_t>(total_rows * H));
+  for (const ExpertRows& g : groups)
+    kernels::to_f32(x + g.offset * H, kernels::DType::BF16, g.rows * H, w.data() + g.offset * H);
+  for (const ExpertRows& g : groups)
+    if (Status s = run(layer, g.expert, w.data() + g.offset * H, g.rows, y + g.offset * H); !s)
+      return s;
+  return {};
+}
+
+Status ExpertShard::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                              int64_t total_rows, float* y) {
+  if (Status s = impl_->check_groups(layer, groups, total_rows); !s) return s;
 #if MOEMESH_HAVE_CUDA
   if (impl_->gpu) return impl_->gpu->run_layer(layer, groups, x, total_rows, y);
 #endif

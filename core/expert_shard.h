@@ -99,6 +99,12 @@ class ExpertShard {
   // nothing, when an expert is not held or a group is not within [0, total_rows).
   Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
                    int64_t total_rows, float* y);
+  // run_layer() with x as bf16 bits [total_rows, hidden_size] (rows as a bf16 wire carries them):
+  // a GPU copies them up as they are (half the bytes of float32, no conversion on the host; its
+  // products take bf16 operands anyway, so y is the same as run_layer()'s on the widened rows);
+  // the CPU widens them to float32 first.
+  Status run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups, const uint16_t* x,
+                        int64_t total_rows, float* y);
 
   // Bytes of the held experts' weights in their dtype (int8, fp8: with the scales), for statistics
   // and logs.

@@ -134,13 +134,22 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     total += kept;
   }
   if (groups_.empty()) return;
-  gathered_.resize(static_cast<std::size_t>(total * H));
+  // Rows that all arrived as bf16 (bf16 views) are gathered as they are, for the shard to take as
+  // bf16 (a GPU copies them up unconverted); otherwise as float32.
+  bool bf16 = true;
+  for (int32_t di : dispatches) bf16 = bf16 && batch[di].x_bf16 != nullptr;
   result_.resize(static_cast<std::size_t>(total * H));
+  (bf16 ? gathered_bf16_.resize(static_cast<std::size_t>(total * H))
+        : gathered_.resize(static_cast<std::size_t>(total * H)));
   for (const ExpertRows& g : groups_)
     for (int64_t r = 0; r < g.rows; ++r) {
       const Slot& s = slots_[count_[g.expert] + r];
       const transport::Dispatch& d = batch[s.dispatch];
       const int64_t at = (s.slot / d.slots) * H;
+      if (bf16) {
+        std::copy(d.x_bf16 + at, d.x_bf16 + at + H, gathered_bf16_.data() + (g.offset + r) * H);
+        continue;
+      }
       float* dst = gathered_.data() + (g.offset + r) * H;
       if (d.x != nullptr)
         std::copy(d.x + at, d.x + at + H, dst);
@@ -156,7 +165,9 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
         runs[group_runs_[gi]].queue_seconds +=
             std::max(0.0, seconds(started - batch[slots_[begin + r].dispatch].received));
   }
-  Status s = shard.run_layer(layer, groups_, gathered_.data(), total, result_.data());
+  Status s =
+      bf16 ? shard.run_layer_bf16(layer, groups_, gathered_bf16_.data(), total, result_.data())
+           : shard.run_layer(layer, groups_, gathered_.data(), total, result_.data());
   // The layer's compute time, shared among its experts by their rows.
   const double compute = seconds(Clock::now() - started);
   for (std::size_t gi = 0; gi < groups_.size(); ++gi)

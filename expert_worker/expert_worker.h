@@ -11,9 +11,10 @@
 // gathered, and one ExpertShard::run_layer call computes every expert over its rows (on a GPU:
 // one copy each way and grouped GEMMs for the whole layer); w * E(x) is added into each
 // dispatch's partial rows, so a token's partial sums its experts in ascending id order. With bf16
-// views (data_plane.bf16_views, as `moemesh expert` runs) and a bf16 wire, rows are converted to
-// f32 as they are gathered and the f32 sums rounded to bf16 once per dispatch: the same bits as the
-// data plane's own conversions give. A dispatch that names an expert this worker does not hold (a
+// views (data_plane.bf16_views, as `moemesh expert` runs) and a bf16 wire, a layer's rows are
+// gathered as bf16 and handed over as they are (ExpertShard::run_layer_bf16: a GPU copies them up
+// unconverted, the CPU widens them to f32), and the f32 sums are rounded to bf16 once per
+// dispatch: the same bits as the data plane's own conversions give. A dispatch that names an expert this worker does not hold (a
 // stale placement), a dense layer, an expert id out of range or a hidden size that is not the
 // model's is answered with an error naming the problem, and none of its slots is computed.
 //

@@ -5,7 +5,8 @@
 // shapes suit the FP8 grouped GEMM (fp8_expert_refusal in tensor_parallel.h), else as bf16.
 // run() copies a token batch in, computes the SwiGLU FFN (cuBLAS for bf16, the FP8 grouped GEMM
 // for FP8) and the kernels of kernels/cuda, and copies the result out, through pinned buffers;
-// run_layer() does the same for the token batches of several experts of a layer at once.
+// run_layer() does the same for the token batches of several experts of a layer at once, and
+// run_layer_bf16() for bf16 rows (copied up as they are: the products' operands are bf16).
 //
 // Threads: used by the shard's one thread at a time; every call makes its device current.
 #pragma once
@@ -33,6 +34,9 @@ class CudaExperts {
   // group's expert (FP8 ones by the FP8 grouped GEMM, bf16 ones by the bf16 one), one copy out.
   Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
                    int64_t total_rows, float* y);
+  // The same with x as bf16 bits, copied up as they are (ExpertShard::run_layer_bf16).
+  Status run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups, const uint16_t* x,
+                        int64_t total_rows, float* y);
   std::string description() const;
   int64_t fp8_experts() const;  // held experts kept in FP8
 

@@ -44,6 +44,7 @@ class BatchCompute {
   std::vector<ExpertRows> groups_;  // the layer's experts with kept rows, in gathered_
   std::vector<std::size_t> group_runs_;  // per group: its entry of `runs`
   std::vector<float> gathered_;          // [kept rows of the layer, hidden], expert order
+  std::vector<uint16_t> gathered_bf16_;  // the same as bf16, when every row arrived as bf16
   std::vector<float> result_;            // [kept rows of the layer, hidden]
   // Per dispatch of the batch that takes bf16 partial sums (Dispatch::partial_bf16): its f32
   // sums [n_tokens, hidden], rounded to bf16 once when the batch is done (as the data plane would

@@ -783,9 +783,9 @@ TEST(CudaExpertShard, RunMatchesTheCpuShard) {
   }
 }
 
-// A layer's experts at once (run_layer: one copy each way, grouped GEMMs) compute what each
-// expert computes alone, on the GPU and on the CPU; a group of no rows and experts in any order
-// are fine; an expert not held or rows outside the batch are errors.
+// A layer's experts at once (run_layer: one copy each way, grouped GEMMs; run_layer_bf16 for bf16
+// rows) compute what each expert computes alone, on the GPU and on the CPU; a group of no rows and
+// experts in any order are fine; an expert not held or rows outside the batch are errors.
 TEST(CudaExpertShard, RunLayerMatchesRunPerExpert) {
   REQUIRE_GPU();
   for (const char* name : {"qwen2moe-bf16", "mixtral-tiny"}) {
@@ -827,10 +827,31 @@ TEST(CudaExpertShard, RunLayerMatchesRunPerExpert) {
                 2e-2)
           << name << " expert " << g.expert;
     }
+    // bf16 rows (a bf16 wire's, run_layer_bf16): the GPU copies them up as they are and computes
+    // what it computes from the same values in float32 (its operands are bf16 either way); the
+    // CPU widens them and computes what run_layer computes.
+    std::vector<uint16_t> x16(x.size());
+    std::vector<float> xr(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      x16[i] = kernels::f32_to_bf16(x[i]);
+      xr[i] = kernels::bf16_to_f32(x16[i]);
+    }
+    std::vector<float> g32(x.size(), NAN), g16(x.size(), NAN), c32(x.size(), NAN),
+        c16(x.size(), NAN);
+    ASSERT_TRUE((*gpu)->run_layer(layer, groups, xr.data(), total, g32.data()));
+    s = (*gpu)->run_layer_bf16(layer, groups, x16.data(), total, g16.data());
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_EQ(g16, g32) << name;
+    ASSERT_TRUE((*cpu)->run_layer(layer, groups, xr.data(), total, c32.data()));
+    ASSERT_TRUE((*cpu)->run_layer_bf16(layer, groups, x16.data(), total, c16.data()));
+    EXPECT_EQ(c16, c32) << name;
+
     int32_t missing = 0;
     while (std::find(held.begin(), held.end(), missing) != held.end()) ++missing;
     const std::vector<ExpertRows> bad = {{missing, 0, 1}};
     EXPECT_FALSE((*gpu)->run_layer(layer, bad, x.data(), total, yg.data()));
+    EXPECT_FALSE((*gpu)->run_layer_bf16(layer, bad, x16.data(), total, g16.data()));
+    EXPECT_FALSE((*cpu)->run_layer_bf16(layer, bad, x16.data(), total, c16.data()));
     const std::vector<ExpertRows> outside = {{held[0], 7, 3}};
     EXPECT_FALSE((*gpu)->run_layer(layer, outside, x.data(), total, yg.data()));
     EXPECT_FALSE((*cpu)->run_layer(layer, outside, x.data(), total, yc.data()));

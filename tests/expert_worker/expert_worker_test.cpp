@@ -367,6 +367,21 @@ struct FakeDispatch {
     d.received = Clock::now();
     return d;
   }
+  // As a bf16 wire's message reaches a worker with bf16 views: x as bf16 bits (b.x rounded to
+  // bf16 first, so that b.x holds the values sent), partial sums as bf16.
+  std::vector<uint16_t> x16, partial16;
+  transport::Dispatch view_bf16(int64_t hidden) {
+    x16.resize(b.x.size());
+    transport::f32_to_bf16(b.x.data(), x16.data(), b.x.size());
+    transport::bf16_to_f32(x16.data(), b.x.data(), b.x.size());
+    transport::Dispatch d = view(hidden);
+    partial16.assign(partial.size(), 0xFFFF);
+    d.x = nullptr;
+    d.x_bf16 = x16.data();
+    d.partial = nullptr;
+    d.partial_bf16 = partial16.data();
+    return d;
+  }
 };
 
 TEST_F(ExpertWorkerTest, OneBatchRunsEachExpertOnceOverAllSenders) {
@@ -404,6 +419,41 @@ TEST_F(ExpertWorkerTest, OneBatchRunsEachExpertOnceOverAllSenders) {
   EXPECT_EQ(runs[1].overflows, 2u);
   EXPECT_LE(max_diff(f1.partial, reference(*local_, f1.b, f1.rejected)), kTolerance);
   EXPECT_LE(max_diff(f3.partial, std::vector<float>(f3.partial.size(), 0.0f)), 0.0f);
+}
+
+// bf16 views of a bf16 wire (as `moemesh expert` runs): a layer whose rows all arrived as bf16 is
+// gathered as bf16 and computed by ExpertShard::run_layer_bf16 from those bits, and each
+// dispatch's f32 sums are rounded to bf16 once: the same bits as the same rows sent as f32 and
+// their f32 sums rounded. A layer that mixes a bf16 dispatch with an f32 one takes the f32 path,
+// with the same results.
+TEST_F(ExpertWorkerTest, Bf16RowsAreComputedAsTheyArrive) {
+  detail::BatchCompute compute(local_->config());
+  FakeDispatch b1{make_batch(0, {1, 3, 3, -1, 1, 3}, 41)}, b2{make_batch(2, {0, 1}, 42)};
+  FakeDispatch b3{make_batch(0, {3, 1, -1, 1}, 43)};
+  std::vector<transport::Dispatch> batch = {b1.view_bf16(hidden_), b2.view_bf16(hidden_),
+                                            b3.view_bf16(hidden_)};
+  std::vector<detail::ExpertRun> runs;
+  compute.run(batch, *local_, 0, runs);
+  EXPECT_EQ(b1.error + b2.error + b3.error, "");
+
+  // The same rows as f32 (b.x holds the bf16 values now), their sums rounded to bf16.
+  FakeDispatch f1{b1.b}, f2{b2.b}, f3{b3.b};
+  batch = {f1.view(hidden_), f2.view(hidden_), f3.view(hidden_)};
+  compute.run(batch, *local_, 0, runs);
+  for (auto [bf, f] : {std::pair{&b1, &f1}, {&b2, &f2}, {&b3, &f3}}) {
+    std::vector<uint16_t> want(f->partial.size());
+    transport::f32_to_bf16(f->partial.data(), want.data(), want.size());
+    EXPECT_EQ(bf->partial16, want);
+    EXPECT_LE(max_diff(f->partial, reference(*local_, f->b)), kTolerance);
+  }
+
+  // Layer 0 from a bf16 dispatch and an f32 one in one batch.
+  FakeDispatch m1{b1.b}, m3{b3.b};
+  batch = {m1.view_bf16(hidden_), m3.view(hidden_)};
+  compute.run(batch, *local_, 0, runs);
+  EXPECT_EQ(m1.error + m3.error, "");
+  EXPECT_EQ(m1.partial16, b1.partial16);
+  EXPECT_EQ(m3.partial, f3.partial);
 }
 
 }  // namespace
