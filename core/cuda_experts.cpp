@@ -53,8 +53,11 @@ struct CudaExperts::Impl : CudaContext {
   // Grows the scratch for m rows of experts `inter` wide; copies x [m, hidden] (float32, or bf16
   // bits when x_bf16 is set) in as bf16.
   Status stage_in(const float* x, const uint16_t* x_bf16, int64_t m, int64_t inter);
-  Status run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
-                   const uint16_t* x_bf16, int64_t total, float* y);
+  // A layer's groups (total > 0 rows) into the device scratch y [total, hidden].
+  Status compute_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                       const uint16_t* x_bf16, int64_t total);
+  // run_layer_combined()'s plan on the device and the combined rows.
+  cu::DeviceBuffer plan_offsets, plan_rows, plan_weights, combined;
   // Copies y [m, hidden] out and waits for the stream.
   Status stage_out(float* dst, int64_t m, const char* what);
 };
@@ -209,19 +212,55 @@ Status CudaExperts::run(const ExpertRef& ref, const float* x, int64_t m_tokens, 
 
 Status CudaExperts::run_layer(int32_t layer, std::span<const ExpertRows> groups, const float* x,
                               int64_t total, float* y) {
-  return impl_->run_layer(layer, groups, x, nullptr, total, y);
+  if (total == 0 || groups.empty()) return {};
+  if (Status s = impl_->compute_layer(layer, groups, x, nullptr, total); !s) return s;
+  return impl_->stage_out(y, total, "a layer's experts on the GPU");
 }
 
 Status CudaExperts::run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups,
                                    const uint16_t* x, int64_t total, float* y) {
-  return impl_->run_layer(layer, groups, nullptr, x, total, y);
+  if (total == 0 || groups.empty()) return {};
+  if (Status s = impl_->compute_layer(layer, groups, nullptr, x, total); !s) return s;
+  return impl_->stage_out(y, total, "a layer's experts on the GPU");
 }
 
-Status CudaExperts::Impl::run_layer(int32_t layer, std::span<const ExpertRows> groups,
-                                    const float* x, const uint16_t* x_bf16, int64_t total,
-                                    float* result) {
+Status CudaExperts::run_layer_combined(int32_t layer, std::span<const ExpertRows> groups,
+                                       const float* x, const uint16_t* x_bf16, int64_t total,
+                                       const RowCombine& combine, float* out, uint16_t* out_bf16) {
+  Impl& m = *impl_;
+  const auto n_out = static_cast<int64_t>(combine.offsets.size()) - 1;
+  const auto bytes = static_cast<std::size_t>(n_out * m.hidden) * (out_bf16 ? 2 : 4);
+  if (n_out <= 0) return {};
+  if (combine.rows.empty()) {  // nothing computed for these rows: their sums are zero
+    std::memset(out_bf16 ? static_cast<void*>(out_bf16) : static_cast<void*>(out), 0, bytes);
+    return {};
+  }
+  if (Status s = m.compute_layer(layer, groups, x, x_bf16, total); !s) return s;
+  const std::size_t n = combine.rows.size();
+  for (auto [buf, size] : {std::pair{&m.plan_offsets, combine.offsets.size() * 8},
+                           {&m.plan_rows, n * 4},
+                           {&m.plan_weights, n * 4},
+                           {&m.combined, bytes}})
+    if (Status s = ensure(*buf, size); !s) return s;
+  if (Status s = ensure(m.out, bytes); !s) return s;
+  cu::copy(m.plan_offsets.data(), combine.offsets.data(), combine.offsets.size() * 8, m.stream);
+  cu::copy(m.plan_rows.data(), combine.rows.data(), n * 4, m.stream);
+  cu::copy(m.plan_weights.data(), combine.weights.data(), n * 4, m.stream);
+  cu::combine_rows(m.y.as<float>(), m.plan_offsets.as<int64_t>(), m.plan_rows.as<int32_t>(),
+                   m.plan_weights.as<float>(), n_out, m.hidden,
+                   out_bf16 ? nullptr : m.combined.as<float>(),
+                   out_bf16 ? m.combined.as<uint16_t>() : nullptr, m.stream);
+  cu::copy(m.out.data(), m.combined.data(), bytes, m.stream);
+  if (Status s = from(cu::synchronize(m.stream, "combining a layer's experts on the GPU")); !s)
+    return s;
+  std::memcpy(out_bf16 ? static_cast<void*>(out_bf16) : static_cast<void*>(out), m.out.data(),
+              bytes);
+  return {};
+}
+
+Status CudaExperts::Impl::compute_layer(int32_t layer, std::span<const ExpertRows> groups,
+                                        const float* x, const uint16_t* x_bf16, int64_t total) {
   Impl& m = *this;
-  if (total == 0 || groups.empty()) return {};
   if (std::string e = cu::set_device(m.device); !e.empty()) return Error(e);
   m.layer_experts.clear();
   int64_t inter = -1;
@@ -264,7 +303,7 @@ Status CudaExperts::Impl::run_layer(int32_t layer, std::span<const ExpertRows> g
     cu::swiglu(m.gu.as<float>(), total, inter, m.act.as<uint16_t>(), m.stream);
     if (Status s = product(m.act.as<uint16_t>(), m.down_w, H, inter, m.y.as<float>()); !s) return s;
   }
-  return m.stage_out(result, total, "a layer's experts on the GPU");
+  return {};
 }
 
 }  // namespace moemesh::detail

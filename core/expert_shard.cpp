@@ -32,6 +32,9 @@ struct ExpertShard::Impl {
   std::map<ExpertRef, detail::CopiedStore> copies;
   std::vector<float> scratch;  // run()'s, reused
   std::vector<float> widened;  // run_layer_bf16()'s rows as float32 (CPU), reused
+  std::vector<float> outputs;  // run_layer_combined()'s expert outputs (CPU), reused
+  std::vector<float> sums;     // run_layer_combined()'s float32 sums for bf16 output (CPU)
+  std::vector<char> covered;   // run_layer_combined()'s check: rows some group computes
 #if MOEMESH_HAVE_CUDA
   std::unique_ptr<detail::CudaExperts> gpu;  // set when the shard computes on a GPU
 #endif
@@ -256,6 +259,63 @@ Status ExpertShard::run_layer_bf16(int32_t layer, std::span<const ExpertRows> gr
   for (const ExpertRows& g : groups)
     if (Status s = run(layer, g.expert, w.data() + g.offset * H, g.rows, y + g.offset * H); !s)
       return s;
+  return {};
+}
+
+Status ExpertShard::run_layer_combined(int32_t layer, std::span<const ExpertRows> groups,
+                                       const float* x, const uint16_t* x_bf16, int64_t total_rows,
+                                       const RowCombine& combine, float* out, uint16_t* out_bf16) {
+  if ((x == nullptr) == (x_bf16 == nullptr) || (out == nullptr) == (out_bf16 == nullptr))
+    return Error(
+        "ExpertShard::run_layer_combined: give exactly one of x and x_bf16, and of out "
+        "and out_bf16");
+  const auto& o = combine.offsets;
+  bool ok = !o.empty() && o.front() == 0 && combine.weights.size() == combine.rows.size() &&
+            o.back() == static_cast<int64_t>(combine.rows.size());
+  for (std::size_t i = 1; ok && i < o.size(); ++i) ok = o[i] >= o[i - 1];
+  // Every row a group computes (the others' outputs are unspecified).
+  std::vector<char>& covered = impl_->covered;
+  covered.assign(static_cast<std::size_t>(std::max<int64_t>(total_rows, 0)), 0);
+  for (const ExpertRows& g : groups)
+    if (g.offset >= 0 && g.rows >= 0 && g.offset + g.rows <= total_rows)
+      std::fill(covered.begin() + g.offset, covered.begin() + g.offset + g.rows, 1);
+  for (std::size_t i = 0; ok && i < combine.rows.size(); ++i)
+    ok = combine.rows[i] >= 0 && combine.rows[i] < total_rows && covered[combine.rows[i]];
+  if (!ok)
+    return Error(fmt::format(
+        "ExpertShard::run_layer_combined: the combine of {} output rows is malformed (offsets must "
+        "ascend from 0 to the {} rows, each one of the batch's {} that a group computes, one "
+        "weight per row)",
+        o.empty() ? 0 : o.size() - 1, combine.rows.size(), total_rows));
+  if (Status s = impl_->check_groups(layer, groups, total_rows); !s) return s;
+#if MOEMESH_HAVE_CUDA
+  if (impl_->gpu)
+    return impl_->gpu->run_layer_combined(layer, groups, x, x_bf16, total_rows, combine, out,
+                                          out_bf16);
+#endif
+  const int64_t H = impl_->config.hidden_size;
+  const auto n_out = static_cast<int64_t>(o.size()) - 1;
+  std::vector<float>& y = impl_->outputs;
+  y.resize(static_cast<std::size_t>(total_rows * H));
+  Status s = x ? run_layer(layer, groups, x, total_rows, y.data())
+               : run_layer_bf16(layer, groups, x_bf16, total_rows, y.data());
+  if (!s) return s;
+  float* sums = out;
+  if (out_bf16) {
+    impl_->sums.resize(static_cast<std::size_t>(n_out * H));
+    sums = impl_->sums.data();
+  }
+  for (int64_t r = 0; r < n_out; ++r) {
+    float* dst = sums + r * H;
+    std::fill(dst, dst + H, 0.0f);
+    for (int64_t i = o[static_cast<std::size_t>(r)]; i < o[static_cast<std::size_t>(r) + 1]; ++i) {
+      const float w = combine.weights[static_cast<std::size_t>(i)];
+      const float* src = y.data() + int64_t{combine.rows[static_cast<std::size_t>(i)]} * H;
+      for (int64_t k = 0; k < H; ++k) dst[k] += w * src[k];
+    }
+  }
+  if (out_bf16)
+    for (int64_t i = 0; i < n_out * H; ++i) out_bf16[i] = kernels::f32_to_bf16(sums[i]);
   return {};
 }
 

@@ -49,6 +49,15 @@ struct ExpertRows {
   int64_t rows = 0;
 };
 
+// How a layer's expert outputs y [total_rows, hidden] combine into per-token sums
+// (ExpertShard::run_layer_combined): output row o = the sum, in order, of weights[i] * y[rows[i]]
+// for i in [offsets[o], offsets[o + 1]), from 0, in float32 (each product and sum rounded once).
+struct RowCombine {
+  std::span<const int64_t> offsets;  // output rows + 1 entries, from 0, ascending
+  std::span<const int32_t> rows;     // rows of the batch, offsets.back() of them
+  std::span<const float> weights;    // as many as rows
+};
+
 struct ExpertShardOptions {
   int threads = 0;  // compute threads of run(); 0 = one per CPU of `cpus`, else one per CPU the
                     // process may use
@@ -105,6 +114,15 @@ class ExpertShard {
   // the CPU widens them to float32 first.
   Status run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups, const uint16_t* x,
                         int64_t total_rows, float* y);
+  // run_layer() (x float32) or run_layer_bf16() (x_bf16; exactly one set), then the combined rows
+  // [offsets.size() - 1, hidden_size] of `combine`: float32 into out, or rounded to bf16 once into
+  // out_bf16 (exactly one set). On a GPU the sums are added there and only the combined rows come
+  // back (as bf16 for out_bf16); on the CPU they are added on the host. Fails, computing nothing,
+  // as run_layer() does or when `combine` is malformed (offsets not ascending from 0, sizes that
+  // disagree, a row outside the batch).
+  Status run_layer_combined(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                            const uint16_t* x_bf16, int64_t total_rows, const RowCombine& combine,
+                            float* out, uint16_t* out_bf16);
 
   // Bytes of the held experts' weights in their dtype (int8, fp8: with the scales), for statistics
   // and logs.

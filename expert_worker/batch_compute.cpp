@@ -53,6 +53,7 @@ void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
                        double capacity_factor, std::vector<ExpertRun>& runs) {
   order_.clear();
   if (sums_.size() < batch.size()) sums_.resize(batch.size());
+  written_bf16_.assign(batch.size(), 0);
   for (std::size_t i = 0; i < batch.size(); ++i) {
     std::string why = validate(batch[i], shard);
     if (why.empty()) {
@@ -74,7 +75,7 @@ void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
   }
   for (int32_t i : order_) {
     transport::Dispatch& d = batch[i];
-    if (d.partial == nullptr && d.partial_bf16 != nullptr)
+    if (d.partial == nullptr && d.partial_bf16 != nullptr && !written_bf16_[i])
       transport::f32_to_bf16(sums_[i].data(), d.partial_bf16, sums_[i].size());
   }
 }
@@ -138,7 +139,6 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
   // bf16 (a GPU copies them up unconverted); otherwise as float32.
   bool bf16 = true;
   for (int32_t di : dispatches) bf16 = bf16 && batch[di].x_bf16 != nullptr;
-  result_.resize(static_cast<std::size_t>(total * H));
   (bf16 ? gathered_bf16_.resize(static_cast<std::size_t>(total * H))
         : gathered_.resize(static_cast<std::size_t>(total * H)));
   for (const ExpertRows& g : groups_)
@@ -156,6 +156,36 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
       else
         transport::bf16_to_f32(d.x_bf16 + at, dst, static_cast<std::size_t>(H));
     }
+  // Each dispatch's tokens are output rows [base, base + n_tokens) of the layer's combined sums:
+  // row o sums weight * the expert's output over the token's kept slots, in expert order.
+  out_base_.resize(batch.size());
+  int64_t n_out = 0;
+  bool bf16_out = true;  // every dispatch of the layer takes bf16 partial sums
+  for (int32_t di : dispatches) {
+    out_base_[di] = n_out;
+    n_out += batch[di].n_tokens;
+    bf16_out = bf16_out && batch[di].partial == nullptr && batch[di].partial_bf16 != nullptr;
+  }
+  plan_offsets_.assign(static_cast<std::size_t>(n_out + 1), 0);
+  auto out_row = [&](const Slot& s) {
+    return out_base_[s.dispatch] + s.slot / batch[s.dispatch].slots;
+  };
+  for (const ExpertRows& g : groups_)
+    for (int64_t r = 0; r < g.rows; ++r) ++plan_offsets_[out_row(slots_[count_[g.expert] + r]) + 1];
+  for (int64_t o = 0; o < n_out; ++o) plan_offsets_[o + 1] += plan_offsets_[o];
+  fill_.assign(plan_offsets_.begin(), plan_offsets_.end() - 1);
+  plan_rows_.resize(static_cast<std::size_t>(total));
+  plan_weights_.resize(static_cast<std::size_t>(total));
+  for (const ExpertRows& g : groups_)
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const Slot& sl = slots_[count_[g.expert] + r];
+      const int64_t at = fill_[out_row(sl)]++;
+      plan_rows_[at] = static_cast<int32_t>(g.offset + r);
+      plan_weights_[at] = batch[sl.dispatch].weights[sl.slot];
+    }
+  (bf16_out ? combined_bf16_.resize(static_cast<std::size_t>(n_out * H))
+            : combined_.resize(static_cast<std::size_t>(n_out * H)));
+
   const Clock::time_point started = Clock::now();
   // Slots are grouped by dispatch (arrival order), so each contributing dispatch counts once.
   for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -165,9 +195,10 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
         runs[group_runs_[gi]].queue_seconds +=
             std::max(0.0, seconds(started - batch[slots_[begin + r].dispatch].received));
   }
-  Status s =
-      bf16 ? shard.run_layer_bf16(layer, groups_, gathered_bf16_.data(), total, result_.data())
-           : shard.run_layer(layer, groups_, gathered_.data(), total, result_.data());
+  Status s = shard.run_layer_combined(
+      layer, groups_, bf16 ? nullptr : gathered_.data(), bf16 ? gathered_bf16_.data() : nullptr,
+      total, RowCombine{plan_offsets_, plan_rows_, plan_weights_},
+      bf16_out ? nullptr : combined_.data(), bf16_out ? combined_bf16_.data() : nullptr);
   // The layer's compute time, shared among its experts by their rows.
   const double compute = seconds(Clock::now() - started);
   for (std::size_t gi = 0; gi < groups_.size(); ++gi)
@@ -187,15 +218,18 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     }
     return;
   }
-  for (const ExpertRows& g : groups_)
-    for (int64_t r = 0; r < g.rows; ++r) {
-      const Slot& sl = slots_[count_[g.expert] + r];
-      transport::Dispatch& d = batch[sl.dispatch];
-      const float w = d.weights[sl.slot];
-      const float* y = result_.data() + (g.offset + r) * H;
-      float* out = sums_of(d, static_cast<std::size_t>(sl.dispatch)) + (sl.slot / d.slots) * H;
-      for (int64_t k = 0; k < H; ++k) out[k] += w * y[k];
+  for (int32_t di : dispatches) {
+    transport::Dispatch& d = batch[di];
+    const int64_t at = out_base_[di] * H;
+    const int64_t n = d.n_tokens * H;
+    if (bf16_out) {
+      std::copy(combined_bf16_.data() + at, combined_bf16_.data() + at + n, d.partial_bf16);
+      written_bf16_[di] = 1;
+    } else {
+      std::copy(combined_.data() + at, combined_.data() + at + n,
+                sums_of(d, static_cast<std::size_t>(di)));
     }
+  }
 }
 
 }  // namespace moemesh::detail

@@ -8,13 +8,14 @@
 // Every batch the server hands over (the dispatches complete at that moment, from any number of
 // attention workers and layers) is computed as follows. Per layer, for each held expert in
 // ascending id order, the rows of all the batch's dispatches whose slots name that expert are
-// gathered, and one ExpertShard::run_layer call computes every expert over its rows (on a GPU:
-// one copy each way and grouped GEMMs for the whole layer); w * E(x) is added into each
-// dispatch's partial rows, so a token's partial sums its experts in ascending id order. With bf16
-// views (data_plane.bf16_views, as `moemesh expert` runs) and a bf16 wire, a layer's rows are
-// gathered as bf16 and handed over as they are (ExpertShard::run_layer_bf16: a GPU copies them up
+// gathered, and one ExpertShard::run_layer_combined call computes every expert over its rows and
+// each token's partial sum of w * E(x) over its kept slots, in ascending expert id order (on a
+// GPU: one copy up, grouped GEMMs, the sums added on the GPU and only the tokens' rows copied
+// back). With bf16 views (data_plane.bf16_views, as `moemesh expert` runs) and a bf16 wire, a
+// layer's rows are gathered as bf16 and handed over as they are (a GPU copies them up
 // unconverted, the CPU widens them to f32), and the f32 sums are rounded to bf16 once per
-// dispatch: the same bits as the data plane's own conversions give. A dispatch that names an expert this worker does not hold (a
+// dispatch (on a GPU before they come back): the same bits as the data plane's own conversions
+// give. A dispatch that names an expert this worker does not hold (a
 // stale placement), a dense layer, an expert id out of range or a hidden size that is not the
 // model's is answered with an error naming the problem, and none of its slots is computed.
 //

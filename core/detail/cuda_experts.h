@@ -37,6 +37,11 @@ class CudaExperts {
   // The same with x as bf16 bits, copied up as they are (ExpertShard::run_layer_bf16).
   Status run_layer_bf16(int32_t layer, std::span<const ExpertRows> groups, const uint16_t* x,
                         int64_t total_rows, float* y);
+  // ExpertShard::run_layer_combined (arguments checked by the caller): the weighted sums are
+  // added on the GPU (cu::combine_rows) and only the combined rows are copied back.
+  Status run_layer_combined(int32_t layer, std::span<const ExpertRows> groups, const float* x,
+                            const uint16_t* x_bf16, int64_t total_rows, const RowCombine& combine,
+                            float* out, uint16_t* out_bf16);
   std::string description() const;
   int64_t fp8_experts() const;  // held experts kept in FP8
 

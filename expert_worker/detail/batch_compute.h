@@ -39,13 +39,21 @@ class BatchCompute {
   const ModelConfig& config_;
   std::vector<int32_t> order_;      // valid dispatches, grouped by layer (arrival order within)
   std::vector<int64_t> count_;      // per expert + 1: counting-sort offsets
-  std::vector<int64_t> fill_;       // per expert: next free position
+  std::vector<int64_t> fill_;       // per expert, then per output row: next free position
   std::vector<Slot> slots_;         // the layer's slots grouped by expert, arrival order within
   std::vector<ExpertRows> groups_;  // the layer's experts with kept rows, in gathered_
   std::vector<std::size_t> group_runs_;  // per group: its entry of `runs`
   std::vector<float> gathered_;          // [kept rows of the layer, hidden], expert order
   std::vector<uint16_t> gathered_bf16_;  // the same as bf16, when every row arrived as bf16
-  std::vector<float> result_;            // [kept rows of the layer, hidden]
+  // The layer's combine (ExpertShard::run_layer_combined): each valid dispatch's first output row
+  // (indexed by batch position), and per output row its gathered rows and weights.
+  std::vector<int64_t> out_base_;
+  std::vector<int64_t> plan_offsets_;
+  std::vector<int32_t> plan_rows_;
+  std::vector<float> plan_weights_;
+  std::vector<float> combined_;          // [the layer's tokens, hidden] sums
+  std::vector<uint16_t> combined_bf16_;  // the same rounded to bf16 (every partial bf16)
+  std::vector<char> written_bf16_;       // per batch position: partial_bf16 written already
   // Per dispatch of the batch that takes bf16 partial sums (Dispatch::partial_bf16): its f32
   // sums [n_tokens, hidden], rounded to bf16 once when the batch is done (as the data plane would
   // round f32 partial sums for a bf16 wire). Empty for the others.

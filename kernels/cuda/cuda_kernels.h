@@ -226,6 +226,14 @@ void moe_gather(const uint16_t* x, const int32_t* slot_of_row, int64_t n_rows, i
 void moe_combine(const float* y, const int32_t* row_of_slot, const float* weights, int64_t n_tokens,
                  int64_t top_k, int64_t hidden, bool accumulate, float* out, Stream stream);
 
+// out[o, :] = sum over i in [offsets[o], offsets[o + 1]), in order, of weights[i] * y[rows[i], :],
+// from 0 (each product and sum rounded once: the bits of the same loop on the host), for
+// o < n_out; into out (float32) or, rounded to bf16 once, out_bf16 (exactly one non-null). y is
+// [*, hidden]; offsets has n_out + 1 ascending entries. An expert worker's weighted sums of a
+// layer's expert outputs per token, whose slots vary in number.
+void combine_rows(const float* y, const int64_t* offsets, const int32_t* rows, const float* weights,
+                  int64_t n_out, int64_t hidden, float* out, uint16_t* out_bf16, Stream stream);
+
 // ---- Paged KV cache and attention --------------------------------------------------------------
 
 // A paged KV cache of one layer: k and v are [num_blocks, block_size, n_kv_heads, head_dim]

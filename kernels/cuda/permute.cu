@@ -176,6 +176,27 @@ __global__ void combine_kernel(const float* __restrict__ y, const int32_t* __res
   }
 }
 
+// One block per output row (grid-stride), threads over hidden.
+__global__ void combine_rows_kernel(const float* __restrict__ y,
+                                    const int64_t* __restrict__ offsets,
+                                    const int32_t* __restrict__ rows,
+                                    const float* __restrict__ weights, int64_t n_out,
+                                    int64_t hidden, float* __restrict__ out,
+                                    uint16_t* __restrict__ out_bf16) {
+  for (int64_t o = blockIdx.x; o < n_out; o += gridDim.x) {
+    const int64_t begin = offsets[o], end = offsets[o + 1];
+    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+      float acc = 0.0f;
+      for (int64_t j = begin; j < end; ++j)
+        acc = __fadd_rn(acc, __fmul_rn(weights[j], y[static_cast<int64_t>(rows[j]) * hidden + i]));
+      if (out_bf16)
+        out_bf16[o * hidden + i] = detail::f32_to_bf16_bits(acc);
+      else
+        out[o * hidden + i] = acc;
+    }
+  }
+}
+
 bool aligned16(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
 }
@@ -228,6 +249,17 @@ void moe_combine(const float* y, const int32_t* row_of_slot, const float* weight
   else
     combine_kernel<false><<<capped(n_tokens), threads, 0, stream>>>(
         y, row_of_slot, weights, n_tokens, top_k, hidden, accumulate, out);
+}
+
+void combine_rows(const float* y, const int64_t* offsets, const int32_t* rows, const float* weights,
+                  int64_t n_out, int64_t hidden, float* out, uint16_t* out_bf16, Stream stream) {
+  if (n_out <= 0 || hidden <= 0) return;
+  if ((out == nullptr) == (out_bf16 == nullptr)) {
+    scan_kernel<<<0, kMaxExperts, 0, stream>>>(nullptr, 0, nullptr);  // check() reports it
+    return;
+  }
+  combine_rows_kernel<<<capped(n_out), threads_for(hidden), 0, stream>>>(
+      y, offsets, rows, weights, n_out, hidden, out, out_bf16);
 }
 
 }  // namespace moemesh::kernels::cuda

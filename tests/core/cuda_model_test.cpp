@@ -846,6 +846,47 @@ TEST(CudaExpertShard, RunLayerMatchesRunPerExpert) {
     ASSERT_TRUE((*cpu)->run_layer_bf16(layer, groups, x16.data(), total, c16.data()));
     EXPECT_EQ(c16, c32) << name;
 
+    // The tokens' weighted sums (run_layer_combined): on the GPU the bits of run_layer's rows
+    // summed on the host, in order, float32 and rounded to bf16; on the CPU likewise. Token 2
+    // has no row, token 0 three.
+    const std::vector<int64_t> offsets = {0, 3, 4, 4, 6, 9};
+    const std::vector<int32_t> rows = {0, 4, 8, 1, 2, 5, 3, 6, 7};
+    const std::vector<float> weights = {0.5f, 0.25f, 1.5f, 1.0f, 0.75f, -0.5f, 2.0f, 0.125f, 1.0f};
+    const RowCombine plan{offsets, rows, weights};
+    const int64_t n_out = 5;
+    for (auto* shard : {gpu->get(), cpu->get()}) {
+      std::vector<float> y(x.size()), want_sums(static_cast<std::size_t>(n_out * H), 0.0f);
+      ASSERT_TRUE(shard->run_layer(layer, groups, xr.data(), total, y.data()));
+      for (int64_t r = 0; r < n_out; ++r)
+        for (int64_t i = offsets[r]; i < offsets[r + 1]; ++i)
+          for (int64_t k = 0; k < H; ++k)
+            want_sums[static_cast<std::size_t>(r * H + k)] +=
+                weights[static_cast<std::size_t>(i)] * y[static_cast<std::size_t>(rows[i] * H + k)];
+      std::vector<uint16_t> want16(want_sums.size()), got16(want_sums.size(), 0xFFFF);
+      for (std::size_t i = 0; i < want16.size(); ++i)
+        want16[i] = kernels::f32_to_bf16(want_sums[i]);
+      std::vector<float> got(want_sums.size(), NAN);
+      s = shard->run_layer_combined(layer, groups, xr.data(), nullptr, total, plan, got.data(),
+                                    nullptr);
+      ASSERT_TRUE(s) << s.error().message();
+      EXPECT_EQ(got, want_sums) << name << " " << shard->device_description();
+      s = shard->run_layer_combined(layer, groups, nullptr, x16.data(), total, plan, nullptr,
+                                    got16.data());
+      ASSERT_TRUE(s) << s.error().message();
+      EXPECT_EQ(got16, want16) << name << " " << shard->device_description();
+      // Malformed combines are refused.
+      const std::vector<int64_t> not_from_zero = {1, 3, 4, 4, 6, 9};
+      const std::vector<int32_t> outside = {0, 4, 8, 1, 2, 5, 3, 6, 9};
+      const std::vector<float> short_weights(8, 1.0f);
+      for (const RowCombine& bad_plan :
+           {RowCombine{not_from_zero, rows, weights}, RowCombine{offsets, outside, weights},
+            RowCombine{offsets, rows, short_weights}})
+        EXPECT_FALSE(shard->run_layer_combined(layer, groups, xr.data(), nullptr, total, bad_plan,
+                                               got.data(), nullptr));
+      EXPECT_FALSE(shard->run_layer_combined(layer, groups, xr.data(), x16.data(), total, plan,
+                                             got.data(), nullptr));
+    }
+
     int32_t missing = 0;
     while (std::find(held.begin(), held.end(), missing) != held.end()) ++missing;
     const std::vector<ExpertRows> bad = {{missing, 0, 1}};

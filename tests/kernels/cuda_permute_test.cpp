@@ -169,5 +169,51 @@ TEST(CudaPermute, CombineSumsWeightedRowsInSlotOrder) {
   }
 }
 
+// combine_rows: output rows of any number of contributions (none included), each the host loop's
+// bits (products and sums rounded once, in order), as float32 and as bf16; and a call naming
+// both outputs or neither fails at check().
+TEST(CudaPermute, CombineRowsSumsEachOutputRowsContributionsInOrder) {
+  MOEMESH_REQUIRE_GPU();
+  for (const int64_t hidden : {1, 48, 7168}) {
+    const int64_t n_out = 37, n_y = 90;
+    std::mt19937 rng(static_cast<uint32_t>(hidden));
+    std::vector<int64_t> offsets = {0};
+    std::vector<int32_t> rows;
+    for (int64_t o = 0; o < n_out; ++o) {
+      const int64_t k = o % 5 == 3 ? 0 : 1 + static_cast<int64_t>(rng() % 4);
+      for (int64_t j = 0; j < k; ++j) rows.push_back(static_cast<int32_t>(rng() % n_y));
+      offsets.push_back(static_cast<int64_t>(rows.size()));
+    }
+    const std::vector<float> y = ct::random_floats(n_y * hidden, 41, -2.0f, 2.0f);
+    const std::vector<float> w = ct::random_floats(rows.size(), 42, 0.05f, 1.0f);
+    std::vector<float> ref(n_out * hidden);
+    std::vector<uint16_t> ref16(ref.size());
+    for (int64_t o = 0; o < n_out; ++o)
+      for (int64_t i = 0; i < hidden; ++i) {
+        float acc = 0.0f;
+        for (int64_t j = offsets[o]; j < offsets[o + 1]; ++j) acc += w[j] * y[rows[j] * hidden + i];
+        ref[o * hidden + i] = acc;
+        ref16[o * hidden + i] = kernels::f32_to_bf16(acc);
+      }
+    DeviceBuffer d_y = ct::upload(y);
+    DeviceBuffer d_offsets = ct::upload(offsets);
+    DeviceBuffer d_rows = ct::upload(rows);
+    DeviceBuffer d_w = ct::upload(w);
+    DeviceBuffer d_out = ct::poisoned<float>(ref.size());
+    DeviceBuffer d_out16 = ct::poisoned<uint16_t>(ref.size());
+    combine_rows(d_y.as<float>(), d_offsets.as<int64_t>(), d_rows.as<int32_t>(), d_w.as<float>(),
+                 n_out, hidden, d_out.as<float>(), nullptr, nullptr);
+    combine_rows(d_y.as<float>(), d_offsets.as<int64_t>(), d_rows.as<int32_t>(), d_w.as<float>(),
+                 n_out, hidden, nullptr, d_out16.as<uint16_t>(), nullptr);
+    ASSERT_EQ(check("combine_rows"), "");
+    EXPECT_EQ(ct::download<float>(d_out, ref.size()), ref) << "hidden " << hidden;
+    EXPECT_EQ(ct::download<uint16_t>(d_out16, ref.size()), ref16) << "hidden " << hidden;
+    combine_rows(d_y.as<float>(), d_offsets.as<int64_t>(), d_rows.as<int32_t>(), d_w.as<float>(),
+                 n_out, hidden, nullptr, nullptr, nullptr);
+    EXPECT_NE(check("combine_rows without an output"), "");
+    EXPECT_EQ(synchronize(nullptr, "after"), "");
+  }
+}
+
 }  // namespace
 }  // namespace moemesh::kernels::cuda
