@@ -2,12 +2,13 @@
 // model_mla.cpp computes on the CPU, in kernels/cuda ops on the rank's stream.
 //
 // The KV cache holds one row per token and layer, the normalised latent c then the rotated rotary
-// key (MlaConfig::cache_row(), bf16). Attention absorbs kv_b_proj instead of expanding cached
-// tokens: per head h, the query [W_uk[h]^T q_nope ; q_pe] attends as multi-query attention over
-// the cached rows (keys and values both), and W_uv[h] multiplies the first kv_lora_rank features
-// of its output. Both per-head products are one strided batched GEMM each, reading kv_b_proj as
-// uploaded (W_uk[h] as its transpose). Under tensor parallelism a rank holds its heads of q / q_b,
-// kv_b and o, and all of q_a and kv_a: every rank caches the same latent rows.
+// key (MlaConfig::cache_row(), bf16, or FP8 codes with one scale: CudaOptions::kv_fp8). Attention
+// absorbs kv_b_proj instead of expanding cached tokens: per head h, the query [W_uk[h]^T q_nope ;
+// q_pe] attends as multi-query attention over the cached rows (keys and values both), and W_uv[h]
+// multiplies the first kv_lora_rank features of its output. Both per-head products are one strided
+// batched GEMM each, reading kv_b_proj as uploaded (W_uk[h] as its transpose). Under tensor
+// parallelism a rank holds its heads of q / q_b, kv_b and o, and all of q_a and kv_a: every rank
+// caches the same latent rows.
 //
 // A sequence's chunk of many new tokens (prefill; ModelOptions::mla_expanded_min_tokens) attends in
 // the expanded form instead: the sequence's cached rows are gathered, each head's keys
@@ -157,18 +158,14 @@ Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& 
                             {&mla_zeros, static_cast<std::size_t>(s.n) * 4}})
     if (Status st = ensure(*buf, bytes); !st) return st;
 
-  // The sequence's cached rows, positions 0 .. len - 1 in order: [len, row] bf16.
+  // The sequence's cached rows, positions 0 .. len - 1 in order, as bf16: [len, row].
   mla_slots_host.resize(static_cast<std::size_t>(len));
   for (int64_t j = 0; j < len; ++j)
     mla_slots_host[static_cast<std::size_t>(j)] =
         static_cast<int32_t>(s.blocks[j / bs] * bs + j % bs);
   cu::copy(mla_slots.data(), mla_slots_host.data(), static_cast<std::size_t>(len) * 4, stream);
   uint16_t* cached = mla_rows.as<uint16_t>();
-  if (cache.fp8)
-    cu::paged_kv_read_bf16(cache, false, mla_slots.as<int32_t>(), len, cached, stream);
-  else
-    cu::moe_gather(static_cast<const uint16_t*>(cache.k), mla_slots.as<int32_t>(), len, 1, row,
-                   cached, stream);
+  cu::paged_kv_read_bf16(cache, false, mla_slots.as<int32_t>(), len, cached, stream);
 
   // Keys [len, heads, hd]: k_nope = W_uk[h] c, then k_pe (the same for every head, copied by an
   // identity product); values [len, heads, hd]: W_uv[h] c. Zero past qk and vd.

@@ -269,6 +269,7 @@ Status ExpertShard::run_layer_combined(int32_t layer, std::span<const ExpertRows
     return Error(
         "ExpertShard::run_layer_combined: give exactly one of x and x_bf16, and of out "
         "and out_bf16");
+  if (Status s = impl_->check_groups(layer, groups, total_rows); !s) return s;
   const auto& o = combine.offsets;
   bool ok = !o.empty() && o.front() == 0 && combine.weights.size() == combine.rows.size() &&
             o.back() == static_cast<int64_t>(combine.rows.size());
@@ -277,8 +278,7 @@ Status ExpertShard::run_layer_combined(int32_t layer, std::span<const ExpertRows
   std::vector<char>& covered = impl_->covered;
   covered.assign(static_cast<std::size_t>(std::max<int64_t>(total_rows, 0)), 0);
   for (const ExpertRows& g : groups)
-    if (g.offset >= 0 && g.rows >= 0 && g.offset + g.rows <= total_rows)
-      std::fill(covered.begin() + g.offset, covered.begin() + g.offset + g.rows, 1);
+    std::fill(covered.begin() + g.offset, covered.begin() + g.offset + g.rows, 1);
   for (std::size_t i = 0; ok && i < combine.rows.size(); ++i)
     ok = combine.rows[i] >= 0 && combine.rows[i] < total_rows && covered[combine.rows[i]];
   if (!ok)
@@ -287,7 +287,6 @@ Status ExpertShard::run_layer_combined(int32_t layer, std::span<const ExpertRows
         "ascend from 0 to the {} rows, each one of the batch's {} that a group computes, one "
         "weight per row)",
         o.empty() ? 0 : o.size() - 1, combine.rows.size(), total_rows));
-  if (Status s = impl_->check_groups(layer, groups, total_rows); !s) return s;
 #if MOEMESH_HAVE_CUDA
   if (impl_->gpu)
     return impl_->gpu->run_layer_combined(layer, groups, x, x_bf16, total_rows, combine, out,

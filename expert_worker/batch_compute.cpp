@@ -52,14 +52,10 @@ std::string BatchCompute::validate(const transport::Dispatch& d, const ExpertSha
 void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
                        double capacity_factor, std::vector<ExpertRun>& runs) {
   order_.clear();
-  if (sums_.size() < batch.size()) sums_.resize(batch.size());
-  written_bf16_.assign(batch.size(), 0);
   for (std::size_t i = 0; i < batch.size(); ++i) {
     std::string why = validate(batch[i], shard);
     if (why.empty()) {
       order_.push_back(static_cast<int32_t>(i));
-      if (batch[i].partial == nullptr)
-        sums_[i].assign(static_cast<std::size_t>(batch[i].n_tokens * batch[i].hidden), 0.0f);
     } else if (batch[i].error != nullptr) {
       *batch[i].error = std::move(why);
     }
@@ -72,11 +68,6 @@ void BatchCompute::run(std::span<transport::Dispatch> batch, ExpertShard& shard,
     run_layer(batch, std::span<const int32_t>(order_).subspan(begin, end - begin), shard,
               capacity_factor, runs);
     begin = end;
-  }
-  for (int32_t i : order_) {
-    transport::Dispatch& d = batch[i];
-    if (d.partial == nullptr && d.partial_bf16 != nullptr && !written_bf16_[i])
-      transport::f32_to_bf16(sums_[i].data(), d.partial_bf16, sums_[i].size());
   }
 }
 
@@ -218,17 +209,18 @@ void BatchCompute::run_layer(std::span<transport::Dispatch> batch,
     }
     return;
   }
+  // Each dispatch's sums into its partial rows (the server zeroed them: a dispatch that is not
+  // computed answers zeros); bf16 ones are rounded once, on the GPU when all of them are bf16.
   for (int32_t di : dispatches) {
     transport::Dispatch& d = batch[di];
     const int64_t at = out_base_[di] * H;
     const int64_t n = d.n_tokens * H;
-    if (bf16_out) {
+    if (bf16_out)
       std::copy(combined_bf16_.data() + at, combined_bf16_.data() + at + n, d.partial_bf16);
-      written_bf16_[di] = 1;
-    } else {
-      std::copy(combined_.data() + at, combined_.data() + at + n,
-                sums_of(d, static_cast<std::size_t>(di)));
-    }
+    else if (d.partial != nullptr)
+      std::copy(combined_.data() + at, combined_.data() + at + n, d.partial);
+    else
+      transport::f32_to_bf16(combined_.data() + at, d.partial_bf16, static_cast<std::size_t>(n));
   }
 }
 

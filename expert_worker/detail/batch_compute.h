@@ -53,15 +53,6 @@ class BatchCompute {
   std::vector<float> plan_weights_;
   std::vector<float> combined_;          // [the layer's tokens, hidden] sums
   std::vector<uint16_t> combined_bf16_;  // the same rounded to bf16 (every partial bf16)
-  std::vector<char> written_bf16_;       // per batch position: partial_bf16 written already
-  // Per dispatch of the batch that takes bf16 partial sums (Dispatch::partial_bf16): its f32
-  // sums [n_tokens, hidden], rounded to bf16 once when the batch is done (as the data plane would
-  // round f32 partial sums for a bf16 wire). Empty for the others.
-  std::vector<std::vector<float>> sums_;
-  // Where dispatch i's f32 sums go: its partial or its entry of sums_.
-  float* sums_of(transport::Dispatch& d, std::size_t i) {
-    return d.partial != nullptr ? d.partial : sums_[i].data();
-  }
 };
 
 }  // namespace moemesh::detail

@@ -354,6 +354,15 @@ struct WriteCase {
   int64_t offset;  // floats between the buffer start and k / v (misaligned rows)
 };
 
+// w.n distinct slots of the cache's num_blocks * block_size, in a seeded shuffled order.
+std::vector<int32_t> shuffled_slots(const WriteCase& w) {
+  std::vector<int32_t> slots(static_cast<std::size_t>(w.num_blocks * w.block_size));
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<uint32_t>(w.n)));
+  slots.resize(static_cast<std::size_t>(w.n));
+  return slots;
+}
+
 TEST(CudaPagedAttention, KvWriteRoundTrip) {
   MOEMESH_REQUIRE_GPU();
   for (const WriteCase& w : {WriteCase{8, 128, 16, 12, 150, 0}, WriteCase{2, 64, 1, 80, 50, 1},
@@ -364,10 +373,7 @@ TEST(CudaPagedAttention, KvWriteRoundTrip) {
     SCOPED_TRACE(trace);
     const int64_t row = w.n_kv * w.head_dim;
     const int64_t n_slots = w.num_blocks * w.block_size;
-    std::vector<int32_t> slots(static_cast<std::size_t>(n_slots));
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<uint32_t>(w.n)));
-    slots.resize(static_cast<std::size_t>(w.n));
+    std::vector<int32_t> slots = shuffled_slots(w);
     const auto k = random_floats(static_cast<std::size_t>(w.offset + w.n * row), 61, -5.0f, 5.0f);
     const auto v = random_floats(static_cast<std::size_t>(w.offset + w.n * row), 62, -5.0f, 5.0f);
 
@@ -416,10 +422,7 @@ TEST(CudaPagedAttention, Fp8KvWriteStoresTheCpusCodesAndScales) {
     SCOPED_TRACE(trace);
     const int64_t row = w.n_kv * w.head_dim;
     const int64_t n_slots = w.num_blocks * w.block_size;
-    std::vector<int32_t> slots(static_cast<std::size_t>(n_slots));
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<uint32_t>(w.n)));
-    slots.resize(static_cast<std::size_t>(w.n));
+    std::vector<int32_t> slots = shuffled_slots(w);
     slots[1] = -1;  // a padding token: nothing written
     auto k = random_floats(static_cast<std::size_t>(w.offset + w.n * row), 161, -5.0f, 5.0f);
     auto v = fc.one_plane ? k : random_floats(k.size(), 162, -5.0f, 5.0f);
