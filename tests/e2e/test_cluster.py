@@ -278,6 +278,34 @@ def test_losing_an_expert_worker_without_replicas_fails_cleanly_then_the_survivo
         s.stop()
 
 
+def streams_on_a_stopped_worker(server, attempts=3):
+    """Starts four streams over both attention workers and stops (SIGSTOP) the one running more
+    of them. Returns the streams, the stopped worker's pid and how many of its requests it had
+    not finished: exactly those must fail when it is killed. The router's in-flight counts lag
+    the workers (a worker says "done" after its last token, and the client may still be reading
+    tokens the worker produced long before), so they are read only once the worker is stopped
+    and its last messages have arrived."""
+    for attempt in range(attempts):
+        results, threads = start_streams(server, PROMPTS[:4], 1000)
+        # The router spreads the requests over both workers (fewest in flight first).
+        workers = sorted(members(server, "attention"), key=lambda m: -int(m["requests_in_flight"]))
+        assert 1 <= int(workers[0]["requests_in_flight"]) <= 3, workers
+        # Checked before the stop: the gateway may end the lost streams within milliseconds.
+        assert_still_running(results)
+        pid = int(workers[0]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        victim = [m for m in members(server, "attention") if int(m["pid"]) == pid]
+        assert len(victim) == 1, victim
+        on_victim = int(victim[0]["requests_in_flight"])
+        if on_victim > 0:
+            return results, threads, pid, on_victim
+        os.kill(pid, signal.SIGCONT)  # it had finished them all: nothing to lose; again
+        for t in threads:
+            t.join(60)
+    pytest.fail(f"in {attempts} attempts, the stopped worker had always finished its requests")
+
+
 def test_losing_an_attention_worker_fails_only_its_requests(binary):
     s = start(binary, DEMO, "--attention-workers", 2)
     try:
@@ -285,15 +313,8 @@ def test_losing_an_attention_worker_fails_only_its_requests(binary):
         # The router counts a request as done when the worker says so, just after the response.
         wait_until(lambda: all(m["requests_in_flight"] == "0" for m in members(s, "attention")),
                    5, "the reference requests to be done")
-        results, threads = start_streams(s, PROMPTS[:4], 1000)
-        # The router spreads the requests over both workers (fewest in flight first): kill the
-        # one running more of them; exactly its requests must fail.
-        workers = sorted(members(s, "attention"), key=lambda m: -int(m["requests_in_flight"]))
-        on_victim = int(workers[0]["requests_in_flight"])
-        assert 1 <= on_victim <= 3, workers
-        # Checked before the kill: the gateway may end the lost streams within milliseconds.
-        assert_still_running(results)
-        os.kill(int(workers[0]["pid"]), signal.SIGKILL)
+        results, threads, pid, on_victim = streams_on_a_stopped_worker(s)
+        os.kill(pid, signal.SIGKILL)
         killed = time.time()
         for t in threads:
             t.join(60)
