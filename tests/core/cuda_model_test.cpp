@@ -490,6 +490,11 @@ TEST(CudaModelDevice, TensorParallelSizesThatDoNotDivideAreRefused) {
 // What a sharded model computes, step by step, against the same model on one rank: a prompt's
 // logits, decode steps on caches grown block by block, a fork, and a step that mixes a decode
 // token with prompt chunks; with its own experts and with experts from an outside backend.
+// The bound: shards sum their partial products in another order, which moves some bf16
+// roundings of the activations by one unit; on the kernels of kernels/cuda (tests/cuda_sim)
+// positions differ by 0.3-1.1% at four ranks. A wrong shard is off by tens of percent.
+constexpr double kShardedBound = 2e-2;
+
 void expect_same_as_one_rank(const char* name, Model& tp, Model& one) {
   const auto V = static_cast<std::size_t>(one.config().vocab_size);
   const std::vector<int32_t> prompt = fixture_prompt(name);
@@ -501,13 +506,13 @@ void expect_same_as_one_rank(const char* name, Model& tp, Model& one) {
   auto s = tp.forward(a, prompt, Logits::All, got);
   ASSERT_TRUE(s) << s.error().message();
   ASSERT_TRUE(one.forward(ref, prompt, Logits::All, want));
-  EXPECT_LT(rel_error(got, want), 1e-2) << name << " prompt";
+  EXPECT_LT(rel_error(got, want), kShardedBound) << name << " prompt";
   for (int32_t t : {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21}) {
     ASSERT_TRUE(tp.reserve(a, a.length() + 1));
     ASSERT_TRUE(one.reserve(ref, ref.length() + 1));
     ASSERT_TRUE(tp.forward(a, std::vector<int32_t>{t}, Logits::Last, got));
     ASSERT_TRUE(one.forward(ref, std::vector<int32_t>{t}, Logits::Last, want));
-    EXPECT_LT(rel_error(got, want), 1e-2) << name << " token " << t;
+    EXPECT_LT(rel_error(got, want), kShardedBound) << name << " token " << t;
   }
   Expected<KVCache> b = tp.fork(a);
   ASSERT_TRUE(b) << b.error().message();
@@ -521,8 +526,10 @@ void expect_same_as_one_rank(const char* name, Model& tp, Model& one) {
   ASSERT_EQ(step.size(), 2 * V);
   ASSERT_TRUE(one.forward(ref, tok, Logits::Last, one_tok));
   ASSERT_TRUE(one.forward(c1, p, Logits::Last, one_p));
-  EXPECT_LT(rel_error(std::vector<float>(step.begin(), step.begin() + V), one_tok), 1e-2) << name;
-  EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.end()), one_p), 1e-2) << name;
+  EXPECT_LT(rel_error(std::vector<float>(step.begin(), step.begin() + V), one_tok), kShardedBound)
+      << name;
+  EXPECT_LT(rel_error(std::vector<float>(step.begin() + V, step.end()), one_p), kShardedBound)
+      << name;
 }
 
 // Ranks past the machine's last GPU are refused with the GPUs needed and the fix.
