@@ -5,7 +5,8 @@
 // kernels/cuda (loop, streams, batched, wmma; fp8 with block scales) computes rows x W_e^T; the
 // dense reference multiplies all T * top_k rows by one [n, k] matrix (the same FLOPs). Times are
 // medians of CUDA-event-timed repetitions after warm-up; each line of output is one JSON object,
-// with the TFLOP/s and the ratio to the dense GEMM. Exit status 1 on any CUDA error.
+// with the TFLOP/s and the ratio to the dense GEMM. Then dense layers with FP8 weights against
+// bf16 ("bench":"fp8_dense", below). Exit status 1 on any CUDA error.
 //
 //   build/bin/cuda_gemm_bench [--reps N] [--quick]
 #include <cuda_runtime.h>
@@ -224,6 +225,71 @@ int main(int argc, char** argv) {
         time_ms(
             [&] { ok(gg->run_fp8(x.as<uint16_t>(), wf, rows, offsets, c.n, c.k, y.as<float>())); },
             reps));
+  }
+
+  // Dense layers with FP8 weights (DeepSeek-V3's attention projections) against the same layer in
+  // bf16 through cuBLAS: each way the GPU forward pass can multiply by FP8 codes (fp8_gemv for a
+  // few rows, the FP8 tile kernel, a bf16 copy of the weights and cuBLAS), at decode and prefill
+  // sizes. What the GPU forward pass picks for m rows: gemv up to kFp8GemvMaxRows, tiles up to
+  // 128, the copy beyond.
+  struct Dense {
+    const char* name;
+    int64_t n, k;
+  };
+  std::vector<Dense> dense = {
+      {"q_a", 1536, 7168}, {"q_b", 24576, 1536}, {"kv_a", 576, 7168}, {"o", 7168, 16384}};
+  std::vector<int64_t> ms = {1, 8, 32, 128, 512};
+  if (quick) dense.resize(1), ms = {1, 128};
+  auto gg = cu::GroupedGemm::create(nullptr, cu::GroupedMethod::Loop, &err);
+  if (!gg) die(err);
+  for (const Dense& d : dense) {
+    const int64_t blocks = ((d.n + 127) / 128) * ((d.k + 127) / 128);
+    cu::DeviceBuffer w16 = alloc(d.n * d.k * 2), w8 = alloc(d.n * d.k), sc = alloc(blocks * 4);
+    cu::DeviceBuffer copy16 = alloc(d.n * d.k * 2);
+    fill_random(w16, d.n * d.k, 11, false);
+    fill_random(w8, d.n * d.k, 12, true);
+    std::vector<float> ones(static_cast<std::size_t>(blocks), 0.01f);
+    cu::copy(sc.data(), ones.data(), ones.size() * 4, nullptr);
+    const int64_t max_m = *std::max_element(ms.begin(), ms.end());
+    cu::DeviceBuffer x = alloc(max_m * d.k * 2), y = alloc(max_m * d.n * 4);
+    fill_random(x, max_m * d.k, 13, false);
+    for (int64_t m : ms) {
+      auto line = [&](const char* method, double t) {
+        std::printf(
+            "{\"bench\":\"fp8_dense\",\"case\":\"%s\",\"n\":%lld,\"k\":%lld,\"m\":%lld,"
+            "\"method\":\"%s\",\"ms\":%.4f,\"weight_gbps\":%.0f}\n",
+            d.name, static_cast<long long>(d.n), static_cast<long long>(d.k),
+            static_cast<long long>(m), method, t,
+            static_cast<double>(d.n * d.k) * (std::strcmp(method, "bf16_cublas") ? 1.0 : 2.0) /
+                (t * 1e-3) / 1e9);
+      };
+      const auto* xb = x.as<uint16_t>();
+      line("bf16_cublas",
+           time_ms([&] { ok(blas->gemm(xb, w16.as<uint16_t>(), y.as<float>(), m, d.n, d.k)); },
+                   reps));
+      if (m <= cu::kFp8GemvMaxRows)
+        line("fp8_gemv", time_ms(
+                             [&] {
+                               ok(cu::fp8_gemv(xb, w8.as<uint8_t>(), sc.as<float>(), m, d.n, d.k,
+                                               y.as<float>(), nullptr));
+                             },
+                             reps));
+      if (d.n % 64 == 0 && d.k % 32 == 0)
+        line("fp8_tiles", time_ms(
+                              [&] {
+                                ok(gg->run_fp8(xb, {cu::GroupWeight{w8.data(), sc.as<float>()}},
+                                               {m}, {0}, d.n, d.k, y.as<float>()));
+                              },
+                              reps));
+      line("fp8_copy_cublas",
+           time_ms(
+               [&] {
+                 cu::fp8_dequantize_bf16(w8.as<uint8_t>(), sc.as<float>(), d.n, d.k,
+                                         copy16.as<uint16_t>(), nullptr);
+                 ok(blas->gemm(xb, copy16.as<uint16_t>(), y.as<float>(), m, d.n, d.k));
+               },
+               reps));
+    }
   }
   return 0;
 }

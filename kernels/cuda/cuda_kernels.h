@@ -416,6 +416,18 @@ class GroupedGemm {
   std::unique_ptr<Impl> impl_;
 };
 
+// Dense layers with FP8 E4M3 weights w [n, k] and 128x128 float32 block scales (the layout of
+// GroupWeight): y [m, n] (float32) = x [m, k] (bf16) times the dequantised w^T.
+// fp8_gemv: for 1 <= m <= kFp8GemvMaxRows (decode), reading each code once; k a multiple of 16,
+// x and w 16-byte aligned, else an error and nothing launched.
+constexpr int64_t kFp8GemvMaxRows = 8;
+std::string fp8_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int64_t m, int64_t n,
+                     int64_t k, float* y, Stream stream);
+// w dequantised to bf16 [rows, cols] (code * its block's scale, rounded to nearest even), for a
+// bf16 GEMM over many rows.
+void fp8_dequantize_bf16(const uint8_t* w, const float* scale, int64_t rows, int64_t cols,
+                         uint16_t* out, Stream stream);
+
 // FP8 E4M3 <-> float (the OCP e4m3fn format of DeepSeek-V3 checkpoints), on the host, for
 // quantising weights at load and for tests.
 float fp8_e4m3_to_f32(uint8_t bits);

@@ -38,19 +38,6 @@ struct Tile {
   int32_t pad;
 };
 
-// The OCP E4M3 (fn) value of `bits`: bias 7, no infinities, 0x7F / 0xFF are NaN.
-__device__ __forceinline__ float e4m3_to_f32(uint32_t bits) {
-  const uint32_t sign = (bits & 0x80u) << 24;
-  const uint32_t exp = (bits >> 3) & 0xFu;
-  const uint32_t mant = bits & 0x7u;
-  if (exp == 0) {
-    const float v = static_cast<float>(mant) * (1.0f / 512.0f);  // mant * 2^-9
-    return __uint_as_float(__float_as_uint(v) | sign);
-  }
-  if (exp == 0xF && mant == 0x7) return __uint_as_float(0x7FC00000u | sign);
-  return __uint_as_float(sign | ((exp + 120u) << 23) | (mant << 20));
-}
-
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
     grouped_kernel(const __nv_bfloat16* __restrict__ x, const Tile* __restrict__ tiles, int64_t n,
@@ -103,7 +90,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int b = 0; b < 4; ++b)
           bs[r][c + q * 4 + b] =
-              __float2bfloat16_rn(e4m3_to_f32((words[q] >> (8 * b)) & 0xFFu) * s);
+              __float2bfloat16_rn(detail::e4m3_to_f32((words[q] >> (8 * b)) & 0xFFu) * s);
     }
     __syncthreads();
 #pragma unroll

@@ -586,6 +586,33 @@ std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeigh
   return {};
 }
 
+std::string fp8_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int64_t m, int64_t n,
+                     int64_t k, float* y, Stream) {
+  if (m < 1 || m > kFp8GemvMaxRows || n < 1 || k < 1 || k % 16 != 0)
+    return "fp8_gemv: needs 1 <= m <= 8, n >= 1 and k a multiple of 16";
+  // As the kernel does: each code times its block's scale in float32, products with the bf16
+  // inputs summed in float32.
+  const kernels::WeightView view{w, kernels::DType::F8E4M3, n, k, scale};
+  std::vector<float> dense(static_cast<std::size_t>(n * k));
+  kernels::dequantize_rows(view, 0, n, dense.data());
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0;
+      for (int64_t t = 0; t < k; ++t) acc += bf(x[r * k + t]) * dense[j * k + t];
+      y[r * n + j] = acc;
+    }
+  return {};
+}
+
+void fp8_dequantize_bf16(const uint8_t* w, const float* scale, int64_t rows, int64_t cols,
+                         uint16_t* out, Stream) {
+  if (rows <= 0 || cols <= 0) return;
+  const kernels::WeightView view{w, kernels::DType::F8E4M3, rows, cols, scale};
+  std::vector<float> dense(static_cast<std::size_t>(rows * cols));
+  kernels::dequantize_rows(view, 0, rows, dense.data());
+  for (std::size_t i = 0; i < dense.size(); ++i) out[i] = to_bf(dense[i]);
+}
+
 // ---- Collectives -------------------------------------------------------------------------------
 
 namespace {

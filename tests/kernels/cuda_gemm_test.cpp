@@ -262,5 +262,52 @@ TEST(CudaGroupedGemmFp8, MatchesDequantizedReference) {
   EXPECT_NE(bad.find("n % 64"), std::string::npos) << bad;
 }
 
+// A dense layer on FP8 weights: the product for a few rows (every count up to the limit, a k that
+// ends inside a scale block) and the dequantised bf16 copy for cuBLAS, against the CPU on the
+// weights the codes stand for.
+TEST(CudaFp8Linear, FewRowsAndDequantizedWeightsMatchTheCpu) {
+  MOEMESH_REQUIRE_GPU();
+  const int64_t n = 200, k = 336;  // neither a multiple of 128: partial scale blocks
+  auto raw = random_floats(n * k, 31);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c)
+      raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + 2 * (c / 128)) % 4) * 7.0f;
+  const Fp8Weight w = quantize(raw, n, k);
+  auto dw = upload(w.q);
+  auto ds = upload(w.scale);
+  kernels::ThreadPool pool(1);
+  const kernels::WeightView ref_w{w.dequant.data(), kernels::DType::F32, n, k};
+  for (int64_t m = 1; m <= kFp8GemvMaxRows; ++m) {
+    const auto x = testing::bf16_round(random_floats(m * k, 40 + static_cast<uint32_t>(m)));
+    auto dx = upload(to_bf16(x));
+    auto dy = poisoned<float>(m * n);
+    ASSERT_EQ(fp8_gemv(dx.as<uint16_t>(), dw.as<uint8_t>(), ds.as<float>(), m, n, k, dy.as<float>(),
+                       nullptr),
+              "");
+    const auto got = download<float>(dy, m * n);
+    std::vector<float> ref(static_cast<std::size_t>(m * n));
+    kernels::linear(x.data(), m, ref_w, nullptr, ref.data(), &pool);
+    // Float32 weights and sums: only the order of the additions differs.
+    EXPECT_LT(rel_error(got, ref), 1e-5) << "m = " << m;
+  }
+  auto dq = poisoned<uint16_t>(n * k);
+  fp8_dequantize_bf16(dw.as<uint8_t>(), ds.as<float>(), n, k, dq.as<uint16_t>(), nullptr);
+  const auto q = download<uint16_t>(dq, n * k);
+  for (int64_t i = 0; i < n * k; ++i)
+    ASSERT_EQ(q[i], kernels::f32_to_bf16(w.dequant[i])) << "weight " << i;
+  // Shapes the product does not take are refused with a message, launching nothing.
+  auto dx = upload(to_bf16(random_floats(9 * k, 5)));
+  auto dy = poisoned<float>(9 * n);
+  EXPECT_NE(fp8_gemv(dx.as<uint16_t>(), dw.as<uint8_t>(), ds.as<float>(), 9, n, k, dy.as<float>(),
+                     nullptr)
+                .find("m <= 8"),
+            std::string::npos);
+  EXPECT_NE(fp8_gemv(dx.as<uint16_t>(), dw.as<uint8_t>(), ds.as<float>(), 1, n, 100, dy.as<float>(),
+                     nullptr)
+                .find("multiple of 16"),
+            std::string::npos);
+  EXPECT_EQ(check("after refused shapes"), "");
+}
+
 }  // namespace
 }  // namespace moemesh::kernels::cuda

@@ -22,6 +22,19 @@ inline unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>(b < 1 ? 1 : b);
 }
 
+// The OCP E4M3 (fn) value of `bits`: bias 7, no infinities, 0x7F / 0xFF are NaN.
+__device__ __forceinline__ float e4m3_to_f32(uint32_t bits) {
+  const uint32_t sign = (bits & 0x80u) << 24;
+  const uint32_t exp = (bits >> 3) & 0xFu;
+  const uint32_t mant = bits & 0x7u;
+  if (exp == 0) {
+    const float v = static_cast<float>(mant) * (1.0f / 512.0f);  // mant * 2^-9
+    return __uint_as_float(__float_as_uint(v) | sign);
+  }
+  if (exp == 0xF && mant == 0x7) return __uint_as_float(0x7FC00000u | sign);
+  return __uint_as_float(sign | ((exp + 120u) << 23) | (mant << 20));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
