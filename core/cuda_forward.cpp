@@ -73,11 +73,15 @@ std::string CudaForward::description() const {
   int64_t fp8_layers = 0;
   for (const Impl::Layer& l : m.layers) fp8_layers += l.experts_fp8 ? 1 : 0;
   return fmt::format(
-      "{} weights={:.2f}GiB fp8_expert_layers={} kv_blocks={} block_size={} kv_dtype={} "
-      "grouped_gemm={}{}",
+      "{} weights={:.2f}GiB fp8_expert_layers={} fp8_dense={} kv_blocks={} block_size={} "
+      "kv_dtype={} grouped_gemm={}{}",
       cu::device_description(m.device), static_cast<double>(m.weight_bytes) / (1 << 30), fp8_layers,
-      m.num_blocks, m.options.block_size, m.options.kv_fp8 ? "fp8" : "bf16",
+      m.fp8_dense, m.num_blocks, m.options.block_size, m.options.kv_fp8 ? "fp8" : "bf16",
       m.grouped ? cu::grouped_method_name(m.grouped->method()) : "-", tp);
+}
+
+int64_t CudaForward::weight_bytes() const {
+  return ranks_[0]->weight_bytes;
 }
 
 int64_t CudaForward::num_blocks() const {
@@ -283,10 +287,10 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
                                    {&D.q_norm, &L.attn.q_norm, split_qk_norm},
                                    {&D.k_norm, &L.attn.k_norm, split_qk_norm}})
       if (Status s = upload_f32(*dst, split ? shard_vector(*src, rank, ranks) : *src); !s) return s;
-    if (Status s = upload_matrix(D.o, L.attn.o, Split::Cols); !s) return s;
+    if (Status s = upload_dense(D.o, L.attn.o, Split::Cols); !s) return s;
     if (c.mla) {
       if (Status s = load_mla(D, L); !s) return s;
-    } else if (Status s = upload_matrix(D.q, L.attn.q, Split::Rows); !s) {
+    } else if (Status s = upload_dense(D.q, L.attn.q, Split::Rows); !s) {
       return s;
     }
     // This rank's KV heads (replicated when the ranks outnumber them), with their biases.
@@ -296,7 +300,12 @@ Status CudaForward::Impl::load(const ModelWeights& w) {
       for (auto [dst, src, bias_dst, bias_src] :
            {std::tuple{&D.k, &L.attn.k, &D.k_bias, &L.attn.k_bias},
             {&D.v, &L.attn.v, &D.v_bias, &L.attn.v_bias}}) {
-        if (Status s = upload_bf16(*dst, rows_bf16(*src, mine.first * hd, mine.count * hd)); !s)
+        const int64_t first = mine.first * hd, count = mine.count * hd;
+        if (Status s =
+                dense_fp8_rows(*src, first, count)
+                    ? upload_dense_fp8(*dst, rows_fp8(*src, first, count))
+                    : upload_dense_bf16(*dst, rows_bf16(*src, first, count), count, src->cols);
+            !s)
           return s;
         if (Status s =
                 upload_f32(*bias_dst, slice_vector(*bias_src, mine.first * hd, mine.count * hd));
@@ -499,13 +508,9 @@ Status CudaForward::Impl::ensure_scratch(int64_t n, int64_t segments, int64_t ma
 }
 
 Status CudaForward::Impl::ffn_dense(const Ffn& f, int64_t n, float* out) {
-  const int64_t H = c.hidden_size;
-  if (Status s = from(blas->gemm(xn.as<uint16_t>(), f.gate_up.as<uint16_t>(), gu.as<float>(), n,
-                                 2 * f.inter, H));
-      !s)
-    return s;
+  if (Status s = linear(f.gate_up, xn.as<uint16_t>(), gu.as<float>(), n); !s) return s;
   cu::swiglu(gu.as<float>(), n, f.inter, act.as<uint16_t>(), stream);
-  return from(blas->gemm(act.as<uint16_t>(), f.down.as<uint16_t>(), out, n, H, f.inter));
+  return linear(f.down, act.as<uint16_t>(), out, n);
 }
 
 Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, bool remote,
@@ -628,7 +633,6 @@ Status CudaForward::Impl::ffn(int64_t l, int64_t n, ExpertBackend* external, boo
 
 Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, float* out) {
   const Layer& D = layers[l];
-  const int64_t H = c.hidden_size;
   const int64_t qd = c.num_heads * c.head_dim;
   const int64_t kvd = c.num_kv_heads * c.head_dim;
   const uint16_t* xin = xn.as<uint16_t>();
@@ -638,7 +642,7 @@ Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, floa
   for (auto [w, b, y, dim] : {std::tuple{&D.q, &D.q_bias, qs, qd},
                               {&D.k, &D.k_bias, ks, kvd},
                               {&D.v, &D.v_bias, vs, kvd}}) {
-    if (Status s = from(blas->gemm(xin, w->as<uint16_t>(), y, n, dim, H)); !s) return s;
+    if (Status s = linear(*w, xin, y, n); !s) return s;
     if (b->data()) cu::add_bias(y, b->as<float>(), n, dim, stream);
   }
   if (c.qk_norm == QkNorm::Full) {
@@ -667,7 +671,7 @@ Status CudaForward::Impl::attention(int64_t l, int64_t n, const Step& step, floa
   cu::paged_attention(qs, n, cache, step.batch, c.num_heads, scale, c.layer_window[l],
                       attn.as<float>(), stream);
   cu::f32_to_bf16(attn.as<float>(), n * qd, attn_bf16.as<uint16_t>(), stream);
-  return from(blas->gemm(attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), out, n, H, qd));
+  return linear(D.o, attn_bf16.as<uint16_t>(), out, n);
 }
 
 void CudaForward::Impl::full_qk_norm(const Layer& D, float* qs, float* ks, int64_t n, Status& s) {

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "core/detail/cuda_forward_impl.h"
@@ -86,6 +87,33 @@ std::vector<float> rotary_vector(std::vector<float> v, int64_t period, int64_t f
   return v;
 }
 
+// The FP8 counterpart of rotary_rows_bf16 for rows [first_row, first_row + count) of the
+// reordered w, or nothing when the codes cannot stay FP8: a scale other than 1 (codes share their
+// block's scale with rows that are not scaled), a reordering that moves rows across 128-row
+// blocks, or a share that does not take whole blocks.
+std::optional<Fp8Matrix> rotary_rows_fp8(const kernels::WeightView& w, int64_t period,
+                                         int64_t first, int64_t rope, bool interleaved, float scale,
+                                         int64_t first_row, int64_t count) {
+  if (scale != 1.0f || !dense_fp8_rows(w, first_row, count)) return std::nullopt;
+  for (int64_t g = 0; g < w.rows / period; ++g) {
+    const int64_t r0 = g * period + first;
+    if (r0 / kernels::kFp8Block != (r0 + rope - 1) / kernels::kFp8Block) return std::nullopt;
+  }
+  Fp8Matrix all = rows_fp8(w, 0, w.rows);
+  const int64_t cols = w.cols;
+  std::vector<uint8_t> block(static_cast<std::size_t>(rope * cols));
+  for (int64_t g = 0; g < w.rows / period; ++g) {
+    uint8_t* rows = all.codes.data() + (g * period + first) * cols;
+    std::copy_n(rows, rope * cols, block.begin());
+    for (int64_t j = 0; j < rope; ++j)
+      std::copy_n(block.begin() + rotary_source(j, rope, interleaved) * cols, cols,
+                  rows + j * cols);
+  }
+  const kernels::WeightView reordered{all.codes.data(), kernels::DType::F8E4M3, w.rows, w.cols,
+                                      all.scales.data()};
+  return rows_fp8(reordered, first_row, count);
+}
+
 }  // namespace
 
 Status CudaForward::Impl::load_mla(Layer& D, const LayerWeights& L) {
@@ -98,22 +126,34 @@ Status CudaForward::Impl::load_mla(Layer& D, const LayerWeights& L) {
 
   // q_proj or q_b_proj: this rank's heads, rows [rank * heads * qk, (rank + 1) * heads * qk).
   const kernels::WeightView& qw = a.q_lora_rank ? L.attn.q_b : L.attn.q;
-  const std::vector<uint16_t> q_all = rotary_rows_bf16(qw, qk, a.qk_nope_head_dim, rope, il, scale);
-  const auto first = q_all.begin() + rank * heads * qk * qw.cols;
-  if (Status s = upload_bf16(a.q_lora_rank ? D.q_b : D.q,
-                             std::vector<uint16_t>(first, first + heads * qk * qw.cols));
-      !s)
-    return s;
+  Dense& dq = a.q_lora_rank ? D.q_b : D.q;
+  if (auto fp8 = rotary_rows_fp8(qw, qk, a.qk_nope_head_dim, rope, il, scale, rank * heads * qk,
+                                 heads * qk)) {
+    if (Status s = upload_dense_fp8(dq, *fp8); !s) return s;
+  } else {
+    const std::vector<uint16_t> q_all =
+        rotary_rows_bf16(qw, qk, a.qk_nope_head_dim, rope, il, scale);
+    const auto first = q_all.begin() + rank * heads * qk * qw.cols;
+    if (Status s = upload_dense_bf16(dq, std::vector<uint16_t>(first, first + heads * qk * qw.cols),
+                                     heads * qk, qw.cols);
+        !s)
+      return s;
+  }
   if (a.q_lora_rank) {
-    if (Status s = upload_whole(D.q_a, L.attn.q_a); !s) return s;
+    if (Status s = upload_dense(D.q_a, L.attn.q_a, Split::Rows, 0, 1); !s) return s;
     if (Status s = upload_f32(D.q_a_bias, L.attn.q_a_bias); !s) return s;
     if (Status s = upload_f32(D.q_a_norm, L.attn.q_a_norm); !s) return s;
   }
   const int64_t row = a.cache_row();
-  if (Status s =
-          upload_bf16(D.kv_a, rotary_rows_bf16(L.attn.kv_a, row, a.kv_lora_rank, rope, il, scale));
-      !s)
+  const kernels::WeightView& kv_a = L.attn.kv_a;
+  if (auto fp8 = rotary_rows_fp8(kv_a, row, a.kv_lora_rank, rope, il, scale, 0, kv_a.rows)) {
+    if (Status s = upload_dense_fp8(D.kv_a, *fp8); !s) return s;
+  } else if (Status s = upload_dense_bf16(
+                 D.kv_a, rotary_rows_bf16(kv_a, row, a.kv_lora_rank, rope, il, scale), kv_a.rows,
+                 kv_a.cols);
+             !s) {
     return s;
+  }
   if (Status s = upload_f32(D.kv_a_bias,
                             rotary_vector(L.attn.kv_a_bias, row, a.kv_lora_rank, rope, il, scale));
       !s)
@@ -230,7 +270,6 @@ Status CudaForward::Impl::mla_expanded(int64_t l, const Segment& s, const Step& 
 Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, float* out) {
   const Layer& D = layers[l];
   const MlaConfig& a = *c.mla;
-  const int64_t H = c.hidden_size;
   const auto [heads, nope, rope, qk, lora, vd, row] = dims_of(c);
   const std::size_t f = sizeof(float);
   const uint16_t* xin = xn.as<uint16_t>();
@@ -238,23 +277,19 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   // Queries [n, heads, qk].
   float* qs = q.as<float>();
   if (a.q_lora_rank == 0) {
-    if (Status s = from(blas->gemm(xin, D.q.as<uint16_t>(), qs, n, heads * qk, H)); !s) return s;
+    if (Status s = linear(D.q, xin, qs, n); !s) return s;
   } else {
     float* qa = mla_qa.as<float>();
-    if (Status s = from(blas->gemm(xin, D.q_a.as<uint16_t>(), qa, n, a.q_lora_rank, H)); !s)
-      return s;
+    if (Status s = linear(D.q_a, xin, qa, n); !s) return s;
     if (D.q_a_bias.data()) cu::add_bias(qa, D.q_a_bias.as<float>(), n, a.q_lora_rank, stream);
     cu::rmsnorm(qa, nullptr, D.q_a_norm.as<float>(), n, a.q_lora_rank, kLatentNormEps, nullptr,
                 mla_qa_bf16.as<uint16_t>(), stream);
-    if (Status s = from(blas->gemm(mla_qa_bf16.as<uint16_t>(), D.q_b.as<uint16_t>(), qs, n,
-                                   heads * qk, a.q_lora_rank));
-        !s)
-      return s;
+    if (Status s = linear(D.q_b, mla_qa_bf16.as<uint16_t>(), qs, n); !s) return s;
   }
   // The new tokens' cache rows [n, row]: the latent, normalised, then the rotary key.
   float* ckv = mla_ckv.as<float>();
   float* latent = mla_latent.as<float>();
-  if (Status s = from(blas->gemm(xin, D.kv_a.as<uint16_t>(), ckv, n, row, H)); !s) return s;
+  if (Status s = linear(D.kv_a, xin, ckv, n); !s) return s;
   if (D.kv_a_bias.data()) cu::add_bias(ckv, D.kv_a_bias.as<float>(), n, row, stream);
   cu::copy_rows(latent, lora * f, ckv, row * f, lora * f, n, stream);
   cu::rmsnorm(latent, nullptr, D.kv_a_norm.as<float>(), n, lora, kLatentNormEps, latent, nullptr,
@@ -326,7 +361,7 @@ Status CudaForward::Impl::mla_attention(int64_t l, int64_t n, const Step& step, 
   }
   // Then o.
   cu::f32_to_bf16(attn.as<float>(), n * heads * vd, attn_bf16.as<uint16_t>(), stream);
-  return from(blas->gemm(attn_bf16.as<uint16_t>(), D.o.as<uint16_t>(), out, n, H, heads * vd));
+  return linear(D.o, attn_bf16.as<uint16_t>(), out, n);
 }
 
 }  // namespace moemesh::detail

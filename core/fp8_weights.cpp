@@ -94,12 +94,6 @@ void quantize_fp8(ModelWeights& w, kernels::ThreadPool* pool) {
   for_each_quantized_matrix(w, [&](WeightView& v) { v = quantize_fp8(v, w.quantized, pool); });
 }
 
-void quantize_fp8_routed_experts(ModelWeights& w, kernels::ThreadPool* pool) {
-  for (auto& layer : w.layers)
-    for (kernels::FfnWeights& e : layer.experts)
-      if (!e.gate.empty()) quantize_fp8(e, w.quantized, pool);
-}
-
 WeightView dequantize_f32(const WeightView& w, QuantizedStore& store) {
   if (w.empty() || w.dtype != DType::F8E4M3) return w;
   auto m = std::make_unique<QuantizedStore::Matrix>();

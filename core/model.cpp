@@ -68,11 +68,8 @@ Expected<std::unique_ptr<Model>> Model::load(const std::filesystem::path& dir,
   impl->weights = std::move(*weights);
   impl->pool = std::make_unique<kernels::ThreadPool>(options.threads, options.cpus);
   if (quant == detail::Quantization::Int8) detail::quantize_int8(impl->weights, impl->pool.get());
-  // On a GPU only the routed experts are quantized: they stay FP8 there, the rest goes up as bf16.
-  if (quant == detail::Quantization::Fp8 && options.device == "cpu")
-    detail::quantize_fp8(impl->weights, impl->pool.get());
-  else if (quant == detail::Quantization::Fp8)
-    detail::quantize_fp8_routed_experts(impl->weights, impl->pool.get());
+  // The same matrices on both devices: on a GPU they stay FP8 where their shapes allow.
+  if (quant == detail::Quantization::Fp8) detail::quantize_fp8(impl->weights, impl->pool.get());
   if (options.device == "cpu") detail::pack_for_amx(impl->weights, impl->pool.get());
   impl->routed_experts = options.routed_experts;
   if (options.routed_experts)
@@ -175,6 +172,13 @@ std::string Model::device_description() const {
   if (impl_->cuda) return impl_->cuda->description();
 #endif
   return "cpu";
+}
+
+int64_t Model::device_weight_bytes() const {
+#if MOEMESH_HAVE_CUDA
+  if (impl_->cuda) return impl_->cuda->weight_bytes();
+#endif
+  return 0;
 }
 
 void Model::set_expert_backend(ExpertBackend* backend) {

@@ -216,6 +216,8 @@ class Model {
   KVCache new_cache(int64_t capacity) const;
   // "cpu", or the GPU and its pool ("NVIDIA H100 ... kv_blocks=...").
   std::string device_description() const;
+  // Bytes of weights held on the GPU (on each tensor-parallel rank: rank 0's); 0 on the CPU.
+  int64_t device_weight_bytes() const;
 
   // A cache that starts with the longest prefix of `prompt` found in the prefix cache (whole
   // blocks, and always fewer than prompt.size() tokens, so the last prompt token is computed);

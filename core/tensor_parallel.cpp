@@ -143,4 +143,49 @@ Fp8Matrix gate_up_fp8(const kernels::FfnWeights& w, int rank, int ranks) {
   return gu;
 }
 
+namespace {
+bool whole_blocks(int64_t first, int64_t count, int64_t total) {
+  return count > 0 && first >= 0 && first + count <= total && first % kernels::kFp8Block == 0 &&
+         (count % kernels::kFp8Block == 0 || first + count == total);
+}
+}  // namespace
+
+bool dense_fp8_rows(const kernels::WeightView& w, int64_t first, int64_t count) {
+  return w.dtype == kernels::DType::F8E4M3 && w.scale != nullptr &&
+         whole_blocks(first, count, w.rows);
+}
+
+bool dense_fp8_cols(const kernels::WeightView& w, int64_t first, int64_t count) {
+  return w.dtype == kernels::DType::F8E4M3 && w.scale != nullptr &&
+         whole_blocks(first, count, w.cols);
+}
+
+Fp8Matrix rows_fp8(const kernels::WeightView& w, int64_t first, int64_t count) {
+  const auto* codes = static_cast<const uint8_t*>(w.data);
+  const int64_t bcols = kernels::fp8_blocks(w.cols);
+  const int64_t b0 = first / kernels::kFp8Block, b1 = kernels::fp8_blocks(first + count);
+  Fp8Matrix out;
+  out.rows = count;
+  out.cols = w.cols;
+  out.codes.assign(codes + first * w.cols, codes + (first + count) * w.cols);
+  out.scales.assign(w.scale + b0 * bcols, w.scale + b1 * bcols);
+  return out;
+}
+
+Fp8Matrix cols_fp8(const kernels::WeightView& w, int64_t first, int64_t count) {
+  const auto* codes = static_cast<const uint8_t*>(w.data);
+  const int64_t brows = kernels::fp8_blocks(w.rows), bcols = kernels::fp8_blocks(w.cols);
+  const int64_t b0 = first / kernels::kFp8Block, nb = kernels::fp8_blocks(first + count) - b0;
+  Fp8Matrix out;
+  out.rows = w.rows;
+  out.cols = count;
+  out.codes.resize(static_cast<std::size_t>(w.rows * count));
+  for (int64_t r = 0; r < w.rows; ++r)
+    std::copy_n(codes + r * w.cols + first, count, out.codes.begin() + r * count);
+  out.scales.resize(static_cast<std::size_t>(brows * nb));
+  for (int64_t br = 0; br < brows; ++br)
+    std::copy_n(w.scale + br * bcols + b0, nb, out.scales.begin() + br * nb);
+  return out;
+}
+
 }  // namespace moemesh::detail

@@ -77,6 +77,8 @@ class CudaForward {
   bool kv_fp8() const;         // CudaOptions::kv_fp8
   // Bytes of one cached token on each rank (every layer's values, FP8 scales included).
   int64_t kv_bytes_per_token() const;
+  // Bytes of weights rank 0 holds on its GPU (FP8 codes one a weight, with their scales).
+  int64_t weight_bytes() const;
   // Copies block `src`'s keys and values into block `dst` (every layer, every rank); returns an
   // error message or "".
   std::string copy_block(int32_t src, int32_t dst);

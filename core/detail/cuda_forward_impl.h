@@ -28,20 +28,28 @@ struct CudaForward::Impl : CudaContext {
   kernels::cuda::Collective* group = nullptr;  // null with one rank; owned by CudaForward
   std::unique_ptr<cu::GroupedGemm> grouped;
 
-  // Weights (device).
+  // Weights (device). A dense layer's matrix [rows, cols]: bf16, or FP8 E4M3 codes with float32
+  // scales per 128x128 block, as the checkpoint (or --quantization fp8) holds it, where this
+  // rank's share takes whole scale blocks (dense_fp8_refusal); linear() multiplies by either.
+  struct Dense {
+    cu::DeviceBuffer w, scale;
+    int64_t rows = 0, cols = 0;
+    bool fp8 = false;
+  };
   struct Ffn {
-    cu::DeviceBuffer gate_up;  // [2 * inter, hidden]
-    cu::DeviceBuffer down;     // [hidden, inter]
+    Dense gate_up;  // [2 * inter, hidden]
+    Dense down;     // [hidden, inter]
     int64_t inter = 0;
   };
   struct Layer {
     cu::DeviceBuffer input_norm, post_norm;
-    cu::DeviceBuffer q, k, v, o;
+    Dense q, k, v, o;
     cu::DeviceBuffer q_bias, k_bias, v_bias, o_bias, q_norm, k_norm;
     // Multi-head latent attention (c.mla): q holds q_proj, or q_a -> q_a_norm -> q_b; kv_a is
     // kv_a_proj_with_mqa, kv_b this rank's heads of kv_b_proj. The rotary rows of q / q_b and
     // kv_a are de-interleaved (rope_interleave) and scaled by the YaRN attention factor at upload.
-    cu::DeviceBuffer q_a, q_a_bias, q_a_norm, q_b, kv_a, kv_a_bias, kv_a_norm, kv_b;
+    Dense q_a, q_b, kv_a;
+    cu::DeviceBuffer q_a_bias, q_a_norm, kv_a_bias, kv_a_norm, kv_b;
     bool moe = false;
     cu::DeviceBuffer router, router_bias;
     cu::DeviceBuffer experts_gate_up;  // [E, 2 * inter, hidden] bf16, or FP8 E4M3 codes
@@ -60,6 +68,7 @@ struct CudaForward::Impl : CudaContext {
   std::vector<Layer> layers;
   bool routed_experts = false;
   int64_t weight_bytes = 0;
+  int64_t fp8_dense = 0;  // dense matrices held in FP8 (Dense::fp8)
 
   // Paged KV cache: [layers][k|v][blocks][block_size][kv_dim] bf16, or FP8 codes (options.kv_fp8)
   // with their scales in kv_scale, [layers][k|v][blocks][block_size][kv heads] float32; with
@@ -85,7 +94,7 @@ struct CudaForward::Impl : CudaContext {
   // Scratch, grown on demand.
   cu::DeviceBuffer x, delta, xn, xn_f32, q, k, v, attn, attn_bf16, gu, act, router_logits, ids, wts,
       counts, offsets, row_of_slot, slot_of_row, xe, ge, ae, ye, shared_out, shared_gate_out, meta,
-      logits, sum_squares;
+      logits, sum_squares, dense_bf16;
   cu::DeviceBuffer mla_qa, mla_qa_bf16, mla_ckv, mla_latent, mla_q_abs, mla_lat, mla_bf16;
   // The expanded form of latent attention (cuda_mla.cpp, mla_expanded): a sequence's cached rows,
   // its keys and values per head, the chunk's queries and output, and an identity matrix.
@@ -117,6 +126,25 @@ struct CudaForward::Impl : CudaContext {
   Status upload_matrix(cu::DeviceBuffer& dst, const kernels::WeightView& w, Split split) {
     return upload_bf16(dst, shard_bf16(w, split, rank, ranks));
   }
+  // A dense layer: rank `r` of `rs`'s rows or columns of w, FP8 where w is FP8 and the share
+  // takes whole scale blocks, else bf16.
+  Status upload_dense(Dense& d, const kernels::WeightView& w, Split split, int r, int rs);
+  Status upload_dense(Dense& d, const kernels::WeightView& w, Split split) {
+    return upload_dense(d, w, split, rank, ranks);
+  }
+  Status upload_dense_bf16(Dense& d, const std::vector<uint16_t>& values, int64_t n_rows,
+                           int64_t n_cols) {
+    d.rows = n_rows;
+    d.cols = n_cols;
+    d.fp8 = false;
+    return upload_bf16(d.w, values);
+  }
+  Status upload_dense_fp8(Dense& d, const Fp8Matrix& m);
+  // y [m, d.rows] (float32) = x [m, d.cols] (bf16) times d^T: cuBLAS for bf16; for FP8, a few
+  // rows read the codes once (cu::fp8_gemv), up to kFp8TileRows go through the FP8 tile kernel,
+  // more through a bf16 copy of the weights (dense_bf16) and cuBLAS.
+  static constexpr int64_t kFp8TileRows = 128;
+  Status linear(const Dense& d, const uint16_t* in, float* out, int64_t m);
   // All of w, on every rank.
   Status upload_whole(cu::DeviceBuffer& dst, const kernels::WeightView& w) {
     return upload_bf16(dst, shard_bf16(w, Split::Rows, 0, 1));
@@ -128,11 +156,7 @@ struct CudaForward::Impl : CudaContext {
     gu.insert(gu.end(), up.begin(), up.end());
     return gu;
   }
-  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w) {
-    f.inter = w.gate.rows / ranks;
-    if (Status s = upload_bf16(f.gate_up, gate_up_rows(w, rank, ranks)); !s) return s;
-    return upload_matrix(f.down, w.down, Split::Cols);
-  }
+  Status upload_ffn(Ffn& f, const kernels::FfnWeights& w);
 
   Status load(const ModelWeights& w);
   // Multi-head latent attention's weights of layer L into D (cuda_mla.cpp).

@@ -78,4 +78,16 @@ Fp8Matrix shard_fp8(const kernels::WeightView& w, Split split, int rank, int ran
 // that fp8_expert_refusal() accepts.
 Fp8Matrix gate_up_fp8(const kernels::FfnWeights& w, int rank, int ranks);
 
+// ---- Dense layers kept in FP8 on the GPU ----
+
+// Whether rows [first, first + count) of w can stay FP8: w is F8E4M3 with block scales and the
+// rows start on a 128-row block and end on one (or at w's last row), so they take whole scale
+// blocks. Columns likewise (dense_fp8_cols).
+bool dense_fp8_rows(const kernels::WeightView& w, int64_t first, int64_t count);
+bool dense_fp8_cols(const kernels::WeightView& w, int64_t first, int64_t count);
+// Rows [first, first + count) of such a w, codes and their blocks' scales.
+Fp8Matrix rows_fp8(const kernels::WeightView& w, int64_t first, int64_t count);
+// Columns [first, first + count) of such a w.
+Fp8Matrix cols_fp8(const kernels::WeightView& w, int64_t first, int64_t count);
+
 }  // namespace moemesh::detail

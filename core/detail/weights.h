@@ -154,9 +154,6 @@ void quantize_fp8(kernels::FfnWeights& w, QuantizedStore& store, kernels::Thread
 // Quantizes, in place, the matrices quantize_int8 quantizes (routers, the shared-expert gate,
 // embeddings, LM head and MLA's kv_b_proj stay as they are).
 void quantize_fp8(ModelWeights& w, kernels::ThreadPool* pool);
-// Quantizes only the bound routed experts, in place (a model on a GPU keeps those FP8: they are
-// nearly all of an MoE model's bytes; the rest goes up as bf16).
-void quantize_fp8_routed_experts(ModelWeights& w, kernels::ThreadPool* pool);
 
 // The view of checkpoint tensor `t` (already found and shape-checked) as a weight matrix. A
 // tensor with a companion "<name>_scale_inv" (FP8 checkpoints: F8_E4M3 weights, F32 scales

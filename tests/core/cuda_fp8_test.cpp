@@ -1,9 +1,10 @@
-// FP8 routed experts on the GPU: an FP8 checkpoint's experts (and those of --quantization fp8)
-// stay FP8 on the device, in the model's grouped GEMM and in a GPU expert shard, where their
-// shapes suit the FP8 kernel; elsewhere they go up as bf16. The checkpoints are written here:
-// qwen3_moe with hidden 64 and experts 256 wide (128 per rank with two ranks), once in bf16 and
-// once with the same weights' experts block-quantized to FP8 (kernels::quantize_fp8_e4m3, the
-// quantizer of --quantization fp8, so both hold the same codes). Skips where no GPU is present.
+// FP8 weights on the GPU: an FP8 checkpoint's experts and dense layers (and those of
+// --quantization fp8) stay FP8 on the device, in the model's grouped GEMM, its dense layers and
+// in a GPU expert shard, where their shapes suit the FP8 kernels; elsewhere they go up as bf16.
+// The checkpoints are written here: qwen3_moe with hidden 64 and experts 256 wide (128 per rank
+// with two ranks), in bf16, with the same weights' experts block-quantized to FP8, and with every
+// matrix --quantization fp8 quantizes in FP8 (kernels::quantize_fp8_e4m3, the quantizer of
+// --quantization fp8, so all hold the same codes). Skips where no GPU is present.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -44,9 +45,14 @@ std::vector<uint16_t> bf16(const std::vector<float>& v) {
   return out;
 }
 
-// Writes the checkpoint to `dir`: every matrix bf16, or with fp8_experts the routed experts as
-// F8_E4M3 codes plus F32 weight_scale_inv blocks of the same bf16 values.
-void write_checkpoint(const std::filesystem::path& dir, bool fp8_experts, int64_t inter) {
+// Which matrices a checkpoint holds in FP8.
+enum class Fp8 { None, Experts, All };
+
+// Writes the checkpoint to `dir`: every matrix bf16, or the routed experts (Fp8::Experts) or all
+// the matrices --quantization fp8 quantizes (Fp8::All: also attention) as F8_E4M3 codes plus F32
+// weight_scale_inv blocks of the same bf16 values.
+void write_checkpoint(const std::filesystem::path& dir, Fp8 fp8, int64_t inter) {
+  const bool fp8_experts = fp8 != Fp8::None;
   nlohmann::json config = {{"architectures", {"Qwen3MoeForCausalLM"}},
                            {"model_type", "qwen3_moe"},
                            {"hidden_size", kHidden},
@@ -79,15 +85,10 @@ void write_checkpoint(const std::filesystem::path& dir, bool fp8_experts, int64_
 
   test::SafetensorsWriter w;
   uint32_t seed = 1;
-  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols, float scale) {
-    w.bf16_bits(name, {rows, cols}, bf16(values(rows * cols, seed++, scale)));
-  };
-  auto ones = [&](const std::string& name, int64_t n) {
-    w.f32(name, {n}, std::vector<float>(static_cast<std::size_t>(n), 1.0f));
-  };
-  auto expert_matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
-    const std::vector<uint16_t> bits = bf16(values(rows * cols, seed++, 0.08f));
-    if (!fp8_experts) return w.bf16_bits(name, {rows, cols}, bits), void();
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols, float scale,
+                    bool quantized) {
+    const std::vector<uint16_t> bits = bf16(values(rows * cols, seed++, scale));
+    if (!quantized) return w.bf16_bits(name, {rows, cols}, bits), void();
     const kernels::WeightView view{bits.data(), kernels::DType::BF16, rows, cols};
     std::string codes(static_cast<std::size_t>(rows * cols), '\0');
     std::vector<float> scales(
@@ -97,18 +98,25 @@ void write_checkpoint(const std::filesystem::path& dir, bool fp8_experts, int64_
     w.raw(name, "F8_E4M3", {rows, cols}, codes);
     w.f32(name + "_scale_inv", {kernels::fp8_blocks(rows), kernels::fp8_blocks(cols)}, scales);
   };
-  matrix("model.embed_tokens.weight", kVocab, kHidden, 1.0f);
+  auto ones = [&](const std::string& name, int64_t n) {
+    w.f32(name, {n}, std::vector<float>(static_cast<std::size_t>(n), 1.0f));
+  };
+  auto expert_matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
+    matrix(name, rows, cols, 0.08f, fp8_experts);
+  };
+  const bool dense = fp8 == Fp8::All;
+  matrix("model.embed_tokens.weight", kVocab, kHidden, 1.0f, false);
   for (int64_t l = 0; l < kLayers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     ones(p + "input_layernorm.weight", kHidden);
     ones(p + "post_attention_layernorm.weight", kHidden);
-    matrix(p + "self_attn.q_proj.weight", kHeads * kHeadDim, kHidden, 0.15f);
-    matrix(p + "self_attn.k_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f);
-    matrix(p + "self_attn.v_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f);
-    matrix(p + "self_attn.o_proj.weight", kHidden, kHeads * kHeadDim, 0.15f);
+    matrix(p + "self_attn.q_proj.weight", kHeads * kHeadDim, kHidden, 0.15f, dense);
+    matrix(p + "self_attn.k_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f, dense);
+    matrix(p + "self_attn.v_proj.weight", kKvHeads * kHeadDim, kHidden, 0.15f, dense);
+    matrix(p + "self_attn.o_proj.weight", kHidden, kHeads * kHeadDim, 0.15f, dense);
     ones(p + "self_attn.q_norm.weight", kHeadDim);
     ones(p + "self_attn.k_norm.weight", kHeadDim);
-    matrix(p + "mlp.gate.weight", kExperts, kHidden, 0.3f);
+    matrix(p + "mlp.gate.weight", kExperts, kHidden, 0.3f, false);
     for (int64_t e = 0; e < kExperts; ++e) {
       const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
       expert_matrix(x + "gate_proj.weight", inter, kHidden);
@@ -117,18 +125,19 @@ void write_checkpoint(const std::filesystem::path& dir, bool fp8_experts, int64_
     }
   }
   ones("model.norm.weight", kHidden);
-  matrix("lm_head.weight", kVocab, kHidden, 0.3f);
+  matrix("lm_head.weight", kVocab, kHidden, 0.3f, false);
   w.write(dir / "model.safetensors");
 }
 
 struct Checkpoints {
   test::ScopedTempDir dir;
-  std::filesystem::path bf16 = dir / "bf16", fp8 = dir / "fp8";
+  std::filesystem::path bf16 = dir / "bf16", fp8 = dir / "fp8", fp8_all = dir / "fp8-all";
   explicit Checkpoints(int64_t inter = kInter) {
-    std::filesystem::create_directories(bf16);
-    std::filesystem::create_directories(fp8);
-    write_checkpoint(bf16, false, inter);
-    write_checkpoint(fp8, true, inter);
+    for (auto [path, kind] :
+         {std::pair{bf16, Fp8::None}, {fp8, Fp8::Experts}, {fp8_all, Fp8::All}}) {
+      std::filesystem::create_directories(path);
+      write_checkpoint(path, kind, inter);
+    }
   }
 };
 
@@ -163,10 +172,16 @@ std::vector<float> run(Model& m) {
   return all;
 }
 
-int64_t fp8_layers(const Model& m) {
+int64_t described(const Model& m, const std::string& key) {
   const std::string d = m.device_description();
-  const auto at = d.find("fp8_expert_layers=");
-  return at == std::string::npos ? -1 : std::stoll(d.substr(at + 18));
+  const auto at = d.find(key + "=");
+  return at == std::string::npos ? -1 : std::stoll(d.substr(at + key.size() + 1));
+}
+int64_t fp8_layers(const Model& m) {
+  return described(m, "fp8_expert_layers");
+}
+int64_t fp8_dense(const Model& m) {
+  return described(m, "fp8_dense");
 }
 
 // The FP8 checkpoint's experts stay FP8 on the GPU (every MoE layer, under half the expert bytes
@@ -189,15 +204,17 @@ TEST(CudaFp8Experts, AnFp8CheckpointStaysFp8AndMatchesTheCpu) {
   EXPECT_EQ(fp8_layers(**plain), 0) << (*plain)->device_description();
 }
 
-// --quantization fp8 on a GPU quantizes the routed experts at load to the codes an FP8
-// checkpoint of the same weights holds: the same logits as that checkpoint.
+// --quantization fp8 on a GPU quantizes what it quantizes on the CPU (the experts and the
+// attention's projections) to the codes an FP8 checkpoint of the same weights holds: the same
+// logits as that checkpoint.
 TEST(CudaFp8Experts, QuantizationAtLoadEqualsTheFp8Checkpoint) {
   MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
   auto at_load = Model::load(ck.bf16, gpu_options(1, "fp8"));
   ASSERT_TRUE(at_load) << at_load.error().message();
   EXPECT_EQ(fp8_layers(**at_load), kLayers) << (*at_load)->device_description();
-  auto stored = Model::load(ck.fp8, gpu_options());
+  EXPECT_EQ(fp8_dense(**at_load), 4 * kLayers) << (*at_load)->device_description();
+  auto stored = Model::load(ck.fp8_all, gpu_options());
   ASSERT_TRUE(stored) << stored.error().message();
   EXPECT_LT(rel_error(run(**at_load), run(**stored)), 1e-6);
 
@@ -299,6 +316,59 @@ TEST(CudaFp8Experts, RunLayerOfFp8ExpertsMatchesTheCpu) {
   auto s = (*gpu)->run_layer(0, groups, x.data(), total, yg.data());
   ASSERT_TRUE(s) << s.error().message();
   EXPECT_LT(rel_error(yg, yc), 2e-2);
+}
+
+// Prompt logits at every position for a prompt of n tokens, from a fresh cache.
+std::vector<float> prompt_logits(Model& m, int64_t n) {
+  std::vector<int32_t> prompt(static_cast<std::size_t>(n));
+  for (int64_t i = 0; i < n; ++i) prompt[static_cast<std::size_t>(i)] = (i * 37 + 5) % kVocab;
+  KVCache cache = m.new_cache(n);
+  std::vector<float> logits;
+  auto s = m.forward(cache, prompt, Logits::All, logits);
+  EXPECT_TRUE(s) << s.error().message();
+  return logits;
+}
+
+// An FP8 checkpoint's attention projections stay FP8 on the GPU (q, k, v and o of every layer)
+// and give the CPU's logits on the same weights, through each way of multiplying by them: decode
+// steps (a few rows: each code read once), a 13-token prompt (FP8 tiles where the shape allows,
+// else a bf16 copy) and a 150-token prompt (a bf16 copy and cuBLAS). The weights take less room
+// than the bf16 checkpoint's.
+TEST(CudaFp8Dense, AttentionStaysFp8AndMatchesTheCpu) {
+  MOEMESH_REQUIRE_GPU();
+  Checkpoints ck;
+  auto cpu = Model::load(ck.fp8_all);
+  ASSERT_TRUE(cpu) << cpu.error().message();
+  auto gpu = Model::load(ck.fp8_all, gpu_options());
+  ASSERT_TRUE(gpu) << gpu.error().message();
+  EXPECT_EQ(fp8_dense(**gpu), 4 * kLayers) << (*gpu)->device_description();
+  EXPECT_EQ(fp8_layers(**gpu), kLayers);
+  const double err = rel_error(run(**gpu), run(**cpu));
+  std::printf("[ fp8 dense ] gpu vs cpu logits relative error %.5f\n", err);
+  EXPECT_LT(err, 3e-2);
+  EXPECT_LT(rel_error(prompt_logits(**gpu, 150), prompt_logits(**cpu, 150)), 3e-2);
+
+  // Against the checkpoint whose attention is bf16: one byte less a weight, plus a scale per
+  // 128x128 block (one per matrix here).
+  auto experts_only = Model::load(ck.fp8, gpu_options());
+  ASSERT_TRUE(experts_only) << experts_only.error().message();
+  EXPECT_EQ(fp8_dense(**experts_only), 0);
+  const int64_t weights = (2 * kHeads + 2 * kKvHeads) * kHeadDim * kHidden;  // q, k, v, o
+  EXPECT_EQ((*experts_only)->device_weight_bytes() - (*gpu)->device_weight_bytes(),
+            kLayers * (weights - 4 * 4));
+}
+
+// Two ranks hold 32 of q's 64 rows each: not whole scale blocks, so q, k and v go up as bf16 (o's
+// columns likewise), and the sharded model still computes what one rank computes.
+TEST(CudaFp8Dense, SharesThatSplitScaleBlocksGoUpAsBf16) {
+  MOEMESH_REQUIRE_GPU();
+  Checkpoints ck;
+  auto one = Model::load(ck.fp8_all, gpu_options());
+  ASSERT_TRUE(one) << one.error().message();
+  auto two = Model::load(ck.fp8_all, gpu_options(2));
+  ASSERT_TRUE(two) << two.error().message();
+  EXPECT_EQ(fp8_dense(**two), 0) << (*two)->device_description();
+  EXPECT_LT(rel_error(run(**two), run(**one)), 2e-2);
 }
 
 }  // namespace

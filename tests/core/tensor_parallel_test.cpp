@@ -346,5 +346,36 @@ TEST(TensorParallel, Fp8ExpertsStayFp8OnlyOnWholeScaleBlocks) {
   EXPECT_EQ(fp8_expert_refusal(mixed, 1), "its weights are BF16, not FP8 with block scales");
 }
 
+// Dense layers: any rows or columns that take whole scale blocks (a KV head's rows, the tail of
+// a matrix whose size is not a multiple of 128) come out as the slice of the whole.
+TEST(TensorParallel, Fp8DenseSlicesTakeWholeScaleBlocks) {
+  const Fp8Weight w = fp8_weight(300, 200, 12);  // partial last blocks both ways
+  std::vector<float> whole(300 * 200);
+  kernels::dequantize_rows(w.view, 0, 300, whole.data());
+  EXPECT_TRUE(dense_fp8_rows(w.view, 0, 300));
+  EXPECT_TRUE(dense_fp8_rows(w.view, 128, 128));
+  EXPECT_TRUE(dense_fp8_rows(w.view, 256, 44));   // the tail
+  EXPECT_FALSE(dense_fp8_rows(w.view, 64, 128));  // starts inside a block
+  EXPECT_FALSE(dense_fp8_rows(w.view, 0, 100));   // ends inside one
+  EXPECT_FALSE(dense_fp8_rows(w.view, 256, 64));  // past the end
+  EXPECT_TRUE(dense_fp8_cols(w.view, 128, 72));
+  EXPECT_FALSE(dense_fp8_cols(w.view, 0, 64));
+  for (auto [first, count] : {std::pair<int64_t, int64_t>{0, 300}, {128, 128}, {256, 44}}) {
+    const Fp8Matrix rows = rows_fp8(w.view, first, count);
+    ASSERT_EQ(rows.rows, count);
+    const std::vector<float> got = dequantized(rows);
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), whole.begin() + first * 200)) << first;
+  }
+  const Fp8Matrix cols = cols_fp8(w.view, 128, 72);
+  ASSERT_EQ(cols.cols, 72);
+  const std::vector<float> got = dequantized(cols);
+  for (int64_t r = 0; r < 300; ++r)
+    ASSERT_TRUE(
+        std::equal(got.begin() + r * 72, got.begin() + (r + 1) * 72, whole.begin() + r * 200 + 128))
+        << "row " << r;
+  std::vector<uint16_t> bits(300 * 200);
+  EXPECT_FALSE(dense_fp8_rows({bits.data(), kernels::DType::BF16, 300, 200}, 0, 300));
+}
+
 }  // namespace
 }  // namespace moemesh::detail
