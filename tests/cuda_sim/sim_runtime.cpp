@@ -5,9 +5,11 @@
 
 #include <boost/context/fiber.hpp>
 #include <boost/context/stack_context.hpp>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <new>
 #include <string>
@@ -184,7 +186,35 @@ void exchange(unsigned mask, uint64_t mine, uint64_t (&all)[32]) {
     all[i] = w0 + i < t_block->exchanged.size() ? t_block->exchanged[w0 + i] : 0;
 }
 
+namespace {
+
+thread_local const char* t_kernel = nullptr;  // the kernel running on this thread
+
+// A fault inside a kernel is, in the simulator, an access outside device memory's buffers.
+void on_fault(int sig) {
+  if (t_kernel) {
+    const char* a = "cuda_sim: kernel ";
+    const char* b = " touched memory outside its buffers (past the end of a device allocation?)\n";
+    (void)!write(2, a, std::strlen(a));
+    (void)!write(2, t_kernel, std::strlen(t_kernel));
+    (void)!write(2, b, std::strlen(b));
+  }
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+}  // namespace
+
 void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+  static const bool handler = [] {
+    struct sigaction sa {};
+    sa.sa_handler = on_fault;
+    sa.sa_flags = SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+    return true;
+  }();
+  (void)handler;
   const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (threads == 0) {
@@ -199,6 +229,7 @@ void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void(
     std::fprintf(stderr, "cuda_sim: a kernel launched from a kernel\n");
     std::abort();
   }
+  t_kernel = name;
   Block b;
   b.lanes.resize(threads);
   b.exchanged.assign((threads + 31) & ~uint64_t{31}, 0);
@@ -246,6 +277,7 @@ void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void(
     for (Lane& l : b.lanes) l.fiber = {};  // unwinds the threads of a deadlocked block
   }
   t_block = nullptr;
+  t_kernel = nullptr;
   if (!t_failure.empty()) {
     std::fprintf(stderr, "cuda_sim: %s\n", t_failure.c_str());
     t_last_error = cudaErrorLaunchFailure;
@@ -324,8 +356,11 @@ std::size_t g_allocated = 0;  // guarded by g_mu
 thread_local int t_device = 0;
 
 struct Allocation {
-  std::size_t bytes;
+  void* base = nullptr;    // the mapping
+  std::size_t mapped = 0;  // its bytes, the guard page included
+  std::size_t bytes = 0;   // asked for
 };
+std::map<void*, Allocation> g_allocations;  // guarded by g_mu
 
 cudaError_t fail(cudaError_t e) {
   moemesh_sim::t_last_error = e;
@@ -430,35 +465,45 @@ cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_bytes) {
   *total_bytes = kTotalMemory;
   return cudaSuccess;
 }
-// Allocations carry their size in a 256-byte header (device allocations are 256-byte aligned).
+// Device allocations end where an inaccessible page begins, so that a kernel (or a copy) that
+// reads or writes past the end of a buffer stops the process at once with a message naming the
+// kernel, instead of reading a neighbour's data. Buffers are 16-byte aligned (CUDA gives 256;
+// kernels here rely on 16 at most), so at most 15 bytes past the end go unnoticed.
 cudaError_t cudaMalloc(void** p, std::size_t bytes) {
+  *p = nullptr;
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  const std::size_t body = (std::max<std::size_t>(bytes, 1) + 15) & ~std::size_t{15};
+  const std::size_t mapped = (body + page - 1) / page * page + page;
   {
     std::lock_guard lock(g_mu);
-    if (bytes > kTotalMemory - g_allocated) {
-      *p = nullptr;
-      return fail(cudaErrorMemoryAllocation);
-    }
+    if (bytes > kTotalMemory - g_allocated) return fail(cudaErrorMemoryAllocation);
     g_allocated += bytes;
   }
-  void* raw = std::aligned_alloc(256, 256 + ((bytes + 255) & ~std::size_t{255}));
-  if (!raw) {
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) {
     std::lock_guard lock(g_mu);
     g_allocated -= bytes;
-    *p = nullptr;
     return fail(cudaErrorMemoryAllocation);
   }
-  static_cast<Allocation*>(raw)->bytes = bytes;
-  *p = static_cast<char*>(raw) + 256;
+  char* guard = static_cast<char*>(base) + mapped - page;
+  mprotect(guard, page, PROT_NONE);
+  *p = guard - body;
+  std::lock_guard lock(g_mu);
+  g_allocations[*p] = {base, mapped, bytes};
   return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
-  void* raw = static_cast<char*>(p) - 256;
+  Allocation a;
   {
     std::lock_guard lock(g_mu);
-    g_allocated -= static_cast<Allocation*>(raw)->bytes;
+    auto it = g_allocations.find(p);
+    if (it == g_allocations.end()) return fail(cudaErrorInvalidValue);
+    a = it->second;
+    g_allocations.erase(it);
+    g_allocated -= a.bytes;
   }
-  std::free(raw);
+  munmap(a.base, a.mapped);
   return cudaSuccess;
 }
 cudaError_t cudaMallocHost(void** p, std::size_t bytes) {

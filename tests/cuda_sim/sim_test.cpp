@@ -109,6 +109,26 @@ TEST(CudaSim, BadLaunchesAndDeadlocksAreLaunchErrors) {
   EXPECT_EQ(out[63], 63);
 }
 
+__global__ void read_one_past(const float* in, float* out, int n) {
+  out[0] = in[n + threadIdx.x];
+}
+
+// A device buffer ends at an inaccessible page: a kernel that reads past its end stops the
+// process with a message naming the kernel, instead of reading a neighbour's data.
+TEST(CudaSimDeathTest, ReadingPastADeviceBufferStopsTheProcess) {
+  void* in = nullptr;
+  void* out = nullptr;
+  ASSERT_EQ(cudaMalloc(&in, 100 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&out, sizeof(float)), cudaSuccess);
+  auto* f = static_cast<float*>(in);
+  launch(1, 1).named("read_one_past")(read_one_past, f, static_cast<float*>(out), 99);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // the last element is in bounds
+  EXPECT_DEATH(launch(1, 32).named("read_one_past")(read_one_past, f, static_cast<float*>(out), 99),
+               "kernel read_one_past touched memory outside its buffers");
+  cudaFree(in);
+  cudaFree(out);
+}
+
 // cuBLAS's column-major contract: C (m x n) = op(A) op(B), with leading dimensions.
 TEST(CudaSim, CublasGemmIsColumnMajor) {
   const int m = 3, n = 4, k = 5, lda = 7, ldb = 6, ldc = 5;
