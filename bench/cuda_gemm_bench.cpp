@@ -230,8 +230,8 @@ int main(int argc, char** argv) {
   // Dense layers with FP8 weights (DeepSeek-V3's attention projections) against the same layer in
   // bf16 through cuBLAS: each way the GPU forward pass can multiply by FP8 codes (fp8_gemv for a
   // few rows, the FP8 tile kernel, a bf16 copy of the weights and cuBLAS), at decode and prefill
-  // sizes. What the GPU forward pass picks for m rows: gemv up to kFp8GemvMaxRows, tiles up to
-  // 128, the copy beyond.
+  // sizes. What the GPU forward pass picks for m rows: gemv up to kFp8GemvMaxRows, the copy
+  // beyond (the tiles are measured to see whether they should take a range of m).
   struct Dense {
     const char* name;
     int64_t n, k;

@@ -141,9 +141,8 @@ struct CudaForward::Impl : CudaContext {
   }
   Status upload_dense_fp8(Dense& d, const Fp8Matrix& m);
   // y [m, d.rows] (float32) = x [m, d.cols] (bf16) times d^T: cuBLAS for bf16; for FP8, a few
-  // rows read the codes once (cu::fp8_gemv), up to kFp8TileRows go through the FP8 tile kernel,
-  // more through a bf16 copy of the weights (dense_bf16) and cuBLAS.
-  static constexpr int64_t kFp8TileRows = 128;
+  // rows read the codes once (cu::fp8_gemv), more go through a bf16 copy of the weights
+  // (dense_bf16) and cuBLAS.
   Status linear(const Dense& d, const uint16_t* in, float* out, int64_t m);
   // All of w, on every rank.
   Status upload_whole(cu::DeviceBuffer& dst, const kernels::WeightView& w) {

@@ -330,10 +330,9 @@ std::vector<float> prompt_logits(Model& m, int64_t n) {
 }
 
 // An FP8 checkpoint's attention projections stay FP8 on the GPU (q, k, v and o of every layer)
-// and give the CPU's logits on the same weights, through each way of multiplying by them: decode
-// steps (a few rows: each code read once), a 13-token prompt (FP8 tiles where the shape allows,
-// else a bf16 copy) and a 150-token prompt (a bf16 copy and cuBLAS). The weights take less room
-// than the bf16 checkpoint's.
+// and give the CPU's logits on the same weights, through both ways of multiplying by them: decode
+// steps (a few rows: each code read once) and prompts of 13 and 150 tokens (a bf16 copy of the
+// weights and cuBLAS). The weights take less room than the bf16 checkpoint's.
 TEST(CudaFp8Dense, AttentionStaysFp8AndMatchesTheCpu) {
   MOEMESH_REQUIRE_GPU();
   Checkpoints ck;
