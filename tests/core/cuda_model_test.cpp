@@ -282,6 +282,40 @@ double median_row_error(const std::vector<float>& a, const std::vector<float>& b
   return errors[errors.size() / 2];
 }
 
+// The FP8 checkpoints among the fixtures (DeepSeek-V3's layout: F8_E4M3 weights with
+// weight_scale_inv blocks) keep their attention projections in FP8 on the GPU, and the logits of
+// a prompt follow the CPU's on the same codes.
+TEST(CudaModelFp8, Fp8FixturesMatchTheCpu) {
+  REQUIRE_GPU();
+  for (const char* name : {"deepseek-v3-fp8", "mixtral-fp8"}) {
+    auto cpu = Model::load(fixture(name));
+    ASSERT_TRUE(cpu) << cpu.error().message();
+    auto gpu = Model::load(fixture(name), gpu_options());
+    ASSERT_TRUE(gpu) << gpu.error().message();
+    const std::string d = (*gpu)->device_description();
+    EXPECT_NE(d.find("fp8_dense="), std::string::npos) << d;
+    EXPECT_EQ(d.find("fp8_dense=0 "), std::string::npos) << d;
+    const std::vector<int32_t> prompt = {1, 5, 9, 13, 2, 7, 11, 3, 17, 4};
+    KVCache cc = (*cpu)->new_cache(64), gc = (*gpu)->new_cache(64);
+    std::vector<float> cl, gl;
+    ASSERT_TRUE((*cpu)->forward(cc, prompt, Logits::All, cl));
+    auto s = (*gpu)->forward(gc, prompt, Logits::All, gl);
+    ASSERT_TRUE(s) << s.error().message();
+    EXPECT_LT(median_row_error(gl, cl, (*gpu)->config().vocab_size), 2e-2) << name;
+    // Decode steps (the few-row kernel). Not for mixtral-fp8: from its first step a router
+    // near-tie sends the GPU's tokens to other experts than the CPU's, with bf16 weights as well
+    // (steps 43% and 45% apart); deepseek-v3-fp8's steps stay within 1.5%.
+    if (std::string(name) == "mixtral-fp8") continue;
+    for (int32_t t : {6, 8, 10, 12}) {
+      const std::vector<int32_t> one = {t};
+      ASSERT_TRUE((*cpu)->forward(cc, one, Logits::Last, cl));
+      s = (*gpu)->forward(gc, one, Logits::Last, gl);
+      ASSERT_TRUE(s) << s.error().message();
+      EXPECT_LT(rel_error(gl, cl), 3e-2) << name << " token " << t;
+    }
+  }
+}
+
 // Latent attention's projections in FP8 (--quantization fp8 on both devices): q_a and q_b, or
 // q, kv_a and o stay FP8 on the GPU, their rotary rows reordered code by code (both fixtures
 // interleave them), and the logits follow the CPU's on the same codes. (Reordering the codes'
