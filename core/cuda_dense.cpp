@@ -1,9 +1,6 @@
 // The GPU forward pass's dense layers (core/detail/cuda_forward_impl.h: Dense): uploaded as bf16,
 // or as FP8 codes with their 128x128 block scales where the checkpoint (or --quantization fp8)
 // has FP8 and this rank's share takes whole scale blocks; multiplied by linear().
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
-
 #include "core/detail/cuda_forward_impl.h"
 
 namespace moemesh::detail {
