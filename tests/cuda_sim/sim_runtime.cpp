@@ -17,6 +17,7 @@
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
+#include "kernels/cuda/cuda_kernels.h"
 
 namespace ctx = boost::context;
 
@@ -293,13 +294,9 @@ uint16_t f32_to_bf16_rn(float v) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Decoding is exact: kernels/cuda's host decoder (checked on every code by its own tests).
 float e4m3_to_f32(uint8_t bits) {
-  const float sign = bits & 0x80 ? -1.0f : 1.0f;
-  const int exp = bits >> 3 & 0xF;
-  const int mant = bits & 0x7;
-  if (exp == 0xF && mant == 0x7) return std::nanf("");
-  if (exp == 0) return sign * std::ldexp(static_cast<float>(mant), -9);
-  return sign * std::ldexp(1.0f + static_cast<float>(mant) / 8.0f, exp - 7);
+  return moemesh::kernels::cuda::fp8_e4m3_to_f32(bits);
 }
 
 // Nearest E4M3 value, ties to the even code; beyond 448 saturated to +-448; NaN to 0x7F.

@@ -6,8 +6,9 @@
 // and __syncwarp, so that the kernels' own code (indexing, shared memory, barriers, warp
 // exchanges) runs as written. Shared memory is a thread_local static per kernel; device memory is
 // host memory, each allocation ending at an inaccessible page (an access past a buffer's end stops
-// the process, naming the kernel); streams are in order because everything is synchronous. Threads that wait at
-// different barriers are a launch failure ("deadlock"), reported by the next cudaGetLastError.
+// the process, naming the kernel); streams are in order because everything is synchronous. Threads
+// that wait at different barriers are a launch failure ("deadlock"), reported by the next
+// cudaGetLastError.
 //
 // What it does not model: timing and concurrency between blocks, accesses before a buffer's
 // start, hardware rounding of fast-math intrinsics, tensor-core accumulation order.
