@@ -25,7 +25,10 @@ namespace moemesh::kernels::cuda::testing {
     ASSERT_EQ(::moemesh::kernels::cuda::set_device(0), "");               \
   } while (0)
 
-// A device copy of a host vector (allocation failures fail the test).
+// A device copy of a host vector (allocation failures fail the test). Returns once the copy has
+// landed: from pageable memory a copy on the default stream may still be in flight when
+// cudaMemcpyAsync returns, and the streams of StreamHandle::create do not wait for the default
+// stream.
 template <typename T>
 DeviceBuffer upload(const std::vector<T>& host) {
   std::string error;
@@ -33,6 +36,7 @@ DeviceBuffer upload(const std::vector<T>& host) {
       DeviceBuffer::allocate(std::max<std::size_t>(1, host.size() * sizeof(T)), &error);
   EXPECT_NE(buf.data(), nullptr) << error;
   if (!host.empty()) copy(buf.data(), host.data(), host.size() * sizeof(T), nullptr);
+  EXPECT_EQ(synchronize(nullptr, "upload"), "");
   return buf;
 }
 
@@ -44,6 +48,7 @@ DeviceBuffer poisoned(std::size_t n) {
   DeviceBuffer buf = DeviceBuffer::allocate(std::max<std::size_t>(1, n * sizeof(T)), &error);
   EXPECT_NE(buf.data(), nullptr) << error;
   fill_bytes(buf.data(), 0xFF, n * sizeof(T), nullptr);
+  EXPECT_EQ(synchronize(nullptr, "poison"), "");
   return buf;
 }
 
