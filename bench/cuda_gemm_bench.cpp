@@ -8,7 +8,7 @@
 // with the TFLOP/s and the ratio to the dense GEMM. Then dense layers with FP8 weights against
 // bf16 ("bench":"fp8_dense", below). Exit status 1 on any CUDA error.
 //
-//   build/bin/cuda_gemm_bench [--reps N] [--quick]
+//   build/bin/cuda_gemm_bench [--reps N] [--quick] [--fp8-dense-only]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/cuda_kernels.h"
@@ -87,14 +88,17 @@ double time_ms(const std::function<void()>& fn, int reps, int warm = 3) {
 
 int main(int argc, char** argv) {
   int reps = 20;
-  bool quick = false;
+  bool quick = false, fp8_dense_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--reps") && i + 1 < argc)
       reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--quick"))
       quick = true;
+    else if (!std::strcmp(argv[i], "--fp8-dense-only"))
+      fp8_dense_only = true;
     else
-      die(std::string("unknown argument ") + argv[i] + " (use --reps N, --quick)");
+      die(std::string("unknown argument ") + argv[i] +
+          " (use --reps N, --quick, --fp8-dense-only)");
   }
   if (cu::device_count() == 0) die("no CUDA device");
   ok(cu::set_device(0));
@@ -109,6 +113,7 @@ int main(int argc, char** argv) {
       {"gate_up_T128", 64, 128, 8, 2048, 2048},     {"gate_up_T16", 64, 16, 8, 2048, 2048},
   };
   if (quick) cases.resize(2);
+  if (fp8_dense_only) cases.clear();
 
   cu::DeviceBuffer peak_a = alloc(8192ull * 8192 * 2), peak_b = alloc(8192ull * 8192 * 2);
   cu::DeviceBuffer peak_c = alloc(8192ull * 8192 * 4);
@@ -209,22 +214,31 @@ int main(int argc, char** argv) {
                  },
                  reps));
     }
-    auto gg = cu::GroupedGemm::create(nullptr, cu::GroupedMethod::Loop, &err);
+    // FP8: what run_fp8 picks ("fp8"), then each kernel forced (the GEMV, 8 rows a pass; the
+    // WMMA tiles).
+    auto gg = cu::GroupedGemm::create(nullptr, cu::GroupedMethod::Auto, &err);
     if (!gg) die(err);
-    if (const std::string e =
-            gg->run_fp8(x.as<uint16_t>(), wf, rows, offsets, c.n, c.k, y.as<float>());
-        !e.empty()) {
-      std::printf(
-          "{\"bench\":\"cuda_gemm\",\"case\":\"%s\",\"method\":\"fp8\","
-          "\"error\":\"%s\"}\n",
-          c.name, e.c_str());
-      continue;
+    for (const auto& [method, gemv_rows] :
+         {std::pair<const char*, int64_t>{"fp8", cu::kFp8GroupedGemvRows},
+          {"fp8_gemv", int64_t{1} << 40},
+          {"fp8_wmma", 0}}) {
+      gg->set_fp8_gemv_rows(gemv_rows);
+      if (const std::string e =
+              gg->run_fp8(x.as<uint16_t>(), wf, rows, offsets, c.n, c.k, y.as<float>());
+          !e.empty()) {
+        std::printf(
+            "{\"bench\":\"cuda_gemm\",\"case\":\"%s\",\"method\":\"%s\","
+            "\"error\":\"%s\"}\n",
+            c.name, method, e.c_str());
+        continue;
+      }
+      report(method,
+             time_ms(
+                 [&] {
+                   ok(gg->run_fp8(x.as<uint16_t>(), wf, rows, offsets, c.n, c.k, y.as<float>()));
+                 },
+                 reps));
     }
-    report(
-        "fp8",
-        time_ms(
-            [&] { ok(gg->run_fp8(x.as<uint16_t>(), wf, rows, offsets, c.n, c.k, y.as<float>())); },
-            reps));
   }
 
   // Dense layers with FP8 weights (DeepSeek-V3's attention projections) against the same layer in
@@ -238,10 +252,11 @@ int main(int argc, char** argv) {
   };
   std::vector<Dense> dense = {
       {"q_a", 1536, 7168}, {"q_b", 24576, 1536}, {"kv_a", 576, 7168}, {"o", 7168, 16384}};
-  std::vector<int64_t> ms = {1, 8, 32, 128, 512};
+  std::vector<int64_t> ms = {1, 2, 4, 8, 16, 32, 128, 512};
   if (quick) dense.resize(1), ms = {1, 128};
   auto gg = cu::GroupedGemm::create(nullptr, cu::GroupedMethod::Loop, &err);
   if (!gg) die(err);
+  gg->set_fp8_gemv_rows(0);  // "fp8_tiles": the tile kernel at every m
   for (const Dense& d : dense) {
     const int64_t blocks = ((d.n + 127) / 128) * ((d.k + 127) / 128);
     cu::DeviceBuffer w16 = alloc(d.n * d.k * 2), w8 = alloc(d.n * d.k), sc = alloc(blocks * 4);
@@ -267,11 +282,14 @@ int main(int argc, char** argv) {
       line("bf16_cublas",
            time_ms([&] { ok(blas->gemm(xb, w16.as<uint16_t>(), y.as<float>(), m, d.n, d.k)); },
                    reps));
-      if (m <= cu::kFp8GemvMaxRows)
+      // Beyond kFp8GemvMaxRows rows, one product per 8 rows (each reads the codes again).
+      if (m <= 4 * cu::kFp8GemvMaxRows)
         line("fp8_gemv", time_ms(
                              [&] {
-                               ok(cu::fp8_gemv(xb, w8.as<uint8_t>(), sc.as<float>(), m, d.n, d.k,
-                                               y.as<float>(), nullptr));
+                               for (int64_t r = 0; r < m; r += cu::kFp8GemvMaxRows)
+                                 ok(cu::fp8_gemv(xb + r * d.k, w8.as<uint8_t>(), sc.as<float>(),
+                                                 std::min(cu::kFp8GemvMaxRows, m - r), d.n, d.k,
+                                                 y.as<float>() + r * d.n, nullptr));
                              },
                              reps));
       if (d.n % 64 == 0 && d.k % 32 == 0)

@@ -3,7 +3,18 @@
 // has FP8 and this rank's share takes whole scale blocks; multiplied by linear().
 #include "core/detail/cuda_forward_impl.h"
 
+#include <algorithm>
+
 namespace moemesh::detail {
+namespace {
+
+// FP8 dense products of up to this many rows run cu::fp8_gemv; more rows take the bf16 copy and
+// cuBLAS. On an H200 (cuda_gemm_bench's fp8_dense lines, docs/gpu.md) the GEMV took 0.6-0.7x of
+// bf16 cuBLAS's time at one row and beat the copy up to 4 rows on DeepSeek-V3's projections; from
+// 8 rows the copy was as fast or faster.
+constexpr int64_t kFp8GemvUpToRows = 4;
+
+}  // namespace
 
 Status CudaForward::Impl::upload_dense_fp8(Dense& d, const Fp8Matrix& m) {
   d.rows = m.rows;
@@ -54,12 +65,19 @@ Status CudaForward::Impl::linear(const Dense& d, const uint16_t* in, float* out,
   if (!d.fp8) return from(blas->gemm(in, d.w.as<uint16_t>(), out, m, d.rows, d.cols));
   const auto* codes = d.w.as<uint8_t>();
   const float* scale = d.scale.as<float>();
-  if (m <= cu::kFp8GemvMaxRows && d.cols % 16 == 0)
-    return from(cu::fp8_gemv(in, codes, scale, m, d.rows, d.cols, out, stream));
+  if (m <= kFp8GemvUpToRows && d.cols % 16 == 0) {
+    for (int64_t r = 0; r < m; r += cu::kFp8GemvMaxRows)
+      if (Status s =
+              from(cu::fp8_gemv(in + r * d.cols, codes, scale, std::min(cu::kFp8GemvMaxRows, m - r),
+                                d.rows, d.cols, out + r * d.rows, stream));
+          !s)
+        return s;
+    return {};
+  }
   // More rows: a bf16 copy of the weights and cuBLAS (5 bytes moved a weight, against 2 for bf16
   // weights, until the product is bound by compute). The FP8 tile kernel of the grouped GEMM
   // reads the codes once, but with a tile of 64 features a block it runs few blocks on narrow
-  // layers; cuda_gemm_bench times both.
+  // layers; cuda_gemm_bench times all three.
   if (Status s = ensure(dense_bf16, static_cast<std::size_t>(d.rows * d.cols) * 2); !s) return s;
   cu::fp8_dequantize_bf16(codes, scale, d.rows, d.cols, dense_bf16.as<uint16_t>(), stream);
   return from(blas->gemm(in, dense_bf16.as<uint16_t>(), out, m, d.rows, d.cols));

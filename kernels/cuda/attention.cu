@@ -92,13 +92,6 @@ __global__ void kv_write_fp8_kernel(const float* __restrict__ k, const float* __
   }
 }
 
-// Two FP8 E4M3 codes (the one at the lower address in the low byte) as floats; exact.
-__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
-  const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
-  return __half22float2(__half2(h));
-}
-
 // paged_kv_read_bf16: one block per slot; bf16 rows are copied, fp8 ones decoded and scaled.
 __global__ void kv_read_kernel(const void* __restrict__ cache, const float* __restrict__ scales,
                                bool fp8, const int32_t* __restrict__ slots, int n_kv, int head_dim,
@@ -110,7 +103,7 @@ __global__ void kv_read_kernel(const void* __restrict__ cache, const float* __re
     if (fp8) {
       const uint8_t code = static_cast<const uint8_t*>(cache)[slot * row + i];
       const float s = scales[slot * n_kv + i / head_dim];
-      out[r * row + i] = detail::f32_to_bf16_bits(fp8x2_to_float2(code).x * s);
+      out[r * row + i] = detail::f32_to_bf16_bits(detail::fp8x2_to_float2(code).x * s);
     } else {
       out[r * row + i] = static_cast<const uint16_t*>(cache)[slot * row + i];
     }
@@ -262,7 +255,8 @@ __device__ __forceinline__ void load_kv(const void* base, const float* scales, i
       for (int i = 0; i < C::kLoads; ++i) {
         const int d = (i * C::kLanes + li) * C::kVec;
         if (d < p.head_dim) {
-          const float2 x = fp8x2_to_float2(__ldg(reinterpret_cast<const unsigned short*>(row + d)));
+          const float2 x =
+              detail::fp8x2_to_float2(__ldg(reinterpret_cast<const unsigned short*>(row + d)));
           f[2 * i] = x.x * s;
           f[2 * i + 1] = x.y * s;
         }
@@ -271,7 +265,7 @@ __device__ __forceinline__ void load_kv(const void* base, const float* scales, i
       const uint2 x = __ldg(reinterpret_cast<const uint2*>(row + li * C::kVec));
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
-        const float2 a = fp8x2_to_float2((m < 2 ? x.x : x.y) >> (16 * (m % 2)));
+        const float2 a = detail::fp8x2_to_float2((m < 2 ? x.x : x.y) >> (16 * (m % 2)));
         f[2 * m] = a.x * s;
         f[2 * m + 1] = a.y * s;
       }
@@ -629,8 +623,8 @@ static_assert(kWideKeys == 16, "the softmax reduces over a half-warp");
 template <bool kFp8>
 __device__ __forceinline__ void unpack_word(uint32_t x, float (&f)[kFp8 ? 4 : 2]) {
   if constexpr (kFp8) {
-    const float2 a = fp8x2_to_float2(x);
-    const float2 b = fp8x2_to_float2(x >> 16);
+    const float2 a = detail::fp8x2_to_float2(x);
+    const float2 b = detail::fp8x2_to_float2(x >> 16);
     f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
   } else {
     f[0] = __uint_as_float(x << 16);

@@ -402,11 +402,16 @@ class GroupedGemm {
   std::string run_bf16(const uint16_t* x, const std::vector<GroupWeight>& weights,
                        const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
                        int64_t n, int64_t k, float* y);
-  // FP8 E4M3 weights with 128x128 block scales, bf16 activations, float32 accumulation (a
-  // weight-only FP8 kernel of this library; method does not apply).
+  // FP8 E4M3 weights with 128x128 block scales, bf16 activations, float32 accumulation (weight-
+  // only FP8 kernels of this library; method does not apply). When no group has more rows than
+  // fp8_gemv_rows (default kFp8GroupedGemvRows) and k % 16 == 0, fp8_gemv's kernel runs over
+  // every group (8 rows a pass, each pass reading the group's codes once); else the WMMA tile
+  // kernel (n % 64 == 0, k % 32 == 0).
   std::string run_fp8(const uint16_t* x, const std::vector<GroupWeight>& weights,
                       const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
                       int64_t n, int64_t k, float* y);
+  // 0: always the tile kernel (benchmarks and tests choose the kernel with it).
+  void set_fp8_gemv_rows(int64_t rows);
   GroupedMethod method() const;
 
   struct Impl;
@@ -418,9 +423,15 @@ class GroupedGemm {
 
 // Dense layers with FP8 E4M3 weights w [n, k] and 128x128 float32 block scales (the layout of
 // GroupWeight): y [m, n] (float32) = x [m, k] (bf16) times the dequantised w^T.
+// Every FP8 product multiplies by code x block scale rounded to bf16, as the bf16 copy does, so
+// a layer's result does not depend on which kernel its number of rows picks.
 // fp8_gemv: for 1 <= m <= kFp8GemvMaxRows (decode), reading each code once; k a multiple of 16,
 // x and w 16-byte aligned, else an error and nothing launched.
 constexpr int64_t kFp8GemvMaxRows = 8;
+// GroupedGemm::run_fp8 takes the GEMV up to this many rows in a group: on an H200 it beat the
+// tile kernel in decode at batch 1 (one row for each of a token's experts), and lost to it from
+// 2 rows per expert on (cuda_gemm_bench's fp8_gemv and fp8_wmma lines, docs/gpu.md).
+constexpr int64_t kFp8GroupedGemvRows = 1;
 std::string fp8_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int64_t m, int64_t n,
                      int64_t k, float* y, Stream stream);
 // w dequantised to bf16 [rows, cols] (code * its block's scale, rounded to nearest even), for a

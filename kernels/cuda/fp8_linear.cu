@@ -2,74 +2,192 @@
 // weight_scale_inv layout): a product for a few rows that reads each code once on CUDA cores, and
 // the weights dequantised to bf16 for cuBLAS when there are many rows.
 //
-// fp8_gemv: one warp per output feature; each lane walks its 16-code chunks of the feature's row
-// (one 16-byte load, all in one scale block since 16 divides 128), decodes them once and adds
-// their products with every input row. Decode (a few rows) reads the weights once, half the
-// bytes of bf16.
+// fp8_gemv: a block of 256 threads per kRows output features; the threads split k into 16-code
+// chunks (thread t takes chunks t, t + 256, ...: consecutive threads read consecutive 16 bytes of
+// each feature's row), so every thread has several independent 16-byte loads in flight and every
+// block reads its features' rows once, whatever k. A chunk lies in one 128-wide scale block, and
+// kRows divides 128, so one scale serves a chunk of every feature of the block. Codes become
+// floats two at a time (cvt.f16x2.e4m3x2 on sm_89 and later), are scaled and rounded to bf16
+// (bf16_weight); x stays packed bf16 in registers and is widened at each use. Partial sums meet in
+// shared memory, warp by warp in a fixed order: the result does not depend on timing.
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/detail/common.cuh"
+#include "kernels/cuda/detail/fp8_gemm.h"
 
 namespace moemesh::kernels::cuda {
 namespace {
 
-constexpr int kGemvWarps = 8;
-constexpr int kChunk = 16;  // codes per lane and step
+constexpr int kGemvThreads = 256;
+constexpr int kChunk = 16;  // codes per thread and step: one 16-byte load
 
-__global__ void __launch_bounds__(kGemvWarps * 32)
-    fp8_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
-                    const float* __restrict__ scale, int m, int64_t n, int64_t k,
-                    float* __restrict__ y) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  if (row >= n) return;  // whole warps leave together
+// kMaxM: input rows this instantiation takes (m <= kMaxM); kRows: output features per block.
+// A weight as every FP8 product of this library uses it (the tile kernel, the bf16 copy for
+// cuBLAS, the CPU's packed FP8 kernels): code times block scale, rounded to bf16. Products with
+// bf16 inputs are then exact in float32, and a layer gives the same values whichever kernel its
+// number of rows picks.
+__device__ __forceinline__ float bf16_weight(float v) {
+  return __uint_as_float(static_cast<uint32_t>(detail::f32_to_bf16_bits(v)) << 16);
+}
+
+// The block's share: features row0 .. row0 + kRows - 1 (those below n) of y [m, n] = x [m, k]
+// times w^T.
+template <int kMaxM, int kRows>
+__device__ __forceinline__ void gemv_block(const uint16_t* __restrict__ x,
+                                           const uint8_t* __restrict__ w,
+                                           const float* __restrict__ scale, int m, int64_t n,
+                                           int64_t k, float* __restrict__ y, int64_t row0) {
+  static_assert(128 % kRows == 0, "a block's features must share their scale block");
+  const int rows = n - row0 < kRows ? static_cast<int>(n - row0) : kRows;
   const int64_t k_blocks = (k + 127) / 128;
-  const float* row_scale = scale + (row / 128) * k_blocks;
-  const uint8_t* codes = w + row * k;
-  float acc[kFp8GemvMaxRows];
+  const float* row_scale = scale + (row0 / 128) * k_blocks;
+  float acc[kRows][kMaxM];
 #pragma unroll
-  for (int r = 0; r < kFp8GemvMaxRows; ++r) acc[r] = 0.0f;
-  for (int64_t c0 = static_cast<int64_t>(lane) * kChunk; c0 < k; c0 += 32 * kChunk) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(codes + c0));
-    const float s = __ldg(row_scale + c0 / 128);
-    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    float wv[kChunk];
+  for (int r = 0; r < kRows; ++r)
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < kMaxM; ++i) acc[r][i] = 0.0f;
+
+  const int64_t chunks = k / kChunk;
+  for (int64_t c = threadIdx.x; c < chunks; c += kGemvThreads) {
+    const int64_t c0 = c * kChunk;
+    uint4 codes[kRows];
 #pragma unroll
-      for (int b = 0; b < 4; ++b)
-        wv[q * 4 + b] = detail::e4m3_to_f32((words[q] >> (8 * b)) & 0xFFu) * s;
+    for (int r = 0; r < kRows; ++r)
+      codes[r] = r < rows ? __ldg(reinterpret_cast<const uint4*>(w + (row0 + r) * k + c0))
+                          : make_uint4(0, 0, 0, 0);
+    uint4 xs[kMaxM][2];
 #pragma unroll
-    for (int r = 0; r < kFp8GemvMaxRows; ++r) {
-      if (r >= m) break;
-      const uint16_t* xr = x + r * k + c0;
-      const uint4 a = __ldg(reinterpret_cast<const uint4*>(xr));
-      const uint4 b = __ldg(reinterpret_cast<const uint4*>(xr + 8));
-      const uint32_t xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        sum =
-            fmaf(detail::bf16_bits_to_f32(static_cast<uint16_t>(xs[i] & 0xFFFFu)), wv[2 * i], sum);
-        sum =
-            fmaf(detail::bf16_bits_to_f32(static_cast<uint16_t>(xs[i] >> 16)), wv[2 * i + 1], sum);
+    for (int i = 0; i < kMaxM; ++i)
+      if (i < m) {
+        const uint16_t* xr = x + i * k + c0;
+        xs[i][0] = __ldg(reinterpret_cast<const uint4*>(xr));
+        xs[i][1] = __ldg(reinterpret_cast<const uint4*>(xr + 8));
       }
-      acc[r] += sum;
+    const float s = __ldg(row_scale + c0 / 128);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const uint32_t cw[4] = {codes[r].x, codes[r].y, codes[r].z, codes[r].w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // Codes 4q..4q+3 of the chunk; x words 2q and 2q+1 hold the matching bf16 pairs.
+        const float2 lo = detail::fp8x2_to_float2(cw[q] & 0xFFFFu);
+        const float2 hi = detail::fp8x2_to_float2(cw[q] >> 16);
+        const float w0 = bf16_weight(lo.x * s), w1 = bf16_weight(lo.y * s);
+        const float w2 = bf16_weight(hi.x * s), w3 = bf16_weight(hi.y * s);
+#pragma unroll
+        for (int i = 0; i < kMaxM; ++i)
+          if (i < m) {
+            const uint4& xv = xs[i][q / 2];
+            const uint32_t a = (q % 2 == 0) ? xv.x : xv.z;
+            const uint32_t b = (q % 2 == 0) ? xv.y : xv.w;
+            float t = acc[r][i];
+            t = fmaf(w0, __uint_as_float(a << 16), t);
+            t = fmaf(w1, __uint_as_float(a & 0xFFFF0000u), t);
+            t = fmaf(w2, __uint_as_float(b << 16), t);
+            acc[r][i] = fmaf(w3, __uint_as_float(b & 0xFFFF0000u), t);
+          }
+      }
     }
   }
+
+  __shared__ float partial[kGemvThreads / 32][kRows * kMaxM];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int r = 0; r < kFp8GemvMaxRows; ++r) {
-    if (r >= m) break;
-    const float total = detail::warp_sum(acc[r]);
-    if (lane == 0) y[r * n + row] = total;
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int i = 0; i < kMaxM; ++i) {
+      const float v = detail::warp_sum(acc[r][i]);
+      if (lane == 0) partial[warp][r * kMaxM + i] = v;
+    }
+  __syncthreads();
+  for (int j = threadIdx.x; j < kRows * kMaxM; j += kGemvThreads) {
+    const int r = j / kMaxM, i = j % kMaxM;
+    if (r >= rows || i >= m) continue;
+    float total = 0.0f;
+    for (int v = 0; v < kGemvThreads / 32; ++v) total += partial[v][j];
+    y[i * n + row0 + r] = total;
   }
 }
 
-// One thread per code: out = bf16(code value * its block's scale).
+template <int kMaxM, int kRows>
+__global__ void __launch_bounds__(kGemvThreads)
+    fp8_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
+                    const float* __restrict__ scale, int m, int64_t n, int64_t k,
+                    float* __restrict__ y) {
+  gemv_block<kMaxM, kRows>(x, w, scale, m, n, k, y, static_cast<int64_t>(blockIdx.x) * kRows);
+}
+
+// Grouped: blockIdx.y picks a tile (an expert's weights and up to kMaxM of its rows).
+struct GemvTile {
+  const uint8_t* w;
+  const float* scale;
+  int64_t row0;  // first row of x and y
+  int32_t rows;
+  int32_t pad;
+};
+
+template <int kMaxM, int kRows>
+__global__ void __launch_bounds__(kGemvThreads)
+    fp8_grouped_gemv_kernel(const uint16_t* __restrict__ x, const GemvTile* __restrict__ tiles,
+                            int64_t n, int64_t k, float* __restrict__ y) {
+  const GemvTile t = tiles[blockIdx.y];
+  gemv_block<kMaxM, kRows>(x + t.row0 * k, t.w, t.scale, t.rows, n, k, y + t.row0 * n,
+                           static_cast<int64_t>(blockIdx.x) * kRows);
+}
+
+template <int kMaxM, int kRows>
+void launch_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int m, int64_t n,
+                 int64_t k, float* y, Stream stream) {
+  const auto blocks = static_cast<unsigned>((n + kRows - 1) / kRows);
+  fp8_gemv_kernel<kMaxM, kRows><<<blocks, kGemvThreads, 0, stream>>>(x, w, scale, m, n, k, y);
+}
+
+template <int kMaxM, int kRows>
+void launch_grouped_gemv(const uint16_t* x, const GemvTile* tiles, unsigned count, int64_t n,
+                         int64_t k, float* y, Stream stream) {
+  const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), count);
+  fp8_grouped_gemv_kernel<kMaxM, kRows><<<grid, kGemvThreads, 0, stream>>>(x, tiles, n, k, y);
+}
+
+// One thread per 16 codes (one 16-byte load, two 16-byte stores) where cols is a multiple of 16;
+// out = bf16(code value * its block's scale).
+__global__ void fp8_dequantize_x16_kernel(const uint8_t* __restrict__ w,
+                                          const float* __restrict__ scale, int64_t rows,
+                                          int64_t cols, uint16_t* __restrict__ out) {
+  const int64_t k_blocks = (cols + 127) / 128;
+  const int64_t per_row = cols / kChunk;
+  const int64_t total = rows * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, c0 = (i % per_row) * kChunk;
+    const float s = __ldg(scale + (r / 128) * k_blocks + c0 / 128);
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(w + r * cols + c0));
+    const uint32_t cw[4] = {v.x, v.y, v.z, v.w};
+    uint32_t o[8];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 lo = detail::fp8x2_to_float2(cw[q] & 0xFFFFu);
+      const float2 hi = detail::fp8x2_to_float2(cw[q] >> 16);
+      o[2 * q] = detail::f32_to_bf16_bits(lo.x * s) |
+                 (static_cast<uint32_t>(detail::f32_to_bf16_bits(lo.y * s)) << 16);
+      o[2 * q + 1] = detail::f32_to_bf16_bits(hi.x * s) |
+                     (static_cast<uint32_t>(detail::f32_to_bf16_bits(hi.y * s)) << 16);
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + r * cols + c0);
+    dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
+    dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
+// One thread per code, for any shape.
 __global__ void fp8_dequantize_kernel(const uint8_t* __restrict__ w,
                                       const float* __restrict__ scale, int64_t rows, int64_t cols,
                                       uint16_t* __restrict__ out) {
@@ -94,9 +212,17 @@ std::string fp8_gemv(const uint16_t* x, const uint8_t* w, const float* scale, in
   if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<std::uintptr_t>(w) % 16 != 0)
     return "fp8_gemv: x and w must be 16-byte aligned";
-  const unsigned blocks = static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps);
-  fp8_gemv_kernel<<<blocks, kGemvWarps * 32, 0, stream>>>(x, w, scale, static_cast<int>(m), n, k,
-                                                          y);
+  // Fewer features per block for more input rows: the accumulators (kRows x kMaxM) stay in
+  // registers.
+  const int mi = static_cast<int>(m);
+  if (m == 1)
+    launch_gemv<1, 4>(x, w, scale, mi, n, k, y, stream);
+  else if (m == 2)
+    launch_gemv<2, 4>(x, w, scale, mi, n, k, y, stream);
+  else if (m <= 4)
+    launch_gemv<4, 4>(x, w, scale, mi, n, k, y, stream);
+  else
+    launch_gemv<8, 2>(x, w, scale, mi, n, k, y, stream);
   return check("fp8_gemv launch");
 }
 
@@ -105,9 +231,65 @@ void fp8_dequantize_bf16(const uint8_t* w, const float* scale, int64_t rows, int
   constexpr int kThreads = 256;
   const int64_t total = rows * cols;
   if (total <= 0) return;
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  fp8_dequantize_kernel<<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kThreads, 0,
-                          stream>>>(w, scale, rows, cols, out);
+  const bool x16 = cols % kChunk == 0 && reinterpret_cast<std::uintptr_t>(w) % 16 == 0 &&
+                   reinterpret_cast<std::uintptr_t>(out) % 16 == 0;
+  const int64_t items = x16 ? total / kChunk : total;
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  const auto grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+  if (x16)
+    fp8_dequantize_x16_kernel<<<grid, kThreads, 0, stream>>>(w, scale, rows, cols, out);
+  else
+    fp8_dequantize_kernel<<<grid, kThreads, 0, stream>>>(w, scale, rows, cols, out);
 }
+
+namespace detail {
+
+std::string fp8_grouped_gemv(const uint16_t* x, const std::vector<GroupWeight>& weights,
+                             const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
+                             int64_t n, int64_t k, float* y, DeviceBuffer& args,
+                             std::vector<char>& host, Stream stream) {
+  if (n < 1 || k < 1 || k % kChunk != 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0)
+    return "grouped GEMV (fp8): needs k a multiple of 16 and x 16-byte aligned, got n = " +
+           std::to_string(n) + ", k = " + std::to_string(k);
+  std::vector<GemvTile> tiles;
+  int widest = 0;
+  for (std::size_t g = 0; g < rows.size(); ++g) {
+    if (rows[g] > 0 && reinterpret_cast<std::uintptr_t>(weights[g].w) % 16 != 0)
+      return "grouped GEMV (fp8): group " + std::to_string(g) +
+             "'s weights are not 16-byte aligned";
+    for (int64_t r = 0; r < rows[g]; r += kFp8GemvMaxRows) {
+      const auto here = static_cast<int32_t>(std::min<int64_t>(kFp8GemvMaxRows, rows[g] - r));
+      tiles.push_back(GemvTile{static_cast<const uint8_t*>(weights[g].w), weights[g].block_scale,
+                               offsets[g] + r, here, 0});
+      widest = std::max<int>(widest, here);
+    }
+  }
+  if (tiles.empty()) return {};
+  if (tiles.size() > 65535)
+    return "grouped GEMV (fp8): " + std::to_string(tiles.size()) +
+           " tiles of 8 rows, more than one launch takes: use the grouped GEMM";
+  const std::size_t bytes = tiles.size() * sizeof(GemvTile);
+  if (args.size() < bytes) {
+    std::string e;
+    args = DeviceBuffer::allocate(bytes * 2, &e);
+    if (!args.data()) return e;
+  }
+  host.assign(reinterpret_cast<const char*>(tiles.data()),
+              reinterpret_cast<const char*>(tiles.data()) + bytes);
+  copy(args.data(), host.data(), bytes, stream);
+  const auto* t = args.as<const GemvTile>();
+  const auto count = static_cast<unsigned>(tiles.size());
+  if (widest == 1)
+    launch_grouped_gemv<1, 4>(x, t, count, n, k, y, stream);
+  else if (widest == 2)
+    launch_grouped_gemv<2, 4>(x, t, count, n, k, y, stream);
+  else if (widest <= 4)
+    launch_grouped_gemv<4, 4>(x, t, count, n, k, y, stream);
+  else
+    launch_grouped_gemv<8, 2>(x, t, count, n, k, y, stream);
+  return check("grouped GEMV (fp8) launch");
+}
+
+}  // namespace detail
 
 }  // namespace moemesh::kernels::cuda

@@ -60,6 +60,7 @@ struct GroupedGemm::Impl {
   // FP8: device arrays of the tile list and per-group arguments.
   DeviceBuffer fp8_args;
   std::vector<char> fp8_host;
+  int64_t fp8_gemv_rows = kFp8GroupedGemvRows;
 
   ~Impl() {
     if (fork) cudaEventDestroy(fork);
@@ -253,8 +254,19 @@ std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeigh
   for (std::size_t g = 0; g < rows.size(); ++g)
     if (rows[g] > 0 && weights[g].block_scale == nullptr)
       return "grouped GEMM (fp8): group " + std::to_string(g) + " has no block scales";
+  const int64_t most = rows.empty() ? 0 : *std::max_element(rows.begin(), rows.end());
+  if (most <= impl_->fp8_gemv_rows && k % 16 == 0) {
+    std::string e = detail::fp8_grouped_gemv(x, weights, rows, offsets, n, k, y, impl_->fp8_args,
+                                             impl_->fp8_host, impl_->stream);
+    // Misaligned operands fall back to the tiles; anything else is an error.
+    if (e.find("aligned") == std::string::npos) return e;
+  }
   return detail::wmma_grouped_gemm(true, x, weights, rows, offsets, n, k, y, impl_->fp8_args,
                                    impl_->fp8_host, impl_->stream);
+}
+
+void GroupedGemm::set_fp8_gemv_rows(int64_t rows) {
+  impl_->fp8_gemv_rows = rows;
 }
 
 }  // namespace moemesh::kernels::cuda

@@ -539,6 +539,7 @@ const char* grouped_method_name(GroupedMethod m) {
 
 struct GroupedGemm::Impl {
   GroupedMethod method = GroupedMethod::Auto;
+  int64_t fp8_gemv_rows = kFp8GroupedGemvRows;
 };
 
 std::unique_ptr<GroupedGemm> GroupedGemm::create(Stream, GroupedMethod method, std::string*) {
@@ -569,8 +570,9 @@ std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeigh
                                  const std::vector<int64_t>& rows,
                                  const std::vector<int64_t>& offsets, int64_t n, int64_t k,
                                  float* y) {
-  // As the kernel does: each weight dequantised with its block's scale and rounded to bf16, then
-  // a bf16 product with float32 accumulation.
+  // As the kernels do (the GEMV for groups of few rows, the tile kernel for more): each weight
+  // dequantised with its block's scale and rounded to bf16, then a bf16 product with float32
+  // accumulation.
   std::vector<float> dense(static_cast<std::size_t>(n * k));
   std::vector<uint16_t> w16(dense.size());
   for (std::size_t g = 0; g < weights.size(); ++g) {
@@ -586,15 +588,20 @@ std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeigh
   return {};
 }
 
+void GroupedGemm::set_fp8_gemv_rows(int64_t rows) {
+  impl_->fp8_gemv_rows = rows;
+}
+
 std::string fp8_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int64_t m, int64_t n,
                      int64_t k, float* y, Stream) {
   if (m < 1 || m > kFp8GemvMaxRows || n < 1 || k < 1 || k % 16 != 0)
     return "fp8_gemv: needs 1 <= m <= 8, n >= 1 and k a multiple of 16";
-  // As the kernel does: each code times its block's scale in float32, products with the bf16
-  // inputs summed in float32.
+  // As the kernel does: each code times its block's scale, rounded to bf16; products with the
+  // bf16 inputs summed in float32.
   const kernels::WeightView view{w, kernels::DType::F8E4M3, n, k, scale};
   std::vector<float> dense(static_cast<std::size_t>(n * k));
   kernels::dequantize_rows(view, 0, n, dense.data());
+  for (float& v : dense) v = bf(to_bf(v));
   for (int64_t r = 0; r < m; ++r)
     for (int64_t j = 0; j < n; ++j) {
       float acc = 0;

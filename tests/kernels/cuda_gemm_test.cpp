@@ -262,39 +262,109 @@ TEST(CudaGroupedGemmFp8, MatchesDequantizedReference) {
   EXPECT_NE(bad.find("n % 64"), std::string::npos) << bad;
 }
 
+// Groups of few rows (decode) take the GEMV: the CPU's result on the same bf16-rounded weights up
+// to the order of the additions, on shapes the tile kernel refuses (n = 200). By default groups of
+// one row do; raised to 64, groups of up to 64 rows do, in passes of 8. Set to never, the same call
+// goes to the tile kernel, which refuses n = 200.
+TEST(CudaGroupedGemmFp8, FewRowsPerGroupTakeTheGemv) {
+  MOEMESH_REQUIRE_GPU();
+  std::string error;
+  auto gg = GroupedGemm::create(nullptr, GroupedMethod::Auto, &error);
+  ASSERT_TRUE(gg) << error;
+  const int64_t n = 200, k = 336;
+  const std::vector<int64_t> most = {3, 0, 8, 1, 17, 64};
+  std::vector<Fp8Weight> w;
+  std::vector<DeviceBuffer> dq, ds;
+  std::vector<GroupWeight> weights;
+  for (std::size_t e = 0; e < most.size(); ++e) {
+    auto raw = random_floats(n * k, 50 + static_cast<uint32_t>(e));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c)
+        raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + c / 128) % 3) * 5.0f;
+    w.push_back(quantize(raw, n, k));
+    dq.push_back(upload(w.back().q));
+    ds.push_back(upload(w.back().scale));
+    weights.push_back({dq.back().data(), ds.back().as<float>()});
+  }
+  kernels::ThreadPool pool(1);
+  auto matches = [&](const std::vector<int64_t>& rows) {
+    const Groups g = make_groups(rows);
+    const auto x = testing::bf16_round(random_floats(g.total * k, 6));
+    auto dx = upload(to_bf16(x));
+    auto dy = poisoned<float>(g.total * n);
+    ASSERT_EQ(gg->run_fp8(dx.as<uint16_t>(), weights, g.rows, g.offsets, n, k, dy.as<float>()), "");
+    const auto y = download<float>(dy, g.total * n);
+    for (std::size_t e = 0; e < g.rows.size(); ++e) {
+      if (g.rows[e] == 0) continue;
+      std::vector<float> ref(static_cast<std::size_t>(g.rows[e] * n));
+      const auto rounded = testing::bf16_round(w[e].dequant);
+      kernels::linear(x.data() + g.offsets[e] * k, g.rows[e],
+                      kernels::WeightView{rounded.data(), kernels::DType::F32, n, k}, nullptr,
+                      ref.data(), &pool);
+      const std::vector<float> got(y.begin() + g.offsets[e] * n,
+                                   y.begin() + (g.offsets[e] + g.rows[e]) * n);
+      EXPECT_LT(rel_error(got, ref), 1e-5) << "group " << e << " of " << g.rows[e] << " rows";
+    }
+  };
+  ASSERT_EQ(kFp8GroupedGemvRows, 1);
+  matches({1, 0, 1, 1, 0, 1});
+  gg->set_fp8_gemv_rows(64);
+  matches(most);
+  gg->set_fp8_gemv_rows(0);
+  const Groups g = make_groups({1, 0, 1, 1, 0, 1});
+  auto dx = upload(std::vector<uint16_t>(g.total * k, 0x3F80));
+  auto dy = poisoned<float>(g.total * n);
+  const std::string tiles =
+      gg->run_fp8(dx.as<uint16_t>(), weights, g.rows, g.offsets, n, k, dy.as<float>());
+  EXPECT_NE(tiles.find("n % 64"), std::string::npos) << tiles;
+  EXPECT_EQ(check("after the refused shape"), "");
+}
+
 // A dense layer on FP8 weights: the product for a few rows (every count up to the limit, a k that
 // ends inside a scale block) and the dequantised bf16 copy for cuBLAS, against the CPU on the
-// weights the codes stand for.
+// weights the codes stand for. Shapes: a k shorter than one pass of the block's threads; a k of
+// three passes with features that end inside a block of features and cross a 128-row scale block;
+// a k the 16-wide copy does not take.
 TEST(CudaFp8Linear, FewRowsAndDequantizedWeightsMatchTheCpu) {
   MOEMESH_REQUIRE_GPU();
-  const int64_t n = 200, k = 336;  // neither a multiple of 128: partial scale blocks
-  auto raw = random_floats(n * k, 31);
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < k; ++c)
-      raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + 2 * (c / 128)) % 4) * 7.0f;
-  const Fp8Weight w = quantize(raw, n, k);
-  auto dw = upload(w.q);
-  auto ds = upload(w.scale);
   kernels::ThreadPool pool(1);
-  const kernels::WeightView ref_w{w.dequant.data(), kernels::DType::F32, n, k};
-  for (int64_t m = 1; m <= kFp8GemvMaxRows; ++m) {
-    const auto x = testing::bf16_round(random_floats(m * k, 40 + static_cast<uint32_t>(m)));
-    auto dx = upload(to_bf16(x));
-    auto dy = poisoned<float>(m * n);
-    ASSERT_EQ(fp8_gemv(dx.as<uint16_t>(), dw.as<uint8_t>(), ds.as<float>(), m, n, k, dy.as<float>(),
-                       nullptr),
-              "");
-    const auto got = download<float>(dy, m * n);
-    std::vector<float> ref(static_cast<std::size_t>(m * n));
-    kernels::linear(x.data(), m, ref_w, nullptr, ref.data(), &pool);
-    // Float32 weights and sums: only the order of the additions differs.
-    EXPECT_LT(rel_error(got, ref), 1e-5) << "m = " << m;
+  struct Shape {
+    int64_t n, k;
+  };
+  for (const Shape sh : {Shape{200, 336}, Shape{131, 8240}, Shape{7, 100}}) {
+    const int64_t n = sh.n, k = sh.k;
+    auto raw = random_floats(n * k, 31);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c)
+        raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + 2 * (c / 128)) % 4) * 7.0f;
+    const Fp8Weight w = quantize(raw, n, k);
+    auto dw = upload(w.q);
+    auto ds = upload(w.scale);
+    const auto rounded = testing::bf16_round(w.dequant);
+    const kernels::WeightView ref_w{rounded.data(), kernels::DType::F32, n, k};
+    for (int64_t m = 1; m <= kFp8GemvMaxRows && k % 16 == 0; ++m) {
+      const auto x = testing::bf16_round(random_floats(m * k, 40 + static_cast<uint32_t>(m)));
+      auto dx = upload(to_bf16(x));
+      auto dy = poisoned<float>(m * n);
+      ASSERT_EQ(fp8_gemv(dx.as<uint16_t>(), dw.as<uint8_t>(), ds.as<float>(), m, n, k,
+                         dy.as<float>(), nullptr),
+                "");
+      const auto got = download<float>(dy, m * n);
+      std::vector<float> ref(static_cast<std::size_t>(m * n));
+      kernels::linear(x.data(), m, ref_w, nullptr, ref.data(), &pool);
+      // The same bf16 weights, exact products, float32 sums: only the order of the additions
+      // differs.
+      EXPECT_LT(rel_error(got, ref), 1e-5) << "m = " << m << ", n = " << n << ", k = " << k;
+    }
+    auto dq = poisoned<uint16_t>(n * k);
+    fp8_dequantize_bf16(dw.as<uint8_t>(), ds.as<float>(), n, k, dq.as<uint16_t>(), nullptr);
+    const auto q = download<uint16_t>(dq, n * k);
+    for (int64_t i = 0; i < n * k; ++i)
+      ASSERT_EQ(q[i], kernels::f32_to_bf16(w.dequant[i])) << "weight " << i << ", k = " << k;
   }
-  auto dq = poisoned<uint16_t>(n * k);
-  fp8_dequantize_bf16(dw.as<uint8_t>(), ds.as<float>(), n, k, dq.as<uint16_t>(), nullptr);
-  const auto q = download<uint16_t>(dq, n * k);
-  for (int64_t i = 0; i < n * k; ++i)
-    ASSERT_EQ(q[i], kernels::f32_to_bf16(w.dequant[i])) << "weight " << i;
+  const int64_t n = 200, k = 336;
+  auto dw = upload(std::vector<uint8_t>(n * k, 0x38));
+  auto ds = upload(std::vector<float>(2 * 3, 1.0f));
   // Shapes the product does not take are refused with a message, launching nothing.
   auto dx = upload(to_bf16(random_floats(9 * k, 5)));
   auto dy = poisoned<float>(9 * n);

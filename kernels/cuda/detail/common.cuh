@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -33,6 +35,14 @@ __device__ __forceinline__ float e4m3_to_f32(uint32_t bits) {
   }
   if (exp == 0xF && mant == 0x7) return __uint_as_float(0x7FC00000u | sign);
   return __uint_as_float(sign | ((exp + 120u) << 23) | (mant << 20));
+}
+
+// Two FP8 E4M3 codes (the one at the lower address in the low byte) as floats; exact (E4M3 values
+// are fp16 values). One instruction on sm_89 and later.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint32_t two) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+  return __half22float2(__half2(h));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
