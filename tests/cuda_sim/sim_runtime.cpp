@@ -206,7 +206,11 @@ void on_fault(int sig) {
 
 }  // namespace
 
-void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body) {
+void land_default_stream_work(const void* stream);
+
+void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body,
+              const void* stream) {
+  land_default_stream_work(stream);
   static const bool handler = [] {
     struct sigaction sa {};
     sa.sa_handler = on_fault;
@@ -359,6 +363,40 @@ struct Allocation {
 };
 std::map<void*, Allocation> g_allocations;  // guarded by g_mu
 
+// Copies and memsets issued on the default stream that have not landed: the bytes they will
+// write, in issue order.
+struct Landing {
+  void* dst;
+  std::vector<unsigned char> bytes;
+};
+std::vector<Landing> g_in_flight;  // guarded by g_mu
+
+bool is_device(const void* p) {  // g_mu held
+  auto it = g_allocations.upper_bound(const_cast<void*>(p));
+  if (it == g_allocations.begin()) return false;
+  --it;
+  return static_cast<const char*>(p) < static_cast<const char*>(it->first) + it->second.bytes;
+}
+
+// Lands every copy and memset in flight on the default stream.
+void land() {
+  std::vector<Landing> due;
+  {
+    std::lock_guard lock(g_mu);
+    due.swap(g_in_flight);
+  }
+  for (const Landing& l : due) std::memcpy(l.dst, l.bytes.data(), l.bytes.size());
+}
+
+// Queues a default-stream write into device memory; false when dst is not device memory (the
+// write then happens at once).
+bool defer(void* dst, std::vector<unsigned char> bytes) {
+  std::lock_guard lock(g_mu);
+  if (!is_device(dst)) return false;
+  g_in_flight.push_back({dst, std::move(bytes)});
+  return true;
+}
+
 cudaError_t fail(cudaError_t e) {
   moemesh_sim::t_last_error = e;
   return e;
@@ -371,9 +409,28 @@ int device_count() {
 
 }  // namespace
 
-struct CUstream_st {};
+struct CUstream_st {
+  bool non_blocking = false;
+};
 struct CUevent_st {};
-struct cublasContext {};
+struct cublasContext {
+  cudaStream_t stream = nullptr;
+};
+
+namespace {
+
+// Work on `s` is ordered after the default stream's unless s is non-blocking.
+void ordered(cudaStream_t s) {
+  if (s == nullptr || !s->non_blocking) land();
+}
+
+}  // namespace
+
+namespace moemesh_sim {
+void land_default_stream_work(const void* stream) {
+  ordered(static_cast<cudaStream_t>(const_cast<void*>(stream)));
+}
+}  // namespace moemesh_sim
 
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
@@ -454,6 +511,7 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() {
+  land();
   return cudaSuccess;
 }
 cudaError_t cudaMemGetInfo(std::size_t* free_bytes, std::size_t* total_bytes) {
@@ -491,6 +549,7 @@ cudaError_t cudaMalloc(void** p, std::size_t bytes) {
 }
 cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  land();  // cudaFree synchronises the device
   Allocation a;
   {
     std::lock_guard lock(g_mu);
@@ -508,41 +567,61 @@ cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
   return *p ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
 cudaError_t cudaFreeHost(void* p) {
+  land();
   std::free(p);
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind) {
+  land();
   if (bytes) std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
-  return cudaMemcpy(dst, src, bytes, kind);
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind,
+                            cudaStream_t s) {
+  ordered(s);
+  if (!bytes) return cudaSuccess;
+  // The source is read now (staged), the destination written when the copy lands.
+  if (s == nullptr) {
+    const auto* from = static_cast<const unsigned char*>(src);
+    if (defer(dst, std::vector<unsigned char>(from, from + bytes))) return cudaSuccess;
+  }
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dpitch, const void* src, std::size_t spitch,
-                              std::size_t width, std::size_t height, cudaMemcpyKind, cudaStream_t) {
+                              std::size_t width, std::size_t height, cudaMemcpyKind,
+                              cudaStream_t s) {
   if (width > dpitch || width > spitch) return fail(cudaErrorInvalidValue);
+  ordered(s);
   for (std::size_t r = 0; r < height; ++r)
     std::memmove(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
                  width);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cudaStream_t) {
-  if (bytes) std::memset(dst, value, bytes);
+cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cudaStream_t s) {
+  ordered(s);
+  if (!bytes) return cudaSuccess;
+  if (s == nullptr &&
+      defer(dst, std::vector<unsigned char>(bytes, static_cast<unsigned char>(value))))
+    return cudaSuccess;
+  std::memset(dst, value, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
   *s = new CUstream_st;
   return cudaSuccess;
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
-  return cudaStreamCreate(s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags) {
+  *s = new CUstream_st;
+  (*s)->non_blocking = (flags & cudaStreamNonBlocking) != 0;
+  return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
   delete s;
   return cudaSuccess;
 }
-cudaError_t cudaStreamSynchronize(cudaStream_t) {
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  ordered(s);
   return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) {
@@ -559,7 +638,8 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) {
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t s) {
+  ordered(s);
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t) {
@@ -625,8 +705,10 @@ cublasStatus_t cublasDestroy(cublasHandle_t h) {
   delete h;
   return CUBLAS_STATUS_SUCCESS;
 }
-cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t) {
-  return h ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+  if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  h->stream = s;
+  return CUBLAS_STATUS_SUCCESS;
 }
 cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void*, std::size_t) {
   return h ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
@@ -653,6 +735,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             void* c, cudaDataType ct, int ldc, cublasComputeType_t,
                             cublasGemmAlgo_t) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  ordered(h->stream);
   return gemm(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, at, lda, b, bt, ldb,
               *static_cast<const float*>(beta), c, ct, ldc);
 }
@@ -662,6 +745,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(
     cudaDataType bt, int ldb, long long stride_b, const void* beta, void* c, cudaDataType ct,
     int ldc, long long stride_c, int batch, cublasComputeType_t, cublasGemmAlgo_t) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  ordered(h->stream);
   auto at_ = [](const void* p, cudaDataType t, long long i) {
     return static_cast<const char*>(p) + i * (t == CUDA_R_32F ? 4 : 2);
   };
@@ -683,6 +767,7 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperatio
                                           const int ldc[], int group_count, const int group_size[],
                                           cublasComputeType_t) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  ordered(h->stream);
   // As cuBLAS 13.0: float32 C is not supported by the grouped call.
   if (ct == CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
   int index = 0;  // a, b and c hold one pointer per problem, group after group

@@ -129,6 +129,54 @@ TEST(CudaSimDeathTest, ReadingPastADeviceBufferStopsTheProcess) {
   cudaFree(out);
 }
 
+__global__ void copy_ints(const int* in, int* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = in[i];
+}
+
+// An upload on the default stream lands before the next work of the default stream or of a
+// blocking stream, but not before a non-blocking stream's: a kernel there reads the old bytes
+// until the default stream is synchronised.
+TEST(CudaSim, NonBlockingStreamsDoNotWaitForTheDefaultStream) {
+  const int n = 64;
+  int *dev = nullptr, *out = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dev), n * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&out), n * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(dev, 0, n * sizeof(int), nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaStream_t free_running = nullptr, blocking = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&free_running, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&blocking), cudaSuccess);
+  std::vector<int> host(n), got(n);
+  for (int i = 0; i < n; ++i) host[i] = i + 1;
+
+  ASSERT_EQ(cudaMemcpyAsync(dev, host.data(), n * sizeof(int), cudaMemcpyHostToDevice, nullptr),
+            cudaSuccess);
+  host.assign(n, -1);  // the copy took its bytes when issued
+  launch(1, n, 0, free_running)(copy_ints, dev, out, n);
+  ASSERT_EQ(cudaStreamSynchronize(free_running), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(got.data(), out, n * sizeof(int), cudaMemcpyDeviceToHost, free_running),
+            cudaSuccess);
+  EXPECT_EQ(got[5], 0) << "the non-blocking stream waited for the default stream";
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  launch(1, n, 0, free_running)(copy_ints, dev, out, n);
+  ASSERT_EQ(cudaMemcpyAsync(got.data(), out, n * sizeof(int), cudaMemcpyDeviceToHost, free_running),
+            cudaSuccess);
+  EXPECT_EQ(got[5], 6);
+
+  // A blocking stream and the default stream itself are ordered after the upload.
+  for (cudaStream_t s : {blocking, static_cast<cudaStream_t>(nullptr)}) {
+    ASSERT_EQ(cudaMemsetAsync(dev, 0, n * sizeof(int), nullptr), cudaSuccess);
+    launch(1, n, 0, s)(copy_ints, dev, out, n);
+    ASSERT_EQ(cudaMemcpy(got.data(), out, n * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(got[5], 0);
+  }
+  EXPECT_EQ(cudaStreamDestroy(free_running), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(blocking), cudaSuccess);
+  EXPECT_EQ(cudaFree(dev), cudaSuccess);
+  EXPECT_EQ(cudaFree(out), cudaSuccess);
+}
+
 // cuBLAS's column-major contract: C (m x n) = op(A) op(B), with leading dimensions.
 TEST(CudaSim, CublasGemmIsColumnMajor) {
   const int m = 3, n = 4, k = 5, lda = 7, ldb = 6, ldc = 5;

@@ -6,9 +6,17 @@
 // and __syncwarp, so that the kernels' own code (indexing, shared memory, barriers, warp
 // exchanges) runs as written. Shared memory is a thread_local static per kernel; device memory is
 // host memory, each allocation ending at an inaccessible page (an access past a buffer's end stops
-// the process, naming the kernel); streams are in order because everything is synchronous. Threads
-// that wait at different barriers are a launch failure ("deadlock"), reported by the next
-// cudaGetLastError.
+// the process, naming the kernel). Threads that wait at different barriers are a launch failure
+// ("deadlock"), reported by the next cudaGetLastError.
+//
+// Streams: everything runs at once, in order, except asynchronous copies and memsets into device
+// memory on the default (legacy) stream: those land only when the default stream or a blocking
+// stream next does something (a copy, a memset, a kernel, a cuBLAS call, an event record, a
+// synchronisation) or the device synchronises (cudaDeviceSynchronize, cudaMemcpy, cudaFree). Work
+// on a stream created with cudaStreamNonBlocking does not wait for them, as on a GPU, where such
+// a copy from pageable memory may still be in flight when cudaMemcpyAsync returns: a kernel on a
+// non-blocking stream that reads an upload the default stream has not finished reads stale memory
+// here every time, not once in a while.
 //
 // What it does not model: timing and concurrency between blocks, accesses before a buffer's
 // start, hardware rounding of fast-math intrinsics, tensor-core accumulation order.
@@ -98,20 +106,25 @@ void exchange(unsigned mask, uint64_t mine, uint64_t (&all)[32]);
 // Runs `body` as every thread of a grid; records launch errors for cudaGetLastError. Threads run
 // in index order between barriers, or in reverse order with MOEMESH_CUDA_SIM_ORDER=reverse (a
 // read of another thread's write without a barrier between them fails in one of the two).
-void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body);
+// `stream` (a cudaStream_t) orders the launch after the default stream's work when it waits for it
+// (above).
+void run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& body,
+              const void* stream = nullptr);
 
 struct Launch {
   dim3 grid, block;
   const char* name = "a kernel";
-  Launch named(const char* n) const { return {grid, block, n}; }
+  const void* stream = nullptr;
+  Launch named(const char* n) const { return {grid, block, n, stream}; }
   template <typename Kernel, typename... Args>
   void operator()(Kernel* kernel, Args&&... args) const {
     auto params = std::make_tuple(std::decay_t<Args>(std::forward<Args>(args))...);
-    run_grid(name, grid, block, [kernel, params] { std::apply(kernel, params); });
+    run_grid(
+        name, grid, block, [kernel, params] { std::apply(kernel, params); }, stream);
   }
 };
-inline Launch launch(dim3 grid, dim3 block, std::size_t = 0, const void* = nullptr) {
-  return {grid, block};
+inline Launch launch(dim3 grid, dim3 block, std::size_t = 0, const void* stream = nullptr) {
+  return {grid, block, "a kernel", stream};
 }
 
 template <typename T>
