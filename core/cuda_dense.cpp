@@ -3,8 +3,6 @@
 // has FP8 and this rank's share takes whole scale blocks; multiplied by linear().
 #include "core/detail/cuda_forward_impl.h"
 
-#include <algorithm>
-
 namespace moemesh::detail {
 namespace {
 
@@ -13,6 +11,7 @@ namespace {
 // bf16 cuBLAS's time at one row and beat the copy up to 4 rows on DeepSeek-V3's projections; from
 // 8 rows the copy was as fast or faster.
 constexpr int64_t kFp8GemvUpToRows = 4;
+static_assert(kFp8GemvUpToRows <= cu::kFp8GemvMaxRows, "one fp8_gemv call takes them");
 
 }  // namespace
 
@@ -65,15 +64,8 @@ Status CudaForward::Impl::linear(const Dense& d, const uint16_t* in, float* out,
   if (!d.fp8) return from(blas->gemm(in, d.w.as<uint16_t>(), out, m, d.rows, d.cols));
   const auto* codes = d.w.as<uint8_t>();
   const float* scale = d.scale.as<float>();
-  if (m <= kFp8GemvUpToRows && d.cols % 16 == 0) {
-    for (int64_t r = 0; r < m; r += cu::kFp8GemvMaxRows)
-      if (Status s =
-              from(cu::fp8_gemv(in + r * d.cols, codes, scale, std::min(cu::kFp8GemvMaxRows, m - r),
-                                d.rows, d.cols, out + r * d.rows, stream));
-          !s)
-        return s;
-    return {};
-  }
+  if (m <= kFp8GemvUpToRows && d.cols % 16 == 0)
+    return from(cu::fp8_gemv(in, codes, scale, m, d.rows, d.cols, out, stream));
   // More rows: a bf16 copy of the weights and cuBLAS (5 bytes moved a weight, against 2 for bf16
   // weights, until the product is bound by compute). The FP8 tile kernel of the grouped GEMM
   // reads the codes once, but with a tile of 64 features a block it runs few blocks on narrow

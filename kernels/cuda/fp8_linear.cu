@@ -126,19 +126,13 @@ __global__ void __launch_bounds__(kGemvThreads)
 }
 
 // Grouped: blockIdx.y picks a tile (an expert's weights and up to kMaxM of its rows).
-struct GemvTile {
-  const uint8_t* w;
-  const float* scale;
-  int64_t row0;  // first row of x and y
-  int32_t rows;
-  int32_t pad;
-};
+using detail::RowTile;
 
 template <int kMaxM, int kRows>
 __global__ void __launch_bounds__(kGemvThreads)
-    fp8_grouped_gemv_kernel(const uint16_t* __restrict__ x, const GemvTile* __restrict__ tiles,
+    fp8_grouped_gemv_kernel(const uint16_t* __restrict__ x, const RowTile* __restrict__ tiles,
                             int64_t n, int64_t k, float* __restrict__ y) {
-  const GemvTile t = tiles[blockIdx.y];
+  const RowTile t = tiles[blockIdx.y];
   gemv_block<kMaxM, kRows>(x + t.row0 * k, t.w, t.scale, t.rows, n, k, y + t.row0 * n,
                            static_cast<int64_t>(blockIdx.x) * kRows);
 }
@@ -151,7 +145,7 @@ void launch_gemv(const uint16_t* x, const uint8_t* w, const float* scale, int m,
 }
 
 template <int kMaxM, int kRows>
-void launch_grouped_gemv(const uint16_t* x, const GemvTile* tiles, unsigned count, int64_t n,
+void launch_grouped_gemv(const uint16_t* x, const RowTile* tiles, unsigned count, int64_t n,
                          int64_t k, float* y, Stream stream) {
   const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), count);
   fp8_grouped_gemv_kernel<kMaxM, kRows><<<grid, kGemvThreads, 0, stream>>>(x, tiles, n, k, y);
@@ -244,40 +238,33 @@ void fp8_dequantize_bf16(const uint8_t* w, const float* scale, int64_t rows, int
 
 namespace detail {
 
+bool fp8_gemv_fits(const uint16_t* x, const std::vector<GroupWeight>& weights,
+                   const std::vector<int64_t>& rows, int64_t k) {
+  if (k < 1 || k % kChunk != 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) return false;
+  for (std::size_t g = 0; g < rows.size(); ++g)
+    if (rows[g] > 0 && reinterpret_cast<std::uintptr_t>(weights[g].w) % 16 != 0) return false;
+  return true;
+}
+
 std::string fp8_grouped_gemv(const uint16_t* x, const std::vector<GroupWeight>& weights,
                              const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
                              int64_t n, int64_t k, float* y, DeviceBuffer& args,
                              std::vector<char>& host, Stream stream) {
-  if (n < 1 || k < 1 || k % kChunk != 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0)
-    return "grouped GEMV (fp8): needs k a multiple of 16 and x 16-byte aligned, got n = " +
+  if (n < 1 || !fp8_gemv_fits(x, weights, rows, k))
+    return "grouped GEMV (fp8): needs n >= 1, k a multiple of 16 and x and every group's weights "
+           "16-byte aligned, got n = " +
            std::to_string(n) + ", k = " + std::to_string(k);
-  std::vector<GemvTile> tiles;
-  int widest = 0;
-  for (std::size_t g = 0; g < rows.size(); ++g) {
-    if (rows[g] > 0 && reinterpret_cast<std::uintptr_t>(weights[g].w) % 16 != 0)
-      return "grouped GEMV (fp8): group " + std::to_string(g) +
-             "'s weights are not 16-byte aligned";
-    for (int64_t r = 0; r < rows[g]; r += kFp8GemvMaxRows) {
-      const auto here = static_cast<int32_t>(std::min<int64_t>(kFp8GemvMaxRows, rows[g] - r));
-      tiles.push_back(GemvTile{static_cast<const uint8_t*>(weights[g].w), weights[g].block_scale,
-                               offsets[g] + r, here, 0});
-      widest = std::max<int>(widest, here);
-    }
-  }
-  if (tiles.empty()) return {};
+  std::vector<RowTile> tiles;
+  if (std::string e = upload_row_tiles(weights, rows, offsets, kFp8GemvMaxRows, args, host, stream,
+                                       "grouped GEMV (fp8)", &tiles);
+      !e.empty() || tiles.empty())
+    return e;
   if (tiles.size() > 65535)
     return "grouped GEMV (fp8): " + std::to_string(tiles.size()) +
            " tiles of 8 rows, more than one launch takes: use the grouped GEMM";
-  const std::size_t bytes = tiles.size() * sizeof(GemvTile);
-  if (args.size() < bytes) {
-    std::string e;
-    args = DeviceBuffer::allocate(bytes * 2, &e);
-    if (!args.data()) return e;
-  }
-  host.assign(reinterpret_cast<const char*>(tiles.data()),
-              reinterpret_cast<const char*>(tiles.data()) + bytes);
-  copy(args.data(), host.data(), bytes, stream);
-  const auto* t = args.as<const GemvTile>();
+  int widest = 0;
+  for (const RowTile& t : tiles) widest = std::max(widest, t.rows);
+  const auto* t = args.as<const RowTile>();
   const auto count = static_cast<unsigned>(tiles.size());
   if (widest == 1)
     launch_grouped_gemv<1, 4>(x, t, count, n, k, y, stream);

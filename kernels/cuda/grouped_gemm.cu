@@ -255,12 +255,9 @@ std::string GroupedGemm::run_fp8(const uint16_t* x, const std::vector<GroupWeigh
     if (rows[g] > 0 && weights[g].block_scale == nullptr)
       return "grouped GEMM (fp8): group " + std::to_string(g) + " has no block scales";
   const int64_t most = rows.empty() ? 0 : *std::max_element(rows.begin(), rows.end());
-  if (most <= impl_->fp8_gemv_rows && k % 16 == 0) {
-    std::string e = detail::fp8_grouped_gemv(x, weights, rows, offsets, n, k, y, impl_->fp8_args,
-                                             impl_->fp8_host, impl_->stream);
-    // Misaligned operands fall back to the tiles; anything else is an error.
-    if (e.find("aligned") == std::string::npos) return e;
-  }
+  if (most <= impl_->fp8_gemv_rows && detail::fp8_gemv_fits(x, weights, rows, k))
+    return detail::fp8_grouped_gemv(x, weights, rows, offsets, n, k, y, impl_->fp8_args,
+                                    impl_->fp8_host, impl_->stream);
   return detail::wmma_grouped_gemm(true, x, weights, rows, offsets, n, k, y, impl_->fp8_args,
                                    impl_->fp8_host, impl_->stream);
 }

@@ -30,13 +30,7 @@ constexpr int kBk = 32;
 constexpr int kPad = 8;
 constexpr int kThreads = 128;
 
-struct Tile {
-  const uint8_t* w;
-  const float* scale;
-  int64_t row0;
-  int32_t rows;
-  int32_t pad;
-};
+using Tile = RowTile;
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads)
@@ -126,6 +120,31 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+std::string upload_row_tiles(const std::vector<GroupWeight>& weights,
+                             const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
+                             int64_t per_tile, DeviceBuffer& args, std::vector<char>& host,
+                             Stream stream, const char* what, std::vector<RowTile>* tiles) {
+  tiles->clear();
+  for (std::size_t g = 0; g < rows.size(); ++g)
+    for (int64_t r = 0; r < rows[g]; r += per_tile)
+      tiles->push_back(RowTile{static_cast<const uint8_t*>(weights[g].w), weights[g].block_scale,
+                               offsets[g] + r,
+                               static_cast<int32_t>(std::min<int64_t>(per_tile, rows[g] - r)), 0});
+  if (tiles->empty()) return {};
+  const std::size_t bytes = tiles->size() * sizeof(RowTile);
+  if (args.size() < bytes) {
+    std::string e;
+    args = DeviceBuffer::allocate(bytes * 2, &e);
+    if (!args.data()) return e;
+  }
+  host.assign(reinterpret_cast<const char*>(tiles->data()),
+              reinterpret_cast<const char*>(tiles->data()) + bytes);
+  if (cudaMemcpyAsync(args.data(), host.data(), bytes, cudaMemcpyHostToDevice, stream) !=
+      cudaSuccess)
+    return check((std::string(what) + ": copying the tile list").c_str());
+  return {};
+}
+
 std::string wmma_grouped_gemm(bool fp8, const uint16_t* x, const std::vector<GroupWeight>& weights,
                               const std::vector<int64_t>& rows, const std::vector<int64_t>& offsets,
                               int64_t n, int64_t k, float* y, DeviceBuffer& args,
@@ -135,23 +154,10 @@ std::string wmma_grouped_gemm(bool fp8, const uint16_t* x, const std::vector<Gro
            "): needs n % 64 == 0 and k % 32 == 0, got n = " + std::to_string(n) +
            ", k = " + std::to_string(k);
   std::vector<Tile> tiles;
-  for (std::size_t g = 0; g < rows.size(); ++g)
-    for (int64_t r = 0; r < rows[g]; r += kBm)
-      tiles.push_back(Tile{static_cast<const uint8_t*>(weights[g].w), weights[g].block_scale,
-                           offsets[g] + r,
-                           static_cast<int32_t>(std::min<int64_t>(kBm, rows[g] - r)), 0});
-  if (tiles.empty()) return {};
-  const std::size_t bytes = tiles.size() * sizeof(Tile);
-  if (args.size() < bytes) {
-    std::string e;
-    args = DeviceBuffer::allocate(bytes * 2, &e);
-    if (!args.data()) return e;
-  }
-  host.assign(reinterpret_cast<const char*>(tiles.data()),
-              reinterpret_cast<const char*>(tiles.data()) + bytes);
-  if (cudaMemcpyAsync(args.data(), host.data(), bytes, cudaMemcpyHostToDevice, stream) !=
-      cudaSuccess)
-    return check("grouped GEMM (fp8): copying the tile list");
+  if (std::string e = upload_row_tiles(weights, rows, offsets, kBm, args, host, stream,
+                                       fp8 ? "grouped GEMM (fp8)" : "grouped GEMM (wmma)", &tiles);
+      !e.empty() || tiles.empty())
+    return e;
   const dim3 grid(static_cast<unsigned>(tiles.size()), static_cast<unsigned>(n / kBn));
   const auto* xb = reinterpret_cast<const __nv_bfloat16*>(x);
   if (fp8)

@@ -218,6 +218,28 @@ Fp8Weight quantize(const std::vector<float>& w, int64_t n, int64_t k) {
   return f;
 }
 
+// `count` experts' [n, k] FP8 weights (seeds seed, seed + 1, ...), on the host and the device.
+// Rows of different magnitude, so that the block scales differ and matter.
+struct Fp8Experts {
+  std::vector<Fp8Weight> w;
+  std::vector<DeviceBuffer> codes, scales;
+  std::vector<GroupWeight> weights;
+};
+Fp8Experts fp8_experts(std::size_t count, int64_t n, int64_t k, uint32_t seed) {
+  Fp8Experts ex;
+  for (std::size_t e = 0; e < count; ++e) {
+    auto raw = random_floats(n * k, seed + static_cast<uint32_t>(e));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c)
+        raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + c / 128) % 3) * 5.0f;
+    ex.w.push_back(quantize(raw, n, k));
+    ex.codes.push_back(upload(ex.w.back().q));
+    ex.scales.push_back(upload(ex.w.back().scale));
+    ex.weights.push_back({ex.codes.back().data(), ex.scales.back().as<float>()});
+  }
+  return ex;
+}
+
 TEST(CudaGroupedGemmFp8, MatchesDequantizedReference) {
   MOEMESH_REQUIRE_GPU();
   std::string error;
@@ -226,20 +248,9 @@ TEST(CudaGroupedGemmFp8, MatchesDequantizedReference) {
   const int64_t n = 384, k = 320;  // blocks of 128 that end part-way in both dimensions
   const Groups g = make_groups({1, 0, 70, 5, 129});
   const auto x = testing::bf16_round(random_floats(g.total * k, 4));
-  std::vector<Fp8Weight> w;
-  std::vector<DeviceBuffer> dq, ds;
-  std::vector<GroupWeight> weights;
-  for (std::size_t e = 0; e < g.rows.size(); ++e) {
-    // Rows of different magnitude, so that the block scales differ and matter.
-    auto raw = random_floats(n * k, 20 + static_cast<uint32_t>(e));
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < k; ++c)
-        raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + c / 128) % 3) * 5.0f;
-    w.push_back(quantize(raw, n, k));
-    dq.push_back(upload(w.back().q));
-    ds.push_back(upload(w.back().scale));
-    weights.push_back({dq.back().data(), ds.back().as<float>()});
-  }
+  const Fp8Experts ex = fp8_experts(g.rows.size(), n, k, 20);
+  const auto& w = ex.w;
+  const auto& weights = ex.weights;
   auto dx = upload(to_bf16(x));
   auto dy = poisoned<float>(g.total * n);
   ASSERT_EQ(gg->run_fp8(dx.as<uint16_t>(), weights, g.rows, g.offsets, n, k, dy.as<float>()), "");
@@ -264,8 +275,8 @@ TEST(CudaGroupedGemmFp8, MatchesDequantizedReference) {
 
 // Groups of few rows (decode) take the GEMV: the CPU's result on the same bf16-rounded weights up
 // to the order of the additions, on shapes the tile kernel refuses (n = 200). By default groups of
-// one row do; raised to 64, groups of up to 64 rows do, in passes of 8. Set to never, the same call
-// goes to the tile kernel, which refuses n = 200.
+// one row do; raised to 64, groups of up to 64 rows do, in passes of 8. With x misaligned, or set
+// to never, the same call goes to the tile kernel, which refuses n = 200.
 TEST(CudaGroupedGemmFp8, FewRowsPerGroupTakeTheGemv) {
   MOEMESH_REQUIRE_GPU();
   std::string error;
@@ -273,19 +284,9 @@ TEST(CudaGroupedGemmFp8, FewRowsPerGroupTakeTheGemv) {
   ASSERT_TRUE(gg) << error;
   const int64_t n = 200, k = 336;
   const std::vector<int64_t> most = {3, 0, 8, 1, 17, 64};
-  std::vector<Fp8Weight> w;
-  std::vector<DeviceBuffer> dq, ds;
-  std::vector<GroupWeight> weights;
-  for (std::size_t e = 0; e < most.size(); ++e) {
-    auto raw = random_floats(n * k, 50 + static_cast<uint32_t>(e));
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < k; ++c)
-        raw[r * k + c] *= 1.0f + static_cast<float>((r / 128 + c / 128) % 3) * 5.0f;
-    w.push_back(quantize(raw, n, k));
-    dq.push_back(upload(w.back().q));
-    ds.push_back(upload(w.back().scale));
-    weights.push_back({dq.back().data(), ds.back().as<float>()});
-  }
+  const Fp8Experts ex = fp8_experts(most.size(), n, k, 50);
+  const auto& w = ex.w;
+  const auto& weights = ex.weights;
   kernels::ThreadPool pool(1);
   auto matches = [&](const std::vector<int64_t>& rows) {
     const Groups g = make_groups(rows);
@@ -310,10 +311,14 @@ TEST(CudaGroupedGemmFp8, FewRowsPerGroupTakeTheGemv) {
   matches({1, 0, 1, 1, 0, 1});
   gg->set_fp8_gemv_rows(64);
   matches(most);
-  gg->set_fp8_gemv_rows(0);
   const Groups g = make_groups({1, 0, 1, 1, 0, 1});
-  auto dx = upload(std::vector<uint16_t>(g.total * k, 0x3F80));
+  auto dx = upload(std::vector<uint16_t>(g.total * k + 1, 0x3F80));
   auto dy = poisoned<float>(g.total * n);
+  // x not 16-byte aligned: the GEMV does not take it, and the call goes to the tile kernel.
+  const std::string misaligned =
+      gg->run_fp8(dx.as<uint16_t>() + 1, weights, g.rows, g.offsets, n, k, dy.as<float>());
+  EXPECT_NE(misaligned.find("n % 64"), std::string::npos) << misaligned;
+  gg->set_fp8_gemv_rows(0);
   const std::string tiles =
       gg->run_fp8(dx.as<uint16_t>(), weights, g.rows, g.offsets, n, k, dy.as<float>());
   EXPECT_NE(tiles.find("n % 64"), std::string::npos) << tiles;
